@@ -1,0 +1,3 @@
+"""bundle"""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""pruning"""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""speedup"""
+
+__all__: list[str] = []

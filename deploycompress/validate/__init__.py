@@ -1,0 +1,3 @@
+"""validate"""
+
+__all__: list[str] = []
