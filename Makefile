@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 OUT ?= runs/digits
 
-.PHONY: demo test install bench typecheck clean
+.PHONY: demo test install bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,6 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	@echo "see BENCHMARKS.md for the benchmark commands"
-
-typecheck: $(STAMP)
-	$(PY) -m pip install --quiet mypy
-	$(PY) -m pip install --quiet --no-deps tensorrt-stubs
-	$(PY) -m mypy deploycompress/backends/tensorrt.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
