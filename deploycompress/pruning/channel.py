@@ -1,0 +1,140 @@
+"""Output-channel pruning: what every structured pruner shares.
+
+A unit is one output channel (dim 0 of a Conv/Linear weight, dim 1 of a ConvTranspose weight);
+pruning it masks the whole filter and its bias entry. Subclasses only implement ``channel_score``.
+
+With ``dependency_aware=True`` the channels of layers whose outputs are coupled (e.g. added in a
+residual block) are pruned together, so speedup can actually remove them: for each coupled group
+the scores of its selected members are summed, the group's smallest per-layer count is pruned on
+that sum in every member, then each layer prunes its extra channels on its own score. When a grouped
+conv consumes the channels, every filter group loses the same number.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, ModuleConfig
+from .allocate import lowest
+from .base import Pruner
+from .io import _param
+
+__all__ = ["ChannelPruner", "channel_dim", "channel_rows"]
+
+log = logging.getLogger(__name__)
+
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def channel_dim(module: nn.Module) -> int:
+    """The weight dim that indexes output channels."""
+    return 1 if isinstance(module, _CONV_TRANSPOSE) else 0
+
+
+def channel_rows(weight: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The weight as ``[channels, everything else]``."""
+    return weight.detach().transpose(0, dim).reshape(weight.shape[dim], -1)
+
+
+class ChannelPruner(Pruner):
+    """Base for structured pruners: override ``channel_score`` (one score per output channel,
+    higher = more worth keeping)."""
+
+    supported_op_types: tuple[str, ...] | None = (
+        "Conv1d", "Conv2d", "Conv3d", "Linear", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+    )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config_list: Sequence[dict[str, Any]],
+        *,
+        dependency_aware: bool = False,
+        dummy_input: Any = None,
+    ) -> None:
+        super().__init__(model, config_list)
+        for name, module in self._modules.items():
+            if isinstance(module, _CONV_TRANSPOSE) and module.groups > 1:
+                raise ConfigError(
+                    f"config_list[{self.module_configs[name].config_index}] selects {name!r}, a grouped "
+                    f"{type(module).__name__}: its output channels cannot be pruned as whole filters"
+                )
+        if dependency_aware and dummy_input is None:
+            raise ValueError(f"{type(self).__name__}: dependency_aware=True needs dummy_input (an example input batch)")
+        self.dependency_aware = dependency_aware
+        self.dummy_input = dummy_input
+        self._channel_groups = self._build_channel_groups() if dependency_aware else []
+
+    def channel_score(self, name: str, module: nn.Module, config: ModuleConfig) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _score(self, name: str, module: nn.Module, config: ModuleConfig) -> torch.Tensor:
+        score = self.channel_score(name, module, config).detach().float().reshape(-1)
+        weight = _param(module, "weight")
+        assert weight is not None
+        expected = weight.shape[channel_dim(module)]
+        if score.numel() != expected:
+            raise RuntimeError(f"{type(self).__name__}: {score.numel()} scores for {name!r}, which has {expected} channels")
+        return score
+
+    def _expand(self, name: str, module: nn.Module, pruned: torch.Tensor) -> dict[str, torch.Tensor]:
+        keep = ~pruned
+        weight = _param(module, "weight")
+        assert weight is not None
+        dim = channel_dim(module)
+        shape = [1] * weight.dim()
+        shape[dim] = -1
+        masks = {"weight": keep.reshape(shape).expand_as(weight).clone()}
+        bias = _param(module, "bias")
+        if bias is not None:
+            masks["bias"] = keep.clone()
+        return masks
+
+    # ------------------------------------------------------------------ dependency-aware selection
+    def _build_channel_groups(self) -> list[Any]:
+        try:
+            from ..graph import build_channel_groups  # type: ignore[attr-defined]
+        except ImportError as exc:
+            raise ImportError(
+                "dependency_aware=True needs deploycompress.graph.build_channel_groups, "
+                "which this installation does not provide"
+            ) from exc
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            inputs = self.dummy_input if isinstance(self.dummy_input, tuple) else (self.dummy_input,)
+            groups = list(build_channel_groups(self.model, inputs))
+        finally:
+            self.model.train(was_training)
+        for group in groups:
+            for name in group.modules:
+                if name in self._modules:
+                    weight = _param(self._modules[name], "weight")
+                    assert weight is not None
+                    n = weight.shape[channel_dim(self._modules[name])]
+                    if n != group.num_channels:
+                        raise RuntimeError(f"channel group {group.modules} has {group.num_channels} channels but {name!r} has {n}")
+        return groups
+
+    def _select(self, scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+        pruned: dict[str, torch.Tensor] = {}
+        for group in self._channel_groups:
+            members = [n for n in group.modules if n in scores and n not in pruned]
+            if not members:
+                continue
+            groups = getattr(group, "groups", 1) or 1
+            fused = torch.stack([scores[n] for n in members]).sum(0)
+            shared = lowest(fused, min(counts[n] for n in members), groups)
+            for n in members:
+                extra = counts[n] - int(shared.sum())
+                pruned[n] = shared | lowest(scores[n], extra, groups, exclude=shared)
+            if len(members) > 1:
+                log.info("coupled channels %s: %d pruned together", members, int(shared.sum()))
+        for name, s in scores.items():
+            if name not in pruned:
+                pruned[name] = lowest(s, counts[name])
+        return pruned
