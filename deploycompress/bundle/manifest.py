@@ -1,0 +1,154 @@
+"""manifest.json: what a bundle holds, what produced it, and a sha256 for every file in it."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..backends.base import TensorSpec
+from .atomic import BundleError
+
+__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "Manifest", "collect_environment", "sha256_file", "hash_tree"]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+_VERSIONED = ("deploycompress", "torch", "onnx", "onnxruntime", "tensorrt")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` except the manifest itself, keyed by POSIX relative path."""
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_NAME
+    }
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu() -> dict[str, Any] | None:
+    """The GPU an engine was built for; engines (TensorRT plans) only run on the same compute capability."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+
+
+def collect_environment() -> dict[str, Any]:
+    """Versions (tensorrt read from package metadata, never imported), host CPU and GPU."""
+    return {
+        "versions": {name: _version(name) for name in _VERSIONED},
+        "python": platform.python_version(),
+        "host": {"cpu": _cpu_name(), "machine": platform.machine(), "cores": os.cpu_count(), "system": platform.system()},
+        "gpu": _gpu(),
+    }
+
+
+@dataclass
+class Manifest:
+    """The bundle's table of contents. ``artifact`` is the relative path of the file a backend loads."""
+
+    name: str
+    backend: str
+    precision: str
+    artifact: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    max_batch_size: int
+    files: dict[str, str] = field(default_factory=dict)
+    calibration_digest: str | None = None
+    environment: dict[str, Any] = field(default_factory=collect_environment)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    extra: dict[str, Any] = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "name": self.name,
+            "backend": self.backend,
+            "precision": self.precision,
+            "artifact": self.artifact,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "max_batch_size": self.max_batch_size,
+            "calibration_digest": self.calibration_digest,
+            "created": self.created,
+            "environment": self.environment,
+            "files": dict(self.files),
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "manifest") -> "Manifest":
+        if not isinstance(data, Mapping):
+            raise BundleError(f"{source}: expected a JSON object")
+        if data.get("version") != MANIFEST_VERSION:
+            raise BundleError(f"{source}: manifest version {data.get('version')!r} is not supported (this build reads {MANIFEST_VERSION})")
+        missing = [k for k in ("name", "backend", "precision", "artifact", "inputs", "outputs", "files") if k not in data]
+        if missing:
+            raise BundleError(f"{source}: missing field(s) {missing}")
+        return cls(
+            name=str(data["name"]),
+            backend=str(data["backend"]),
+            precision=str(data["precision"]),
+            artifact=str(data["artifact"]),
+            inputs=[TensorSpec.from_dict(t) for t in data["inputs"]],
+            outputs=[TensorSpec.from_dict(t) for t in data["outputs"]],
+            max_batch_size=int(data.get("max_batch_size", 0)),
+            files=dict(data["files"]),
+            calibration_digest=data.get("calibration_digest"),
+            environment=dict(data.get("environment") or {}),
+            created=str(data.get("created", "")),
+            extra=dict(data.get("extra") or {}),
+        )
+
+    def save(self, root: Path) -> Path:
+        path = Path(root) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, root: str | os.PathLike[str]) -> "Manifest":
+        path = Path(root) / MANIFEST_NAME
+        if not path.is_file():
+            raise BundleError(f"{str(root)!r} is not a bundle: {MANIFEST_NAME} is missing")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{path}: not valid JSON: {exc}") from None
+        return cls.from_dict(data, source=str(path))
