@@ -1,9 +1,13 @@
 """Simulated pruning: NNI-style pruners that compute masks and apply them in the forward pass."""
 
+from .activation import ActivationAPoZRankPruner, ActivationMeanRankPruner
 from .base import Pruner
+from .evaluator import TorchEvaluator
 from .io import apply_masks, load_masks, save_masks
 from .level import LevelPruner
 from .norm import FPGMPruner, L1NormPruner, L2NormPruner
+from .slim import SlimPruner
+from .taylor import TaylorFOWeightPruner
 
 __all__: list[str] = [
     "Pruner",
@@ -11,6 +15,11 @@ __all__: list[str] = [
     "L1NormPruner",
     "L2NormPruner",
     "FPGMPruner",
+    "SlimPruner",
+    "ActivationAPoZRankPruner",
+    "ActivationMeanRankPruner",
+    "TaylorFOWeightPruner",
+    "TorchEvaluator",
     "save_masks",
     "load_masks",
     "apply_masks",
