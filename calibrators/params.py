@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["QuantParams", "QuantError", "qrange", "params_from_range"]
+__all__ = ["QuantParams", "QuantError", "qrange", "params_from_range", "params_from_scale", "quantize", "dequantize"]
 
 
 class QuantError(ValueError):
@@ -127,3 +127,70 @@ def params_from_range(
         max=hi.astype(np.float32),
         symmetric=bool(symmetric),
     )
+
+
+def params_from_scale(
+    scale: np.ndarray | float,
+    zero_point: np.ndarray | int = 0,
+    *,
+    bits: int = 8,
+    signed: bool = True,
+    axis: int | None = None,
+) -> QuantParams:
+    """Parameters for a scale that was learned or fixed (LSQ, DoReFa, BNN, NNI checkpoints), not observed.
+
+    ``min``/``max`` are set to the range the grid represents, chosen so that
+    :func:`params_from_range` on them gives back the same scale: symmetric grids report
+    ``±(2**(bits-1) - 1) * scale``, affine ones ``(qmin - zp) * scale .. (qmax - zp) * scale``.
+    """
+    s = np.atleast_1d(np.asarray(scale, dtype=np.float64))
+    zp = np.broadcast_to(np.atleast_1d(np.asarray(zero_point)), s.shape)
+    if axis is None and s.size != 1:
+        raise QuantError(f"per-tensor parameters need one scale, got {s.size}")
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise QuantError(f"scale must be positive and finite, got {s.tolist()}")
+    if np.any(zp != np.round(zp)):
+        raise QuantError(f"zero_point must be integers, got {zp.tolist()}")
+    qmin, qmax = qrange(bits, signed)
+    if np.any(zp < qmin) or np.any(zp > qmax):
+        raise QuantError(f"zero_point must lie in [{qmin}, {qmax}], got {zp.tolist()}")
+    half = (1 << (bits - 1)) - 1
+    symmetric = bool(np.all(zp == (0 if signed else 1 << (bits - 1))))
+    if symmetric:
+        lo, hi = -half * s, half * s
+    else:
+        lo, hi = (qmin - zp) * s, (qmax - zp) * s
+    return QuantParams(
+        scale=s.astype(np.float32),
+        zero_point=zp.astype(np.int64),
+        bits=int(bits),
+        dtype="int" if signed else "uint",
+        axis=axis,
+        min=lo.astype(np.float32),
+        max=hi.astype(np.float32),
+        symmetric=symmetric,
+    )
+
+
+def _broadcast(values: np.ndarray, params: QuantParams, ndim: int) -> np.ndarray:
+    if params.axis is None:
+        return values.reshape(())
+    shape = [1] * ndim
+    shape[params.axis] = -1
+    return values.reshape(shape)
+
+
+def quantize(x: np.ndarray, params: QuantParams) -> np.ndarray:
+    """ONNX QuantizeLinear in float32: ``clamp(round_half_even(x / scale) + zero_point, qmin, qmax)``."""
+    x = np.asarray(x, dtype=np.float32)
+    scale = _broadcast(np.asarray(params.scale, dtype=np.float32), params, x.ndim)
+    zp = _broadcast(np.asarray(params.zero_point, dtype=np.float32), params, x.ndim)
+    return np.clip(np.rint(x / scale) + zp, params.qmin, params.qmax).astype(np.int64)
+
+
+def dequantize(q: np.ndarray, params: QuantParams) -> np.ndarray:
+    """ONNX DequantizeLinear in float32: ``(q - zero_point) * scale``."""
+    q = np.asarray(q)
+    scale = _broadcast(np.asarray(params.scale, dtype=np.float32), params, q.ndim)
+    zp = _broadcast(np.asarray(params.zero_point, dtype=np.float32), params, q.ndim)
+    return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
