@@ -1,3 +1,15 @@
-"""graph"""
+"""Concrete tracing and channel-dependency analysis (see ``docs/speedup.md``)."""
 
-__all__: list[str] = []
+from .channels import CONST, TensorInfo, UnionFind
+from .groups import ChannelGroup, build_channel_groups, groups_from_trace
+from .trace import ChannelTrace, ParamSlice, ProducerRecord, trace_channels
+
+__all__ = [
+    "ChannelGroup",
+    "ChannelTrace",
+    "ParamSlice",
+    "ProducerRecord",
+    "build_channel_groups",
+    "groups_from_trace",
+    "trace_channels",
+]
