@@ -1,5 +1,18 @@
 """Backends behind one protocol: onnxruntime (embedded default) and TensorRT (lazy import)."""
 
 from .base import Backend, BackendError, LayerTime, Runner, TensorSpec
+from .onnxruntime import OnnxRuntimeBackend, OnnxRuntimeRunner
+from .registry import BACKENDS, get_backend, register_backend
 
-__all__ = ["Backend", "BackendError", "LayerTime", "Runner", "TensorSpec"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendError",
+    "LayerTime",
+    "OnnxRuntimeBackend",
+    "OnnxRuntimeRunner",
+    "Runner",
+    "TensorSpec",
+    "get_backend",
+    "register_backend",
+]

@@ -1,3 +1,22 @@
-"""export"""
+"""ONNX export with a verified module -> node/tensor map, QDQ graph surgery and its lint."""
 
-__all__: list[str] = []
+from .lint import LINT_RULES, LintFinding, lint_qdq
+from .name_map import ModuleMapping, NameMap, NameMapError
+from .onnx_export import ExportError, ExportResult, to_onnx
+from .qdq import TARGETS, QDQError, insert_qdq, needs_reduced_range
+
+__all__ = [
+    "ExportError",
+    "ExportResult",
+    "LINT_RULES",
+    "LintFinding",
+    "ModuleMapping",
+    "NameMap",
+    "NameMapError",
+    "QDQError",
+    "TARGETS",
+    "insert_qdq",
+    "lint_qdq",
+    "needs_reduced_range",
+    "to_onnx",
+]
