@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "ConfigError",
     "ModuleConfig",
     "validate_config_list",
     "select_modules",
+    "op_type_of",
     "PRUNING_KEYS",
     "QUANT_KEYS",
     "SELECTION_KEYS",
@@ -269,6 +271,15 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
     return out
 
 
+def op_type_of(module: nn.Module) -> str:
+    """The class name a config's ``op_types`` means: a module with masks or fake-quant attached
+    through ``torch.nn.utils.parametrize`` (class ``ParametrizedConv2d``) still counts as ``Conv2d``."""
+    cls = type(module)
+    if parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized"):
+        cls = cls.__bases__[0]
+    return cls.__name__
+
+
 def _matches(name: str, op_type: str, cfg: Mapping[str, Any], op_types: set[str] | None) -> bool:
     if op_types is not None and op_type not in op_types:
         return False
@@ -298,7 +309,8 @@ def select_modules(
     names), a config that selects nothing, or a selected module the algorithm cannot handle.
     """
     configs = validate_config_list(config_list, kind=kind)
-    named = [(name, m) for name, m in model.named_modules() if name]
+    # the modules inside a parametrization (masks, fake-quant) are machinery, not model layers
+    named = [(name, m) for name, m in model.named_modules() if name and ".parametrizations" not in f".{name}"]
     names = [n for n, _ in named]
     name_set = set(names)
     selected: dict[str, tuple[int, dict[str, Any]] | None] = {}
@@ -324,11 +336,11 @@ def select_modules(
                     op_types.add(t)
         hit = False
         for name, module in named:
-            if _matches(name, type(module).__name__, cfg, op_types):
+            if _matches(name, op_type_of(module), cfg, op_types):
                 hit = True
                 selected[name] = None if cfg.get("exclude") else (index, cfg)
         if not hit:
-            present = sorted({type(m).__name__ for _, m in named})
+            present = sorted({op_type_of(m) for _, m in named})
             raise ConfigError(
                 f"{_where(index)} matches no module of the model; module types present: {present}"
             )
@@ -340,7 +352,7 @@ def select_modules(
         if entry is None:
             continue
         index, cfg = entry
-        op_type = type(modules[name]).__name__
+        op_type = op_type_of(modules[name])
         if supported_op_types is not None and op_type not in supported_op_types:
             raise ConfigError(
                 f"{_where(index)} selects module {name!r} of type {op_type}, which {algorithm} cannot handle; "
