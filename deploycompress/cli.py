@@ -1,0 +1,525 @@
+"""The ``deploycompress`` command: build, profile, validate and inspect engines.
+
+Exit codes: 0 success, 2 bad input (arguments, files, configs; the message says what to change),
+1 failure (a step failed on valid input, or a validation missed its tolerance).
+
+argparse (standard library) rather than click/typer: the command is a thin shell over the public
+API, four subcommands with plain options need nothing more, and it adds no dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+__all__ = ["main", "UsageError"]
+
+log = logging.getLogger("deploycompress.cli")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(ValueError):
+    """Bad input to the command line; exits with 2."""
+
+
+# -- parsing helpers ------------------------------------------------------------------------------
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,224,224, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _import_object(spec: str, what: str) -> Any:
+    """``package.module:attr`` -> the attribute; every failure names the part that is wrong."""
+    if ":" not in spec:
+        raise UsageError(f"{what} {spec!r} must look like package.module:name")
+    module_name, _, attr = spec.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"{what} {spec!r}: cannot import module {module_name!r} ({exc})") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _resolve(path: str | None, base: Path | None) -> str | None:
+    """A recipe's relative paths are relative to the recipe file."""
+    if path is None or base is None or ":" in str(path) and not Path(str(path)).exists():
+        return path
+    p = Path(path)
+    return str(p if p.is_absolute() else base / p)
+
+
+def _load_model(factory: str | None, torchvision_name: str | None, weights: str | None, kwargs: dict | None = None):
+    import torch
+
+    if bool(factory) == bool(torchvision_name):
+        raise UsageError("name the model with exactly one of --model package.module:factory or --torchvision NAME")
+    if torchvision_name:
+        try:
+            import torchvision
+        except ImportError:
+            raise UsageError("--torchvision needs torchvision: pip install 'deploycompress[test]'") from None
+        try:
+            model = torchvision.models.get_model(torchvision_name, weights=None, **(kwargs or {}))
+        except ValueError:
+            known = torchvision.models.list_models(module=torchvision.models)
+            raise UsageError(f"--torchvision {torchvision_name!r} is not a torchvision classification model; e.g. {known[:8]}") from None
+    else:
+        fn = _import_object(factory, "--model")  # type: ignore[arg-type]
+        if not callable(fn):
+            raise UsageError(f"--model {factory!r} is not callable")
+        model = fn(**(kwargs or {}))
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"--model {factory!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        if not Path(weights).is_file():
+            raise UsageError(f"--weights {weights!r} does not exist")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UsageError(f"--weights {weights!r} is not a state dict torch.load(weights_only=True) can read: {exc}") from None
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise UsageError(f"--weights {weights!r} do not fit the model: {str(exc).splitlines()[0]} ...") from None
+    return model.eval()
+
+
+def _load_arrays(spec: str, what: str) -> tuple[Any, Any]:
+    """Data from ``.npy`` (inputs), ``.npz`` (``x`` and optional ``y``) or ``module:function``
+    (returning inputs, ``(inputs, labels)``, or an iterable of input batches)."""
+    import numpy as np
+
+    path = Path(spec)
+    if path.suffix in (".npy", ".npz"):
+        if not path.is_file():
+            raise UsageError(f"{what} {spec!r} does not exist")
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data:
+                raise UsageError(f"{what} {spec!r} has arrays {sorted(data.files)}; it needs 'x' (inputs) and optionally 'y' (labels)")
+            return data["x"], (data["y"] if "y" in data else None)
+    if ":" in spec:
+        value = _import_object(spec, what)
+        value = value() if callable(value) else value
+        if isinstance(value, tuple) and len(value) == 2:
+            return value
+        return value, None
+    raise UsageError(f"{what} {spec!r}: expected a .npy/.npz file or package.module:function")
+
+
+def _tensor(array: Any):
+    import numpy as np
+    import torch
+
+    return array if isinstance(array, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
+
+
+def _batches(data: Any, batch_size: int, limit: int | None) -> list:
+    """Calibration batches: an array is split along axis 0; an iterable of batches is taken as it is."""
+    import numpy as np
+    import torch
+
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        x = _tensor(data)
+        out = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    else:
+        out = [_tensor(b[0] if isinstance(b, (tuple, list)) else b) for b in data]
+    if limit:
+        out = out[:limit]
+    if not out:
+        raise UsageError("the calibration data is empty")
+    return out
+
+
+def _load_recipe(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--recipe {path!r} does not exist")
+    try:
+        recipe = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--recipe {path!r} is not valid YAML: {exc}") from None
+    if not isinstance(recipe, dict):
+        raise UsageError(f"--recipe {path!r} must be a mapping with keys model, input_shape, prune, quantize, build, eval")
+    known = {"model", "input_shape", "prune", "quantize", "build", "eval"}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise UsageError(f"--recipe {path!r}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+    return recipe
+
+
+def _section(recipe: dict, key: str) -> dict:
+    value = recipe.get(key) or {}
+    if not isinstance(value, dict):
+        raise UsageError(f"recipe section {key!r} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+# -- output ---------------------------------------------------------------------------------------
+def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=1, default=str))
+    else:
+        print(text)
+
+
+def _progress(iterable: Iterable, args: argparse.Namespace, **kw) -> Iterable:
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=args.quiet, leave=False, **kw)
+
+
+# -- build ----------------------------------------------------------------------------------------
+def cmd_build(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import pruning
+    from .engine import build_engine
+
+    recipe = _load_recipe(args.recipe) if args.recipe else {}
+    base = Path(args.recipe).resolve().parent if args.recipe else None
+    m, prune, quant, build, ev = (_section(recipe, k) for k in ("model", "prune", "quantize", "build", "eval"))
+
+    factory = args.model or m.get("factory")
+    tv_name = args.torchvision or m.get("torchvision")
+    if args.model or args.torchvision:  # the command line overrides the recipe's model as a whole
+        factory, tv_name = args.model, args.torchvision
+    model = _load_model(factory, tv_name, args.weights or _resolve(m.get("weights"), base), m.get("kwargs"))
+    shape = args.input_shape or recipe.get("input_shape")
+    if not shape:
+        raise UsageError("give the example input shape with --input-shape N,C,H,W (or input_shape in the recipe)")
+    shape = _ints(",".join(map(str, shape)) if isinstance(shape, list) else str(shape))
+    example = torch.randn(*shape)
+
+    masks: Any = args.masks
+    if masks and not Path(masks).is_file():
+        raise UsageError(f"--masks {masks!r} does not exist")
+    if prune and not masks:
+        name = prune.get("pruner", "L1NormPruner")
+        cls = getattr(pruning, name, None)
+        if cls is None or not isinstance(cls, type):
+            raise UsageError(f"recipe prune.pruner {name!r} is not a pruner; known: {[n for n in pruning.__all__ if n.endswith('Pruner')]}")
+        if "config_list" not in prune:
+            raise UsageError("recipe section 'prune' needs a config_list")
+        pruner = cls(model, prune["config_list"], **(prune.get("options") or {}))
+        _, masks = pruner.compress()
+        model = pruner.unwrap_model()
+    calib = args.calib or _resolve(quant.get("calibration"), base)
+    if calib and not Path(calib).is_file():
+        raise UsageError(f"--calib {calib!r} does not exist")
+    data_spec = args.calib_data or _resolve(quant.get("data"), base)
+    calib_data = None
+    if data_spec and not calib:
+        x, _ = _load_arrays(data_spec, "calibration data")
+        calib_data = _batches(x, int(quant.get("batch_size", 32)), quant.get("batches"))
+    eval_inputs = eval_labels = None
+    eval_spec = args.eval_data or _resolve(ev.get("data"), base)
+    if eval_spec:
+        x, y = _load_arrays(eval_spec, "evaluation data")
+        eval_inputs = _tensor(x)
+        eval_labels = None if y is None else torch.as_tensor(y)
+    precision = args.precision or build.get("precision", "int8")
+    artifact = build_engine(
+        model,
+        masks,
+        calib,
+        example_inputs=example,
+        backend=args.backend or build.get("backend", "onnxruntime"),
+        precision=precision,
+        out_dir=args.out,
+        calib_data=calib_data,
+        quant_config_list=quant.get("config_list"),
+        calibrator=args.calibrator or quant.get("calibrator", "minmax"),
+        eval_inputs=eval_inputs,
+        eval_labels=eval_labels,
+        batch_sizes=args.batch_sizes or build.get("batch_sizes", [1]),
+        iterations=args.iterations or int(build.get("iterations", 100)),
+        name=args.name or m.get("name"),
+        round_to=int(prune.get("round_to", 1)),
+        overwrite=args.force,
+        progress=not args.quiet,
+    )
+    from .report import report_summary
+
+    text = report_summary(artifact.report) + f"\n\nbundle: {artifact.out_dir}\nreport: {artifact.report_html}"
+    _emit(args, {"out_dir": str(artifact.out_dir), "report_html": str(artifact.report_html), "manifest": artifact.manifest.to_dict(),
+                 "report": artifact.report.to_dict()}, text)
+    return EXIT_OK
+
+
+# -- artifacts: a bundle directory or an .onnx file -----------------------------------------------
+def _open_artifact(path: str):
+    """(runner, manifest or None, graph path) for a bundle directory or a bare ONNX file."""
+    from .backends import get_backend
+    from .bundle import Manifest, load_bundle
+
+    p = Path(path)
+    if p.is_dir():
+        runner = load_bundle(p)
+        return runner, Manifest.load(p), p / Manifest.load(p).artifact
+    if p.is_file() and p.suffix == ".onnx":
+        return get_backend("onnxruntime").load(p), None, p
+    raise UsageError(f"{path!r} is neither a bundle directory nor an .onnx file")
+
+
+def _feeds(runner, batch: int, input_shape: list[int] | None):
+    import numpy as np
+
+    feeds = {}
+    rng = np.random.default_rng(0)
+    for spec in runner.inputs:
+        dims = []
+        for i, d in enumerate(spec.shape):
+            if isinstance(d, int) and d > 0:
+                dims.append(d)
+            elif i == 0:
+                dims.append(batch)
+            elif input_shape and len(input_shape) == len(spec.shape):
+                dims.append(input_shape[i])
+            else:
+                raise UsageError(f"input {spec.name!r} has dynamic axis {i} ({d!r}); give --input-shape with {len(spec.shape)} dims")
+        if input_shape and len(input_shape) == len(spec.shape):
+            dims = [batch] + list(input_shape[1:])
+        feeds[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
+    return feeds
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .report import LatencyRecord, Report, performance_summary, report_summary
+    from .validate import measure_latency
+
+    runner, manifest, _ = _open_artifact(args.artifact)
+    precision = manifest.precision if manifest else "onnx"
+    records = []
+    for bs in _progress(args.batch_sizes, args, desc="profile", unit="batch size"):
+        feeds = _feeds(runner, bs, args.input_shape)
+        stats = measure_latency(runner, feeds, warmup=args.warmup, iterations=args.iterations, duration=args.duration)
+        records.append(LatencyRecord.from_samples(runner.backend, precision, bs, stats.samples_ms))
+    report = Report(name=manifest.name if manifest else Path(args.artifact).stem, backend=runner.backend, precision=precision, latency=records)
+    if args.layers:
+        report.set_layers(runner.profile(_feeds(runner, args.batch_sizes[0], args.input_shape), iterations=max(5, args.iterations // 5)))
+    _emit(args, {"latency": [r.__dict__ for r in records], "layers": [l.__dict__ for l in report.layers[: args.layers]]},
+          report_summary(report, top_layers=args.layers) if args.layers else performance_summary(records))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .validate import validate
+
+    runner, manifest, _ = _open_artifact(args.artifact)
+    x, y = _load_arrays(args.data, "--data")
+    x = _tensor(x)
+    labels = None if y is None else np.asarray(y)
+    if args.reference_model or args.torchvision:
+        reference: Any = _load_model(args.reference_model, args.torchvision, args.weights)
+        ref_label = "pytorch"
+    elif manifest is not None and (Path(args.artifact) / "source" / "model.fp32.onnx").is_file():
+        from .backends import get_backend
+
+        reference = get_backend("onnxruntime").load(Path(args.artifact) / "source" / "model.fp32.onnx")
+        ref_label = "bundle fp32 onnx"
+    else:
+        raise UsageError("name the reference with --reference package.module:factory (and --weights) or --torchvision NAME")
+    result = validate(runner, reference, x, labels=labels, batch_sizes=args.batch_sizes, iterations=args.iterations)
+    data = result.to_dict()
+    failures = []
+    if args.max_abs_error is not None and result.max_abs_error > args.max_abs_error:
+        failures.append(f"max |diff| {result.max_abs_error:.4g} > --max-abs-error {args.max_abs_error}")
+    if args.min_cosine is not None and result.cosine_similarity < args.min_cosine:
+        failures.append(f"cosine similarity {result.cosine_similarity:.6f} < --min-cosine {args.min_cosine}")
+    if args.min_top1_agreement is not None and (result.top1_agreement or 0.0) < args.min_top1_agreement:
+        failures.append(f"top-1 agreement {result.top1_agreement} < --min-top1-agreement {args.min_top1_agreement}")
+    if args.max_accuracy_drop is not None:
+        if result.metric is None:
+            raise UsageError("--max-accuracy-drop needs labelled --data (an .npz with 'y')")
+        drop = result.reference_metric - result.metric
+        if drop > args.max_accuracy_drop:
+            failures.append(f"accuracy drop {drop:.4f} > --max-accuracy-drop {args.max_accuracy_drop}")
+    data["reference"] = ref_label
+    data["passed"] = not failures
+    data["failures"] = failures
+    lines = [f"reference: {ref_label}", f"max |diff| = {result.max_abs_error:.4g}", f"cosine similarity = {result.cosine_similarity:.6f}"]
+    if result.top1_agreement is not None:
+        lines.append(f"top-1 agreement = {100 * result.top1_agreement:.2f}%")
+    if result.metric is not None:
+        lines.append(f"{result.metric_name} = {100 * result.metric:.2f}% (reference {100 * result.reference_metric:.2f}%)")
+    lines.append("PASSED" if not failures else "FAILED: " + "; ".join(failures))
+    _emit(args, data, "\n".join(lines))
+    return EXIT_OK if not failures else EXIT_FAILURE
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    import onnx
+
+    from .export import lint_qdq
+    from .export.onnx_export import tensor_specs
+
+    p = Path(args.artifact)
+    manifest = None
+    if p.is_dir():
+        from .bundle import verify_bundle
+
+        manifest = verify_bundle(p)
+        graph_path = p / manifest.artifact
+        lint_path = p / "source" / "model.qdq.onnx"
+        lint_path = lint_path if lint_path.is_file() else graph_path
+    elif p.is_file() and p.suffix == ".onnx":
+        graph_path = lint_path = p
+    else:
+        raise UsageError(f"{args.artifact!r} is neither a bundle directory nor an .onnx file")
+    try:
+        graph = onnx.load(str(graph_path))
+    except Exception as exc:
+        raise UsageError(f"{str(graph_path)!r} is not an ONNX model: {exc}") from None
+    ops = Counter(n.op_type for n in graph.graph.node)
+    qdq = ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0)
+    linted = bool(qdq) or lint_path != graph_path
+    findings = lint_qdq(onnx.load(str(lint_path)), target=args.target) if linted else []
+    data = {
+        "path": str(graph_path),
+        "inputs": [t.to_dict() for t in tensor_specs(graph.graph.input)],
+        "outputs": [t.to_dict() for t in tensor_specs(graph.graph.output)],
+        "ops": dict(ops.most_common()),
+        "qdq_nodes": qdq,
+        "lint": {"target": args.target, "graph": str(lint_path), "findings": [_finding(f) for f in findings]} if linted else None,
+        "manifest": manifest.to_dict() if manifest else None,
+    }
+    lines = [f"graph: {graph_path}"]
+    if manifest:
+        lines.append(f"bundle: {manifest.name} ({manifest.backend}, {manifest.precision}), {len(manifest.files)} files, checksums OK")
+    lines += [f"input  {t['name']}: {t['dtype']} {t['shape']}" for t in data["inputs"]]
+    lines += [f"output {t['name']}: {t['dtype']} {t['shape']}" for t in data["outputs"]]
+    lines.append(f"nodes: {sum(ops.values())}, Q/DQ nodes: {qdq}")
+    lines += [f"  {op:<24}{count}" for op, count in ops.most_common()]
+    if linted:
+        lines.append(f"lint ({args.target}, {lint_path.name}): {len(findings)} finding(s)")
+    else:
+        lines.append("lint: no Q/DQ nodes (a float graph), nothing to lint")
+    lines += [f"  {getattr(f, 'severity', 'error')} [{getattr(f, 'rule', '?')}] {getattr(f, 'node', '?')}: {getattr(f, 'message', f)}" for f in findings[:50]]
+    _emit(args, data, "\n".join(lines))
+    return EXIT_OK
+
+
+def _finding(f: Any) -> Any:
+    return f.to_dict() if hasattr(f, "to_dict") else str(f)
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON document on stdout (progress and logs go to stderr)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", help="log each step")
+
+    parser = argparse.ArgumentParser(prog="deploycompress", description="Build, profile, validate and inspect compressed engines.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,profile,validate,inspect}")
+
+    b = sub.add_parser("build", parents=[common], help="masks -> speedup -> ONNX -> QDQ -> engine -> bundle with report")
+    b.add_argument("--model", help="package.module:factory returning an nn.Module")
+    b.add_argument("--torchvision", metavar="NAME", help="a torchvision classification model (random weights unless --weights)")
+    b.add_argument("--weights", help="state dict (.pt) for the model")
+    b.add_argument("--masks", help="masks file saved by a pruner (NNI layout)")
+    b.add_argument("--calib", help="CalibConfig JSON (or NNI calibration dict)")
+    b.add_argument("--calib-data", help="calibrate here: .npy/.npz (x) or package.module:function yielding batches")
+    b.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"])
+    b.add_argument("--eval-data", help="validate on this: .npz with x (and y labels) or package.module:function")
+    b.add_argument("--input-shape", type=_ints, help="example input shape, e.g. 1,3,224,224")
+    b.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
+    b.add_argument("--precision", choices=["int8", "fp32"])
+    b.add_argument("--batch-sizes", type=_ints, help="batch sizes to measure, e.g. 1,8")
+    b.add_argument("--iterations", type=int, help="timed runs per batch size")
+    b.add_argument("--name", help="model name in the Triton repository")
+    b.add_argument("--recipe", help="YAML recipe: model, input_shape, prune (pruner + config_list), quantize, build, eval")
+    b.add_argument("--out", required=True, help="bundle directory (written atomically)")
+    b.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    b.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("profile", parents=[common], help="latency percentiles and per-layer time of a bundle or .onnx")
+    p.add_argument("artifact", help="bundle directory or model.onnx")
+    p.add_argument("--batch-sizes", type=_ints, default=[1])
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--duration", type=float, help="measure for this many seconds instead of a fixed count")
+    p.add_argument("--layers", type=int, default=10, help="show the N slowest layers (0: skip the per-layer profile)")
+    p.add_argument("--input-shape", type=_ints, help="full input shape where the model has dynamic axes besides the batch")
+    p.set_defaults(func=cmd_profile)
+
+    v = sub.add_parser("validate", parents=[common], help="accuracy and fidelity of a bundle or .onnx against a reference")
+    v.add_argument("artifact")
+    v.add_argument("--data", required=True, help=".npz with x (and y) or .npy, or package.module:function")
+    v.add_argument("--reference", dest="reference_model", help="package.module:factory of the PyTorch reference (default: the bundle's fp32 ONNX)")
+    v.add_argument("--torchvision", metavar="NAME", help="torchvision reference model")
+    v.add_argument("--weights", help="state dict for the reference")
+    v.add_argument("--batch-sizes", type=_ints, default=[1])
+    v.add_argument("--iterations", type=int, default=20)
+    v.add_argument("--max-abs-error", type=float)
+    v.add_argument("--min-cosine", type=float)
+    v.add_argument("--min-top1-agreement", type=float, help="fraction, e.g. 0.99")
+    v.add_argument("--max-accuracy-drop", type=float, help="fraction, e.g. 0.01 for one point")
+    v.set_defaults(func=cmd_validate)
+
+    i = sub.add_parser("inspect", parents=[common], help="inputs, outputs, op histogram, Q/DQ count and lint findings")
+    i.add_argument("artifact", help="bundle directory or model.onnx")
+    i.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="tensorrt", help="rules to lint against")
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    from .bundle import BundleError
+    from .config import ConfigError
+    from .engine import EngineError
+    from .quantization.calib_config import CalibConfigError
+    from .report import ReportError
+
+    return (UsageError, ConfigError, CalibConfigError, EngineError, BundleError, ReportError, FileNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on unknown options, like every argparse tool
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # the one place errors become exit codes
+        usage = isinstance(exc, _usage_errors())
+        print(f"deploycompress {args.command}: error: {exc}", file=sys.stderr)
+        if not usage and args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        return EXIT_USAGE if usage else EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

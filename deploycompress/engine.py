@@ -1,0 +1,368 @@
+"""``build_engine``: masks -> speedup -> export -> QDQ -> build -> validate -> bundle, in one call.
+
+Calibration and speedup: the calibration that reaches the graph must describe the model that is
+exported, i.e. the speeded-up one. Module names survive speedup, but pruned layers lose channels,
+so per-channel weight parameters taken on the masked model no longer fit. Two ways are supported:
+
+* ``calib_data`` given: the speeded-up model is calibrated here with ``PTQQuantizer`` (recommended:
+  activation ranges are then observed on exactly the deployed network);
+* ``calib_config`` given with ``masks``: activation parameters are kept (the kept channels carry the
+  same values as in the masked model, the pruned ones were zero), and the per-channel weight parameters
+  of every layer whose channel count changed are re-derived from the speeded-up weights with the same
+  bits, dtype and scheme (weights are known exactly, no data is needed). Per-channel activation
+  parameters on a resized layer cannot be re-derived without data: that is an error asking for
+  ``calib_data``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibrators import params_from_range
+
+from .bundle import BundleError, Manifest, check_out_dir, collect_environment, load_bundle, write_bundle
+from .quantization.calib_config import CalibConfig, CalibConfigError
+from .report import AccuracyRecord, FidelityRecord, LatencyRecord, Report, SizeRecord
+
+__all__ = ["BuildStepError", "EngineArtifact", "EngineError", "build_engine", "DEFAULT_QUANT_CONFIG"]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8")
+
+#: what ``calib_data`` calibrates when no ``quant_config_list`` is given: inputs and weights
+#: (PTQQuantizer: per-channel) of every Conv and Linear, 8 bits: the layers int8 kernels exist for
+DEFAULT_QUANT_CONFIG: list[dict[str, Any]] = [
+    {"op_types": ["Conv1d", "Conv2d", "Conv3d", "Linear"], "quant_types": ["input", "weight"], "quant_bits": 8}
+]
+
+
+class EngineError(ValueError):
+    """An engine build that cannot start: the message names the argument that is wrong."""
+
+
+class BuildStepError(RuntimeError):
+    """A build step failed on valid arguments: the message names the step and the cause."""
+
+
+@dataclass
+class EngineArtifact:
+    """What ``build_engine`` wrote: the bundle directory, its manifest, the report and the validation."""
+
+    out_dir: Path
+    manifest: Manifest
+    report: Report
+    validation: Any = None  # validate.ValidationResult of the deployed model
+    calib_config: CalibConfig | None = None
+    model: nn.Module | None = None  # the deployed PyTorch model (speeded up), the reference of the validation
+
+    @property
+    def artifact_path(self) -> Path:
+        return self.out_dir / self.manifest.artifact
+
+    @property
+    def report_html(self) -> Path:
+        return self.out_dir / "report.html"
+
+    @property
+    def report_json(self) -> Path:
+        return self.out_dir / "report.json"
+
+    def load(self, **options):
+        """The bundle's Runner, after verifying its checksums."""
+        return load_bundle(self.out_dir, **options)
+
+
+def _is_input_error(exc: BaseException) -> bool:
+    """The project raises ValueError/LookupError subclasses for unusable input (configs, calibrations,
+    masks, name maps) and RuntimeError subclasses for failures; keep that split for exit codes."""
+    module = type(exc).__module__
+    return isinstance(exc, (ValueError, LookupError)) and module.split(".")[0] in ("deploycompress", "calibrators")
+
+
+@dataclass
+class _Steps:
+    """Times each build step for the report and drives the progress bar."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    bar: Any = None
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.bar is not None:
+            self.bar.set_description(name)
+        log.info("build step: %s", name)
+        start = time.perf_counter()
+        try:
+            yield
+        except Exception as exc:
+            if isinstance(exc, (EngineError, BundleError, BuildStepError)):
+                raise
+            if _is_input_error(exc):
+                raise EngineError(f"step {name!r}: {exc}") from exc
+            raise BuildStepError(f"step {name!r} failed: {type(exc).__name__}: {exc}") from exc
+        self.seconds[name] = round(time.perf_counter() - start, 4)
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise EngineError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A copy in eval mode without parametrizations (a pruner's mask wrappers), masked values kept."""
+    from torch.nn.utils import parametrize
+
+    plain = copy.deepcopy(model).eval()
+    for module in plain.modules():
+        if parametrize.is_parametrized(module):
+            for pname in list(module.parametrizations):  # type: ignore[union-attr]
+                parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+    return plain
+
+
+def _load_masks(masks: Any, model: nn.Module):
+    from .pruning import load_masks
+    from .pruning.io import check_masks
+
+    if masks is None:
+        return None
+    try:
+        if isinstance(masks, (str, os.PathLike)):
+            masks = load_masks(masks)
+        return check_masks(masks, model)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise EngineError(f"masks: {exc}") from exc
+
+
+def _load_calib(calib_config: Any) -> CalibConfig | None:
+    if calib_config is None or isinstance(calib_config, CalibConfig):
+        return calib_config
+    if isinstance(calib_config, (str, os.PathLike)):
+        try:
+            return CalibConfig.load(calib_config)
+        except CalibConfigError as exc:
+            raise EngineError(str(exc)) from exc
+    raise EngineError(f"calib_config must be a CalibConfig or a path to its JSON, got {type(calib_config).__name__}")
+
+
+def fit_calibration(calib: CalibConfig, model: nn.Module) -> CalibConfig:
+    """Make a calibration taken on the masked model fit the speeded-up one (see the module docstring)."""
+    modules = dict(model.named_modules())
+    missing = sorted(m for m in calib.modules if m not in modules)
+    if missing:
+        raise EngineError(f"the calibration names module(s) the speeded-up model lacks: {missing}")
+    out = CalibConfig(producer=calib.producer)
+    for name, kind, p in calib.items():
+        module = modules[name]
+        weight = getattr(module, "weight", None)
+        if kind == "weight" and p.axis is not None and isinstance(weight, torch.Tensor):
+            w = weight.detach().float().cpu().numpy()
+            if w.shape[p.axis] != np.atleast_1d(p.scale).size:
+                flat = np.moveaxis(w, p.axis, 0).reshape(w.shape[p.axis], -1)
+                p = params_from_range(flat.min(1), flat.max(1), bits=p.bits, signed=p.signed, symmetric=p.symmetric, axis=p.axis)
+                log.info("re-derived the %d per-channel weight scales of %s after speedup", flat.shape[0], name)
+        elif kind != "weight" and p.axis is not None:
+            raise EngineError(
+                f"calibration of {name}.{kind} is per-channel and the layer was resized by speedup; "
+                "pass calib_data so the speeded-up model is calibrated"
+            )
+        out.set(name, kind, p)
+    return out
+
+
+def _calibrate(model: nn.Module, calib_data: Iterable, config_list: list[dict], calibrator: str) -> CalibConfig:
+    from .quantization import PTQQuantizer
+
+    sim = copy.deepcopy(model).eval()
+    quantizer = PTQQuantizer(sim, config_list, calibrator=calibrator)
+    quantizer.calibrate(calib_data)
+    return quantizer.export_calib_config()
+
+
+def _size_record(stage: str, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> SizeRecord:
+    from .counting import count_flops_params
+
+    counted = count_flops_params(model, inputs)
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return SizeRecord(stage=stage, params=int(counted.params), flops=int(counted.flops), size_bytes=int(size))
+
+
+def _records_from_validation(result: Any, backend: str, precision: str, reference_label: str) -> tuple[list, list, list]:
+    """Turn a ValidationResult into the report's latency, accuracy and fidelity records."""
+    label = f"{backend} {precision}"
+    latency = [
+        LatencyRecord.from_samples(backend, precision, int(bs), stats.samples_ms)
+        for bs, stats in sorted(result.latency.items())
+    ]
+    accuracy, fidelity = [], []
+    if result.metric is not None and result.reference_metric is not None:
+        accuracy.append(AccuracyRecord(label, result.metric_name, float(result.metric), reference_label, float(result.reference_metric)))
+    fidelity.append(
+        FidelityRecord(label, reference_label, float(result.max_abs_error), float(result.cosine_similarity),
+                       None if result.top1_agreement is None else float(result.top1_agreement))
+    )
+    return latency, accuracy, fidelity
+
+
+def build_engine(
+    model: nn.Module,
+    masks: Any = None,
+    calib_config: CalibConfig | str | os.PathLike[str] | None = None,
+    *,
+    example_inputs: Any,
+    backend: str = "onnxruntime",
+    precision: str = "int8",
+    out_dir: str | os.PathLike[str],
+    calib_data: Iterable | None = None,
+    quant_config_list: list[dict] | None = None,
+    calibrator: str = "minmax",
+    eval_inputs: torch.Tensor | None = None,
+    eval_labels: torch.Tensor | None = None,
+    batch_sizes: Sequence[int] = (1,),
+    iterations: int = 100,
+    warmup: int = 10,
+    compare_fp32: bool = True,
+    name: str | None = None,
+    round_to: int = 1,
+    max_batch_size: int = 32,
+    overwrite: bool = False,
+    backend_options: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> EngineArtifact:
+    """Build a serving bundle in ``out_dir`` (written atomically: nothing is left there on failure).
+
+    ``masks`` (dict or path) and ``calib_config`` (CalibConfig or path) may be None to skip pruning
+    or to let ``calib_data`` (an iterable of input batches) calibrate the speeded-up model. ``eval_inputs``
+    (and ``eval_labels``) are what the deployed model is validated on; by default ``example_inputs``.
+    With ``compare_fp32`` an int8 build also builds and measures the fp32 graph on the same backend, so
+    the report shows what int8 gains and costs.
+    """
+    from tqdm.auto import tqdm
+
+    from .backends import get_backend
+    from .export import insert_qdq, to_onnx
+    from .validate import validate
+
+    # -- everything that can be checked is checked before any long work ----------------------------
+    if precision not in PRECISIONS:
+        raise EngineError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if not isinstance(model, nn.Module):
+        raise EngineError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = _as_inputs(example_inputs)
+    try:
+        engine_backend = get_backend(backend)
+    except Exception as exc:
+        raise EngineError(f"backend: {exc}") from exc
+    masks = _load_masks(masks, model)
+    calib = _load_calib(calib_config)
+    if precision == "int8" and calib is None and calib_data is None:
+        raise EngineError("precision 'int8' needs a calibration: pass calib_config (CalibConfig or JSON path) or calib_data (input batches)")
+    if precision == "fp32" and (calib is not None or calib_data is not None):
+        log.warning("precision 'fp32': the calibration is ignored")
+        calib, calib_data = None, None
+    if any(int(b) < 1 for b in batch_sizes):
+        raise EngineError(f"batch_sizes must be positive integers, got {list(batch_sizes)}")
+    try:
+        out_dir = check_out_dir(out_dir, overwrite=overwrite)
+    except BundleError as exc:
+        raise EngineError(str(exc)) from exc
+    name = name or type(model).__name__.lower()
+    eval_x = eval_inputs if eval_inputs is not None else inputs[0]
+
+    n_steps = 4 + (masks is not None) + (precision == "int8") * 2 + (precision == "int8" and compare_fp32)
+    steps = _Steps(bar=tqdm(total=n_steps, desc="build", unit="step", disable=not progress, leave=False))
+    report = Report(name=name, backend=backend, precision=precision)
+    work_parent = Path(out_dir).absolute().parent
+    work_parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=work_parent, prefix=f".{Path(out_dir).name}.work.") as tmp:
+            work = Path(tmp)
+            deployed = _plain_copy(model)
+            report.sizes.append(_size_record("original", deployed, inputs))
+            if masks is not None:
+                with steps("speedup"):
+                    from .speedup import speedup
+
+                    deployed = speedup(deployed, masks, inputs, round_to=round_to).eval()
+                report.sizes.append(_size_record("speeded up", deployed, inputs))
+            if precision == "int8":
+                with steps("calibrate"):
+                    if calib_data is not None:
+                        calib = _calibrate(deployed, calib_data, quant_config_list or DEFAULT_QUANT_CONFIG, calibrator)
+                    elif masks is not None:
+                        calib = fit_calibration(calib, deployed)  # type: ignore[arg-type]
+            with steps("export"):
+                exported = to_onnx(deployed, inputs)
+                fp32_path = work / "model.fp32.onnx"
+                exported.save(fp32_path)
+            graph_path = fp32_path
+            if precision == "int8":
+                with steps("qdq"):
+                    import onnx
+
+                    qdq = insert_qdq(exported.model, calib, exported.name_map, target=backend)  # type: ignore[arg-type]
+                    graph_path = work / "model.qdq.onnx"
+                    onnx.save(qdq, str(graph_path))
+            with steps("build"):
+                artifact = engine_backend.build(graph_path, work / "build", precision=precision, **dict(backend_options or {}))
+                runner = engine_backend.load(artifact)
+            with steps("validate"):
+                result = validate(runner, deployed, eval_x, labels=eval_labels, batch_sizes=batch_sizes, iterations=iterations, warmup=warmup)
+                latency, accuracy, fidelity = _records_from_validation(result, backend, precision, "pytorch fp32")
+            if precision == "int8" and compare_fp32:
+                with steps("fp32 baseline"):
+                    base_art = engine_backend.build(fp32_path, work / "build_fp32", precision="fp32", **dict(backend_options or {}))
+                    base = validate(engine_backend.load(base_art), deployed, eval_x, labels=eval_labels, batch_sizes=batch_sizes,
+                                    iterations=iterations, warmup=warmup)
+                    base_latency, base_accuracy, base_fidelity = _records_from_validation(base, backend, "fp32", "pytorch fp32")
+                    latency = base_latency + latency
+                    accuracy = base_accuracy + accuracy
+                    fidelity = base_fidelity + fidelity
+            report.latency, report.accuracy, report.fidelity = latency, accuracy, fidelity
+            with steps("profile"):
+                feeds = {runner.inputs[0].name: np.ascontiguousarray(eval_x[:1].detach().cpu().numpy())}
+                report.set_layers(runner.profile(feeds, iterations=max(5, iterations // 5)))
+            report.sizes.append(SizeRecord(stage=f"deployed ({precision})", params=report.sizes[-1].params,
+                                           flops=report.sizes[-1].flops, size_bytes=Path(artifact).stat().st_size))
+            report.steps = dict(steps.seconds)
+            report.environment = collect_environment()
+            extra_files = {"source/model.fp32.onnx": fp32_path}
+            if graph_path != fp32_path:
+                extra_files["source/model.qdq.onnx"] = graph_path
+            manifest = write_bundle(
+                out_dir,
+                name=name,
+                backend=backend,
+                artifact=artifact,
+                precision=precision,
+                inputs=runner.inputs,
+                outputs=runner.outputs,
+                calibration=calib,
+                report=report,
+                extra_files=extra_files,
+                max_batch_size=max_batch_size,
+                overwrite=overwrite,
+                extra={"round_to": round_to, "pruned": masks is not None, "steps": report.steps},
+            )
+    finally:
+        steps.bar.close()
+    log.info("engine bundle written to %s", out_dir)
+    return EngineArtifact(Path(out_dir), manifest, report, validation=result, calib_config=calib, model=deployed)
