@@ -4,6 +4,8 @@ Each subpackage declares its public names in ``__all__``; they are re-exported h
 write ``import deploycompress as dc; dc.L1NormPruner(...)``.
 """
 
+from importlib import import_module as _import_module
+
 from . import backends, bundle, config, export, graph, pruning, quantization, report, speedup, validate
 from .backends import *  # noqa: F401,F403
 from .bundle import *  # noqa: F401,F403
@@ -14,8 +16,10 @@ from .graph import *  # noqa: F401,F403
 from .pruning import *  # noqa: F401,F403
 from .quantization import *  # noqa: F401,F403
 from .report import *  # noqa: F401,F403
+from . import speedup as _speedup_pkg  # the star import below rebinds `speedup` to the function
 from .speedup import *  # noqa: F401,F403
 from .validate import *  # noqa: F401,F403
+from .engine import BuildStepError, EngineArtifact, EngineError, build_engine  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -29,6 +33,7 @@ __all__ = (
     + pruning.__all__
     + quantization.__all__
     + report.__all__
-    + speedup.__all__
-    + validate.__all__
+    + _speedup_pkg.__all__
+    + _import_module(f"{__name__}.validate").__all__  # the function validate() shadows the subpackage
+    + ["BuildStepError", "EngineArtifact", "EngineError", "build_engine"]
 )

@@ -1,3 +1,21 @@
-"""validate"""
+"""Latency and accuracy of a deployed model against its PyTorch reference; cross-backend comparison."""
 
-__all__: list[str] = []
+from .accuracy import AccuracyStats, MetricResult, compare_outputs, top1_accuracy
+from .compare import BackendComparison, compare_backends
+from .latency import LatencyStats, batch_feeds, measure_latency
+from .validate import ValidationResult, run_batched, validate
+
+__all__ = [
+    "AccuracyStats",
+    "BackendComparison",
+    "LatencyStats",
+    "MetricResult",
+    "ValidationResult",
+    "batch_feeds",
+    "compare_backends",
+    "compare_outputs",
+    "measure_latency",
+    "run_batched",
+    "top1_accuracy",
+    "validate",
+]
