@@ -63,7 +63,7 @@ def test_pruned_weights_stay_zero_while_fine_tuning_with_an_optimizer_made_befor
             pruner.step()
     for name in masks:
         module = dict(model.named_modules())[name]
-        assert float(module.weight[~masks[name]["weight"]].abs().max()) == 0.0
+        assert float(module.weight.detach()[~masks[name]["weight"]].abs().max()) == 0.0
     assert not torch.equal(before, model.conv3.weight.detach()), "the kept weights were trained"
     plain = pruner.unwrap_model()
     assert isinstance(plain.conv3.weight, nn.Parameter)
@@ -165,3 +165,24 @@ def test_bad_configs_are_rejected_before_any_work():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         L1NormPruner("model", CONFIG)  # type: ignore[arg-type]
     assert not any("parametrizations" in k for k in model.state_dict())
+
+
+def test_a_new_pruner_is_one_scoring_method():
+    from deploycompress.pruning import ChannelPruner, ElementPruner
+
+    class LastChannelsPruner(ChannelPruner):
+        def channel_score(self, name, module, config):
+            return -torch.arange(module.weight.shape[0], dtype=torch.float32)  # later channels score lower
+
+    class SmallRowsPruner(ElementPruner):
+        def weight_score(self, weight, config, **kw):
+            return torch.arange(weight.shape[0], dtype=torch.float32)[:, None].expand_as(weight).clone()
+
+    _, masks = LastChannelsPruner(_net(), [{"sparsity": 0.25, "op_types": ["Conv2d"]}]).compress()
+    assert [int(m["weight"].reshape(m["weight"].shape[0], -1).all(1).sum()) for m in masks.values()] == [6, 12, 12]
+    assert bool(masks["conv2"]["weight"][:12].all()) and not bool(masks["conv2"]["weight"][12:].any())
+    pruner = SmallRowsPruner(_net(), [{"total_sparsity": 0.5, "op_names": ["fc1", "fc2"]}])
+    _, masks = pruner.compress()
+    assert int((~masks["fc1"]["weight"]).sum()) + int((~masks["fc2"]["weight"]).sum()) == (256 + 160) // 2
+    assert not bool(masks["fc1"]["weight"][0].any()) and bool(masks["fc1"]["weight"][-1].all())
+    assert torch.equal(pruner.calc_mask(torch.randn(4, 3), pruner.module_configs["fc1"], sparsity=0.5)[:2], torch.zeros(2, 3, dtype=torch.bool))

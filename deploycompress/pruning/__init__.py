@@ -2,15 +2,18 @@
 
 from .activation import ActivationAPoZRankPruner, ActivationMeanRankPruner
 from .base import Pruner
+from .channel import ChannelPruner
 from .evaluator import TorchEvaluator
 from .io import apply_masks, load_masks, save_masks
-from .level import LevelPruner
+from .level import ElementPruner, LevelPruner
 from .norm import FPGMPruner, L1NormPruner, L2NormPruner
 from .slim import SlimPruner
 from .taylor import TaylorFOWeightPruner
 
 __all__: list[str] = [
     "Pruner",
+    "ElementPruner",
+    "ChannelPruner",
     "LevelPruner",
     "L1NormPruner",
     "L2NormPruner",
