@@ -124,6 +124,12 @@ def _name(func: Callable) -> str:
     return getattr(func, "__name__", "") or ""
 
 
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else default
+
+
 def _tensors(obj: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
 
@@ -193,7 +199,7 @@ class _Tracer(TorchFunctionMode):
         if not traced:
             return func(*args, **kwargs)
         if name in BATCHNORM_OPS:
-            self._zero_dead_norm(args)
+            self._zero_dead_norm(args, kwargs)
         before = {id(t): self.info(t) for t in traced}
         out = func(*args, **kwargs)
         handler = self._handler(name, args, kwargs)
@@ -385,8 +391,8 @@ class _Tracer(TorchFunctionMode):
         else:
             lab_args, zero_args = tree_map(sub(0), args), tree_map(sub(1), args)
         lab_kwargs, zero_kwargs = kwargs, kwargs
-        if name == "pad":
-            value = kwargs.get("value", args[3] if len(args) > 3 else 0.0) or 0.0
+        if name == "pad" and _arg(args, kwargs, 2, "mode", "constant") == "constant":
+            value = _arg(args, kwargs, 3, "value", 0.0) or 0.0
             lab_kwargs = dict(kwargs, value=float(CONST))
             zero_kwargs = dict(kwargs, value=1.0 if value == 0 else 0.0)
             lab_args, zero_args = lab_args[:3], zero_args[:3]
@@ -453,7 +459,7 @@ class _Tracer(TorchFunctionMode):
             zero = (t.detach() == 0).movedim(axis, 0).reshape(size, -1).all(1)
         return ids.clone(), zero.clone()
 
-    def _zero_dead_norm(self, args: tuple) -> None:
+    def _zero_dead_norm(self, args: tuple, kwargs: dict) -> None:
         """Make a BatchNorm output exactly zero where its input channel is: the masked model's contract."""
         if not self.zero_dead_norms:
             return
@@ -461,7 +467,7 @@ class _Tracer(TorchFunctionMode):
         _, zero = self._channel_vec(x, 1)
         if not bool(zero.any()):
             return
-        running_mean, weight, bias = args[1], args[3] if len(args) > 3 else None, args[4] if len(args) > 4 else None
+        running_mean, weight, bias = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
         with torch.no_grad():
             if weight is not None:
                 weight[zero] = 0
@@ -473,8 +479,9 @@ class _Tracer(TorchFunctionMode):
     def _batchnorm(self, func, name, args, kwargs, out, before) -> None:  # noqa: ANN001
         x = args[0]
         ids, zero = self._channel_vec(x, 1)
-        running_mean, weight, bias = args[1], args[3] if len(args) > 3 else None, args[4] if len(args) > 4 else None
-        for p in (args[1], args[2], weight, bias):
+        running_mean, running_var = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
+        weight, bias = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
+        for p in (running_mean, running_var, weight, bias):
             if isinstance(p, torch.Tensor) and id(p) in self.owner:
                 owner = self.owner[id(p)]
                 self._record_param(owner[0], owner[1], 0, ids)
@@ -506,7 +513,7 @@ class _Tracer(TorchFunctionMode):
 
     def _prelu(self, func, name, args, kwargs, out, before) -> None:  # noqa: ANN001
         info = before.get(id(args[0]))
-        weight = args[1]
+        weight = _arg(args, kwargs, 1, "weight")
         if weight.numel() > 1:
             ids, _ = self._channel_vec(args[0], 1)
             owner = self.owner.get(id(weight))
@@ -526,8 +533,8 @@ class _Tracer(TorchFunctionMode):
     def _producer(self, func, name: str, args: tuple, kwargs: dict) -> torch.Tensor:  # noqa: ANN001
         kind = PRODUCER_OPS[name]
         x, weight = args[0], args[1]
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        groups = int(kwargs.get("groups", args[6] if len(args) > 6 else 1)) if kind != "linear" else 1
+        bias = _arg(args, kwargs, 2, "bias")
+        groups = int(_arg(args, kwargs, 6, "groups", 1)) if kind != "linear" else 1
         module_name = self.owner[id(weight)][0]
         in_axis = x.dim() - 1 if kind == "linear" else 1
         in_ids, in_zero = self._channel_vec(x, in_axis)
@@ -582,7 +589,7 @@ class _Tracer(TorchFunctionMode):
         self.trace.balances.append((f"groups:{record.name}", list(record.out_ids.chunk(g))))
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
+def as_input_tuple(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)):
@@ -597,7 +604,7 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bo
     are zeroed in place, so the channel stays zero after the norm (what a mask on a Conv means
     once the Conv is removed); only speedup's own copy of the model is traced that way.
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     training = {m: m.training for m in model.modules()}
     model.eval()
     tracer = _Tracer(model, zero_dead_norms)

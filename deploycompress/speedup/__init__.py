@@ -1,3 +1,16 @@
-"""speedup"""
+"""Masks to a physically smaller model (see ``docs/speedup.md``)."""
 
-__all__: list[str] = []
+from .core import SpeedupError, apply_masks, speedup, speedup_with_report
+from .masks import MaskError, validate_masks
+from .report import LayerReport, SpeedupReport
+
+__all__ = [
+    "LayerReport",
+    "MaskError",
+    "SpeedupError",
+    "SpeedupReport",
+    "apply_masks",
+    "speedup",
+    "speedup_with_report",
+    "validate_masks",
+]

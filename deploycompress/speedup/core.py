@@ -1,0 +1,135 @@
+"""``speedup``: masks in, a physically smaller model with the masked model's outputs out."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ..graph import trace_channels
+from ..graph.trace import as_input_tuple
+from .masks import Masks, apply_param_masks, masked_out_channels, validate_masks
+from .replace import shrink_model
+from .report import LayerReport, SpeedupReport
+from .resolve import decide_removals
+
+log = logging.getLogger(__name__)
+
+
+class SpeedupError(RuntimeError):
+    """The shrunk model does not run or does not reproduce the masked model."""
+
+
+def _masked_copy(model: nn.Module, masks: Masks, example_inputs: Any, inplace: bool):  # noqa: ANN202
+    checked = validate_masks(model, masks)
+    inputs = as_input_tuple(example_inputs)
+    work = model if inplace else copy.deepcopy(model)
+    work.eval()
+    apply_param_masks(work, checked)
+    trace = trace_channels(work, inputs, zero_dead_norms=True)
+    return work, checked, inputs, trace
+
+
+def apply_masks(model: nn.Module, masks: Masks, example_inputs: Any, *, inplace: bool = False) -> nn.Module:
+    """The masked model speedup reproduces: masked tensors zeroed, and BatchNorm affine entries behind
+    channels that are exactly zero zeroed too (so a removed Conv channel stays zero after its norm).
+    """
+    return _masked_copy(model, masks, example_inputs, inplace)[0]
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def _max_abs(out: Any) -> float:
+    return max((float(t.detach().abs().max()) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.numel()), default=0.0)
+
+
+def _compare(reference: Any, actual: Any) -> float:
+    ref, act = tree_flatten(reference)[0], tree_flatten(actual)[0]
+    if len(ref) != len(act):
+        raise SpeedupError(f"the shrunk model returns {len(act)} outputs, the masked model {len(ref)}")
+    err = 0.0
+    for i, (r, a) in enumerate(zip(ref, act)):
+        if isinstance(r, torch.Tensor):
+            if not isinstance(a, torch.Tensor) or a.shape != r.shape:
+                raise SpeedupError(f"output {i}: shape {getattr(a, 'shape', type(a))} after speedup, {tuple(r.shape)} before")
+            if r.numel():
+                err = max(err, float((r.double() - a.double()).abs().max()))
+    return err
+
+
+def speedup_with_report(
+    model: nn.Module,
+    masks: Masks,
+    example_inputs: Any,
+    *,
+    round_to: int = 1,
+    inplace: bool = False,
+    verify: bool = True,
+) -> tuple[nn.Module, SpeedupReport]:
+    """Like :func:`speedup`, and also return the per-layer :class:`SpeedupReport`."""
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    start = time.perf_counter()
+    params_before = {n: _numel(m) for n, m in model.named_modules()}
+    total_before = sum(p.numel() for p in model.parameters())
+    work, checked, inputs, trace = _masked_copy(model, masks, example_inputs, inplace)
+    reference = trace.output
+    removal = decide_removals(trace, round_to)
+    kept = shrink_model(work, trace, removal)
+    modules = dict(work.named_modules())
+    layers = []
+    for name, rec in sorted(trace.producers.items(), key=lambda kv: kv[1].order):
+        in_keep, out_keep = kept[name]
+        masked = masked_out_channels(checked, name, rec.kind)
+        layers.append(
+            LayerReport(
+                name, rec.kind, in_keep.numel(), int(in_keep.sum()), out_keep.numel(), int(out_keep.sum()),
+                int(masked.sum()) if masked is not None else 0,
+                int((masked & out_keep).sum()) if masked is not None else 0,
+                params_before.get(name, 0), _numel(modules[name]),
+            )
+        )  # fmt: skip
+    notes = list(removal.notes)
+    held = [r for r in layers if r.kept_masked]
+    if held:
+        notes.append(
+            f"{len(held)} layers keep {sum(r.kept_masked for r in held)} masked output channels (zeroed): removing them "
+            "would change the outputs (a residual partner, a constant, or an op that spans them) or the shapes"
+        )
+        warnings.warn(notes[-1], stacklevel=2)
+    err = ref_max = None
+    if verify:
+        with torch.no_grad():
+            try:
+                actual = work(*inputs)
+            except Exception as exc:
+                raise SpeedupError(f"the shrunk model fails on the example inputs: {exc}") from exc
+        err, ref_max = _compare(reference, actual), _max_abs(reference)
+        if err > 1e-4 * max(ref_max, 1.0):
+            notes.append(f"outputs differ from the masked model by {err:.3g} (max |output| {ref_max:.3g})")
+            warnings.warn(notes[-1], stacklevel=2)
+    report = SpeedupReport(
+        layers, total_before, sum(p.numel() for p in work.parameters()), err, ref_max,
+        time.perf_counter() - start, round_to, notes,
+    )  # fmt: skip
+    log.info("speedup: params %d -> %d in %.2f s", report.params_before, report.params_after, report.seconds)
+    return work, report
+
+
+def speedup(model: nn.Module, masks: Masks, example_inputs: Any, *, round_to: int = 1, inplace: bool = False, verify: bool = True) -> nn.Module:
+    """Return a physically smaller copy of ``model`` whose eval-mode outputs equal the masked model's.
+
+    ``masks`` is ``{module_name: {param_name: mask}}`` (True/1 = keep; NNI's files load as-is).
+    Channels that cannot be removed without changing outputs or shapes stay, zeroed, and are listed
+    in the report (see :func:`speedup_with_report`). ``round_to=N`` keeps every pruned width a
+    multiple of N. The caller's model is deep-copied unless ``inplace=True``.
+    """
+    return speedup_with_report(model, masks, example_inputs, round_to=round_to, inplace=inplace, verify=verify)[0]

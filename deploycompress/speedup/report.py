@@ -1,0 +1,68 @@
+"""The per-layer speedup report: what each layer lost, and what masks asked for but was kept."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    """One Conv/Linear/ConvTranspose: channel counts before/after and mask channels kept back."""
+
+    name: str
+    kind: str
+    in_before: int
+    in_after: int
+    out_before: int
+    out_after: int
+    masked_out: int  # output channels the masks zero whole
+    kept_masked: int  # of those, kept (zeroed) because removing them would change outputs or shapes
+    params_before: int
+    params_after: int
+
+
+@dataclass
+class SpeedupReport:
+    """Result of :func:`deploycompress.speedup.speedup_with_report`."""
+
+    layers: list[LayerReport]
+    params_before: int
+    params_after: int
+    max_abs_error: float | None  # speeded-up vs masked model on the example inputs
+    max_abs_output: float | None
+    seconds: float
+    round_to: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+    @property
+    def relative_error(self) -> float | None:
+        if self.max_abs_error is None or self.max_abs_output is None:
+            return None
+        return self.max_abs_error / max(self.max_abs_output, 1e-12)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"params_ratio": self.params_ratio, "relative_error": self.relative_error}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        rows = [
+            "| layer | kind | in | out | masked out | kept masked | params |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in self.layers:
+            rows.append(
+                f"| {r.name} | {r.kind} | {r.in_before} -> {r.in_after} | {r.out_before} -> {r.out_after} "
+                f"| {r.masked_out} | {r.kept_masked} | {r.params_before} -> {r.params_after} |"
+            )
+        head = (
+            f"params {self.params_before} -> {self.params_after} ({self.params_ratio:.3f}), "
+            f"max |error| {self.max_abs_error}, {self.seconds:.2f} s\n\n"
+        )
+        return head + "\n".join(rows) + "".join(f"\n- {n}" for n in self.notes)
