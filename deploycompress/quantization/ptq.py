@@ -1,0 +1,129 @@
+"""Post-training quantization: observe activations on calibration data, then simulate int8."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibrators import QuantError, create_calibrator
+
+from .fake_quant import fake_quantize
+from .quantizer import Quantizer, QuantizerError
+from .wrapper import QuantWrapper
+
+__all__ = ["PTQQuantizer", "NaiveQuantizer"]
+
+log = logging.getLogger(__name__)
+
+
+class NaiveQuantizer(Quantizer):
+    """Weights only, min/max range (NNI's NaiveQuantizer: 8-bit symmetric unless the config says otherwise)."""
+
+    algorithm = "NaiveQuantizer"
+    supported_quant_types = ("weight",)
+
+    def __init__(self, model: nn.Module, config_list: list[dict[str, Any]]) -> None:
+        super().__init__(model, config_list)
+        for wrapper in self.wrappers.values():
+            wrapper.params["weight"] = self.weight_params(wrapper)
+
+    def quantize_weight(self, weight: torch.Tensor, wrapper: QuantWrapper) -> torch.Tensor:
+        return fake_quantize(weight, wrapper.params["weight"])
+
+
+class PTQQuantizer(Quantizer):
+    """Observers on every selected tensor, one calibrator each; ``calibrate(batches)`` then fake-quantizes.
+
+    Weights: min/max of the weight itself, per-channel symmetric by default (what TensorRT and
+    onnxruntime's per-channel kernels take). Activations: per-tensor, range from ``calibrator``
+    (``"minmax"``, ``"percentile"``, ``"entropy"``, ``"mse"``; ``calibrator_kwargs`` go to it).
+    Observation runs the float model, as TensorRT and onnxruntime calibrate.
+    """
+
+    algorithm = "PTQQuantizer"
+    default_granularity = "per_channel"
+
+    def __init__(self, model: nn.Module, config_list: list[dict[str, Any]], calibrator: str = "minmax", **calibrator_kwargs: Any) -> None:
+        super().__init__(model, config_list)
+        self.calibrator = calibrator
+        self.calibrator_kwargs = calibrator_kwargs
+        self.observing = False
+        self.calibrated = False
+        try:
+            self._reset()
+        except QuantError as exc:
+            self.unwrap_model()
+            raise QuantizerError(str(exc)) from None
+
+    def _reset(self) -> None:
+        """Fresh calibrators for the activations, weight parameters from the current weights."""
+        for wrapper in self.wrappers.values():
+            for kind in wrapper.quant_types:
+                if kind == "weight":
+                    wrapper.params["weight"] = self.weight_params(wrapper)
+                    continue
+                wrapper.params.pop(kind, None)
+                wrapper.calibrators[kind] = create_calibrator(
+                    self.calibrator,
+                    bits=wrapper.bits(kind),
+                    signed=wrapper.signed,
+                    symmetric=wrapper.symmetric,
+                    axis=None,
+                    name=f"{wrapper.name}.{kind}",
+                    **self.calibrator_kwargs,
+                )
+
+    def _missing_hint(self) -> str:
+        return "run calibrate(batches) first"
+
+    def calibrate(self, batches: Iterable[Any], *, num_batches: int | None = None) -> None:
+        """Run ``batches`` (tensors, or tuples of model inputs) through the float model, then fix the ranges."""
+        total = num_batches if num_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)  # type: ignore[arg-type]
+        self._reset()  # recalibrating starts afresh
+        self.calibrated = False
+        was_training = self.model.training
+        self.model.eval()
+        self.observing = True
+        seen = 0
+        try:
+            with torch.no_grad():
+                for batch in tqdm(batches, total=total, desc=f"calibrating ({self.calibrator})", unit="batch", leave=False):
+                    if num_batches is not None and seen >= num_batches:
+                        break
+                    self.model(*batch) if isinstance(batch, (tuple, list)) else self.model(batch)
+                    seen += 1
+        finally:
+            self.observing = False
+            self.model.train(was_training)
+        if not seen:
+            raise QuantizerError("calibrate() got no batches: pass an iterable of input tensors")
+        try:
+            for wrapper in self.wrappers.values():
+                for kind, cal in wrapper.calibrators.items():
+                    wrapper.params[kind] = cal.compute()
+        except QuantError as exc:
+            raise QuantizerError(f"calibration failed: {exc}") from None
+        self.calibrated = True
+        log.info("%s: calibrated %d tensors on %d batches", self.algorithm, len(self.export_calib_config()), seen)
+
+    def _activation(self, x: torch.Tensor, wrapper: QuantWrapper, kind: str) -> torch.Tensor:
+        if self.observing:
+            wrapper.calibrators[kind].observe(x.detach().float().cpu().numpy())
+            return x
+        params = wrapper.params.get(kind)
+        return x if params is None else fake_quantize(x, params)
+
+    def quantize_input(self, x: torch.Tensor, wrapper: QuantWrapper) -> torch.Tensor:
+        return self._activation(x, wrapper, "input")
+
+    def quantize_output(self, x: torch.Tensor, wrapper: QuantWrapper) -> torch.Tensor:
+        return self._activation(x, wrapper, "output")
+
+    def quantize_weight(self, weight: torch.Tensor, wrapper: QuantWrapper) -> torch.Tensor:
+        if self.observing or not self.calibrated:
+            return weight
+        return fake_quantize(weight, wrapper.params["weight"])

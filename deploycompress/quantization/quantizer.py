@@ -1,0 +1,252 @@
+"""The one base class of every quantizer: selection, wrapping, hooks, calibration export.
+
+A new quantizer overrides :meth:`Quantizer.quantize_weight` (and ``quantize_input`` /
+``quantize_output``) and :meth:`Quantizer.calibration`; wrapping, config checks, CalibConfig export,
+``export_model`` and ``unwrap_model`` come from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from calibrators import MinMaxCalibrator, QuantError, QuantParams
+
+from ..config import ConfigError, ModuleConfig, select_modules, validate_config_list
+from .calib_config import CalibConfig
+from .fake_quant import fake_quantize
+from .wrapper import QuantWrapper
+
+__all__ = ["Quantizer", "QuantizerError", "WEIGHTED_OP_TYPES", "ACTIVATION_OP_TYPES"]
+
+log = logging.getLogger(__name__)
+
+WEIGHTED_OP_TYPES = (
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "Linear",
+)
+#: modules whose input/output (not weight) may be quantized
+ACTIVATION_OP_TYPES = (
+    "ReLU",
+    "ReLU6",
+    "LeakyReLU",
+    "PReLU",
+    "ELU",
+    "GELU",
+    "SiLU",
+    "Hardswish",
+    "Hardtanh",
+    "Sigmoid",
+    "Tanh",
+    "Softmax",
+    "MaxPool1d",
+    "MaxPool2d",
+    "MaxPool3d",
+    "AvgPool1d",
+    "AvgPool2d",
+    "AvgPool3d",
+    "AdaptiveAvgPool1d",
+    "AdaptiveAvgPool2d",
+    "AdaptiveAvgPool3d",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "Flatten",
+    "Identity",
+)
+
+
+class QuantizerError(ValueError):
+    """A quantizer used out of order or asked for something it cannot give; the message names the module."""
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def _atomic_write(path: Path, write: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class Quantizer:
+    """Wraps the modules a config_list selects and simulates their quantization in place.
+
+    Class attributes say what a variant supports: ``min_bits`` (1 only for binary methods),
+    ``default_granularity`` for weights when a config does not name one, ``weight_only``.
+    """
+
+    algorithm = "Quantizer"
+    default_op_types: Sequence[str] = WEIGHTED_OP_TYPES
+    supported_op_types: Sequence[str] = WEIGHTED_OP_TYPES + ACTIVATION_OP_TYPES
+    min_bits = 2
+    default_granularity = "per_tensor"
+    supported_quant_types: tuple[str, ...] = ("weight", "input", "output")
+
+    def __init__(self, model: nn.Module, config_list: list[dict[str, Any]]) -> None:
+        self.model = model
+        configs = select_modules(
+            model,
+            config_list,
+            kind="quantization",
+            default_op_types=self.default_op_types,
+            supported_op_types=self.supported_op_types,
+            algorithm=self.algorithm,
+        )
+        explicit = validate_config_list(config_list, kind="quantization")
+        for name, cfg in configs.items():
+            self._check(name, cfg, model.get_submodule(name))
+            if "granularity" not in explicit[cfg.config_index]:
+                cfg.granularity = self.default_granularity
+        self.module_configs: dict[str, ModuleConfig] = configs
+        self.wrappers: dict[str, QuantWrapper] = {
+            name: QuantWrapper(model.get_submodule(name), cfg, self) for name, cfg in configs.items()
+        }
+        self._wrapped = False
+        self.wrap_model()
+
+    def _check(self, name: str, cfg: ModuleConfig, module: nn.Module) -> None:
+        where = f"config_list[{cfg.config_index}] ({self.algorithm}) on module {name!r}"
+        for kind in cfg.quant_types:
+            if kind not in self.supported_quant_types:
+                raise ConfigError(
+                    f"{where}: quant_type {kind!r} is not supported; {self.algorithm} quantizes "
+                    f"{list(self.supported_quant_types)}"
+                )
+            if cfg.quant_bits[kind] < self.min_bits:
+                raise ConfigError(
+                    f"{where}: quant_bits[{kind!r}] = {cfg.quant_bits[kind]} is below the {self.min_bits}-bit minimum"
+                )
+        if "weight" in cfg.quant_types and not isinstance(getattr(module, "weight", None), nn.Parameter):
+            raise ConfigError(f"{where}: quant_type 'weight' given, but {type(module).__name__} has no weight")
+
+    # -- wrapping -----------------------------------------------------------------------------------
+    def wrap_model(self) -> None:
+        if self._wrapped:
+            return
+        for name, wrapper in self.wrappers.items():
+            _set_submodule(self.model, name, wrapper)
+        self._wrapped = True
+
+    def unwrap_model(self, *, bake: bool = False) -> nn.Module:
+        """Put the plain modules back. ``bake=True`` writes the simulated (quantized) weights into them,
+        which is what deployment needs for quantizers whose weight is a transform (DoReFa, BNN)."""
+        if bake:
+            with torch.no_grad():
+                for wrapper in self.wrappers.values():
+                    if "weight" in wrapper.quant_types:
+                        wrapper.module.weight.copy_(self.deploy_weight(wrapper))
+        for name, wrapper in self.wrappers.items():
+            _set_submodule(self.model, name, wrapper.module)
+        self._wrapped = False
+        return self.model
+
+    # -- hooks a quantizer overrides ----------------------------------------------------------------
+    def quantize_weight(self, weight: torch.Tensor, wrapper: QuantWrapper) -> torch.Tensor:
+        return weight
+
+    def quantize_input(self, x: torch.Tensor, wrapper: QuantWrapper) -> torch.Tensor:
+        return x
+
+    def quantize_output(self, x: torch.Tensor, wrapper: QuantWrapper) -> torch.Tensor:
+        return x
+
+    def calibration(self, wrapper: QuantWrapper, kind: str) -> QuantParams:
+        """The parameters the deployed graph must use for ``wrapper``'s ``kind`` tensor."""
+        params = wrapper.params.get(kind)
+        if params is None:
+            raise QuantizerError(f"{wrapper.name}.{kind} has no calibration yet: {self._missing_hint()}")
+        return params
+
+    def _missing_hint(self) -> str:
+        return "run the model on data first"
+
+    def deploy_weight(self, wrapper: QuantWrapper) -> torch.Tensor:
+        """The weight a deployed model holds: the simulated one, on the exported grid (re-quantizing it is exact)."""
+        with torch.no_grad():
+            simulated = self.quantize_weight(wrapper.module.weight.detach(), wrapper)
+            return fake_quantize(simulated, self.calibration(wrapper, "weight"))
+
+    def step(self) -> None:
+        """Called after each optimizer step (training-aware quantizers count steps)."""
+
+    def update_epoch(self, epoch: int) -> None:
+        """Called at the start of each epoch."""
+
+    # -- shared arithmetic --------------------------------------------------------------------------
+    @staticmethod
+    def weight_params(wrapper: QuantWrapper, weight: torch.Tensor | None = None) -> QuantParams:
+        """Min/max parameters of the current weight, per channel when the granularity says so."""
+        w = wrapper.module.weight if weight is None else weight
+        cal = MinMaxCalibrator(
+            bits=wrapper.bits("weight"),
+            signed=wrapper.signed,
+            symmetric=wrapper.symmetric,
+            axis=wrapper.axis("weight"),
+            name=f"{wrapper.name}.weight",
+        )
+        try:
+            cal.observe(w.detach().float().cpu().numpy())
+            return cal.compute()
+        except QuantError as exc:
+            raise QuantizerError(str(exc)) from None
+
+    # -- export -------------------------------------------------------------------------------------
+    def export_calib_config(self) -> CalibConfig:
+        """One :class:`CalibConfig` entry per quantized tensor, keyed by the model's module names."""
+        calib = CalibConfig(producer=f"deploycompress {self.algorithm}")
+        for name, wrapper in self.wrappers.items():
+            for kind in wrapper.quant_types:
+                calib.set(name, kind, self.calibration(wrapper, kind))
+        return calib
+
+    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict of the unwrapped model (module names as in the original), weights baked."""
+        baked = {
+            f"{name}.weight": self.deploy_weight(w).clone()
+            for name, w in self.wrappers.items()
+            if "weight" in w.quant_types
+        }
+        was_wrapped = self._wrapped
+        self.unwrap_model()
+        try:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        finally:
+            if was_wrapped:
+                self.wrap_model()
+        state.update(baked)
+        return state
+
+    def export_model(self, model_path: str | os.PathLike[str], calibration_path: str | os.PathLike[str] | None = None) -> CalibConfig:
+        """Write the deployable weights (``torch.save`` state dict, plain module names) and the calibration.
+
+        Both are computed before anything is written, and each file is written atomically.
+        """
+        calib = self.export_calib_config()
+        state = self.plain_state_dict()
+        _atomic_write(Path(model_path), lambda tmp: torch.save(state, tmp))
+        if calibration_path is not None:
+            calib.save(calibration_path)
+        log.info("%s: wrote %s%s", self.algorithm, model_path, f" and {calibration_path}" if calibration_path else "")
+        return calib
