@@ -1,6 +1,6 @@
 """Masks to a physically smaller model (see ``docs/speedup.md``)."""
 
-from .core import SpeedupError, apply_masks, speedup, speedup_with_report
+from .core import SpeedupError, masked_model, speedup, speedup_with_report
 from .masks import MaskError, validate_masks
 from .report import LayerReport, SpeedupReport
 
@@ -9,7 +9,7 @@ __all__ = [
     "MaskError",
     "SpeedupError",
     "SpeedupReport",
-    "apply_masks",
+    "masked_model",
     "speedup",
     "speedup_with_report",
     "validate_masks",

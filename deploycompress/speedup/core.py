@@ -36,7 +36,7 @@ def _masked_copy(model: nn.Module, masks: Masks, example_inputs: Any, inplace: b
     return work, checked, inputs, trace
 
 
-def apply_masks(model: nn.Module, masks: Masks, example_inputs: Any, *, inplace: bool = False) -> nn.Module:
+def masked_model(model: nn.Module, masks: Masks, example_inputs: Any, *, inplace: bool = False) -> nn.Module:
     """The masked model speedup reproduces: masked tensors zeroed, and BatchNorm affine entries behind
     channels that are exactly zero zeroed too (so a removed Conv channel stays zero after its norm).
     """
