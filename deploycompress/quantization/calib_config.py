@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from calibrators import QuantError, QuantParams, params_from_range
+from calibrators import QuantError, QuantParams, params_from_range, params_from_scale
 
 __all__ = ["CALIB_VERSION", "CalibConfig", "CalibConfigError", "TENSOR_KINDS"]
 
@@ -106,6 +106,10 @@ class CalibConfig:
     def set(self, module: str, kind: str, params: QuantParams) -> None:
         if kind not in TENSOR_KINDS:
             raise CalibConfigError(f"tensor kind must be one of {list(TENSOR_KINDS)}, got {kind!r}")
+        if not isinstance(module, str) or not module:
+            raise CalibConfigError(f"module name must be a non-empty string, got {module!r}")
+        if not isinstance(params, QuantParams):
+            raise CalibConfigError(f"{_where(module, kind)}: expected QuantParams, got {type(params).__name__}")
         self.modules.setdefault(module, {})[kind] = params
 
     def get(self, module: str, kind: str) -> QuantParams | None:
@@ -178,24 +182,10 @@ class CalibConfig:
                         scale = np.asarray(_array(module, f"{kind}_scale", entry[f"{kind}_scale"]), dtype=np.float64)
                         zp = np.asarray(_array(module, f"{kind}_zero_point", entry.get(f"{kind}_zero_point", 0)))
                         zp = np.broadcast_to(zp, scale.shape)
-                        signed = bool(np.all(zp <= 0)) or bool(np.any(zp < 0))
-                        qmin = -(1 << (bits - 1)) if signed else 0
-                        qmax = qmin + (1 << bits) - 1
-                        lo, hi = (qmin - zp) * scale, (qmax - zp) * scale
-                        out.set(
-                            module,
-                            kind,
-                            QuantParams(
-                                scale=scale.astype(np.float32),
-                                zero_point=zp.astype(np.int64),
-                                bits=bits,
-                                dtype="int" if signed else "uint",
-                                axis=0 if scale.size > 1 else None,
-                                min=lo.astype(np.float32),
-                                max=hi.astype(np.float32),
-                                symmetric=bool(np.all(zp == 0)),
-                            ),
-                        )
+                        # NNI writes uint8 affine (zero point > 0) or int8 symmetric (zero point 0)
+                        signed = not bool(np.any(zp > 0))
+                        axis = 0 if scale.size > 1 else None
+                        out.set(module, kind, params_from_scale(scale, zp, bits=bits, signed=signed, axis=axis))
                     else:
                         raise CalibConfigError(
                             f"NNI calibration of {module}: '{bits_key}' given without '{lo_key}'/'{hi_key}' or '{kind}_scale'"
@@ -205,6 +195,34 @@ class CalibConfig:
         if not len(out):
             raise CalibConfigError("NNI calibration dict holds no '<kind>_bits' entries")
         return out
+
+    def validate(self, model: Any = None) -> None:
+        """Check the calibration against ``model`` (anything with ``named_modules``): every module exists,
+        and per-channel weight parameters have one scale per channel of the weight's axis."""
+        for module, kind, params in self.items():
+            where = _where(module, kind)
+            if params.axis is not None and params.scale.size != params.zero_point.size:
+                raise CalibConfigError(f"{where}: {params.scale.size} scales but {params.zero_point.size} zero points")
+        if model is None:
+            return
+        modules = dict(model.named_modules())
+        missing = sorted(m for m in self.modules if m not in modules)
+        if missing:
+            raise CalibConfigError(f"calibration names module(s) the model lacks: {missing}")
+        for module, kind, params in self.items():
+            weight = getattr(modules[module], "weight", None)
+            if kind != "weight":
+                continue
+            if weight is None:
+                raise CalibConfigError(f"{_where(module, kind)}: module {module!r} has no weight")
+            if params.axis is not None:
+                if not -weight.dim() <= params.axis < weight.dim():
+                    raise CalibConfigError(f"{_where(module, kind)}: axis {params.axis} is out of range for weight shape {tuple(weight.shape)}")
+                if weight.shape[params.axis] != params.scale.size:
+                    raise CalibConfigError(
+                        f"{_where(module, kind)}: {params.scale.size} scales on axis {params.axis}, "
+                        f"but the weight has {weight.shape[params.axis]} channels there"
+                    )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=False)
