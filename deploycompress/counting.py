@@ -68,7 +68,7 @@ class FlopsParams:
 def _own_params(module: nn.Module) -> int:
     n = sum(p.numel() for p in module.parameters(recurse=False))
     if parametrize.is_parametrized(module):
-        n += sum(plist.original.numel() for plist in module.parametrizations.values())  # type: ignore[union-attr]
+        n += sum(plist.original.numel() for plist in module.parametrizations.values())  # type: ignore[union-attr,operator]
     return n
 
 

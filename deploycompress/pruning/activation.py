@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .evaluator import TorchEvaluator
 from .statistics import StatisticsPruner
 
 __all__ = ["ActivationPruner", "ActivationAPoZRankPruner", "ActivationMeanRankPruner"]
@@ -25,20 +24,13 @@ class ActivationPruner(StatisticsPruner):
     subclasses override ``activation_term``. ``activation`` is applied to the layer output first,
     as the layer's nonlinearity would (NNI's default: relu)."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        config_list: Sequence[dict[str, Any]],
-        evaluator: TorchEvaluator | Iterable[Any],
-        training_steps: int | None = None,
-        *,
-        activation: str = "relu",
-        dependency_aware: bool = False,
-        dummy_input: Any = None,
-    ) -> None:
+    def __init__(self, *args: Any, activation: str = "relu", **kwargs: Any) -> None:
+        """``(model, config_list, evaluator, training_steps=None, *, activation='relu',
+        dependency_aware=False, dummy_input=None)``: the arguments of :class:`StatisticsPruner`
+        plus the ``activation`` (``relu``, ``relu6`` or ``identity``)."""
         if activation not in _ACTIVATIONS:
             raise ValueError(f"{type(self).__name__}: activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
-        super().__init__(model, config_list, evaluator, training_steps, dependency_aware=dependency_aware, dummy_input=dummy_input)
+        super().__init__(*args, **kwargs)
         self.activation = activation
 
     def activation_term(self, act: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 class _Mask(nn.Module):
     """Parametrization ``weight = original * mask``; the mask is not part of the state dict."""
 
+    mask: torch.Tensor
+
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask, persistent=False)
@@ -50,7 +52,7 @@ class Pruner:
     #: module types that ``op_types: ['default']`` stands for
     default_op_types: ClassVar[tuple[str, ...]] = ("Conv2d", "Linear")
     #: module types this pruner can mask (None: any module with a ``weight``)
-    supported_op_types: ClassVar[tuple[str, ...] | None] = None
+    supported_op_types: tuple[str, ...] | None = None
 
     def __init__(self, model: nn.Module, config_list: Sequence[dict[str, Any]]) -> None:
         if not isinstance(model, nn.Module):
