@@ -3,6 +3,8 @@ channels a grouped conv reads are pruned evenly per filter group."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -150,3 +152,18 @@ def test_channels_read_by_a_grouped_conv_are_pruned_evenly_per_group():
         pruned = _pruned(masks[name]["weight"])
         assert [len(pruned & {2 * g, 2 * g + 1}) for g in range(4)] == [1, 1, 1, 1], (name, pruned)
     assert len(_pruned(masks["conv1"]["weight"]) & {0, 1, 2, 3}) == 2
+
+
+def test_speedup_removes_every_channel_dependency_aware_masks_prune():
+    from deploycompress.speedup import speedup_with_report
+
+    model = _tiny().eval()
+    pruner = L1NormPruner(model, CONFIG, dependency_aware=True, dummy_input=INPUTS[0])
+    _, masks = pruner.compress()
+    reference = model(INPUTS[1]).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # speedup warns when it must keep masked channels
+        small, _ = speedup_with_report(pruner.unwrap_model(), masks, INPUTS[0])
+    widths = {n: m.out_channels for n, m in small.named_modules() if isinstance(m, nn.Conv2d)}
+    assert widths == {"stem": 4, "a1": 4, "a2": 4, "b1": 8, "b2": 8, "skip": 8}
+    torch.testing.assert_close(small(INPUTS[1]), reference, rtol=1e-4, atol=1e-5)
