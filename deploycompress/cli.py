@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["main", "UsageError"]
 
@@ -99,7 +99,8 @@ def _load_model(factory: str | None, torchvision_name: str | None, weights: str 
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            raise UsageError(f"--weights {weights!r} do not fit the model: {str(exc).splitlines()[0]} ...") from None
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:4])
+            raise UsageError(f"--weights {weights!r} do not fit the model ({type(model).__name__}): {detail}") from None
     return model.eval()
 
 
@@ -183,12 +184,6 @@ def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
         print(json.dumps(data, indent=1, default=str))
     else:
         print(text)
-
-
-def _progress(iterable: Iterable, args: argparse.Namespace, **kw) -> Iterable:
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=args.quiet, leave=False, **kw)
 
 
 # -- build ----------------------------------------------------------------------------------------
@@ -312,17 +307,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     runner, manifest, _ = _open_artifact(args.artifact)
     precision = manifest.precision if manifest else "onnx"
-    records = []
-    for bs in _progress(args.batch_sizes, args, desc="profile", unit="batch size"):
-        feeds = _feeds(runner, bs, args.input_shape)
-        stats = measure_latency(runner, feeds, warmup=args.warmup, iterations=args.iterations, duration=args.duration)
-        records.append(LatencyRecord.from_samples(runner.backend, precision, bs, stats.samples_ms))
+    feeds = _feeds(runner, 1, args.input_shape)
+    stats = measure_latency(runner, feeds, batch_sizes=args.batch_sizes, warmup=args.warmup, iterations=args.iterations, duration_s=args.duration)
+    records = [LatencyRecord.from_stats(s, runner.backend, precision) for s in stats]
     report = Report(name=manifest.name if manifest else Path(args.artifact).stem, backend=runner.backend, precision=precision, latency=records)
     if args.layers:
         report.set_layers(runner.profile(_feeds(runner, args.batch_sizes[0], args.input_shape), iterations=max(5, args.iterations // 5)))
-    _emit(args, {"latency": [r.__dict__ for r in records], "layers": [l.__dict__ for l in report.layers[: args.layers]]},
+    _emit(args, {"latency": [_without_samples(r.__dict__) for r in records], "layers": [l.__dict__ for l in report.layers[: args.layers]]},
           report_summary(report, top_layers=args.layers) if args.layers else performance_summary(records))
     return EXIT_OK
+
+
+def _without_samples(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "samples_ms"}
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -340,33 +337,39 @@ def cmd_validate(args: argparse.Namespace) -> int:
     elif manifest is not None and (Path(args.artifact) / "source" / "model.fp32.onnx").is_file():
         from .backends import get_backend
 
-        reference = get_backend("onnxruntime").load(Path(args.artifact) / "source" / "model.fp32.onnx")
+        from .validate import run_batched
+
+        fp32 = get_backend("onnxruntime").load(Path(args.artifact) / "source" / "model.fp32.onnx")
+        reference = lambda x: run_batched(fp32, x)  # noqa: E731
         ref_label = "bundle fp32 onnx"
     else:
         raise UsageError("name the reference with --reference package.module:factory (and --weights) or --torchvision NAME")
-    result = validate(runner, reference, x, labels=labels, batch_sizes=args.batch_sizes, iterations=args.iterations)
+    result = validate(runner, reference, x, labels=labels, metric_name="top1", batch_sizes=args.batch_sizes, iterations=args.iterations)
+    acc, metric = result.accuracy, result.metric
     data = result.to_dict()
+    for entry in data["latency"]:
+        entry.pop("samples_ms", None)
     failures = []
-    if args.max_abs_error is not None and result.max_abs_error > args.max_abs_error:
-        failures.append(f"max |diff| {result.max_abs_error:.4g} > --max-abs-error {args.max_abs_error}")
-    if args.min_cosine is not None and result.cosine_similarity < args.min_cosine:
-        failures.append(f"cosine similarity {result.cosine_similarity:.6f} < --min-cosine {args.min_cosine}")
-    if args.min_top1_agreement is not None and (result.top1_agreement or 0.0) < args.min_top1_agreement:
-        failures.append(f"top-1 agreement {result.top1_agreement} < --min-top1-agreement {args.min_top1_agreement}")
+    if args.max_abs_error is not None and acc.max_abs_error > args.max_abs_error:
+        failures.append(f"max |diff| {acc.max_abs_error:.4g} > --max-abs-error {args.max_abs_error}")
+    if args.min_cosine is not None and acc.cosine_similarity < args.min_cosine:
+        failures.append(f"cosine similarity {acc.cosine_similarity:.6f} < --min-cosine {args.min_cosine}")
+    if args.min_top1_agreement is not None and (acc.top1_agreement or 0.0) < args.min_top1_agreement:
+        failures.append(f"top-1 agreement {acc.top1_agreement} < --min-top1-agreement {args.min_top1_agreement}")
     if args.max_accuracy_drop is not None:
-        if result.metric is None:
+        if metric is None:
             raise UsageError("--max-accuracy-drop needs labelled --data (an .npz with 'y')")
-        drop = result.reference_metric - result.metric
-        if drop > args.max_accuracy_drop:
-            failures.append(f"accuracy drop {drop:.4f} > --max-accuracy-drop {args.max_accuracy_drop}")
-    data["reference"] = ref_label
-    data["passed"] = not failures
-    data["failures"] = failures
-    lines = [f"reference: {ref_label}", f"max |diff| = {result.max_abs_error:.4g}", f"cosine similarity = {result.cosine_similarity:.6f}"]
-    if result.top1_agreement is not None:
-        lines.append(f"top-1 agreement = {100 * result.top1_agreement:.2f}%")
-    if result.metric is not None:
-        lines.append(f"{result.metric_name} = {100 * result.metric:.2f}% (reference {100 * result.reference_metric:.2f}%)")
+        if -metric.delta > args.max_accuracy_drop:
+            failures.append(f"accuracy drop {-metric.delta:.4f} > --max-accuracy-drop {args.max_accuracy_drop}")
+    data.update(reference=ref_label, passed=not failures, failures=failures)
+    lines = [f"reference: {ref_label}", f"max |diff| = {acc.max_abs_error:.4g}", f"cosine similarity = {acc.cosine_similarity:.6f}"]
+    if acc.top1_agreement is not None:
+        lines.append(f"top-1 agreement = {100 * acc.top1_agreement:.2f}%")
+    if metric is not None:
+        lines.append(f"{metric.name} = {100 * metric.value:.2f}% (reference {100 * metric.reference_value:.2f}%, {100 * metric.delta:+.2f} pt)")
+    from .report import LatencyRecord, performance_summary
+
+    lines.append(performance_summary([LatencyRecord.from_stats(s, runner.backend, manifest.precision if manifest else "onnx") for s in result.latency]))
     lines.append("PASSED" if not failures else "FAILED: " + "; ".join(failures))
     _emit(args, data, "\n".join(lines))
     return EXIT_OK if not failures else EXIT_FAILURE

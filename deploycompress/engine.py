@@ -208,17 +208,13 @@ def _size_record(stage: str, model: nn.Module, inputs: tuple[torch.Tensor, ...])
 def _records_from_validation(result: Any, backend: str, precision: str, reference_label: str) -> tuple[list, list, list]:
     """Turn a ValidationResult into the report's latency, accuracy and fidelity records."""
     label = f"{backend} {precision}"
-    latency = [
-        LatencyRecord.from_samples(backend, precision, int(bs), stats.samples_ms)
-        for bs, stats in sorted(result.latency.items())
-    ]
-    accuracy, fidelity = [], []
-    if result.metric is not None and result.reference_metric is not None:
-        accuracy.append(AccuracyRecord(label, result.metric_name, float(result.metric), reference_label, float(result.reference_metric)))
-    fidelity.append(
-        FidelityRecord(label, reference_label, float(result.max_abs_error), float(result.cosine_similarity),
-                       None if result.top1_agreement is None else float(result.top1_agreement))
-    )
+    latency = [LatencyRecord.from_stats(stats, backend, precision) for stats in result.latency]
+    accuracy = []
+    if result.metric is not None:
+        m = result.metric
+        accuracy.append(AccuracyRecord(label, m.name, float(m.value), reference_label, float(m.reference_value)))
+    a = result.accuracy
+    fidelity = [FidelityRecord(label, reference_label, float(a.max_abs_error), float(a.cosine_similarity), a.top1_agreement)]
     return latency, accuracy, fidelity
 
 
@@ -325,13 +321,14 @@ def build_engine(
                 artifact = engine_backend.build(graph_path, work / "build", precision=precision, **dict(backend_options or {}))
                 runner = engine_backend.load(artifact)
             with steps("validate"):
-                result = validate(runner, deployed, eval_x, labels=eval_labels, batch_sizes=batch_sizes, iterations=iterations, warmup=warmup)
+                result = validate(runner, deployed, eval_x, labels=eval_labels, metric_name="top1", batch_sizes=batch_sizes,
+                                  iterations=iterations, warmup=warmup)
                 latency, accuracy, fidelity = _records_from_validation(result, backend, precision, "pytorch fp32")
             if precision == "int8" and compare_fp32:
                 with steps("fp32 baseline"):
                     base_art = engine_backend.build(fp32_path, work / "build_fp32", precision="fp32", **dict(backend_options or {}))
-                    base = validate(engine_backend.load(base_art), deployed, eval_x, labels=eval_labels, batch_sizes=batch_sizes,
-                                    iterations=iterations, warmup=warmup)
+                    base = validate(engine_backend.load(base_art), deployed, eval_x, labels=eval_labels, metric_name="top1",
+                                    batch_sizes=batch_sizes, iterations=iterations, warmup=warmup)
                     base_latency, base_accuracy, base_fidelity = _records_from_validation(base, backend, "fp32", "pytorch fp32")
                     latency = base_latency + latency
                     accuracy = base_accuracy + accuracy

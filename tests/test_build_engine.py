@@ -22,10 +22,10 @@ def digits():
 def pruned(digits):
     """A trained DigitsNet, conv2/conv3 pruned 50% by L1 norm and fine-tuned: (plain model, masks)."""
     torch.manual_seed(0)
-    model = train(DigitsNet(width=16), digits, epochs=8)
+    model = train(DigitsNet(width=16), digits, epochs=5)
     pruner = dc.L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity": 0.5}, {"exclude": True, "op_names": ["conv1"]}])
     _, masks = pruner.compress()
-    train(model, digits, epochs=3, lr=1e-3)
+    train(model, digits, epochs=2, lr=1e-3)
     return pruner.unwrap_model(), masks
 
 

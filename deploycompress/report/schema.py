@@ -62,12 +62,34 @@ class LatencyRecord:
         return f"{self.backend} {self.precision} b{self.batch_size}"
 
     @classmethod
+    def from_stats(cls, stats: Any, backend: str, precision: str) -> "LatencyRecord":
+        """From validate's LatencyStats (its percentiles as measured; samples thinned for the plot)."""
+        samples = np.asarray(getattr(stats, "samples_ms", ()) or (), dtype=np.float64)
+        if samples.size > _MAX_SAMPLES:
+            samples = np.sort(samples)[np.linspace(0, samples.size - 1, _MAX_SAMPLES).astype(int)]
+        return cls(
+            backend=backend,
+            precision=precision,
+            batch_size=int(stats.batch_size),
+            mean_ms=float(stats.mean_ms),
+            p50_ms=float(stats.p50_ms),
+            p90_ms=float(stats.p90_ms),
+            p95_ms=float(stats.p95_ms),
+            p99_ms=float(stats.p99_ms),
+            min_ms=float(stats.min_ms),
+            max_ms=float(stats.max_ms),
+            throughput=float(stats.throughput),
+            iterations=int(stats.iterations),
+            samples_ms=[round(float(v), 5) for v in samples],
+        )
+
+    @classmethod
     def from_samples(cls, backend: str, precision: str, batch_size: int, samples_ms: Sequence[float]) -> "LatencyRecord":
         s = np.asarray(samples_ms, dtype=np.float64)
         if s.size == 0:
             raise ReportError(f"latency of {backend} {precision} batch {batch_size}: no samples")
         mean = float(s.mean())
-        kept = s if s.size <= _MAX_SAMPLES else s[np.linspace(0, s.size - 1, _MAX_SAMPLES).astype(int)]
+        kept = s if s.size <= _MAX_SAMPLES else np.sort(s)[np.linspace(0, s.size - 1, _MAX_SAMPLES).astype(int)]
         return cls(
             backend=backend,
             precision=precision,
