@@ -91,6 +91,10 @@ def test_coupled_layers_share_their_pruned_channels(kind):
 def test_without_dependency_awareness_coupled_layers_disagree():
     _, masks = L1NormPruner(_tiny(), CONFIG).compress()
     assert _pruned(masks["b2"]["weight"]) != _pruned(masks["skip"]["weight"])
+    _, masks = L1NormPruner(_tiny(), CONFIG, mode="dependency_aware", dummy_input=INPUTS[0]).compress()  # NNI 2.x spelling
+    assert _pruned(masks["b2"]["weight"]) == _pruned(masks["skip"]["weight"])
+    with pytest.raises(ValueError, match="mode must be 'normal' or 'dependency_aware', got 'global'"):
+        L1NormPruner(_tiny(), CONFIG, mode="global")
 
 
 def test_shared_channels_follow_the_summed_score_then_each_layer_prunes_its_extra():

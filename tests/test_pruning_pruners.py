@@ -243,3 +243,20 @@ def test_statistics_pruners_reject_bad_arguments(data):
         L1NormPruner(model, CHANNEL_CONFIG, dependency_aware=True)
     with pytest.raises(dc.ConfigError, match="selects module 'conv1' of type Conv2d, which SlimPruner cannot handle"):
         SlimPruner(model, [{"sparsity": 0.5, "op_names": ["conv1"]}])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pruners_on_cuda(data, tmp_path):
+    for kind in ("L1", "APoZ-batches", "TaylorFO"):
+        model = _net().cuda()
+        cuda_data = type(data)(*(t.cuda() for t in (data.train_x, data.train_y, data.test_x, data.test_y)))
+        pruner = PRUNERS[kind](model, cuda_data)
+        _, masks = pruner.compress()
+        assert {n: len(_pruned_channels(m["weight"].cpu())) for n, m in masks.items()} == CHANNELS_PRUNED, kind
+        out = model(cuda_data.test_x[:8])
+        assert out.is_cuda
+        pruner.export_model(tmp_path / "m.pt", tmp_path / "masks.pt")
+        state = torch.load(tmp_path / "m.pt", weights_only=True, map_location="cpu")
+        assert float(state["conv2.weight"][~masks["conv2"]["weight"].cpu()].abs().max()) == 0.0
+        assert all(m.device.type == "cpu" for e in load_masks(tmp_path / "masks.pt").values() for m in e.values())

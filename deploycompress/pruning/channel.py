@@ -55,7 +55,13 @@ class ChannelPruner(Pruner):
         *,
         dependency_aware: bool = False,
         dummy_input: Any = None,
+        mode: str | None = None,
     ) -> None:
+        """``mode`` is NNI 2.x's spelling: ``'dependency_aware'`` or ``'normal'``."""
+        if mode is not None:
+            if mode not in ("normal", "dependency_aware"):
+                raise ValueError(f"{type(self).__name__}: mode must be 'normal' or 'dependency_aware', got {mode!r}")
+            dependency_aware = dependency_aware or mode == "dependency_aware"
         super().__init__(model, config_list)
         for name, module in self._modules.items():
             if isinstance(module, _CONV_TRANSPOSE) and module.groups > 1:

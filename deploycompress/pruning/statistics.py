@@ -35,6 +35,7 @@ class StatisticsPruner(ChannelPruner):
         *,
         dependency_aware: bool = False,
         dummy_input: Any = None,
+        mode: str | None = None,
     ) -> None:
         name = type(self).__name__
         if self.needs_loss and not isinstance(evaluator, TorchEvaluator):
@@ -48,7 +49,7 @@ class StatisticsPruner(ChannelPruner):
             raise ValueError(f"{name}: training_steps must be a positive integer, got {training_steps!r}")
         if dummy_input is None and isinstance(evaluator, TorchEvaluator):
             dummy_input = evaluator.dummy_input
-        super().__init__(model, config_list, dependency_aware=dependency_aware, dummy_input=dummy_input)
+        super().__init__(model, config_list, dependency_aware=dependency_aware, dummy_input=dummy_input, mode=mode)
         self.evaluator = evaluator
         self.training_steps = training_steps
         self._sums: dict[str, torch.Tensor] = {}
