@@ -1,0 +1,205 @@
+"""insert_qdq per target and lint_qdq: the calibration reaches the graph intact and by the rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from calibrators import params_from_range
+from deploycompress.export import QDQError, insert_qdq, lint_qdq, to_onnx
+from deploycompress.quantization import CalibConfig
+from test_export import Branchy, _randomise_bn
+
+WEIGHT_AXIS = {nn.ConvTranspose2d: 1, nn.Conv2d: 0, nn.Linear: 0}
+
+
+def calibrate_by_hand(model: nn.Module, batches, kinds: dict[type, tuple[str, ...]]) -> CalibConfig:
+    """Observed min/max -> params_from_range: per-channel weights, per-tensor activations."""
+    seen: dict[tuple[str, str], tuple[float, float]] = {}
+    handles = []
+    calib = CalibConfig()
+    for name, mod in model.named_modules():
+        wanted = next((k for t, k in kinds.items() if type(mod) is t), ())
+        if "weight" in wanted:
+            axis = WEIGHT_AXIS[type(mod)]
+            w = mod.weight.detach().transpose(0, axis).reshape(mod.weight.shape[axis], -1)
+            calib.set(name, "weight", params_from_range(w.min(1).values.numpy(), w.max(1).values.numpy(), axis=axis))
+
+        def hook(mod, inp, out, name=name, wanted=wanted):
+            for kind in ("input", "output"):
+                if kind in wanted:
+                    t = inp[0] if kind == "input" else out
+                    lo, hi = float(t.min()), float(t.max())
+                    old = seen.get((name, kind), (lo, hi))
+                    seen[(name, kind)] = (min(lo, old[0]), max(hi, old[1]))
+
+        if wanted:
+            handles.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in handles:
+        h.remove()
+    for (name, kind), (lo, hi) in seen.items():
+        calib.set(name, kind, params_from_range(lo, hi))
+    return calib
+
+
+FULL = {nn.Conv2d: ("input", "weight"), nn.ConvTranspose2d: ("input", "weight"), nn.Linear: ("input", "weight"),
+        nn.BatchNorm2d: ("output",), nn.ReLU: ("output",)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = _randomise_bn(Branchy())
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    exported = to_onnx(model, batches[0][:2])
+    return model, batches, exported, calibrate_by_hand(model, batches, FULL)
+
+
+def _run(proto, x):
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def _inits(proto):
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+
+
+def _dq_of(proto, consumer_op):
+    """(DequantizeLinear node, consumer) for the weight input of every ``consumer_op``."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    return [(producers[n.input[1]], n) for n in proto.graph.node if n.op_type == consumer_op]
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_qdq_graph_runs_close_to_float_and_lints_clean(setup, target):
+    model, batches, exported, calib = setup
+    qdq = insert_qdq(exported.model, calib, exported.name_map, target=target)
+    assert [f for f in lint_qdq(qdq, target) if f.severity == "error"] == []
+    x = torch.randn(8, 3, 8, 8)
+    ref = model(x).detach().numpy()
+    out = _run(qdq, x.numpy())
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.05, err  # quantized (not identical), yet close
+    assert qdq.opset_import[0].version >= 13
+
+
+def test_tensorrt_flavour_is_s8_symmetric_with_per_channel_weights(setup):
+    _, _, exported, calib = setup
+    qdq = insert_qdq(exported.model, calib, exported.name_map, target="tensorrt")
+    inits = _inits(qdq)
+    for n in qdq.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zp = inits[n.input[2]]
+            assert zp.dtype == np.int8 and not zp.any(), n.name
+    for op, axis in (("Conv", 0), ("ConvTranspose", 1), ("Gemm", 0)):
+        for dq, node in _dq_of(qdq, op):
+            attrs = {a.name: a.i for a in dq.attribute}
+            assert dq.op_type == "DequantizeLinear" and attrs["axis"] == axis, node.name
+            w = inits[dq.input[0]]
+            assert w.dtype == np.int8 and inits[dq.input[1]].size == w.shape[axis]
+    # outputs of weighted ops stay float; the residual Add reads its skip branch (relu1's output,
+    # quantized as conv2's input) dequantized, and conv2's folded output in float
+    add = next(n for n in qdq.graph.node if n.op_type == "Add")
+    producers = {o: n.op_type for n in qdq.graph.node for o in n.output}
+    assert [producers.get(i) for i in add.input] == ["Conv", "DequantizeLinear"]
+
+
+def test_onnxruntime_flavour_is_u8_activations_and_int32_bias(setup):
+    _, _, exported, calib = setup
+    qdq = insert_qdq(exported.model, calib, exported.name_map, target="onnxruntime", reduce_range=False)
+    inits = _inits(qdq)
+    act_zp = [inits[n.input[2]] for n in qdq.graph.node if n.op_type == "QuantizeLinear"]
+    assert act_zp and all(z.dtype == np.uint8 for z in act_zp)
+    producers = {o: n for n in qdq.graph.node for o in n.output}
+    conv3 = next(n for n in qdq.graph.node if n.name == "/conv3/Conv")
+    bias_dq = producers[conv3.input[2]]
+    assert bias_dq.op_type == "DequantizeLinear" and inits[bias_dq.input[0]].dtype == np.int32
+    # the ReLU after conv1 feeds a uint8 Q: its input is left unquantized so onnxruntime fuses Conv+Relu+Q
+    assert "/conv1/Conv_output_0_QuantizeLinear" not in {n.name for n in qdq.graph.node}
+
+
+def test_folded_weights_quantize_to_the_simulated_integers(setup):
+    """BatchNorm folding rescales a channel and its scale alike: the int8 weights equal the simulation's."""
+    model, _, exported, calib = setup
+    qdq = insert_qdq(exported.model, calib, exported.name_map, target="tensorrt")
+    dq = next(dq for dq, node in _dq_of(qdq, "Conv") if node.name == "/conv1/Conv")
+    graph_q = _inits(qdq)[dq.input[0]].astype(np.int64)
+    p = calib.get("conv1", "weight")
+    sim_q = np.clip(np.round(model.conv1.weight.detach().numpy() / p.scale.reshape(-1, 1, 1, 1)), -128, 127)
+    sign = np.sign(exported.name_map["conv1"].weight_fold).reshape(-1, 1, 1, 1)
+    np.testing.assert_array_equal(graph_q, sim_q * sign)
+
+
+def test_concat_inputs_share_one_scale(setup):
+    _, _, exported, calib = setup
+    for target in ("onnxruntime", "tensorrt"):
+        qdq = insert_qdq(exported.model, calib, exported.name_map, target=target)
+        inits = _inits(qdq)
+        producers = {o: n for n in qdq.graph.node for o in n.output}
+        concat = next(n for n in qdq.graph.node if n.op_type == "Concat")
+        dqs = [producers[i] for i in concat.input]
+        assert all(d.op_type == "DequantizeLinear" for d in dqs)
+        assert len({float(inits[d.input[1]]) for d in dqs}) == 1
+
+
+def test_reduce_range_keeps_weights_in_seven_bits(setup):
+    _, _, exported, calib = setup
+    full = insert_qdq(exported.model, calib, exported.name_map, target="onnxruntime", reduce_range=False)
+    reduced = insert_qdq(exported.model, calib, exported.name_map, target="onnxruntime", reduce_range=True)
+    wmax = lambda proto: max(int(np.abs(a).max()) for a in _inits(proto).values() if a.dtype == np.int8 and a.ndim >= 2)
+    assert wmax(full) == 127 and wmax(reduced) <= 64
+    with pytest.raises(QDQError, match="reduce_range"):
+        insert_qdq(exported.model, calib, exported.name_map, target="tensorrt", reduce_range=True)
+
+
+def test_calibration_naming_missing_modules_lists_them_all(setup):
+    _, _, exported, calib = setup
+    bad = CalibConfig(modules=dict(calib.modules))
+    bad.set("conv9", "input", params_from_range(-1.0, 1.0))
+    bad.set("layer4.fc", "weight", params_from_range(np.array([-1.0]), np.array([1.0]), axis=0))
+    with pytest.raises(QDQError) as info:
+        insert_qdq(exported.model, bad, exported.name_map)
+    assert "conv9" in str(info.value) and "layer4.fc" in str(info.value)
+
+
+def test_weight_calibration_of_another_width_is_refused(setup):
+    _, _, exported, _ = setup
+    calib = CalibConfig()
+    calib.set("conv1", "weight", params_from_range(-np.ones(5), np.ones(5), axis=0))
+    with pytest.raises(QDQError, match="5 scales.*8 output channels"):
+        insert_qdq(exported.model, calib, exported.name_map)
+
+
+def test_bad_target_and_empty_calibration(setup):
+    _, _, exported, calib = setup
+    with pytest.raises(QDQError, match="target"):
+        insert_qdq(exported.model, calib, exported.name_map, target="openvino")
+    with pytest.raises(QDQError, match="empty"):
+        insert_qdq(exported.model, CalibConfig(), exported.name_map)
+
+
+def test_lint_reports_each_broken_rule(setup):
+    _, _, exported, calib = setup
+    # weights only: every weighted op's input is float, and TensorRT could not fuse the residual Add
+    weights_only = CalibConfig()
+    for module, kind, p in calib.items():
+        if kind == "weight":
+            weights_only.set(module, kind, p)
+    qdq = insert_qdq(exported.model, weights_only, exported.name_map, target="tensorrt")
+    rules = {(f.node, f.rule) for f in lint_qdq(qdq, "tensorrt")}
+    assert ("/conv2/Conv", "input-unquantized") in rules and ("/Add", "residual-add") in rules
+    # a uint8 graph is no TensorRT graph; a negative scale is invalid everywhere
+    u8 = insert_qdq(exported.model, calib, exported.name_map, target="onnxruntime")
+    assert any(f.rule == "tensorrt-symmetric" for f in lint_qdq(u8, "tensorrt"))
+    broken = onnx.ModelProto()
+    broken.CopyFrom(u8)
+    scale = next(i for i in broken.graph.initializer if i.name == "input_scale")
+    scale.CopyFrom(numpy_helper.from_array(np.array(-0.1, np.float32), "input_scale"))
+    assert ("input_QuantizeLinear", "scale-positive") in {(f.node, f.rule) for f in lint_qdq(broken, "onnxruntime")}
