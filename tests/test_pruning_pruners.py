@@ -40,7 +40,7 @@ def _net(seed: int = 0) -> DigitsNet:
     return DigitsNet(width=8)
 
 
-def _evaluator(model: nn.Module, data, batches: int = 4) -> TorchEvaluator:
+def _evaluator(model: nn.Module, data, batches: int = 4, factory: bool = False) -> TorchEvaluator:
     def training_func(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
         model.train()
         for epoch in range(max_epochs or 1):
@@ -54,7 +54,8 @@ def _evaluator(model: nn.Module, data, batches: int = 4) -> TorchEvaluator:
         x, y = batch
         return nn.functional.cross_entropy(model(x), y)
 
-    return TorchEvaluator(training_func, torch.optim.SGD(model.parameters(), lr=0.5), training_step, dummy_input=data.train_x[:2])
+    optimizer = (lambda params: torch.optim.SGD(params, lr=0.5)) if factory else torch.optim.SGD(model.parameters(), lr=0.5)
+    return TorchEvaluator(training_func, optimizer, training_step, dummy_input=data.train_x[:2])
 
 
 def _input_batches(data, n: int = 4) -> list[torch.Tensor]:
@@ -132,10 +133,11 @@ def test_activation_scores_match_a_direct_computation(data):
     assert _pruned_channels(masks["conv2"]["weight"]) == _lowest(mean, 4)
 
 
-def test_taylor_scores_match_a_direct_computation_and_leave_the_model_unchanged(data):
+@pytest.mark.parametrize("factory", [False, True], ids=["optimizer", "optimizer-factory"])
+def test_taylor_scores_match_a_direct_computation_and_leave_the_model_unchanged(data, factory):
     model = _net(seed=2)
     reference = _net(seed=2)
-    evaluator = _evaluator(model, data)
+    evaluator = _evaluator(model, data, factory=factory)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     contribution = torch.zeros(16)
     reference.train()
@@ -239,6 +241,9 @@ def test_statistics_pruners_reject_bad_arguments(data):
         ActivationMeanRankPruner(model, CHANNEL_CONFIG, _input_batches(data), activation="gelu")
     with pytest.raises(RuntimeError, match="no batch reached the model"):
         ActivationMeanRankPruner(model, CHANNEL_CONFIG, []).compress()
+    pairs = [(data.train_x[:8], data.train_y[:8])]
+    with pytest.raises(TypeError, match=r"for \(input, target\) pairs pass \(x for x, _ in loader\)"):
+        ActivationMeanRankPruner(model, CHANNEL_CONFIG, pairs).compress()
     with pytest.raises(ValueError, match="dependency_aware=True needs dummy_input"):
         L1NormPruner(model, CHANNEL_CONFIG, dependency_aware=True)
     with pytest.raises(dc.ConfigError, match="selects module 'conv1' of type Conv2d, which SlimPruner cannot handle"):

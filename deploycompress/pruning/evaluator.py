@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -45,6 +45,7 @@ class TorchEvaluator:
     lr_schedulers: Any = None
     dummy_input: Any = None
     evaluating_func: Callable[[nn.Module], Any] | None = None
+    _bound: tuple[nn.Module, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for field_name in ("training_func", "training_step"):
@@ -52,12 +53,16 @@ class TorchEvaluator:
                 raise TypeError(f"TorchEvaluator: {field_name} must be callable, got {getattr(self, field_name)!r}")
 
     def _optimizers(self, model: nn.Module) -> Any:
+        """The optimizer(s) for ``model``; a factory is called once per model, so every run (and
+        the step patching in :meth:`measuring`) sees the same optimizer."""
         opts = self.optimizers
         if isinstance(opts, torch.optim.Optimizer) or isinstance(opts, (list, tuple)):
             return opts
-        if callable(opts):
-            return opts(model.parameters())
-        raise TypeError(f"TorchEvaluator: optimizers must be an optimizer, a list of them or a factory, got {opts!r}")
+        if not callable(opts):
+            raise TypeError(f"TorchEvaluator: optimizers must be an optimizer, a list of them or a factory, got {opts!r}")
+        if self._bound is None or self._bound[0] is not model:
+            self._bound = (model, opts(model.parameters()))
+        return self._bound[1]
 
     def train(
         self,
@@ -139,7 +144,16 @@ def run_forward(model: nn.Module, batches: Iterable[Any], max_steps: int | None 
         for batch in tqdm(batches, desc="collecting", total=max_steps, leave=False, disable=None):
             if max_steps is not None and steps >= max_steps:
                 break
-            _call(model, batch)
+            try:
+                _call(model, batch)
+            except TypeError as exc:
+                if steps or not isinstance(batch, (tuple, list)):
+                    raise
+                raise TypeError(
+                    f"calling the model with batch {steps} (a {type(batch).__name__} of {len(batch)}) failed: {exc}. "
+                    "Each item of the data is what the model is called with; for (input, target) pairs pass "
+                    "(x for x, _ in loader), or use a TorchEvaluator"
+                ) from exc
             steps += 1
     finally:
         model.train(was_training)
