@@ -181,7 +181,10 @@ class OnnxRuntimeBackend:
             raise BackendError(f"onnxruntime: ONNX file {str(onnx_path)!r} does not exist")
         _level(optimization_level)
         providers = _check_providers(providers)
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        try:
+            model = onnx.load(str(onnx_path), load_external_data=False)
+        except Exception as exc:
+            raise BackendError(f"onnxruntime: {str(onnx_path)!r} is not a readable ONNX model: {exc}") from exc
         has_qdq = any(n.op_type in _QDQ_OPS for n in model.graph.node)
         if precision == "int8" and not has_qdq:
             raise BackendError(f"onnxruntime: precision 'int8' needs a QDQ graph, {onnx_path.name} has no QuantizeLinear/DequantizeLinear (run insert_qdq first)")
