@@ -65,11 +65,20 @@ def compare_backends(
     """Run every runner on every feed with Polygraphy's Comparator and compare each pair of outputs."""
     if len(runners) < 2:
         raise ValueError(f"compare_backends needs at least two runners, got {list(runners)}")
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator
+
+    try:
+        from polygraphy.comparator import SimpleCompareFunc
+
+        compare_func = SimpleCompareFunc(atol=atol, rtol=rtol)
+    except ImportError:  # Polygraphy < 0.50
+        from polygraphy.comparator import CompareFunc
+
+        compare_func = CompareFunc.simple(atol=atol, rtol=rtol)
 
     adapters = [_polygraphy_runner(r, name) for name, r in runners.items()]
     results = Comparator.run(adapters, data_loader=[dict(f) for f in feeds])
-    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+    accuracy = Comparator.compare_accuracy(results, compare_func=compare_func)
     errors: dict[str, float] = {}
     per_pair = accuracy if hasattr(accuracy, "items") else accuracy[0]  # AccuracyResults (list) since Polygraphy 0.50
     for (a, b), iterations in per_pair.items():
