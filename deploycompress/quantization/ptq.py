@@ -96,6 +96,8 @@ class PTQQuantizer(Quantizer):
                         break
                     self.model(*batch) if isinstance(batch, (tuple, list)) else self.model(batch)
                     seen += 1
+        except QuantError as exc:
+            raise QuantizerError(f"calibration failed: {exc}") from None
         finally:
             self.observing = False
             self.model.train(was_training)
