@@ -540,7 +540,11 @@ class _Tracer(TorchFunctionMode):
         in_ids, in_zero = self._channel_vec(x, in_axis)
         out = func(*args, **kwargs)
         w = weight.detach()
-        if kind == "conv_transpose":
+        if not bool(in_zero.any()) and bool(w.all()):  # dense weights, live inputs: nothing to inspect
+            c_out = w.shape[1] * groups if kind == "conv_transpose" else w.shape[0]
+            c_in = in_ids.numel()
+            contributes, col_zero = torch.ones(c_out, dtype=torch.bool), torch.zeros(in_ids.numel(), dtype=torch.bool)
+        elif kind == "conv_transpose":
             c_in, out_per_group = w.shape[0], w.shape[1]
             c_out = out_per_group * groups
             used = (w != 0).flatten(2).any(-1)  # (in, out/g)
