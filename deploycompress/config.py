@@ -42,6 +42,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "sparsity": ("sparsity", "sparse_ratio", "sparsity_per_layer"),
     "total_sparsity": ("total_sparsity",),
     "max_sparsity_per_layer": ("max_sparsity_per_layer", "max_sparse_ratio"),
+    "global_group_id": ("global_group_id",),
     "op_types": ("op_types",),
     "op_names": ("op_names",),
     "op_partial_names": ("op_partial_names",),
@@ -59,7 +60,7 @@ _SPELLING_TO_KEY = {spelling: key for key, spellings in _ALIASES.items() for spe
 VALID_KEYS: tuple[str, ...] = tuple(sorted(_SPELLING_TO_KEY))
 
 SELECTION_KEYS = ("op_types", "op_names", "op_partial_names", "op_names_re")
-PRUNING_KEYS = ("sparsity", "total_sparsity", "max_sparsity_per_layer")
+PRUNING_KEYS = ("sparsity", "total_sparsity", "max_sparsity_per_layer", "global_group_id")
 QUANT_KEYS = ("quant_types", "quant_bits", "quant_dtype", "quant_scheme", "granularity")
 
 QUANT_TYPES = ("weight", "input", "output")
@@ -79,6 +80,8 @@ class ModuleConfig:
     sparsity: float | None = None
     total_sparsity: float | None = None
     max_sparsity_per_layer: float | None = None
+    #: modules sharing one ``total_sparsity`` budget: NNI 3.0's ``global_group_id``, else the config's index
+    global_group_id: str | int | None = None
     quant_types: tuple[str, ...] = ()
     quant_bits: dict[str, int] = field(default_factory=dict)
     quant_dtype: str = "int"
@@ -241,6 +244,14 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
 
         if "sparsity" in cfg:
             cfg["sparsity"] = _ratio(index, "sparsity", cfg["sparsity"], upper_inclusive=False)
+        if "global_group_id" in cfg:
+            # NNI 3.0: sparse_ratio is then the total of every module whose config has this id
+            gid = cfg["global_group_id"]
+            if isinstance(gid, bool) or not isinstance(gid, (str, int)):
+                raise ConfigError(f"{_where(index)}: 'global_group_id' must be a string or an integer, got {gid!r}")
+            if "sparsity" not in cfg:
+                raise ConfigError(f"{_where(index)}: 'global_group_id' needs 'sparse_ratio', the group's total sparsity")
+            cfg["total_sparsity"] = cfg.pop("sparsity")
         if "total_sparsity" in cfg:
             cfg["total_sparsity"] = _ratio(index, "total_sparsity", cfg["total_sparsity"], upper_inclusive=False)
         if "max_sparsity_per_layer" in cfg:
@@ -268,7 +279,22 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
             if kind == "quantization" and not has_quant:
                 raise ConfigError(f"{_where(index)} has no 'quant_types' (and is not an 'exclude' entry)")
         out.append(cfg)
+    _check_global_groups(out)
     return out
+
+
+def _check_global_groups(configs: list[dict[str, Any]]) -> None:
+    first: dict[Any, int] = {}
+    for index, cfg in enumerate(configs):
+        gid = cfg.get("global_group_id")
+        if gid is None:
+            continue
+        j = first.setdefault(gid, index)
+        if configs[j]["total_sparsity"] != cfg["total_sparsity"]:
+            raise ConfigError(
+                f"{_where(index)}: global_group_id {gid!r} has sparse_ratio {cfg['total_sparsity']}, but "
+                f"{_where(j)} gives the same group {configs[j]['total_sparsity']}: one group, one budget"
+            )
 
 
 def op_type_of(module: nn.Module) -> str:
@@ -369,6 +395,7 @@ def select_modules(
             sparsity=cfg.get("sparsity"),
             total_sparsity=cfg.get("total_sparsity"),
             max_sparsity_per_layer=cfg.get("max_sparsity_per_layer"),
+            global_group_id=cfg.get("global_group_id"),
             quant_types=quant_types,
             quant_bits=bits,
             quant_dtype=cfg.get("quant_dtype", "int"),

@@ -52,6 +52,13 @@ BAD = [
     ({"sparsity": 0.5, "op_types": ["Conv2d"]}, "quantization", r"config_list\[0\] has no 'quant_types'"),
     ({"quant_types": ["weights"], "op_types": ["Conv2d"]}, "config_list", r"unknown quant_type 'weights'; valid quant_types are \['weight', 'input', 'output'\]"),
     ({"quant_bits": 8, "op_types": ["Conv2d"]}, "config_list", "quantization keys given without 'quant_types'"),
+    ({"global_group_id": 1, "op_types": ["Conv2d"]}, "config_list", "'global_group_id' needs 'sparse_ratio', the group's total sparsity"),
+    ({"sparse_ratio": 0.5, "global_group_id": 1.5, "op_types": ["Conv2d"]}, "config_list", "'global_group_id' must be a string or an integer, got 1.5"),
+    (
+        [{"sparse_ratio": 0.5, "global_group_id": "g", "op_types": ["Conv2d"]}, {"sparse_ratio": 0.4, "global_group_id": "g", "op_types": ["Linear"]}],
+        "config_list",
+        r"config_list\[1\]: global_group_id 'g' has sparse_ratio 0.4, but config_list\[0\] gives the same group 0.5",
+    ),
     ({"quant_types": ["weight"], "quant_bits": 32, "op_types": ["Conv2d"]}, "config_list", "'quant_bits' must be an integer from 1 to 16, got 32"),
     ({"quant_types": ["weight"], "quant_bits": {"input": 8}, "op_types": ["Conv2d"]}, "config_list", r"quant_bits names 'input', which is not in quant_types \['weight'\]"),
     ({"quant_types": ["weight"], "quant_dtype": "float", "op_types": ["Conv2d"]}, "config_list", "quant_dtype must be one of"),
@@ -92,6 +99,20 @@ def test_nni3_spellings_mean_the_same_as_nni2():
     assert nni2 == nni3
     excl = _select([{"sparse_ratio": 0.3, "op_types": ["Conv2d", "Linear"], "exclude_op_names": ["conv1"], "exclude_op_types": ["Linear"]}])
     assert list(excl) == ["conv2", "conv3"]
+
+
+def test_nni3_global_group_is_one_total_sparsity_budget_across_configs():
+    cfg = _select(
+        [
+            {"sparse_ratio": 0.5, "max_sparse_ratio": 0.7, "global_group_id": "g", "op_types": ["Conv2d"]},
+            {"sparse_ratio": 0.5, "global_group_id": "g", "op_names": ["fc1"]},
+            {"sparse_ratio": 0.2, "op_names": ["fc2"]},
+        ]
+    )
+    assert {n: (c.total_sparsity, c.max_sparsity_per_layer, c.global_group_id) for n, c in cfg.items()} == {
+        "conv1": (0.5, 0.7, "g"), "conv2": (0.5, 0.7, "g"), "conv3": (0.5, 0.7, "g"), "fc1": (0.5, None, "g"), "fc2": (None, None, None),
+    }
+    assert cfg["fc2"].sparsity == 0.2 and cfg["fc1"].sparsity is None
 
 
 def test_quantization_values_are_normalised():

@@ -215,6 +215,17 @@ def test_total_sparsity_ranks_channels_globally(max_per_layer, expected):
     assert {n: _pruned_channels(m["weight"]) for n, m in masks.items()} == expected
 
 
+def test_nni3_global_group_shares_one_budget_across_configs():
+    model = _two_linears([0.1, 0.2, 0.3, 4.0], [5.0, 6.0, 7.0, 8.0])
+    config = [
+        {"sparse_ratio": 0.5, "max_sparse_ratio": 0.5, "global_group_id": 7, "op_names": ["0"]},
+        {"sparse_ratio": 0.5, "global_group_id": 7, "op_names": ["1"]},
+    ]
+    _, masks = L1NormPruner(model, config).compress()
+    # layer 0 offers at most 2 channels; the rest of the 4-channel budget comes from layer 1
+    assert {n: _pruned_channels(m["weight"]) for n, m in masks.items()} == {"0": {0, 1}, "1": {0, 1}}
+
+
 def test_total_sparsity_for_level_meets_the_budget_and_the_cap():
     model = _net()
     config = [{"total_sparsity": 0.6, "max_sparsity_per_layer": 0.7, "op_types": ["Conv2d", "Linear"]}]

@@ -26,14 +26,15 @@ def global_prune_counts(
     scores: Mapping[str, torch.Tensor],
     unit_costs: Mapping[str, int],
     total_sparsity: float,
-    max_sparsity_per_layer: float | None = None,
+    max_sparsity_per_layer: float | Mapping[str, float | None] | None = None,
 ) -> dict[str, int]:
     """One budget for all layers: prune the globally lowest-scored units until ``total_sparsity``
     of all weight elements is gone.
 
     ``unit_costs[name]`` is how many weight elements one unit of that layer holds (1 for
     fine-grained pruning, the elements of a filter for channel pruning): the budget counts weights,
-    as NNI's global allocator does. Each layer offers at most its ``max_sparsity_per_layer`` share.
+    as NNI's global allocator does. Each layer offers at most its ``max_sparsity_per_layer`` share
+    (one value for all layers, or one per layer name).
     """
     names = list(scores)
     total = sum(scores[n].numel() * unit_costs[n] for n in names)
@@ -41,7 +42,8 @@ def global_prune_counts(
     cand_scores, cand_costs, cand_layer = [], [], []
     for i, name in enumerate(names):
         flat = scores[name].detach().reshape(-1).float().cpu()
-        cap = prune_count(max_sparsity_per_layer if max_sparsity_per_layer is not None else 1.0, flat.numel())
+        cap_ratio = max_sparsity_per_layer.get(name) if isinstance(max_sparsity_per_layer, Mapping) else max_sparsity_per_layer
+        cap = prune_count(cap_ratio if cap_ratio is not None else 1.0, flat.numel())
         lowest_scores = torch.sort(flat, stable=True).values[:cap]
         cand_scores.append(lowest_scores)
         cand_costs.append(torch.full((cap,), float(unit_costs[name]), dtype=torch.float64))

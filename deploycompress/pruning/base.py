@@ -112,22 +112,24 @@ class Pruner:
 
     def _prune_counts(self, scores: dict[str, torch.Tensor]) -> dict[str, int]:
         counts: dict[str, int] = {}
-        budgets: dict[int, list[str]] = {}
+        budgets: dict[tuple[str, Any], list[str]] = {}
         for name, s in scores.items():
             cfg = self.module_configs[name]
             if cfg.sparsity is not None:
                 counts[name] = prune_count(cfg.sparsity, s.numel())
+            elif cfg.global_group_id is not None:  # NNI 3.0: one budget across configs
+                budgets.setdefault(("group", cfg.global_group_id), []).append(name)
             else:
-                budgets.setdefault(cfg.config_index, []).append(name)
+                budgets.setdefault(("config", cfg.config_index), []).append(name)
         for names in budgets.values():
-            cfg = self.module_configs[names[0]]
-            assert cfg.total_sparsity is not None
+            total = self.module_configs[names[0]].total_sparsity
+            assert total is not None
             counts.update(
                 global_prune_counts(
                     {n: scores[n] for n in names},
                     {n: self._unit_cost(n, scores[n]) for n in names},
-                    cfg.total_sparsity,
-                    cfg.max_sparsity_per_layer,
+                    total,
+                    {n: self.module_configs[n].max_sparsity_per_layer for n in names},
                 )
             )
         return counts
