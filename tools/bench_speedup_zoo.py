@@ -1,0 +1,277 @@
+"""Speedup across torchvision's classification zoo, against Torch-Pruning in the same run.
+
+Per model (each in its own process, with a time and memory limit): L1NormPruner at the given
+sparsity on Conv2d and hidden Linear layers (the classifier excluded, dependency-aware), then
+speedup; the equivalence error against the masked model, params and FLOPs ratios, seconds; and
+Torch-Pruning's MetaPruner (L1 magnitude, same ratio, same excluded classifier) on a fresh copy.
+
+    nice -n 10 .venv/bin/python tools/bench_speedup_zoo.py --out runs/speedup_zoo
+    .venv/bin/python tools/bench_speedup_zoo.py --ort-latency resnet50 --out runs/speedup_zoo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench_speedup_zoo")
+NUM_CLASSES = 1000
+
+
+def _build(name: str, size: int) -> tuple[Any, Any]:
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    kwargs: dict[str, Any] = {"weights": None}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=False)
+    model = torchvision.models.get_model(name, **kwargs).eval()
+    return model, torch.randn(1, 3, size, size)
+
+
+def _classifier(model: Any) -> list[str]:
+    from torch import nn
+
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == NUM_CLASSES]
+
+
+def _params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _ours(name: str, size: int, sparsity: float, round_to: int) -> tuple[dict[str, Any], Any, Any, Any]:
+    import torch
+
+    from deploycompress.counting import count_flops_params
+    from deploycompress.pruning import L1NormPruner
+    from deploycompress.speedup import speedup_with_report
+
+    model, x = _build(name, size)
+    dense_flops = count_flops_params(model, x).flops
+    config_list = [{"op_types": ["Conv2d", "Linear"], "sparsity": sparsity}]
+    if _classifier(model):
+        config_list.append({"exclude": True, "op_names": _classifier(model)})
+    start = time.perf_counter()
+    pruner = L1NormPruner(model, config_list, dependency_aware=True, dummy_input=x)
+    _, masks = pruner.compress()
+    model = pruner.unwrap_model()
+    prune_s = time.perf_counter() - start
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        small, report = speedup_with_report(model, masks, x, round_to=round_to, inplace=True)
+        speedup_s = time.perf_counter() - start
+    with torch.no_grad():
+        small_flops = count_flops_params(small, x).flops
+    row = {
+        "rel_error": report.relative_error,
+        "max_abs_error": report.max_abs_error,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "params_ratio": report.params_ratio,
+        "flops_ratio": small_flops / max(dense_flops, 1),
+        "prune_s": prune_s,
+        "speedup_s": speedup_s,
+        "kept_masked": sum(r.kept_masked for r in report.layers),
+        "masked": sum(r.masked_out for r in report.layers),
+    }
+    return row, small, x, masks
+
+
+def _torch_pruning(name: str, size: int, sparsity: float) -> dict[str, Any]:
+    import torch
+    import torch_pruning as tp
+
+    model, x = _build(name, size)
+    before = _params(model)
+    modules = dict(model.named_modules())
+    start = time.perf_counter()
+    pruner = tp.pruner.MetaPruner(
+        model, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=sparsity,
+        ignored_layers=[modules[n] for n in _classifier(model)],
+    )  # fmt: skip
+    pruner.step()
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        model(x)  # the pruned model must still run
+    return {"tp_params_ratio": _params(model) / before, "tp_s": seconds}
+
+
+def run_one(name: str, size: int, sparsity: float, round_to: int, result: Path, with_tp: bool) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    row: dict[str, Any] = {"model": name}
+
+    def flush() -> None:
+        result.write_text(json.dumps(row))
+
+    try:
+        ours, *_ = _ours(name, size, sparsity, round_to)
+        row.update(ours, ok=ours["rel_error"] is not None and ours["rel_error"] <= 1e-4)
+    except Exception as exc:  # noqa: BLE001 - a failure is a table row, not the end of the run
+        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+    flush()
+    if with_tp:
+        try:
+            row.update(_torch_pruning(name, size, sparsity))
+        except Exception as exc:  # noqa: BLE001
+            row.update(tp_error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        flush()
+
+
+def _limit_memory(gib: float) -> None:
+    limit = int(gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torchvision
+    from tqdm import tqdm
+
+    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in tqdm(names, desc="models"):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            result = Path(f.name)
+        cmd = [sys.executable, __file__, "--one", name, "--result", str(result), "--size", str(args.size),
+               "--sparsity", str(args.sparsity), "--round-to", str(args.round_to)] + (["--no-tp"] if args.no_tp else [])  # fmt: skip
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=args.timeout,
+                preexec_fn=lambda: _limit_memory(args.memory_gib),
+            )  # fmt: skip
+            status = None if proc.returncode == 0 else f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:200]}"
+        except subprocess.TimeoutExpired:
+            status = f"timeout after {args.timeout} s"
+        row = json.loads(result.read_text()) if result.stat().st_size else {"model": name, "ok": False}
+        result.unlink()
+        if status:
+            row.setdefault("error", status) if "rel_error" not in row else row.setdefault("tp_error", status)
+            row["ok"] = bool(row.get("ok")) and "rel_error" in row
+        row["wall_s"] = time.perf_counter() - start
+        rows.append(row)
+        log.info("%s", row)
+        _write(rows, out, args)
+    return rows
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _write(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    os.replace(tmp, out / "results.json")
+    lines = [
+        "| model | ok | rel. error | params ratio | FLOPs ratio | speedup s | TP params ratio | TP s | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        note = r.get("error") or (f"TP: {r['tp_error']}" if r.get("tp_error") else "")
+        lines.append(
+            f"| {r['model']} | {'yes' if r.get('ok') else 'NO'} | {_fmt(r.get('rel_error'), '.1e')} "
+            f"| {_fmt(r.get('params_ratio'))} | {_fmt(r.get('flops_ratio'))} | {_fmt(r.get('speedup_s'), '.1f')} "
+            f"| {_fmt(r.get('tp_params_ratio'))} | {_fmt(r.get('tp_s'), '.1f')} | {note.replace('|', '/')[:120]} |"
+        )
+    tmp = out / "table.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out / "table.md")
+
+
+def ort_latency(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """onnxruntime CPU latency of the dense and the speeded-up model, next to the FLOPs ratio."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    torch.set_num_threads(1)
+    row, small, x, _ = _ours(name, args.size, args.sparsity, args.round_to)
+    dense, _ = _build(name, args.size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sessions = {}
+    for label, model in (("dense", dense), ("speedup", small)):
+        path = out / f"{name}_{label}.onnx"
+        torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["y"], dynamo=False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = args.ort_threads
+        sessions[label] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(5):
+        for s in sessions.values():
+            s.run(None, feed)
+    for _ in range(args.ort_runs):  # interleaved, so load from other processes hits both alike
+        for label, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feed)
+            times[label].append(time.perf_counter() - start)
+    y_small = sessions["speedup"].run(None, feed)[0]
+    with torch.no_grad():
+        y_ref = small(x).numpy()
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    result = {
+        "model": name,
+        "dense_ms": med["dense"],
+        "speedup_ms": med["speedup"],
+        "latency_ratio": med["speedup"] / med["dense"],
+        "flops_ratio": row["flops_ratio"],
+        "params_ratio": row["params_ratio"],
+        "target_ms": med["dense"] * row["flops_ratio"],
+        "off_target": med["speedup"] / (med["dense"] * row["flops_ratio"]) - 1,
+        "ort_vs_torch_max_abs": float(np.abs(y_small - y_ref).max()),
+        "runs": args.ort_runs,
+        "threads": args.ort_threads,
+        "round_to": args.round_to,
+    }
+    (out / f"ort_latency_{name}_r{args.round_to}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", help="default: every torchvision classification model")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--timeout", type=int, default=600, help="seconds per model")
+    p.add_argument("--memory-gib", type=float, default=10.0, help="address-space limit per model process")
+    p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    p.add_argument("--out", default="runs/speedup_zoo")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--ort-latency", metavar="MODEL", help="measure onnxruntime CPU latency of MODEL dense vs speeded-up")
+    p.add_argument("--ort-runs", type=int, default=30)
+    p.add_argument("--ort-threads", type=int, default=1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("deploycompress").setLevel(logging.WARNING)
+    if args.one:
+        run_one(args.one, args.size, args.sparsity, args.round_to, Path(args.result), not args.no_tp)
+    elif args.ort_latency:
+        print(json.dumps(ort_latency(args.ort_latency, args), indent=1))
+    else:
+        rows = run_all(args)
+        ok = sum(bool(r.get("ok")) for r in rows)
+        print(f"{ok}/{len(rows)} models equivalent within 1e-4; table in {args.out}/table.md")
+
+
+if __name__ == "__main__":
+    main()
