@@ -117,14 +117,18 @@ def params_from_range(
     scale = np.where(zero, 1.0, scale)
     if not symmetric:
         zp = np.where(zero, 0 if signed else qmin, zp)
+    return _make(scale, zp, bits, signed, axis, lo, hi, symmetric)
+
+
+def _make(scale, zp, bits, signed, axis, lo, hi, symmetric) -> QuantParams:  # type: ignore[no-untyped-def]
     return QuantParams(
-        scale=scale.astype(np.float32),
-        zero_point=zp.astype(np.int64),
+        scale=np.asarray(scale).astype(np.float32),
+        zero_point=np.asarray(zp).astype(np.int64),
         bits=int(bits),
         dtype="int" if signed else "uint",
         axis=axis,
-        min=lo.astype(np.float32),
-        max=hi.astype(np.float32),
+        min=np.asarray(lo).astype(np.float32),
+        max=np.asarray(hi).astype(np.float32),
         symmetric=bool(symmetric),
     )
 
@@ -160,16 +164,7 @@ def params_from_scale(
         lo, hi = -half * s, half * s
     else:
         lo, hi = (qmin - zp) * s, (qmax - zp) * s
-    return QuantParams(
-        scale=s.astype(np.float32),
-        zero_point=zp.astype(np.int64),
-        bits=int(bits),
-        dtype="int" if signed else "uint",
-        axis=axis,
-        min=lo.astype(np.float32),
-        max=hi.astype(np.float32),
-        symmetric=symmetric,
-    )
+    return _make(s, zp, bits, signed, axis, lo, hi, symmetric)
 
 
 def _broadcast(values: np.ndarray, params: QuantParams, ndim: int) -> np.ndarray:
