@@ -1,9 +1,9 @@
 """Fixed-size histograms that grow their range by merging bins: bounded memory on any data set.
 
-Each channel keeps ``num_bins`` counts over a symmetric range ``[-T, T]`` (onnxruntime's layout for
-entropy and percentile). When a batch exceeds ``T`` the range doubles until it fits, and adjacent bin
-pairs are summed into the middle half, an exact merge. onnxruntime instead keeps the bin width and
-appends bins, so its memory grows with the data's range; on one batch both histograms coincide.
+Each channel keeps counts over a symmetric range ``[-T, T]`` (onnxruntime's layout for entropy and
+percentile). When a batch exceeds ``T``, bins of the same width are appended on both sides, as
+onnxruntime does, up to ``2 * num_bins``; past that adjacent pairs are merged and the width doubles.
+onnxruntime only appends, so its memory grows with the data's range; on one batch both coincide.
 """
 
 from __future__ import annotations
@@ -17,14 +17,24 @@ __all__ = ["StreamingHistogram", "HistogramCalibrator"]
 
 
 class StreamingHistogram:
-    """``counts[c]`` over ``[-threshold[c], threshold[c]]`` in ``num_bins`` equal bins, per channel."""
+    """Per channel: ``size[c]`` equal bins of ``width[c]`` over ``[-threshold[c], threshold[c]]``.
 
-    def __init__(self, num_channels: int, num_bins: int) -> None:
+    Starts with ``num_bins`` bins over the first batch's ``max|x|``. A later batch beyond the range
+    appends bins of the same width on both sides (as onnxruntime does) while at most ``max_bins``
+    (default ``2 * num_bins``) are needed; beyond that adjacent pairs are summed and the width
+    doubles. Both are exact, and memory stays ``max_bins`` counts per channel.
+    """
+
+    def __init__(self, num_channels: int, num_bins: int, max_bins: int | None = None) -> None:
         if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 8 or num_bins % 4:
             raise QuantError(f"num_bins must be a multiple of 4 and at least 8, got {num_bins!r}")
         self.num_bins = int(num_bins)
-        self.counts = np.zeros((num_channels, self.num_bins), dtype=np.int64)
-        self.threshold = np.zeros(num_channels, dtype=np.float64)
+        self.max_bins = 2 * self.num_bins if max_bins is None else int(max_bins)
+        if self.max_bins < self.num_bins or self.max_bins % 4:
+            raise QuantError(f"max_bins must be a multiple of 4 and at least num_bins, got {max_bins!r}")
+        self.counts = np.zeros((num_channels, self.max_bins), dtype=np.int64)
+        self.size = np.full(num_channels, self.num_bins, dtype=np.int64)
+        self.width = np.zeros(num_channels, dtype=np.float64)
         self.min = np.full(num_channels, np.inf, dtype=np.float64)
         self.max = np.full(num_channels, -np.inf, dtype=np.float64)
 
@@ -32,28 +42,45 @@ class StreamingHistogram:
     def num_channels(self) -> int:
         return self.counts.shape[0]
 
+    @property
+    def threshold(self) -> np.ndarray:
+        return self.size * self.width / 2.0
+
+    def row(self, channel: int) -> np.ndarray:
+        return self.counts[channel, : self.size[channel]]
+
     def edges(self, channel: int) -> np.ndarray:
         t = self.threshold[channel]
-        return np.linspace(-t, t, self.num_bins + 1)
+        return np.linspace(-t, t, int(self.size[channel]) + 1)
+
+    @staticmethod
+    def _needed(amax: float, width: float) -> int:
+        """Bins of ``width`` covering ``[-amax, amax]``, rounded up to a multiple of 4."""
+        half = int(np.ceil(amax / width))
+        return -(-2 * half // 4) * 4
 
     def _grow(self, channel: int, amax: float) -> None:
-        """Double the range of ``channel`` until it covers ``amax``, merging bin pairs."""
-        t = self.threshold[channel]
-        n = self.num_bins
-        if t == 0.0:  # everything so far was exactly 0: it stays in the bin starting at 0
+        """Widen ``channel`` to cover ``amax``: append bins, merging pairs when they would exceed ``max_bins``."""
+        w = float(self.width[channel])
+        if w == 0.0:  # everything so far was exactly 0: it stays in the bin starting at 0
             zeros = self.counts[channel].sum()
             self.counts[channel] = 0
-            self.counts[channel, n // 2] = zeros
-            self.threshold[channel] = amax
+            self.counts[channel, self.num_bins // 2] = zeros
+            self.width[channel] = 2.0 * amax / self.num_bins
             return
-        row = self.counts[channel]
-        while t < amax:
-            merged = row.reshape(n // 2, 2).sum(axis=1)
-            row = np.zeros(n, dtype=np.int64)
-            row[n // 4 : n // 4 + n // 2] = merged
-            t *= 2.0
-        self.counts[channel] = row
-        self.threshold[channel] = t
+        row = self.row(channel).copy()
+        need = self._needed(amax, w)
+        while need > self.max_bins:
+            if (row.size // 2) % 4:  # keep 0 on a pair boundary and the size a multiple of 4
+                row = np.concatenate([[0, 0], row, [0, 0]])
+            row = row.reshape(-1, 2).sum(axis=1)
+            w *= 2.0
+            need = max(self._needed(amax, w), row.size)
+        pad = (need - row.size) // 2
+        self.counts[channel] = 0
+        self.counts[channel, pad : pad + row.size] = row
+        self.size[channel] = need
+        self.width[channel] = w
 
     def add(self, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, valid: np.ndarray | None) -> None:
         """Count ``rows`` (channels x values); ``lo``/``hi`` are their per-row min/max over valid values."""
@@ -65,21 +92,20 @@ class StreamingHistogram:
             self._grow(int(c), float(amax[c]))
         if valid is not None:
             rows = np.where(valid, rows, np.float32(0.0))  # masked out below; keeps the cast clean
-        n = self.num_bins
         t = self.threshold
-        safe = np.where(t > 0, t, 1.0)  # a zero threshold means all values were 0: they land at n // 2
-        norm = (n / (2.0 * safe)).astype(np.float32)[:, None]
-        idx = ((rows + safe.astype(np.float32)[:, None]) * norm).astype(np.int64)
-        np.clip(idx, 0, n - 1, out=idx)
+        width = np.where(self.width > 0, self.width, 1.0)  # zero width: all values were 0, they land at size // 2
+        inv = (1.0 / width).astype(np.float32)[:, None]
+        idx = ((rows + t.astype(np.float32)[:, None]) * inv).astype(np.int64)
+        np.clip(idx, 0, (self.size - 1)[:, None], out=idx)
         if self.num_channels > 1:
-            idx += (np.arange(self.num_channels, dtype=np.int64) * n)[:, None]
+            idx += (np.arange(self.num_channels, dtype=np.int64) * self.max_bins)[:, None]
         flat = idx.ravel() if valid is None else idx[valid]
         self.counts += np.bincount(flat, minlength=self.counts.size).reshape(self.counts.shape)
 
     def folded(self, channel: int) -> np.ndarray:
-        """Counts of ``|x|`` over ``[0, T]`` in ``num_bins // 2`` bins."""
-        row = self.counts[channel]
-        half = self.num_bins // 2
+        """Counts of ``|x|`` over ``[0, threshold]`` in ``size // 2`` bins."""
+        row = self.row(channel)
+        half = row.size // 2
         return row[half:] + row[:half][::-1]
 
 
@@ -103,7 +129,7 @@ class HistogramCalibrator(Calibrator):
         assert h is not None
         lo, hi = h.min.copy(), h.max.copy()
         for c in range(h.num_channels):
-            if h.threshold[c] > 0 and np.isfinite(lo[c]):
+            if h.width[c] > 0 and np.isfinite(lo[c]):
                 clo, chi = self._channel_range(c)
                 # never wider than what was seen (as onnxruntime clips), but always holding 0
                 lo[c] = max(clo, min(h.min[c], 0.0))

@@ -27,7 +27,7 @@ class MSECalibrator(HistogramCalibrator):
     def _channel_range(self, channel: int) -> tuple[float, float]:
         h = self.histogram
         assert h is not None
-        counts = h.counts[channel]
+        counts = h.row(channel)
         used = np.flatnonzero(counts)
         edges = h.edges(channel)
         centres = ((edges[used] + edges[used + 1]) / 2.0).astype(np.float32)

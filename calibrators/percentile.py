@@ -34,7 +34,7 @@ class PercentileCalibrator(HistogramCalibrator):
             i = min(int(np.searchsorted(cdf, self.percentile / 100.0)), folded.size - 1)
             amax = (i + 1) * t / folded.size
             return -amax, amax
-        row = h.counts[channel]
+        row = h.row(channel)
         cdf = np.cumsum(row) / row.sum()
         cut = (100.0 - self.percentile) / 200.0
         left = min(int(np.searchsorted(cdf, cut)), row.size - 1)
