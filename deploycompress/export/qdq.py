@@ -8,7 +8,8 @@ Rules (TensorRT's explicit quantization, which onnxruntime also runs well):
   factor, so the integer weights equal the simulated ones;
 * activations per-tensor, placed on the inputs of weighted ops; for TensorRT the outputs of
   weighted ops stay float except for one branch of a residual Add; a Concat gets one shared scale
-  on all its inputs and its output; graph outputs stay float;
+  on all its inputs and its output, and so do both sides of a MaxPool/Reshape/Flatten/Transpose
+  (they then run in int8); graph outputs stay float;
 * the flavour follows the target from the one calibration (observed min/max): ``tensorrt`` gets
   S8 symmetric activations, ``onnxruntime`` U8 asymmetric activations and int32 biases, which its
   x86 kernels (QLinearConv, MatMulInteger on VNNI) run fastest.
@@ -36,6 +37,7 @@ __all__ = ["QDQError", "TARGETS", "insert_qdq", "needs_reduced_range"]
 log = logging.getLogger(__name__)
 
 TARGETS = ("onnxruntime", "tensorrt")
+_SAME_SCALE_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 
 
 class QDQError(ValueError):
@@ -117,6 +119,11 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: str) -> dict[str, _Ac
                 if src.name in chosen and all(c is node for c in src.outputs):
                     del chosen[src.name]
     for node in graph.nodes:
+        if node.op in _SAME_SCALE_OPS and node.inputs and node.inputs[0].name in chosen and node.outputs[0].name in chosen:
+            # a data-movement op between two Q/DQ pairs runs in int8 only when both sides agree
+            a, b = chosen[node.inputs[0].name], chosen[node.outputs[0].name]
+            shared = _Act(_union(a.params, b.params), a.sources + b.sources + [f"shared scale of {node.name}"])
+            chosen[node.inputs[0].name] = chosen[node.outputs[0].name] = shared
         if node.op != "Concat":
             continue
         members = [t.name for t in node.inputs] + [node.outputs[0].name]
