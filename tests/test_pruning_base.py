@@ -65,7 +65,7 @@ def test_pruned_weights_stay_zero_while_fine_tuning_with_an_optimizer_made_befor
         module = dict(model.named_modules())[name]
         assert float(module.weight.detach()[~masks[name]["weight"]].abs().max()) == 0.0
     assert not torch.equal(before, model.conv3.weight.detach()), "the kept weights were trained"
-    plain = pruner.unwrap_model()
+    plain = pruner._unwrap_model()  # NNI 2.x spelling of unwrap_model()
     assert isinstance(plain.conv3.weight, nn.Parameter)
     assert float(plain.conv3.weight.detach()[~masks["conv3"]["weight"]].abs().max()) == 0.0
 

@@ -166,6 +166,8 @@ class Pruner:
         self._unwrap()
         return self.model
 
+    _unwrap_model = unwrap_model  # NNI 2.x examples call this before speedup
+
     def update_epoch(self, epoch: int) -> None:
         """Called at each epoch start; one-shot pruners need nothing here."""
 
