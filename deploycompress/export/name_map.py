@@ -166,7 +166,8 @@ def _module_path(scope: list[str], modules: Mapping[str, nn.Module]) -> str | No
     return prefix or None
 
 
-def _record_shapes(model: nn.Module, args: tuple) -> dict[str, list[tuple[tuple, tuple]]]:
+def record_calls(model: nn.Module, args: tuple) -> tuple[dict[str, list[tuple[tuple, tuple]]], object]:
+    """Per module, in call order: (input shapes, output shape) of each call; and the model's output."""
     calls: dict[str, list[tuple[tuple, tuple]]] = defaultdict(list)
     handles = []
 
@@ -183,11 +184,11 @@ def _record_shapes(model: nn.Module, args: tuple) -> dict[str, list[tuple[tuple,
             handles.append(mod.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
-            model(*args)
+            output = model(*args)
     finally:
         for h in handles:
             h.remove()
-    return calls
+    return calls, output
 
 
 def _shapes_agree(torch_shape: tuple, onnx_shape: tuple | None) -> bool:
@@ -240,11 +241,13 @@ def _verify_weight(name: str, module: nn.Module, graph: _Graph, node: onnx.NodeP
     return src, axis, None if exact else fold.astype(np.float32)
 
 
-def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto) -> NameMap:
+def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto, calls: Mapping | None = None) -> NameMap:
+    """``calls`` (from :func:`record_calls`) saves a forward pass when the caller already ran one."""
     modules = dict(model.named_modules())
     modules.pop("", None)
     graph = _Graph(proto)
-    calls = _record_shapes(model, args)
+    if calls is None:
+        calls = record_calls(model, args)[0]
 
     by_scope: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     owner: dict[str, str] = {}
@@ -274,8 +277,9 @@ def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto) -> Nam
         inputs, outputs = [], []
         for nodes in call_nodes:
             produced = {o for n in nodes for o in n.output}
+            own = {id(n) for n in nodes}  # identity, not protobuf equality (a deep compare)
             ins = [i for n in nodes for i in n.input if i not in produced and not graph.is_constant(i)]
-            outs = [o for n in nodes for o in n.output if o in graph.graph_outputs or any(c not in nodes for c in graph.consumers[o])]
+            outs = [o for n in nodes for o in n.output if o in graph.graph_outputs or any(id(c) not in own for c in graph.consumers[o])]
             inputs.append(ins[0] if ins else "")
             outputs.append(outs[-1] if outs else "")
         mapping = ModuleMapping(

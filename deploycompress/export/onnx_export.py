@@ -25,7 +25,7 @@ from onnx import helper
 from torch import nn
 
 from ..backends.base import TensorSpec
-from .name_map import NameMap, build_name_map
+from .name_map import NameMap, build_name_map, record_calls
 
 __all__ = ["ExportError", "ExportResult", "to_onnx", "tensor_specs"]
 
@@ -100,8 +100,7 @@ def to_onnx(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            reference = model(*args)
+        calls, reference = record_calls(model, args)
         outs = reference if isinstance(reference, (tuple, list)) else (reference,)
         if output_names is None:
             output_names = ["output"] if len(outs) == 1 else [f"output{i}" for i in range(len(outs))]
@@ -132,7 +131,7 @@ def to_onnx(
             ) from exc
         proto = onnx.load_from_string(buf.getvalue())
         proto = onnx.shape_inference.infer_shapes(proto)
-        name_map = build_name_map(model, args, proto)
+        name_map = build_name_map(model, args, proto, calls)
     finally:
         model.train(was_training)
     log.info("exported %s: %d nodes, %d modules mapped", type(model).__name__, len(proto.graph.node), len(name_map))
