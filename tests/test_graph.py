@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 from deploycompress.graph import ChannelGroup, build_channel_groups, trace_channels
+from test_speedup_cases import single_thread  # noqa: F401
 
 
 def by_module(groups: list[ChannelGroup]) -> dict[str, ChannelGroup]:

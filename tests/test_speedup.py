@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deploycompress.speedup import MaskError, masked_model, speedup, speedup_with_report
-from test_speedup_cases import channel_mask, hand_oracle, max_rel_error, randomize_norms
+from test_speedup_cases import channel_mask, hand_oracle, max_rel_error, randomize_norms, single_thread  # noqa: F401
 
 TOL = 1e-5
 

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import copy
+from typing import Iterator
 
+import pytest
 import torch
 from torch import nn
 
 from deploycompress.graph import build_channel_groups
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """Tracing runs many tiny ops: on a shared 2-core machine, intra-op threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -11,7 +11,7 @@ from torchvision.models import VisionTransformer
 from torchvision.models.swin_transformer import SwinTransformer
 
 from deploycompress.speedup import masked_model, speedup_with_report
-from test_speedup_cases import group_masks, max_rel_error, randomize_norms
+from test_speedup_cases import group_masks, max_rel_error, randomize_norms, single_thread  # noqa: F401
 
 SUBSET = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "shufflenet_v2_x0_5",
           "squeezenet1_0", "efficientnet_b0", "regnet_x_400mf", "googlenet"]  # fmt: skip

@@ -142,6 +142,9 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     names = args.models or torchvision.models.list_models(module=torchvision.models)
+    if args.shard:
+        k, n = (int(v) for v in args.shard.split("/"))
+        names = names[k::n]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -255,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-gib", type=float, default=10.0, help="address-space limit per model process")
     p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     p.add_argument("--out", default="runs/speedup_zoo")
+    p.add_argument("--shard", metavar="K/N", help="run every N-th model starting at K (parallel runs)")
+    p.add_argument("--merge", nargs="*", metavar="DIR", help="merge the results.json of shard runs into --out")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--ort-latency", metavar="MODEL", help="measure onnxruntime CPU latency of MODEL dense vs speeded-up")
@@ -265,6 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("deploycompress").setLevel(logging.WARNING)
     if args.one:
         run_one(args.one, args.size, args.sparsity, args.round_to, Path(args.result), not args.no_tp)
+    elif args.merge:
+        rows = [r for d in args.merge for r in json.loads((Path(d) / "results.json").read_text())["rows"]]
+        order = {n: i for i, n in enumerate(__import__("torchvision").models.list_models(module=__import__("torchvision").models))}
+        rows.sort(key=lambda r: order.get(r["model"], len(order)))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        _write(rows, Path(args.out), args)
     elif args.ort_latency:
         print(json.dumps(ort_latency(args.ort_latency, args), indent=1))
     else:
