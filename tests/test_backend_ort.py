@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
-import torch
 from torch import nn
 
 from deploycompress.backends import Backend, BackendError, LayerTime, Runner, get_backend
-from deploycompress.export import insert_qdq, to_onnx
-from deploycompress.zoo import DigitsNet
-from test_qdq import calibrate_by_hand
+from test_qdq import write_digits_graphs
 
 KINDS = {nn.Conv2d: ("input", "weight"), nn.Linear: ("input", "weight"), nn.MaxPool2d: ("output",)}
 
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
-    torch.manual_seed(0)
-    model = DigitsNet(width=8).eval()
-    x = torch.rand(32, 1, 8, 8)
-    exported = to_onnx(model, x[:2])
-    calib = calibrate_by_hand(model, [x], KINDS)
     tmp = tmp_path_factory.mktemp("ort")
-    onnx.save(exported.model, tmp / "fp32.onnx")
-    onnx.save(insert_qdq(exported.model, calib, exported.name_map, target="onnxruntime"), tmp / "int8.onnx")
+    model, x = write_digits_graphs(tmp, 32, KINDS)
     return model, x, tmp
 
 

@@ -50,6 +50,20 @@ def calibrate_by_hand(model: nn.Module, batches, kinds: dict[type, tuple[str, ..
     return calib
 
 
+def write_digits_graphs(tmp, samples: int, kinds: dict[type, tuple[str, ...]]):
+    """An untrained DigitsNet exported to ``tmp/fp32.onnx`` and, calibrated by hand, ``tmp/int8.onnx``."""
+    from deploycompress.zoo import DigitsNet
+
+    torch.manual_seed(0)
+    model = DigitsNet(width=8).eval()
+    x = torch.rand(samples, 1, 8, 8)
+    exported = to_onnx(model, x[:2])
+    calib = calibrate_by_hand(model, [x], kinds)
+    onnx.save(exported.model, tmp / "fp32.onnx")
+    onnx.save(insert_qdq(exported.model, calib, exported.name_map, target="onnxruntime"), tmp / "int8.onnx")
+    return model, x
+
+
 FULL = {nn.Conv2d: ("input", "weight"), nn.ConvTranspose2d: ("input", "weight"), nn.Linear: ("input", "weight"),
         nn.BatchNorm2d: ("output",), nn.ReLU: ("output",)}
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from torch import nn
 
 from deploycompress.backends import get_backend
-from deploycompress.export import insert_qdq, to_onnx
 from deploycompress.validate import (
     LatencyStats,
     compare_backends,
@@ -19,20 +17,13 @@ from deploycompress.validate import (
     measure_latency,
     validate,
 )
-from deploycompress.zoo import DigitsNet
-from test_qdq import calibrate_by_hand
+from test_qdq import write_digits_graphs
 
 
 @pytest.fixture(scope="module")
 def runners(tmp_path_factory):
-    torch.manual_seed(0)
-    model = DigitsNet(width=8).eval()
-    x = torch.rand(64, 1, 8, 8)
-    exported = to_onnx(model, x[:2])
-    calib = calibrate_by_hand(model, [x], {nn.Conv2d: ("input", "weight"), nn.Linear: ("input", "weight")})
     tmp = tmp_path_factory.mktemp("validate")
-    onnx.save(exported.model, tmp / "fp32.onnx")
-    onnx.save(insert_qdq(exported.model, calib, exported.name_map), tmp / "int8.onnx")
+    model, x = write_digits_graphs(tmp, 64, {nn.Conv2d: ("input", "weight"), nn.Linear: ("input", "weight")})
     backend = get_backend("onnxruntime")
     fp32 = backend.load(backend.build(tmp / "fp32.onnx", tmp / "fp32", precision="fp32"), threads=1)
     fp32_plain = backend.load(tmp / "fp32" / "model.onnx", optimization_level="disable", threads=1)
