@@ -5,8 +5,10 @@ sparsity on Conv2d and hidden Linear layers (the classifier excluded, dependency
 speedup; the equivalence error against the masked model, params and FLOPs ratios, seconds; and
 Torch-Pruning's MetaPruner (L1 magnitude, same ratio, same excluded classifier) on a fresh copy.
 
-    nice -n 10 .venv/bin/python tools/bench_speedup_zoo.py --out runs/speedup_zoo
-    .venv/bin/python tools/bench_speedup_zoo.py --ort-latency resnet50 --out runs/speedup_zoo
+    nice -n 10 .venv/bin/python tools/bench_speedup_zoo.py --shard 0/2 --out runs/speedup_zoo_s0 &
+    nice -n 10 .venv/bin/python tools/bench_speedup_zoo.py --shard 1/2 --out runs/speedup_zoo_s1 &
+    .venv/bin/python tools/bench_speedup_zoo.py --merge runs/speedup_zoo_s0 runs/speedup_zoo_s1 --out runs/speedup_zoo
+    .venv/bin/python tools/bench_speedup_zoo.py --ort-latency resnet50 --size 224 --out runs/speedup_zoo
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def _build(name: str, size: int) -> tuple[Any, Any]:
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=False)
     model = torchvision.models.get_model(name, **kwargs).eval()
+    if name.startswith("vit_") or name.startswith("maxvit"):
+        size = 224  # their position embeddings / window partitions are built for 224x224
     return model, torch.randn(1, 3, size, size)
 
 
@@ -251,7 +255,7 @@ def ort_latency(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", help="default: every torchvision classification model")
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--size", type=int, default=128, help="input side (ViT and MaxViT always get 224)")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--round-to", type=int, default=1)
     p.add_argument("--timeout", type=int, default=600, help="seconds per model")

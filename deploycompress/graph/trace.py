@@ -301,7 +301,7 @@ class _Tracer(TorchFunctionMode):
                 labels = torch.where(labels >= 0, labels, lab)
                 zero_parts.append((i, z.expand(shape) > 0.5))
             for i, c in consts:
-                zero_parts.append((i, (c == 0).expand(shape) if isinstance(c, torch.Tensor) else torch.tensor(c == 0).expand(shape)))
+                zero_parts.append((i, (c == 0).cpu().expand(shape) if isinstance(c, torch.Tensor) else torch.tensor(c == 0).expand(shape)))
                 if isinstance(c, torch.Tensor) and c.numel() > 1:
                     self.pin_labels(labels)
             z = self._combine_zero(name, zero_parts, None)
@@ -336,7 +336,7 @@ class _Tracer(TorchFunctionMode):
         if axis is not None:
             k = axis - (nd - c.dim())
             if 0 <= k < c.dim() and c.shape[k] > 1:
-                return (c == 0).movedim(k, 0).reshape(c.shape[k], -1).all(1)
+                return (c == 0).movedim(k, 0).reshape(c.shape[k], -1).all(1).cpu()
         return torch.tensor(bool((c == 0).all())).expand(size)
 
     def _const_param(self, c: Any, nd: int, axis: int | None, ids: torch.Tensor) -> None:
@@ -380,14 +380,15 @@ class _Tracer(TorchFunctionMode):
                     return x
                 info = before.get(id(x)) or self.info_or_const(x)
                 if info.ids[0] < 0 and info.axis is None and id(x) not in before:
-                    return torch.full(x.shape, float(CONST), dtype=torch.float64) if which == 0 else (x == 0).double()
+                    return torch.full(x.shape, float(CONST), dtype=torch.float64) if which == 0 else (x == 0).double().cpu()
                 return info.materialize()[which]
 
             return f
 
         if name in INDEXED_OPS:
-            lab_args = (sub(0)(args[0]),) + tuple(args[1:])
-            zero_args = (sub(1)(args[0]),) + tuple(args[1:])
+            rest = tree_map(lambda a: a.cpu() if isinstance(a, torch.Tensor) else a, tuple(args[1:]))
+            lab_args = (sub(0)(args[0]),) + rest
+            zero_args = (sub(1)(args[0]),) + rest
         else:
             lab_args, zero_args = tree_map(sub(0), args), tree_map(sub(1), args)
         lab_kwargs, zero_kwargs = kwargs, kwargs
@@ -456,7 +457,7 @@ class _Tracer(TorchFunctionMode):
             return torch.full((size,), CONST, dtype=torch.long), torch.zeros(size, dtype=torch.bool)
         ids, zero = got
         if info.axis is None and info.ids[0] < 0 and t.dim() and self.info(t) is None:
-            zero = (t.detach() == 0).movedim(axis, 0).reshape(size, -1).all(1)
+            zero = (t.detach() == 0).movedim(axis, 0).reshape(size, -1).all(1).cpu()
         return ids.clone(), zero.clone()
 
     def _zero_dead_norm(self, args: tuple, kwargs: dict) -> None:
@@ -468,6 +469,7 @@ class _Tracer(TorchFunctionMode):
         if not bool(zero.any()):
             return
         running_mean, weight, bias = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
+        zero = zero.to(x.device)
         with torch.no_grad():
             if weight is not None:
                 weight[zero] = 0
@@ -486,9 +488,9 @@ class _Tracer(TorchFunctionMode):
                 owner = self.owner[id(p)]
                 self._record_param(owner[0], owner[1], 0, ids)
         if weight is not None:
-            out_zero = zero & (weight.detach() == 0) & ((bias.detach() == 0) if bias is not None else True)
+            out_zero = zero & (weight.detach() == 0).cpu() & ((bias.detach() == 0).cpu() if bias is not None else True)
         elif running_mean is not None:
-            out_zero = zero & (running_mean.detach() == 0)
+            out_zero = zero & (running_mean.detach() == 0).cpu()
         else:  # instance norm without affine or running stats: (0 - 0) / sqrt(0 + eps) == 0
             out_zero = zero
         info = self.info(x) if self.info(x) is not None else before.get(id(x))
@@ -547,18 +549,18 @@ class _Tracer(TorchFunctionMode):
         elif kind == "conv_transpose":
             c_in, out_per_group = w.shape[0], w.shape[1]
             c_out = out_per_group * groups
-            used = (w != 0).flatten(2).any(-1)  # (in, out/g)
+            used = (w != 0).flatten(2).any(-1).cpu()  # (in, out/g)
             reads = used & ~in_zero.view(-1, 1)
             contributes = reads.view(groups, c_in // groups, out_per_group).any(1).reshape(-1)
             col_zero = ~used.any(1)
         else:
             c_out, in_per_group = w.shape[0], w.shape[1]
             c_in = in_per_group * groups
-            used = (w != 0).reshape(c_out, in_per_group, -1).any(-1)  # (out, in/g)
+            used = (w != 0).reshape(c_out, in_per_group, -1).any(-1).cpu()  # (out, in/g)
             nonzero_in = (~in_zero).view(groups, 1, in_per_group).expand(groups, c_out // groups, in_per_group)
             contributes = (used & nonzero_in.reshape(c_out, in_per_group)).any(1)
             col_zero = ~used.view(groups, c_out // groups, in_per_group).any(1).reshape(-1)
-        bias_zero = (bias.detach() == 0) if bias is not None else torch.ones(c_out, dtype=torch.bool)
+        bias_zero = (bias.detach() == 0).cpu() if bias is not None else torch.ones(c_out, dtype=torch.bool)
         out_zero = ~contributes & bias_zero
         live = in_ids[(in_ids >= 0) & ~in_zero & ~col_zero]
         if live.numel():
