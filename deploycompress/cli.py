@@ -195,6 +195,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     recipe = _load_recipe(args.recipe) if args.recipe else {}
     base = Path(args.recipe).resolve().parent if args.recipe else None
+    if base is not None and str(base) not in sys.path:
+        sys.path.insert(0, str(base))  # the recipe's `module:function` names live beside it
     m, prune, quant, build, ev = (_section(recipe, k) for k in ("model", "prune", "quantize", "build", "eval"))
 
     factory = args.model or m.get("factory")
@@ -220,6 +222,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise UsageError("recipe section 'prune' needs a config_list")
         pruner = cls(model, prune["config_list"], **(prune.get("options") or {}))
         _, masks = pruner.compress()
+        if prune.get("finetune"):  # a `module:function` taking the model, run while the masks apply
+            finetune = _import_object(str(prune["finetune"]), "recipe prune.finetune")
+            finetune(model)
         model = pruner.unwrap_model()
     calib = args.calib or _resolve(quant.get("calibration"), base)
     if calib and not Path(calib).is_file():

@@ -12,6 +12,11 @@ def trained_digits_net(width: int = 16, epochs: int = 8) -> DigitsNet:
     return train(DigitsNet(width=width), load_digits_data(), epochs=epochs)
 
 
+def finetune(model: DigitsNet, epochs: int = 2) -> None:
+    """Recover the accuracy pruning cost; the pruner's masks keep pruned weights at zero meanwhile."""
+    train(model, load_digits_data(), epochs=epochs, lr=1e-3)
+
+
 def calibration_batches(batch_size: int = 64) -> list[np.ndarray]:
     """Training images as calibration batches (labels dropped)."""
     return [b.numpy() for b in load_digits_data().batches(batch_size)]

@@ -35,13 +35,19 @@ def latency_plot(report: "Report") -> bytes | None:
         return None
     fig = _figure(7.5, 0.9 + 0.55 * len(records))
     ax = fig.add_subplot()
-    parts = ax.boxplot([r.samples_ms for r in records], orientation="horizontal", showfliers=True, patch_artist=True, widths=0.6)
-    for i, box in enumerate(parts["boxes"]):
-        box.set_facecolor(_COLOURS[i % len(_COLOURS)])
+    parts = ax.boxplot([r.samples_ms for r in records], orientation="horizontal", showfliers=True, patch_artist=True, widths=0.6,
+                       flierprops={"markersize": 3, "alpha": 0.5}, medianprops={"color": "black"})
+    precisions = list(dict.fromkeys(f"{r.backend} {r.precision}" for r in records))
+    for r, box in zip(records, parts["boxes"]):
+        box.set_facecolor(_COLOURS[precisions.index(f"{r.backend} {r.precision}") % len(_COLOURS)])
         box.set_alpha(0.7)
     for i, r in enumerate(records, start=1):
         ax.plot([r.p99_ms], [i], marker="|", markersize=14, color="black")
     ax.set_yticks(range(1, len(records) + 1), [r.label for r in records])
+    lo = min(min(r.samples_ms) for r in records)
+    hi = max(max(r.samples_ms) for r in records)
+    if lo > 0 and hi / lo > 20:  # batch sizes far apart: a linear axis hides the small ones
+        ax.set_xscale("log")
     ax.set_xlabel("latency per batch (ms); | marks p99")
     ax.set_title("Latency distribution")
     ax.grid(axis="x", alpha=0.3)

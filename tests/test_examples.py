@@ -1,0 +1,67 @@
+"""The examples run as documented: the README's main job (digits) end to end, the recipe, resnet18 small."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import deploycompress as dc
+from deploycompress import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def test_digits_end_to_end_main_job(tmp_path):
+    """`make demo` runs this script; here with fewer epochs and timed runs."""
+    out = tmp_path / "digits"
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "digits_end_to_end.py"), "--out", str(out), "--width", "16", "--epochs", "4",
+         "--finetune-epochs", "1", "--iterations", "10", "--batch-sizes", "1"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report_line = re.search(r"^report:\s+(\S+)$", proc.stdout, re.M)
+    assert report_line and Path(report_line.group(1)) == (out / "report.html").resolve()
+    manifest = dc.verify_bundle(out)
+    assert manifest.precision == "int8" and manifest.backend == "onnxruntime"
+    report = dc.Report.load(out)
+    int8 = next(a for a in report.accuracy if a.label == "onnxruntime int8")
+    assert int8.value > 0.75 and int8.delta > -0.02  # 4 epochs: the pipeline is the point here
+    assert "Performance summary: onnxruntime int8, batch 1" in proc.stdout
+
+
+def test_recipe_builds_through_the_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["build", "--recipe", str(EXAMPLES / "recipe.yaml"), "--out", "bundle", "--iterations", "5",
+                     "--batch-sizes", "1", "-q"])
+    assert code == 0, capsys.readouterr().err
+    manifest = dc.verify_bundle(tmp_path / "bundle")
+    assert manifest.name == "digits" and manifest.calibration_digest
+    report = dc.Report.load(tmp_path / "bundle")
+    sizes = {s.stage: s for s in report.sizes}
+    assert sizes["speeded up"].params < 0.6 * sizes["original"].params
+    int8 = next(a for a in report.accuracy if a.label == "onnxruntime int8")
+    assert int8.value > 0.85
+
+
+def test_resnet18_example_small(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import resnet18
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    assert resnet18.main(["--out", str(tmp_path / "r18"), "--image-size", "32", "--calib-batches", "1", "--iterations", "3",
+                          "--batch-sizes", "1"]) == 0
+    manifest = dc.verify_bundle(tmp_path / "r18")
+    assert manifest.inputs[0].shape == ("batch", 3, 32, 32)
+    report = dc.Report.load(tmp_path / "r18")
+    sizes = {s.stage: s for s in report.sizes}
+    assert sizes["speeded up"].params < 0.6 * sizes["original"].params  # half of every block's inner width
+    fid = next(f for f in report.fidelity if f.label == "onnxruntime int8")
+    assert fid.cosine_similarity > 0.99
