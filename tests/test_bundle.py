@@ -16,7 +16,7 @@ from deploycompress.backends.base import TensorSpec
 from deploycompress.bundle import BundleError, Manifest, atomic_output_dir, load_bundle, triton_config, verify_bundle, write_bundle
 from deploycompress.zoo import DigitsNet
 
-tritonclient = pytest.importorskip("tritonclient")
+import tritonclient  # noqa: E402  (test extra)
 
 SPEC_IN = [TensorSpec("input", ("batch", 1, 8, 8), "float32")]
 SPEC_OUT = [TensorSpec("logits", ("batch", 10), "float32")]
