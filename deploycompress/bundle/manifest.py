@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..backends.base import TensorSpec
+from ..report.schema import read_json
 from .atomic import BundleError
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "Manifest", "collect_environment", "sha256_file", "hash_tree"]
@@ -145,10 +146,4 @@ class Manifest:
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> "Manifest":
         path = Path(root) / MANIFEST_NAME
-        if not path.is_file():
-            raise BundleError(f"{str(root)!r} is not a bundle: {MANIFEST_NAME} is missing")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise BundleError(f"{path}: not valid JSON: {exc}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, BundleError, "bundle manifest"), source=str(path))

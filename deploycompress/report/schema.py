@@ -15,6 +15,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..validate.latency import LatencyStats
+
 __all__ = [
     "REPORT_VERSION",
     "REPORT_JSON",
@@ -26,6 +28,7 @@ __all__ = [
     "AccuracyRecord",
     "FidelityRecord",
     "Report",
+    "read_json",
 ]
 
 REPORT_VERSION = 1
@@ -39,72 +42,32 @@ class ReportError(ValueError):
     """A report file that cannot be read: the message names the file and the field."""
 
 
-@dataclass
-class LatencyRecord:
-    """Latency of one (backend, precision, batch size); times in milliseconds per batch."""
+@dataclass(frozen=True)
+class LatencyRecord(LatencyStats):
+    """validate's LatencyStats of one (backend, precision, batch size); times in ms per batch,
+    ``throughput`` in samples (not batches) per second, ``samples_ms`` thinned for the plot."""
 
-    backend: str
-    precision: str
-    batch_size: int
-    mean_ms: float
-    p50_ms: float
-    p90_ms: float
-    p95_ms: float
-    p99_ms: float
-    min_ms: float
-    max_ms: float
-    throughput: float  # samples (not batches) per second
-    iterations: int
-    samples_ms: list[float] = field(default_factory=list)
+    backend: str = ""
+    precision: str = ""
 
     @property
     def label(self) -> str:
         return f"{self.backend} {self.precision} b{self.batch_size}"
 
     @classmethod
-    def from_stats(cls, stats: Any, backend: str, precision: str) -> "LatencyRecord":
-        """From validate's LatencyStats (its percentiles as measured; samples thinned for the plot)."""
-        samples = np.asarray(getattr(stats, "samples_ms", ()) or (), dtype=np.float64)
-        if samples.size > _MAX_SAMPLES:
-            samples = np.sort(samples)[np.linspace(0, samples.size - 1, _MAX_SAMPLES).astype(int)]
-        return cls(
-            backend=backend,
-            precision=precision,
-            batch_size=int(stats.batch_size),
-            mean_ms=float(stats.mean_ms),
-            p50_ms=float(stats.p50_ms),
-            p90_ms=float(stats.p90_ms),
-            p95_ms=float(stats.p95_ms),
-            p99_ms=float(stats.p99_ms),
-            min_ms=float(stats.min_ms),
-            max_ms=float(stats.max_ms),
-            throughput=float(stats.throughput),
-            iterations=int(stats.iterations),
-            samples_ms=[round(float(v), 5) for v in samples],
-        )
+    def from_stats(cls, stats: LatencyStats, backend: str, precision: str) -> "LatencyRecord":
+        samples = np.sort(np.asarray(stats.samples_ms or (), dtype=np.float64))
+        if samples.size > _MAX_SAMPLES:  # evenly spaced quantiles keep the distribution's shape
+            samples = samples[np.linspace(0, samples.size - 1, _MAX_SAMPLES).astype(int)]
+        values = {f.name: getattr(stats, f.name) for f in fields(LatencyStats)}
+        values["samples_ms"] = tuple(round(float(v), 5) for v in samples)
+        return cls(**values, backend=backend, precision=precision)
 
     @classmethod
     def from_samples(cls, backend: str, precision: str, batch_size: int, samples_ms: Sequence[float]) -> "LatencyRecord":
-        s = np.asarray(samples_ms, dtype=np.float64)
-        if s.size == 0:
+        if len(samples_ms) == 0:
             raise ReportError(f"latency of {backend} {precision} batch {batch_size}: no samples")
-        mean = float(s.mean())
-        kept = s if s.size <= _MAX_SAMPLES else np.sort(s)[np.linspace(0, s.size - 1, _MAX_SAMPLES).astype(int)]
-        return cls(
-            backend=backend,
-            precision=precision,
-            batch_size=int(batch_size),
-            mean_ms=mean,
-            p50_ms=float(np.percentile(s, 50)),
-            p90_ms=float(np.percentile(s, 90)),
-            p95_ms=float(np.percentile(s, 95)),
-            p99_ms=float(np.percentile(s, 99)),
-            min_ms=float(s.min()),
-            max_ms=float(s.max()),
-            throughput=batch_size * 1000.0 / mean if mean > 0 else float("inf"),
-            iterations=int(s.size),
-            samples_ms=[round(float(v), 5) for v in kept],
-        )
+        return cls.from_stats(LatencyStats.from_times(int(batch_size), samples_ms), backend, precision)
 
 
 @dataclass
@@ -193,6 +156,8 @@ class Report:
             if key in _LISTS:
                 record_cls = _LISTS[key]
                 try:
+                    if key == "latency":
+                        value = [{**item, "samples_ms": tuple(item.get("samples_ms", ()))} for item in value]
                     kwargs[key] = [record_cls(**item) for item in value]
                 except TypeError as exc:
                     raise ReportError(f"{source}: field {key!r}: {exc}") from None
@@ -220,10 +185,14 @@ class Report:
         path = Path(path)
         if path.is_dir():
             path = path / REPORT_JSON
-        if not path.is_file():
-            raise ReportError(f"report file {str(path)!r} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ReportError(f"{path}: not valid JSON: {exc}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, ReportError, "report file"), source=str(path))
+
+
+def read_json(path: Path, error: type[Exception], what: str) -> Any:
+    """Parse a JSON file; a missing or malformed file raises ``error`` naming the path."""
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON: {exc}") from None
