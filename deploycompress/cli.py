@@ -409,10 +409,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     qdq = ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0)
     linted = bool(qdq) or lint_path != graph_path
     findings = lint_qdq(onnx.load(str(lint_path)), target=args.target) if linted else []
-    data = {
+    inputs, outputs = tensor_specs(graph.graph.input), tensor_specs(graph.graph.output)
+    data: dict[str, Any] = {
         "path": str(graph_path),
-        "inputs": [t.to_dict() for t in tensor_specs(graph.graph.input)],
-        "outputs": [t.to_dict() for t in tensor_specs(graph.graph.output)],
+        "inputs": [t.to_dict() for t in inputs],
+        "outputs": [t.to_dict() for t in outputs],
         "ops": dict(ops.most_common()),
         "qdq_nodes": qdq,
         "lint": {"target": args.target, "graph": str(lint_path), "findings": [_finding(f) for f in findings]} if linted else None,
@@ -421,8 +422,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     lines = [f"graph: {graph_path}"]
     if manifest:
         lines.append(f"bundle: {manifest.name} ({manifest.backend}, {manifest.precision}), {len(manifest.files)} files, checksums OK")
-    lines += [f"input  {t['name']}: {t['dtype']} {t['shape']}" for t in data["inputs"]]
-    lines += [f"output {t['name']}: {t['dtype']} {t['shape']}" for t in data["outputs"]]
+    lines += [f"input  {t.name}: {t.dtype} {list(t.shape)}" for t in inputs]
+    lines += [f"output {t.name}: {t.dtype} {list(t.shape)}" for t in outputs]
     lines.append(f"nodes: {sum(ops.values())}, Q/DQ nodes: {qdq}")
     lines += [f"  {op:<24}{count}" for op, count in ops.most_common()]
     if linted:

@@ -133,7 +133,7 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model).eval()
     for module in plain.modules():
         if parametrize.is_parametrized(module):
-            for pname in list(module.parametrizations):  # type: ignore[union-attr]
+            for pname in list(module.parametrizations):  # type: ignore[union-attr,arg-type]
                 parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
     return plain
 
