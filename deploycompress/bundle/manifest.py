@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..backends.base import TensorSpec
-from ..report.schema import read_json
+from ..report.schema import check_versioned, read_json
 from .atomic import BundleError
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "Manifest", "collect_environment", "sha256_file", "hash_tree"]
@@ -116,10 +116,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "manifest") -> "Manifest":
-        if not isinstance(data, Mapping):
-            raise BundleError(f"{source}: expected a JSON object")
-        if data.get("version") != MANIFEST_VERSION:
-            raise BundleError(f"{source}: manifest version {data.get('version')!r} is not supported (this build reads {MANIFEST_VERSION})")
+        check_versioned(data, MANIFEST_VERSION, BundleError, f"{source}: manifest")
         missing = [k for k in ("name", "backend", "precision", "artifact", "inputs", "outputs", "files") if k not in data]
         if missing:
             raise BundleError(f"{source}: missing field(s) {missing}")

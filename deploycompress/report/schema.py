@@ -28,6 +28,7 @@ __all__ = [
     "AccuracyRecord",
     "FidelityRecord",
     "Report",
+    "check_versioned",
     "read_json",
 ]
 
@@ -143,10 +144,7 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "report") -> "Report":
-        if not isinstance(data, Mapping):
-            raise ReportError(f"{source}: expected a JSON object")
-        if data.get("version") != REPORT_VERSION:
-            raise ReportError(f"{source}: report version {data.get('version')!r} is not supported (this build reads {REPORT_VERSION})")
+        check_versioned(data, REPORT_VERSION, ReportError, f"{source}: report")
         kwargs: dict[str, Any] = {}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
@@ -186,6 +184,14 @@ class Report:
         if path.is_dir():
             path = path / REPORT_JSON
         return cls.from_dict(read_json(path, ReportError, "report file"), source=str(path))
+
+
+def check_versioned(data: Any, version: int, error: type[Exception], what: str) -> None:
+    """A versioned on-disk object: a JSON object whose ``version`` this build reads."""
+    if not isinstance(data, Mapping):
+        raise error(f"{what}: expected a JSON object, got {type(data).__name__}")
+    if data.get("version") != version:
+        raise error(f"{what} version {data.get('version')!r} is not supported (this build reads {version})")
 
 
 def read_json(path: Path, error: type[Exception], what: str) -> Any:
