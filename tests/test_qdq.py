@@ -217,3 +217,17 @@ def test_lint_reports_each_broken_rule(setup):
     scale = next(i for i in broken.graph.initializer if i.name == "input_scale")
     scale.CopyFrom(numpy_helper.from_array(np.array(-0.1, np.float32), "input_scale"))
     assert ("input_QuantizeLinear", "scale-positive") in {(f.node, f.rule) for f in lint_qdq(broken, "onnxruntime")}
+
+
+def test_tensorrt_quantizes_a_weighted_output_that_feeds_another_weighted_op():
+    """conv -> BatchNorm -> conv (mobilenet_v2's projection into the next block): the second conv's input
+    is quantized although a weighted op produced it, and the lint accepts it."""
+    model = _randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)))
+    x = torch.randn(4, 3, 6, 6)
+    exported = to_onnx(model, x)
+    calib = calibrate_by_hand(model, [x], FULL)
+    qdq = insert_qdq(exported.model, calib, exported.name_map, target="tensorrt")
+    producers = {o: n.op_type for n in qdq.graph.node for o in n.output}
+    second = [n for n in qdq.graph.node if n.op_type == "Conv"][1]
+    assert producers[second.input[0]] == "DequantizeLinear"
+    assert lint_qdq(qdq, "tensorrt") == []

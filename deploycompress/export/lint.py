@@ -22,7 +22,7 @@ LINT_RULES = {
     "input-unquantized": "the data input of a weighted op must come from a DequantizeLinear",
     "activation-per-tensor": "activations are quantized per tensor",
     "tensorrt-symmetric": "TensorRT takes only int8 Q/DQ with zero point 0",
-    "output-quantized": "TensorRT: outputs of weighted ops stay float (except one branch of a residual Add)",
+    "output-quantized": "TensorRT: outputs of weighted ops stay float (unless they feed another weighted op or a residual Add)",
     "residual-add": "TensorRT: one input of a residual Add must be dequantized so the Add fuses into the conv",
     "concat-shared-scale": "all inputs of a Concat share one scale and zero point",
     "qdq-pair": "a QuantizeLinear feeds DequantizeLinear nodes with the same scale and zero point",
@@ -143,8 +143,10 @@ def lint_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> list[LintFindi
                 add(node.name, "input-unquantized", f"input {x.name!r} is not dequantized: the op runs in float")
             out = node.outputs[0]
             if target == "tensorrt":
-                add_fed = any(c.op == "Add" for c in out.outputs)
-                if any(c.op == "QuantizeLinear" for c in out.outputs) and not add_fed:
+                quantizers = [c for c in out.outputs if c.op == "QuantizeLinear"]
+                readers = [r for q in quantizers for dq in q.outputs[0].outputs for r in dq.outputs[0].outputs]
+                needed = any(r.op in ("Add",) + WEIGHTED_OPS for r in readers)
+                if quantizers and not needed:
                     add(node.name, "output-quantized", f"output {out.name!r} is quantized; TensorRT wants it float")
             elif not any(c.op == "QuantizeLinear" for c in _through_act(out)) and out not in graph.outputs:
                 add(node.name, "float-output", f"output {out.name!r} reaches no QuantizeLinear: onnxruntime keeps this op in float", "warning")

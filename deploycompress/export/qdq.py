@@ -102,7 +102,8 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: str) -> dict[str, _Ac
     weighted_out = {name for name, n in producers.items() if n.op in WEIGHTED_OPS}
     chosen = {t: a for t, a in acts.items() if t not in graph_outputs}
     if target == "tensorrt":
-        keep = {t: a for t, a in chosen.items() if t not in weighted_out}
+        feeds_weighted = {n.inputs[0].name for n in graph.nodes if n.op in WEIGHTED_OPS and n.inputs}
+        keep = {t: a for t, a in chosen.items() if t not in weighted_out or t in feeds_weighted}
         for node in graph.nodes:
             if node.op != "Add" or any(i.name in keep for i in node.inputs):
                 continue
