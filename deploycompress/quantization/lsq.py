@@ -35,7 +35,7 @@ class LSQQuantizer(Quantizer):
         for wrapper in self.wrappers.values():
             for kind in wrapper.quant_types:
                 if kind == "weight":
-                    w = wrapper.module.weight.detach()
+                    w = wrapper.weight.detach()
                     axis = wrapper.axis("weight")
                     dims = [d for d in range(w.dim()) if d != axis] if axis is not None else list(range(w.dim()))
                     init = 2 * w.abs().mean(dim=dims) / math.sqrt(self._qmax(wrapper, kind))

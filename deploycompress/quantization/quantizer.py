@@ -156,7 +156,7 @@ class Quantizer:
             with torch.no_grad():
                 for wrapper in self.wrappers.values():
                     if "weight" in wrapper.quant_types:
-                        wrapper.module.weight.copy_(self.deploy_weight(wrapper))
+                        wrapper.weight.copy_(self.deploy_weight(wrapper))
         for name, wrapper in self.wrappers.items():
             _set_submodule(self.model, name, wrapper.module)
         self._wrapped = False
@@ -185,7 +185,7 @@ class Quantizer:
     def deploy_weight(self, wrapper: QuantWrapper) -> torch.Tensor:
         """The weight a deployed model holds: the simulated one, on the exported grid (re-quantizing it is exact)."""
         with torch.no_grad():
-            simulated = self.quantize_weight(wrapper.module.weight.detach(), wrapper)
+            simulated = self.quantize_weight(wrapper.weight.detach(), wrapper)
             return fake_quantize(simulated, self.calibration(wrapper, "weight"))
 
     def step(self) -> None:
@@ -198,7 +198,7 @@ class Quantizer:
     @staticmethod
     def weight_params(wrapper: QuantWrapper, weight: torch.Tensor | None = None) -> QuantParams:
         """Min/max parameters of the current weight, per channel when the granularity says so."""
-        w = wrapper.module.weight if weight is None else weight
+        w = wrapper.weight if weight is None else weight
         cal = MinMaxCalibrator(
             bits=wrapper.bits("weight"),
             signed=wrapper.signed,

@@ -29,6 +29,8 @@ class QuantWrapper(nn.Module):
     substituted for the call only, so unwrapping gives the original module back.
     """
 
+    quantizer: "Quantizer"
+
     def __init__(self, module: nn.Module, config: ModuleConfig, quantizer: "Quantizer") -> None:
         super().__init__()
         self.module = module
@@ -38,6 +40,13 @@ class QuantWrapper(nn.Module):
         self.params: dict[str, QuantParams] = {}
         self.calibrators: dict[str, Calibrator] = {}
         self.state: dict[str, Any] = {}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped module's float weight parameter."""
+        w = self.module.weight
+        assert isinstance(w, torch.Tensor)
+        return w
 
     @property
     def quant_types(self) -> tuple[str, ...]:
@@ -66,7 +75,7 @@ class QuantWrapper(nn.Module):
         if "input" in types and args and isinstance(args[0], torch.Tensor):
             args = (q.quantize_input(args[0], self),) + args[1:]
         if "weight" in types:
-            weight = q.quantize_weight(self.module.weight, self)
+            weight = q.quantize_weight(self.weight, self)
             out = torch.func.functional_call(self.module, {"weight": weight}, args, kwargs)
         else:
             out = self.module(*args, **kwargs)
