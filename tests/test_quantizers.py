@@ -306,3 +306,27 @@ def test_bnn_binary_weights_export_and_activation_error(trained):
 
 def test_fp32_baseline_is_a_real_model(trained):
     assert trained[1] > 0.93  # the accuracy checks above compare against a trained net, not chance
+
+
+def test_dorefa_activations_are_an_unsigned_qdq():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    q = DoReFaQuantizer(model, [{"op_types": ["ReLU"], "quant_types": ["output"], "quant_bits": 2}])
+    x = torch.tensor([[-1.0, 0.2, 0.5, 3.0]])
+    p = q.export_calib_config().get("1", "output")
+    assert (p.dtype, p.bits, p.scale[0], p.zero_point[0]) == ("uint", 2, np.float32(1 / 3), 0)
+    out = q.quantize_output(x, q.wrappers["1"])
+    assert torch.equal(out, torch.tensor([[0.0, np.float32(1 / 3), np.float32(2 / 3), 1.0]]))
+
+
+def test_qat_activation_range_is_an_ema_of_batch_ranges():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3))
+    q = QATQuantizer(model, [{"op_types": ["Linear"], "quant_types": ["input"]}], ema_decay=0.9)
+    model.train()
+    model(torch.tensor([[0.0, 1.0, 2.0]]))
+    model(torch.tensor([[-4.0, 0.0, 12.0]]))
+    p = q.export_calib_config().get("0", "input")
+    assert p.min[0] == pytest.approx(0.0 + 0.1 * (-4.0 - 0.0)) and p.max[0] == pytest.approx(2.0 + 0.1 * 10.0)
+    model.eval()
+    model(torch.tensor([[100.0, 0.0, 0.0]]))  # eval mode leaves the range alone
+    assert q.export_calib_config().get("0", "input").max[0] == p.max[0]
