@@ -13,7 +13,16 @@ import pytest
 import torch
 
 from deploycompress.backends.base import TensorSpec
-from deploycompress.bundle import BundleError, Manifest, atomic_output_dir, load_bundle, triton_config, verify_bundle, write_bundle
+from deploycompress.bundle import (
+    BundleError,
+    Manifest,
+    atomic_output_dir,
+    collect_environment,
+    load_bundle,
+    triton_config,
+    verify_bundle,
+    write_bundle,
+)
 from deploycompress.zoo import DigitsNet
 
 import tritonclient  # noqa: E402  (test extra)
@@ -164,3 +173,22 @@ def test_atomic_output_dir_refuses_non_empty_and_overwrites_on_request(tmp_path)
         (staging / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_manifest_records_the_gpu_or_none():
+    env = collect_environment()
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        assert env["gpu"]["compute_capability"] == f"{major}.{minor}"
+    else:
+        assert env["gpu"] is None
+    assert env["versions"]["onnxruntime"] == importlib.metadata.version("onnxruntime")
+    assert env["versions"]["tensorrt"] == (importlib.metadata.version("tensorrt") if _has_dist("tensorrt") else None)
+
+
+def _has_dist(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
