@@ -119,6 +119,14 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: str) -> dict[str, _Ac
                 src = node.inputs[0]
                 if src.name in chosen and all(c is node for c in src.outputs):
                     del chosen[src.name]
+    for node in reversed(graph.nodes):  # outputs before inputs: a chain of such ops propagates back
+        src = node.inputs[0] if node.inputs else None
+        if (node.op in _SAME_SCALE_OPS and src is not None and src.name not in chosen and src.name not in graph_outputs
+                and node.outputs[0].name in chosen and len(src.outputs) == 1 and not isinstance(src, gs.Constant)):
+            # values pass unchanged, so the output's range holds for the input; quantizing before the op lets
+            # the producer (a pooling op, e.g. a functional global average pool) run in int8 as well
+            out = chosen[node.outputs[0].name]
+            chosen[src.name] = _Act(out.params, out.sources + [f"propagated back through {node.name}"])
     for node in graph.nodes:
         if node.op in _SAME_SCALE_OPS and node.inputs and node.inputs[0].name in chosen and node.outputs[0].name in chosen:
             # a data-movement op between two Q/DQ pairs runs in int8 only when both sides agree
