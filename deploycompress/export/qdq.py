@@ -7,7 +7,7 @@ Rules (TensorRT's explicit quantization, which onnxruntime also runs well):
   DequantizeLinear; a BatchNorm folded into the weight rescales each channel's scale by the same
   factor, so the integer weights equal the simulated ones;
 * activations per-tensor, placed on the inputs of weighted ops; for TensorRT the outputs of
-  weighted ops stay float except for one branch of a residual Add; a Concat gets one shared scale
+  weighted ops stay float unless they feed another weighted op or are one branch of a residual Add; a Concat gets one shared scale
   on all its inputs and its output, and so do both sides of a MaxPool/Reshape/Flatten/Transpose
   (they then run in int8); graph outputs stay float;
 * the flavour follows the target from the one calibration (observed min/max): ``tensorrt`` gets
