@@ -149,6 +149,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.shard:
         k, n = (int(v) for v in args.shard.split("/"))
         names = names[k::n]
+    if args.reverse:
+        names = names[::-1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -263,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     p.add_argument("--out", default="runs/speedup_zoo")
     p.add_argument("--shard", metavar="K/N", help="run every N-th model starting at K (parallel runs)")
+    p.add_argument("--reverse", action="store_true", help="run the list from its end (a helper run beside the shards)")
     p.add_argument("--merge", nargs="*", metavar="DIR", help="merge the results.json of shard runs into --out")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -275,7 +278,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         run_one(args.one, args.size, args.sparsity, args.round_to, Path(args.result), not args.no_tp)
     elif args.merge:
-        rows = [r for d in args.merge for r in json.loads((Path(d) / "results.json").read_text())["rows"]]
+        by_model: dict[str, dict[str, Any]] = {}
+        for d in args.merge:  # a model run twice (shard and helper): keep the more complete row
+            for r in json.loads((Path(d) / "results.json").read_text())["rows"]:
+                old = by_model.get(r["model"])
+                if old is None or len(r) > len(old):
+                    by_model[r["model"]] = r
+        rows = list(by_model.values())
         order = {n: i for i, n in enumerate(__import__("torchvision").models.list_models(module=__import__("torchvision").models))}
         rows.sort(key=lambda r: order.get(r["model"], len(order)))
         Path(args.out).mkdir(parents=True, exist_ok=True)
