@@ -260,3 +260,18 @@ def test_bad_masks_fail_before_tracing(masks: dict, message: str) -> None:
 def test_bad_round_to_is_rejected() -> None:
     with pytest.raises(ValueError, match="round_to"):
         speedup(Residual(), {}, torch.randn(1, 3, 8, 8), round_to=0)
+
+
+def test_masks_from_our_l1_pruner_on_a_still_wrapped_model() -> None:
+    from deploycompress.pruning import L1NormPruner
+
+    model = randomize_norms(Residual())
+    x = torch.randn(2, 3, 10, 10)
+    pruner = L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity": 0.5}], dependency_aware=True, dummy_input=x)
+    _, masks = pruner.compress()  # the model now computes its weights through mask parametrizations
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small, report = speedup_with_report(model, masks, x)
+    assert small.a.out_channels == small.b.out_channels == small.c.in_channels == 4
+    assert small.c.out_channels == 5 and {r.name: r.kept_masked for r in report.layers}["c"] == 2  # the model output
+    assert max_rel_error(masked_model(pruner.unwrap_model(), masks, x)(x), small(x)) < TOL

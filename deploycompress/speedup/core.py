@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from ..graph import trace_channels
@@ -26,11 +27,20 @@ class SpeedupError(RuntimeError):
     """The shrunk model does not run or does not reproduce the masked model."""
 
 
+def _bake_parametrizations(model: nn.Module) -> None:
+    """A pruner's mask wrappers (torch parametrizations) become plain tensors holding their current value."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+
+
 def _masked_copy(model: nn.Module, masks: Masks, example_inputs: Any, inplace: bool):  # noqa: ANN202
     checked = validate_masks(model, masks)
     inputs = as_input_tuple(example_inputs)
     work = model if inplace else copy.deepcopy(model)
     work.eval()
+    _bake_parametrizations(work)
     apply_param_masks(work, checked)
     trace = trace_channels(work, inputs, zero_dead_norms=True)
     return work, checked, inputs, trace
