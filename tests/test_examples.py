@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ def test_digits_end_to_end_main_job(tmp_path):
     """`make demo` runs this script; here with fewer epochs and timed runs."""
     out = tmp_path / "digits"
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "digits_end_to_end.py"), "--out", str(out), "--width", "16", "--epochs", "4",
+        [sys.executable, str(EXAMPLES / "digits_end_to_end.py"), "--out", str(out), "--width", "16", "--epochs", "3",
          "--finetune-epochs", "1", "--iterations", "10", "--batch-sizes", "1"],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
@@ -31,14 +32,19 @@ def test_digits_end_to_end_main_job(tmp_path):
     assert manifest.precision == "int8" and manifest.backend == "onnxruntime"
     report = dc.Report.load(out)
     int8 = next(a for a in report.accuracy if a.label == "onnxruntime int8")
-    assert int8.value > 0.75 and int8.delta > -0.02  # 4 epochs: the pipeline is the point here
+    assert int8.value > 0.7 and int8.delta > -0.02  # 3 epochs: the pipeline is the point here
     assert "Performance summary: onnxruntime int8, batch 1" in proc.stdout
 
 
 def test_recipe_builds_through_the_cli(tmp_path, monkeypatch, capsys):
+    """examples/recipe.yaml as shipped, but with 3 training epochs instead of 6 (its data module beside it)."""
+    recipe = (EXAMPLES / "recipe.yaml").read_text()
+    assert "kwargs: {width: 16, epochs: 6}" in recipe
+    (tmp_path / "recipe.yaml").write_text(recipe.replace("epochs: 6", "epochs: 3"))
+    shutil.copy(EXAMPLES / "digits_data.py", tmp_path / "digits_data.py")
     monkeypatch.chdir(tmp_path)
-    code = cli.main(["build", "--recipe", str(EXAMPLES / "recipe.yaml"), "--out", "bundle", "--iterations", "5",
-                     "--batch-sizes", "1", "-q"])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    code = cli.main(["build", "--recipe", "recipe.yaml", "--out", "bundle", "--iterations", "5", "--batch-sizes", "1", "-q"])
     assert code == 0, capsys.readouterr().err
     manifest = dc.verify_bundle(tmp_path / "bundle")
     assert manifest.name == "digits" and manifest.calibration_digest
@@ -46,7 +52,7 @@ def test_recipe_builds_through_the_cli(tmp_path, monkeypatch, capsys):
     sizes = {s.stage: s for s in report.sizes}
     assert sizes["speeded up"].params < 0.6 * sizes["original"].params
     int8 = next(a for a in report.accuracy if a.label == "onnxruntime int8")
-    assert int8.value > 0.85
+    assert int8.value > 0.8
 
 
 def test_resnet18_example_small(tmp_path):
