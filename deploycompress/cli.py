@@ -271,16 +271,24 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 # -- artifacts: a bundle directory or an .onnx file -----------------------------------------------
 def _open_artifact(path: str):
-    """(runner, manifest or None, graph path) for a bundle directory or a bare ONNX file."""
+    """(runner, manifest or None, precision) for a bundle directory or a bare ONNX file."""
     from .backends import get_backend
     from .bundle import Manifest, load_bundle
 
     p = Path(path)
     if p.is_dir():
         runner = load_bundle(p)
-        return runner, Manifest.load(p), p / Manifest.load(p).artifact
+        manifest = Manifest.load(p)
+        return runner, manifest, manifest.precision
     if p.is_file() and p.suffix == ".onnx":
-        return get_backend("onnxruntime").load(p), None, p
+        import onnx
+
+        try:
+            graph = onnx.load(str(p), load_external_data=False).graph
+        except Exception as exc:
+            raise UsageError(f"{path!r} is not an ONNX model: {exc}") from None
+        precision = "int8" if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node) else "fp32"
+        return get_backend("onnxruntime").load(p), None, precision
     raise UsageError(f"{path!r} is neither a bundle directory nor an .onnx file")
 
 
@@ -310,8 +318,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .report import LatencyRecord, Report, performance_summary, report_summary
     from .validate import measure_latency
 
-    runner, manifest, _ = _open_artifact(args.artifact)
-    precision = manifest.precision if manifest else "onnx"
+    runner, manifest, precision = _open_artifact(args.artifact)
     feeds = _feeds(runner, 1, args.input_shape)
     stats = measure_latency(runner, feeds, batch_sizes=args.batch_sizes, warmup=args.warmup, iterations=args.iterations, duration_s=args.duration)
     records = [LatencyRecord.from_stats(s, runner.backend, precision) for s in stats]
@@ -332,7 +339,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     from .validate import validate
 
-    runner, manifest, _ = _open_artifact(args.artifact)
+    runner, manifest, precision = _open_artifact(args.artifact)
     x, y = _load_arrays(args.data, "--data")
     x = _tensor(x)
     labels = None if y is None else np.asarray(y)
@@ -374,7 +381,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         lines.append(f"{metric.name} = {100 * metric.value:.2f}% (reference {100 * metric.reference_value:.2f}%, {100 * metric.delta:+.2f} pt)")
     from .report import LatencyRecord, performance_summary
 
-    lines.append(performance_summary([LatencyRecord.from_stats(s, runner.backend, manifest.precision if manifest else "onnx") for s in result.latency]))
+    lines.append(performance_summary([LatencyRecord.from_stats(s, runner.backend, precision) for s in result.latency]))
     lines.append("PASSED" if not failures else "FAILED: " + "; ".join(failures))
     _emit(args, data, "\n".join(lines))
     return EXIT_OK if not failures else EXIT_FAILURE
