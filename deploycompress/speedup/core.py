@@ -28,11 +28,18 @@ class SpeedupError(RuntimeError):
 
 
 def _bake_parametrizations(model: nn.Module) -> None:
-    """A pruner's mask wrappers (torch parametrizations) become plain tensors holding their current value."""
+    """A pruner's mask wrappers (torch parametrizations) become plain tensors holding their current value.
+
+    Done by hand: ``remove_parametrizations`` edits the generated class, which a deep copy shares with
+    the caller's model.
+    """
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+            values = {name: getattr(module, name).detach().clone() for name in module.parametrizations.keys()}
+            module.__class__ = module.__class__.__bases__[0]
+            del module._modules["parametrizations"]
+            for name, value in values.items():
+                module._parameters[name] = nn.Parameter(value)
 
 
 def _masked_copy(model: nn.Module, masks: Masks, example_inputs: Any, inplace: bool):  # noqa: ANN202
