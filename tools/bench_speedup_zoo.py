@@ -42,6 +42,8 @@ def _build(name: str, size: int) -> tuple[Any, Any]:
     model = torchvision.models.get_model(name, **kwargs).eval()
     if name.startswith("vit_") or name.startswith("maxvit"):
         size = 224  # their position embeddings / window partitions are built for 224x224
+    if name == "inception_v3":
+        size = max(size, 96)  # its stem needs at least 75x75
     return model, torch.randn(1, 3, size, size)
 
 
@@ -254,6 +256,65 @@ def ort_latency(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _group_masks(model: Any, x: Any, ratio: float, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Random channel masks that respect build_channel_groups (one draw per group, equal per chunk)."""
+    import torch
+
+    from deploycompress.graph import build_channel_groups
+
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    masks: dict[str, dict[str, Any]] = {}
+    for group in build_channel_groups(model, x):
+        if group.pinned:
+            continue
+        per = group.num_channels // group.groups
+        keep = torch.ones(group.num_channels, dtype=torch.bool)
+        for c in range(group.groups):
+            keep[torch.randperm(per, generator=g)[: int(per * ratio)] + c * per] = False
+        for name in group.modules:
+            w = modules[name].weight
+            masks[name] = {"weight": keep.view([-1] + [1] * (w.dim() - 1)).expand_as(w).clone()}
+            if modules[name].bias is not None:
+                masks[name]["bias"] = keep.clone()
+    return masks
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Equivalence only, in one process, no Torch-Pruning: random group masks, BatchNorm statistics randomised."""
+    import torch
+    import torchvision
+
+    torch.set_num_threads(1)
+    from deploycompress.speedup import speedup_with_report
+
+    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    rows = []
+    for name in names:
+        start = time.perf_counter()
+        try:
+            model, x = _build(name, args.size)
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+                        m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, report = speedup_with_report(model, _group_masks(model, x, args.sparsity), x, inplace=True)
+            row = {"model": name, "rel_error": report.relative_error, "params_ratio": report.params_ratio,
+                   "kept_masked": sum(r.kept_masked for r in report.layers), "masked": sum(r.masked_out for r in report.layers)}  # fmt: skip
+            row["ok"] = report.relative_error is not None and report.relative_error <= 1e-4
+        except Exception as exc:  # noqa: BLE001
+            row = {"model": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+        log.info("%s", row)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", help="default: every torchvision classification model")
@@ -267,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard", metavar="K/N", help="run every N-th model starting at K (parallel runs)")
     p.add_argument("--reverse", action="store_true", help="run the list from its end (a helper run beside the shards)")
     p.add_argument("--merge", nargs="*", metavar="DIR", help="merge the results.json of shard runs into --out")
+    p.add_argument("--sweep", action="store_true", help="equivalence only: random group masks, one process, no Torch-Pruning")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--ort-latency", metavar="MODEL", help="measure onnxruntime CPU latency of MODEL dense vs speeded-up")
@@ -277,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("deploycompress").setLevel(logging.WARNING)
     if args.one:
         run_one(args.one, args.size, args.sparsity, args.round_to, Path(args.result), not args.no_tp)
+    elif args.sweep:
+        sweep(args)
     elif args.merge:
         by_model: dict[str, dict[str, Any]] = {}
         for d in args.merge:  # a model run twice (shard and helper): keep the more complete row
