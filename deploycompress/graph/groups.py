@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .trace import ChannelTrace, lcm, trace_channels
+from .trace import ChannelTrace, trace_channels
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,7 @@ def _components(trace: ChannelTrace, roots: torch.Tensor) -> list[list[str]]:
 
 def groups_from_trace(trace: ChannelTrace) -> list[ChannelGroup]:
     roots = trace.roots()
-    pinned_roots = torch.zeros(len(roots), dtype=torch.bool)
-    for ids in trace.pinned:
-        if ids.numel():
-            pinned_roots[roots[ids]] = True
-    blocked = pinned_roots[roots]
+    blocked = trace.blocked_roots(roots, live=False)[roots]
     # grouped-conv chunk counts keyed by the exact class sequence they split
     chunking: dict[tuple[int, ...], list[int]] = {}
     for reason, pieces in trace.balances:
@@ -75,7 +72,7 @@ def groups_from_trace(trace: ChannelTrace) -> list[ChannelGroup]:
             log.debug("producers %s share channels in a permuted or partial way; grouped one by one", comp)
         for names in members:
             seq = roots[trace.producers[names[0]].out_ids]
-            g = lcm(chunking.get(tuple(seq.tolist()), []))
+            g = math.lcm(*chunking.get(tuple(seq.tolist()), [1]))
             pinned = bool(blocked[trace.producers[names[0]].out_ids].all())
             result.append(ChannelGroup(list(names), int(seq.numel()), g, pinned))
     return result

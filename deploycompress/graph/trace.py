@@ -13,7 +13,6 @@ code path only (the same limitation as torch.jit.trace), which is what speedup n
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -111,13 +110,13 @@ class ChannelTrace:
     def roots(self) -> torch.Tensor:
         return self.uf.roots()
 
-    def pinned_mask(self, roots: torch.Tensor) -> torch.Tensor:
-        """Per id: True when its class can never be removed (pinned, or read while non-zero)."""
+    def blocked_roots(self, roots: torch.Tensor, *, live: bool) -> torch.Tensor:
+        """Per root id: True when the class is pinned (or, with ``live``, read while non-zero)."""
         blocked = torch.zeros(len(roots), dtype=torch.bool)
-        for ids in self.pinned + self.live:
+        for ids in self.pinned + (self.live if live else []):
             if ids.numel():
                 blocked[roots[ids]] = True
-        return blocked[roots]
+        return blocked
 
 
 def _name(func: Callable) -> str:
@@ -629,7 +628,3 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bo
     if tracer.trace.unknown_ops:
         log.debug("ops without a channel rule (their inputs are kept whole): %s", sorted(tracer.trace.unknown_ops))
     return tracer.trace
-
-
-def lcm(values: list[int]) -> int:
-    return math.lcm(*values) if values else 1

@@ -28,11 +28,7 @@ class Removal:
 class _Classes:
     def __init__(self, trace: ChannelTrace) -> None:
         self.roots = trace.roots()
-        blocked = torch.zeros(len(self.roots), dtype=torch.bool)
-        for ids in trace.pinned + trace.live:
-            if ids.numel():
-                blocked[self.roots[ids]] = True
-        self.removable = ~blocked  # indexed by root
+        self.removable = ~trace.blocked_roots(self.roots, live=True)  # indexed by root
 
     def removed(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids >= 0) & self.removable[self.roots[ids.clamp(min=0)]]
