@@ -10,19 +10,19 @@ import torch
 
 import deploycompress as dc
 from deploycompress.engine import DEFAULT_QUANT_CONFIG, BuildStepError, EngineError
-from deploycompress.zoo import DigitsNet, accuracy, load_digits_data, train
+from deploycompress.zoo import accuracy, train
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_digits_data()
+def digits(digits_data):
+    return digits_data
 
 
 @pytest.fixture(scope="module")
-def pruned(digits):
+def pruned(digits, _trained_digits):
     """A trained DigitsNet, conv2/conv3 pruned 50% by L1 norm and fine-tuned: (plain model, masks)."""
     torch.manual_seed(0)
-    model = train(DigitsNet(width=16), digits, epochs=5)
+    model = copy.deepcopy(_trained_digits[0])
     pruner = dc.L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity": 0.5}, {"exclude": True, "op_names": ["conv1"]}])
     _, masks = pruner.compress()
     train(model, digits, epochs=2, lr=1e-3)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -28,21 +27,19 @@ from deploycompress.quantization import (
     fake_quantize_ste,
     fold_batchnorm,
 )
-from deploycompress.zoo import DigitsNet, accuracy, load_digits_data, train
+from deploycompress.zoo import DigitsNet, accuracy, train
 
 CONFIG = [{"op_types": ["Conv2d", "Linear"], "quant_types": ["weight", "input", "output"], "quant_bits": 8}]
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_digits_data()
+def data(digits_data):
+    return digits_data
 
 
 @pytest.fixture(scope="module")
-def trained(data):
-    torch.manual_seed(0)
-    model = train(DigitsNet(width=16), data, epochs=10)
-    return model, accuracy(model, data.test_x, data.test_y)
+def trained(_trained_digits):
+    return _trained_digits
 
 
 class Zoo(nn.Module):
