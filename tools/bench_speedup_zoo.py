@@ -40,6 +40,10 @@ def _build(name: str, size: int) -> tuple[Any, Any]:
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=False)
     model = torchvision.models.get_model(name, **kwargs).eval()
+    with torch.no_grad():  # zero-initialised heads (ViT) give all-zero outputs, which would hide any error
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and not bool(m.weight.any()):
+                torch.nn.init.normal_(m.weight, std=0.02)
     if name.startswith("vit_") or name.startswith("maxvit"):
         size = 224  # their position embeddings / window partitions are built for 224x224
     if name == "inception_v3":
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/speedup_zoo")
     p.add_argument("--shard", metavar="K/N", help="run every N-th model starting at K (parallel runs)")
     p.add_argument("--reverse", action="store_true", help="run the list from its end (a helper run beside the shards)")
-    p.add_argument("--merge", nargs="*", metavar="DIR", help="merge the results.json of shard runs into --out")
+    p.add_argument("--merge", nargs="*", metavar="DIR", help="merge the results.json of shard runs into --out (later wins)")
     p.add_argument("--sweep", action="store_true", help="equivalence only: random group masks, one process, no Torch-Pruning")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -346,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         for d in args.merge:  # a model run twice (shard and helper): keep the more complete row
             for r in json.loads((Path(d) / "results.json").read_text())["rows"]:
                 old = by_model.get(r["model"])
-                if old is None or len(r) > len(old):
+                if old is None or len(r) >= len(old):
                     by_model[r["model"]] = r
         rows = list(by_model.values())
         order = {n: i for i, n in enumerate(__import__("torchvision").models.list_models(module=__import__("torchvision").models))}
