@@ -36,17 +36,31 @@ from .bundle import BundleError, Manifest, check_out_dir, collect_environment, l
 from .quantization.calib_config import CalibConfig, CalibConfigError
 from .report import AccuracyRecord, FidelityRecord, LatencyRecord, Report, SizeRecord
 
-__all__ = ["BuildStepError", "EngineArtifact", "EngineError", "build_engine", "DEFAULT_QUANT_CONFIG"]
+__all__ = ["BuildStepError", "EngineArtifact", "EngineError", "build_engine", "DEFAULT_QUANT_CONFIG", "default_quant_config"]
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8")
 
-#: what ``calib_data`` calibrates when no ``quant_config_list`` is given: inputs and weights
-#: (PTQQuantizer: per-channel) of every Conv and Linear, 8 bits: the layers int8 kernels exist for
+#: inputs and weights (PTQQuantizer: per-channel) of every Conv and Linear, 8 bits: the layers
+#: int8 kernels exist for
 DEFAULT_QUANT_CONFIG: list[dict[str, Any]] = [
     {"op_types": ["Conv1d", "Conv2d", "Conv3d", "Linear"], "quant_types": ["input", "weight"], "quant_bits": 8}
 ]
+#: layers whose outputs are also calibrated by default: a quantized output after a conv's
+#: activation or pool is what lets onnxruntime fuse the conv into QLinearConv and run pools in int8
+#: (without it the last conv before a global pool stays float)
+DEFAULT_OUTPUT_OP_TYPES = ("BatchNorm2d", "ReLU", "ReLU6", "MaxPool2d", "AdaptiveAvgPool2d")
+
+
+def default_quant_config(model: nn.Module) -> list[dict[str, Any]]:
+    """What ``calib_data`` calibrates when no ``quant_config_list`` is given: DEFAULT_QUANT_CONFIG,
+    plus the outputs of the model's activations and pools (only types the model has, so the
+    config never selects nothing)."""
+    present = {type(m).__name__ for m in model.modules()}
+    outputs = [t for t in DEFAULT_OUTPUT_OP_TYPES if t in present]
+    extra = [{"op_types": outputs, "quant_types": ["output"], "quant_bits": 8}] if outputs else []
+    return [dict(c) for c in DEFAULT_QUANT_CONFIG] + extra
 
 
 class EngineError(ValueError):
@@ -302,7 +316,7 @@ def build_engine(
             if precision == "int8":
                 with steps("calibrate"):
                     if calib_data is not None:
-                        calib = _calibrate(deployed, calib_data, quant_config_list or DEFAULT_QUANT_CONFIG, calibrator)
+                        calib = _calibrate(deployed, calib_data, quant_config_list or default_quant_config(deployed), calibrator)
                     elif masks is not None:
                         calib = fit_calibration(calib, deployed)  # type: ignore[arg-type]
             with steps("export"):

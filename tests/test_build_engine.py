@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import deploycompress as dc
-from deploycompress.engine import DEFAULT_QUANT_CONFIG, BuildStepError, EngineError
+from deploycompress.engine import BuildStepError, EngineError, default_quant_config
 from deploycompress.zoo import accuracy, train
 
 
@@ -53,7 +53,7 @@ def test_int8_engine_meets_the_accuracy_targets(artifact, digits):
     int8_acc = float((logits.argmax(1) == digits.test_y.numpy()).mean())
     assert int8_acc >= fp32_acc - 0.01
 
-    quantizer = dc.PTQQuantizer(copy.deepcopy(deployed), DEFAULT_QUANT_CONFIG)
+    quantizer = dc.PTQQuantizer(copy.deepcopy(deployed), default_quant_config(deployed))
     quantizer.calibrate(list(digits.batches(64)))
     assert quantizer.export_calib_config().digest() == artifact.calib_config.digest()
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_bundle_round_trip(artifact, digits):
 def test_masked_model_calibration_is_fitted_to_the_speeded_up_model(pruned, digits, tmp_path):
     """A calibration taken on the masked model: weight scales are re-derived for resized layers."""
     model, masks = pruned
-    quantizer = dc.PTQQuantizer(copy.deepcopy(model), DEFAULT_QUANT_CONFIG)
+    quantizer = dc.PTQQuantizer(copy.deepcopy(model), default_quant_config(model))
     quantizer.calibrate(list(digits.batches(128)))
     calib = quantizer.export_calib_config()
     assert calib.get("conv2", "weight").scale.size == 32
@@ -124,7 +124,7 @@ def test_bad_input_is_refused_before_work(pruned, digits, tmp_path):
 def test_failed_build_leaves_no_partial_out_dir(pruned, digits, tmp_path):
     model, _ = pruned
     calib = dc.CalibConfig()
-    quantizer = dc.PTQQuantizer(copy.deepcopy(model), DEFAULT_QUANT_CONFIG)
+    quantizer = dc.PTQQuantizer(copy.deepcopy(model), default_quant_config(model))
     quantizer.calibrate(list(digits.batches(256))[:1])
     good = quantizer.export_calib_config()
     for module, kind, params in good.items():
