@@ -54,7 +54,9 @@ def _build(name: str, size: int) -> tuple[Any, Any]:
 def _classifier(model: Any) -> list[str]:
     from torch import nn
 
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == NUM_CLASSES]
+    # the 1000-way head: a Linear, or a 1x1 Conv2d where the model has no such Linear (squeezenet)
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == NUM_CLASSES]
+    return linear or [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels == NUM_CLASSES]
 
 
 def _params(model: Any) -> int:
