@@ -22,6 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .attention import install_module_rules
 from .channels import CONST, TensorInfo, UnionFind, canonicalize
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class ProducerRecord:
     groups: int
     order: int
     calls: int = 1
+    weight_attr: str = "weight"  # nn.MultiheadAttention keeps its packed q/k/v projection in "in_proj_weight"
+    bias_attr: str = "bias"
 
 
 @dataclass
@@ -146,6 +149,7 @@ class _Tracer(TorchFunctionMode):
                     self.owner[id(t)] = (mname, attr, module)
         self.trace = ChannelTrace(self.uf, {}, {}, [], [], [])
         self._module_ids: dict[str, torch.Tensor] = {}
+        self.opaque = 0  # > 0 while a module with its own rule runs: its inner calls are not traced one by one
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def info(self, t: Any) -> TensorInfo | None:
@@ -188,6 +192,8 @@ class _Tracer(TorchFunctionMode):
     # ---- dispatch ---------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        if self.opaque:
+            return func(*args, **kwargs)
         name = _name(func)
         if name in IGNORED_OPS:
             return func(*args, **kwargs)
@@ -536,10 +542,24 @@ class _Tracer(TorchFunctionMode):
         x, weight = args[0], args[1]
         bias = _arg(args, kwargs, 2, "bias")
         groups = int(_arg(args, kwargs, 6, "groups", 1)) if kind != "linear" else 1
-        module_name = self.owner[id(weight)][0]
-        in_axis = x.dim() - 1 if kind == "linear" else 1
-        in_ids, in_zero = self._channel_vec(x, in_axis)
+        in_ids, in_zero = self._channel_vec(x, x.dim() - 1 if kind == "linear" else 1)
         out = func(*args, **kwargs)
+        record, out_zero = self.record_producer(self.owner[id(weight)][0], kind, weight, bias, in_ids, in_zero, groups)
+        out_axis = out.dim() - 1 if kind == "linear" else 1
+        if out.dim() == 0:
+            self.set_info(out, TensorInfo.const(out.shape))
+        else:
+            self.set_info(out, TensorInfo(out.shape, out_axis, record.out_ids, out_zero))
+        return out
+
+    def record_producer(
+        self, module_name: str, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
+        in_ids: torch.Tensor, in_zero: torch.Tensor, groups: int = 1,
+    ) -> tuple[ProducerRecord, torch.Tensor]:  # fmt: skip
+        """Register one call of a producer: its record (ids), the live input ids, and its output zero flags.
+
+        Shared by functional Conv/Linear calls and composite-module rules (attention projections).
+        """
         w = weight.detach()
         if not bool(in_zero.any()) and bool(w.all()):  # dense weights, live inputs: nothing to inspect
             c_out = w.shape[1] * groups if kind == "conv_transpose" else w.shape[0]
@@ -568,17 +588,17 @@ class _Tracer(TorchFunctionMode):
         if record is None:
             out_ids = self.uf.add(c_out)
             record = ProducerRecord(module_name, kind, out_ids, in_ids, groups, len(self.trace.producers))
+            owner = self.owner.get(id(weight))
+            if owner is not None and owner[0] == module_name:
+                record.weight_attr = owner[1]
+                if bias is not None and id(bias) in self.owner:
+                    record.bias_attr = self.owner[id(bias)][1]
             self.trace.producers[module_name] = record
             self._couple_groups(record, in_ids, c_in, c_out)
         else:
             record.calls += 1
             self._couple(record.in_ids, in_ids)
-        out_axis = out.dim() - 1 if kind == "linear" else 1
-        if out.dim() == 0:
-            self.set_info(out, TensorInfo.const(out.shape))
-        else:
-            self.set_info(out, TensorInfo(out.shape, out_axis, record.out_ids, out_zero))
-        return out
+        return record, out_zero
 
     def _couple_groups(self, record: ProducerRecord, in_ids: torch.Tensor, c_in: int, c_out: int) -> None:
         g = record.groups
@@ -616,10 +636,13 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bo
     for t in inputs:
         if isinstance(t, torch.Tensor):
             tracer.set_info(t, TensorInfo.const(t.shape))
+    hooks = install_module_rules(model, tracer)
     try:
         with torch.no_grad(), tracer:
             output = model(*inputs)
     finally:
+        for h in hooks:
+            h.remove()
         for m, flag in training.items():
             m.train(flag)
     for t in _tensors(output):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..graph import ChannelTrace, ProducerRecord
+from .attention import fix_attention_modules
 from .resolve import Removal
 
 # module attributes that mirror the length of a per-channel tensor, by the tensor that sets them
@@ -42,14 +43,15 @@ def _shrink_weight(w: torch.Tensor, rec: ProducerRecord, in_keep: torch.Tensor, 
 def shrink_producer(module: nn.Module, rec: ProducerRecord, in_keep: torch.Tensor, out_keep: torch.Tensor) -> None:
     if bool(in_keep.all()) and bool(out_keep.all()):
         return
-    w = module.weight.detach()
+    w = getattr(module, rec.weight_attr).detach()
     if rec.kind == "linear":
         new_w, groups = w[out_keep.to(w.device)][:, in_keep.to(w.device)], 1
     else:
         new_w, groups = _shrink_weight(w, rec, in_keep, out_keep)
-    _set_tensor(module, "weight", new_w)
-    if getattr(module, "bias", None) is not None:
-        _set_tensor(module, "bias", module.bias.detach()[out_keep.to(w.device)])
+    _set_tensor(module, rec.weight_attr, new_w)
+    bias = getattr(module, rec.bias_attr, None)
+    if bias is not None:
+        _set_tensor(module, rec.bias_attr, bias.detach()[out_keep.to(w.device)])
     n_in, n_out = int(in_keep.sum()), int(out_keep.sum())
     if rec.kind == "linear":
         if isinstance(module, nn.Linear):
@@ -76,4 +78,5 @@ def shrink_model(model: nn.Module, trace: ChannelTrace, removal: Removal) -> dic
         for width_attr, sources in _WIDTH_ATTRS.items():
             if attr in sources and isinstance(getattr(module, width_attr, None), int):
                 setattr(module, width_attr, int(keep.sum()))
+    fix_attention_modules(model, kept)
     return kept
