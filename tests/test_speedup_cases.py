@@ -39,12 +39,13 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def channel_mask(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Weight/bias masks that keep output channels ``keep`` (bool) of a Conv/Linear."""
-    w = module.weight
+    """Weight/bias masks that keep output channels ``keep`` (bool) of a Conv/Linear (or an attention's in_proj)."""
+    w_attr, b_attr = ("in_proj_weight", "in_proj_bias") if isinstance(module, nn.MultiheadAttention) else ("weight", "bias")
+    w = getattr(module, w_attr)
     view = [-1] + [1] * (w.dim() - 1)
-    masks = {"weight": keep.view(view).expand_as(w).clone()}
-    if module.bias is not None:
-        masks["bias"] = keep.clone()
+    masks = {w_attr: keep.view(view).expand_as(w).clone()}
+    if getattr(module, b_attr) is not None:
+        masks[b_attr] = keep.clone()
     return masks
 
 

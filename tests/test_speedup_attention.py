@@ -1,0 +1,183 @@
+"""Attention heads as channel classes: nn.MultiheadAttention, torchvision ViT and Swin V1/V2."""
+
+from __future__ import annotations
+
+import warnings
+
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+from torchvision.models import VisionTransformer
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+from deploycompress.export import to_onnx
+from deploycompress.graph import build_channel_groups
+from deploycompress.speedup import masked_model, speedup_with_report
+from deploycompress.speedup.attention import PrunedMultiheadAttention
+from test_speedup_cases import max_rel_error, randomize_norms, single_thread  # noqa: F401
+
+TOL = 1e-5
+
+
+def head_rows(num_heads: int, head_dim: int, drop: list[int], parts: tuple[int, ...] = (0, 1, 2)) -> torch.Tensor:
+    """Keep flags over the 3 * heads * head_dim rows of a packed q/k/v projection, dropping heads ``drop`` in ``parts``."""
+    keep = torch.ones(3, num_heads, head_dim, dtype=torch.bool)
+    for p in parts:
+        keep[p, drop] = False
+    return keep.reshape(-1)
+
+
+def row_masks(weight: torch.Tensor, keep: torch.Tensor, w_attr: str = "weight", b_attr: str = "bias") -> dict:
+    return {w_attr: keep.view(-1, 1).expand_as(weight).clone(), b_attr: keep.clone()}
+
+
+def run(model: nn.Module, masks: dict, *inputs: torch.Tensor):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small, report = speedup_with_report(model, masks, inputs)
+        with torch.no_grad():
+            expected, actual = masked_model(model, masks, inputs)(*inputs), small(*inputs)
+    for e, a in zip(tree_flatten(expected)[0], tree_flatten(actual)[0]):
+        assert max_rel_error(e, a) < TOL
+    assert sum(p.numel() for p in small.parameters()) == report.params_after
+    return small, report
+
+
+class AttnNet(nn.Module):
+    """Linear -> MultiheadAttention (E=16, 4 heads of 4) -> Linear, on (N, L, 6) inputs."""
+
+    def __init__(self, batch_first: bool, weights: str = "none") -> None:
+        super().__init__()
+        self.batch_first, self.weights = batch_first, weights
+        self.inp, self.head = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = self.inp(x if self.batch_first else x.transpose(0, 1))
+        out, weights = self.attn(h, h, h, need_weights=self.weights != "none", average_attn_weights=self.weights != "per_head")
+        out = self.head(out if self.batch_first else out.transpose(0, 1))
+        return (out, weights) if self.weights == "per_head" else out
+
+
+def attn_net(batch_first: bool = True, **kw) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return AttnNet(batch_first, **kw).eval(), torch.randn(2, 5, 6)
+
+
+MHA_PARAMS = 3 * 16 * 17 + 16 * 17  # in_proj + out_proj
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_zero_value_rows_remove_the_head(batch_first: bool) -> None:
+    model, x = attn_net(batch_first)
+    masks = {"attn": row_masks(model.attn.in_proj_weight, head_rows(4, 4, [1], parts=(2,)), "in_proj_weight", "in_proj_bias")}
+    small, report = run(model, masks, x)
+    attn = small.attn
+    assert isinstance(attn, PrunedMultiheadAttention) and (attn.num_heads, attn.head_dim, attn.kept_heads) == (3, 4, [0, 2, 3])
+    assert attn.in_proj_weight.shape == (36, 16) and attn.out_proj.in_features == 12
+    assert report.params_before - report.params_after == 12 * 17 + 4 * 16  # a head's q/k/v rows and out_proj columns
+    # and again on the pruned model: the rule follows PrunedMultiheadAttention and maps heads to the first model's
+    smaller, _ = run(small, {"attn.out_proj": {"weight": torch.arange(12).repeat(16, 1) >= 4}}, x)
+    assert smaller.attn.kept_heads == [2, 3]
+
+
+def test_zero_query_rows_keep_the_head() -> None:
+    model, x = attn_net()
+    masks = {"attn": row_masks(model.attn.in_proj_weight, head_rows(4, 4, [2], parts=(0,)), "in_proj_weight", "in_proj_bias")}
+    small, report = run(model, masks, x)
+    assert isinstance(small.attn, nn.MultiheadAttention) and report.params_after == report.params_before
+
+
+def test_zero_out_proj_columns_remove_the_head() -> None:
+    model, x = attn_net(weights="averaged")
+    keep = torch.ones(16, 16, dtype=torch.bool)
+    keep[:, 8:12] = False  # out_proj reads nothing of head 2
+    small, report = run(model, {"attn.out_proj": {"weight": keep}}, x)
+    assert small.attn.kept_heads == [0, 1, 3]
+    assert report.params_before - report.params_after == 12 * 17 + 4 * 16
+
+
+def test_per_head_weights_reaching_the_output_keep_the_heads() -> None:
+    model, x = attn_net(weights="per_head")
+    masks = {"attn": row_masks(model.attn.in_proj_weight, head_rows(4, 4, [1]), "in_proj_weight", "in_proj_bias")}
+    small, report = run(model, masks, x)
+    assert report.params_after == report.params_before
+
+
+def test_separate_kv_widths_are_kept_whole() -> None:
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.kv = nn.Linear(6, 8), nn.Linear(6, 5)
+            self.attn = nn.MultiheadAttention(8, 2, kdim=5, vdim=5, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            kv = self.kv(x)
+            return self.attn(self.q(x), kv, kv)[0]
+
+    torch.manual_seed(0)
+    model, x = Cross().eval(), torch.randn(2, 5, 6)
+    drop = {"weight": torch.arange(8).view(-1, 1).expand(8, 6) != 3, "bias": torch.arange(8) != 3}
+    small, report = run(model, {"q": drop}, x)
+    assert small.q.out_features == 8 and isinstance(small.attn, nn.MultiheadAttention)
+
+
+def small_vit() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10)
+    return randomize_norms(vit), torch.randn(2, 3, 32, 32)
+
+
+def test_vit_groups_list_the_attention_projections() -> None:
+    model, x = small_vit()
+    groups = {name: g for g in build_channel_groups(model, x) for name in g.modules}
+    out_proj = "encoder.layers.encoder_layer_0.self_attention.out_proj"
+    assert groups[out_proj].pinned and "conv_proj" in groups[out_proj].modules  # the residual stream
+    qkv = groups["encoder.layers.encoder_layer_0.self_attention"]
+    assert not qkv.pinned and qkv.num_channels == 3 * 64
+
+
+def test_vit_heads_removed_and_onnx_matches() -> None:
+    model, x = small_vit()
+    keep = head_rows(4, 16, [1, 3])
+    masks = {
+        f"encoder.layers.encoder_layer_{i}.self_attention": row_masks(
+            model.encoder.layers[i].self_attention.in_proj_weight, keep if i == 0 else head_rows(4, 16, [0]), "in_proj_weight", "in_proj_bias"
+        )
+        for i in range(2)
+    }  # fmt: skip
+    small, report = run(model, masks, x)
+    heads = [small.encoder.layers[i].self_attention.num_heads for i in range(2)]
+    assert heads == [2, 3]
+    assert report.params_before - report.params_after == 3 * (3 * 16 * 65 + 16 * 64)
+    exported = to_onnx(small, x)
+    sess = ort.InferenceSession(exported.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    with torch.no_grad():
+        assert max_rel_error(small(x), got) < 1e-4
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_swin_heads_removed(version: int) -> None:
+    torch.manual_seed(0)
+    kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if version == 2 else {}
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10, **kw)
+    model, x = randomize_norms(model), torch.randn(1, 3, 32, 32)
+    masks = {}
+    for name, m in model.named_modules():
+        if name.endswith("attn.qkv"):
+            num_heads = m.out_features // 48
+            masks[name] = row_masks(m.weight, head_rows(num_heads, 16, [num_heads - 1]))
+    small, report = run(model, masks, x)
+    attn = [m for n, m in small.named_modules() if n.endswith(".attn")]
+    assert [a.num_heads for a in attn] == [1, 1, 3, 3] and all(a.head_dim == 16 for a in attn)
+    assert type(attn[0]).__name__ == ("PrunedShiftedWindowAttentionV2" if version == 2 else "PrunedShiftedWindowAttention")
+    if version == 2:
+        assert attn[2].logit_scale.shape == (3, 1, 1) and attn[2].cpb_mlp[-1].weight.shape == (3, 512)
+    else:
+        assert attn[2].relative_position_bias_table.shape[1] == 3
+    per_stage = [3 * 16 * 33 + 16 * 32, 3 * 16 * 65 + 16 * 64]  # one head's q/k/v rows and proj columns
+    extra = [512 + 1, 512 + 1] if version == 2 else [49, 49]  # per-head bias MLP row and logit scale, or table column
+    assert report.params_before - report.params_after == 2 * sum(per_stage) + 2 * sum(extra)
