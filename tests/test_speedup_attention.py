@@ -181,3 +181,41 @@ def test_swin_heads_removed(version: int) -> None:
     per_stage = [3 * 16 * 33 + 16 * 32, 3 * 16 * 65 + 16 * 64]  # one head's q/k/v rows and proj columns
     extra = [512 + 1, 512 + 1] if version == 2 else [49, 49]  # per-head bias MLP row and logit scale, or table column
     assert report.params_before - report.params_after == 2 * sum(per_stage) + 2 * sum(extra)
+
+
+class TokenNet(nn.Module):
+    """ViT's input path without its LayerNorms: patches, cat(class token), + position embedding, attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_proj = nn.Conv2d(3, 16, 8, stride=8)
+        self.class_token = nn.Parameter(torch.randn(1, 1, 16))
+        self.pos_embedding = nn.Parameter(torch.randn(1, 5, 16))
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embedding
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head(x[:, 0])
+
+
+def test_token_stream_channels_removed_with_class_token_and_position_embedding() -> None:
+    torch.manual_seed(0)
+    model, x = TokenNet().eval(), torch.randn(2, 3, 16, 16)
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[[3, 7]] = False
+    masks = {
+        "conv_proj": {"weight": keep.view(-1, 1, 1, 1).expand(16, 3, 8, 8), "bias": keep},
+        "": {"class_token": keep.view(1, 1, -1), "pos_embedding": keep.view(1, 1, -1).expand(1, 5, 16)},
+        "attn.out_proj": row_masks(model.attn.out_proj.weight, keep),
+    }
+    small, report = run(model, masks, x)
+    assert small.class_token.shape == (1, 1, 14) and small.pos_embedding.shape == (1, 5, 14)
+    assert small.attn.in_proj_weight.shape == (48, 14) and small.attn.num_heads == 2 and small.head.in_features == 14
+    assert report.params_before - report.params_after == 2 * (3 * 64 + 1) + 2 + 10 + 2 * 48 + 2 * 17 + 2 * 3
+    # without the class token's and position embedding's masks the channels are read while non-zero: kept
+    del masks[""]
+    _, report = run(model, masks, x)
+    assert report.params_after == report.params_before

@@ -355,7 +355,7 @@ class _Tracer(TorchFunctionMode):
                 self.trace.pinned.append(ids[ids >= 0])
             return
         owner = self.owner.get(id(c))
-        if owner is None or big != [k]:
+        if owner is None:  # a parameter also varying along other axes (ViT's position embedding) is sliced all the same
             self.trace.pinned.append(ids[ids >= 0])
             return
         self._record_param(owner[0], owner[1], k, ids)
@@ -378,7 +378,29 @@ class _Tracer(TorchFunctionMode):
         if bool(mixed.any()):
             self.trace.pinned.append(torch.cat([a[mixed & (a >= 0)], b[mixed & (b >= 0)]]))
 
+    def _cat_params(self, args: tuple, kwargs: dict, before: dict) -> None:
+        """A parameter (or its expanded view) concatenated along another axis than the channels -- ViT's
+        class token -- is sliced with the channels it joins, instead of pinning them as a constant."""
+        tensors, dim = _arg(args, kwargs, 0, "tensors"), _arg(args, kwargs, 1, "dim", 0)
+        ref = next((before[id(t)] for t in tensors if before.get(id(t)) is not None and before[id(t)].axis is not None), None)
+        if ref is None or dim % len(ref.shape) == ref.axis:
+            return
+        axis = ref.axis
+        for t in tensors:
+            base = t if id(t) in self.owner else t._base
+            if id(t) in before or base is None or id(base) not in self.owner or t.dim() != len(ref.shape):
+                continue
+            expanded = base.dim() == t.dim() and all(b in (s, 1) for b, s in zip(base.shape, t.shape))
+            if not expanded or base.shape[axis] != t.shape[axis] or t.data_ptr() != base.data_ptr():
+                continue
+            owner = self.owner[id(base)]
+            self._record_param(owner[0], owner[1], axis, ref.ids)
+            zero = (t.detach() == 0).movedim(axis, 0).reshape(t.shape[axis], -1).all(1).cpu()
+            before[id(t)] = TensorInfo(t.shape, axis, ref.ids, zero)
+
     def _move(self, func, name, args, kwargs, out, before) -> None:  # noqa: ANN001
+        if name in ("cat", "concat", "concatenate"):
+            self._cat_params(args, kwargs, before)
         def sub(which: int) -> Callable[[Any], Any]:
             def f(x: Any) -> Any:
                 if not isinstance(x, torch.Tensor):
