@@ -516,15 +516,15 @@ class _Tracer(TorchFunctionMode):
 
     def _groupnorm(self, func, name, args, kwargs, out, before) -> None:  # noqa: ANN001
         info = before.get(id(args[0]))
-        groups = int(_arg(args, kwargs, 1, "num_groups"))
         params = [_arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")]
+        groups = int(_arg(args, kwargs, 1, "num_groups")) if self.prune_norms else 1
         if info.axis == 1 and self._prunable_norm(params, "num_channels", info.ids, groups):
             return self.set_info(out, TensorInfo(info.shape, info.axis, info.ids, info.zero.clone()))
         self.pin(info)
         self.set_info(out, TensorInfo(info.shape, info.axis, info.ids, torch.zeros_like(info.zero)))
 
     def _prunable_norm(self, params: list[Any], width_attr: str, ids: torch.Tensor, groups: int) -> bool:
-        """norm_spans="prune": record a norm's affine tensors as sliced with ``ids`` and its ``groups`` as a balance.
+        """norm_spans="prune": record a norm's affine tensors as sliced with ``ids`` and its groups as a balance.
 
         Only a norm module that owns its affine weight and stores its width in ``width_attr`` (so speedup
         can rewrite it) qualifies. A zero input channel then counts as zero after the norm too: the
