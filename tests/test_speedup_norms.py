@@ -20,6 +20,7 @@ from deploycompress.graph import trace_channels
 from deploycompress.pruning import L1NormPruner
 from deploycompress.speedup import masked_model, speedup, speedup_with_report
 from test_speedup_cases import channel_mask, max_rel_error, single_thread  # noqa: F401
+from test_speedup_zoo import small_transformer
 
 TOL = 1e-5
 
@@ -241,6 +242,21 @@ def test_prune_without_norm_widths_equals_keep(convnext_l1) -> None:  # noqa: AN
     kept, keep_report, _ = run(model, x, hidden, "keep")
     assert report.norms_changed == [] and report.params_after == keep_report.params_after < report.params_before
     assert report.max_abs_error == keep_report.max_abs_error
+    assert_same_model(pruned, kept)
+
+
+def test_swin_width_read_by_code_stays() -> None:
+    """Swin reshapes qkv by ``C // num_heads`` with C read from the normalised input: those widths stay pinned."""
+    torch.manual_seed(0)
+    model, x = small_transformer("swin").eval(), torch.randn(1, 3, 32, 32)
+    config = [{"op_types": ["Linear"], "sparsity": 0.5}, {"exclude": True, "op_names": ["head"]}]
+    pruner = L1NormPruner(model, config, dependency_aware=True, dummy_input=x)
+    _, masks = pruner.compress()
+    model = pruner.unwrap_model()
+    pruned, report, _ = run(model, x, masks, "prune")
+    kept, keep_report, _ = run(model, x, masks, "keep")
+    assert report.norms_changed == [] and report.params_after == keep_report.params_after < report.params_before
+    assert report.relative_error is not None and report.relative_error < 1e-4
     assert_same_model(pruned, kept)
 
 

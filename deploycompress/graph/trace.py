@@ -140,6 +140,7 @@ class _Tracer(TorchFunctionMode):
         super().__init__()
         self.zero_dead_norms = zero_dead_norms
         self.prune_norms = norm_spans == "prune"
+        self.width_reads: list[torch.Tensor] = []  # ids of channel axes whose size Python code read
         self.uf = UnionFind()
         self.infos: dict[int, tuple[weakref.ref, TensorInfo]] = {}
         self.owner: dict[int, tuple[str, str, nn.Module]] = {}
@@ -193,6 +194,8 @@ class _Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         name = _name(func)
         if name in IGNORED_OPS:
+            if self.prune_norms and name in ("size", "__get__"):
+                self._width_read(func, name, args, kwargs)
             return func(*args, **kwargs)
         inputs = _tensors((args, kwargs))
         traced = [t for t in inputs if self.info(t) is not None]
@@ -547,6 +550,32 @@ class _Tracer(TorchFunctionMode):
         self.trace.norms[module_name] = ids.clone()
         return True
 
+    def _width_read(self, func, name, args, kwargs) -> None:  # noqa: ANN001
+        """Note ids whose width Python code reads (``x.shape``, ``x.size(-1)``) while norm_spans="prune"."""
+        if name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") != "shape":
+            return
+        info = self.info(args[0]) if args else None
+        if info is None or info.axis is None:
+            return
+        dim = _arg(args, kwargs, 1, "dim")
+        if dim is None or (isinstance(dim, int) and dim % len(info.shape) == info.axis):
+            self.width_reads.append(info.real_ids())
+
+    def pin_read_norm_widths(self) -> None:
+        """Pin the normalised channels whose width the code read: a shape computed from them (Swin's
+        ``C // num_heads`` for the qkv output) would not shrink with the norm. Classes no norm spans are
+        left alone, so "prune" removes everything "keep" removes."""
+        norm_ids = [ids[ids >= 0] for ids in self.trace.norms.values()]
+        if not self.width_reads or not norm_ids:
+            return
+        roots = self.uf.roots()
+        normed = torch.zeros(len(roots), dtype=torch.bool)
+        normed[roots[torch.cat(norm_ids)]] = True
+        for ids in self.width_reads:
+            hit = ids[normed[roots[ids]]]
+            if hit.numel():
+                self.trace.pinned.append(hit)
+
     def _prelu(self, func, name, args, kwargs, out, before) -> None:  # noqa: ANN001
         info = before.get(id(args[0]))
         weight = _arg(args, kwargs, 1, "weight")
@@ -669,6 +698,7 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bo
             m.train(flag)
     for t in _tensors(output):
         tracer.pin(tracer.info(t))
+    tracer.pin_read_norm_widths()
     tracer.trace.output = output
     if tracer.trace.unknown_ops:
         log.debug("ops without a channel rule (their inputs are kept whole): %s", sorted(tracer.trace.unknown_ops))
