@@ -127,6 +127,9 @@ def test_conv_layernorm2d_conv() -> None:
     assert (small.a.out_channels, small.c.in_channels) == (8, 8)
     assert max_rel_error(oracle(model, x, keep, keep, ln2d), small(x)) < TOL
     assert report.norms_changed == ["norm"]
+    _, unverified = speedup_with_report(model, masks_for(model, keep), x, norm_spans="prune", verify=False)
+    assert unverified.max_abs_error is None and unverified.norms_changed == ["norm"]
+    assert "(not measured: verify=False)" in unverified.notes[-1]
 
     small, report, _ = run(model, x, masks_for(model, keep), "keep")
     assert small.norm.normalized_shape == (12,) and small.a.out_channels == 12
