@@ -162,14 +162,7 @@ def speedup_with_report(
 
 
 def speedup(
-    model: nn.Module,
-    masks: Masks,
-    example_inputs: Any,
-    *,
-    round_to: int = 1,
-    norm_spans: str = "keep",
-    inplace: bool = False,
-    verify: bool = True,
+    model: nn.Module, masks: Masks, example_inputs: Any, *, round_to: int = 1, norm_spans: str = "keep", inplace: bool = False, verify: bool = True
 ) -> nn.Module:
     """Return a physically smaller copy of ``model`` whose eval-mode outputs equal the masked model's.
 
