@@ -219,3 +219,27 @@ def test_token_stream_channels_removed_with_class_token_and_position_embedding()
     del masks[""]
     _, report = run(model, masks, x)
     assert report.params_after == report.params_before
+
+
+def test_vit_residual_stream_removed_and_hidden_dim_follows() -> None:
+    """torchvision's ViT without LayerNorms (they would pin the stream): conv_proj, class token, position
+    embedding, every block's out_proj and MLP output lose the same channels; ``hidden_dim`` follows."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
+                            num_classes=10, norm_layer=lambda width: nn.Identity())  # fmt: skip
+    model, x = randomize_norms(vit), torch.randn(2, 3, 32, 32)
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[[5, 9, 20, 33]] = False
+    masks = {
+        "conv_proj": {"weight": keep.view(-1, 1, 1, 1).expand(64, 3, 8, 8), "bias": keep},
+        "": {"class_token": keep.view(1, 1, -1)},
+        "encoder": {"pos_embedding": keep.view(1, 1, -1).expand_as(model.encoder.pos_embedding)},
+    }
+    for i, layer in enumerate(model.encoder.layers):
+        masks[f"encoder.layers.encoder_layer_{i}.self_attention.out_proj"] = row_masks(layer.self_attention.out_proj.weight, keep)
+        masks[f"encoder.layers.encoder_layer_{i}.mlp.3"] = row_masks(layer.mlp[3].weight, keep)
+    small, report = run(model, masks, x)
+    assert small.hidden_dim == 60 and small.conv_proj.out_channels == 60 and small.heads.head.in_features == 60
+    assert small.encoder.pos_embedding.shape[-1] == 60 and small.class_token.shape[-1] == 60
+    attn = small.encoder.layers[1].self_attention
+    assert attn.in_proj_weight.shape == (192, 60) and attn.num_heads == 4 and attn.out_proj.out_features == 60

@@ -66,6 +66,7 @@ POOL_OPS = {
 REDUCE_OPS = {"mean", "sum", "amax", "amin", "std", "var", "norm", "max", "min", "nansum", "nanmean"}
 BATCHNORM_OPS = {"batch_norm", "instance_norm"}
 SPANNING_NORM_OPS = {"layer_norm", "rms_norm"}
+NORM_SPANS = ("keep", "prune")  # what speedup does with channels a LayerNorm/RMSNorm/GroupNorm normalises over
 IGNORED_OPS = {"__get__", "__set__", "dim", "size", "numel", "__len__", "is_contiguous", "is_floating_point",
                "__format__", "__repr__", "item", "tolist", "__bool__", "__index__", "__int__", "__float__",
                "element_size", "stride", "storage_offset", "data_ptr", "untyped_storage", "__hash__",
@@ -109,6 +110,7 @@ class ChannelTrace:
     balances: list[tuple[str, list[torch.Tensor]]]  # (reason, pieces): pieces must keep equal counts
     output: Any = None
     unknown_ops: set[str] = field(default_factory=set)
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # norm_spans="prune": norm module -> channel ids
 
     def roots(self) -> torch.Tensor:
         return self.uf.roots()
@@ -137,9 +139,11 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 
 
 class _Tracer(TorchFunctionMode):
-    def __init__(self, model: nn.Module, zero_dead_norms: bool) -> None:
+    def __init__(self, model: nn.Module, zero_dead_norms: bool, norm_spans: str = "keep") -> None:
         super().__init__()
         self.zero_dead_norms = zero_dead_norms
+        self.prune_norms = norm_spans == "prune"
+        self.width_reads: list[torch.Tensor] = []  # ids of channel axes whose size Python code read
         self.uf = UnionFind()
         self.infos: dict[int, tuple[weakref.ref, TensorInfo]] = {}
         self.owner: dict[int, tuple[str, str, nn.Module]] = {}
@@ -196,6 +200,8 @@ class _Tracer(TorchFunctionMode):
             return func(*args, **kwargs)
         name = _name(func)
         if name in IGNORED_OPS:
+            if self.prune_norms and name in ("size", "__get__"):
+                self._width_read(func, name, args, kwargs)
             return func(*args, **kwargs)
         inputs = _tensors((args, kwargs))
         traced = [t for t in inputs if self.info(t) is not None]
@@ -531,14 +537,72 @@ class _Tracer(TorchFunctionMode):
         shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
         k = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
         nd = len(info.shape)
-        if info.axis is None or info.axis >= nd - k:
+        spans = info.axis is None or info.axis >= nd - k
+        params = [_arg(args, kwargs, 2, "weight")] + ([_arg(args, kwargs, 3, "bias")] if name == "layer_norm" else [])
+        if spans and k == 1 and info.axis == nd - 1 and self._prunable_norm(params, "normalized_shape", info.ids, 1):
+            return self.set_info(out, TensorInfo(info.shape, info.axis, info.ids, info.zero.clone()))
+        if spans:
             self.pin(info)
         self.set_info(out, TensorInfo(info.shape, info.axis, info.ids, torch.zeros_like(info.zero)))
 
     def _groupnorm(self, func, name, args, kwargs, out, before) -> None:  # noqa: ANN001
         info = before.get(id(args[0]))
+        params = [_arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")]
+        groups = int(_arg(args, kwargs, 1, "num_groups")) if self.prune_norms else 1
+        if info.axis == 1 and self._prunable_norm(params, "num_channels", info.ids, groups):
+            return self.set_info(out, TensorInfo(info.shape, info.axis, info.ids, info.zero.clone()))
         self.pin(info)
         self.set_info(out, TensorInfo(info.shape, info.axis, info.ids, torch.zeros_like(info.zero)))
+
+    def _prunable_norm(self, params: list[Any], width_attr: str, ids: torch.Tensor, groups: int) -> bool:
+        """norm_spans="prune": record a norm's affine tensors as sliced with ``ids`` and its groups as a balance.
+
+        Only a norm module that owns its affine weight and stores its width in ``width_attr`` (so speedup
+        can rewrite it) qualifies. A zero input channel then counts as zero after the norm too: the
+        masks meant to remove it, and removing it is what changes the norm's statistics.
+        """
+        if not self.prune_norms or not isinstance(params[0], torch.Tensor):
+            return False
+        owners = [self.owner.get(id(p)) for p in params if p is not None]
+        if any(o is None or o[0] != owners[0][0] for o in owners) or any(p.dim() != 1 for p in params if p is not None):
+            return False
+        module_name, _, module = owners[0]
+        width = getattr(module, width_attr, None)
+        width = width[-1] if isinstance(width, (tuple, list, torch.Size)) and len(width) == 1 else width
+        if width != ids.numel() or ids.numel() % groups:
+            return False
+        for mname, attr, _ in owners:
+            self._record_param(mname, attr, 0, ids)
+        if groups > 1:
+            self.trace.balances.append((f"groups:{module_name}", list(ids.chunk(groups))))
+        self.trace.norms[module_name] = ids.clone()
+        return True
+
+    def _width_read(self, func, name, args, kwargs) -> None:  # noqa: ANN001
+        """Note ids whose width Python code reads (``x.shape``, ``x.size(-1)``) while norm_spans="prune"."""
+        if name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") != "shape":
+            return
+        info = self.info(args[0]) if args else None
+        if info is None or info.axis is None:
+            return
+        dim = _arg(args, kwargs, 1, "dim")
+        if dim is None or (isinstance(dim, int) and dim % len(info.shape) == info.axis):
+            self.width_reads.append(info.real_ids())
+
+    def pin_read_norm_widths(self) -> None:
+        """Pin the normalised channels whose width the code read: a shape computed from them (Swin's
+        ``C // num_heads`` for the qkv output) would not shrink with the norm. Classes no norm spans are
+        left alone, so "prune" removes everything "keep" removes."""
+        norm_ids = [ids[ids >= 0] for ids in self.trace.norms.values()]
+        if not self.width_reads or not norm_ids:
+            return
+        roots = self.uf.roots()
+        normed = torch.zeros(len(roots), dtype=torch.bool)
+        normed[roots[torch.cat(norm_ids)]] = True
+        for ids in self.width_reads:
+            hit = ids[normed[roots[ids]]]
+            if hit.numel():
+                self.trace.pinned.append(hit)
 
     def _prelu(self, func, name, args, kwargs, out, before) -> None:  # noqa: ANN001
         info = before.get(id(args[0]))
@@ -644,17 +708,27 @@ def as_input_tuple(example_inputs: Any) -> tuple:
     raise TypeError(f"example_inputs must be a Tensor or a tuple of Tensors, got {type(example_inputs).__name__}")
 
 
-def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bool = False) -> ChannelTrace:
+def check_norm_spans(norm_spans: Any) -> str:
+    if norm_spans not in NORM_SPANS:
+        raise ValueError(f"norm_spans must be one of {', '.join(map(repr, NORM_SPANS))}, got {norm_spans!r}")
+    return norm_spans
+
+
+def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bool = False, norm_spans: str = "keep") -> ChannelTrace:
     """Run ``model`` once in eval mode and return its channel ids, couplings and pins.
 
     With ``zero_dead_norms`` the BatchNorm affine parameters behind channels that are exactly zero
     are zeroed in place, so the channel stays zero after the norm (what a mask on a Conv means
     once the Conv is removed); only speedup's own copy of the model is traced that way.
+    ``norm_spans="keep"`` pins the channels a LayerNorm/RMSNorm/GroupNorm normalises over (removing
+    one changes the statistics); ``"prune"`` lets them go with the norm's affine tensors (GroupNorm:
+    equal counts per group) and lists those norms in ``ChannelTrace.norms``.
     """
+    check_norm_spans(norm_spans)
     inputs = as_input_tuple(example_inputs)
     training = {m: m.training for m in model.modules()}
     model.eval()
-    tracer = _Tracer(model, zero_dead_norms)
+    tracer = _Tracer(model, zero_dead_norms, norm_spans)
     for t in inputs:
         if isinstance(t, torch.Tensor):
             tracer.set_info(t, TensorInfo.const(t.shape))
@@ -669,6 +743,7 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bo
             m.train(flag)
     for t in _tensors(output):
         tracer.pin(tracer.info(t))
+    tracer.pin_read_norm_widths()
     tracer.trace.output = output
     if tracer.trace.unknown_ops:
         log.debug("ops without a channel rule (their inputs are kept whole): %s", sorted(tracer.trace.unknown_ops))

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from ..graph import trace_channels
-from ..graph.trace import as_input_tuple
+from ..graph.trace import as_input_tuple, check_norm_spans
 from .masks import Masks, apply_param_masks, masked_out_channels, validate_masks
 from .replace import shrink_model
 from .report import LayerReport, SpeedupReport
@@ -42,22 +42,26 @@ def _bake_parametrizations(model: nn.Module) -> None:
                 module._parameters[name] = nn.Parameter(value)
 
 
-def _masked_copy(model: nn.Module, masks: Masks, example_inputs: Any, inplace: bool):  # noqa: ANN202
+def _masked_copy(model: nn.Module, masks: Masks, example_inputs: Any, inplace: bool, norm_spans: str):  # noqa: ANN202
+    check_norm_spans(norm_spans)
     checked = validate_masks(model, masks)
     inputs = as_input_tuple(example_inputs)
     work = model if inplace else copy.deepcopy(model)
     work.eval()
     _bake_parametrizations(work)
     apply_param_masks(work, checked)
-    trace = trace_channels(work, inputs, zero_dead_norms=True)
+    trace = trace_channels(work, inputs, zero_dead_norms=True, norm_spans=norm_spans)
     return work, checked, inputs, trace
 
 
-def masked_model(model: nn.Module, masks: Masks, example_inputs: Any, *, inplace: bool = False) -> nn.Module:
+def masked_model(
+    model: nn.Module, masks: Masks, example_inputs: Any, *, inplace: bool = False, norm_spans: str = "keep"
+) -> nn.Module:
     """The masked model speedup reproduces: masked tensors zeroed, and BatchNorm affine entries behind
     channels that are exactly zero zeroed too (so a removed Conv channel stays zero after its norm).
+    ``norm_spans`` as in :func:`speedup`: with "prune", channels zeroed before a LayerNorm count as zero after it.
     """
-    return _masked_copy(model, masks, example_inputs, inplace)[0]
+    return _masked_copy(model, masks, example_inputs, inplace, norm_spans)[0]
 
 
 def _numel(module: nn.Module) -> int:
@@ -82,24 +86,37 @@ def _compare(reference: Any, actual: Any) -> float:
     return err
 
 
+def _norms_note(names: list[str], rel_err: float | None) -> str:
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    by = f"by {rel_err:.3g} (relative)" if rel_err is not None else "(not measured: verify=False)"
+    return f"{len(names)} norms now normalise over fewer channels ({shown}): outputs differ from the masked model {by}; fine-tune to recover"
+
+
 def speedup_with_report(
     model: nn.Module,
     masks: Masks,
     example_inputs: Any,
     *,
     round_to: int = 1,
+    norm_spans: str = "keep",
     inplace: bool = False,
     verify: bool = True,
 ) -> tuple[nn.Module, SpeedupReport]:
-    """Like :func:`speedup`, and also return the per-layer :class:`SpeedupReport`."""
+    """Like :func:`speedup`, and also return the per-layer :class:`SpeedupReport`.
+
+    Where ``norm_spans="prune"`` narrowed a norm (``report.norms_changed``), the shrunk model is not
+    the masked model: the error is measured and noted, not warned about.
+    """
     if not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    check_norm_spans(norm_spans)
     start = time.perf_counter()
     params_before = {n: _numel(m) for n, m in model.named_modules()}
     total_before = sum(p.numel() for p in model.parameters())
-    work, checked, inputs, trace = _masked_copy(model, masks, example_inputs, inplace)
+    work, checked, inputs, trace = _masked_copy(model, masks, example_inputs, inplace, norm_spans)
     reference = trace.output
     removal = decide_removals(trace, round_to)
+    norms_changed = [name for name, ids in trace.norms.items() if not bool(removal.keep(ids).all())]
     kept = shrink_model(work, trace, removal)
     modules = dict(work.named_modules())
     layers = []
@@ -128,25 +145,36 @@ def speedup_with_report(
             try:
                 actual = work(*inputs)
             except Exception as exc:
-                raise SpeedupError(f"the shrunk model fails on the example inputs: {exc}") from exc
+                hint = f" (it narrows norms {norms_changed[:3]}; norm_spans='keep' does not)" if norms_changed else ""
+                raise SpeedupError(f"the shrunk model fails on the example inputs{hint}: {exc}") from exc
         err, ref_max = _compare(reference, actual), _max_abs(reference)
-        if err > 1e-4 * max(ref_max, 1.0):
+        if not norms_changed and err > 1e-4 * max(ref_max, 1.0):
             notes.append(f"outputs differ from the masked model by {err:.3g} (max |output| {ref_max:.3g})")
             warnings.warn(notes[-1], stacklevel=2)
+    if norms_changed:
+        notes.append(_norms_note(norms_changed, None if err is None else err / max(ref_max, 1e-12)))
     report = SpeedupReport(
         layers, total_before, sum(p.numel() for p in work.parameters()), err, ref_max,
-        time.perf_counter() - start, round_to, notes,
+        time.perf_counter() - start, round_to, notes, norms_changed,
     )  # fmt: skip
     log.info("speedup: params %d -> %d in %.2f s", report.params_before, report.params_after, report.seconds)
     return work, report
 
 
-def speedup(model: nn.Module, masks: Masks, example_inputs: Any, *, round_to: int = 1, inplace: bool = False, verify: bool = True) -> nn.Module:
+def speedup(
+    model: nn.Module, masks: Masks, example_inputs: Any, *, round_to: int = 1, norm_spans: str = "keep", inplace: bool = False, verify: bool = True
+) -> nn.Module:
     """Return a physically smaller copy of ``model`` whose eval-mode outputs equal the masked model's.
 
     ``masks`` is ``{module_name: {param_name: mask}}`` (True/1 = keep; NNI's files load as-is).
     Channels that cannot be removed without changing outputs or shapes stay, zeroed, and are listed
     in the report (see :func:`speedup_with_report`). ``round_to=N`` keeps every pruned width a
     multiple of N. The caller's model is deep-copied unless ``inplace=True``.
+
+    ``norm_spans="keep"`` keeps every channel a LayerNorm/RMSNorm/GroupNorm normalises over, so outputs
+    equal the masked model's. ``"prune"`` removes them like other channels (GroupNorm: equal counts per
+    group) and narrows the norm; its statistics then change, so outputs differ until fine-tuned.
     """
-    return speedup_with_report(model, masks, example_inputs, round_to=round_to, inplace=inplace, verify=verify)[0]
+    return speedup_with_report(
+        model, masks, example_inputs, round_to=round_to, norm_spans=norm_spans, inplace=inplace, verify=verify
+    )[0]

@@ -10,7 +10,19 @@ from .attention import fix_attention_modules
 from .resolve import Removal
 
 # module attributes that mirror the length of a per-channel tensor, by the tensor that sets them
-_WIDTH_ATTRS = {"num_features": ("weight", "running_mean"), "num_parameters": ("weight",)}
+# (normalized_shape: LayerNorm, torchvision's LayerNorm2d and RMSNorm pass it to the functional norm)
+_WIDTH_ATTRS = {
+    "num_features": ("weight", "running_mean"), "num_parameters": ("weight",), "num_channels": ("weight",),
+    "normalized_shape": ("weight",),
+}  # fmt: skip
+
+
+def _set_width(module: nn.Module, attr: str, n: int) -> None:
+    old = getattr(module, attr, None)
+    if isinstance(old, int) and not isinstance(old, bool):
+        setattr(module, attr, n)
+    elif isinstance(old, tuple) and len(old) == 1:
+        setattr(module, attr, (n,))
 
 
 def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor) -> None:
@@ -76,7 +88,7 @@ def shrink_model(model: nn.Module, trace: ChannelTrace, removal: Removal) -> dic
         t = getattr(module, attr).detach()
         _set_tensor(module, attr, t.index_select(sl.axis, torch.nonzero(keep).flatten().to(t.device)))
         for width_attr, sources in _WIDTH_ATTRS.items():
-            if attr in sources and isinstance(getattr(module, width_attr, None), int):
-                setattr(module, width_attr, int(keep.sum()))
+            if attr in sources:
+                _set_width(module, width_attr, int(keep.sum()))
     fix_attention_modules(model, kept)
     return kept

@@ -34,6 +34,7 @@ class SpeedupReport:
     seconds: float
     round_to: int = 1
     notes: list[str] = field(default_factory=list)
+    norms_changed: list[str] = field(default_factory=list)  # norm modules narrowed by norm_spans="prune"
 
     @property
     def params_ratio(self) -> float:
