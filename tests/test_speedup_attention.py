@@ -170,17 +170,21 @@ def test_swin_heads_removed(version: int) -> None:
         if name.endswith("attn.qkv"):
             num_heads = m.out_features // 48
             masks[name] = row_masks(m.weight, head_rows(num_heads, 16, [num_heads - 1]))
+        if name.endswith("cpb_mlp.0"):  # V2's position-bias MLP runs inside the attention; its hidden width prunes too
+            masks[name] = row_masks(m.weight, torch.arange(512) >= 256)
     small, report = run(model, masks, x)
     attn = [m for n, m in small.named_modules() if n.endswith(".attn")]
     assert [a.num_heads for a in attn] == [1, 1, 3, 3] and all(a.head_dim == 16 for a in attn)
     assert type(attn[0]).__name__ == ("PrunedShiftedWindowAttentionV2" if version == 2 else "PrunedShiftedWindowAttention")
     if version == 2:
-        assert attn[2].logit_scale.shape == (3, 1, 1) and attn[2].cpb_mlp[-1].weight.shape == (3, 512)
+        assert attn[2].logit_scale.shape == (3, 1, 1) and attn[2].cpb_mlp[-1].weight.shape == (3, 256)
+        assert attn[2].cpb_mlp[0].out_features == 256
     else:
         assert attn[2].relative_position_bias_table.shape[1] == 3
     per_stage = [3 * 16 * 33 + 16 * 32, 3 * 16 * 65 + 16 * 64]  # one head's q/k/v rows and proj columns
     extra = [512 + 1, 512 + 1] if version == 2 else [49, 49]  # per-head bias MLP row and logit scale, or table column
-    assert report.params_before - report.params_after == 2 * sum(per_stage) + 2 * sum(extra)
+    hidden = 4 * 256 * 3 + 256 * (1 + 1 + 3 + 3) if version == 2 else 0  # cpb_mlp.0 rows, cpb_mlp.2 columns
+    assert report.params_before - report.params_after == 2 * sum(per_stage) + 2 * sum(extra) + hidden
 
 
 class TokenNet(nn.Module):

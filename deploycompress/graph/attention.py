@@ -51,6 +51,7 @@ class AttentionSpec:
     bias_attr: str
     out: nn.Module  # the output projection (an nn.Linear)
     num_heads: int
+    head_rows: nn.Module | None = None  # a Linear inside, traced as usual, whose output row h belongs to head h (Swin V2's bias MLP)
 
 
 def _class_paths(module: nn.Module) -> set[str]:
@@ -63,7 +64,9 @@ def attention_spec(name: str, module: nn.Module) -> AttentionSpec | None:
     if isinstance(module, nn.MultiheadAttention) or PRUNED_MHA_CLASS in paths:
         return AttentionSpec(name, module, "mha", module, "in_proj_weight", "in_proj_bias", module.out_proj, int(module.num_heads))
     if paths & SWIN_CLASSES:
-        return AttentionSpec(name, module, "swin", module.qkv, "weight", "bias", module.proj, int(module.num_heads))
+        mlp = getattr(module, "cpb_mlp", None)
+        head_rows = mlp[-1] if isinstance(mlp, nn.Sequential) and isinstance(mlp[-1], nn.Linear) else None
+        return AttentionSpec(name, module, "swin", module.qkv, "weight", "bias", module.proj, int(module.num_heads), head_rows)
     return None
 
 
@@ -113,6 +116,11 @@ def _apply_rule(tracer: "_Tracer", spec: AttentionSpec, args: tuple, kwargs: dic
     heads = qkv.out_ids.view(3, spec.num_heads, -1)  # (q/k/v, head, head_dim)
     per_head = heads.transpose(0, 1).reshape(spec.num_heads, -1)
     tracer.uf.union_many(per_head[:, :1].expand_as(per_head), per_head)  # a head goes whole or not at all
+    rows = _head_rows_record(tracer, spec)
+    if rows is not None:
+        if rows.out_ids.numel() != spec.num_heads:
+            raise ValueError(f"{rows.name} has {rows.out_ids.numel()} outputs for {spec.num_heads} heads")
+        tracer.uf.union_many(per_head[:, 0], rows.out_ids)
     out_name = tracer.owner[id(spec.out.weight)][0]
     out, out_zero = tracer.record_producer(out_name, "linear", spec.out.weight, spec.out.bias, heads[2].reshape(-1), qkv_zero.view(3, -1)[2])
     first = outs[0]
@@ -125,10 +133,19 @@ def _apply_rule(tracer: "_Tracer", spec: AttentionSpec, args: tuple, kwargs: dic
             tracer.set_info(t, TensorInfo.const(t.shape))
 
 
+def _head_rows_record(tracer: "_Tracer", spec: AttentionSpec) -> Any:
+    if spec.head_rows is None:
+        return None
+    return tracer.trace.producers.get(tracer.owner[id(spec.head_rows.weight)][0])
+
+
 def _opaque(tracer: "_Tracer", spec: AttentionSpec, inputs: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
     tracer.trace.unknown_ops.add(type(spec.module).__name__)
     for t in inputs:
         tracer.pin(tracer.info(t))
+    rows = _head_rows_record(tracer, spec)
+    if rows is not None:  # its outputs feed untraced code: keep them
+        tracer.trace.pinned.append(rows.out_ids)
     for t in outs:
         tracer.set_info(t, TensorInfo.const(t.shape))
 
@@ -160,4 +177,20 @@ def install_module_rules(model: nn.Module, tracer: "_Tracer") -> list["Removable
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
+        if spec.head_rows is not None:
+            handles += _traced_inside(tracer, getattr(module, "cpb_mlp"))
     return handles
+
+
+def _traced_inside(tracer: "_Tracer", child: nn.Module) -> list["RemovableHandle"]:
+    """Trace ``child`` as usual although its parent runs untraced (its widths prune like any MLP's)."""
+    saved: list[int] = []
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        saved.append(tracer.opaque)
+        tracer.opaque = 0
+
+    def post(mod: nn.Module, args: tuple, output: Any) -> None:
+        tracer.opaque = saved.pop()
+
+    return [child.register_forward_pre_hook(pre), child.register_forward_hook(post)]

@@ -223,10 +223,11 @@ def _fix_swin(spec: AttentionSpec, kept: list[int], head_dim: int) -> None:
     if v2:
         _slice_param(module, "logit_scale", 0, kept)
         last = module.cpb_mlp[-1]
-        _slice_param(last, "weight", 0, kept)
-        if last.bias is not None:
-            _slice_param(last, "bias", 0, kept)
-        last.out_features = len(kept)
+        if last.out_features != len(kept):  # the trace did not shrink it with the heads
+            _slice_param(last, "weight", 0, kept)
+            if last.bias is not None:
+                _slice_param(last, "bias", 0, kept)
+            last.out_features = len(kept)
     else:
         _slice_param(module, "relative_position_bias_table", 1, kept)
     module.num_heads = len(kept)
