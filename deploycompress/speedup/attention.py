@@ -237,8 +237,9 @@ def _fix_swin(spec: AttentionSpec, kept: list[int], head_dim: int) -> None:
 
 def _fix_vit(module: nn.Module) -> None:
     """torchvision's VisionTransformer reshapes patches by ``hidden_dim``: it must follow ``conv_proj``."""
-    if hasattr(module, "conv_proj") and isinstance(getattr(module, "hidden_dim", None), int):
-        module.hidden_dim = module.conv_proj.out_channels
+    convs = [m for m in module.conv_proj.modules() if isinstance(m, nn.Conv2d)] if hasattr(module, "conv_proj") else []
+    if convs and isinstance(getattr(module, "hidden_dim", None), int):
+        module.hidden_dim = convs[-1].out_channels  # conv_proj, or the last conv of a conv stem
 
 
 def fix_attention_modules(model: nn.Module, kept: Kept) -> None:
