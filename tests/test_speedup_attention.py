@@ -78,6 +78,8 @@ def test_zero_value_rows_remove_the_head(batch_first: bool) -> None:
     assert isinstance(attn, PrunedMultiheadAttention) and (attn.num_heads, attn.head_dim, attn.kept_heads) == (3, 4, [0, 2, 3])
     assert attn.in_proj_weight.shape == (36, 16) and attn.out_proj.in_features == 12
     assert report.params_before - report.params_after == 12 * 17 + 4 * 16  # a head's q/k/v rows and out_proj columns
+    layer = {r.name: r for r in report.layers}["attn"]
+    assert (layer.out_before, layer.out_after, layer.masked_out, layer.kept_masked) == (48, 36, 4, 0)
     # and again on the pruned model: the rule follows PrunedMultiheadAttention and maps heads to the first model's
     smaller, _ = run(small, {"attn.out_proj": {"weight": torch.arange(12).repeat(16, 1) >= 4}}, x)
     assert smaller.attn.kept_heads == [2, 3]

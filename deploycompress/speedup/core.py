@@ -122,7 +122,7 @@ def speedup_with_report(
     layers = []
     for name, rec in sorted(trace.producers.items(), key=lambda kv: kv[1].order):
         in_keep, out_keep = kept[name]
-        masked = masked_out_channels(checked, name, rec.kind)
+        masked = masked_out_channels(checked, name, rec.kind, rec.weight_attr, rec.bias_attr)
         layers.append(
             LayerReport(
                 name, rec.kind, in_keep.numel(), int(in_keep.sum()), out_keep.numel(), int(out_keep.sum()),

@@ -64,14 +64,16 @@ def apply_param_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
                 t.mul_(mask.to(device=t.device, dtype=t.dtype))
 
 
-def masked_out_channels(masks: Mapping[str, Mapping[str, torch.Tensor]], name: str, kind: str) -> torch.Tensor | None:
+def masked_out_channels(
+    masks: Mapping[str, Mapping[str, torch.Tensor]], name: str, kind: str, weight_attr: str = "weight", bias_attr: str = "bias"
+) -> torch.Tensor | None:
     """Output channels a mask removes whole (weight row and bias all zero); None when unmasked."""
     per = masks.get(name)
-    if not per or "weight" not in per:
+    if not per or weight_attr not in per:
         return None
     if kind == "conv_transpose":
         return None  # its output channels are the weight's second axis, split across groups
-    w = per["weight"]
+    w = per[weight_attr]
     rows = ~w.reshape(w.shape[0], -1).any(1)
-    bias = per.get("bias")
+    bias = per.get(bias_attr)
     return rows & ~bias if bias is not None else rows
