@@ -108,6 +108,38 @@ def test_per_head_weights_reaching_the_output_keep_the_heads() -> None:
     assert report.params_after == report.params_before
 
 
+class CrossAttn(nn.Module):
+    """Query and key/value from different Linears of one width: the in-projection's columns read both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.kv = nn.Linear(6, 16), nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        kv = self.kv(y)
+        return self.attn(self.q(x), kv, kv, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("masked", [("q",), ("q", "kv")])
+def test_cross_attention_columns_go_when_query_and_key_are_zero(masked: tuple[str, ...]) -> None:
+    torch.manual_seed(0)
+    model, x, y = CrossAttn().eval(), torch.randn(2, 5, 6), torch.randn(2, 7, 6)
+    keep = torch.arange(16) != 5
+    small, report = run(model, {n: row_masks(getattr(model, n).weight, keep) for n in masked}, x, y)
+    width = 15 if len(masked) == 2 else 16
+    assert small.q.out_features == small.kv.out_features == small.attn.in_proj_weight.shape[1] == width
+
+
+def test_transformer_encoder_layer_loses_a_head() -> None:
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    masks = {"self_attn": row_masks(model.self_attn.in_proj_weight, head_rows(4, 4, [3]), "in_proj_weight", "in_proj_bias")}
+    small, _ = run(model, masks, x)
+    assert small.self_attn.num_heads == 3
+
+
 def test_separate_kv_widths_are_kept_whole() -> None:
     class Cross(nn.Module):
         def __init__(self) -> None:

@@ -37,6 +37,10 @@ class PrunedMultiheadAttention(nn.Module):
     used to pick a per-head 3-D ``attn_mask``. Averaged attention weights average the kept heads.
     """
 
+    # read by nn.TransformerEncoderLayer: False sends it through this forward, not its fused kernel
+    # (which assumes embed_dim == num_heads * head_dim)
+    _qkv_same_embed_dim = False
+
     def __init__(
         self, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor | None, out_proj: nn.Linear,
         kept_heads: list[int], original_heads: int, head_dim: int, batch_first: bool, dropout: float = 0.0,
