@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from deploycompress.graph import build_channel_groups
+from deploycompress.graph.attention import projection_attrs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,7 +41,7 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def channel_mask(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """Weight/bias masks that keep output channels ``keep`` (bool) of a Conv/Linear (or an attention's in_proj)."""
-    w_attr, b_attr = ("in_proj_weight", "in_proj_bias") if isinstance(module, nn.MultiheadAttention) else ("weight", "bias")
+    w_attr, b_attr = projection_attrs(module)
     w = getattr(module, w_attr)
     view = [-1] + [1] * (w.dim() - 1)
     masks = {w_attr: keep.view(view).expand_as(w).clone()}

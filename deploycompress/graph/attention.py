@@ -70,6 +70,13 @@ def attention_spec(name: str, module: nn.Module) -> AttentionSpec | None:
     return None
 
 
+def projection_attrs(module: nn.Module) -> tuple[str, str]:
+    """Names of the weight and bias whose rows are a producer module's output channels (for masks)."""
+    if getattr(module, "in_proj_weight", None) is not None and not hasattr(module, "weight"):
+        return "in_proj_weight", "in_proj_bias"  # nn.MultiheadAttention and its pruned replacement
+    return "weight", "bias"
+
+
 def _supported(spec: AttentionSpec) -> str | None:
     """Why the rule cannot follow this module (None: it can)."""
     if getattr(spec.qkv, spec.weight_attr, None) is None:
