@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from deploycompress.graph import build_channel_groups
-from deploycompress.graph.attention import projection_attrs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,6 +40,8 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def channel_mask(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """Weight/bias masks that keep output channels ``keep`` (bool) of a Conv/Linear (or an attention's in_proj)."""
+    from deploycompress.graph.attention import projection_attrs
+
     w_attr, b_attr = projection_attrs(module)
     w = getattr(module, w_attr)
     view = [-1] + [1] * (w.dim() - 1)
