@@ -8,11 +8,11 @@ Units with the lowest score are pruned; ties go to the lower index, so results a
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["prune_count", "global_prune_counts", "lowest"]
+__all__ = ["prune_count", "global_prune_counts", "lowest", "lowest_slots"]
 
 _EPS = 1e-6
 
@@ -67,12 +67,93 @@ def lowest(scores: torch.Tensor, k: int, groups: int = 1, exclude: torch.Tensor 
     n = flat.numel()
     if n % groups:
         raise ValueError(f"{n} channels do not split into {groups} equal groups")
+    if groups > 1:
+        chunks = list(torch.arange(n).view(groups, n // groups))
+        return lowest_slots(flat, torch.ones(1, n, dtype=torch.long), [k], [chunks], exclude).reshape(scores.shape)
     if exclude is not None:
         flat[exclude.reshape(-1)] = math.inf
-    rows = flat.reshape(groups, n // groups)
-    per_row = k // groups if groups > 1 else k
-    per_row = max(0, min(per_row, rows.shape[1]))
-    order = torch.sort(rows, dim=1, stable=True).indices[:, :per_row]
-    pruned = torch.zeros_like(rows, dtype=torch.bool)
-    pruned.scatter_(1, order, True)
+    order = torch.sort(flat, stable=True).indices[: max(0, min(k, n))]
+    pruned = torch.zeros(n, dtype=torch.bool)
+    pruned[order] = True
     return pruned.reshape(scores.shape)
+
+
+def _piece_matrix(pieces: Sequence[torch.Tensor], n: int) -> torch.Tensor:
+    """[pieces, units]: how many entries of each piece a unit holds."""
+    m = torch.zeros(len(pieces), n, dtype=torch.long)
+    for i, p in enumerate(pieces):
+        m[i].index_add_(0, p.reshape(-1).long(), torch.ones(p.numel(), dtype=torch.long))
+    return m
+
+
+def _greedy(
+    order: list[int], sizes: list[list[int]], budgets: list[int], pieces: list[list[list[int]]], caps: list[int] | None
+) -> torch.Tensor:
+    used = [0] * len(budgets)
+    counts = [[0] * len(piece_units[0]) if piece_units else [] for piece_units in pieces]
+    taken = torch.zeros(len(sizes), dtype=torch.bool)
+    for u in order:
+        size = sizes[u]
+        if any(used[m] + size[m] > budgets[m] for m in range(len(budgets))):
+            continue
+        if caps is not None and any(
+            counts[b][p] + pieces[b][u][p] > caps[b] for b in range(len(pieces)) for p in range(len(counts[b]))
+        ):
+            continue
+        taken[u] = True
+        for m in range(len(budgets)):
+            used[m] += size[m]
+        for b in range(len(pieces)):
+            for p, c in enumerate(pieces[b][u]):
+                counts[b][p] += c
+    return taken
+
+
+def _equalize(taken: torch.Tensor, scores: torch.Tensor, mats: list[torch.Tensor]) -> None:
+    """Give units back, highest score first, until every balance's pieces lose equal counts."""
+    changed = True
+    while changed:
+        changed = False
+        for m in mats:
+            counts = m @ taken.long()
+            while counts.numel() and counts.max() > counts.min():
+                low = counts == counts.min()
+                over = taken & (m[~low].sum(0) > 0)
+                clean = over & (m[low].sum(0) == 0)  # giving these back does not lower the lowest pieces
+                cand = clean if bool(clean.any()) else over
+                pick = int(torch.where(cand, scores, -math.inf).argmax())
+                taken[pick] = False
+                counts = m @ taken.long()
+                changed = True
+
+
+def lowest_slots(
+    scores: torch.Tensor,
+    sizes: torch.Tensor,
+    budgets: Sequence[int],
+    balances: Sequence[Sequence[torch.Tensor]] = (),
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bool mask of the slots to prune: lowest score first, whole slots, within every budget.
+
+    A slot holds ``sizes[m, s]`` units (channels) of member m; a slot is taken only when no member
+    would lose more than ``budgets[m]`` units. Each balance is a list of pieces (unit indices, with
+    repeats) that must lose equal counts. The greedy first runs without balances to learn how many
+    entries each balance wants to lose, then again with each piece capped at an equal share, then
+    gives back the highest-scored slots of pieces that still lost more than the others. For one
+    member and equal contiguous chunks this is exactly "``k // chunks`` lowest per chunk".
+    """
+    flat = scores.detach().reshape(-1).float()
+    n = flat.numel()
+    skip = torch.zeros(n, dtype=torch.bool) if exclude is None else exclude.reshape(-1).bool()
+    order = [u for u in torch.sort(flat, stable=True).indices.tolist() if not skip[u]]
+    size_cols = sizes.long().t().tolist()
+    mats = [_piece_matrix(pieces, n) for pieces in balances if len(pieces) > 1]
+    per_unit = [m.t().tolist() for m in mats]
+    budget = [int(b) for b in budgets]
+    taken = _greedy(order, size_cols, budget, per_unit, None)
+    if mats:
+        caps = [int((m @ taken.long()).sum()) // m.shape[0] for m in mats]
+        taken = _greedy(order, size_cols, budget, per_unit, caps)
+        _equalize(taken, flat, mats)
+    return taken

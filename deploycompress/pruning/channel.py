@@ -4,10 +4,12 @@ A unit is one output channel (dim 0 of a Conv/Linear weight, dim 1 of a ConvTran
 pruning it masks the whole filter and its bias entry. Subclasses only implement ``channel_score``.
 
 With ``dependency_aware=True`` the channels of layers whose outputs are coupled (e.g. added in a
-residual block) are pruned together, so speedup can actually remove them: for each coupled group
-the scores of its selected members are summed, the group's smallest per-layer count is pruned on
-that sum in every member, then each layer prunes its extra channels on its own score. When a grouped
-conv consumes the channels, every filter group loses the same number.
+residual block, shuffled and concatenated in ShuffleNetV2, read by a depthwise conv) are pruned
+together, so speedup can actually remove them. A coupled group's channels fall into classes
+(*slots*, see ``deploycompress.graph.ChannelGroup``): the selected members' channel scores are
+summed per slot, whole slots are pruned lowest first while no member loses more channels than its
+own count, then each layer prunes its extra channels on its own score. Chunk/split pieces and the
+filter groups of a grouped conv that reads the channels lose equal counts.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModuleConfig
-from .allocate import lowest
+from .allocate import lowest, lowest_slots
 from .base import Pruner
 from .io import _param
 
@@ -122,25 +124,64 @@ class ChannelPruner(Pruner):
                     weight = _param(self._modules[name], "weight")
                     assert weight is not None
                     n = weight.shape[channel_dim(self._modules[name])]
-                    if n != group.num_channels:
-                        raise RuntimeError(f"channel group {group.modules} has {group.num_channels} channels but {name!r} has {n}")
+                    expected = _member_slots(group, name).numel()
+                    if n != expected:
+                        raise RuntimeError(f"channel group {group.modules} gives {name!r} {expected} channels but it has {n}")
         return groups
 
     def _select(self, scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
         pruned: dict[str, torch.Tensor] = {}
         for group in self._channel_groups:
             members = [n for n in group.modules if n in scores and n not in pruned]
-            if not members:
-                continue
-            groups = getattr(group, "groups", 1) or 1
-            fused = torch.stack([scores[n] for n in members]).sum(0)
-            shared = lowest(fused, min(counts[n] for n in members), groups)
-            for n in members:
-                extra = counts[n] - int(shared.sum())
-                pruned[n] = shared | lowest(scores[n], extra, groups, exclude=shared)
-            if len(members) > 1:
-                log.info("coupled channels %s: %d pruned together", members, int(shared.sum()))
+            if members:
+                pruned.update(_select_group(group, members, scores, counts))
         for name, s in scores.items():
             if name not in pruned:
                 pruned[name] = lowest(s, counts[name])
         return pruned
+
+
+def _member_slots(group: Any, name: str) -> torch.Tensor:
+    """Slot of each output channel of ``name`` (channel i is slot i in groups without slots)."""
+    slots = getattr(group, "slots", None)
+    return slots[name] if slots else torch.arange(group.num_channels)
+
+
+def _group_balances(group: Any, num_slots: int) -> list[list[torch.Tensor]]:
+    balances = list(getattr(group, "balances", None) or [])
+    g = getattr(group, "groups", 1) or 1
+    if not balances and g > 1:  # a group from an older graph module: equal contiguous chunks
+        balances = [list(torch.arange(num_slots).chunk(g))]
+    return balances
+
+
+def _select_group(group: Any, members: list[str], scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Whole slots on the summed score first, then each member's extra channels on its own score."""
+    slots = {n: _member_slots(group, n) for n in members}
+    num_slots = getattr(group, "num_slots", 0) or group.num_channels
+    fused = torch.zeros(num_slots)
+    sizes = torch.zeros(len(members), num_slots, dtype=torch.long)
+    for i, n in enumerate(members):
+        fused.index_add_(0, slots[n], scores[n].float())
+        sizes[i].index_add_(0, slots[n], torch.ones_like(slots[n]))
+    balances = _group_balances(group, num_slots)
+    shared = lowest_slots(fused, sizes, [counts[n] for n in members], balances)
+    pruned: dict[str, torch.Tensor] = {}
+    for n in members:
+        together = shared[slots[n]]
+        extra = counts[n] - int(together.sum())
+        own = [[(_in(piece, num_slots))[slots[n]].nonzero().flatten() for piece in pieces] for pieces in balances]
+        rest = lowest_slots(scores[n], torch.ones(1, slots[n].numel(), dtype=torch.long), [extra], own, together)
+        pruned[n] = together | rest
+    if len(members) > 1:
+        log.info(
+            "coupled channels %s: %d of %d channel classes pruned together (%s channels per member)",
+            members, int(shared.sum()), num_slots, [int(shared[slots[n]].sum()) for n in members],
+        )  # fmt: skip
+    return pruned
+
+
+def _in(piece: torch.Tensor, num_slots: int) -> torch.Tensor:
+    mask = torch.zeros(num_slots, dtype=torch.bool)
+    mask[piece] = True
+    return mask
