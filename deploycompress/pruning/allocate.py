@@ -86,45 +86,29 @@ def _piece_matrix(pieces: Sequence[torch.Tensor], n: int) -> torch.Tensor:
     return m
 
 
-def _greedy(
-    order: list[int], sizes: list[list[int]], budgets: list[int], pieces: list[list[list[int]]], caps: list[int] | None
-) -> torch.Tensor:
-    used = [0] * len(budgets)
-    counts = [[0] * len(piece_units[0]) if piece_units else [] for piece_units in pieces]
-    taken = torch.zeros(len(sizes), dtype=torch.bool)
-    for u in order:
-        size = sizes[u]
-        if any(used[m] + size[m] > budgets[m] for m in range(len(budgets))):
-            continue
-        if caps is not None and any(
-            counts[b][p] + pieces[b][u][p] > caps[b] for b in range(len(pieces)) for p in range(len(counts[b]))
-        ):
-            continue
-        taken[u] = True
-        for m in range(len(budgets)):
-            used[m] += size[m]
-        for b in range(len(pieces)):
-            for p, c in enumerate(pieces[b][u]):
-                counts[b][p] += c
-    return taken
+def _balanced_move(u: int, free: torch.Tensor, scores: torch.Tensor, mats: list[torch.Tensor], taken: torch.Tensor) -> list[int] | None:
+    """Unit ``u`` plus the lowest-scored free units that bring every balance back to equal counts.
 
-
-def _equalize(taken: torch.Tensor, scores: torch.Tensor, mats: list[torch.Tensor]) -> None:
-    """Give units back, highest score first, until every balance's pieces lose equal counts."""
-    changed = True
-    while changed:
-        changed = False
+    Each step fills the piece furthest behind with a unit that lies in that piece only, no bigger
+    than the gap; None when some gap cannot be closed.
+    """
+    move = torch.zeros_like(taken)
+    move[u] = True
+    for _ in range(taken.numel()):
+        gap = None
         for m in mats:
-            counts = m @ taken.long()
-            while counts.numel() and counts.max() > counts.min():
-                low = counts == counts.min()
-                over = taken & (m[~low].sum(0) > 0)
-                clean = over & (m[low].sum(0) == 0)  # giving these back does not lower the lowest pieces
-                cand = clean if bool(clean.any()) else over
-                pick = int(torch.where(cand, scores, -math.inf).argmax())
-                taken[pick] = False
-                counts = m @ taken.long()
-                changed = True
+            counts = m @ (taken | move).long()
+            if counts.max() > counts.min():
+                gap = (m, int(counts.argmin()), int(counts.max() - counts.min()))
+                break
+        if gap is None:
+            return move.nonzero().flatten().tolist()
+        m, p, deficit = gap
+        cand = free & ~move & (m[p] > 0) & (m[p] <= deficit) & (m.sum(0) == m[p])
+        if not bool(cand.any()):
+            return None
+        move[int(torch.where(cand, scores, math.inf).argmin())] = True
+    return None
 
 
 def lowest_slots(
@@ -138,22 +122,28 @@ def lowest_slots(
 
     A slot holds ``sizes[m, s]`` units (channels) of member m; a slot is taken only when no member
     would lose more than ``budgets[m]`` units. Each balance is a list of pieces (unit indices, with
-    repeats) that must lose equal counts. The greedy first runs without balances to learn how many
-    entries each balance wants to lose, then again with each piece capped at an equal share, then
-    gives back the highest-scored slots of pieces that still lost more than the others. For one
-    member and equal contiguous chunks this is exactly "``k // chunks`` lowest per chunk".
+    repeats) that must lose equal counts: a slot is taken together with the lowest-scored slots that
+    even out every balance again (one per other chunk of a grouped conv; matching slots of the other
+    half of a ShuffleNetV2 chunk), or not at all. For one member and equal contiguous chunks this is
+    exactly "the ``k // chunks`` lowest of each chunk".
     """
     flat = scores.detach().reshape(-1).float()
     n = flat.numel()
-    skip = torch.zeros(n, dtype=torch.bool) if exclude is None else exclude.reshape(-1).bool()
-    order = [u for u in torch.sort(flat, stable=True).indices.tolist() if not skip[u]]
-    size_cols = sizes.long().t().tolist()
+    free = torch.ones(n, dtype=torch.bool) if exclude is None else ~exclude.reshape(-1).bool()
     mats = [_piece_matrix(pieces, n) for pieces in balances if len(pieces) > 1]
-    per_unit = [m.t().tolist() for m in mats]
-    budget = [int(b) for b in budgets]
-    taken = _greedy(order, size_cols, budget, per_unit, None)
-    if mats:
-        caps = [int((m @ taken.long()).sum()) // m.shape[0] for m in mats]
-        taken = _greedy(order, size_cols, budget, per_unit, caps)
-        _equalize(taken, flat, mats)
+    sizes = sizes.long()
+    budget = torch.as_tensor(list(budgets), dtype=torch.long)
+    used = torch.zeros_like(budget)
+    taken = torch.zeros(n, dtype=torch.bool)
+    for u in torch.sort(flat, stable=True).indices.tolist():
+        if taken[u] or not free[u] or bool((used + sizes[:, u] > budget).any()):
+            continue
+        move = _balanced_move(u, free & ~taken, flat, mats, taken) if mats else [u]
+        if move is None:
+            continue
+        cost = sizes[:, move].sum(1)
+        if bool((used + cost > budget).any()):
+            continue
+        taken[move] = True
+        used += cost
     return taken

@@ -166,11 +166,14 @@ def _select_group(group: Any, members: list[str], scores: dict[str, torch.Tensor
         sizes[i].index_add_(0, slots[n], torch.ones_like(slots[n]))
     balances = _group_balances(group, num_slots)
     shared = lowest_slots(fused, sizes, [counts[n] for n in members], balances)
+    # Extra channels are not whole classes, so speedup keeps them anyway, except in an aligned group
+    # (channel i is slot i), where they keep a grouped consumer even as they always did.
+    aligned = all(torch.equal(s, torch.arange(num_slots)) for s in slots.values())
+    own = balances if aligned else []
     pruned: dict[str, torch.Tensor] = {}
     for n in members:
         together = shared[slots[n]]
         extra = counts[n] - int(together.sum())
-        own = [[(_in(piece, num_slots))[slots[n]].nonzero().flatten() for piece in pieces] for pieces in balances]
         rest = lowest_slots(scores[n], torch.ones(1, slots[n].numel(), dtype=torch.long), [extra], own, together)
         pruned[n] = together | rest
     if len(members) > 1:
@@ -179,9 +182,3 @@ def _select_group(group: Any, members: list[str], scores: dict[str, torch.Tensor
             members, int(shared.sum()), num_slots, [int(shared[slots[n]].sum()) for n in members],
         )  # fmt: skip
     return pruned
-
-
-def _in(piece: torch.Tensor, num_slots: int) -> torch.Tensor:
-    mask = torch.zeros(num_slots, dtype=torch.bool)
-    mask[piece] = True
-    return mask
