@@ -262,36 +262,13 @@ def ort_latency(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _group_masks(model: Any, x: Any, ratio: float, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Random channel masks that respect build_channel_groups (one draw per group, equal per chunk)."""
-    import torch
-
-    from deploycompress.graph import build_channel_groups
-
-    g = torch.Generator().manual_seed(seed)
-    modules = dict(model.named_modules())
-    masks: dict[str, dict[str, Any]] = {}
-    for group in build_channel_groups(model, x):
-        if group.pinned:
-            continue
-        per = group.num_channels // group.groups
-        keep = torch.ones(group.num_channels, dtype=torch.bool)
-        for c in range(group.groups):
-            keep[torch.randperm(per, generator=g)[: int(per * ratio)] + c * per] = False
-        for name in group.modules:
-            w = modules[name].weight
-            masks[name] = {"weight": keep.view([-1] + [1] * (w.dim() - 1)).expand_as(w).clone()}
-            if modules[name].bias is not None:
-                masks[name]["bias"] = keep.clone()
-    return masks
-
-
 def sweep(args: argparse.Namespace) -> None:
     """Equivalence only, in one process, no Torch-Pruning: random group masks, BatchNorm statistics randomised."""
     import torch
     import torchvision
 
     torch.set_num_threads(1)
+    from deploycompress.graph import random_group_masks
     from deploycompress.speedup import speedup_with_report
 
     names = args.models or torchvision.models.list_models(module=torchvision.models)
@@ -307,7 +284,7 @@ def sweep(args: argparse.Namespace) -> None:
                         m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _, report = speedup_with_report(model, _group_masks(model, x, args.sparsity), x, inplace=True)
+                _, report = speedup_with_report(model, random_group_masks(model, x, args.sparsity), x, inplace=True)
             row = {"model": name, "rel_error": report.relative_error, "params_ratio": report.params_ratio,
                    "kept_masked": sum(r.kept_masked for r in report.layers), "masked": sum(r.masked_out for r in report.layers)}  # fmt: skip
             row["ok"] = report.relative_error is not None and report.relative_error <= 1e-4
