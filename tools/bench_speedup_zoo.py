@@ -192,19 +192,24 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _kept_share(row: dict[str, Any]) -> float | None:
+    """kept_masked_share: the masked output channels speedup had to keep (zeroed), as a share."""
+    return row["kept_masked"] / max(row["masked"], 1) if "masked" in row else None
+
+
 def _write(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> None:
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     os.replace(tmp, out / "results.json")
     lines = [
-        "| model | ok | rel. error | params ratio | FLOPs ratio | speedup s | TP params ratio | TP s | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | ok | rel. error | params ratio | FLOPs ratio | kept masked | speedup s | TP params ratio | TP s | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         note = r.get("error") or (f"TP: {r['tp_error']}" if r.get("tp_error") else "")
         lines.append(
             f"| {r['model']} | {'yes' if r.get('ok') else 'NO'} | {_fmt(r.get('rel_error'), '.1e')} "
-            f"| {_fmt(r.get('params_ratio'))} | {_fmt(r.get('flops_ratio'))} | {_fmt(r.get('speedup_s'), '.1f')} "
+            f"| {_fmt(r.get('params_ratio'))} | {_fmt(r.get('flops_ratio'))} | {_fmt(_kept_share(r))} | {_fmt(r.get('speedup_s'), '.1f')} "
             f"| {_fmt(r.get('tp_params_ratio'))} | {_fmt(r.get('tp_s'), '.1f')} | {note.replace('|', '/')[:120]} |"
         )
     tmp = out / "table.md.tmp"
