@@ -78,37 +78,69 @@ def lowest(scores: torch.Tensor, k: int, groups: int = 1, exclude: torch.Tensor 
     return pruned.reshape(scores.shape)
 
 
-def _piece_matrix(pieces: Sequence[torch.Tensor], n: int) -> torch.Tensor:
-    """[pieces, units]: how many entries of each piece a unit holds."""
-    m = torch.zeros(len(pieces), n, dtype=torch.long)
-    for i, p in enumerate(pieces):
-        m[i].index_add_(0, p.reshape(-1).long(), torch.ones(p.numel(), dtype=torch.long))
-    return m
+class _Balances:
+    """Per-piece counts of the taken units for every balance, in plain Python (this runs per unit)."""
 
+    def __init__(self, balances: Sequence[Sequence[torch.Tensor]], order: list[int]) -> None:
+        self.counts: list[list[int]] = []
+        self.of_unit: dict[int, list[tuple[int, int, int]]] = {}  # unit -> (balance, piece, entries)
+        self.only_in: list[list[list[tuple[int, int]]]] = []  # [balance][piece] -> (unit, entries), by score
+        rank = {u: i for i, u in enumerate(order)}
+        for pieces in balances:
+            if len(pieces) < 2:
+                continue
+            b = len(self.counts)
+            self.counts.append([0] * len(pieces))
+            per_unit: dict[int, dict[int, int]] = {}
+            for p, piece in enumerate(pieces):
+                for u in piece.reshape(-1).tolist():
+                    per_unit.setdefault(u, {}).setdefault(p, 0)
+                    per_unit[u][p] += 1
+            only: list[list[tuple[int, int]]] = [[] for _ in pieces]
+            for u, entries in per_unit.items():
+                for p, c in entries.items():
+                    self.of_unit.setdefault(u, []).append((b, p, c))
+                if len(entries) == 1:
+                    (p, c), = entries.items()
+                    only[p].append((u, c))
+            for units in only:
+                units.sort(key=lambda uc: rank.get(uc[0], len(rank)))
+            self.only_in.append(only)
 
-def _balanced_move(u: int, free: torch.Tensor, scores: torch.Tensor, mats: list[torch.Tensor], taken: torch.Tensor) -> list[int] | None:
-    """Unit ``u`` plus the lowest-scored free units that bring every balance back to equal counts.
+    def move(self, u: int, free: list[bool]) -> list[int] | None:
+        """Unit ``u`` plus the lowest-scored free units that bring every balance back to equal counts.
 
-    Each step fills the piece furthest behind with a unit that lies in that piece only, no bigger
-    than the gap; None when some gap cannot be closed.
-    """
-    move = torch.zeros_like(taken)
-    move[u] = True
-    for _ in range(taken.numel()):
-        gap = None
-        for m in mats:
-            counts = m @ (taken | move).long()
-            if counts.max() > counts.min():
-                gap = (m, int(counts.argmin()), int(counts.max() - counts.min()))
-                break
-        if gap is None:
-            return move.nonzero().flatten().tolist()
-        m, p, deficit = gap
-        cand = free & ~move & (m[p] > 0) & (m[p] <= deficit) & (m.sum(0) == m[p])
-        if not bool(cand.any()):
-            return None
-        move[int(torch.where(cand, scores, math.inf).argmin())] = True
-    return None
+        Each step fills the piece furthest behind with a unit that lies in that piece only, no
+        bigger than the gap; None when some gap cannot be closed.
+        """
+        counts = {b: list(c) for b, c in enumerate(self.counts)}
+        move, chosen = [u], {u}
+        dirty = set()
+        for b, p, c in self.of_unit.get(u, []):
+            counts[b][p] += c
+            dirty.add(b)
+        while dirty:
+            b = dirty.pop()
+            cb = counts[b]
+            if max(cb) == min(cb):
+                continue
+            p = cb.index(min(cb))
+            deficit = max(cb) - cb[p]
+            pick = next((v for v, c in self.only_in[b][p] if c <= deficit and free[v] and v not in chosen), None)
+            if pick is None:
+                return None
+            move.append(pick)
+            chosen.add(pick)
+            for b2, p2, c2 in self.of_unit[pick]:
+                counts[b2][p2] += c2
+                dirty.add(b2)
+            dirty.add(b)
+        return move
+
+    def take(self, units: list[int]) -> None:
+        for u in units:
+            for b, p, c in self.of_unit.get(u, []):
+                self.counts[b][p] += c
 
 
 def lowest_slots(
@@ -129,21 +161,25 @@ def lowest_slots(
     """
     flat = scores.detach().reshape(-1).float()
     n = flat.numel()
-    free = torch.ones(n, dtype=torch.bool) if exclude is None else ~exclude.reshape(-1).bool()
-    mats = [_piece_matrix(pieces, n) for pieces in balances if len(pieces) > 1]
-    sizes = sizes.long()
-    budget = torch.as_tensor(list(budgets), dtype=torch.long)
-    used = torch.zeros_like(budget)
+    order = torch.sort(flat, stable=True).indices.tolist()
+    free = [True] * n if exclude is None else (~exclude.reshape(-1).bool()).tolist()
+    pieces = _Balances(balances, order)
+    cols = sizes.long().t().tolist()  # per unit: channels of each member
+    left = [int(b) for b in budgets]
+    members = range(len(left))
     taken = torch.zeros(n, dtype=torch.bool)
-    for u in torch.sort(flat, stable=True).indices.tolist():
-        if taken[u] or not free[u] or bool((used + sizes[:, u] > budget).any()):
+    for u in order:
+        if not free[u] or any(cols[u][m] > left[m] for m in members):
             continue
-        move = _balanced_move(u, free & ~taken, flat, mats, taken) if mats else [u]
+        move = pieces.move(u, free) if pieces.counts else [u]
         if move is None:
             continue
-        cost = sizes[:, move].sum(1)
-        if bool((used + cost > budget).any()):
+        cost = [sum(cols[v][m] for v in move) for m in members]
+        if any(cost[m] > left[m] for m in members):
             continue
+        for v in move:
+            free[v] = False
         taken[move] = True
-        used += cost
+        pieces.take(move)
+        left = [left[m] - cost[m] for m in members]
     return taken
