@@ -43,6 +43,14 @@ class ChannelGroup:
     num_slots: int = 0
     balances: list[list[torch.Tensor]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        """A group built the old way (modules, num_channels, groups) is aligned: fill in its slots."""
+        if not self.slots:
+            self.slots = {m: torch.arange(self.num_channels) for m in self.modules}
+            self.num_slots = self.num_channels
+            if self.groups > 1 and not self.balances:
+                self.balances = [list(torch.arange(self.num_channels).chunk(self.groups))]
+
     @property
     def aligned(self) -> bool:
         """Every member's channel i is slot i (and no slot repeats)."""

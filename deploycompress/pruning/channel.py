@@ -15,7 +15,7 @@ filter groups of a grouped conv that reads the channels lose equal counts.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from ..config import ConfigError, ModuleConfig
 from .allocate import lowest, lowest_slots
 from .base import Pruner
 from .io import _param
+
+if TYPE_CHECKING:
+    from ..graph import ChannelGroup
 
 __all__ = ["ChannelPruner", "channel_dim", "channel_rows"]
 
@@ -103,7 +106,7 @@ class ChannelPruner(Pruner):
         return masks
 
     # ------------------------------------------------------------------ dependency-aware selection
-    def _build_channel_groups(self) -> list[Any]:
+    def _build_channel_groups(self) -> list[ChannelGroup]:
         try:
             from ..graph import build_channel_groups  # type: ignore[attr-defined]
         except ImportError as exc:
@@ -124,7 +127,7 @@ class ChannelPruner(Pruner):
                     weight = _param(self._modules[name], "weight")
                     assert weight is not None
                     n = weight.shape[channel_dim(self._modules[name])]
-                    expected = _member_slots(group, name).numel()
+                    expected = group.slots[name].numel()
                     if n != expected:
                         raise RuntimeError(f"channel group {group.modules} gives {name!r} {expected} channels but it has {n}")
         return groups
@@ -141,35 +144,19 @@ class ChannelPruner(Pruner):
         return pruned
 
 
-def _member_slots(group: Any, name: str) -> torch.Tensor:
-    """Slot of each output channel of ``name`` (channel i is slot i in groups without slots)."""
-    slots = getattr(group, "slots", None)
-    return slots[name] if slots else torch.arange(group.num_channels)
-
-
-def _group_balances(group: Any, num_slots: int) -> list[list[torch.Tensor]]:
-    balances = list(getattr(group, "balances", None) or [])
-    g = getattr(group, "groups", 1) or 1
-    if not balances and g > 1:  # a group from an older graph module: equal contiguous chunks
-        balances = [list(torch.arange(num_slots).chunk(g))]
-    return balances
-
-
-def _select_group(group: Any, members: list[str], scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+def _select_group(group: ChannelGroup, members: list[str], scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
     """Whole slots on the summed score first, then each member's extra channels on its own score."""
-    slots = {n: _member_slots(group, n) for n in members}
-    num_slots = getattr(group, "num_slots", 0) or group.num_channels
+    slots = {n: group.slots[n] for n in members}
+    num_slots = group.num_slots
     fused = torch.zeros(num_slots)
-    sizes = torch.zeros(len(members), num_slots, dtype=torch.long)
-    for i, n in enumerate(members):
+    for n in members:
         fused.index_add_(0, slots[n], scores[n].float())
-        sizes[i].index_add_(0, slots[n], torch.ones_like(slots[n]))
-    balances = _group_balances(group, num_slots)
-    shared = lowest_slots(fused, sizes, [counts[n] for n in members], balances)
-    # Extra channels are not whole classes, so speedup keeps them anyway, except in an aligned group
-    # (channel i is slot i), where they keep a grouped consumer even as they always did.
+    sizes = torch.stack([torch.bincount(slots[n], minlength=num_slots) for n in members])
+    shared = lowest_slots(fused, sizes, [counts[n] for n in members], group.balances)
+    # Extra channels are not whole classes, so speedup keeps them whatever they are; only in an
+    # aligned group (channel i is slot i) do they keep a grouped consumer's filter groups even.
     aligned = all(torch.equal(s, torch.arange(num_slots)) for s in slots.values())
-    own = balances if aligned else []
+    own = group.balances if aligned else []
     pruned: dict[str, torch.Tensor] = {}
     for n in members:
         together = shared[slots[n]]
