@@ -202,3 +202,11 @@ def test_aligned_groups_have_identity_slots_and_the_old_masks():
             expected = lowest(torch.stack([l1[n] for n in names]).sum(0), g.num_channels // 2)
             for n in names:
                 assert torch.equal(_pruned(masks[n]["weight"]), expected), n
+
+
+def test_a_group_built_the_old_way_is_aligned():
+    from deploycompress.graph import ChannelGroup
+
+    g = ChannelGroup(["a", "b"], 4, groups=2)
+    assert g.aligned and g.num_slots == 4 and g.slots["b"].tolist() == [0, 1, 2, 3]
+    assert [p.tolist() for p in g.balances[0]] == [[0, 1], [2, 3]]
