@@ -77,8 +77,9 @@ class _Components:
                 self.parent[b] = a
 
 
-def _components(trace: ChannelTrace, roots: torch.Tensor, balances: list[torch.Tensor]) -> list[list[str]]:
-    """Producers connected through a shared channel class or a balance spanning their classes, in trace order."""
+def _components(trace: ChannelTrace, roots: torch.Tensor, balances: list[torch.Tensor]) -> tuple[list[list[str]], dict[int, str]]:
+    """Producers connected through a shared channel class or a balance spanning their classes, in
+    trace order; and the first producer owning each class root."""
     owners: dict[int, list[str]] = {}
     for name, rec in trace.producers.items():
         for r in roots[rec.out_ids].unique().tolist():
@@ -91,44 +92,45 @@ def _components(trace: ChannelTrace, roots: torch.Tensor, balances: list[torch.T
     by_root: dict[str, list[str]] = {}
     for name in sorted(trace.producers, key=lambda n: trace.producers[n].order):
         by_root.setdefault(comps.find(name), []).append(name)
-    return list(by_root.values())
+    return list(by_root.values()), {r: names[0] for r, names in owners.items()}
 
 
-def _real_pieces(roots: torch.Tensor, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The class root of each real (non-constant) channel of each piece."""
-    return [roots[p[p >= 0]] for p in pieces]
+def _group(trace: ChannelTrace, comp: list[str], roots: torch.Tensor, balances: list[list[torch.Tensor]],
+           chunking: dict[tuple[int, ...], list[int]], blocked: torch.Tensor) -> ChannelGroup:  # fmt: skip
+    """Slots numbered by first appearance in trace order, so an aligned group's slots are arange."""
+    seqs = {n: roots[trace.producers[n].out_ids] for n in comp}
+    slot_of: dict[int, int] = {}
+    for seq in seqs.values():
+        for r in seq.tolist():
+            slot_of.setdefault(r, len(slot_of))
+    slots = {n: torch.tensor([slot_of[r] for r in seq.tolist()], dtype=torch.long) for n, seq in seqs.items()}
+    pieces = [[torch.tensor([slot_of[r] for r in p.tolist()], dtype=torch.long) for p in b] for b in balances]
+    first = seqs[comp[0]]
+    g = math.lcm(*chunking.get(tuple(first.tolist()), [1]))
+    pinned = all(bool(blocked[trace.producers[n].out_ids].all()) for n in comp)
+    group = ChannelGroup(list(comp), int(first.numel()), g, pinned, slots, len(slot_of), pieces)
+    if len(comp) > 1 and not group.aligned:
+        log.debug("producers %s share %d channel classes in a permuted or partial way", comp, group.num_slots)
+    return group
 
 
 def groups_from_trace(trace: ChannelTrace) -> list[ChannelGroup]:
     roots = trace.roots()
     blocked = trace.blocked_roots(roots, live=False)[roots]
-    balances = [_real_pieces(roots, pieces) for _, pieces in trace.balances]
+    # balance pieces as class roots of their real (non-constant) channels
+    balances = [[roots[p[p >= 0]] for p in pieces] for _, pieces in trace.balances]
+    balances = [b for b in balances if any(p.numel() for p in b)]
     # grouped-conv chunk counts keyed by the exact class sequence they split (the aligned case)
     chunking: dict[tuple[int, ...], list[int]] = {}
-    for reason, pieces in trace.balances:
+    for _, pieces in trace.balances:
         if all((p >= 0).all() for p in pieces):
             chunking.setdefault(tuple(roots[torch.cat(pieces)].tolist()), []).append(len(pieces))
-    result: list[ChannelGroup] = []
-    for comp in _components(trace, roots, [torch.cat(b) for b in balances if b]):
-        seqs = {n: roots[trace.producers[n].out_ids] for n in comp}
-        slot_of: dict[int, int] = {}
-        for seq in seqs.values():
-            for r in seq.tolist():
-                slot_of.setdefault(r, len(slot_of))
-        slots = {n: torch.tensor([slot_of[r] for r in seq.tolist()], dtype=torch.long) for n, seq in seqs.items()}
-        group_balances = [
-            [torch.tensor([slot_of[r] for r in p.tolist()], dtype=torch.long) for p in pieces]
-            for pieces in balances
-            if pieces and all(r in slot_of for p in pieces for r in p.tolist()) and any(p.numel() for p in pieces)
-        ]
-        first = seqs[comp[0]]
-        g = math.lcm(*chunking.get(tuple(first.tolist()), [1]))
-        pinned = all(bool(blocked[trace.producers[n].out_ids].all()) for n in comp)
-        group = ChannelGroup(list(comp), int(first.numel()), g, pinned, slots, len(slot_of), group_balances)
-        if len(comp) > 1 and not group.aligned:
-            log.debug("producers %s share %d channel classes in a permuted or partial way", comp, group.num_slots)
-        result.append(group)
-    return result
+    comps, owner = _components(trace, roots, [torch.cat(b) for b in balances])
+    index = {name: i for i, comp in enumerate(comps) for name in comp}
+    per_comp: list[list[list[torch.Tensor]]] = [[] for _ in comps]
+    for b in balances:
+        per_comp[index[owner[int(torch.cat(b)[0])]]].append(b)
+    return [_group(trace, comp, roots, per_comp[i], chunking, blocked) for i, comp in enumerate(comps)]
 
 
 def build_channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
