@@ -29,10 +29,11 @@ def group_keep(group: ChannelGroup, ratio: float, generator: torch.Generator) ->
 def _channel_masks(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """Weight/bias masks that keep output channels ``keep`` (dim 1 of a ConvTranspose weight)."""
     w = module.weight
+    assert isinstance(w, torch.Tensor)
     dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
-    view = [1] * w.dim()
-    view[dim] = -1
-    masks = {"weight": keep.view(view).expand_as(w).clone()}
+    shape = [1] * w.dim()
+    shape[dim] = -1
+    masks = {"weight": keep.reshape(shape).expand_as(w).clone()}
     if getattr(module, "bias", None) is not None:
         masks["bias"] = keep.clone()
     return masks
