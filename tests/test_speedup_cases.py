@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from deploycompress.graph import build_channel_groups
+from deploycompress.graph import random_group_masks
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,22 +52,8 @@ def channel_mask(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tenso
 
 
 def group_masks(model: nn.Module, x: torch.Tensor, ratio: float = 0.5, seed: int = 0) -> dict:
-    """Random channel masks that respect build_channel_groups (same channels per group, equal per chunk)."""
-    g = torch.Generator().manual_seed(seed)
-    modules = dict(model.named_modules())
-    masks = {}
-    for group in build_channel_groups(model, x):
-        if group.pinned:
-            continue
-        n, chunks = group.num_channels, group.groups
-        per = n // chunks
-        keep = torch.ones(n, dtype=torch.bool)
-        for c in range(chunks):
-            drop = torch.randperm(per, generator=g)[: int(per * ratio)] + c * per
-            keep[drop] = False
-        for name in group.modules:
-            masks[name] = channel_mask(modules[name], keep)
-    return masks
+    """Random channel masks that respect build_channel_groups (whole slots, balanced pieces)."""
+    return random_group_masks(model, x, ratio, seed)
 
 
 def hand_oracle(model: nn.Module, keeps: dict[str, torch.Tensor], norms: dict[str, str]) -> nn.Module:

@@ -195,13 +195,18 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _kept_share(row: dict[str, Any]) -> float | None:
+    """kept_masked_share: the masked output channels speedup had to keep (zeroed), as a share."""
+    return row["kept_masked"] / max(row["masked"], 1) if "masked" in row else None
+
+
 def _write(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> None:
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     os.replace(tmp, out / "results.json")
     lines = [
-        "| model | ok | rel. error | params ratio | FLOPs ratio | speedup s | TP params ratio | TP s | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | ok | rel. error | params ratio | FLOPs ratio | kept masked | speedup s | TP params ratio | TP s | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         note = r.get("error") or (f"TP: {r['tp_error']}" if r.get("tp_error") else "")
@@ -209,7 +214,7 @@ def _write(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> N
             note = f"{r['norms_changed']} norms narrowed (norm_spans=prune) " + note
         lines.append(
             f"| {r['model']} | {'yes' if r.get('ok') else 'NO'} | {_fmt(r.get('rel_error'), '.1e')} "
-            f"| {_fmt(r.get('params_ratio'))} | {_fmt(r.get('flops_ratio'))} | {_fmt(r.get('speedup_s'), '.1f')} "
+            f"| {_fmt(r.get('params_ratio'))} | {_fmt(r.get('flops_ratio'))} | {_fmt(_kept_share(r))} | {_fmt(r.get('speedup_s'), '.1f')} "
             f"| {_fmt(r.get('tp_params_ratio'))} | {_fmt(r.get('tp_s'), '.1f')} | {note.replace('|', '/')[:120]} |"
         )
     tmp = out / "table.md.tmp"
@@ -267,36 +272,13 @@ def ort_latency(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _group_masks(model: Any, x: Any, ratio: float, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Random channel masks that respect build_channel_groups (one draw per group, equal per chunk)."""
-    import torch
-
-    from deploycompress.graph import build_channel_groups
-
-    g = torch.Generator().manual_seed(seed)
-    modules = dict(model.named_modules())
-    masks: dict[str, dict[str, Any]] = {}
-    for group in build_channel_groups(model, x):
-        if group.pinned:
-            continue
-        per = group.num_channels // group.groups
-        keep = torch.ones(group.num_channels, dtype=torch.bool)
-        for c in range(group.groups):
-            keep[torch.randperm(per, generator=g)[: int(per * ratio)] + c * per] = False
-        for name in group.modules:
-            w = modules[name].weight
-            masks[name] = {"weight": keep.view([-1] + [1] * (w.dim() - 1)).expand_as(w).clone()}
-            if modules[name].bias is not None:
-                masks[name]["bias"] = keep.clone()
-    return masks
-
-
 def sweep(args: argparse.Namespace) -> None:
     """Equivalence only, in one process, no Torch-Pruning: random group masks, BatchNorm statistics randomised."""
     import torch
     import torchvision
 
     torch.set_num_threads(1)
+    from deploycompress.graph import random_group_masks
     from deploycompress.speedup import speedup_with_report
 
     names = args.models or torchvision.models.list_models(module=torchvision.models)
@@ -312,7 +294,7 @@ def sweep(args: argparse.Namespace) -> None:
                         m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _, report = speedup_with_report(model, _group_masks(model, x, args.sparsity), x, inplace=True)
+                _, report = speedup_with_report(model, random_group_masks(model, x, args.sparsity), x, inplace=True)
             row = {"model": name, "rel_error": report.relative_error, "params_ratio": report.params_ratio,
                    "kept_masked": sum(r.kept_masked for r in report.layers), "masked": sum(r.masked_out for r in report.layers)}  # fmt: skip
             row["ok"] = report.relative_error is not None and report.relative_error <= 1e-4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,65 +17,120 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ChannelGroup:
-    """Conv/Linear/ConvTranspose modules whose output channel i is kept or removed together.
+    """Conv/Linear/ConvTranspose modules whose output channels are coupled.
 
-    ``groups`` > 1 when a grouped convolution reads (or is one of) these channels: they fall in
-    ``groups`` equal contiguous chunks and pruning must remove the same count from each chunk.
-    ``pinned`` is True when speedup can never remove these channels (they reach the model output, a
-    LayerNorm, attention or an op without a channel rule), so pruning them only zeroes weights.
+    The coupled channels fall into ``num_slots`` classes (*slots*): ``slots[m][c]`` is the slot of
+    output channel c of member m. Speedup can remove a slot only when every channel in it, in every
+    member, is pruned, so pruning takes whole slots. In an *aligned* group (residual adds) every
+    member has ``num_channels`` channels and ``slots[m] == arange(num_channels)``: channel i of every
+    member is kept or removed together. Other groups are permuted or partial: ShuffleNetV2 stages
+    (chunk, cat and channel shuffle), a depthwise conv with multiplier k (one slot = one input channel
+    and its k output channels), attention heads (one slot = all q/k/v channels of a head).
+
+    ``balances`` lists pieces of slot indices (with repeats: one entry per channel) that must lose
+    equal counts: chunk/split pieces and the filter groups of a grouped conv. ``groups`` > 1 says
+    the same for the common case of an aligned group read by a grouped conv: ``groups`` equal
+    contiguous chunks. ``pinned`` is True when speedup can never remove these channels (they reach
+    the model output, a LayerNorm, attention or an op without a channel rule), so pruning them only
+    zeroes weights. ``num_channels`` is the first member's width.
     """
 
     modules: list[str]
     num_channels: int
     groups: int = 1
     pinned: bool = False
+    slots: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_slots: int = 0
+    balances: list[list[torch.Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """A group built the old way (modules, num_channels, groups) is aligned: fill in its slots."""
+        if not self.slots:
+            self.slots = {m: torch.arange(self.num_channels) for m in self.modules}
+            self.num_slots = self.num_channels
+            if self.groups > 1 and not self.balances:
+                self.balances = [list(torch.arange(self.num_channels).chunk(self.groups))]
+
+    @property
+    def aligned(self) -> bool:
+        """Every member's channel i is slot i (and no slot repeats)."""
+        ref = torch.arange(self.num_channels)
+        return all(torch.equal(s, ref) for s in self.slots.values()) and self.num_slots == self.num_channels
 
 
-def _components(trace: ChannelTrace, roots: torch.Tensor) -> list[list[str]]:
-    """Producers connected through any shared channel class, in trace order."""
-    owner: dict[int, str] = {}
-    parent = {name: name for name in trace.producers}
+class _Components:
+    """Union-find over producer names."""
 
-    def find(n: str) -> str:
-        while parent[n] != n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
+    def __init__(self, names: list[str]) -> None:
+        self.parent = {n: n for n in names}
+
+    def find(self, n: str) -> str:
+        while self.parent[n] != n:
+            self.parent[n] = self.parent[self.parent[n]]
+            n = self.parent[n]
         return n
 
+    def union(self, names: list[str]) -> None:
+        for n in names[1:]:
+            a, b = self.find(names[0]), self.find(n)
+            if a != b:
+                self.parent[b] = a
+
+
+def _components(trace: ChannelTrace, roots: torch.Tensor, balances: list[torch.Tensor]) -> tuple[list[list[str]], dict[int, str]]:
+    """Producers connected through a shared channel class or a balance spanning their classes, in
+    trace order; and the first producer owning each class root."""
+    owners: dict[int, list[str]] = {}
     for name, rec in trace.producers.items():
         for r in roots[rec.out_ids].unique().tolist():
-            other = owner.setdefault(r, name)
-            if other != name:
-                parent[find(name)] = find(other)
-    comps: dict[str, list[str]] = {}
+            owners.setdefault(r, []).append(name)
+    comps = _Components(list(trace.producers))
+    for names in owners.values():
+        comps.union(names)
+    for classes in balances:
+        comps.union([owners[r][0] for r in classes.tolist() if r in owners])
+    by_root: dict[str, list[str]] = {}
     for name in sorted(trace.producers, key=lambda n: trace.producers[n].order):
-        comps.setdefault(find(name), []).append(name)
-    return list(comps.values())
+        by_root.setdefault(comps.find(name), []).append(name)
+    return list(by_root.values()), {r: names[0] for r, names in owners.items()}
+
+
+def _group(trace: ChannelTrace, comp: list[str], roots: torch.Tensor, balances: list[list[torch.Tensor]],
+           chunking: dict[tuple[int, ...], list[int]], blocked: torch.Tensor) -> ChannelGroup:  # fmt: skip
+    """Slots numbered by first appearance in trace order, so an aligned group's slots are arange."""
+    seqs = {n: roots[trace.producers[n].out_ids] for n in comp}
+    slot_of: dict[int, int] = {}
+    for seq in seqs.values():
+        for r in seq.tolist():
+            slot_of.setdefault(r, len(slot_of))
+    slots = {n: torch.tensor([slot_of[r] for r in seq.tolist()], dtype=torch.long) for n, seq in seqs.items()}
+    pieces = [[torch.tensor([slot_of[r] for r in p.tolist()], dtype=torch.long) for p in b] for b in balances]
+    first = seqs[comp[0]]
+    g = math.lcm(*chunking.get(tuple(first.tolist()), [1]))
+    pinned = all(bool(blocked[trace.producers[n].out_ids].all()) for n in comp)
+    group = ChannelGroup(list(comp), int(first.numel()), g, pinned, slots, len(slot_of), pieces)
+    if len(comp) > 1 and not group.aligned:
+        log.debug("producers %s share %d channel classes in a permuted or partial way", comp, group.num_slots)
+    return group
 
 
 def groups_from_trace(trace: ChannelTrace) -> list[ChannelGroup]:
     roots = trace.roots()
     blocked = trace.blocked_roots(roots, live=False)[roots]
-    # grouped-conv chunk counts keyed by the exact class sequence they split
+    # balance pieces as class roots of their real (non-constant) channels
+    balances = [[roots[p[p >= 0]] for p in pieces] for _, pieces in trace.balances]
+    balances = [b for b in balances if any(p.numel() for p in b)]
+    # grouped-conv chunk counts keyed by the exact class sequence they split (the aligned case)
     chunking: dict[tuple[int, ...], list[int]] = {}
-    for reason, pieces in trace.balances:
-        key = tuple(roots[torch.cat(pieces)].tolist()) if all((p >= 0).all() for p in pieces) else None
-        if key is not None:
-            chunking.setdefault(key, []).append(len(pieces))
-    result: list[ChannelGroup] = []
-    for comp in _components(trace, roots):
-        recs = [trace.producers[n] for n in comp]
-        seqs = [roots[r.out_ids] for r in recs]
-        aligned = len({s.numel() for s in seqs}) == 1 and all(torch.equal(s, seqs[0]) for s in seqs[1:])
-        members = [comp] if aligned else [[n] for n in comp]
-        if not aligned:
-            log.debug("producers %s share channels in a permuted or partial way; grouped one by one", comp)
-        for names in members:
-            seq = roots[trace.producers[names[0]].out_ids]
-            g = math.lcm(*chunking.get(tuple(seq.tolist()), [1]))
-            pinned = bool(blocked[trace.producers[names[0]].out_ids].all())
-            result.append(ChannelGroup(list(names), int(seq.numel()), g, pinned))
-    return result
+    for _, pieces in trace.balances:
+        if all((p >= 0).all() for p in pieces):
+            chunking.setdefault(tuple(roots[torch.cat(pieces)].tolist()), []).append(len(pieces))
+    comps, owner = _components(trace, roots, [torch.cat(b) for b in balances])
+    index = {name: i for i, comp in enumerate(comps) for name in comp}
+    per_comp: list[list[list[torch.Tensor]]] = [[] for _ in comps]
+    for b in balances:
+        per_comp[index[owner[int(torch.cat(b)[0])]]].append(b)
+    return [_group(trace, comp, roots, per_comp[i], chunking, blocked) for i, comp in enumerate(comps)]
 
 
 def build_channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:

@@ -8,11 +8,11 @@ Units with the lowest score are pruned; ties go to the lower index, so results a
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["prune_count", "global_prune_counts", "lowest"]
+__all__ = ["prune_count", "global_prune_counts", "lowest", "lowest_slots"]
 
 _EPS = 1e-6
 
@@ -67,12 +67,119 @@ def lowest(scores: torch.Tensor, k: int, groups: int = 1, exclude: torch.Tensor 
     n = flat.numel()
     if n % groups:
         raise ValueError(f"{n} channels do not split into {groups} equal groups")
+    if groups > 1:
+        chunks = list(torch.arange(n).view(groups, n // groups))
+        return lowest_slots(flat, torch.ones(1, n, dtype=torch.long), [k], [chunks], exclude).reshape(scores.shape)
     if exclude is not None:
         flat[exclude.reshape(-1)] = math.inf
-    rows = flat.reshape(groups, n // groups)
-    per_row = k // groups if groups > 1 else k
-    per_row = max(0, min(per_row, rows.shape[1]))
-    order = torch.sort(rows, dim=1, stable=True).indices[:, :per_row]
-    pruned = torch.zeros_like(rows, dtype=torch.bool)
-    pruned.scatter_(1, order, True)
+    order = torch.sort(flat, stable=True).indices[: max(0, min(k, n))]
+    pruned = torch.zeros(n, dtype=torch.bool)
+    pruned[order] = True
     return pruned.reshape(scores.shape)
+
+
+class _Balances:
+    """Per-piece counts of the taken units for every balance, in plain Python (this runs per unit)."""
+
+    def __init__(self, balances: Sequence[Sequence[torch.Tensor]], order: list[int]) -> None:
+        self.counts: list[list[int]] = []
+        self.of_unit: dict[int, list[tuple[int, int, int]]] = {}  # unit -> (balance, piece, entries)
+        self.only_in: list[list[list[tuple[int, int]]]] = []  # [balance][piece] -> (unit, entries), by score
+        rank = {u: i for i, u in enumerate(order)}
+        for pieces in balances:
+            if len(pieces) < 2:
+                continue
+            b = len(self.counts)
+            self.counts.append([0] * len(pieces))
+            per_unit: dict[int, dict[int, int]] = {}
+            for p, piece in enumerate(pieces):
+                for u in piece.reshape(-1).tolist():
+                    per_unit.setdefault(u, {}).setdefault(p, 0)
+                    per_unit[u][p] += 1
+            only: list[list[tuple[int, int]]] = [[] for _ in pieces]
+            for u, entries in per_unit.items():
+                for p, c in entries.items():
+                    self.of_unit.setdefault(u, []).append((b, p, c))
+                if len(entries) == 1:
+                    (p, c), = entries.items()
+                    only[p].append((u, c))
+            for units in only:
+                units.sort(key=lambda uc: rank.get(uc[0], len(rank)))
+            self.only_in.append(only)
+
+    def move(self, u: int, free: list[bool]) -> list[int] | None:
+        """Unit ``u`` plus the lowest-scored free units that bring every balance back to equal counts.
+
+        Each step fills the piece furthest behind with a unit that lies in that piece only, no
+        bigger than the gap; None when some gap cannot be closed.
+        """
+        counts = {b: list(c) for b, c in enumerate(self.counts)}
+        move, chosen = [u], {u}
+        dirty = set()
+        for b, p, c in self.of_unit.get(u, []):
+            counts[b][p] += c
+            dirty.add(b)
+        while dirty:
+            b = dirty.pop()
+            cb = counts[b]
+            if max(cb) == min(cb):
+                continue
+            p = cb.index(min(cb))
+            deficit = max(cb) - cb[p]
+            pick = next((v for v, c in self.only_in[b][p] if c <= deficit and free[v] and v not in chosen), None)
+            if pick is None:
+                return None
+            move.append(pick)
+            chosen.add(pick)
+            for b2, p2, c2 in self.of_unit[pick]:
+                counts[b2][p2] += c2
+                dirty.add(b2)
+            dirty.add(b)
+        return move
+
+    def take(self, units: list[int]) -> None:
+        for u in units:
+            for b, p, c in self.of_unit.get(u, []):
+                self.counts[b][p] += c
+
+
+def lowest_slots(
+    scores: torch.Tensor,
+    sizes: torch.Tensor,
+    budgets: Sequence[int],
+    balances: Sequence[Sequence[torch.Tensor]] = (),
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bool mask of the slots to prune: lowest score first, whole slots, within every budget.
+
+    A slot holds ``sizes[m, s]`` units (channels) of member m; a slot is taken only when no member
+    would lose more than ``budgets[m]`` units. Each balance is a list of pieces (unit indices, with
+    repeats) that must lose equal counts: a slot is taken together with the lowest-scored slots that
+    even out every balance again (one per other chunk of a grouped conv; matching slots of the other
+    half of a ShuffleNetV2 chunk), or not at all. For one member and equal contiguous chunks this is
+    exactly "the ``k // chunks`` lowest of each chunk".
+    """
+    flat = scores.detach().reshape(-1).float()
+    n = flat.numel()
+    order = torch.sort(flat, stable=True).indices.tolist()
+    free = [True] * n if exclude is None else (~exclude.reshape(-1).bool()).tolist()
+    pieces = _Balances(balances, order)
+    cols = sizes.long().t().tolist()  # per unit: channels of each member
+    left = [int(b) for b in budgets]
+    members = range(len(left))
+    taken = torch.zeros(n, dtype=torch.bool)
+    for u in order:
+        if not free[u] or any(cols[u][m] > left[m] for m in members):
+            continue
+        move = pieces.move(u, free) if pieces.counts else [u]
+        if move is None:
+            continue
+        cost = [sum(cols[v][m] for v in move) for m in members]
+        if any(cost[m] > left[m] for m in members):
+            continue
+        for v in move:
+            free[v] = False
+        taken[move] = True
+        pieces.take(move)
+        left = [left[m] - cost[m] for m in members]
+    return taken

@@ -4,24 +4,29 @@ A unit is one output channel (dim 0 of a Conv/Linear weight, dim 1 of a ConvTran
 pruning it masks the whole filter and its bias entry. Subclasses only implement ``channel_score``.
 
 With ``dependency_aware=True`` the channels of layers whose outputs are coupled (e.g. added in a
-residual block) are pruned together, so speedup can actually remove them: for each coupled group
-the scores of its selected members are summed, the group's smallest per-layer count is pruned on
-that sum in every member, then each layer prunes its extra channels on its own score. When a grouped
-conv consumes the channels, every filter group loses the same number.
+residual block, shuffled and concatenated in ShuffleNetV2, read by a depthwise conv) are pruned
+together, so speedup can actually remove them. A coupled group's channels fall into classes
+(*slots*, see ``deploycompress.graph.ChannelGroup``): the selected members' channel scores are
+summed per slot, whole slots are pruned lowest first while no member loses more channels than its
+own count, then each layer prunes its extra channels on its own score. Chunk/split pieces and the
+filter groups of a grouped conv that reads the channels lose equal counts.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, ModuleConfig
-from .allocate import lowest
+from .allocate import lowest, lowest_slots
 from .base import Pruner
 from .io import _param
+
+if TYPE_CHECKING:
+    from ..graph import ChannelGroup
 
 __all__ = ["ChannelPruner", "channel_dim", "channel_rows"]
 
@@ -101,7 +106,7 @@ class ChannelPruner(Pruner):
         return masks
 
     # ------------------------------------------------------------------ dependency-aware selection
-    def _build_channel_groups(self) -> list[Any]:
+    def _build_channel_groups(self) -> list[ChannelGroup]:
         try:
             from ..graph import build_channel_groups  # type: ignore[attr-defined]
         except ImportError as exc:
@@ -122,25 +127,45 @@ class ChannelPruner(Pruner):
                     weight = _param(self._modules[name], "weight")
                     assert weight is not None
                     n = weight.shape[channel_dim(self._modules[name])]
-                    if n != group.num_channels:
-                        raise RuntimeError(f"channel group {group.modules} has {group.num_channels} channels but {name!r} has {n}")
+                    expected = group.slots[name].numel()
+                    if n != expected:
+                        raise RuntimeError(f"channel group {group.modules} gives {name!r} {expected} channels but it has {n}")
         return groups
 
     def _select(self, scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
         pruned: dict[str, torch.Tensor] = {}
         for group in self._channel_groups:
             members = [n for n in group.modules if n in scores and n not in pruned]
-            if not members:
-                continue
-            groups = getattr(group, "groups", 1) or 1
-            fused = torch.stack([scores[n] for n in members]).sum(0)
-            shared = lowest(fused, min(counts[n] for n in members), groups)
-            for n in members:
-                extra = counts[n] - int(shared.sum())
-                pruned[n] = shared | lowest(scores[n], extra, groups, exclude=shared)
-            if len(members) > 1:
-                log.info("coupled channels %s: %d pruned together", members, int(shared.sum()))
+            if members:
+                pruned.update(_select_group(group, members, scores, counts))
         for name, s in scores.items():
             if name not in pruned:
                 pruned[name] = lowest(s, counts[name])
         return pruned
+
+
+def _select_group(group: ChannelGroup, members: list[str], scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Whole slots on the summed score first, then each member's extra channels on its own score."""
+    slots = {n: group.slots[n] for n in members}
+    num_slots = group.num_slots
+    fused = torch.zeros(num_slots)
+    for n in members:
+        fused.index_add_(0, slots[n], scores[n].float())
+    sizes = torch.stack([torch.bincount(slots[n], minlength=num_slots) for n in members])
+    shared = lowest_slots(fused, sizes, [counts[n] for n in members], group.balances)
+    # Extra channels are not whole classes, so speedup keeps them whatever they are; only in an
+    # aligned group (channel i is slot i) do they keep a grouped consumer's filter groups even.
+    aligned = all(torch.equal(s, torch.arange(num_slots)) for s in slots.values())
+    own = group.balances if aligned else []
+    pruned: dict[str, torch.Tensor] = {}
+    for n in members:
+        together = shared[slots[n]]
+        extra = counts[n] - int(together.sum())
+        rest = lowest_slots(scores[n], torch.ones(1, slots[n].numel(), dtype=torch.long), [extra], own, together)
+        pruned[n] = together | rest
+    if len(members) > 1:
+        log.info(
+            "coupled channels %s: %d of %d channel classes pruned together (%s channels per member)",
+            members, int(shared.sum()), num_slots, [int(shared[slots[n]].sum()) for n in members],
+        )  # fmt: skip
+    return pruned

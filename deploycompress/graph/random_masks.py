@@ -1,0 +1,52 @@
+"""Random channel masks that respect channel groups: test and benchmark input for speedup."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .groups import ChannelGroup, build_channel_groups
+
+__all__ = ["group_keep", "random_group_masks"]
+
+
+def group_keep(group: ChannelGroup, ratio: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Keep flags per member: about ``ratio`` of every member's channels dropped, as whole slots.
+
+    Slots get random scores and go through the pruners' own selection (whole slots, member budgets,
+    balances), so a speedup of these masks should remove everything they mask.
+    """
+    from ..pruning.allocate import lowest_slots  # graph must not import pruning at module level
+
+    sizes = torch.stack([torch.bincount(group.slots[m], minlength=group.num_slots) for m in group.modules])
+    budgets = [math.floor(ratio * group.slots[m].numel()) for m in group.modules]
+    drop = lowest_slots(torch.rand(group.num_slots, generator=generator), sizes, budgets, group.balances)
+    return {m: ~drop[group.slots[m]] for m in group.modules}
+
+
+def _channel_masks(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Weight/bias masks that keep output channels ``keep`` (dim 1 of a ConvTranspose weight)."""
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+    shape = [1] * w.dim()
+    shape[dim] = -1
+    masks = {"weight": keep.reshape(shape).expand_as(w).clone()}
+    if getattr(module, "bias", None) is not None:
+        masks["bias"] = keep.clone()
+    return masks
+
+
+def random_group_masks(model: nn.Module, example_inputs: object, ratio: float = 0.5, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {"weight": keep, "bias": keep}}`` dropping about ``ratio`` of each unpinned group's channels."""
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    masks: dict[str, dict[str, torch.Tensor]] = {}
+    for group in build_channel_groups(model, example_inputs):
+        if group.pinned:
+            continue
+        for name, keep in group_keep(group, ratio, g).items():
+            masks[name] = _channel_masks(modules[name], keep)
+    return masks
