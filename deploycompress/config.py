@@ -379,7 +379,9 @@ def select_modules(
             continue
         index, cfg = entry
         op_type = op_type_of(modules[name])
-        if supported_op_types is not None and op_type not in supported_op_types:
+        # a subclass (MultiheadAttention's NonDynamicallyQuantizableLinear) computes like its base
+        lineage = {cls.__name__ for cls in type(modules[name]).__mro__}
+        if supported_op_types is not None and not lineage & set(supported_op_types):
             raise ConfigError(
                 f"{_where(index)} selects module {name!r} of type {op_type}, which {algorithm} cannot handle; "
                 f"supported types: {list(supported_op_types)}"

@@ -253,10 +253,11 @@ def test_token_stream_channels_removed_with_class_token_and_position_embedding()
     assert small.class_token.shape == (1, 1, 14) and small.pos_embedding.shape == (1, 5, 14)
     assert small.attn.in_proj_weight.shape == (48, 14) and small.attn.num_heads == 2 and small.head.in_features == 14
     assert report.params_before - report.params_after == 2 * (3 * 64 + 1) + 2 + 10 + 2 * 48 + 2 * 17 + 2 * 3
-    # without the class token's and position embedding's masks the channels are read while non-zero: kept
+    # without the class token's and position embedding's masks the same channels go: the masked model
+    # zeroes a parameter joined to a channel that is exactly zero (as BatchNorm's beta), so it stays zero
     del masks[""]
-    _, report = run(model, masks, x)
-    assert report.params_after == report.params_before
+    _, again = run(model, masks, x)
+    assert again.params_after == report.params_after and again.relative_error < 1e-5
 
 
 def test_vit_residual_stream_removed_and_hidden_dim_follows() -> None:

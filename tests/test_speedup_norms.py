@@ -280,3 +280,100 @@ def test_bad_norm_spans_fails_before_tracing(call: Callable) -> None:
     args = (Exploding(), torch.randn(1, 4)) if call is trace_channels else (Exploding(), {}, torch.randn(1, 4))
     with pytest.raises(ValueError, match=r"norm_spans must be one of 'keep', 'prune', got 'drop'"):
         call(*args, norm_spans="drop")
+
+
+def test_vit_prune_norm_spans_narrows_the_residual_stream() -> None:
+    """With the stream's producers masked together (conv_proj, out_proj, mlp.3), "prune" narrows every
+    LayerNorm, the class token, the position embedding, each attention's embed dim and ``hidden_dim``."""
+    torch.manual_seed(0)
+    model, x = small_transformer("vit"), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0, 0.1)  # torchvision zero-initialises it: outputs would hide every error
+    model.eval()
+    config = [
+        {"op_types": ["Conv2d", "Linear", "NonDynamicallyQuantizableLinear"], "sparsity": 0.5},
+        {"exclude": True, "op_names": ["heads.head"]},
+    ]
+    pruner = L1NormPruner(model, config, dependency_aware=True, dummy_input=x)
+    _, masks = pruner.compress()
+    model = pruner.unwrap_model()
+    pruned, report, _ = run(model, x, masks, "prune")
+    kept, keep_report, _ = run(model, x, masks, "keep")
+    assert keep_report.norms_changed == [] and kept.hidden_dim == 32
+    assert pruned.hidden_dim == 16 and pruned.conv_proj.out_channels == 16
+    assert pruned.class_token.shape == (1, 1, 16) and pruned.encoder.pos_embedding.shape == (1, 17, 16)
+    assert len(report.norms_changed) == 5  # ln_1, ln_2 of two layers and the final ln
+    attn = pruned.encoder.layers[0].self_attention
+    assert attn.in_proj_weight.shape[1] == 16 and attn.out_proj.out_features == 16
+    # measured 0.420 (keep: 0.828): MLP hidden widths and the stream both halve
+    assert report.params_ratio < 0.5 < 0.8 < keep_report.params_ratio
+    assert pruned(x).shape == (2, 10)
+
+
+class HardCodedWidth(nn.Module):
+    """A forward that turns the normalised width into a shape: narrowing it would break the reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.c = nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.a(x))
+        return self.c(y.reshape(y.shape[0], 16, 1).squeeze(-1))
+
+
+class ReadsWidth(HardCodedWidth):
+    """Reads the width but computes a shape that follows it: narrowing is harmless."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.a(x))
+        return self.c(y.reshape(y.shape[0], y.shape[-1], 1).squeeze(-1))
+
+
+def test_width_read_by_code_is_kept_only_when_narrowing_breaks_the_model() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    masks = {"a": channel_mask(HardCodedWidth().a, keep_of(16, [0, 1, 2, 3, 4, 5]))}
+    broken = HardCodedWidth().eval()
+    small, report, _ = run(broken, x, masks, "prune")
+    assert small.norm.normalized_shape == (16,) and report.norms_changed == []
+    assert any("read by the model's Python code" in n for n in report.notes)
+    assert report.relative_error is not None and report.relative_error < 1e-5  # nothing narrowed: the masked model
+
+
+def test_position_embedding_is_zeroed_behind_a_removed_channel() -> None:
+    """conv -> + per-channel position parameter -> conv: the masked model zeroes the parameter's entries of a
+    removed channel (as BatchNorm's beta), and speedup reproduces it exactly, with no LayerNorm involved."""
+
+    class PosNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+            self.pos = nn.Parameter(torch.randn(1, 8, 6, 6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x) + self.pos))
+
+    torch.manual_seed(0)
+    model, x = PosNet().eval(), torch.randn(2, 3, 6, 6)
+    drop = [1, 4, 6]
+    masks = {"a": channel_mask(model.a, keep_of(8, drop))}
+    small, report, _ = run(model, x, masks, "keep")
+    assert small.a.out_channels == 5 and small.pos.shape == (1, 5, 6, 6) and small.b.in_channels == 5
+    oracle = PosNet().eval()
+    oracle.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for t in (oracle.a.weight, oracle.a.bias, oracle.pos[0]):
+            t[drop] = 0
+    assert max_rel_error(oracle(x), small(x)) < TOL
+    assert model.pos.abs().min() > 0  # the caller's model is untouched
+
+
+def test_width_read_that_follows_the_narrowing_is_harmless() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    model = ReadsWidth().eval()
+    masks = {"a": channel_mask(model.a, keep_of(16, [0, 1, 2, 3, 4, 5]))}
+    small, report, _ = run(model, x, masks, "prune")
+    assert small.norm.normalized_shape == (10,) and report.norms_changed == ["norm"]
+    assert not any("read by the model's Python code" in n for n in report.notes)

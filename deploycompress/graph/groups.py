@@ -136,7 +136,7 @@ def groups_from_trace(trace: ChannelTrace) -> list[ChannelGroup]:
 def build_channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     """Trace ``model`` on ``example_inputs`` and return every traced producer in exactly one group.
 
-    Producers that the example forward pass never calls (aux heads in eval mode, the out-projection
-    inside ``nn.MultiheadAttention``) are not listed: no smaller model can be built for them.
+    Producers that the example forward pass never calls (aux heads in eval mode) are not listed: no
+    smaller model can be built for them. Attention projections are listed; a head is one slot.
     """
     return groups_from_trace(trace_channels(model, example_inputs))

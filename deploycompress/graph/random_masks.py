@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .attention import projection_attrs
 from .groups import ChannelGroup, build_channel_groups
 
 __all__ = ["group_keep", "random_group_masks"]
@@ -28,14 +29,15 @@ def group_keep(group: ChannelGroup, ratio: float, generator: torch.Generator) ->
 
 def _channel_masks(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """Weight/bias masks that keep output channels ``keep`` (dim 1 of a ConvTranspose weight)."""
-    w = module.weight
+    w_attr, b_attr = projection_attrs(module)
+    w = getattr(module, w_attr)
     assert isinstance(w, torch.Tensor)
     dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
     shape = [1] * w.dim()
     shape[dim] = -1
-    masks = {"weight": keep.reshape(shape).expand_as(w).clone()}
-    if getattr(module, "bias", None) is not None:
-        masks["bias"] = keep.clone()
+    masks = {w_attr: keep.reshape(shape).expand_as(w).clone()}
+    if getattr(module, b_attr, None) is not None:
+        masks[b_attr] = keep.clone()
     return masks
 
 

@@ -64,6 +64,7 @@ POOL_OPS = {
     "_max_pool1d", "_max_pool2d", "_max_pool3d", "fn",
 }  # fmt: skip
 REDUCE_OPS = {"mean", "sum", "amax", "amin", "std", "var", "norm", "max", "min", "nansum", "nanmean"}
+_PARAM_JOIN_OPS = {"add", "add_", "__add__", "__radd__", "__iadd__", "cat", "concat", "concatenate"}
 BATCHNORM_OPS = {"batch_norm", "instance_norm"}
 SPANNING_NORM_OPS = {"layer_norm", "rms_norm"}
 NORM_SPANS = ("keep", "prune")  # what speedup does with channels a LayerNorm/RMSNorm/GroupNorm normalises over
@@ -111,6 +112,7 @@ class ChannelTrace:
     output: Any = None
     unknown_ops: set[str] = field(default_factory=set)
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # norm_spans="prune": norm module -> channel ids
+    width_reads: list[torch.Tensor] = field(default_factory=list)  # normalised ids whose width Python code read
 
     def roots(self) -> torch.Tensor:
         return self.uf.roots()
@@ -211,6 +213,8 @@ class _Tracer(TorchFunctionMode):
             return func(*args, **kwargs)
         if name in BATCHNORM_OPS:
             self._zero_dead_norm(args, kwargs)
+        elif self.zero_dead_norms and name in _PARAM_JOIN_OPS:
+            self._zero_dead_params(name, args, kwargs)
         before = {id(t): self.info(t) for t in traced}
         out = func(*args, **kwargs)
         handler = self._handler(name, args, kwargs)
@@ -493,6 +497,37 @@ class _Tracer(TorchFunctionMode):
             zero = (t.detach() == 0).movedim(axis, 0).reshape(size, -1).all(1).cpu()
         return ids.clone(), zero.clone()
 
+    def _zero_dead_params(self, name: str, args: tuple, kwargs: dict) -> None:
+        """A parameter added to (ViT's position embedding) or concatenated with (its class token) channels
+        that are exactly zero is zeroed there too: a removed channel must stay zero, as behind a BatchNorm."""
+        if name in ("cat", "concat", "concatenate"):
+            tensors, dim = list(_arg(args, kwargs, 0, "tensors")), _arg(args, kwargs, 1, "dim", 0)
+        else:
+            tensors, dim = list(args[:2]), None
+        infos = [self.info(t) for t in tensors if isinstance(t, torch.Tensor)]
+        traced = [i for i in infos if i is not None and i.axis is not None]
+        if not traced or any(len(i.shape) != len(traced[0].shape) or i.axis != traced[0].axis for i in traced):
+            return
+        nd, axis = len(traced[0].shape), traced[0].axis
+        if dim is not None and dim % nd == axis:
+            return
+        zero = traced[0].zero.clone()
+        for i in traced[1:]:
+            zero &= i.zero
+        if not bool(zero.any()):
+            return
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or self.info(t) is not None:
+                continue
+            base = t if id(t) in self.owner else t._base
+            k = axis - (nd - t.dim())
+            if base is None or id(base) not in self.owner or base.dim() != t.dim() or not 0 <= k < t.dim():
+                continue
+            if base.shape[k] != zero.numel() or t.data_ptr() != base.data_ptr():
+                continue
+            with torch.no_grad():
+                base.index_fill_(k, torch.nonzero(zero).flatten().to(base.device), 0)
+
     def _zero_dead_norm(self, args: tuple, kwargs: dict) -> None:
         """Make a BatchNorm output exactly zero where its input channel is: the masked model's contract."""
         if not self.zero_dead_norms:
@@ -589,20 +624,18 @@ class _Tracer(TorchFunctionMode):
         if dim is None or (isinstance(dim, int) and dim % len(info.shape) == info.axis):
             self.width_reads.append(info.real_ids())
 
-    def pin_read_norm_widths(self) -> None:
-        """Pin the normalised channels whose width the code read: a shape computed from them (Swin's
-        ``C // num_heads`` for the qkv output) would not shrink with the norm. Classes no norm spans are
-        left alone, so "prune" removes everything "keep" removes."""
+    def read_norm_widths(self) -> list[torch.Tensor]:
+        """The normalised channels whose width the code read. A shape computed from them (``C // num_heads``,
+        a hard-coded reshape) may not shrink with the norm; speedup pins them only if the narrowed model
+        fails, since most reads are harmless (batch sizes, assertion messages)."""
         norm_ids = [ids[ids >= 0] for ids in self.trace.norms.values()]
         if not self.width_reads or not norm_ids:
-            return
+            return []
         roots = self.uf.roots()
         normed = torch.zeros(len(roots), dtype=torch.bool)
         normed[roots[torch.cat(norm_ids)]] = True
-        for ids in self.width_reads:
-            hit = ids[normed[roots[ids]]]
-            if hit.numel():
-                self.trace.pinned.append(hit)
+        hits = [ids[normed[roots[ids]]] for ids in self.width_reads]
+        return [h for h in hits if h.numel()]
 
     def _prelu(self, func, name, args, kwargs, out, before) -> None:  # noqa: ANN001
         info = before.get(id(args[0]))
@@ -743,7 +776,7 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bo
             m.train(flag)
     for t in _tensors(output):
         tracer.pin(tracer.info(t))
-    tracer.pin_read_norm_widths()
+    tracer.trace.width_reads = tracer.read_norm_widths()
     tracer.trace.output = output
     if tracer.trace.unknown_ops:
         log.debug("ops without a channel rule (their inputs are kept whole): %s", sorted(tracer.trace.unknown_ops))

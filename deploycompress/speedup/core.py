@@ -18,7 +18,7 @@ from ..graph.trace import as_input_tuple, check_norm_spans
 from .masks import Masks, apply_param_masks, masked_out_channels, validate_masks
 from .replace import shrink_model
 from .report import LayerReport, SpeedupReport
-from .resolve import decide_removals
+from .resolve import Removal, decide_removals
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,36 @@ def _norms_note(names: list[str], rel_err: float | None) -> str:
     return f"{len(names)} norms now normalise over fewer channels ({shown}): outputs differ from the masked model {by}; fine-tune to recover"
 
 
+def _runs(model: nn.Module, inputs: tuple, reference: Any) -> bool:
+    with torch.no_grad():
+        try:
+            _compare(reference, model(*inputs))
+        except Exception:  # noqa: BLE001 - any failure means the narrowed width was read by code
+            return False
+    return True
+
+
+def _shrink_or_keep_read_widths(work: nn.Module, trace: Any, removal: Removal, inputs: tuple, round_to: int):  # noqa: ANN202
+    """Shrink ``work``; where Python code read a normalised width that is being removed (Swin's
+    ``C // num_heads``, an assertion message, a batch size), try the narrowed model first and, only if
+    it fails, keep those widths and shrink again. Most reads are harmless, so pinning all of them up
+    front would keep ViT's whole residual stream."""
+    read = [ids for ids in trace.width_reads if not bool(removal.keep(ids).all())]
+    if not read:
+        return shrink_model(work, trace, removal), removal
+    backup = copy.deepcopy(work)
+    kept = shrink_model(work, trace, removal)
+    if _runs(work, inputs, trace.output):
+        return kept, removal
+    log.info("the model's code reads %d normalised widths that would shrink and fails without them; keeping them", len(read))
+    work.__dict__.clear()
+    work.__dict__.update(backup.__dict__)  # the caller's object (inplace=True) stays the one returned
+    trace.pinned.extend(read)
+    removal = decide_removals(trace, round_to)
+    removal.notes.append(f"{len(read)} normalised widths are read by the model's Python code and kept: removing them broke the forward pass")
+    return shrink_model(work, trace, removal), removal
+
+
 def speedup_with_report(
     model: nn.Module,
     masks: Masks,
@@ -116,8 +146,8 @@ def speedup_with_report(
     work, checked, inputs, trace = _masked_copy(model, masks, example_inputs, inplace, norm_spans)
     reference = trace.output
     removal = decide_removals(trace, round_to)
+    kept, removal = _shrink_or_keep_read_widths(work, trace, removal, inputs, round_to)
     norms_changed = [name for name, ids in trace.norms.items() if not bool(removal.keep(ids).all())]
-    kept = shrink_model(work, trace, removal)
     modules = dict(work.named_modules())
     layers = []
     for name, rec in sorted(trace.producers.items(), key=lambda kv: kv[1].order):
