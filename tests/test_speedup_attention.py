@@ -12,8 +12,10 @@ from torch.utils._pytree import tree_flatten
 from torchvision.models import VisionTransformer
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
+from deploycompress.config import ConfigError
 from deploycompress.export import to_onnx
 from deploycompress.graph import build_channel_groups
+from deploycompress.pruning import ActivationMeanRankPruner, L1NormPruner
 from deploycompress.speedup import masked_model, speedup_with_report
 from deploycompress.speedup.attention import PrunedMultiheadAttention
 from test_speedup_cases import max_rel_error, randomize_norms, single_thread  # noqa: F401
@@ -282,3 +284,29 @@ def test_vit_residual_stream_removed_and_hidden_dim_follows() -> None:
     assert small.encoder.pos_embedding.shape[-1] == 60 and small.class_token.shape[-1] == 60
     attn = small.encoder.layers[1].self_attention
     assert attn.in_proj_weight.shape == (192, 60) and attn.num_heads == 4 and attn.out_proj.out_features == 60
+
+
+def test_l1_on_multihead_attention_prunes_whole_heads() -> None:
+    """``op_types: ["MultiheadAttention"]`` scores rows of the packed q/k/v projection; dependency-aware
+    selection takes whole heads (one channel class each), so speedup removes them."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10)
+    model, x = randomize_norms(vit), torch.randn(2, 3, 32, 32)
+    pruner = L1NormPruner(model, [{"op_types": ["MultiheadAttention"], "sparsity": 0.5}], dependency_aware=True, dummy_input=x)
+    _, masks = pruner.compress()
+    model = pruner.unwrap_model()
+    name = "encoder.layers.encoder_layer_0.self_attention"
+    rows = ~masks[name]["in_proj_weight"].any(1)
+    assert set(masks[name]) == {"in_proj_weight", "in_proj_bias"} and int(rows.sum()) == 96
+    per_head = rows.view(3, 4, 16).all(0).all(1)  # q, k and v rows of a head go together
+    assert int(per_head.sum()) == 2 and bool((rows.view(3, 4, 16).any(2) == per_head).all())
+    small, report = run(model, masks, x)
+    assert all(layer.self_attention.num_heads == 2 for layer in small.encoder.layers)
+    assert report.params_before - report.params_after == 2 * (96 * 64 + 96 + 32 * 64)  # q/k/v rows, out_proj columns
+    assert report.relative_error < 1e-5
+
+
+def test_activation_pruners_refuse_multihead_attention() -> None:
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+    with pytest.raises(ConfigError, match="MultiheadAttention"):
+        ActivationMeanRankPruner(model, [{"op_types": ["MultiheadAttention"], "sparsity": 0.5}], [torch.randn(1, 3, 32, 32)])

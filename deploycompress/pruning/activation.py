@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .channel import ChannelPruner
 from .statistics import StatisticsPruner
 
 __all__ = ["ActivationPruner", "ActivationAPoZRankPruner", "ActivationMeanRankPruner"]
@@ -23,6 +24,9 @@ class ActivationPruner(StatisticsPruner):
     """Score = mean over data of ``activation_term(activation(output))`` per output channel;
     subclasses override ``activation_term``. ``activation`` is applied to the layer output first,
     as the layer's nonlinearity would (NNI's default: relu)."""
+
+    # an attention module's output is mixed across heads: it has no per-row activation to rank
+    supported_op_types = tuple(t for t in ChannelPruner.supported_op_types or () if t != "MultiheadAttention")
 
     def __init__(self, *args: Any, activation: str = "relu", **kwargs: Any) -> None:
         """``(model, config_list, evaluator, training_steps=None, *, activation='relu',

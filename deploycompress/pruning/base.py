@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from ..config import ConfigError, ModuleConfig, select_modules
 from .allocate import global_prune_counts, lowest, prune_count
-from .io import Masks, _param, atomic_torch_save, save_masks
+from .io import Masks, _param, _weight, atomic_torch_save, save_masks
 
 __all__ = ["Pruner"]
 
@@ -71,7 +71,7 @@ class Pruner:
         modules = dict(model.named_modules())
         self._modules: dict[str, nn.Module] = {name: modules[name] for name in self.module_configs}
         for name, module in self._modules.items():
-            if _param(module, "weight") is None:
+            if _weight(module) is None:
                 raise ConfigError(
                     f"config_list[{self.module_configs[name].config_index}] selects module {name!r} "
                     f"({type(module).__name__}), which has no weight to prune"
@@ -91,7 +91,7 @@ class Pruner:
         self._masks = {name: self._expand(name, self._modules[name], pruned[name]) for name in scores}
         self._wrap()
         for name, entry in self._masks.items():
-            w = entry["weight"]
+            w = next(iter(entry.values()))
             log.info("%s: %s pruned %d of %d weights", type(self).__name__, name, int((~w).sum()), w.numel())
         return self.model, self._masks
 
@@ -106,7 +106,7 @@ class Pruner:
 
     def _unit_cost(self, name: str, scores: torch.Tensor) -> int:
         """Weight elements per scored unit: what a ``total_sparsity`` budget counts."""
-        weight = _param(self._modules[name], "weight")
+        weight = _weight(self._modules[name])
         assert weight is not None
         return weight.numel() // scores.numel()
 

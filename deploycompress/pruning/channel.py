@@ -23,7 +23,7 @@ from torch import nn
 from ..config import ConfigError, ModuleConfig
 from .allocate import lowest, lowest_slots
 from .base import Pruner
-from .io import _param
+from .io import _bias, _weight, weight_attrs
 
 if TYPE_CHECKING:
     from ..graph import ChannelGroup
@@ -51,6 +51,7 @@ class ChannelPruner(Pruner):
 
     supported_op_types: tuple[str, ...] | None = (
         "Conv1d", "Conv2d", "Conv3d", "Linear", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+        "MultiheadAttention",  # units: rows of the packed q/k/v projection; dependency-aware: whole heads
     )
 
     def __init__(
@@ -85,7 +86,7 @@ class ChannelPruner(Pruner):
 
     def _score(self, name: str, module: nn.Module, config: ModuleConfig) -> torch.Tensor:
         score = self.channel_score(name, module, config).detach().float().reshape(-1)
-        weight = _param(module, "weight")
+        weight = _weight(module)
         assert weight is not None
         expected = weight.shape[channel_dim(module)]
         if score.numel() != expected:
@@ -94,15 +95,15 @@ class ChannelPruner(Pruner):
 
     def _expand(self, name: str, module: nn.Module, pruned: torch.Tensor) -> dict[str, torch.Tensor]:
         keep = ~pruned
-        weight = _param(module, "weight")
+        weight, bias = _weight(module), _bias(module)
         assert weight is not None
+        w_attr, b_attr = weight_attrs(module)
         dim = channel_dim(module)
         shape = [1] * weight.dim()
         shape[dim] = -1
-        masks = {"weight": keep.reshape(shape).expand_as(weight).clone()}
-        bias = _param(module, "bias")
+        masks = {w_attr: keep.reshape(shape).expand_as(weight).clone()}
         if bias is not None:
-            masks["bias"] = keep.clone()
+            masks[b_attr] = keep.clone()
         return masks
 
     # ------------------------------------------------------------------ dependency-aware selection
@@ -124,7 +125,7 @@ class ChannelPruner(Pruner):
         for group in groups:
             for name in group.modules:
                 if name in self._modules:
-                    weight = _param(self._modules[name], "weight")
+                    weight = _weight(self._modules[name])
                     assert weight is not None
                     n = weight.shape[channel_dim(self._modules[name])]
                     expected = group.slots[name].numel()

@@ -25,6 +25,22 @@ class MaskError(ValueError):
     """A mask dict that does not fit the format or the model; the message names the module."""
 
 
+def weight_attrs(module: nn.Module) -> tuple[str, str]:
+    """The weight and bias whose rows a pruner scores: ``weight``/``bias``, or the packed q/k/v
+    projection of an ``nn.MultiheadAttention`` (``in_proj_weight``/``in_proj_bias``)."""
+    from ..graph.attention import projection_attrs
+
+    return projection_attrs(module)
+
+
+def _weight(module: nn.Module) -> torch.Tensor | None:
+    return _param(module, weight_attrs(module)[0])
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return _param(module, weight_attrs(module)[1])
+
+
 def _param(module: nn.Module, name: str) -> torch.Tensor | None:
     """The stored (unmasked) tensor, also when the module is parametrized."""
     if parametrize.is_parametrized(module, name):

@@ -10,7 +10,7 @@ from torch import nn
 from ..config import ModuleConfig
 from .allocate import lowest, prune_count
 from .base import Pruner
-from .io import _param
+from .io import _bias, _weight, weight_attrs
 
 __all__ = ["ElementPruner", "LevelPruner"]
 
@@ -35,15 +35,16 @@ class ElementPruner(Pruner):
         return ~lowest(score, prune_count(sparsity, score.numel()))
 
     def _score(self, name: str, module: nn.Module, config: ModuleConfig) -> torch.Tensor:
-        weight = _param(module, "weight")
+        weight = _weight(module)
         assert weight is not None
         return self.weight_score(weight.detach(), config, name=name, module=module)
 
     def _expand(self, name: str, module: nn.Module, pruned: torch.Tensor) -> dict[str, torch.Tensor]:
-        masks = {"weight": ~pruned}
-        bias = _param(module, "bias")
+        w_attr, b_attr = weight_attrs(module)
+        masks = {w_attr: ~pruned}
+        bias = _bias(module)
         if bias is not None:
-            masks["bias"] = torch.ones_like(bias, dtype=torch.bool)
+            masks[b_attr] = torch.ones_like(bias, dtype=torch.bool)
         return masks
 
 

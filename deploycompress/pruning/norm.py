@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import ModuleConfig
 from .channel import ChannelPruner, channel_dim, channel_rows
-from .io import _param
+from .io import _weight
 
 __all__ = ["NormPruner", "L1NormPruner", "L2NormPruner", "FPGMPruner"]
 
@@ -20,7 +20,7 @@ class NormPruner(ChannelPruner):
     p: ClassVar[float]
 
     def channel_score(self, name: str, module: nn.Module, config: ModuleConfig) -> torch.Tensor:
-        weight = _param(module, "weight")
+        weight = _weight(module)
         assert weight is not None
         return channel_rows(weight, channel_dim(module)).float().norm(p=self.p, dim=1)
 
@@ -42,7 +42,7 @@ class FPGMPruner(ChannelPruner):
     (He et al., "Filter Pruning via Geometric Median"). Score = summed distance to all other filters."""
 
     def channel_score(self, name: str, module: nn.Module, config: ModuleConfig) -> torch.Tensor:
-        weight = _param(module, "weight")
+        weight = _weight(module)
         assert weight is not None
         rows = channel_rows(weight, channel_dim(module)).float()
         return torch.cdist(rows, rows, compute_mode="donot_use_mm_for_euclid_dist").sum(1)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .channel import channel_dim, channel_rows
-from .io import _param
+from .io import _weight
 from .statistics import StatisticsPruner
 
 __all__ = ["TaylorFOWeightPruner"]
@@ -34,7 +34,7 @@ class TaylorFOWeightPruner(StatisticsPruner):
 
         handles = []
         for name, module in self._modules.items():
-            weight = _param(module, "weight")
+            weight = _weight(module)
             assert weight is not None
             handles.append(weight.register_hook(hook_for(name, module, weight)))
         return handles
