@@ -258,6 +258,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         iterations=args.iterations or int(build.get("iterations", 100)),
         name=args.name or m.get("name"),
         round_to=int(prune.get("round_to", 1)),
+        norm_spans=args.norm_spans or prune.get("norm_spans", "keep"),
         overwrite=args.force,
         progress=not args.quiet,
     )
@@ -461,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--torchvision", metavar="NAME", help="a torchvision classification model (random weights unless --weights)")
     b.add_argument("--weights", help="state dict (.pt) for the model")
     b.add_argument("--masks", help="masks file saved by a pruner (NNI layout)")
+    b.add_argument("--norm-spans", choices=["keep", "prune"], help="speedup: keep (default) or remove widths a LayerNorm spans")
     b.add_argument("--calib", help="CalibConfig JSON (or NNI calibration dict)")
     b.add_argument("--calib-data", help="calibrate here: .npy/.npz (x) or package.module:function yielding batches")
     b.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"])

@@ -252,6 +252,7 @@ def build_engine(
     compare_fp32: bool = True,
     name: str | None = None,
     round_to: int = 1,
+    norm_spans: str = "keep",
     max_batch_size: int = 32,
     overwrite: bool = False,
     backend_options: Mapping[str, Any] | None = None,
@@ -262,6 +263,7 @@ def build_engine(
     ``masks`` (dict or path) and ``calib_config`` (CalibConfig or path) may be None to skip pruning
     or to let ``calib_data`` (an iterable of input batches) calibrate the speeded-up model. ``eval_inputs``
     (and ``eval_labels``) are what the deployed model is validated on; by default ``example_inputs``.
+    ``round_to`` and ``norm_spans`` go to :func:`deploycompress.speedup.speedup`.
     With ``compare_fp32`` an int8 build also builds and measures the fp32 graph on the same backend, so
     the report shows what int8 gains and costs.
     """
@@ -270,6 +272,7 @@ def build_engine(
     from .backends import get_backend
     from .export import insert_qdq, to_onnx
     from .validate import validate
+    from .graph.trace import check_norm_spans
 
     # -- everything that can be checked is checked before any long work ----------------------------
     if precision not in PRECISIONS:
@@ -281,6 +284,10 @@ def build_engine(
         engine_backend = get_backend(backend)
     except Exception as exc:
         raise EngineError(f"backend: {exc}") from exc
+    try:
+        check_norm_spans(norm_spans)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from exc
     masks = _load_masks(masks, model)
     calib = _load_calib(calib_config)
     if precision == "int8" and calib is None and calib_data is None:
@@ -311,7 +318,7 @@ def build_engine(
                 with steps("speedup"):
                     from .speedup import speedup
 
-                    deployed = speedup(deployed, masks, inputs, round_to=round_to).eval()
+                    deployed = speedup(deployed, masks, inputs, round_to=round_to, norm_spans=norm_spans).eval()
                 report.sizes.append(_size_record("speeded up", deployed, inputs))
             if precision == "int8":
                 with steps("calibrate"):
@@ -371,7 +378,7 @@ def build_engine(
                 extra_files=extra_files,
                 max_batch_size=max_batch_size,
                 overwrite=overwrite,
-                extra={"round_to": round_to, "pruned": masks is not None, "steps": report.steps},
+                extra={"round_to": round_to, "norm_spans": norm_spans, "pruned": masks is not None, "steps": report.steps},
             )
     finally:
         steps.bar.close()

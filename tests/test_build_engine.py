@@ -114,6 +114,8 @@ def test_bad_input_is_refused_before_work(pruned, digits, tmp_path):
         dc.build_engine(model, None, None, example_inputs=x, out_dir=tmp_path / "a")
     with pytest.raises(EngineError, match="not a module of the model"):
         dc.build_engine(model, {"conv9": {"weight": torch.ones(1, dtype=torch.bool)}}, None, example_inputs=x, precision="fp32", out_dir=tmp_path / "a")
+    with pytest.raises(EngineError, match="norm_spans must be one of 'keep', 'prune'"):
+        dc.build_engine(model, masks, None, example_inputs=x, precision="fp32", norm_spans="drop", out_dir=tmp_path / "a")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     with pytest.raises(EngineError, match="is not empty"):
