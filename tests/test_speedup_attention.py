@@ -310,3 +310,23 @@ def test_activation_pruners_refuse_multihead_attention() -> None:
     model = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
     with pytest.raises(ConfigError, match="MultiheadAttention"):
         ActivationMeanRankPruner(model, [{"op_types": ["MultiheadAttention"], "sparsity": 0.5}], [torch.randn(1, 3, 32, 32)])
+
+
+def test_maxvit_heads_removed_by_dependency_aware_l1() -> None:
+    """MaxViT's attention reshapes its output to the input width; speedup swaps in a forward that uses
+    ``n_heads * head_dim`` and slices the per-head bias table."""
+    from torchvision.models.maxvit import MaxVit
+
+    torch.manual_seed(0)
+    net = MaxVit(input_size=(32, 32), stem_channels=16, partition_size=2, block_channels=[16, 32], block_layers=[1, 1],
+                 head_dim=4, stochastic_depth_prob=0.0, num_classes=10)  # fmt: skip
+    model, x = randomize_norms(net), torch.randn(2, 3, 32, 32)
+    config = [{"op_types": ["Linear"], "sparsity": 0.5}, {"exclude": True, "op_names": ["classifier.5"]}]
+    pruner = L1NormPruner(model, config, dependency_aware=True, dummy_input=x)
+    _, masks = pruner.compress()
+    small, report = run(pruner.unwrap_model(), masks, x)
+    attn = [m for m in small.modules() if type(m).__name__ == "PrunedRelativePositionalMultiHeadAttention"]
+    assert [m.n_heads for m in attn] == [2, 2, 4, 4]  # half of 4, 4, 8, 8 heads
+    assert all(m.relative_position_bias_table.shape[1] == m.n_heads for m in attn)
+    assert all(m.to_qkv.out_features == 3 * 4 * m.n_heads == 3 * m.merge.in_features for m in attn)
+    assert report.relative_error < 1e-5 and report.params_ratio < 0.7  # measured 0.675

@@ -10,7 +10,8 @@ on their own, because a head whose values are zero adds nothing whatever its att
 
 Known types: ``nn.MultiheadAttention`` with a packed in-projection (``kdim == vdim == embed_dim``),
 the pruned replacement speedup builds for it, and torchvision's Swin ``ShiftedWindowAttention``
-(V1 and V2, recognised by class path so torchvision stays optional).
+(V1 and V2) and MaxViT's ``RelativePositionalMultiHeadAttention``, recognised by class path so
+torchvision stays optional.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ SWIN_CLASSES = {
     "torchvision.models.swin_transformer.ShiftedWindowAttention",
     "torchvision.models.swin_transformer.ShiftedWindowAttentionV2",
 }
+MAXVIT_CLASS = "torchvision.models.maxvit.RelativePositionalMultiHeadAttention"
 PRUNED_MHA_CLASS = "deploycompress.speedup.attention.PrunedMultiheadAttention"
 
 
@@ -45,7 +47,7 @@ class AttentionSpec:
 
     name: str
     module: nn.Module
-    kind: str  # "mha" | "swin"
+    kind: str  # "mha" | "swin" | "maxvit"
     qkv: nn.Module  # owner of the packed (3 * heads * head_dim, in) projection
     weight_attr: str
     bias_attr: str
@@ -67,6 +69,8 @@ def attention_spec(name: str, module: nn.Module) -> AttentionSpec | None:
         mlp = getattr(module, "cpb_mlp", None)
         head_rows = mlp[-1] if isinstance(mlp, nn.Sequential) and isinstance(mlp[-1], nn.Linear) else None
         return AttentionSpec(name, module, "swin", module.qkv, "weight", "bias", module.proj, int(module.num_heads), head_rows)
+    if MAXVIT_CLASS in paths:  # q, k, v chunks of (heads, head_dim) rows, like the others
+        return AttentionSpec(name, module, "maxvit", module.to_qkv, "weight", "bias", module.merge, int(module.n_heads))
     return None
 
 
@@ -91,7 +95,7 @@ def _supported(spec: AttentionSpec) -> str | None:
 
 def _inputs(spec: AttentionSpec, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The tensors the q/k/v projection reads: (query, key, value) for MHA, the one input for Swin."""
-    if spec.kind == "swin":
+    if spec.kind != "mha":
         return [args[0] if args else kwargs["x"]]
     names = ("query", "key", "value")
     got = [kwargs[n] if n in kwargs else args[i] for i, n in enumerate(names)]

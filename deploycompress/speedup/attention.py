@@ -9,6 +9,8 @@ the modules around it derive sizes from attributes or from the input width:
 - torchvision's Swin attention derives ``head_dim = C // num_heads`` from its input width and keeps a
   per-head position-bias table (V1) or per-head logit scale and bias MLP (V2): those are sliced to
   the kept heads and the module's class becomes a subclass whose forward passes ``head_dim``.
+- torchvision's MaxViT attention keeps ``n_heads``/``head_dim`` and a per-head bias table, but reshapes
+  its output to the input width: the table is sliced and the forward reshapes to ``n_heads * head_dim``.
 - torchvision's ``VisionTransformer`` reshapes by ``hidden_dim``, which follows ``conv_proj``.
 """
 
@@ -176,20 +178,35 @@ def _swin_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     )  # fmt: skip
 
 
+def _maxvit_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's forward with the output reshaped to ``heads * head_dim`` instead of the input width."""
+    B, G, P, _ = x.shape
+    H, DH = self.n_heads, self.head_dim
+    q, k, v = (t.reshape(B, G, P, H, DH).permute(0, 1, 3, 2, 4) for t in torch.chunk(self.to_qkv(x), 3, dim=-1))
+    dot_prod = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k * self.scale_factor)
+    dot_prod = F.softmax(dot_prod + self.get_relative_positional_bias(), dim=-1)
+    out = torch.einsum("B G H I J, B G H J D -> B G H I D", dot_prod, v)
+    return self.merge(out.permute(0, 1, 3, 2, 4).reshape(B, G, P, H * DH))
+
+
 _PRUNED_SWIN = {"PrunedShiftedWindowAttention": "ShiftedWindowAttention", "PrunedShiftedWindowAttentionV2": "ShiftedWindowAttentionV2"}
+_PRUNED_MAXVIT = {"PrunedRelativePositionalMultiHeadAttention": "RelativePositionalMultiHeadAttention"}
 _made: dict[str, type] = {}
 
 
 def __getattr__(name: str) -> Any:
     """The pruned Swin classes are made on first use (torchvision stays optional) yet pickle by name."""
-    if name not in _PRUNED_SWIN:
+    if name not in _PRUNED_SWIN and name not in _PRUNED_MAXVIT:
         raise AttributeError(name)
     if name not in _made:
-        from torchvision.models import swin_transformer
+        from torchvision.models import maxvit, swin_transformer
 
-        base = getattr(swin_transformer, _PRUNED_SWIN[name])
-        doc = f"{base.__name__} with pruned heads: forward passes ``head_dim`` instead of deriving it from the input."
-        _made[name] = type(name, (base,), {"forward": _swin_forward, "__module__": __name__, "__doc__": doc})
+        if name in _PRUNED_SWIN:
+            base, forward = getattr(swin_transformer, _PRUNED_SWIN[name]), _swin_forward
+        else:
+            base, forward = getattr(maxvit, _PRUNED_MAXVIT[name]), _maxvit_forward
+        doc = f"{base.__name__} with pruned heads: its forward does not derive head widths from the input width."
+        _made[name] = type(name, (base,), {"forward": forward, "__module__": __name__, "__doc__": doc})
     return _made[name]
 
 
@@ -239,6 +256,13 @@ def _fix_swin(spec: AttentionSpec, kept: list[int], head_dim: int) -> None:
     module.__class__ = __getattr__("PrunedShiftedWindowAttentionV2" if v2 else "PrunedShiftedWindowAttention")
 
 
+def _fix_maxvit(spec: AttentionSpec, kept: list[int], head_dim: int) -> None:
+    module = spec.module
+    _slice_param(module, "relative_position_bias_table", 1, kept)
+    module.n_heads, module.head_dim = len(kept), head_dim
+    module.__class__ = __getattr__("PrunedRelativePositionalMultiHeadAttention")
+
+
 def _fix_vit(module: nn.Module) -> None:
     """torchvision's VisionTransformer reshapes patches by ``hidden_dim``: it must follow ``conv_proj``."""
     convs = [m for m in module.conv_proj.modules() if isinstance(m, nn.Conv2d)] if hasattr(module, "conv_proj") else []
@@ -254,7 +278,7 @@ def fix_attention_modules(model: nn.Module, kept: Kept) -> None:
         spec = attention_spec(name, module)
         if spec is None:
             continue
-        qkv_name = f"{name}.qkv" if spec.kind == "swin" else name
+        qkv_name = next((f"{name}.{child}" for child, m in module.named_children() if m is spec.qkv), name)
         if qkv_name not in kept:
             continue  # the rule did not follow this module: nothing was shrunk
         in_keep, out_keep = kept[qkv_name]
@@ -264,5 +288,7 @@ def fix_attention_modules(model: nn.Module, kept: Kept) -> None:
         log.debug("%s: keeps heads %s of %d (head_dim %d)", name, heads, spec.num_heads, head_dim)
         if spec.kind == "mha":
             _replace_mha(model, spec, heads, head_dim)
+        elif spec.kind == "maxvit":
+            _fix_maxvit(spec, heads, head_dim)
         else:  # a narrower input alone breaks torchvision's C // num_heads too
             _fix_swin(spec, heads, head_dim)
