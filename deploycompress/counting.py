@@ -99,6 +99,26 @@ def _flops(module: nn.Module, x: torch.Tensor | None, y: torch.Tensor) -> int:
     return 0
 
 
+def _attention_flops(spec: Any, x: torch.Tensor | None, y: torch.Tensor) -> int:
+    """Projections plus the q-k and attention-v products of one attention module, counted as a unit:
+    inside, torchvision calls its projections functionally (``F.linear(x, self.qkv.weight)``,
+    ``F.multi_head_attention_forward``), which leaf hooks cannot see."""
+    if x is None:
+        return 0
+    qkv = getattr(spec.qkv, spec.weight_attr)
+    inner = qkv.shape[0] // 3  # heads x head_dim
+    if spec.kind == "mha":
+        seq = x.shape[0] if (x.dim() == 3 and not getattr(spec.module, "batch_first", False)) else x.shape[-2]
+        tokens, keys = seq, seq
+    elif spec.kind == "swin":
+        tokens, keys = math.prod(x.shape[1:-1]), math.prod(spec.module.window_size)
+    else:  # maxvit: [B, G, P, D], attention within each of the G partitions
+        tokens, keys = math.prod(x.shape[1:-1]), x.shape[-2]
+    bias = getattr(spec.qkv, spec.bias_attr, None)
+    flops = tokens * (qkv.numel() + spec.out.weight.numel() + 2 * keys * inner)
+    return flops + tokens * ((qkv.shape[0] if bias is not None else 0) + (spec.out.out_features if spec.out.bias is not None else 0))
+
+
 def _is_leaf(module: nn.Module) -> bool:
     return all(name == "parametrizations" for name, _ in module.named_children())
 
@@ -122,25 +142,36 @@ def count_flops_params(model: nn.Module, inputs: Any) -> FlopsParams:
 
     ``inputs`` is a tensor, a tuple of positional inputs, or a dict of keyword inputs.
     """
+    from .graph.attention import attention_spec
+
     layers: dict[str, LayerCount] = {}
     handles = []
 
-    def hook_for(name: str):
+    def hook_for(name: str, spec: Any = None):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             y = _first_tensor(output)
             if y is None:
                 return
-            flops = _flops(module, _first_tensor(args), y)
+            x = _first_tensor(args)
+            flops = _flops(module, x, y) if spec is None else _attention_flops(spec, x, y)
             if name in layers:
                 layers[name].flops += flops
                 layers[name].calls += 1
             else:
-                layers[name] = LayerCount(name, type(module).__name__, flops, _own_params(module), tuple(y.shape))
+                params = _own_params(module) if spec is None else sum(_own_params(m) for m in module.modules())
+                layers[name] = LayerCount(name, type(module).__name__, flops, params, tuple(y.shape))
 
         return hook
 
+    units: list[str] = []  # attention modules: counted whole, their children not again
     for name, module in model.named_modules():
-        if name and _is_leaf(module) and ".parametrizations" not in name:
+        if any(name.startswith(u + ".") for u in units) or ".parametrizations" in name or not name:
+            continue
+        spec = attention_spec(name, module)
+        if spec is not None:
+            units.append(name)
+            handles.append(module.register_forward_hook(hook_for(name, spec)))
+        elif _is_leaf(module):
             handles.append(module.register_forward_hook(hook_for(name)))
     was_training = model.training
     model.eval()

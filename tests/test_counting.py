@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import deploycompress as dc
+from deploycompress.counting import count_flops_params
 from deploycompress.pruning import L1NormPruner
 from deploycompress.zoo.digits import DigitsNet
 
@@ -66,3 +67,40 @@ def test_a_masked_model_counts_like_the_dense_one():
     masked = dc.count_flops_params(model, {"x": torch.rand(1, 1, 8, 8)})
     assert (masked.flops, masked.params) == (dense.flops, dense.params)
     assert [l.name for l in masked.layers] == [l.name for l in dense.layers]
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_counted_as_one_unit(batch_first: bool) -> None:
+    """Projections (called functionally inside, invisible to leaf hooks) plus q.k and attn.v products."""
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    result = count_flops_params(_SelfAttention(batch_first), x)
+    tokens, keys, inner = 5, 5, 16
+    expected = tokens * (48 * 16 + 16 * 16 + 2 * keys * inner) + tokens * (48 + 16)
+    assert [l.name for l in result.layers] == ["attn"] and result.flops == expected
+    assert result.layers[0].params == 48 * 16 + 48 + 16 * 16 + 16
+
+
+def test_pruned_swin_attention_counts_like_the_original() -> None:
+    """The pruned Swin attention calls its projections as modules; counting must not change with that."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    from deploycompress.speedup.attention import __getattr__ as pruned_class
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4], num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    dense = count_flops_params(model, x).flops
+    for m in model.modules():
+        if type(m).__name__ == "ShiftedWindowAttention":
+            m.head_dim = m.qkv.in_features // m.num_heads
+            m.__class__ = pruned_class("PrunedShiftedWindowAttention")
+    assert count_flops_params(model, x).flops == dense
