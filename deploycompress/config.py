@@ -306,8 +306,12 @@ def op_type_of(module: nn.Module) -> str:
     return cls.__name__
 
 
+# torch classes that are their base under another name: ``Linear`` selects them too
+OP_TYPE_ALIASES = {"NonDynamicallyQuantizableLinear": "Linear"}  # nn.MultiheadAttention.out_proj
+
+
 def _matches(name: str, op_type: str, cfg: Mapping[str, Any], op_types: set[str] | None) -> bool:
-    if op_types is not None and op_type not in op_types:
+    if op_types is not None and op_type not in op_types and OP_TYPE_ALIASES.get(op_type) not in op_types:
         return False
     if "op_names" in cfg and name not in cfg["op_names"]:
         return False

@@ -240,3 +240,12 @@ def test_any_key_outside_the_spec_is_named_in_the_error(keys, key):
         return
     with pytest.raises(ConfigError, match=re.escape(f"unknown key {key!r}")):
         validate_config_list([{"op_types": ["Conv2d"], key: 1}])
+
+
+def test_linear_selects_multihead_attention_out_proj() -> None:
+    """``nn.MultiheadAttention.out_proj`` is a ``NonDynamicallyQuantizableLinear``: ``Linear`` selects it,
+    its own name too; a subclass of a supported type passes the pruner's type check."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
+    for op_type in ("Linear", "NonDynamicallyQuantizableLinear"):
+        pruner = L1NormPruner(model, [{"op_types": [op_type], "sparsity": 0.5}])
+        assert ("1.out_proj" in pruner.module_configs) and (("0" in pruner.module_configs) == (op_type == "Linear"))
