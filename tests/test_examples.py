@@ -70,3 +70,17 @@ def test_resnet18_example_small(tmp_path):
     assert sizes["speeded up"].params < 0.6 * sizes["original"].params  # half of every block's inner width
     fid = next(f for f in report.fidelity if f.label == "onnxruntime int8")
     assert fid.cosine_similarity > 0.99
+
+
+def test_vit_heads_example():
+    """examples/vit_heads.py as documented: whole heads and (in prune mode) the stream go; onnxruntime agrees."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "vit_heads.py")], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keep, prune, onnx = proc.stdout.strip().splitlines()[-3:]
+    assert "heads [4, 4] -> [2, 2], hidden_dim 64" in keep and float(keep.rsplit(" ", 1)[1]) < 1e-5
+    assert "hidden_dim 32, 5 LayerNorms narrowed" in prune
+    ratio = float(re.search(r"\((0\.\d+)\)", prune).group(1))
+    assert ratio < 0.35  # measured 0.298: the stream and heads halve, MLP hidden widths halve
+    diff, ref = (float(v) for v in re.findall(r"max \|\w+\| ([\d.e+-]+)", onnx))
+    assert diff <= 1e-4 * ref and ref > 0
