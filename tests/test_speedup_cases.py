@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from deploycompress.graph import random_group_masks
+from deploycompress.pruning.channel import channel_masks
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,15 +41,7 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def channel_mask(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """Weight/bias masks that keep output channels ``keep`` (bool) of a Conv/Linear (or an attention's in_proj)."""
-    from deploycompress.graph.attention import projection_attrs
-
-    w_attr, b_attr = projection_attrs(module)
-    w = getattr(module, w_attr)
-    view = [-1] + [1] * (w.dim() - 1)
-    masks = {w_attr: keep.view(view).expand_as(w).clone()}
-    if getattr(module, b_attr) is not None:
-        masks[b_attr] = keep.clone()
-    return masks
+    return channel_masks(module, keep)
 
 
 def group_masks(model: nn.Module, x: torch.Tensor, ratio: float = 0.5, seed: int = 0) -> dict:

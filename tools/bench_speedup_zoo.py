@@ -72,8 +72,8 @@ def _ours(name: str, size: int, sparsity: float, round_to: int, norm_spans: str 
 
     model, x = _build(name, size)
     dense_flops = count_flops_params(model, x).flops
-    # out_proj is a Linear subclass; MultiheadAttention: rows of its packed q/k/v projection (whole heads)
-    config_list = [{"op_types": ["Conv2d", "Linear", "NonDynamicallyQuantizableLinear", "MultiheadAttention"], "sparsity": sparsity}]
+    # Linear also selects MultiheadAttention.out_proj; MultiheadAttention: rows of its packed q/k/v projection (whole heads)
+    config_list = [{"op_types": ["Conv2d", "Linear", "MultiheadAttention"], "sparsity": sparsity}]
     if _classifier(model):
         config_list.append({"exclude": True, "op_names": _classifier(model)})
     start = time.perf_counter()

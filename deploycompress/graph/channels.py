@@ -47,12 +47,6 @@ class UnionFind:
         self.parent = p
         return p.clone()
 
-    def find(self, i: int) -> int:
-        return int(self.roots()[i])
-
-    def union(self, a: int, b: int) -> None:
-        self.union_many(torch.tensor([a]), torch.tensor([b]))
-
     def union_many(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Union a[i] with b[i] wherever both are real ids."""
         a, b = a.reshape(-1).long(), b.reshape(-1).long()

@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from .attention import projection_attrs
 from .groups import ChannelGroup, build_channel_groups
 
 __all__ = ["group_keep", "random_group_masks"]
@@ -27,22 +26,10 @@ def group_keep(group: ChannelGroup, ratio: float, generator: torch.Generator) ->
     return {m: ~drop[group.slots[m]] for m in group.modules}
 
 
-def _channel_masks(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Weight/bias masks that keep output channels ``keep`` (dim 1 of a ConvTranspose weight)."""
-    w_attr, b_attr = projection_attrs(module)
-    w = getattr(module, w_attr)
-    assert isinstance(w, torch.Tensor)
-    dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
-    shape = [1] * w.dim()
-    shape[dim] = -1
-    masks = {w_attr: keep.reshape(shape).expand_as(w).clone()}
-    if getattr(module, b_attr, None) is not None:
-        masks[b_attr] = keep.clone()
-    return masks
-
-
 def random_group_masks(model: nn.Module, example_inputs: object, ratio: float = 0.5, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """``{module: {"weight": keep, "bias": keep}}`` dropping about ``ratio`` of each unpinned group's channels."""
+    from ..pruning.channel import channel_masks  # graph must not import pruning at module level
+
     g = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     masks: dict[str, dict[str, torch.Tensor]] = {}
@@ -50,5 +37,5 @@ def random_group_masks(model: nn.Module, example_inputs: object, ratio: float = 
         if group.pinned:
             continue
         for name, keep in group_keep(group, ratio, g).items():
-            masks[name] = _channel_masks(modules[name], keep)
+            masks[name] = channel_masks(modules[name], keep)
     return masks

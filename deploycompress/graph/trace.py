@@ -365,10 +365,10 @@ class _Tracer(TorchFunctionMode):
                 self.trace.pinned.append(ids[ids >= 0])
             return
         owner = self.owner.get(id(c))
-        if owner is None:  # a parameter also varying along other axes (ViT's position embedding) is sliced all the same
+        if owner is None:  # not a parameter: nothing could shrink with the channels
             self.trace.pinned.append(ids[ids >= 0])
             return
-        self._record_param(owner[0], owner[1], k, ids)
+        self._record_param(owner[0], owner[1], k, ids)  # also when it varies along other axes (position embedding)
 
     def _record_param(self, module: str, attr: str, axis: int, ids: torch.Tensor) -> None:
         key = (module, attr)
@@ -388,6 +388,13 @@ class _Tracer(TorchFunctionMode):
         if bool(mixed.any()):
             self.trace.pinned.append(torch.cat([a[mixed & (a >= 0)], b[mixed & (b >= 0)]]))
 
+    def _owned_base(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The model parameter ``t`` is, or whose broadcast view it is (``class_token.expand(n, -1, -1)``)."""
+        base = t if id(t) in self.owner else t._base
+        if base is None or id(base) not in self.owner or base.dim() != t.dim() or t.data_ptr() != base.data_ptr():
+            return None
+        return base if all(b in (s, 1) for b, s in zip(base.shape, t.shape)) else None
+
     def _cat_params(self, args: tuple, kwargs: dict, before: dict) -> None:
         """A parameter (or its expanded view) concatenated along another axis than the channels -- ViT's
         class token -- is sliced with the channels it joins, instead of pinning them as a constant."""
@@ -397,11 +404,8 @@ class _Tracer(TorchFunctionMode):
             return
         axis = ref.axis
         for t in tensors:
-            base = t if id(t) in self.owner else t._base
-            if id(t) in before or base is None or id(base) not in self.owner or t.dim() != len(ref.shape):
-                continue
-            expanded = base.dim() == t.dim() and all(b in (s, 1) for b, s in zip(base.shape, t.shape))
-            if not expanded or base.shape[axis] != t.shape[axis] or t.data_ptr() != base.data_ptr():
+            base = None if id(t) in before or t.dim() != len(ref.shape) else self._owned_base(t)
+            if base is None or base.shape[axis] != t.shape[axis]:
                 continue
             owner = self.owner[id(base)]
             self._record_param(owner[0], owner[1], axis, ref.ids)
@@ -519,11 +523,8 @@ class _Tracer(TorchFunctionMode):
         for t in tensors:
             if not isinstance(t, torch.Tensor) or self.info(t) is not None:
                 continue
-            base = t if id(t) in self.owner else t._base
-            k = axis - (nd - t.dim())
-            if base is None or id(base) not in self.owner or base.dim() != t.dim() or not 0 <= k < t.dim():
-                continue
-            if base.shape[k] != zero.numel() or t.data_ptr() != base.data_ptr():
+            base, k = self._owned_base(t), axis - (nd - t.dim())
+            if base is None or not 0 <= k < t.dim() or base.shape[k] != zero.numel():
                 continue
             with torch.no_grad():
                 base.index_fill_(k, torch.nonzero(zero).flatten().to(base.device), 0)

@@ -28,7 +28,7 @@ from .io import _bias, _weight, weight_attrs
 if TYPE_CHECKING:
     from ..graph import ChannelGroup
 
-__all__ = ["ChannelPruner", "channel_dim", "channel_rows"]
+__all__ = ["ChannelPruner", "channel_dim", "channel_masks", "channel_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,21 @@ def channel_dim(module: nn.Module) -> int:
 def channel_rows(weight: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """The weight as ``[channels, everything else]``."""
     return weight.detach().transpose(0, dim).reshape(weight.shape[dim], -1)
+
+
+def channel_masks(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Masks that keep the output channels ``keep`` (bool) whole: filter rows and bias entries, under the
+    names the module stores them (``weight``/``bias``, or an attention's ``in_proj_weight``/``in_proj_bias``)."""
+    weight, bias = _weight(module), _bias(module)
+    if weight is None:
+        raise ValueError(f"{type(module).__name__} has no weight whose output channels could be masked")
+    w_attr, b_attr = weight_attrs(module)
+    shape = [1] * weight.dim()
+    shape[channel_dim(module)] = -1
+    masks = {w_attr: keep.reshape(shape).expand_as(weight).clone()}
+    if bias is not None:
+        masks[b_attr] = keep.clone()
+    return masks
 
 
 class ChannelPruner(Pruner):
@@ -94,17 +109,7 @@ class ChannelPruner(Pruner):
         return score
 
     def _expand(self, name: str, module: nn.Module, pruned: torch.Tensor) -> dict[str, torch.Tensor]:
-        keep = ~pruned
-        weight, bias = _weight(module), _bias(module)
-        assert weight is not None
-        w_attr, b_attr = weight_attrs(module)
-        dim = channel_dim(module)
-        shape = [1] * weight.dim()
-        shape[dim] = -1
-        masks = {w_attr: keep.reshape(shape).expand_as(weight).clone()}
-        if bias is not None:
-            masks[b_attr] = keep.clone()
-        return masks
+        return channel_masks(module, ~pruned)
 
     # ------------------------------------------------------------------ dependency-aware selection
     def _build_channel_groups(self) -> list[ChannelGroup]:
