@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from ..graph import trace_channels
+from ..model_copy import strip_parametrizations
 from ..graph.rules.dead import restore_kept
 from ..graph.trace import as_input_tuple, check_norm_spans
 from .masks import Masks, apply_param_masks, masked_out_channels, validate_masks
@@ -31,21 +31,6 @@ class SpeedupError(RuntimeError):
     """The shrunk model does not run or does not reproduce the masked model."""
 
 
-def _bake_parametrizations(model: nn.Module) -> None:
-    """A pruner's mask wrappers (torch parametrizations) become plain tensors holding their current value.
-
-    Done by hand: ``remove_parametrizations`` edits the generated class, which a deep copy shares with
-    the caller's model.
-    """
-    for module in list(model.modules()):
-        if parametrize.is_parametrized(module):
-            values = {name: getattr(module, name).detach().clone() for name in module.parametrizations.keys()}
-            module.__class__ = module.__class__.__bases__[0]
-            del module._modules["parametrizations"]
-            for name, value in values.items():
-                module._parameters[name] = nn.Parameter(value)
-
-
 MASKED_CONSTANTS = ("keep", "prune")  # what speedup does with masked channels whose value is a non-zero constant
 
 
@@ -58,9 +43,7 @@ def check_masked_constants(masked_constants: Any) -> str:
 def _user_masked(model: nn.Module, masks: Masks, inplace: bool) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
     """The user's masked model: each mask multiplied into exactly the tensor it names, nothing else."""
     checked = validate_masks(model, masks)
-    work = model if inplace else copy.deepcopy(model)
-    work.eval()
-    _bake_parametrizations(work)
+    work = strip_parametrizations(model if inplace else copy.deepcopy(model)).eval()
     apply_param_masks(work, checked)
     return work, checked
 
