@@ -51,17 +51,77 @@ DEFAULT_QUANT_CONFIG: list[dict[str, Any]] = [
 #: layers whose outputs are also calibrated by default: a quantized output after a conv's
 #: activation or pool is what lets onnxruntime fuse the conv into QLinearConv and run pools in int8
 #: (without it the last conv before a global pool stays float)
-DEFAULT_OUTPUT_OP_TYPES = ("BatchNorm2d", "ReLU", "ReLU6", "MaxPool2d", "AdaptiveAvgPool2d")
+DEFAULT_OUTPUT_OP_TYPES = ("BatchNorm1d", "BatchNorm2d", "ReLU", "ReLU6", "MaxPool2d", "AdaptiveAvgPool2d")
+CONV_OP_TYPES = ("Conv1d", "Conv2d", "Conv3d")
 
 
-def default_quant_config(model: nn.Module) -> list[dict[str, Any]]:
+def default_quant_config(model: nn.Module, example_inputs: Any = None) -> list[dict[str, Any]]:
     """What ``calib_data`` calibrates when no ``quant_config_list`` is given: DEFAULT_QUANT_CONFIG,
     plus the outputs of the model's activations and pools (only types the model has, so the
-    config never selects nothing)."""
+    config never selects nothing).
+
+    With ``example_inputs`` the outputs are chosen on one traced forward so that the simulation
+    quantizes the tensors the deployed graph quantizes: a conv's output is calibrated too (what lets
+    onnxruntime run it as QLinearConv when a float op reads it: a sigmoid gate, a residual Add, a graph
+    output), except where a BatchNorm or ReLU module reads it (the graph folds the BatchNorm into the
+    conv and the ReLU into the following Q, so only the last of such a chain is quantized).
+    """
     present = {type(m).__name__ for m in model.modules()}
-    outputs = [t for t in DEFAULT_OUTPUT_OP_TYPES if t in present]
-    extra = [{"op_types": outputs, "quant_types": ["output"], "quant_bits": 8}] if outputs else []
-    return [dict(c) for c in DEFAULT_QUANT_CONFIG] + extra
+    if example_inputs is None:
+        outputs = [t for t in DEFAULT_OUTPUT_OP_TYPES if t in present]
+        extra = [{"op_types": outputs, "quant_types": ["output"], "quant_bits": 8}] if outputs else []
+        return [dict(c) for c in DEFAULT_QUANT_CONFIG] + extra
+    ends = _chain_ends(model, example_inputs)
+    config = [dict(c) for c in DEFAULT_QUANT_CONFIG]
+    convs = [n for n, t in ends.items() if t in CONV_OP_TYPES]
+    others = [n for n, t in ends.items() if t not in CONV_OP_TYPES]
+    if convs:
+        config.append({"op_names": convs, "quant_types": ["input", "weight", "output"], "quant_bits": 8})
+    if others:
+        config.append({"op_names": others, "quant_types": ["output"], "quant_bits": 8})
+    return config
+
+
+def _chain_ends(model: nn.Module, example_inputs: Any) -> dict[str, str]:
+    """Modules (convs, BatchNorms, activations, pools) whose output no BatchNorm/ReLU module reads."""
+    from .tensor_io import name_inputs
+
+    candidates = set(CONV_OP_TYPES) | set(DEFAULT_OUTPUT_OP_TYPES)
+    absorbers = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ReLU", "ReLU6"}
+    produced: dict[int, str] = {}
+    absorbed: set[str] = set()
+    keep_alive: list[torch.Tensor] = []  # ids stay unique while the forward runs
+    handles = []
+    def produce(name: str):
+        def hook(mod, inputs, output) -> None:
+            if isinstance(output, torch.Tensor):
+                keep_alive.append(output)
+                produced[id(output)] = name
+
+        return hook
+
+    def absorb(mod, inputs) -> None:
+        if inputs and id(inputs[0]) in produced:
+            absorbed.add(produced[id(inputs[0])])
+
+    for name, mod in model.named_modules():
+        kind = type(mod).__name__
+        if kind in candidates:
+            handles.append(mod.register_forward_hook(produce(name)))
+        if kind in absorbers:
+            handles.append(mod.register_forward_pre_hook(absorb))
+    named = name_inputs(model, example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*named.args)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    modules = dict(model.named_modules())
+    return {n: type(modules[n]).__name__ for n in dict.fromkeys(produced.values()) if n not in absorbed}
 
 
 class QDQLintWarning(UserWarning):
@@ -395,7 +455,7 @@ def build_engine(
             if precision == "int8":
                 with steps("calibrate"):
                     if calib_data is not None:
-                        calib = _calibrate(deployed, calib_data, quant_config_list or default_quant_config(deployed), calibrator)
+                        calib = _calibrate(deployed, calib_data, quant_config_list or default_quant_config(deployed, example_inputs), calibrator)
                     elif masks is not None:
                         calib = fit_calibration(calib, deployed)  # type: ignore[arg-type]
             with steps("export"):

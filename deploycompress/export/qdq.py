@@ -69,6 +69,14 @@ class QDQError(ValueError):
 class _Act:
     params: QuantParams
     sources: list[str]  # "module.kind" entries that gave this range
+    #: nodes that read the dequantized value; None: every consumer. A module's *input* calibration
+    #: quantizes what that module reads, as the simulation does (its wrapper quantizes its own input):
+    #: other readers of the tensor (a residual skip) keep the float value when the target says so
+    readers: frozenset[str] | None = None
+
+
+def _readers(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    return None if a is None or b is None else a | b
 
 
 def _union(a: QuantParams, b: QuantParams) -> QuantParams:
@@ -111,10 +119,11 @@ def _collect(calib: CalibConfig, name_map: NameMap, graph_tensors: set[str]):
             if t not in graph_tensors:
                 missing.append(f"tensor {t!r} ({module}.{kind}) is not in the graph")
                 continue
+            readers = frozenset(m.nodes) if kind == "input" else None
             if t in acts:
-                acts[t] = _Act(_union(acts[t].params, params), acts[t].sources + [f"{module}.{kind}"])
+                acts[t] = _Act(_union(acts[t].params, params), acts[t].sources + [f"{module}.{kind}"], _readers(acts[t].readers, readers))
             else:
-                acts[t] = _Act(params, [f"{module}.{kind}"])
+                acts[t] = _Act(params, [f"{module}.{kind}"], readers)
     if missing:
         raise QDQError("the calibration names modules or tensors the model lacks:\n  " + "\n  ".join(missing))
     for item in skipped:
@@ -193,7 +202,7 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
         if pads:
             params = _union(params, params_from_range(min(pads), max(pads), bits=params.bits, signed=params.signed,
                                                       symmetric=params.symmetric))
-        chosen[x.name] = _Act(params, act.sources + [f"moved past the value-copying ops before {node.name}"])
+        chosen[x.name] = _Act(params, act.sources + [f"moved past the value-copying ops before {node.name}"], frozenset([node.name]))
     for node in reversed(graph.nodes):  # outputs before inputs: a chain of such ops propagates back
         src = node.inputs[0] if node.inputs else None
         if (node.op in target.same_scale_ops and src is not None and src.name not in chosen and src.name not in graph_outputs
@@ -286,13 +295,23 @@ def _weight_scales(module: str, p: QuantParams, channels: int, fold: np.ndarray 
     return scale.astype(np.float32)
 
 
-def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: int | None = None) -> gs.Variable:
+def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: int | None = None,
+              readers: frozenset[str] | None = None) -> gs.Variable:
     base = tensor.name
     s = gs.Constant(f"{base}_scale", np.asarray(scale, dtype=np.float32))
     z = gs.Constant(f"{base}_zero_point", np.asarray(zero_point))
     q = gs.Variable(f"{base}_quantized", dtype=z.values.dtype, shape=tensor.shape)
     dq = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=tensor.shape)
     attrs = {} if axis is None else {"axis": axis}
+    if readers is not None:  # only these nodes read the quantized value; the rest keep the float tensor
+        consumers = [n for n in tensor.outputs if n.name in readers]
+        graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[tensor, s, z], outputs=[q]))
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[dq]))
+        for node in consumers:
+            for i, inp in enumerate(node.inputs):
+                if inp is tensor:
+                    node.inputs[i] = dq
+        return dq
     if any(t is tensor for t in graph.outputs) and tensor.inputs:
         # a graph output keeps its name on the dequantized value; the producer writes a new float tensor
         producer = tensor.inputs[0]
@@ -359,7 +378,10 @@ def insert_qdq(
         p = _act_flavour(act.params, spec, f"calibration of {', '.join(act.sources)}")
         act_params[tname] = p
         zp = np.asarray(p.zero_point.reshape(()), dtype=np.int8 if p.signed else np.uint8)
-        dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp)
+        readers = act.readers if spec.skip_reads_float and act.readers is not None else None
+        if readers is not None and all(c.name in readers for c in tensors[tname].outputs):
+            readers = None
+        dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp, readers=readers)
         dq_source[dq.name] = tname
 
     nodes_by_name = {n.name: n for n in graph.nodes}
