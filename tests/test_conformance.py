@@ -136,10 +136,8 @@ def test_build_engine_conformance(family, mask_style, calib_source, precision, t
     sim = PTQQuantizer(copy.deepcopy(deployed), default_quant_config(deployed, example))
     sim.calibrate(batches)
     flavour = get_target("onnxruntime").activation_flavour  # the same ranges, as the deployed uint8 grid
-    for wrapper in sim.wrappers.values():
-        for kind in ("input", "output"):
-            if kind in wrapper.params:
-                wrapper.params[kind] = flavour(wrapper.params[kind])
+    for module, kind, p in art.calib_config.items():  # the calibration the bundle was built from
+        sim.wrappers[module].params[kind] = p if kind == "weight" else flavour(p)
     with torch.no_grad():
         simulated = _np(_call(sim.model, eval_x))
     for k in ref:
