@@ -87,22 +87,9 @@ def _user_rel_error(model: Any, masks: dict, small: Any, x: Any) -> float:
 def _independent_masks(model: Any, ratio: float, seed: int = 0) -> dict:
     """What NNI users bring: every Conv2d/Linear (classifier excluded) masked on its own, random output
     channels (weight rows and bias), nothing dependency-aware and nothing joined."""
-    import torch
-    from torch import nn
+    from deploycompress.pruning import random_layer_masks
 
-    g = torch.Generator().manual_seed(seed)
-    skip = set(_classifier(model))
-    masks = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.Conv2d, nn.Linear)) or name in skip:
-            continue
-        n = m.weight.shape[0]
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[torch.randperm(n, generator=g)[: int(ratio * n)]] = False
-        masks[name] = {"weight": keep.view(-1, *[1] * (m.weight.dim() - 1)).expand_as(m.weight).clone()}
-        if m.bias is not None:
-            masks[name]["bias"] = keep.clone()
-    return masks
+    return random_layer_masks(model, ratio, seed, exclude=_classifier(model))
 
 
 def _ours(name: str, size: int, sparsity: float, round_to: int, norm_spans: str = "keep") -> tuple[dict[str, Any], Any, Any, Any]:

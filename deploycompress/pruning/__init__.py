@@ -7,7 +7,7 @@ from .evaluator import TorchEvaluator
 from .io import apply_masks, load_masks, save_masks
 from .level import ElementPruner, LevelPruner
 from .norm import FPGMPruner, L1NormPruner, L2NormPruner
-from .random_masks import group_keep, random_group_masks
+from .random_masks import group_keep, random_group_masks, random_layer_masks
 from .slim import SlimPruner
 from .taylor import TaylorFOWeightPruner
 
@@ -29,4 +29,5 @@ __all__: list[str] = [
     "apply_masks",
     "group_keep",
     "random_group_masks",
+    "random_layer_masks",
 ]
