@@ -208,3 +208,20 @@ def test_warning_names_layers_and_unknown_ops() -> None:
     assert report.unknown_ops == ["logcumsumexp"]
     assert reasons(report)["a"] == {"op 'logcumsumexp' has no channel rule": 2}
     assert max_rel_error(user_masked(model, masks)(x), small(x)) < TOL
+
+
+def test_pruner_masks_list_joined_tensors_in_saved_masks_and_warn_when_tracing_fails(tmp_path) -> None:
+    from deploycompress.pruning import load_masks
+    from deploycompress.pruning.channel import PruningWarning
+
+    torch.manual_seed(0)
+    model, x = conv_bn(), torch.randn(2, 3, 12, 12)
+    pruner = L1NormPruner(model, [{"op_names": ["0"], "sparsity": 0.25}], dummy_input=x)
+    _, masks = pruner.compress()
+    pruner.export_model(tmp_path / "model.pt", tmp_path / "masks.pt")
+    loaded = load_masks(tmp_path / "masks.pt", conv_bn())
+    assert set(loaded) == {"0", "1"} and torch.equal(loaded["1"]["bias"], masks["0"]["bias"])
+    pruner = L1NormPruner(conv_bn(), [{"op_names": ["0"], "sparsity": 0.25}], dummy_input=torch.randn(2, 5, 12, 12))
+    with pytest.warns(PruningWarning, match="could not trace the model on dummy_input"):
+        _, masks = pruner.compress()
+    assert set(masks) == {"0"}
