@@ -66,7 +66,7 @@ def test_int8_accuracy_within_one_point_of_fp32(pipeline):
 
 def test_int8_agrees_with_fake_quant_simulation(pipeline):
     data = pipeline["data"]
-    out = pipeline["runner"].run({"input": data.test_x.numpy()})["output"]
+    out = pipeline["runner"].run({"x": data.test_x.numpy()})["output"]
     agreement = float((out.argmax(1) == pipeline["simulated"].argmax(1)).mean())
     assert agreement >= 0.99, agreement
 

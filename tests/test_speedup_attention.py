@@ -190,7 +190,7 @@ def test_vit_heads_removed_and_onnx_matches() -> None:
     assert report.params_before - report.params_after == 3 * (3 * 16 * 65 + 16 * 64)
     exported = to_onnx(small, x)
     sess = ort.InferenceSession(exported.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
     with torch.no_grad():
         assert max_rel_error(small(x), got) < 1e-4
 
