@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import inspect
 import logging
 import sys
 from dataclasses import dataclass
@@ -271,7 +272,10 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise UsageError(f"recipe prune.pruner {name!r} is not a pruner; known: {[n for n in pruning.__all__ if n.endswith('Pruner')]}")
         if "config_list" not in prune:
             raise UsageError("recipe section 'prune' needs a config_list")
-        pruner = cls(model, prune["config_list"], **(prune.get("options") or {}))
+        options = dict(prune.get("options") or {})
+        if "dummy_input" in inspect.signature(cls).parameters:  # the pruner then masks what speedup removes with the channels
+            options.setdefault("dummy_input", example)
+        pruner = cls(model, prune["config_list"], **options)
         _, masks = pruner.compress()
         if prune.get("finetune"):  # a `module:function` taking the model, run while the masks apply
             finetune = _import_object(str(prune["finetune"]), "recipe prune.finetune")

@@ -33,7 +33,7 @@ def _build(tmp_path_factory):
     torch.manual_seed(0)
     data = load_digits_data()
     model = train(DigitsNet(width=16), data, epochs=8, batch_size=128, lr=5e-3)
-    pruner = L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity": 0.5, "exclude_op_names": ["conv1"]}])
+    pruner = L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity": 0.5, "exclude_op_names": ["conv1"]}], dummy_input=data.test_x[:1])
     _, masks = pruner.compress()
     train(model, data, epochs=6, batch_size=128, lr=2e-3)  # fine-tune with the masks in place
     pruner.unwrap_model()
