@@ -413,10 +413,12 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
         nni3_cap = "max_sparse_ratio" in raw or "max_sparse_ratio" in weight_settings
         _expand_targets(index, cfg, kind)
 
-        for key in ("op_types", "op_names", "op_partial_names", "op_names_re", "exclude_op_names", "exclude_op_types",
-                    "exclude_op_names_re"):
+        for key in ("op_types", "op_names", "op_partial_names", "op_names_re"):
             if key in cfg:
                 cfg[key] = _as_str_list(index, key, cfg[key])
+        for key in ("exclude_op_names", "exclude_op_types", "exclude_op_names_re"):
+            if key in cfg:  # NNI writes empty exclusion lists itself (trans_legacy_config_list)
+                cfg[key] = _as_str_list(index, key, cfg[key]) if cfg[key] != [] else []
         for key in ("op_names_re", "exclude_op_names_re"):
             for pattern in cfg.get(key, []):
                 try:

@@ -127,13 +127,15 @@ def _grid_params(where: str, scale: np.ndarray, zp: np.ndarray, grid: _Grid, axi
 
 def _from_range(where: str, lo: np.ndarray, hi: np.ndarray, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
     """NNI 2.x ``update_quantization_param`` (qat_quantizer.py): the range widened to hold 0, then
-    symmetric ``scale = max|r| / ((qmax - qmin) / 2)`` with zero point 0 (int) or ``(qmin + qmax) // 2``
-    (uint), or affine ``scale = (rmax - rmin) / (qmax - qmin)``, ``zp = qmin - round(rmin / scale)``; clamped."""
+    symmetric ``scale = max|r| / ((qmax - qmin) / 2)`` with zero point 0 (int; LSQ: ``max|r| / qmax``)
+    or ``(qmin + qmax) // 2`` (uint), or affine ``scale = (rmax - rmin) / (qmax - qmin)``, ``zp = qmin - round(rmin / scale)``; clamped."""
     if np.any(lo > hi):
         raise _error(f"{where}: tracked min {lo.tolist()} exceeds tracked max {hi.tolist()}")
     lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
     if grid.scheme == "symmetric":
-        scale = np.maximum(np.abs(lo), np.abs(hi)) / ((grid.qmax - grid.qmin) / 2)
+        # int: max|r| / qmax (QAT's narrow grid has qmax = (qmax - qmin) / 2; LSQ's abs_max = scale * qmax)
+        half = grid.qmax if grid.dtype == "int" else (grid.qmax - grid.qmin) / 2
+        scale = np.maximum(np.abs(lo), np.abs(hi)) / half
         zp = np.zeros_like(scale) if grid.dtype == "int" else np.full_like(scale, (grid.qmin + grid.qmax) // 2)
     else:
         scale = (hi - lo) / float(grid.qmax - grid.qmin)
