@@ -349,8 +349,8 @@ def _expand_targets(index: int, cfg: dict[str, Any], kind: str | None) -> None:
         if not m:
             raise ConfigError(f"{where}: quant_dtype of {k} must be NNI's 'int8', 'uint8', 'int4', ..., got {dtype!r}")
         bits[k] = _bits(index, f"quant_dtype of {k}", int(m.group(2)))
-        gran = merged.get("granularity", "default")
-        if k != "weight" and gran not in ("default", "per_tensor"):
+        gran = merged.get("granularity")  # unset: the quantizer's default (NNI 3.0's is per tensor)
+        if k != "weight" and gran not in (None, "default", "per_tensor"):
             raise ConfigError(f"{where}: granularity {gran!r} for {k}: activations are quantized per tensor here")
         for key, value in (("quant_dtype", m.group(1)), ("quant_scheme", merged.get("quant_scheme")),
                            ("granularity", gran if k == "weight" else None), ("apply_method", merged.get("apply_method"))):
