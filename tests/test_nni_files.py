@@ -433,3 +433,81 @@ def test_cli_builds_from_nni3_files(tmp_path):
     assert proc.returncode == 0, proc.stderr
     calib = json.loads((tmp_path / "bundle" / "calibration.json").read_text())
     assert calib["provenance"]["format"] == "nni-3.0" and calib["provenance"]["source"].endswith("calibration.pth")
+
+
+def _observed_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda m, i, o, n=n: seen.update({n: i[0].detach()}))
+             for n in ("conv1", "conv2", "fc")]
+    with torch.no_grad():
+        model(X)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _nni2_export(quantizer: str, model: nn.Module) -> tuple[dict, dict]:
+    """(the dict NNI 2.x's export_model writes, {module: (scale, zero_point, dtype)} NNI used for the input)."""
+    seen, out, expect = _observed_inputs(model), {}, {}
+    for name in ("conv1", "conv2", "fc"):
+        w = getattr(model, name).weight.detach()
+        lo, hi = float(seen[name].min()), float(seen[name].max())
+        if quantizer == "qat":  # per_channel_symmetric int weights, default uint8 affine activations
+            amax = w.reshape(w.shape[0], -1).abs().amax(1)
+            out[name] = {"weight_bits": 8, "weight_scale": (amax / 127).view(-1, *[1] * (w.dim() - 1)),
+                         "weight_zero_point": torch.zeros(w.shape[0], *[1] * (w.dim() - 1)),
+                         "input_bits": 8, "tracked_min_input": lo, "tracked_max_input": hi}
+            expect[name] = (*_nni2_from_range(8, lo, hi, "uint", "per_tensor_affine"), "uint")
+        elif quantizer == "observer":  # observer_quantizer.py: weight qint8 -127..127, input quint8 0..127
+            ws = float(w.abs().max()) / 127
+            xs = (max(hi, 0.0) - min(lo, 0.0)) / 127
+            xz = int(round(-min(lo, 0.0) / xs))
+            out[name] = {"weight_bits": 8, "tracked_max_weight": ws * 127, "tracked_min_weight": -ws * 127,
+                         "tracked_qmin_weight": -127, "tracked_qmax_weight": 127,
+                         "input_bits": 8, "tracked_min_input": xs * (0 - xz), "tracked_max_input": xs * (127 - xz),
+                         "tracked_qmin_input": 0, "tracked_qmax_input": 127}
+            expect[name] = (xs, xz, "uint")
+        else:  # lsq_quantizer.py: abs_max_input = input_scale * 127, no weight scale written
+            xs = max(abs(lo), abs(hi)) / 127
+            out[name] = {"weight_bits": 8, "input_bits": 8, "tracked_min_input": -xs * 127, "tracked_max_input": xs * 127}
+            expect[name] = (xs, 0, "int")
+    return out, expect
+
+
+@pytest.mark.parametrize("quantizer", ["qat", "observer", "lsq"])
+def test_nni2_files_build_an_onnxruntime_int8_bundle(quantizer, tmp_path):
+    model = _net()
+    w = torch.ones(8, 8, 3, 3)
+    w[PRUNED] = 0.0
+    torch.save({"conv2": {"weight": w, "bias": None}}, tmp_path / "mask.pth")  # 2.x export_model(mask_path=...)
+    export, expect = _nni2_export(quantizer, _user_masked_model(model))
+    torch.save(export, tmp_path / "calibration.pth")  # 2.x export_model(calibration_path=...)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        art = dc.build_engine(
+            model, tmp_path / "mask.pth", tmp_path / "calibration.pth", example_inputs=X[:1], precision="int8",
+            out_dir=tmp_path / "bundle", eval_inputs=X, iterations=3, warmup=1, compare_fp32=False, progress=False,
+        )
+    # LSQ: NNI did not export the weight scales; the build derived them from the model, and said so
+    assert any(issubclass(c.category, NNIImportWarning) for c in caught) == (quantizer == "lsq")
+    calib = art.calib_config
+    assert calib.provenance["quantizer"] == quantizer and calib.get("fc", "weight") is not None
+    for name, (s, z, dtype) in expect.items():
+        p = calib.get(name, "input")
+        assert p.dtype == dtype and p.zero_point[0] == z
+        np.testing.assert_allclose(p.scale[0], s, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(art.model(X), _user_masked_model(model)(X), rtol=1e-5, atol=1e-5)
+    if quantizer == "qat":  # uint8 affine, onnxruntime's own flavour: NNI's numbers are in the graph
+        init = {t.name: numpy_helper.to_array(t) for t in onnx.load(art.artifact_path).graph.initializer}
+        pairs = {(float(v), int(init[n[:-6] + "_zero_point"])) for n, v in init.items()
+                 if n.endswith("_scale") and v.size == 1 and n[:-6] + "_zero_point" in init}
+        for name, (s, z, _) in expect.items():
+            assert any(zz == z and abs(ss - s) <= 1e-6 * s for ss, zz in pairs), (name, s, z, sorted(pairs))
+
+
+def test_dorefa_file_through_build_engine_asks_for_the_quantizer(tmp_path):
+    torch.save({"conv1": {"weight_bits": 4}}, tmp_path / "calibration.pth")
+    with pytest.raises(dc.EngineError, match="pass quantizer='dorefa' or quantizer='bnn'"):
+        dc.build_engine(_net(), None, tmp_path / "calibration.pth", example_inputs=X[:1], out_dir=tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists()

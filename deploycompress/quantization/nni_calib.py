@@ -104,8 +104,15 @@ def _grid_params(where: str, scale: np.ndarray, zp: np.ndarray, grid: _Grid, axi
     """QuantParams holding NNI's scale and zero point verbatim; min/max = the range NNI's grid represents."""
     s = np.asarray(scale, dtype=np.float64).reshape(-1)
     z = np.broadcast_to(np.asarray(zp, dtype=np.float64).reshape(-1), s.shape)
-    if np.any(s <= 0):
+    if np.any(s < 0):
         raise _error(f"{where}: scale must be positive, got {s[:4].tolist()}")
+    if np.any(s == 0):
+        # NNI 2.x QAT writes scale 0 for an all-zero (pruned) weight channel; any scale holds zeros
+        # exactly: NNI 3.0's own floor (float32 eps, ptq_quantizer.py compute_scale_zp) is used
+        if axis is None and s.size == 1 or not where.endswith(".weight"):
+            raise _error(f"{where}: scale is 0 (NNI observed an empty range): recalibrate this tensor")
+        log.info("%s: %d channel(s) with scale 0 (all-zero weights) get NNI 3.0's floor", where, int((s == 0).sum()))
+        s = np.where(s == 0, float(np.finfo(np.float32).eps), s)
     if np.any(z != np.round(z)):
         raise _error(f"{where}: zero_point must be integers, got {z[:4].tolist()}")
     if not 2 <= grid.bits <= 16:
