@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -219,7 +220,10 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise UsageError(f"recipe prune.pruner {name!r} is not a pruner; known: {[n for n in pruning.__all__ if n.endswith('Pruner')]}")
         if "config_list" not in prune:
             raise UsageError("recipe section 'prune' needs a config_list")
-        pruner = cls(model, prune["config_list"], **(prune.get("options") or {}))
+        options = dict(prune.get("options") or {})
+        if "dummy_input" in inspect.signature(cls).parameters:  # the pruner then masks what speedup removes with the channels
+            options.setdefault("dummy_input", example)
+        pruner = cls(model, prune["config_list"], **options)
         _, masks = pruner.compress()
         if prune.get("finetune"):  # a `module:function` taking the model, run while the masks apply
             finetune = _import_object(str(prune["finetune"]), "recipe prune.finetune")
@@ -352,7 +356,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from .validate import run_batched
 
         fp32 = get_backend("onnxruntime").load(Path(args.artifact) / "source" / "model.fp32.onnx")
-        reference = lambda x: run_batched(fp32, x)  # noqa: E731
+        reference = lambda feeds: run_batched(fp32, feeds)  # noqa: E731
         ref_label = "bundle fp32 onnx"
     else:
         raise UsageError("name the reference with --reference package.module:factory (and --weights) or --torchvision NAME")
