@@ -101,6 +101,22 @@ def test_nni3_defaultdict_masks_with_none_load_and_speed_up_exactly(tmp_path):
         torch.testing.assert_close(small2(X), small(X), rtol=0, atol=0)
 
 
+def test_nni_masks_on_a_conv_before_batchnorm_stay_exact():
+    """NNI masks conv1 only; its BatchNorm still emits a constant there: speedup keeps those channels."""
+    model = _net()
+    masks = collections.defaultdict(dict)
+    masks["conv1"]["weight"] = torch.ones(8, 3, 3, 3)
+    masks["conv1"]["weight"][PRUNED] = 0.0
+    masks["conv1"]["bias"] = None
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked.conv1.weight[PRUNED] = 0.0
+    with pytest.warns(UserWarning, match="conv1 keeps 3"):
+        small = dc.speedup(model, masks, X)
+    with torch.no_grad():
+        torch.testing.assert_close(small(X), masked(X), rtol=1e-5, atol=1e-5)
+
+
 def test_nni2_export_model_masks_load(tmp_path):
     model = _net()
     w = torch.ones(8, 8, 3, 3)
