@@ -5,7 +5,10 @@ from .base import Pruner
 from .channel import ChannelPruner
 from .evaluator import TorchEvaluator
 from .io import apply_masks, load_masks, save_masks
+from .iterative import AGPPruner, IterativePruner, LinearPruner, LotteryTicketPruner
 from .level import ElementPruner, LevelPruner
+from .scheduler import PruningScheduler, TaskGenerator
+from .task_generator import AGPTaskGenerator, LinearTaskGenerator, LotteryTicketTaskGenerator
 from .norm import FPGMPruner, L1NormPruner, L2NormPruner
 from .slim import SlimPruner
 from .taylor import TaylorFOWeightPruner
@@ -23,6 +26,15 @@ __all__: list[str] = [
     "ActivationMeanRankPruner",
     "TaylorFOWeightPruner",
     "TorchEvaluator",
+    "PruningScheduler",
+    "TaskGenerator",
+    "LinearTaskGenerator",
+    "AGPTaskGenerator",
+    "LotteryTicketTaskGenerator",
+    "IterativePruner",
+    "LinearPruner",
+    "AGPPruner",
+    "LotteryTicketPruner",
     "save_masks",
     "load_masks",
     "apply_masks",
