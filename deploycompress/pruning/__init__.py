@@ -9,6 +9,10 @@ from .iterative import AGPPruner, IterativePruner, LinearPruner, LotteryTicketPr
 from .level import ElementPruner, LevelPruner
 from .scheduler import PruningScheduler, TaskGenerator
 from .task_generator import AGPTaskGenerator, LinearTaskGenerator, LotteryTicketTaskGenerator
+from .netadapt import NetAdaptPruner
+from .resources import LookupTable, ResourceMeter
+from .sensitivity import SensitivityAnalysis, SensitivityResult, sensitivity_analysis
+from .executor import InProcessExecutor, RayExecutor
 from .norm import FPGMPruner, L1NormPruner, L2NormPruner
 from .slim import SlimPruner
 from .taylor import TaylorFOWeightPruner
@@ -35,6 +39,14 @@ __all__: list[str] = [
     "LinearPruner",
     "AGPPruner",
     "LotteryTicketPruner",
+    "NetAdaptPruner",
+    "ResourceMeter",
+    "LookupTable",
+    "SensitivityAnalysis",
+    "SensitivityResult",
+    "sensitivity_analysis",
+    "InProcessExecutor",
+    "RayExecutor",
     "save_masks",
     "load_masks",
     "apply_masks",

@@ -386,6 +386,8 @@ class PruningScheduler:
 
 def _pruner_class(spec: PrunerSpec) -> type[Pruner]:
     if isinstance(spec, str):
+        if spec.lower() not in BASIC_PRUNERS:
+            raise ValueError(f"pruning_algorithm {spec!r} is unknown; choose one of {sorted(BASIC_PRUNERS)} or pass a Pruner")
         return BASIC_PRUNERS[spec.lower()]
     if isinstance(spec, type):
         return spec
