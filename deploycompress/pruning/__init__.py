@@ -9,6 +9,7 @@ from .iterative import AGPPruner, IterativePruner, LinearPruner, LotteryTicketPr
 from .level import ElementPruner, LevelPruner
 from .scheduler import PruningScheduler, TaskGenerator
 from .task_generator import AGPTaskGenerator, LinearTaskGenerator, LotteryTicketTaskGenerator
+from .annealing import SimulatedAnnealingPruner
 from .netadapt import NetAdaptPruner
 from .resources import LookupTable, ResourceMeter
 from .sensitivity import SensitivityAnalysis, SensitivityResult, sensitivity_analysis
@@ -40,6 +41,7 @@ __all__: list[str] = [
     "AGPPruner",
     "LotteryTicketPruner",
     "NetAdaptPruner",
+    "SimulatedAnnealingPruner",
     "ResourceMeter",
     "LookupTable",
     "SensitivityAnalysis",

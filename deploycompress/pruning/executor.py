@@ -45,10 +45,14 @@ class InProcessExecutor:
 
 class RayExecutor:
     """Runs the calls as Ray tasks: ``address`` joins a cluster (``ray.init(address=...)``);
-    without it a local Ray starts with ``num_cpus`` workers. Each task gets ``num_cpus_per_task``
+    without it a local Ray starts with ``num_cpus`` workers; ``runtime_env`` is Ray's (e.g.
+    ``{"env_vars": {"PYTHONPATH": ...}}`` so workers import the modules your functions live in). Each task gets ``num_cpus_per_task``
     CPUs and sets torch to that many threads."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None, seed: int = 0, num_cpus_per_task: int = 1) -> None:
+    def __init__(
+        self, address: str | None = None, num_cpus: int | None = None, seed: int = 0, num_cpus_per_task: int = 1,
+        runtime_env: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         try:
             import ray
         except ImportError as exc:
@@ -58,7 +62,7 @@ class RayExecutor:
         self.num_cpus_per_task = num_cpus_per_task
         if not ray.is_initialized():
             kw: dict[str, Any] = {"address": address} if address else {"num_cpus": num_cpus}
-            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kw)
+            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env, **kw)
             log.info("ray started (%s)", address or f"local, num_cpus={num_cpus}")
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], desc: str = "candidates") -> list[Any]:

@@ -12,13 +12,11 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import select_modules
-from .channel import channel_dim
 from .executor import Executor, get_executor
-from .io import Masks, _weight
+from .io import Masks
 from .resources import LookupTable, ResourceMeter, build_lookup_table
-from .scheduler import PrunerSpec, _as_evaluate, _as_finetune, _pruner_class, plain_copy, wrap_masks
-from .search import Trajectory, layer_masks, train_and_score
+from .scheduler import PrunerSpec, _as_evaluate, _as_finetune, plain_copy, wrap_masks
+from .search import Trajectory, layer_masks, selected_layers, train_and_score
 
 __all__ = ["NetAdaptPruner", "BudgetNotReached", "make_meter"]
 
@@ -44,26 +42,6 @@ def _budget(config_list: Sequence[Mapping[str, Any]], budget: float | None, name
     if not 0.0 < budget < 1.0:
         raise ValueError(f"{name}: budget must lie in (0, 1) (a fraction of the dense model's resource), got {budget!r}")
     return float(budget)
-
-
-def _layers(model: nn.Module, config_list: Sequence[Mapping[str, Any]], spec: PrunerSpec) -> dict[str, int]:
-    """Selected layer -> number of output channels."""
-    cls = _pruner_class(spec)
-    selection = [{k: v for k, v in c.items() if k not in ("sparsity", "total_sparsity", "max_sparsity_per_layer")} for c in config_list]
-    for c in selection:
-        if not c.get("exclude"):
-            c["sparsity"] = 0.5  # selection only
-    chosen = select_modules(model, selection, kind="pruning", default_op_types=cls.default_op_types,
-                            supported_op_types=cls.supported_op_types, algorithm=cls.__name__)  # fmt: skip
-    modules = dict(model.named_modules())
-    out = {}
-    for name in chosen:
-        w = _weight(modules[name])
-        assert w is not None
-        out[name] = int(w.shape[channel_dim(modules[name])])
-    if not out:
-        raise ValueError("the config_list selects no layer")
-    return out
 
 
 class _Candidate:
@@ -125,7 +103,7 @@ class NetAdaptPruner:
         self.config_list = config_list
         self.meter = make_meter(resource, dummy_input)
         self.budget = _budget(config_list, budget, "NetAdaptPruner")
-        self.layers = _layers(model, config_list, base_algo)
+        self.layers = selected_layers(model, config_list, base_algo)
         self.short_term = _as_finetune(short_term_fine_tuner, None, None)
         self.long_term = _as_finetune(fine_tuner, None, None)
         self.evaluate = _as_evaluate(evaluator)

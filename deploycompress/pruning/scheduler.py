@@ -142,12 +142,12 @@ def wrap_masks(model: nn.Module, masks: Masks) -> nn.Module:
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with every parametrization baked in (masked weights are zeros)."""
+    """A deep copy with every parametrization baked in (masked weights are zeros); the caller's
+    model keeps its parametrizations (see ``speedup.core._bake_parametrizations``)."""
+    from ..speedup.core import _bake_parametrizations
+
     work = copy.deepcopy(model)
-    for module in work.modules():
-        if parametrize.is_parametrized(module):
-            for pname in list(module.parametrizations):  # type: ignore[union-attr]
-                parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+    _bake_parametrizations(work)
     return work
 
 

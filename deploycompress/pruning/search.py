@@ -7,14 +7,36 @@ import io
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
-from .io import Masks
-from .scheduler import PrunerSpec, _pin, make_basic_pruner, masked_fraction, plain_copy, wrap_masks
+from ..config import select_modules
+from .channel import channel_dim
+from .io import Masks, _weight
+from .scheduler import PrunerSpec, _pin, _pruner_class, make_basic_pruner, masked_fraction, plain_copy, wrap_masks
 
-__all__ = ["Candidate", "Trajectory", "layer_masks", "train_and_score", "trajectory_plot"]
+__all__ = ["Candidate", "Trajectory", "layer_masks", "selected_layers", "train_and_score", "trajectory_plot"]
+
+
+def selected_layers(model: nn.Module, config_list: Sequence[Mapping[str, Any]], spec: PrunerSpec) -> dict[str, int]:
+    """Selected layer -> number of output channels."""
+    cls = _pruner_class(spec)
+    selection = [{k: v for k, v in c.items() if k not in ("sparsity", "total_sparsity", "max_sparsity_per_layer")} for c in config_list]
+    for c in selection:
+        if not c.get("exclude"):
+            c["sparsity"] = 0.5  # selection only
+    chosen = select_modules(model, selection, kind="pruning", default_op_types=cls.default_op_types,
+                            supported_op_types=cls.supported_op_types, algorithm=cls.__name__)  # fmt: skip
+    modules = dict(model.named_modules())
+    out = {}
+    for name in chosen:
+        w = _weight(modules[name])
+        assert w is not None
+        out[name] = int(w.shape[channel_dim(modules[name])])
+    if not out:
+        raise ValueError("the config_list selects no layer")
+    return out
 
 
 def layer_masks(

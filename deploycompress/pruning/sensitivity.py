@@ -10,10 +10,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
-from ..config import select_modules
 from .executor import Executor, get_executor
-from .scheduler import PrunerSpec, _as_evaluate, _pruner_class, plain_copy
-from .search import _write_bytes, layer_masks, train_and_score
+from .scheduler import PrunerSpec, _as_evaluate, plain_copy
+from .search import _write_bytes, layer_masks, selected_layers, train_and_score
 
 __all__ = ["SensitivityAnalysis", "SensitivityResult", "sensitivity_analysis"]
 
@@ -98,14 +97,7 @@ def sensitivity_analysis(
     if not sparsities or not all(0.0 < s < 1.0 for s in sparsities):
         raise ValueError(f"sparsities must be values in (0, 1), got {list(sparsities)}")
     origin = plain_copy(model)
-    cls = _pruner_class(pruning_algorithm)
-    selection = list(config_list) if config_list else [{"op_types": ["default"], "sparsity": 0.5}]
-    layers = list(
-        select_modules(origin, selection, kind="pruning", default_op_types=cls.default_op_types,
-                       supported_op_types=cls.supported_op_types, algorithm=cls.__name__)
-    )  # fmt: skip
-    if not layers:
-        raise ValueError("sensitivity_analysis: the config_list selects no layer")
+    layers = list(selected_layers(origin, list(config_list) if config_list else [{"op_types": ["default"]}], pruning_algorithm))
     baseline = evaluate(origin)
     jobs = [(layer, float(s)) for layer in layers for s in sorted(sparsities)]
 
@@ -163,12 +155,10 @@ class SensitivityAnalysis:
                  specified_layers: Sequence[str] | None = None) -> dict[str, dict[float, float]]:  # fmt: skip
         args, kwargs = list(val_args or []), dict(val_kwargs or {})
         evaluate = lambda m: float(self.val_func(m, *args, **kwargs))  # noqa: E731
-        config = [{"op_names": list(specified_layers), "sparsity": 0.5}] if specified_layers else None
+        config = [{"op_names": list(specified_layers)}] if specified_layers else [{"op_types": ["default"]}]
         origin = plain_copy(self.model)
         baseline = evaluate(origin)
-        cls = _pruner_class(self.pruning_algorithm)
-        layers = list(select_modules(origin, config or [{"op_types": ["default"], "sparsity": 0.5}], kind="pruning",
-                                     default_op_types=cls.default_op_types, supported_op_types=cls.supported_op_types))  # fmt: skip
+        layers = list(selected_layers(origin, config, self.pruning_algorithm))
         for layer in layers:
             curve: dict[float, float] = {}
             for s in sorted(self.sparsities):
