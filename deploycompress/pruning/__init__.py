@@ -15,6 +15,7 @@ from .resources import LookupTable, ResourceMeter
 from .sensitivity import SensitivityAnalysis, SensitivityResult, sensitivity_analysis
 from .executor import InProcessExecutor, RayExecutor
 from .norm import FPGMPruner, L1NormPruner, L2NormPruner
+from .random_masks import group_keep, random_group_masks
 from .slim import SlimPruner
 from .taylor import TaylorFOWeightPruner
 
@@ -52,4 +53,6 @@ __all__: list[str] = [
     "save_masks",
     "load_masks",
     "apply_masks",
+    "group_keep",
+    "random_group_masks",
 ]
