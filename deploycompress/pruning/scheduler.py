@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from ..model_copy import plain_copy as _plain_copy
 from ..config import ConfigError, select_modules, validate_config_list
 from .allocate import prune_count
 from .base import Pruner, _Mask
@@ -142,13 +143,8 @@ def wrap_masks(model: nn.Module, masks: Masks) -> nn.Module:
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with every parametrization baked in (masked weights are zeros); the caller's
-    model keeps its parametrizations (see ``speedup.core._bake_parametrizations``)."""
-    from ..speedup.core import _bake_parametrizations
-
-    work = copy.deepcopy(model)
-    _bake_parametrizations(work)
-    return work
+    """A deep copy without mask parametrizations (pruned weights zero), in the same train/eval mode."""
+    return _plain_copy(model, eval_mode=False)
 
 
 def masked_fraction(model: nn.Module, masks: Masks, names: Sequence[str] | None = None) -> float:
