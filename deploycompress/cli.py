@@ -212,19 +212,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     masks: Any = args.masks
     if masks and not Path(masks).is_file():
         raise UsageError(f"--masks {masks!r} does not exist")
-    if prune and not masks:
-        name = prune.get("pruner", "L1NormPruner")
-        cls = getattr(pruning, name, None)
-        if cls is None or not isinstance(cls, type):
-            raise UsageError(f"recipe prune.pruner {name!r} is not a pruner; known: {[n for n in pruning.__all__ if n.endswith('Pruner')]}")
-        if "config_list" not in prune:
-            raise UsageError("recipe section 'prune' needs a config_list")
-        pruner = cls(model, prune["config_list"], **(prune.get("options") or {}))
-        _, masks = pruner.compress()
-        if prune.get("finetune"):  # a `module:function` taking the model, run while the masks apply
-            finetune = _import_object(str(prune["finetune"]), "recipe prune.finetune")
-            finetune(model)
-        model = pruner.unwrap_model()
+    if prune and not masks:  # any pruner by class name, scheduled and automatic ones included
+        try:
+            pruner = pruning.make_recipe_pruner(model, prune, example, _import_object)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+        model, masks = pruning.run_prune_section(pruner, prune, _import_object)
     calib = args.calib or _resolve(quant.get("calibration"), base)
     if calib and not Path(calib).is_file():
         raise UsageError(f"--calib {calib!r} does not exist")

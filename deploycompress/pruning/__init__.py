@@ -14,6 +14,7 @@ from .netadapt import NetAdaptPruner
 from .resources import LookupTable, ResourceMeter
 from .sensitivity import SensitivityAnalysis, SensitivityResult, sensitivity_analysis
 from .executor import InProcessExecutor, RayExecutor
+from .recipe import make_recipe_pruner, run_prune_section, write_search_report
 from .norm import FPGMPruner, L1NormPruner, L2NormPruner
 from .random_masks import group_keep, random_group_masks
 from .slim import SlimPruner
@@ -50,6 +51,9 @@ __all__: list[str] = [
     "sensitivity_analysis",
     "InProcessExecutor",
     "RayExecutor",
+    "make_recipe_pruner",
+    "run_prune_section",
+    "write_search_report",
     "save_masks",
     "load_masks",
     "apply_masks",
