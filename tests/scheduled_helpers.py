@@ -51,3 +51,29 @@ def finetuner(data: DigitsData, epochs: int = 2):
 
 def evaluator(data: DigitsData):
     return lambda model: accuracy(model, data.test_x, data.test_y)
+
+
+def torch_evaluator(data: DigitsData, lr: float = 2e-3):
+    """A TorchEvaluator over the digits training split (Adam, cross-entropy) with test accuracy."""
+    from deploycompress.pruning import TorchEvaluator
+
+    def training_func(model, optimizers, training_step, lr_schedulers, max_steps, max_epochs):
+        model.train()
+        steps = 0
+        for epoch in range(max_epochs or 10**6):
+            order = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(epoch))
+            for i in range(0, len(order), 64):
+                if max_steps is not None and steps >= max_steps:
+                    return
+                idx = order[i : i + 64]
+                optimizers.zero_grad()
+                training_step((data.train_x[idx], data.train_y[idx]), model).backward()
+                optimizers.step()
+                steps += 1
+        model.eval()
+
+    def training_step(batch, model):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    return TorchEvaluator(training_func, lambda params: torch.optim.Adam(params, lr=lr), training_step,
+                          evaluating_func=lambda m: accuracy(m, data.test_x, data.test_y))

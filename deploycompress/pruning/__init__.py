@@ -9,6 +9,8 @@ from .iterative import AGPPruner, IterativePruner, LinearPruner, LotteryTicketPr
 from .level import ElementPruner, LevelPruner
 from .scheduler import PruningScheduler, TaskGenerator
 from .task_generator import AGPTaskGenerator, LinearTaskGenerator, LotteryTicketTaskGenerator
+from .admm import ADMMPruner
+from .movement import MovementPruner
 from .annealing import SimulatedAnnealingPruner
 from .netadapt import NetAdaptPruner
 from .resources import LookupTable, ResourceMeter
@@ -43,6 +45,8 @@ __all__: list[str] = [
     "AGPPruner",
     "LotteryTicketPruner",
     "NetAdaptPruner",
+    "ADMMPruner",
+    "MovementPruner",
     "SimulatedAnnealingPruner",
     "ResourceMeter",
     "LookupTable",

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 def _basic_pruners() -> dict[str, type[Pruner]]:
     from .activation import ActivationAPoZRankPruner, ActivationMeanRankPruner
+    from .admm import ADMMPruner
     from .level import LevelPruner
     from .norm import FPGMPruner, L1NormPruner, L2NormPruner
     from .slim import SlimPruner
@@ -62,6 +63,7 @@ def _basic_pruners() -> dict[str, type[Pruner]]:
         "apoz": ActivationAPoZRankPruner,
         "mean_activation": ActivationMeanRankPruner,
         "taylorfo": TaylorFOWeightPruner,
+        "admm": ADMMPruner,
     }
 
 
@@ -106,11 +108,13 @@ def _rebind(pruner: Pruner, model: nn.Module, config_list: list[dict[str, Any]])
     return clone
 
 
-def _pruned_units(pruner: Pruner, name: str, module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    """Which of the pruner's units ``mask`` (a weight mask) has removed entirely."""
-    if isinstance(pruner, ChannelPruner):
-        return ~channel_rows(mask, channel_dim(module)).any(1)
-    return ~mask.reshape(-1)
+def _pruned_units(module: nn.Module, mask: torch.Tensor, units: int) -> torch.Tensor:
+    """Which of ``units`` scored units ``mask`` (a weight mask) has removed entirely: weight elements
+    when there is one unit per element, else output channels (or blocks of rows)."""
+    if units == mask.numel():
+        return ~mask.reshape(-1)
+    rows = channel_rows(mask, channel_dim(module))
+    return ~rows.reshape(units, -1).any(1)
 
 
 def _pin(pruner: Pruner, masks: Masks) -> None:
@@ -123,7 +127,7 @@ def _pin(pruner: Pruner, masks: Masks) -> None:
         w_attr = next((p for p in (entry or {}) if p.endswith("weight")), None)
         if entry is None or w_attr is None:
             return s
-        gone = _pruned_units(pruner, name, module, entry[w_attr]).reshape(s.shape)
+        gone = _pruned_units(module, entry[w_attr], s.numel()).reshape(s.shape)
         return s.masked_fill(gone.to(s.device), float("-inf"))
 
     pruner._score = pinned  # type: ignore[method-assign]
