@@ -60,3 +60,27 @@ def test_movement_pruning_reaches_the_sparsity(dense, digits_data, granularity, 
         assert bool((blocks.all((1, 3)) | ~blocks.any((1, 3))).all())
     finetuner(digits_data, 2)(pruned)
     assert accuracy(pruned, digits_data.test_x, digits_data.test_y) >= acc - ACC_DROP
+
+
+def test_autocompress_meets_the_total_budget(dense, digits_data):
+    from deploycompress.pruning import AutoCompressPruner
+
+    from scheduled_helpers import evaluator
+
+    model, acc = dense
+    layers = ["conv_a", "conv3", "fc1"]
+    total = 0.6
+    pruner = AutoCompressPruner(
+        model, [{"total_sparsity": total, "op_names": layers}], 2,
+        admm_params={"evaluator": torch_evaluator(digits_data), "iterations": 1, "training_epochs": 1},
+        sa_params={"cool_down_rate": 0.5, "pruning_algorithm": "level"}, evaluator=evaluator(digits_data),
+        finetuner=finetuner(digits_data, 1),
+    )  # fmt: skip
+    pruned, masks = pruner.compress()
+    weights = sum(getattr(model, n).weight.numel() for n in layers)
+    gone = sum(int((~masks[n]["weight"]).sum()) for n in layers)
+    assert math.floor(total * weights) <= gone <= total * weights + len(layers)
+    first = pruner.history[0].masks  # round 2 keeps everything round 1 pruned
+    assert all(not bool((~first[n]["weight"] & masks[n]["weight"]).any()) for n in layers)
+    finetuner(digits_data, 2)(pruned)
+    assert accuracy(pruned, digits_data.test_x, digits_data.test_y) >= acc - ACC_DROP

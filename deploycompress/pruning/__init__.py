@@ -11,6 +11,7 @@ from .scheduler import PruningScheduler, TaskGenerator
 from .task_generator import AGPTaskGenerator, LinearTaskGenerator, LotteryTicketTaskGenerator
 from .admm import ADMMPruner
 from .movement import MovementPruner
+from .autocompress import AutoCompressPruner
 from .annealing import SimulatedAnnealingPruner
 from .netadapt import NetAdaptPruner
 from .resources import LookupTable, ResourceMeter
@@ -47,6 +48,7 @@ __all__: list[str] = [
     "NetAdaptPruner",
     "ADMMPruner",
     "MovementPruner",
+    "AutoCompressPruner",
     "SimulatedAnnealingPruner",
     "ResourceMeter",
     "LookupTable",

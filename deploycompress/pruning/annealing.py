@@ -26,12 +26,20 @@ from .executor import Executor, get_executor
 from .io import Masks, _weight
 from .netadapt import make_meter
 from .resources import LookupTable, ResourceMeter, build_lookup_table
-from .scheduler import PrunerSpec, _as_evaluate, _as_finetune, _pruner_class, plain_copy, wrap_masks
+from .scheduler import PrunerSpec, _as_evaluate, _pruned_units, _as_finetune, _pruner_class, plain_copy, wrap_masks
 from .search import Trajectory, layer_masks, selected_layers, train_and_score
 
 __all__ = ["SimulatedAnnealingPruner"]
 
 log = logging.getLogger(__name__)
+
+
+def _already_pruned(module: nn.Module, entry: Mapping[str, Any] | None, units: int) -> float:
+    """Fraction of ``units`` that ``entry`` (a module's masks) prunes already."""
+    if not entry:
+        return 0.0
+    w = next((m for p, m in entry.items() if p.endswith("weight")), None)
+    return 0.0 if w is None else float(_pruned_units(module, w, units).sum()) / units
 
 
 class SimulatedAnnealingPruner:
@@ -71,7 +79,10 @@ class SimulatedAnnealingPruner:
         grid: Sequence[float] = (0.25, 0.5, 0.75),
         executor: Executor | str | None = None,
         seed: int = 0,
+        origin_masks: Masks | None = None,
     ) -> None:
+        """``origin_masks``: units already pruned (kept pruned; every layer's sparsity stays at least
+        what they remove), as NNI's task generator takes them."""
         if not (start_temperature > stop_temperature > 0 and 0 < cool_down_rate < 1):
             raise ValueError("need start_temperature > stop_temperature > 0 and 0 < cool_down_rate < 1")
         if evaluator is None:
@@ -94,6 +105,8 @@ class SimulatedAnnealingPruner:
         modules = dict(model.named_modules())
         self.weights = {n: int(_weight(modules[n]).numel()) for n in self.layers}  # type: ignore[union-attr]
         self.units = self.layers if self.structured else dict(self.weights)
+        self.origin_masks = origin_masks or {}
+        self.floor = {n: _already_pruned(modules[n], self.origin_masks.get(n), self.units[n]) for n in self.layers}
         self.meter: ResourceMeter | None = None
         if resource is not None:
             self.meter = make_meter(resource, dummy_input)
@@ -124,7 +137,7 @@ class SimulatedAnnealingPruner:
 
     def _onto_budget(self, raw: Mapping[str, float]) -> dict[str, float] | None:
         """Scale ``raw`` by the smallest factor that meets the budget (bisection); None if even the cap fails."""
-        capped = lambda c: {n: float(min(self.cap, max(0.0, c * raw[n]))) for n in self.layers}  # noqa: E731
+        capped = lambda c: {n: float(min(max(self.cap, self.floor[n]), max(self.floor[n], c * raw[n]))) for n in self.layers}  # noqa: E731
         hi = 1.0
         while not self._fits(capped(hi)):
             hi *= 2
@@ -147,7 +160,7 @@ class SimulatedAnnealingPruner:
     def compress(self) -> tuple[nn.Module, Masks]:
         origin = plain_copy(self.model)
         rng = np.random.default_rng(self.seed)
-        make = lambda m, sp: layer_masks(self.algo, self.params, m, sp)  # noqa: E731
+        make = lambda m, sp: layer_masks(self.algo, self.params, m, sp, self.origin_masks)  # noqa: E731
         dense_value = 0.0
         if self.meter is not None:
             self.lookup_table = build_lookup_table(origin, list(self.layers), make, self.meter, self.grid, self.executor)
