@@ -197,3 +197,22 @@ def test_executors_agree(dense, digits_data):
     finally:
         ray.shutdown()
     assert local == remote
+
+
+def test_amc_respects_a_flops_budget(dense, digits_data):
+    from deploycompress.pruning import AMCPruner
+
+    model, acc = dense
+    x = digits_data.test_x
+    total = 0.4
+    pruner = AMCPruner(
+        16, model, [{"total_sparsity": total, "max_sparsity_per_layer": 0.8, "op_names": ["conv_a", "conv3", "fc1"]}], x[:2],
+        evaluator(digits_data), "l1", finetuner=finetuner(digits_data, 2), ddpg_params={"warmup": 8, "bsize": 16}, seed=0,
+    )  # fmt: skip
+    pruned, masks = pruner.compress()
+    assert len(pruner.trajectory.candidates) == 17  # 16 episodes + the measured choice
+    small = _shrunk(pruner.unwrap_model(), masks, x)
+    assert _macs(small, x) <= (1 - total) * _macs(model, x)
+    for c in pruner.trajectory.candidates[:-1]:  # every episode's ratios respect the per-layer cap
+        assert max(c.sparsities.values()) <= 0.8 + 1e-9
+    assert accuracy(pruned, digits_data.test_x, digits_data.test_y) >= acc - 2 * ACC_DROP

@@ -12,6 +12,7 @@ from .task_generator import AGPTaskGenerator, LinearTaskGenerator, LotteryTicket
 from .admm import ADMMPruner
 from .movement import MovementPruner
 from .autocompress import AutoCompressPruner
+from .amc import AMCPruner
 from .annealing import SimulatedAnnealingPruner
 from .netadapt import NetAdaptPruner
 from .resources import LookupTable, ResourceMeter
@@ -49,6 +50,7 @@ __all__: list[str] = [
     "ADMMPruner",
     "MovementPruner",
     "AutoCompressPruner",
+    "AMCPruner",
     "SimulatedAnnealingPruner",
     "ResourceMeter",
     "LookupTable",

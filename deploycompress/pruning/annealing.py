@@ -27,7 +27,7 @@ from .io import Masks, _weight
 from .netadapt import make_meter
 from .resources import LookupTable, ResourceMeter, build_lookup_table
 from .scheduler import PrunerSpec, _as_evaluate, _pruned_units, _as_finetune, _pruner_class, plain_copy, wrap_masks
-from .search import Trajectory, layer_masks, selected_layers, train_and_score
+from .search import Trajectory, fit_measured, layer_masks, selected_layers, train_and_score
 
 __all__ = ["SimulatedAnnealingPruner"]
 
@@ -200,7 +200,10 @@ class SimulatedAnnealingPruner:
         assert best is not None
         score, sparsities, trained, masks = best
         if self.meter is not None:
-            measured = self.meter(trained, masks)
+            fitted, fit_masks, measured = fit_measured(origin, sparsities, make, self.meter, self.budget * dense_value, self.cap)
+            if fitted != sparsities:  # the table was optimistic: the measured candidate is a sparser one
+                sparsities, masks = fitted, fit_masks
+                trained, score = train_and_score(origin, masks, self.finetune, self.evaluate)  # type: ignore[assignment]
             traj.add(origin, masks, sparsities=sparsities, score=score, resource=measured, measured=True, accepted=True)
             log.info("annealing best: %s measured %.4g (budget %.4g)", metric, measured, self.budget * dense_value)
         self.best_sparsities = sparsities

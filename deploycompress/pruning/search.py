@@ -4,7 +4,9 @@ candidate's fine-tune + evaluation, the search trajectory and its plot."""
 from __future__ import annotations
 
 import io
+import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -16,7 +18,9 @@ from .channel import channel_dim
 from .io import Masks, _weight
 from .scheduler import PrunerSpec, _pin, _pruner_class, make_basic_pruner, masked_fraction, plain_copy, wrap_masks
 
-__all__ = ["Candidate", "Trajectory", "layer_masks", "selected_layers", "train_and_score", "trajectory_plot"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Candidate", "Trajectory", "fit_measured", "layer_masks", "selected_layers", "train_and_score", "trajectory_plot"]
 
 
 def selected_layers(model: nn.Module, config_list: Sequence[Mapping[str, Any]], spec: PrunerSpec) -> dict[str, int]:
@@ -66,6 +70,36 @@ def train_and_score(
         finetune(work)
     score = evaluate(work) if evaluate is not None else None
     return plain_copy(work), score
+
+
+def fit_measured(
+    model: nn.Module,
+    sparsities: Mapping[str, float],
+    make_masks: Callable[[nn.Module, dict[str, float]], Masks],
+    meter: Any,
+    goal: float,
+    cap: float,
+    max_steps: int = 8,
+) -> tuple[dict[str, float], Masks, float]:
+    """Measure the chosen candidate; while it is above ``goal`` (beyond the meter's tolerance), move
+    every layer a quarter of the way to ``cap`` and measure again. The lookup table's additive
+    estimate is optimistic when neighbouring layers are both pruned; this closes that gap.
+    Returns (sparsities, masks, measured value); warns with ``BudgetNotReached`` if still above."""
+    current = {n: float(s) for n, s in sparsities.items()}
+    masks = make_masks(model, current)
+    measured = meter(model, masks)
+    for _ in range(max_steps):
+        if meter.within(measured, goal):
+            break
+        current = {n: s + (max(cap, s) - s) * 0.25 for n, s in current.items()}
+        masks = make_masks(model, current)
+        measured = meter(model, masks)
+        log.info("measured %s %.4g above the budget %.4g: every layer moved towards %.2f", meter.metric, measured, goal, cap)
+    if not meter.within(measured, goal):
+        from .netadapt import BudgetNotReached
+
+        warnings.warn(f"measured {meter.metric} {measured:.4g} stays above the budget {goal:.4g}", BudgetNotReached, stacklevel=3)
+    return current, masks, measured
 
 
 @dataclass
