@@ -345,7 +345,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from .validate import run_batched
 
         fp32 = get_backend("onnxruntime").load(Path(args.artifact) / "source" / "model.fp32.onnx")
-        reference = lambda x: run_batched(fp32, x)  # noqa: E731
+        reference = lambda feeds: run_batched(fp32, feeds)  # noqa: E731
         ref_label = "bundle fp32 onnx"
     else:
         raise UsageError("name the reference with --reference package.module:factory (and --weights) or --torchvision NAME")
