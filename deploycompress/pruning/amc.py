@@ -194,7 +194,7 @@ class AMCPruner:
 
     def compress(self) -> tuple[nn.Module, Masks]:
         origin = plain_copy(self.model)
-        make = lambda m, sp: layer_masks(self.algo, self.params, m, sp)  # noqa: E731
+        make = lambda m, sp: layer_masks(self.algo, self.params, m, sp, None, self.dummy_input)  # noqa: E731
         self.lookup_table = table = build_lookup_table(origin, list(self.layers), make, self.meter, self.grid, self.executor)
         emb = self._states(origin)
         n = len(self.layers)

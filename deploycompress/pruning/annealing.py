@@ -160,7 +160,7 @@ class SimulatedAnnealingPruner:
     def compress(self) -> tuple[nn.Module, Masks]:
         origin = plain_copy(self.model)
         rng = np.random.default_rng(self.seed)
-        make = lambda m, sp: layer_masks(self.algo, self.params, m, sp, self.origin_masks)  # noqa: E731
+        make = lambda m, sp: layer_masks(self.algo, self.params, m, sp, self.origin_masks, self.dummy_input)  # noqa: E731
         dense_value = 0.0
         if self.meter is not None:
             self.lookup_table = build_lookup_table(origin, list(self.layers), make, self.meter, self.grid, self.executor)

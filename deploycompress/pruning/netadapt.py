@@ -47,11 +47,12 @@ def _budget(config_list: Sequence[Mapping[str, Any]], budget: float | None, name
 class _Candidate:
     """One layer's proposal pruned, fine-tuned and scored (a plain object, so Ray can ship it)."""
 
-    def __init__(self, model: nn.Module, masks: Masks, algo: PrunerSpec, params: dict, finetune: Any, evaluate: Any) -> None:
+    def __init__(self, model: nn.Module, masks: Masks, algo: PrunerSpec, params: dict, finetune: Any, evaluate: Any, dummy_input: Any) -> None:
         self.model, self.masks, self.algo, self.params, self.finetune, self.evaluate = model, masks, algo, params, finetune, evaluate
+        self.dummy_input = dummy_input
 
     def __call__(self, job: tuple[str, dict[str, float]]) -> tuple[nn.Module, float | None, Masks]:
-        m = layer_masks(self.algo, self.params, self.model, job[1], self.masks)
+        m = layer_masks(self.algo, self.params, self.model, job[1], self.masks, self.dummy_input)
         trained, score = train_and_score(self.model, m, self.finetune, self.evaluate)
         return trained, score, m
 
@@ -120,7 +121,7 @@ class NetAdaptPruner:
         self._result: tuple[nn.Module, Masks] | None = None
 
     def _masks(self, model: nn.Module, sparsities: dict[str, float], pinned: Masks | None = None) -> Masks:
-        return layer_masks(self.base_algo, self.pruning_params, model, sparsities, pinned)
+        return layer_masks(self.base_algo, self.pruning_params, model, sparsities, pinned, self.meter.dummy_input)
 
     def _next_count(self, layer: str, counts: dict[str, int], current_est: float, step: float) -> int | None:
         """Fewest pruned channels of ``layer`` that the table says lower the resource by ``step``."""
@@ -170,7 +171,7 @@ class NetAdaptPruner:
                     sp = {n: counts[n] / self.layers[n] for n in self.layers}
                     sp[layer] = k / self.layers[layer]
                     jobs.append((layer, sp))
-                run = _Candidate(current, masks, self.base_algo, self.pruning_params, self.short_term, self.evaluate)
+                run = _Candidate(current, masks, self.base_algo, self.pruning_params, self.short_term, self.evaluate, self.meter.dummy_input)
 
                 results = self.executor.map(run, jobs, desc="NetAdapt layers")
                 best_i = max(range(len(jobs)), key=lambda i: self.sign * float(results[i][1]))

@@ -12,6 +12,7 @@ what its config_list asks. With ``speedup=True`` the model is physically shrunk 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -73,18 +74,22 @@ BASIC_PRUNERS: dict[str, type[Pruner]] = _basic_pruners()
 PrunerSpec = str | type | Pruner | Callable[[nn.Module, list], Pruner]
 
 
-def make_basic_pruner(spec: PrunerSpec, model: nn.Module, config_list: list[dict[str, Any]], params: Mapping[str, Any] | None = None) -> Pruner:
+def make_basic_pruner(
+    spec: PrunerSpec, model: nn.Module, config_list: list[dict[str, Any]], params: Mapping[str, Any] | None = None, dummy_input: Any = None
+) -> Pruner:
     """A one-shot pruner for ``model``: ``spec`` is one of :data:`BASIC_PRUNERS`' names (NNI's
     ``pruning_algorithm``), a Pruner class, a factory ``(model, config_list) -> Pruner``, or a
-    Pruner instance (re-created on ``model`` with the same settings)."""
+    Pruner instance (re-created on ``model`` with the same settings). ``dummy_input`` goes to a
+    pruner that takes one (channel pruners then also mask the parameters joined to pruned
+    channels, so speedup removes them) unless ``params`` gives its own."""
     params = dict(params or {})
-    if isinstance(spec, str):
-        cls = BASIC_PRUNERS.get(spec.lower())
-        if cls is None:
-            raise ValueError(f"pruning_algorithm {spec!r} is unknown; choose one of {sorted(BASIC_PRUNERS)} or pass a Pruner")
+    if isinstance(spec, type) and not issubclass(spec, Pruner):
+        raise TypeError(f"pruning_algorithm {spec.__name__} is not a Pruner class")
+    if isinstance(spec, (str, type)):
+        cls = _pruner_class(spec)
+        if dummy_input is not None and params.get("dummy_input") is None and "dummy_input" in inspect.signature(cls).parameters:
+            params["dummy_input"] = dummy_input
         return cls(model, config_list, **params)
-    if isinstance(spec, type) and issubclass(spec, Pruner):
-        return spec(model, config_list, **params)
     if isinstance(spec, Pruner):
         return _rebind(spec, model, config_list)
     if callable(spec):
@@ -304,7 +309,8 @@ class PruningScheduler:
     # ------------------------------------------------------------------ one round
     def run_task(self, task: Task, model: nn.Module, pinned: Masks) -> tuple[nn.Module, TaskResult]:
         """Prune ``model`` (a plain model, modified in place) by ``task``; return it (masks applied) and the result."""
-        pruner = make_basic_pruner(self.pruner_spec, model, task.config_list, self.pruning_params)
+        pruner = make_basic_pruner(self.pruner_spec, model, task.config_list, self.pruning_params, self.dummy_input)
+        self._layers = list(pruner.module_configs)
         if pinned:
             _pin(pruner, pinned)
         wrapped, masks = pruner.compress()
@@ -342,7 +348,7 @@ class PruningScheduler:
                     task.config_list = relative_config(task.config_list, origin, work, self.pruner_spec)
                 wrapped, result = self.run_task(task, work, {} if speed else pinned)
                 if names is None:
-                    names = list(result.masks)
+                    names = self._layers  # the configured layers (masks also name joined BatchNorms)
                 plain = plain_copy(wrapped)
                 result.sparsity = masked_fraction(plain, result.masks, [n for n in names if n in result.masks]) if not speed else 0.0
                 if speed:

@@ -49,12 +49,13 @@ def layer_masks(
     model: nn.Module,
     sparsities: Mapping[str, float],
     pinned: Masks | None = None,
+    dummy_input: Any = None,
 ) -> Masks:
     """Masks for ``model`` (not changed) pruning each layer of ``sparsities`` to that fraction of its
     units with the basic pruner ``spec``; units pruned in ``pinned`` stay pruned."""
     work = plain_copy(model)
     config = [{"op_names": [n], "sparsity": float(s)} for n, s in sparsities.items()]
-    pruner = make_basic_pruner(spec, work, config, params)
+    pruner = make_basic_pruner(spec, work, config, params, dummy_input)
     if pinned:
         _pin(pruner, pinned)
     _, masks = pruner.compress()

@@ -86,6 +86,7 @@ def sensitivity_analysis(
     finetuner: Callable[[nn.Module], Any] | None = None,
     executor: Executor | str | None = None,
     seed: int = 0,
+    dummy_input: Any = None,
 ) -> SensitivityResult:
     """Curves for every layer ``config_list`` selects (default: every layer the pruner's default
     op types select). ``evaluator`` is ``model -> float`` or a TorchEvaluator; ``finetuner``
@@ -103,7 +104,7 @@ def sensitivity_analysis(
 
     def run(job: tuple[str, float]) -> float:
         layer, s = job
-        masks = layer_masks(pruning_algorithm, pruning_params, origin, {layer: s})
+        masks = layer_masks(pruning_algorithm, pruning_params, origin, {layer: s}, None, dummy_input)
         _, score = train_and_score(origin, masks, finetuner, evaluate)
         assert score is not None
         return score
