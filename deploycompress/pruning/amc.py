@@ -234,7 +234,7 @@ class AMCPruner:
                      {k: round(v, 3) for k, v in chosen.items()})  # fmt: skip
         assert best is not None
         score, sparsities = best
-        self.best_sparsities, masks, measured = fit_measured(origin, sparsities, make, self.meter, self.budget * table.dense, self.max_ratio)
+        self.best_sparsities, masks, measured = fit_measured(origin, sparsities, make, self.meter, self.budget * table.dense, self.max_ratio, dense_value=table.dense)
         if self.best_sparsities != sparsities:
             score = self.evaluate(wrap_masks(plain_copy(origin), masks))  # type: ignore[misc]
         traj.add(origin, masks, sparsities=self.best_sparsities, score=score, resource=measured, measured=True, accepted=True)

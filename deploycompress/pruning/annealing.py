@@ -200,7 +200,7 @@ class SimulatedAnnealingPruner:
         assert best is not None
         score, sparsities, trained, masks = best
         if self.meter is not None:
-            fitted, fit_masks, measured = fit_measured(origin, sparsities, make, self.meter, self.budget * dense_value, self.cap)
+            fitted, fit_masks, measured = fit_measured(origin, sparsities, make, self.meter, self.budget * dense_value, self.cap, dense_value=dense_value)
             if fitted != sparsities:  # the table was optimistic: the measured candidate is a sparser one
                 sparsities, masks = fitted, fit_masks
                 trained, score = train_and_score(origin, masks, self.finetune, self.evaluate)  # type: ignore[assignment]

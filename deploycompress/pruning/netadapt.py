@@ -182,7 +182,7 @@ class NetAdaptPruner:
                 layer, sp = jobs[best_i]
                 current, score, masks = results[best_i]
                 counts[layer] = proposals[layer]
-                measured = meter(current, masks)
+                measured = meter.relative(current, masks, origin) * dense  # timed interleaved with the dense model
                 traj.add(origin, masks, sparsities=sp, score=score, resource=measured, measured=True, accepted=True)
                 log.info(
                     "NetAdapt: %s -> %d/%d channels pruned; score %s, %s %.4g (budget %.4g)", layer, counts[layer],

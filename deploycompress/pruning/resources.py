@@ -102,32 +102,51 @@ class ResourceMeter:
 
     def latency_ms(self, model: nn.Module) -> float:
         """Median latency (ms) of ``model`` on the backend: median over repeats of each repeat's median."""
+        return self.paired_latency_ms([model])[0]
+
+    def paired_latency_ms(self, models: Sequence[nn.Module]) -> list[float]:
+        """Latencies (ms) of several models measured interleaved: every repeat times each model in
+        turn, so load that comes and goes on a shared machine hits them alike."""
         from ..backends import get_backend
 
         backend = get_backend(self.backend)
         args = _inputs(self.dummy_input)
+        names = ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
+        feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
         with tempfile.TemporaryDirectory(prefix="dc-measure-") as tmp:
-            onnx_path = Path(tmp) / "candidate.onnx"
-            names = ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-                torch.onnx.export(model, args, str(onnx_path), dynamo=False, input_names=names, opset_version=17)
-            artifact = backend.build(onnx_path, Path(tmp) / "built", precision="fp32")
-            runner = backend.load(artifact, threads=self.threads) if self.threads else backend.load(artifact)
-            feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
-            for _ in range(self.warmup):
-                runner.run(feeds)
-            medians = []
-            for _ in range(self.repeats):
-                times = []
-                for _ in range(self.iterations):
-                    t0 = time.perf_counter()
+            runners = []
+            for i, model in enumerate(models):
+                onnx_path = Path(tmp) / f"candidate{i}.onnx"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+                    torch.onnx.export(model.eval(), args, str(onnx_path), dynamo=False, input_names=names, opset_version=17)
+                artifact = backend.build(onnx_path, Path(tmp) / f"built{i}", precision="fp32")
+                runners.append(backend.load(artifact, threads=self.threads) if self.threads else backend.load(artifact))
+            for runner in runners:
+                for _ in range(self.warmup):
                     runner.run(feeds)
-                    times.append((time.perf_counter() - t0) * 1000.0)
-                medians.append(statistics.median(times))
-        value = statistics.median(medians)
-        log.debug("latency %.4f ms (repeat medians %s)", value, [round(m, 4) for m in medians])
-        return value
+            medians: list[list[float]] = [[] for _ in runners]
+            for _ in range(self.repeats):
+                for k, runner in enumerate(runners):
+                    times = []
+                    for _ in range(self.iterations):
+                        t0 = time.perf_counter()
+                        runner.run(feeds)
+                        times.append((time.perf_counter() - t0) * 1000.0)
+                    medians[k].append(statistics.median(times))
+        values = [statistics.median(m) for m in medians]
+        log.debug("latency %s ms (repeat medians %s)", [round(v, 4) for v in values], medians)
+        return values
+
+    def relative(self, model: nn.Module, masks: Masks | None, reference: nn.Module) -> float:
+        """The candidate's resource as a fraction of ``reference``'s (the dense model). Latency is
+        measured interleaved with the reference (:meth:`paired_latency_ms`), so a budget given as a
+        fraction holds even when the machine's speed drifts between measurements."""
+        if self.metric != "latency":
+            return self(model, masks) / self(reference, None)
+        self.measurements += 1
+        ms, ref = self.paired_latency_ms([self.deployed(model, masks), self.deployed(reference, None)])
+        return ms / ref
 
     def within(self, value: float, budget: float) -> bool:
         """``value <= budget``, allowing the stated relative ``tolerance`` for noise."""
@@ -175,8 +194,8 @@ def build_lookup_table(
     jobs = [(name, float(s)) for name in layers for s in grid]
 
     def measure(job: tuple[str, float]) -> float:
-        name, s = job
-        return meter(model, make_masks(model, {name: s}))
+        name, s = job  # latency: timed interleaved with the dense model, then scaled by its value
+        return meter.relative(model, make_masks(model, {name: s}), model) * dense
 
     values = executor.map(measure, jobs, desc=f"{meter.metric} lookup table")
     table: dict[str, dict[float, float]] = {name: {0.0: dense} for name in layers}

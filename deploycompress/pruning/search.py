@@ -81,20 +81,23 @@ def fit_measured(
     goal: float,
     cap: float,
     max_steps: int = 8,
+    dense_value: float | None = None,
 ) -> tuple[dict[str, float], Masks, float]:
-    """Measure the chosen candidate; while it is above ``goal`` (beyond the meter's tolerance), move
+    """Measure the chosen candidate (as a fraction of ``model``, the dense one, times
+    ``dense_value``: latency is timed interleaved with the dense model); while it is above ``goal`` (beyond the meter's tolerance), move
     every layer a quarter of the way to ``cap`` and measure again. The lookup table's additive
     estimate is optimistic when neighbouring layers are both pruned; this closes that gap.
     Returns (sparsities, masks, measured value); warns with ``BudgetNotReached`` if still above."""
     current = {n: float(s) for n, s in sparsities.items()}
     masks = make_masks(model, current)
-    measured = meter(model, masks)
+    dense = dense_value if dense_value is not None else meter(model, None)
+    measured = meter.relative(model, masks, model) * dense
     for _ in range(max_steps):
         if meter.within(measured, goal):
             break
         current = {n: s + (max(cap, s) - s) * 0.25 for n, s in current.items()}
         masks = make_masks(model, current)
-        measured = meter(model, masks)
+        measured = meter.relative(model, masks, model) * dense
         log.info("measured %s %.4g above the budget %.4g: every layer moved towards %.2f", meter.metric, measured, goal, cap)
     if not meter.within(measured, goal):
         from .netadapt import BudgetNotReached
