@@ -55,7 +55,7 @@ def test_int8_engine_meets_the_accuracy_targets(artifact, digits):
     int8_acc = float((logits.argmax(1) == digits.test_y.numpy()).mean())
     assert int8_acc >= fp32_acc - 0.01
 
-    quantizer = dc.PTQQuantizer(copy.deepcopy(deployed), default_quant_config(deployed))
+    quantizer = dc.PTQQuantizer(copy.deepcopy(deployed), default_quant_config(deployed, digits.test_x[:1]))
     quantizer.calibrate(list(digits.batches(64)))
     assert quantizer.export_calib_config().digest() == artifact.calib_config.digest()
     with torch.no_grad():
