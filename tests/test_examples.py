@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-
 import deploycompress as dc
 from deploycompress import cli
 
