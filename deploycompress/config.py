@@ -2,7 +2,13 @@
 
 A config_list is a list of dicts. Each dict selects modules (``op_types``, ``op_names``,
 ``op_partial_names``, ``op_names_re``) and says what to do with them (a sparsity, or quantization
-settings), or removes them from the selection (``exclude``). For a module that several dicts select,
+settings), or removes them from the selection (``exclude``).
+
+``op_types`` names layer types. A module matches when it is an instance of the named type, subclasses
+included (EfficientNet's ``Conv2dStaticSamePadding`` and timm's ``StdConv2d`` are ``Conv2d``); a name
+is resolved against ``torch.nn``, the classes the model's modules are built from (by class name or
+``module.qualname``) and types registered with :func:`register_op_type`. NNI matches the class name
+exactly; ``"op_types_match": "exact"`` in a dict asks for that rule. For a module that several dicts select,
 the last one wins as a whole: this is NNI's rule, so configs written for NNI run unchanged.
 
 Both NNI generations' spellings are accepted and normalised to one canonical key set before any
@@ -26,6 +32,10 @@ __all__ = [
     "validate_config_list",
     "select_modules",
     "op_type_of",
+    "OP_TYPES_MATCH",
+    "module_matches_types",
+    "register_op_type",
+    "resolve_op_types",
     "PRUNING_KEYS",
     "QUANT_KEYS",
     "SELECTION_KEYS",
@@ -47,6 +57,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "op_names": ("op_names",),
     "op_partial_names": ("op_partial_names",),
     "op_names_re": ("op_names_re",),
+    "op_types_match": ("op_types_match",),
     "exclude": ("exclude",),
     "exclude_op_names": ("exclude_op_names",),
     "exclude_op_types": ("exclude_op_types",),
@@ -67,6 +78,8 @@ QUANT_TYPES = ("weight", "input", "output")
 QUANT_DTYPES = ("int", "uint")
 QUANT_SCHEMES = ("symmetric", "affine")
 GRANULARITIES = ("per_tensor", "per_channel")
+#: how ``op_types`` match: ``isinstance`` (subclasses included; the default) or ``exact`` (NNI: the class name)
+OP_TYPES_MATCH = ("isinstance", "exact")
 _MIN_BITS, _MAX_BITS = 1, 16
 
 
@@ -232,6 +245,10 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
                 re.compile(pattern)
             except re.error as exc:
                 raise ConfigError(f"{_where(index)}: op_names_re {pattern!r} is not a valid regex: {exc}") from None
+        if "op_types_match" in cfg and cfg["op_types_match"] not in OP_TYPES_MATCH:
+            raise ConfigError(
+                f"{_where(index)}: 'op_types_match' must be one of {list(OP_TYPES_MATCH)}, got {cfg['op_types_match']!r}"
+            )
         if not any(k in cfg for k in SELECTION_KEYS):
             raise ConfigError(
                 f"{_where(index)} selects no modules: give at least one of {list(SELECTION_KEYS)}"
@@ -300,18 +317,87 @@ def _check_global_groups(configs: list[dict[str, Any]]) -> None:
 def op_type_of(module: nn.Module) -> str:
     """The class name a config's ``op_types`` means: a module with masks or fake-quant attached
     through ``torch.nn.utils.parametrize`` (class ``ParametrizedConv2d``) still counts as ``Conv2d``."""
+    return op_class_of(module).__name__
+
+
+# torch classes that are their base under another name: under exact matching ``Linear`` selects them too
+OP_TYPE_ALIASES = {"NonDynamicallyQuantizableLinear": "Linear"}  # nn.MultiheadAttention.out_proj
+
+#: op type name -> classes registered under it (:func:`register_op_type`)
+_REGISTERED_OP_TYPES: dict[str, list[type]] = {}
+
+
+def register_op_type(cls: type, name: str | None = None) -> type:
+    """Make ``name`` (default: the class name) in ``op_types`` select instances of ``cls`` and its subclasses,
+    for a class the model does not build itself from (e.g. a base class of a library's layers).
+    Usable as a class decorator; returns ``cls``."""
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"register_op_type needs a torch.nn.Module subclass, got {cls!r}")
+    entry = _REGISTERED_OP_TYPES.setdefault(name or cls.__name__, [])
+    if cls not in entry:
+        entry.append(cls)
+    return cls
+
+
+def _model_classes(model: nn.Module | None) -> list[type]:
+    if model is None:
+        return []
+    seen: dict[type, None] = {}
+    for m in model.modules():
+        for cls in op_class_of(m).__mro__:
+            if issubclass(cls, nn.Module):
+                seen.setdefault(cls, None)
+    return list(seen)
+
+
+def resolve_op_types(names: Iterable[str], model: nn.Module | None = None) -> tuple[type, ...]:
+    """The classes ``names`` stand for: ``torch.nn.<name>``, the model's classes (and their bases) whose
+    ``__name__`` or ``module.qualname`` is the name, and registered types. A name nothing answers to
+    resolves to no class (it then selects nothing)."""
+    classes = _model_classes(model)
+    out: dict[type, None] = {}
+    for name in names:
+        found = getattr(nn, name, None)
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            out.setdefault(found, None)
+        for cls in classes:
+            if name in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}"):
+                out.setdefault(cls, None)
+        for cls in _REGISTERED_OP_TYPES.get(name, ()):
+            out.setdefault(cls, None)
+    return tuple(out)
+
+
+def op_class_of(module: nn.Module) -> type:
+    """The module's own class, seen through ``torch.nn.utils.parametrize``'s ``Parametrized<Name>`` class."""
     cls = type(module)
     if parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized"):
         cls = cls.__bases__[0]
-    return cls.__name__
+    return cls
 
 
-# torch classes that are their base under another name: ``Linear`` selects them too
-OP_TYPE_ALIASES = {"NonDynamicallyQuantizableLinear": "Linear"}  # nn.MultiheadAttention.out_proj
+def module_matches_types(module: nn.Module, names: Iterable[str], classes: tuple[type, ...], match: str = "isinstance") -> bool:
+    """Whether ``module`` is one of the op types: an instance of ``classes`` (``match="isinstance"``), or
+    of a class named exactly one of ``names`` (``match="exact"``, NNI's rule)."""
+    if match == "exact":
+        names = set(names)
+        op_type = op_type_of(module)
+        return op_type in names or OP_TYPE_ALIASES.get(op_type) in names
+    return isinstance(module, classes)
 
 
-def _matches(name: str, op_type: str, cfg: Mapping[str, Any], op_types: set[str] | None) -> bool:
-    if op_types is not None and op_type not in op_types and OP_TYPE_ALIASES.get(op_type) not in op_types:
+@dataclass(frozen=True)
+class _TypeSpec:
+    names: tuple[str, ...]
+    classes: tuple[type, ...]
+    match: str
+
+    def __contains__(self, module: nn.Module) -> bool:
+        return module_matches_types(module, self.names, self.classes, self.match)
+
+
+def _matches(name: str, module: nn.Module, cfg: Mapping[str, Any], op_types: _TypeSpec | None, excluded: _TypeSpec | None) -> bool:
+    if op_types is not None and module not in op_types:
         return False
     if "op_names" in cfg and name not in cfg["op_names"]:
         return False
@@ -319,7 +405,7 @@ def _matches(name: str, op_type: str, cfg: Mapping[str, Any], op_types: set[str]
         return False
     if "op_names_re" in cfg and not any(re.fullmatch(p, name) for p in cfg["op_names_re"]):
         return False
-    if name in cfg.get("exclude_op_names", ()) or op_type in cfg.get("exclude_op_types", ()):
+    if name in cfg.get("exclude_op_names", ()) or (excluded is not None and module in excluded):
         return False
     return True
 
@@ -354,19 +440,24 @@ def select_modules(
                         f"{_where(index)}: {key} names {op_name!r}, which is not a module of the model"
                         + (f"; closest module names: {hint}" if hint else "")
                     )
-        op_types: set[str] | None = None
+        match = cfg.get("op_types_match", "isinstance")
+        op_types: _TypeSpec | None = None
         if "op_types" in cfg:
-            op_types = set()
+            wanted: list[str] = []
             for t in cfg["op_types"]:
                 if t == "default":
                     if not default_op_types:
                         raise ConfigError(f"{_where(index)}: op_types 'default' given, but {algorithm} has no default types")
-                    op_types.update(default_op_types)
+                    wanted.extend(default_op_types)
                 else:
-                    op_types.add(t)
+                    wanted.append(t)
+            op_types = _TypeSpec(tuple(wanted), resolve_op_types(wanted, model), match)
+        excluded = None
+        if "exclude_op_types" in cfg:
+            excluded = _TypeSpec(tuple(cfg["exclude_op_types"]), resolve_op_types(cfg["exclude_op_types"], model), match)
         hit = False
         for name, module in named:
-            if _matches(name, op_type_of(module), cfg, op_types):
+            if _matches(name, module, cfg, op_types, excluded):
                 hit = True
                 selected[name] = None if cfg.get("exclude") else (index, cfg)
         if not hit:
@@ -377,15 +468,15 @@ def select_modules(
 
     result: dict[str, ModuleConfig] = {}
     modules = dict(named)
+    supported = None if supported_op_types is None else resolve_op_types(supported_op_types, model)
     for name in names:
         entry = selected.get(name)
         if entry is None:
             continue
         index, cfg = entry
         op_type = op_type_of(modules[name])
-        # a subclass (MultiheadAttention's NonDynamicallyQuantizableLinear) computes like its base
-        lineage = {cls.__name__ for cls in type(modules[name]).__mro__}
-        if supported_op_types is not None and not lineage & set(supported_op_types):
+        # a subclass is handled as its base (what its forward computes is checked where it is run)
+        if supported is not None and not isinstance(modules[name], supported):
             raise ConfigError(
                 f"{_where(index)} selects module {name!r} of type {op_type}, which {algorithm} cannot handle; "
                 f"supported types: {list(supported_op_types)}"

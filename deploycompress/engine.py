@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8")
 
-#: inputs and weights (PTQQuantizer: per-channel) of every Conv and Linear, 8 bits: the layers
-#: int8 kernels exist for
+#: inputs and weights (PTQQuantizer: per-channel) of every Conv and Linear (subclasses included), 8 bits:
+#: the layers int8 kernels exist for
 DEFAULT_QUANT_CONFIG: list[dict[str, Any]] = [
     {"op_types": ["Conv1d", "Conv2d", "Conv3d", "Linear"], "quant_types": ["input", "weight"], "quant_bits": 8}
 ]
@@ -57,8 +57,10 @@ def default_quant_config(model: nn.Module) -> list[dict[str, Any]]:
     """What ``calib_data`` calibrates when no ``quant_config_list`` is given: DEFAULT_QUANT_CONFIG,
     plus the outputs of the model's activations and pools (only types the model has, so the
     config never selects nothing)."""
-    present = {type(m).__name__ for m in model.modules()}
-    outputs = [t for t in DEFAULT_OUTPUT_OP_TYPES if t in present]
+    from .config import resolve_op_types
+
+    modules = list(model.modules())
+    outputs = [t for t in DEFAULT_OUTPUT_OP_TYPES if any(isinstance(m, resolve_op_types([t])) for m in modules)]
     extra = [{"op_types": outputs, "quant_types": ["output"], "quant_bits": 8}] if outputs else []
     return [dict(c) for c in DEFAULT_QUANT_CONFIG] + extra
 
