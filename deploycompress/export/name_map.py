@@ -241,6 +241,10 @@ def _verify_weight(name: str, module: nn.Module, graph: _Graph, node: onnx.NodeP
     return src, axis, None if exact else fold.astype(np.float32)
 
 
+def _owns_weight(module: nn.Module) -> bool:
+    return isinstance(module._parameters.get("weight"), torch.Tensor)
+
+
 def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto, calls: Mapping | None = None) -> NameMap:
     """``calls`` (from :func:`record_calls`) saves a forward pass when the caller already ran one."""
     modules = dict(model.named_modules())
@@ -249,6 +253,7 @@ def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto, calls:
     if calls is None:
         calls = record_calls(model, args)[0]
 
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
     by_scope: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     owner: dict[str, str] = {}
     for node in graph.nodes:
@@ -264,8 +269,16 @@ def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto, calls:
 
     per_module: dict[str, list[list[onnx.NodeProto]]] = defaultdict(list)
     for scope, nodes in by_scope.items():
-        if owner[scope] in modules and not any(True for _ in modules[owner[scope]].children()):
+        module = modules.get(owner[scope])
+        if module is None:
+            continue
+        if not any(True for _ in module.children()):
             per_module[owner[scope]].append(nodes)
+        elif _owns_weight(module):
+            # a weighted layer built from submodules (EfficientNet's Conv2dStaticSamePadding: a pad module,
+            # then the conv): one call is its own nodes and its submodules' (the Pad and the Conv)
+            inner = [n for s, ns in by_scope.items() if s.startswith(scope + "/") for n in ns]
+            per_module[owner[scope]].append(sorted(inner + nodes, key=lambda n: order[id(n)]))
 
     mappings: dict[str, ModuleMapping] = {}
     for name, call_nodes in per_module.items():
@@ -315,6 +328,18 @@ def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto, calls:
     return NameMap(mappings, unmapped)
 
 
+def _fold_agrees(mapping: ModuleMapping, factor: np.ndarray, module: nn.Module) -> bool:
+    """The graph's per-channel factor is the BatchNorm's on every channel whose weight is not all zero
+    (a zero channel's factor cannot be read from the graph: pretrained models have such channels)."""
+    fold = mapping.weight_fold
+    if fold is None or fold.shape != factor.shape:
+        return False
+    w = module.weight.detach().float().cpu().numpy()
+    axis = int(mapping.weight_axis or 0)
+    live = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(1) > 0
+    return bool(np.allclose(fold[live], factor[live], rtol=1e-3, atol=1e-6))
+
+
 def _map_folded_batchnorms(modules, mappings, unmapped, calls, graph: _Graph) -> None:
     """A BatchNorm folded into a Conv maps to that Conv's output, identified by its per-channel factor."""
     folded = [m for m in mappings.values() if m.weight_fold is not None]
@@ -323,10 +348,7 @@ def _map_folded_batchnorms(modules, mappings, unmapped, calls, graph: _Graph) ->
             continue
         gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(bn.running_var, dtype=torch.float64)
         factor = (gamma / torch.sqrt(bn.running_var.double() + bn.eps)).numpy()
-        match = [
-            m for m in folded
-            if not m.folded and m.weight_fold.shape == factor.shape and np.allclose(m.weight_fold, factor, rtol=1e-3, atol=1e-6)
-        ]
+        match = [m for m in folded if not m.folded and _fold_agrees(m, factor, modules[m.name])]
         if len(match) > 1:  # identical factors (e.g. freshly initialised BNs): the one called right before
             order = list(calls)
             before = [m for m in match if m.name in order and name in order and order.index(m.name) < order.index(name)]
@@ -335,6 +357,7 @@ def _map_folded_batchnorms(modules, mappings, unmapped, calls, graph: _Graph) ->
             continue
         conv = match[0]
         conv.folded.append(name)
+        conv.weight_fold = factor.astype(np.float32)  # channels whose weight is all zero carry no factor of their own
         tshape = calls.get(name, [((), ())])[0][1]
         for out in conv.outputs:
             if tshape and not _shapes_agree(tshape, graph.shapes.get(out)):
