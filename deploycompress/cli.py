@@ -260,6 +260,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         norm_spans=args.norm_spans or prune.get("norm_spans", "keep"),
         overwrite=args.force,
         progress=not args.quiet,
+        strict=args.strict,
     )
     from .report import report_summary
 
@@ -475,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recipe", help="YAML recipe: model, input_shape, prune (pruner + config_list), quantize, build, eval")
     b.add_argument("--out", required=True, help="bundle directory (written atomically)")
     b.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    b.add_argument("--strict", action="store_true",
+                   help="fail when fewer weighted layers run in int8 than the calibration selects (default: a warning naming them)")
     b.set_defaults(func=cmd_build)
 
     p = sub.add_parser("profile", parents=[common], help="latency percentiles and per-layer time of a bundle or .onnx")

@@ -259,6 +259,7 @@ def build_engine(
     overwrite: bool = False,
     backend_options: Mapping[str, Any] | None = None,
     progress: bool = True,
+    strict: bool = False,
 ) -> EngineArtifact:
     """Build a serving bundle in ``out_dir`` (written atomically: nothing is left there on failure).
 
@@ -268,6 +269,13 @@ def build_engine(
     ``round_to`` and ``norm_spans`` go to :func:`deploycompress.speedup.speedup`.
     With ``compare_fp32`` an int8 build also builds and measures the fp32 graph on the same backend, so
     the report shows what int8 gains and costs.
+
+    Layer subclasses (padded convs, weight-standardised convs, ...) are checked against their base on
+    ``example_inputs`` (:mod:`deploycompress.subclasses`): followed, baked, or refused by name before any
+    work. After QDQ insertion and after the backend's optimisation, the weighted layers that run in int8
+    are counted (:mod:`deploycompress.precision_audit`, recorded in ``report.quantized_layers``); fewer than
+    the calibration selected gives a ``PrecisionShortfallWarning`` naming the layers, or with ``strict=True``
+    a ``PrecisionShortfallError``.
     """
     from tqdm.auto import tqdm
 
@@ -275,6 +283,7 @@ def build_engine(
     from .export import insert_qdq, to_onnx
     from .validate import validate
     from .graph.trace import check_norm_spans
+    from .precision_audit import INTEGER_KERNELS, audit_optimized, audit_qdq, check_precision
 
     # -- everything that can be checked is checked before any long work ----------------------------
     if precision not in PRECISIONS:
@@ -291,6 +300,12 @@ def build_engine(
     except ValueError as exc:
         raise EngineError(str(exc)) from exc
     masks = _load_masks(masks, model)
+    from .subclasses import SubclassError, analyse_layers, lower_layers
+
+    try:
+        layer_forms = analyse_layers(model, inputs)
+    except SubclassError as exc:
+        raise EngineError(str(exc)) from exc
     calib = _load_calib(calib_config)
     if precision == "int8" and calib is None and calib_data is None:
         raise EngineError("precision 'int8' needs a calibration: pass calib_config (CalibConfig or JSON path) or calib_data (input batches)")
@@ -315,6 +330,9 @@ def build_engine(
         with tempfile.TemporaryDirectory(dir=work_parent, prefix=f".{Path(out_dir).name}.work.") as tmp:
             work = Path(tmp)
             deployed = _plain_copy(model)
+            lowered = lower_layers(deployed, layer_forms)
+            if lowered:
+                report.notes.append("layer subclasses lowered for export: " + "; ".join(layer_forms[n].describe() for n in lowered))
             report.sizes.append(_size_record("original", deployed, inputs))
             if masks is not None:
                 with steps("speedup"):
@@ -328,6 +346,8 @@ def build_engine(
                         calib = _calibrate(deployed, calib_data, quant_config_list or default_quant_config(deployed), calibrator)
                     elif masks is not None:
                         calib = fit_calibration(calib, deployed)  # type: ignore[arg-type]
+            import onnx
+
             with steps("export"):
                 exported = to_onnx(deployed, inputs)
                 fp32_path = work / "model.fp32.onnx"
@@ -335,14 +355,21 @@ def build_engine(
             graph_path = fp32_path
             if precision == "int8":
                 with steps("qdq"):
-                    import onnx
-
                     qdq = insert_qdq(exported.model, calib, exported.name_map, target=backend)  # type: ignore[arg-type]
                     graph_path = work / "model.qdq.onnx"
                     onnx.save(qdq, str(graph_path))
+                    audit = audit_qdq(qdq, exported.name_map, [m for m, kind, _ in calib.items() if kind == "weight"], backend=backend)  # type: ignore[union-attr]
             with steps("build"):
                 artifact = engine_backend.build(graph_path, work / "build", precision=precision, **dict(backend_options or {}))
                 runner = engine_backend.load(artifact)
+                if precision == "int8" and backend in INTEGER_KERNELS:
+                    audit_optimized(audit, qdq, onnx.load(str(artifact)), exported.name_map)
+            if precision == "int8":
+                report.quantized_layers = audit.to_dict()
+                report.notes.append(audit.summary())
+                if audit.short:
+                    report.notes.append(f"not in int8: {audit.short}")
+                check_precision(audit, strict=strict)  # a warning naming the layers, or with strict an error
             with steps("validate"):
                 result = validate(runner, deployed, eval_x, labels=eval_labels, metric_name="top1", batch_sizes=batch_sizes,
                                   iterations=iterations, warmup=warmup)

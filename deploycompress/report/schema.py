@@ -131,6 +131,8 @@ class Report:
     steps: dict[str, float] = field(default_factory=dict)  # build step -> seconds
     environment: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: int8 builds: per selected weighted layer, whether it runs in int8 (precision_audit.PrecisionAudit.to_dict)
+    quantized_layers: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     version: int = REPORT_VERSION
 

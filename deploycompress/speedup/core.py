@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..graph import trace_channels
 from ..graph.trace import as_input_tuple, check_norm_spans
+from ..subclasses import follow_subclasses
 from .masks import Masks, apply_param_masks, masked_out_channels, validate_masks
 from .replace import shrink_model
 from .report import LayerReport, SpeedupReport
@@ -50,6 +51,7 @@ def _masked_copy(model: nn.Module, masks: Masks, example_inputs: Any, inplace: b
     work.eval()
     _bake_parametrizations(work)
     apply_param_masks(work, checked)
+    follow_subclasses(work, inputs, warn=True)  # layer subclasses: followed, weights computed in forward baked, or refused
     trace = trace_channels(work, inputs, zero_dead_norms=True, norm_spans=norm_spans)
     return work, checked, inputs, trace
 
