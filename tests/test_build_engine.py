@@ -23,7 +23,9 @@ def pruned(digits, _trained_digits):
     """A trained DigitsNet, conv2/conv3 pruned 50% by L1 norm and fine-tuned: (plain model, masks)."""
     torch.manual_seed(0)
     model = copy.deepcopy(_trained_digits[0])
-    pruner = dc.L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity": 0.5}, {"exclude": True, "op_names": ["conv1"]}])
+    pruner = dc.L1NormPruner(
+        model, [{"op_types": ["Conv2d"], "sparsity": 0.5}, {"exclude": True, "op_names": ["conv1"]}], dummy_input=digits.test_x[:1]
+    )
     _, masks = pruner.compress()
     train(model, digits, epochs=2, lr=1e-3)
     return pruner.unwrap_model(), masks
@@ -53,7 +55,7 @@ def test_int8_engine_meets_the_accuracy_targets(artifact, digits):
     int8_acc = float((logits.argmax(1) == digits.test_y.numpy()).mean())
     assert int8_acc >= fp32_acc - 0.01
 
-    quantizer = dc.PTQQuantizer(copy.deepcopy(deployed), default_quant_config(deployed))
+    quantizer = dc.PTQQuantizer(copy.deepcopy(deployed), default_quant_config(deployed, digits.test_x[:1]))
     quantizer.calibrate(list(digits.batches(64)))
     assert quantizer.export_calib_config().digest() == artifact.calib_config.digest()
     with torch.no_grad():
@@ -134,3 +136,26 @@ def test_failed_build_leaves_no_partial_out_dir(pruned, digits, tmp_path):
     with pytest.raises((BuildStepError, EngineError), match="head"):
         dc.build_engine(model, None, calib, example_inputs=digits.test_x[:1], out_dir=tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_copy_leaves_the_pruned_model_working():
+    """The README flow: the model returned by compress() still runs (and stays masked) after a copy is stripped."""
+    from torch.nn.utils import parametrize
+
+    from deploycompress import L1NormPruner
+    from deploycompress.model_copy import plain_copy
+    from deploycompress.zoo import DigitsNet
+
+    torch.manual_seed(0)
+    model, masks = L1NormPruner(DigitsNet(width=8).eval(), [{"op_types": ["Conv2d"], "sparsity": 0.5}]).compress()
+    model.eval()
+    x = torch.rand(2, 1, 8, 8)
+    before = model(x).detach()
+    plain = plain_copy(model)
+    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
+    assert any(parametrize.is_parametrized(m) for m in model.modules())
+    torch.testing.assert_close(plain(x), before, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)  # the caller's model and class untouched
+    name = next(iter(masks))
+    w = dict(plain.named_modules())[name].weight
+    assert isinstance(w, torch.nn.Parameter) and bool((w.detach()[~masks[name]["weight"]] == 0).all())

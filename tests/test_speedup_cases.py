@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from deploycompress.graph import random_group_masks
+from deploycompress.pruning import random_group_masks
 from deploycompress.pruning.channel import channel_masks
 
 
@@ -63,6 +63,18 @@ def hand_oracle(model: nn.Module, keeps: dict[str, torch.Tensor], norms: dict[st
                 bn = modules[norms[name]]
                 bn.weight[~keep] = 0
                 bn.bias[~keep] = 0
+    return ref
+
+
+def user_masked(model: nn.Module, masks: dict) -> nn.Module:
+    """The independent oracle: an eval-mode copy with each mask multiplied into exactly the tensor it names."""
+    ref = copy.deepcopy(model).eval()
+    modules = dict(ref.named_modules())
+    with torch.no_grad():
+        for name, per in masks.items():
+            for attr, mask in per.items():
+                t = getattr(modules[name], attr)
+                t.mul_(mask.to(t.dtype))
     return ref
 
 

@@ -21,11 +21,12 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from .graph_utils import WEIGHTED_OPS, through_identity, weight_axis
+
 __all__ = ["ModuleMapping", "NameMap", "NameMapError", "build_name_map", "WEIGHTED_OPS"]
 
 log = logging.getLogger(__name__)
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 _EXPECTED_OPS: tuple[tuple[type, tuple[str, ...]], ...] = (
     (nn.modules.conv._ConvTransposeNd, ("ConvTranspose",)),
@@ -55,6 +56,9 @@ class ModuleMapping:
     weight_fold: np.ndarray | None = None  # graph weight / module weight per output channel (BatchNorm folded)
     folded_into: str | None = None  # for a BatchNorm: the weighted module it was folded into
     folded: list[str] = field(default_factory=list)  # for a weighted module: BatchNorms folded into it
+    weight_nodes: list[str] = field(default_factory=list)  # every call's weighted node (shared weights)
+    weight_inits: list[str] = field(default_factory=list)  # and the initializer each reads
+    weight_folds: list = field(default_factory=list)  # and its fold factor (None: nothing folded)
 
     def to_dict(self) -> dict:
         return {
@@ -65,6 +69,7 @@ class ModuleMapping:
             "outputs": list(self.outputs),
             "weight": self.weight,
             "weight_node": self.weight_node,
+            "weight_nodes": list(self.weight_nodes),
             "weight_axis": self.weight_axis,
             "folded_into": self.folded_into,
             "folded": list(self.folded),
@@ -122,13 +127,12 @@ class _Graph:
 
     def constant_source(self, name: str) -> str | None:
         """The initializer behind ``name`` (following Identity nodes), or None for an activation."""
-        seen = 0
-        while name not in self.init:
-            node = self.producer.get(name)
-            if node is None or node.op_type != "Identity" or seen > 8:
-                return None
-            name, seen = node.input[0], seen + 1
-        return name
+        src = through_identity(name, self._producer_of)
+        return src if src in self.init else None
+
+    def _producer_of(self, name: str):
+        node = self.producer.get(name)
+        return (node.op_type, node.input[0]) if node is not None and node.input else None
 
     def is_constant(self, name: str) -> bool:
         if not name or self.constant_source(name) is not None:
@@ -198,12 +202,7 @@ def _shapes_agree(torch_shape: tuple, onnx_shape: tuple | None) -> bool:
 
 
 def _weight_axis(node: onnx.NodeProto) -> int:
-    if node.op_type == "ConvTranspose" or node.op_type == "MatMul":
-        return 1
-    if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    return 0
+    return weight_axis(node.op_type, next((a.i for a in node.attribute if a.name == "transB"), 0))
 
 
 def _fold_factor(graph_w: np.ndarray, module_w: np.ndarray, axis: int) -> np.ndarray | None:
@@ -214,7 +213,7 @@ def _fold_factor(graph_w: np.ndarray, module_w: np.ndarray, axis: int) -> np.nda
     r = np.where(denom > 0, (g * m).sum(1) / np.where(denom > 0, denom, 1.0), 1.0)
     if not np.allclose(g, m * r[:, None], rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(g).max(initial=0)))):
         return None
-    return r
+    return np.where(denom > 0, r, np.nan)  # a zeroed channel (pruned) fits any factor: NaN, "undetermined"
 
 
 def _verify_weight(name: str, module: nn.Module, graph: _Graph, node: onnx.NodeProto) -> tuple[str, int, np.ndarray | None]:
@@ -237,7 +236,8 @@ def _verify_weight(name: str, module: nn.Module, graph: _Graph, node: onnx.NodeP
         raise NameMapError(
             f"module {name!r}: initializer {src!r} of node {node.name} is neither the module's weight nor a per-channel rescaling of it"
         )
-    exact = np.allclose(fold, 1.0, rtol=0, atol=1e-7)
+    known = ~np.isnan(fold)
+    exact = np.allclose(fold[known], 1.0, rtol=0, atol=1e-7)
     return src, axis, None if exact else fold.astype(np.float32)
 
 
@@ -303,12 +303,18 @@ def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto, calls:
             inputs=inputs,
             outputs=outputs,
         )
-        weighted = [n for nodes in call_nodes for n in nodes if n.op_type in WEIGHTED_OPS]
-        if isinstance(getattr(module, "weight", None), torch.Tensor) and weighted:
-            if len(weighted) != 1:
-                raise NameMapError(f"module {name!r}: expected one weighted node, found {[n.name for n in weighted]}")
-            mapping.weight, mapping.weight_axis, mapping.weight_fold = _verify_weight(name, module, graph, weighted[0])
-            mapping.weight_node = weighted[0].name
+        weighted = [[n for n in nodes if n.op_type in WEIGHTED_OPS] for nodes in call_nodes]
+        if isinstance(getattr(module, "weight", None), torch.Tensor) and any(weighted):
+            bad = [[n.name for n in w] for w in weighted if len(w) > 1]
+            if bad:
+                raise NameMapError(f"module {name!r}: expected one weighted node per call, found {bad[0]}")
+            for (node,) in (w for w in weighted if w):  # a module called several times: one node per call
+                src, axis, fold = _verify_weight(name, module, graph, node)
+                mapping.weight_nodes.append(node.name)
+                mapping.weight_inits.append(src)
+                mapping.weight_folds.append(fold)
+                mapping.weight_axis = axis
+            mapping.weight, mapping.weight_node, mapping.weight_fold = mapping.weight_inits[0], mapping.weight_nodes[0], mapping.weight_folds[0]
         # shapes: the module's output per call, as PyTorch saw it at the example inputs
         recorded = calls.get(name, [])
         for out, (_, tshape) in zip(mapping.outputs, recorded):
@@ -328,16 +334,13 @@ def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto, calls:
     return NameMap(mappings, unmapped)
 
 
-def _fold_agrees(mapping: ModuleMapping, factor: np.ndarray, module: nn.Module) -> bool:
-    """The graph's per-channel factor is the BatchNorm's on every channel whose weight is not all zero
-    (a zero channel's factor cannot be read from the graph: pretrained models have such channels)."""
-    fold = mapping.weight_fold
-    if fold is None or fold.shape != factor.shape:
+def _fold_matches(fold: np.ndarray, factor: np.ndarray) -> bool:
+    """The per-channel factor of a folded weight equals a BatchNorm's gamma / sqrt(var + eps) on every
+    channel where it is determined (channels whose weights are all zero fit any factor)."""
+    if fold.shape != factor.shape:
         return False
-    w = module.weight.detach().float().cpu().numpy()
-    axis = int(mapping.weight_axis or 0)
-    live = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(1) > 0
-    return bool(np.allclose(fold[live], factor[live], rtol=1e-3, atol=1e-6))
+    known = ~np.isnan(fold)
+    return bool(known.any()) and np.allclose(fold[known], factor[known], rtol=1e-3, atol=1e-6)
 
 
 def _map_folded_batchnorms(modules, mappings, unmapped, calls, graph: _Graph) -> None:
@@ -348,7 +351,7 @@ def _map_folded_batchnorms(modules, mappings, unmapped, calls, graph: _Graph) ->
             continue
         gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(bn.running_var, dtype=torch.float64)
         factor = (gamma / torch.sqrt(bn.running_var.double() + bn.eps)).numpy()
-        match = [m for m in folded if not m.folded and _fold_agrees(m, factor, modules[m.name])]
+        match = [m for m in folded if not m.folded and _fold_matches(m.weight_fold, factor)]
         if len(match) > 1:  # identical factors (e.g. freshly initialised BNs): the one called right before
             order = list(calls)
             before = [m for m in match if m.name in order and name in order and order.index(m.name) < order.index(name)]
@@ -357,7 +360,10 @@ def _map_folded_batchnorms(modules, mappings, unmapped, calls, graph: _Graph) ->
             continue
         conv = match[0]
         conv.folded.append(name)
-        conv.weight_fold = factor.astype(np.float32)  # channels whose weight is all zero carry no factor of their own
+        known = ~np.isnan(conv.weight_fold)
+        conv.weight_fold = np.where(known, conv.weight_fold, factor).astype(np.float32)  # zeroed channels: the BN's own factor
+        if conv.weight_folds:
+            conv.weight_folds[0] = conv.weight_fold
         tshape = calls.get(name, [((), ())])[0][1]
         for out in conv.outputs:
             if tshape and not _shapes_agree(tshape, graph.shapes.get(out)):
