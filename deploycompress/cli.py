@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import inspect
 import logging
 import sys
 from dataclasses import dataclass
@@ -277,22 +276,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     masks: Any = args.masks
     if masks and not Path(masks).is_file():
         raise UsageError(f"--masks {masks!r} does not exist")
-    if prune and not masks:
-        name = prune.get("pruner", "L1NormPruner")
-        cls = getattr(pruning, name, None)
-        if cls is None or not isinstance(cls, type):
-            raise UsageError(f"recipe prune.pruner {name!r} is not a pruner; known: {[n for n in pruning.__all__ if n.endswith('Pruner')]}")
-        if "config_list" not in prune:
-            raise UsageError("recipe section 'prune' needs a config_list")
-        options = dict(prune.get("options") or {})
-        if "dummy_input" in inspect.signature(cls).parameters:  # the pruner then masks what speedup removes with the channels
-            options.setdefault("dummy_input", example)
-        pruner = cls(model, prune["config_list"], **options)
-        _, masks = pruner.compress()
-        if prune.get("finetune"):  # a `module:function` taking the model, run while the masks apply
-            finetune = _import_object(str(prune["finetune"]), "recipe prune.finetune")
-            finetune(model)
-        model = pruner.unwrap_model()
+    if prune and not masks:  # any pruner by class name, scheduled and automatic ones included
+        try:
+            pruner = pruning.make_recipe_pruner(model, prune, example, _import_object)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+        model, masks = pruning.run_prune_section(pruner, prune, _import_object)
     calib = args.calib or _resolve(quant.get("calibration"), base)
     if calib and not Path(calib).is_file():
         raise UsageError(f"--calib {calib!r} does not exist")

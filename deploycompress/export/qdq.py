@@ -295,6 +295,25 @@ def _weight_scales(module: str, p: QuantParams, channels: int, fold: np.ndarray 
     return scale.astype(np.float32)
 
 
+def _fit_zero_rows(scale: np.ndarray, q: np.ndarray, axis: int, node: gs.Node, dq_source: dict, act_params: dict, int32_bias: bool) -> np.ndarray:
+    """Weight scales of all-zero int8 rows (masked channels speedup kept) sized to their bias.
+
+    Such a channel outputs its bias alone and any weight scale represents its zero weights, but the
+    int32 bias uses ``x_scale * w_scale``: a calibrated near-zero weight scale would overflow it and a
+    placeholder scale of 1 would round it to whole activation steps. ``|bias| / (x_scale * 2**30)``
+    keeps it within int32 at full precision.
+    """
+    zero_rows = ~np.moveaxis(q != 0, axis, 0).reshape(q.shape[axis], -1).any(1)
+    x_name = dq_source.get(node.inputs[0].name) if node.inputs else None
+    if not int32_bias or not zero_rows.any() or len(node.inputs) < 3 or x_name not in act_params or axis != 0:
+        return scale
+    b = gs_constant(node.inputs[2])
+    if b is None or b.ndim != 1 or b.size != scale.size:
+        return scale
+    fit = np.abs(b.astype(np.float64)) / (np.float64(act_params[x_name].scale.reshape(())) * 2**30)
+    return np.where(zero_rows & (fit > 0), fit, scale).astype(scale.dtype)
+
+
 def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: int | None = None,
               readers: frozenset[str] | None = None) -> gs.Variable:
     base = tensor.name
@@ -403,6 +422,7 @@ def insert_qdq(
                     # calibrates to scale 1, which would round a folded BatchNorm's bias to x_scale)
                     scale = np.where(zero, np.float32(np.median(scale[~zero])), scale).astype(np.float32)
                 q = np.clip(np.round(w / scale.reshape(bshape)), *qrange(wbits, True)).astype(np.int8)
+                scale = _fit_zero_rows(scale, q, axis, node, dq_source, act_params, spec.int32_bias)
                 node.inputs[1] = _dq_constant(graph, init_name, q, scale, np.zeros(scale.shape, np.int8), axis)
                 made[init_name] = (node.inputs[1], scale)
             # int32 bias for onnxruntime: with it the Conv/Gemm and its Q/DQ fuse into one integer kernel
