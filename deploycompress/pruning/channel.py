@@ -144,6 +144,14 @@ class ChannelPruner(Pruner):
         was_training = self.model.training
         try:
             joined = joined_masks(self.model, masks, self.dummy_input)
+        except Exception as exc:  # noqa: BLE001 - the masks stand without the joined ones; say so
+            warnings.warn(
+                f"{type(self).__name__}: could not trace the model on dummy_input to mask the joined parameters "
+                f"({type(exc).__name__}: {exc}); only the selected modules are masked",
+                PruningWarning,
+                stacklevel=3,
+            )
+            return masks
         finally:
             self.model.train(was_training)
         extra = sorted(f"{m}.{p}" for m, per in joined.items() for p in per if p not in masks.get(m, {}))
