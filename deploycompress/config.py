@@ -99,6 +99,11 @@ NNI3_ONLY = frozenset({"sparse_ratio", "max_sparse_ratio", "min_sparse_ratio", "
                        "global_group_id", "dependency_group_id", "internal_metric_block", "apply_method", "align",
                        "fuse_names"})
 _SPELLING_TO_KEY = {spelling: key for key, spellings in _ALIASES.items() for spelling in spellings}
+#: every spelling of a pruning amount (what a dict removes to keep only its selection)
+AMOUNT_SPELLINGS = frozenset(
+    s for k in ("sparsity", "total_sparsity", "max_sparsity_per_layer", "min_sparsity_per_layer", "global_group_id",
+                "sparse_threshold", "sparse_rounding") for s in _ALIASES[k]
+)
 VALID_KEYS: tuple[str, ...] = tuple(sorted(_SPELLING_TO_KEY))
 
 SELECTION_KEYS = ("op_types", "op_names", "op_partial_names", "op_names_re")

@@ -554,3 +554,11 @@ def test_nni2_quantization_and_pruning_keys():
     # a 3.0 dict's target_settings override its own shortcut keys (ModuleSetting.get)
     both = [{"op_types": ["Conv2d"], "sparse_ratio": 0.5, "target_settings": {"weight": {"sparse_ratio": 0.25}}}]
     assert select_modules(model, both, kind="pruning")["conv1"].sparsity == 0.25
+
+
+def test_automatic_pruners_read_nni3_config_lists():
+    from deploycompress.pruning.search import selected_layers
+
+    cfg = [{"op_types": ["Conv2d"], "sparse_ratio": 0.5, "max_sparse_ratio": 0.8, "global_group_id": 0,
+            "exclude_op_names": ["conv2"]}]
+    assert selected_layers(_net(), cfg, "l1") == {"conv1": 8}
