@@ -368,9 +368,12 @@ def check_norm_spans(norm_spans: Any) -> str:
 def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bool = False, norm_spans: str = "keep") -> ChannelTrace:
     """Run ``model`` once in eval mode and return its channel ids, couplings and pins.
 
-    With ``zero_dead_norms`` the BatchNorm affine parameters behind channels that are exactly zero
-    are zeroed in place, so the channel stays zero after the norm (what a mask on a Conv means
-    once the Conv is removed); only speedup's own copy of the model is traced that way.
+    Without options the model is not modified: the zero flags describe the model as it is (the
+    user's masked model, in speedup). With ``zero_dead_norms`` the BatchNorm affine parameters (or an
+    affine-free norm's running mean) and the parameters added to or concatenated with channels that
+    are exactly zero are zeroed in place, so those channels stay zero (speedup's
+    ``masked_constants="prune"`` and ``joined_masks``, on private copies); ``ChannelTrace.dropped``
+    lists what changed.
     ``norm_spans="keep"`` pins the channels a LayerNorm/RMSNorm/GroupNorm normalises over (removing
     one changes the statistics); ``"prune"`` lets them go with the norm's affine tensors (GroupNorm:
     equal counts per group) and lists those norms in ``ChannelTrace.norms``.
