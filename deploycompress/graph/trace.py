@@ -113,7 +113,7 @@ class Tracer(TorchFunctionMode):
 
     Rules (``deploycompress.graph.rules``) and module rules (``graph.attention``) use its public
     methods: ``info``/``set_info``/``info_or_const``, ``channel_vec``, ``pin``, ``couple``,
-    ``record_producer``, ``record_param``, ``owned_base``, ``prunable_norm``, ``canon``, and the
+    ``record_producer``, ``record_param``, ``owned_base``, ``canon``, and the
     attributes ``trace``, ``uf``, ``owner`` (``id(tensor) -> (module name, attr, module)``) and
     ``opaque`` (> 0 while a module with its own rule runs: its inner calls are not traced one by one).
     """
@@ -300,30 +300,6 @@ class Tracer(TorchFunctionMode):
         if base is None or id(base) not in self.owner or base.dim() != t.dim() or t.data_ptr() != base.data_ptr():
             return None
         return base if all(b in (s, 1) for b, s in zip(base.shape, t.shape)) else None
-
-    def prunable_norm(self, params: list[Any], width_attr: str, ids: torch.Tensor, groups: int) -> bool:
-        """norm_spans="prune": record a norm's affine tensors as sliced with ``ids`` and its groups as a balance.
-
-        Only a norm module that owns its affine weight and stores its width in ``width_attr`` (so speedup
-        can rewrite it) qualifies. A zero input channel then counts as zero after the norm too: the
-        masks meant to remove it, and removing it is what changes the norm's statistics.
-        """
-        if not self.prune_norms or not isinstance(params[0], torch.Tensor):
-            return False
-        owners = [self.owner.get(id(p)) for p in params if p is not None]
-        if any(o is None or o[0] != owners[0][0] for o in owners) or any(p.dim() != 1 for p in params if p is not None):
-            return False
-        module_name, _, module = owners[0]
-        width = getattr(module, width_attr, None)
-        width = width[-1] if isinstance(width, (tuple, list, torch.Size)) and len(width) == 1 else width
-        if width != ids.numel() or ids.numel() % groups:
-            return False
-        for mname, attr, _ in owners:
-            self.record_param(mname, attr, 0, ids)
-        if groups > 1:
-            self.trace.balances.append((f"groups:{module_name}", list(ids.chunk(groups))))
-        self.trace.norms[module_name] = ids.clone()
-        return True
 
     def _width_read(self, func, name, args, kwargs) -> None:  # noqa: ANN001
         """Note ids whose width Python code reads (``x.shape``, ``x.size(-1)``) while norm_spans="prune"."""
