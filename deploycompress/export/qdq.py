@@ -322,31 +322,24 @@ def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: 
     q = gs.Variable(f"{base}_quantized", dtype=z.values.dtype, shape=tensor.shape)
     dq = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=tensor.shape)
     attrs = {} if axis is None else {"axis": axis}
+    source, out = tensor, dq
     if readers is not None:  # only these nodes read the quantized value; the rest keep the float tensor
         consumers = [n for n in tensor.outputs if n.name in readers]
-        graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[tensor, s, z], outputs=[q]))
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[dq]))
-        for node in consumers:
-            for i, inp in enumerate(node.inputs):
-                if inp is tensor:
-                    node.inputs[i] = dq
-        return dq
-    if any(t is tensor for t in graph.outputs) and tensor.inputs:
+    elif any(t is tensor for t in graph.outputs) and tensor.inputs:
         # a graph output keeps its name on the dequantized value; the producer writes a new float tensor
         producer = tensor.inputs[0]
-        pre = gs.Variable(f"{base}_float", dtype=tensor.dtype, shape=tensor.shape)
-        producer.outputs[[i for i, o in enumerate(producer.outputs) if o is tensor][0]] = pre
-        graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[pre, s, z], outputs=[q]))
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[tensor]))
-        return tensor
-    consumers = list(tensor.outputs)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[tensor, s, z], outputs=[q]))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[dq]))
+        source = gs.Variable(f"{base}_float", dtype=tensor.dtype, shape=tensor.shape)
+        producer.outputs[[i for i, o in enumerate(producer.outputs) if o is tensor][0]] = source
+        consumers, out = [], tensor
+    else:
+        consumers = list(tensor.outputs)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[source, s, z], outputs=[q]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[out]))
     for node in consumers:
         for i, inp in enumerate(node.inputs):
             if inp is tensor:
                 node.inputs[i] = dq
-    return dq
+    return out
 
 
 def _dq_constant(graph: gs.Graph, name: str, values: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> gs.Variable:
