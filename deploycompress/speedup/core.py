@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ..graph import trace_channels
-from ..model_copy import strip_parametrizations
 from ..graph.rules.dead import restore_kept
 from ..graph.trace import as_input_tuple, check_norm_spans
+from ..model_copy import strip_parametrizations
 from ..subclasses import follow_subclasses
 from .masks import Masks, apply_param_masks, masked_out_channels, validate_masks
 from .replace import shrink_model
@@ -202,7 +202,7 @@ def speedup_with_report(
         if not norms_changed and not constants_dropped and err > EXACT_TOLERANCE * ref_max:
             notes.append(f"outputs differ from the masked model by {err:.3g} (max |output| {ref_max:.3g})")
             warnings.warn(notes[-1], SpeedupWarning, stacklevel=2)
-    rel_err = None if err is None else err / max(ref_max, 1e-12)
+    rel_err = None if err is None or ref_max is None else err / max(ref_max, 1e-12)
     if norms_changed:
         notes.append(_norms_note(norms_changed, rel_err))
     if constants_dropped:
