@@ -100,6 +100,8 @@ def test_minilm_example_small(tmp_path):
         sys.path.remove(str(EXAMPLES))
     figures = minilm.main(["--out", str(tmp_path / "m"), "--steps", "3", "--sentences", "64", "--seq", "24", "--batch", "16", "--fuse", "plain"])
     assert figures["relative_error"] < 1e-4
-    assert figures["cosine"] > 0.85
+    # half the heads and FFN gone, 3 distillation steps: far from the dense teacher (the figure is printed);
+    # the int8 graph itself is held to cosine >= 0.9 against the pruned fp32 graph inside quantize_transformer
+    assert figures["cosine"] > 0.3
     manifest = dc.verify_bundle(tmp_path / "m")
     assert [i.name for i in manifest.inputs] == ["input_ids", "attention_mask"]

@@ -17,6 +17,7 @@ load from other processes hits every variant alike; ``--threads`` onnxruntime th
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import tempfile
@@ -129,12 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
         {"op_names": [f"model.encoder.layer.{i}.attention.self.{m}" for i in range(n) for m in ("query", "key", "value")], "sparse_ratio": 0.5},
         {"op_names": [f"model.encoder.layer.{i}.intermediate.dense" for i in range(n)], "sparse_ratio": 0.5},
     ]
-    pruner = dc.L1NormPruner(teacher, config, dependency_aware=True, dummy_input=example)
+    work = copy.deepcopy(teacher)  # the pruner zeroes what it prunes in place: the teacher must stay dense
+    pruner = dc.L1NormPruner(work, config, dependency_aware=True, dummy_input=example)
     _, masks = pruner.compress()
-    pruner.unwrap_model()
+    work = pruner.unwrap_model()
     t = time.perf_counter()
-    student, report = dc.speedup_with_report(teacher, masks, example)
-    masked = dc.masked_model(teacher, masks)  # masks x named tensors (tests/test_hf_attention.py checks it independently)
+    student, report = dc.speedup_with_report(work, masks, example)
+    masked = dc.masked_model(work, masks)  # masks x named tensors (tests/test_hf_attention.py checks it independently)
     with torch.no_grad():
         errs = []
         for f in acc_feeds[:4]:
