@@ -99,23 +99,29 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "quant_bits": ("quant_bits",),
     "quant_dtype": ("quant_dtype",),
     "quant_scheme": ("quant_scheme",),
+    "quant_start_step": ("quant_start_step",),
     "granularity": ("granularity",),
 }
 #: spellings only NNI 2.x wrote / only NNI 3.0 writes: they decide which precedence rule a list follows
 NNI2_ONLY = frozenset({"sparsity", "sparsity_per_layer", "total_sparsity", "max_sparsity_per_layer", "quant_types",
-                       "quant_bits", "exclude", "op_partial_names"})
+                       "quant_bits", "exclude", "op_partial_names", "quant_start_step"})
 NNI3_ONLY = frozenset({"sparse_ratio", "max_sparse_ratio", "min_sparse_ratio", "sparse_threshold", "target_names",
                        "target_settings", "exclude_op_names", "exclude_op_types", "exclude_op_names_re",
                        "global_group_id", "dependency_group_id", "internal_metric_block", "apply_method", "align",
                        "fuse_names"})
 _SPELLING_TO_KEY = {spelling: key for key, spellings in _ALIASES.items() for spelling in spellings}
+#: every spelling of a pruning amount (what a dict removes to keep only its selection)
+AMOUNT_SPELLINGS = frozenset(
+    s for k in ("sparsity", "total_sparsity", "max_sparsity_per_layer", "min_sparsity_per_layer", "global_group_id",
+                "sparse_threshold", "sparse_rounding") for s in _ALIASES[k]
+)
 VALID_KEYS: tuple[str, ...] = tuple(sorted(_SPELLING_TO_KEY))
 
 SELECTION_KEYS = ("op_types", "op_names", "op_partial_names", "op_names_re")
 NAME_KEYS = ("op_names", "op_partial_names", "op_names_re")
 PRUNING_KEYS = ("sparsity", "total_sparsity", "max_sparsity_per_layer", "global_group_id")
 SPARSE_ROUNDINGS = ("floor", "nni")
-QUANT_KEYS = ("quant_types", "quant_bits", "quant_dtype", "quant_scheme", "granularity")
+QUANT_KEYS = ("quant_types", "quant_bits", "quant_dtype", "quant_scheme", "granularity", "quant_start_step")
 
 QUANT_TYPES = ("weight", "input", "output")
 QUANT_DTYPES = ("int", "uint")
@@ -149,6 +155,8 @@ class ModuleConfig:
     quant_dtype: str = "int"
     quant_scheme: str = "symmetric"
     granularity: str = "per_tensor"
+    #: NNI 2.x QAT's per-dict ``quant_start_step`` (QATQuantizer takes one for all modules)
+    quant_start_step: int | None = None
 
     @property
     def is_pruning(self) -> bool:
@@ -228,6 +236,24 @@ def _normalise_quant(index: int, cfg: dict[str, Any]) -> None:
         else:
             b = _bits(index, "quant_bits", bits)
             cfg["quant_bits"] = {t: b for t in types}
+    for key in ("quant_dtype", "quant_scheme"):  # NNI 2.x: one value per kind, {"input": "uint", ...}
+        if isinstance(cfg.get(key), Mapping):
+            per_kind = dict(cfg[key])
+            for t in per_kind:
+                if t not in cfg.get("quant_types", ()):
+                    raise ConfigError(f"{_where(index)}: {key} names {t!r}, which is not in quant_types {list(cfg.get('quant_types', ()))}")
+            if len({str(v) for v in per_kind.values()}) > 1:
+                raise ConfigError(
+                    f"{_where(index)}: {key} differs between kinds ({per_kind}); one {key} per module here: "
+                    "give one value"
+                )
+            if not per_kind:
+                raise ConfigError(f"{_where(index)}: {key} is an empty dict")
+            cfg[key] = next(iter(per_kind.values()))
+    if "quant_start_step" in cfg:
+        step = cfg["quant_start_step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"{_where(index)}: 'quant_start_step' must be a non-negative integer, got {step!r}")
     if "quant_dtype" in cfg:
         dtype = cfg["quant_dtype"]
         # NNI 3.0 writes "int8"/"uint8": the bit width then also comes from the dtype.
@@ -324,12 +350,7 @@ def _expand_targets(index: int, cfg: dict[str, Any], kind: str | None) -> None:
         for key, value in settings.get("weight", {}).items():
             if key not in _PRUNE_SETTING_KEYS:
                 raise ConfigError(f"{where}: target_settings['weight'] has unknown key {key!r}; valid: {sorted(_PRUNE_SETTING_KEYS)}")
-            spelling = key if key in _SPELLING_TO_KEY else None
-            canonical = _SPELLING_TO_KEY[spelling] if spelling else key
-            for other in _ALIASES.get(canonical, ()):
-                if other != key and other in cfg:
-                    raise ConfigError(f"{where}: {key!r} in target_settings repeats {other!r}")
-            cfg[canonical] = value  # the target's own setting wins over the dict's shortcut key
+            cfg[_SPELLING_TO_KEY.get(key, key)] = value  # the target's own setting wins over the dict's shortcut key
         return
     targets = names or list(settings)
     if not targets:
@@ -487,7 +508,13 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
             cfg["total_sparsity"] = _ratio(index, "total_sparsity", cfg["total_sparsity"], upper_inclusive=False)
         if ("dependency_group_id" in cfg or "internal_metric_block" in cfg) and "sparsity" not in cfg and "total_sparsity" not in cfg:
             raise ConfigError(f"{_where(index)}: 'dependency_group_id'/'internal_metric_block' need 'sparse_ratio'")
-        if "max_sparsity_per_layer" in cfg:
+        if isinstance(cfg.get("max_sparsity_per_layer"), Mapping):  # NNI 2.x: {module_name: cap}
+            caps = {str(n): _ratio(index, f"max_sparsity_per_layer[{n!r}]", v, upper_inclusive=True)
+                    for n, v in cfg["max_sparsity_per_layer"].items()}
+            if "total_sparsity" not in cfg:
+                raise ConfigError(f"{_where(index)}: 'max_sparsity_per_layer' only applies with 'total_sparsity'")
+            cfg["max_sparsity_per_layer"] = caps
+        elif "max_sparsity_per_layer" in cfg:
             cfg["max_sparsity_per_layer"] = _ratio(
                 index, "max_sparsity_per_layer", cfg["max_sparsity_per_layer"], upper_inclusive=True
             )
@@ -743,6 +770,12 @@ def select_modules(
             )
 
     _warn_conventions(style, excluded, chosen_by, configs)
+    for index, cfg in enumerate(configs):
+        caps = cfg.get("max_sparsity_per_layer")
+        if isinstance(caps, Mapping):
+            stray = sorted(n for n in caps if selected.get(n, (None,))[0] != index)
+            if stray:
+                raise ConfigError(f"{_where(index)}: max_sparsity_per_layer names {stray}, which this dict does not decide")
     result: dict[str, ModuleConfig] = {}
     modules = dict(named)
     supported = None if supported_op_types is None else resolve_op_types(supported_op_types, model)
@@ -768,7 +801,7 @@ def select_modules(
             config_index=index,
             sparsity=cfg.get("sparsity"),
             total_sparsity=cfg.get("total_sparsity"),
-            max_sparsity_per_layer=cfg.get("max_sparsity_per_layer"),
+            max_sparsity_per_layer=_cap_of(cfg.get("max_sparsity_per_layer"), name),
             global_group_id=cfg.get("global_group_id"),
             dependency_group_id=cfg.get("dependency_group_id"),
             internal_metric_block=cfg.get("internal_metric_block"),
@@ -778,6 +811,7 @@ def select_modules(
             quant_dtype=cfg.get("quant_dtype", "int"),
             quant_scheme=cfg.get("quant_scheme", "symmetric"),
             granularity=cfg.get("granularity", "per_tensor"),
+            quant_start_step=cfg.get("quant_start_step"),
         )
     if not result:
         raise ConfigError("config_list selects no module once 'exclude' entries are applied")
@@ -803,3 +837,8 @@ def _warn_conventions(style: str, excluded: Mapping[str, int], chosen_by: Mappin
                 ConfigConventionWarning,
                 stacklevel=3,
             )
+
+
+def _cap_of(caps: Any, name: str) -> float | None:
+    """A module's ``max_sparsity_per_layer``: one value, or NNI 2.x's ``{module_name: cap}`` (others uncapped)."""
+    return caps.get(name) if isinstance(caps, Mapping) else caps

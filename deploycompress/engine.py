@@ -140,17 +140,18 @@ def qdq_summary(qdq_model: Any, target: str) -> dict[str, Any]:
     import warnings
 
     from .export import get_target, lint_qdq, skipped_calibration
-    from .export.graph_utils import WEIGHTED_OPS
+    import onnx_graphsurgeon as gs
+
+    from .export.graph_utils import has_weight
 
     try:
         get_target(target)
     except ValueError:
         return {"target": target, "lint": [], "skipped_calibration": skipped_calibration(qdq_model)}
     findings = lint_qdq(qdq_model, target)
-    producers = {o: n for n in qdq_model.graph.node for o in n.output}
-    weighted = [n for n in qdq_model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1]
+    weighted = [n for n in gs.import_onnx(qdq_model).nodes if has_weight(n)]
     broken = {f.node for f in findings if f.rule in ("input-unquantized", "float-output", "weight-unquantized")}
-    int8 = [n.name for n in weighted if n.name not in broken and getattr(producers.get(n.input[1]), "op_type", "") == "DequantizeLinear"]
+    int8 = [n.name for n in weighted if n.name not in broken and n.inputs[1].inputs and n.inputs[1].inputs[0].op == "DequantizeLinear"]
     summary = {
         "target": target,
         "lint": [f.to_dict() for f in findings],

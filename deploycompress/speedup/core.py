@@ -176,7 +176,7 @@ def speedup_with_report(
                 name, rec.kind, in_keep.numel(), int(in_keep.sum()), out_keep.numel(), int(out_keep.sum()),
                 int(masked.sum()) if masked is not None else 0,
                 int((masked & out_keep).sum()) if masked is not None else 0,
-                params_before.get(name, 0), _numel(modules[name]), reasons.get(name, {}),
+                params_before.get(name, 0), _numel(modules[name]) if name in modules else 0, reasons.get(name, {}),
             )
         )  # fmt: skip
     notes = list(removal.notes)
