@@ -17,14 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, InputError, exit_code
+
 __all__ = ["main", "UsageError"]
 
 log = logging.getLogger("deploycompress.cli")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(ValueError):
+class UsageError(InputError, ValueError):
     """Bad input to the command line; exits with 2."""
 
 
@@ -270,6 +269,21 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 # -- artifacts: a bundle directory or an .onnx file -----------------------------------------------
+def _read_onnx(path: Path, *, external_data: bool = True):
+    """An ONNX model that parses and holds a graph; an empty or foreign file is a UsageError naming it."""
+    import onnx
+
+    if path.stat().st_size == 0:
+        raise UsageError(f"{str(path)!r} is an empty file, not an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=external_data)
+    except Exception as exc:
+        raise UsageError(f"{str(path)!r} is not an ONNX model: {exc}") from None
+    if not model.graph.node or not model.graph.output:
+        raise UsageError(f"{str(path)!r} holds no ONNX graph (no nodes or no outputs)")
+    return model
+
+
 def _open_artifact(path: str):
     """(runner, manifest or None, precision) for a bundle directory or a bare ONNX file."""
     from .backends import get_backend
@@ -281,12 +295,7 @@ def _open_artifact(path: str):
         manifest = Manifest.load(p)
         return runner, manifest, manifest.precision
     if p.is_file() and p.suffix == ".onnx":
-        import onnx
-
-        try:
-            graph = onnx.load(str(p), load_external_data=False).graph
-        except Exception as exc:
-            raise UsageError(f"{path!r} is not an ONNX model: {exc}") from None
+        graph = _read_onnx(p, external_data=False).graph
         precision = "int8" if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node) else "fp32"
         return get_backend("onnxruntime").load(p), None, precision
     raise UsageError(f"{path!r} is neither a bundle directory nor an .onnx file")
@@ -408,10 +417,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         graph_path = lint_path = p
     else:
         raise UsageError(f"{args.artifact!r} is neither a bundle directory nor an .onnx file")
-    try:
-        graph = onnx.load(str(graph_path))
-    except Exception as exc:
-        raise UsageError(f"{str(graph_path)!r} is not an ONNX model: {exc}") from None
+    graph = _read_onnx(graph_path)
     ops = Counter(n.op_type for n in graph.graph.node)
     qdq = ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0)
     linted = bool(qdq) or lint_path != graph_path
@@ -508,16 +514,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _usage_errors() -> tuple[type[BaseException], ...]:
-    from .bundle import BundleError
-    from .config import ConfigError
-    from .engine import EngineError
-    from .quantization.calib_config import CalibConfigError
-    from .report import ReportError
-
-    return (UsageError, ConfigError, CalibConfigError, EngineError, BundleError, ReportError, FileNotFoundError)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on unknown options, like every argparse tool
@@ -529,13 +525,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:  # the one place errors become exit codes
-        usage = isinstance(exc, _usage_errors())
+        code = exit_code(exc)  # by the error hierarchy: InputError -> 2, anything else -> 1
         print(f"deploycompress {args.command}: error: {exc}", file=sys.stderr)
-        if not usage and args.verbose:
+        if code != EXIT_USAGE and args.verbose:
             import traceback
 
             traceback.print_exc()
-        return EXIT_USAGE if usage else EXIT_FAILURE
+        return code
 
 
 if __name__ == "__main__":

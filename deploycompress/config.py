@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .errors import InputError
+
 __all__ = [
     "ConfigError",
     "ModuleConfig",
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config_list that cannot be used: the message names the offending key, value or module."""
 
 

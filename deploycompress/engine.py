@@ -33,6 +33,7 @@ from torch import nn
 from calibrators import params_from_range
 
 from .bundle import BundleError, Manifest, check_out_dir, collect_environment, load_bundle, write_bundle
+from .errors import InputError, StepError
 from .model_copy import plain_copy
 from .quantization.calib_config import CalibConfig, CalibConfigError
 from .report import AccuracyRecord, FidelityRecord, LatencyRecord, Report, SizeRecord
@@ -64,11 +65,11 @@ def default_quant_config(model: nn.Module) -> list[dict[str, Any]]:
     return [dict(c) for c in DEFAULT_QUANT_CONFIG] + extra
 
 
-class EngineError(ValueError):
+class EngineError(InputError, ValueError):
     """An engine build that cannot start: the message names the argument that is wrong."""
 
 
-class BuildStepError(RuntimeError):
+class BuildStepError(StepError, RuntimeError):
     """A build step failed on valid arguments: the message names the step and the cause."""
 
 
@@ -100,13 +101,6 @@ class EngineArtifact:
         return load_bundle(self.out_dir, **options)
 
 
-def _is_input_error(exc: BaseException) -> bool:
-    """The project raises ValueError/LookupError subclasses for unusable input (configs, calibrations,
-    masks, name maps) and RuntimeError subclasses for failures; keep that split for exit codes."""
-    module = type(exc).__module__
-    return isinstance(exc, (ValueError, LookupError)) and module.split(".")[0] in ("deploycompress", "calibrators")
-
-
 @dataclass
 class _Steps:
     """Times each build step for the report and drives the progress bar."""
@@ -125,7 +119,7 @@ class _Steps:
         except Exception as exc:
             if isinstance(exc, (EngineError, BundleError, BuildStepError)):
                 raise
-            if _is_input_error(exc):
+            if isinstance(exc, InputError):
                 raise EngineError(f"step {name!r}: {exc}") from exc
             raise BuildStepError(f"step {name!r} failed: {type(exc).__name__}: {exc}") from exc
         self.seconds[name] = round(time.perf_counter() - start, 4)

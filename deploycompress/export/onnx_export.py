@@ -24,6 +24,7 @@ import torch
 from onnx import helper
 from torch import nn
 
+from ..errors import StepError
 from ..backends.base import TensorSpec
 from .name_map import NameMap, build_name_map, record_calls
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 13
 
 
-class ExportError(RuntimeError):
+class ExportError(StepError, RuntimeError):
     """The model could not be exported; the message names the failing operator when known."""
 
 

@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 
 from calibrators import QuantParams, params_from_range, qrange
 
+from ..errors import InputError
 from ..quantization.calib_config import CalibConfig
 from .graph_utils import WEIGHTED_OPS, gs_constant
 from .name_map import NameMap, NameMapError
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 TARGETS = tuple(QDQ_TARGETS)
 
 
-class QDQError(ValueError):
+class QDQError(InputError, ValueError):
     """The calibration cannot be written into this graph; the message names modules and tensors."""
 
 

@@ -16,13 +16,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import MaskError
+
 __all__ = ["Masks", "save_masks", "load_masks", "apply_masks", "check_masks", "atomic_torch_save"]
 
 Masks = dict[str, dict[str, torch.Tensor]]
-
-
-class MaskError(ValueError):
-    """A mask dict that does not fit the format or the model; the message names the module."""
 
 
 def weight_attrs(module: nn.Module) -> tuple[str, str]:

@@ -26,6 +26,8 @@ import numpy as np
 
 from calibrators import QuantError, QuantParams, params_from_range, params_from_scale
 
+from ..errors import InputError
+
 __all__ = ["CALIB_VERSION", "CalibConfig", "CalibConfigError", "TENSOR_KINDS"]
 
 CALIB_VERSION = 1
@@ -33,7 +35,7 @@ TENSOR_KINDS = ("weight", "input", "output")
 _FIELDS = ("scale", "zero_point", "bits", "dtype", "axis", "symmetric", "min", "max")
 
 
-class CalibConfigError(ValueError):
+class CalibConfigError(InputError, ValueError):
     """A calibration that cannot be used: the message names the module, tensor and field."""
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
+from ..errors import StepError
 from ..graph import trace_channels
 from ..graph.trace import as_input_tuple, check_norm_spans
 from .masks import Masks, apply_param_masks, masked_out_channels, validate_masks
@@ -23,7 +24,7 @@ from .resolve import Removal, decide_removals
 log = logging.getLogger(__name__)
 
 
-class SpeedupError(RuntimeError):
+class SpeedupError(StepError, RuntimeError):
     """The shrunk model does not run or does not reproduce the masked model."""
 
 
