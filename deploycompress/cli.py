@@ -269,14 +269,15 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 # -- artifacts: a bundle directory or an .onnx file -----------------------------------------------
-def _read_onnx(path: Path, *, external_data: bool = True):
-    """An ONNX model that parses and holds a graph; an empty or foreign file is a UsageError naming it."""
+def _read_onnx(path: Path, *, external_data: bool = True, data: bytes | None = None):
+    """An ONNX model (from ``path``, or from ``data`` read from it) that parses and holds a graph;
+    an empty or foreign file is a UsageError naming it."""
     import onnx
 
-    if path.stat().st_size == 0:
+    if (len(data) if data is not None else path.stat().st_size) == 0:
         raise UsageError(f"{str(path)!r} is an empty file, not an ONNX model")
     try:
-        model = onnx.load(str(path), load_external_data=external_data)
+        model = onnx.load_model_from_string(data) if data is not None else onnx.load(str(path), load_external_data=external_data)
     except Exception as exc:
         raise UsageError(f"{str(path)!r} is not an ONNX model: {exc}") from None
     if not model.graph.node or not model.graph.output:
@@ -287,12 +288,11 @@ def _read_onnx(path: Path, *, external_data: bool = True):
 def _open_artifact(path: str):
     """(runner, manifest or None, precision) for a bundle directory or a bare ONNX file."""
     from .backends import get_backend
-    from .bundle import Manifest, load_bundle
+    from .bundle import open_bundle
 
     p = Path(path)
     if p.is_dir():
-        runner = load_bundle(p)
-        manifest = Manifest.load(p)
+        manifest, runner = open_bundle(p)
         return runner, manifest, manifest.precision
     if p.is_file() and p.suffix == ".onnx":
         graph = _read_onnx(p, external_data=False).graph
@@ -355,12 +355,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.reference_model or args.torchvision:
         reference: Any = _load_model(args.reference_model, args.torchvision, args.weights)
         ref_label = "pytorch"
-    elif manifest is not None and (Path(args.artifact) / "source" / "model.fp32.onnx").is_file():
-        from .backends import get_backend
-
+    elif manifest is not None and "source/model.fp32.onnx" in manifest.files:
+        from .bundle import load_bundle
         from .validate import run_batched
 
-        fp32 = get_backend("onnxruntime").load(Path(args.artifact) / "source" / "model.fp32.onnx")
+        fp32 = load_bundle(args.artifact, member="source/model.fp32.onnx", backend="onnxruntime")  # verified bytes
         reference = lambda x: run_batched(fp32, x)  # noqa: E731
         ref_label = "bundle fp32 onnx"
     else:
@@ -399,29 +398,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    import onnx
-
     from .export import lint_qdq
     from .export.onnx_export import tensor_specs
 
     p = Path(args.artifact)
     manifest = None
     if p.is_dir():
-        from .bundle import verify_bundle
+        from .bundle import read_verified
 
-        manifest = verify_bundle(p)
+        qdq_rel = "source/model.qdq.onnx"
+        manifest, verified = read_verified(p, optional=[qdq_rel])  # the graphs inspected are the bytes verified
         graph_path = p / manifest.artifact
-        lint_path = p / "source" / "model.qdq.onnx"
-        lint_path = lint_path if lint_path.is_file() else graph_path
+        graph = _read_onnx(graph_path, data=verified[manifest.artifact])
+        lint_path, lint_graph = (p / qdq_rel, _read_onnx(p / qdq_rel, data=verified[qdq_rel])) if qdq_rel in verified else (graph_path, graph)
     elif p.is_file() and p.suffix == ".onnx":
         graph_path = lint_path = p
+        graph = lint_graph = _read_onnx(graph_path)
     else:
         raise UsageError(f"{args.artifact!r} is neither a bundle directory nor an .onnx file")
-    graph = _read_onnx(graph_path)
     ops = Counter(n.op_type for n in graph.graph.node)
     qdq = ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0)
     linted = bool(qdq) or lint_path != graph_path
-    findings = lint_qdq(onnx.load(str(lint_path)), target=args.target) if linted else []
+    findings = lint_qdq(lint_graph, target=args.target) if linted else []
     inputs, outputs = tensor_specs(graph.graph.input), tensor_specs(graph.graph.output)
     data: dict[str, Any] = {
         "path": str(graph_path),

@@ -79,8 +79,12 @@ class OnnxRuntimeRunner:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, *, optimization_level: str = "all", threads: int | None = None, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, path: Path, *, optimization_level: str = "all", threads: int | None = None, providers: Sequence[str] | None = None,
+                 model_bytes: bytes | None = None) -> None:
         self.path = Path(path)
+        #: with ``model_bytes`` every session (also the profiling one) is made from these bytes, never
+        #: from the file again: what a bundle verified is what runs
+        self.model_bytes = model_bytes
         self.optimization_level = optimization_level
         self.threads = threads
         self.providers = _check_providers(providers)
@@ -94,7 +98,8 @@ class OnnxRuntimeRunner:
             so.enable_profiling = True
             so.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
         try:
-            return _ort().InferenceSession(str(self.path), so, providers=self.providers)
+            source = self.model_bytes if self.model_bytes is not None else str(self.path)
+            return _ort().InferenceSession(source, so, providers=self.providers)
         except Exception as exc:
             raise BackendError(f"onnxruntime could not load {self.path}: {exc}") from exc
 
@@ -216,3 +221,12 @@ class OnnxRuntimeBackend:
         if not artifact_path.is_file():
             raise BackendInputError(f"onnxruntime: artifact {str(artifact_path)!r} does not exist")
         return OnnxRuntimeRunner(artifact_path, optimization_level=optimization_level, threads=threads, providers=providers)
+
+    def load_bytes(self, model_bytes: bytes, *, name: str = "<bytes>", optimization_level: str = "all", threads: int | None = None,
+                   providers: Sequence[str] | None = None, **options) -> OnnxRuntimeRunner:
+        """Load a model held in memory (``name`` is what messages call it): a verified bundle hands the
+        very bytes it hashed, so no file can be swapped between verification and load."""
+        if options:
+            raise BackendInputError(f"onnxruntime.load: unknown option(s) {sorted(options)}")
+        return OnnxRuntimeRunner(Path(name), optimization_level=optimization_level, threads=threads, providers=providers,
+                                 model_bytes=bytes(model_bytes))
