@@ -10,13 +10,17 @@ API, four subcommands with plain options need nothing more, and it adds no depen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+from .cli_args import (check_recipe, cosine, fraction, non_negative_float, non_negative_int, positive_float, positive_int,
+                       shape_arg)
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, InputError, exit_code
 
 __all__ = ["main", "UsageError"]
@@ -28,16 +32,6 @@ class UsageError(InputError, ValueError):
 
 
 # -- parsing helpers ------------------------------------------------------------------------------
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,224,224, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _import_object(spec: str, what: str) -> Any:
     """``package.module:attr`` -> the attribute; every failure names the part that is wrong."""
     if ":" not in spec:
@@ -160,28 +154,36 @@ def _load_recipe(path: str) -> dict:
         recipe = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UsageError(f"--recipe {path!r} is not valid YAML: {exc}") from None
-    if not isinstance(recipe, dict):
-        raise UsageError(f"--recipe {path!r} must be a mapping with keys model, input_shape, prune, quantize, build, eval")
-    known = {"model", "input_shape", "prune", "quantize", "build", "eval"}
-    unknown = sorted(set(recipe) - known)
-    if unknown:
-        raise UsageError(f"--recipe {path!r}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
-    return recipe
-
-
-def _section(recipe: dict, key: str) -> dict:
-    value = recipe.get(key) or {}
-    if not isinstance(value, dict):
-        raise UsageError(f"recipe section {key!r} must be a mapping, got {type(value).__name__}")
-    return value
+    return check_recipe(recipe, f"recipe {path!r}")  # every section's keys and values, typos named
 
 
 # -- output ---------------------------------------------------------------------------------------
 def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
     if args.json:
-        print(json.dumps(data, indent=1, default=str))
+        args.document = data  # printed by main() once stdout is stdout again: one JSON document
     else:
         print(text)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout (Python prints and, at the descriptor, C libraries such as
+    the ONNX exporter's graph dump) to stderr for the duration: ``--json`` keeps stdout for its document."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:  # descriptor 1 is the process's stdout whatever sys.stdout is
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no usable descriptors (an embedded interpreter): Python-level only
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 # -- build ----------------------------------------------------------------------------------------
@@ -189,55 +191,68 @@ def cmd_build(args: argparse.Namespace) -> int:
     import torch
 
     from . import pruning
+    from .bundle import check_out_dir
+    from .cli_args import close_matches
     from .engine import build_engine
 
     recipe = _load_recipe(args.recipe) if args.recipe else {}
     base = Path(args.recipe).resolve().parent if args.recipe else None
     if base is not None and str(base) not in sys.path:
         sys.path.insert(0, str(base))  # the recipe's `module:function` names live beside it
-    m, prune, quant, build, ev = (_section(recipe, k) for k in ("model", "prune", "quantize", "build", "eval"))
+    m, prune, quant, build, ev = (recipe.get(k) or {} for k in ("model", "prune", "quantize", "build", "eval"))
+
+    # -- every input is checked before the model is built, pruned or fine-tuned ---------------------
+    check_out_dir(args.out, overwrite=args.force)
+    shape = args.input_shape or recipe.get("input_shape")  # both already parsed by the one shape grammar
+    if not shape:
+        raise UsageError("give the example input shape with --input-shape N,C,H,W (or input_shape in the recipe)")
+    masks: Any = args.masks
+    if masks and not Path(masks).is_file():
+        raise UsageError(f"--masks {masks!r} does not exist")
+    if masks and prune:
+        log.info("--masks given: the recipe's prune section is not run")
+    if args.calib or args.calib_data:  # the command line names the calibration source as a whole
+        calib, data_spec = args.calib, args.calib_data
+    else:
+        calib, data_spec = _resolve(quant.get("calibration"), base), _resolve(quant.get("data"), base)
+        if calib and data_spec:
+            raise UsageError("recipe quantize: give either 'calibration' (a CalibConfig JSON) or 'data' (batches to calibrate on), not both")
+    if calib and not Path(calib).is_file():
+        raise UsageError(f"--calib {calib!r} does not exist")
+    pruner_cls = None
+    if prune and not masks:
+        pruner_name = prune.get("pruner", "L1NormPruner")
+        pruner_cls = getattr(pruning, pruner_name, None)
+        if pruner_cls is None or not isinstance(pruner_cls, type):
+            known = [n for n in pruning.__all__ if n.endswith("Pruner")]
+            raise UsageError(f"recipe prune.pruner {pruner_name!r} is not a pruner{close_matches(pruner_name, known)}; known: {known}")
+        if "config_list" not in prune:
+            raise UsageError("recipe section 'prune' needs a config_list")
+    finetune = _import_object(prune["finetune"], "recipe prune.finetune") if pruner_cls is not None and prune.get("finetune") else None
+    calib_data = None
+    if data_spec:
+        x, _ = _load_arrays(data_spec, "--calib-data" if args.calib_data else "recipe quantize.data")
+        calib_data = _batches(x, int(quant.get("batch_size", 32)), quant.get("batches"))
+    eval_inputs = eval_labels = None
+    eval_spec = args.eval_data or _resolve(ev.get("data"), base)
+    if eval_spec:
+        x, y = _load_arrays(eval_spec, "--eval-data" if args.eval_data else "recipe eval.data")
+        eval_inputs = _tensor(x)
+        eval_labels = None if y is None else torch.as_tensor(y)
 
     factory = args.model or m.get("factory")
     tv_name = args.torchvision or m.get("torchvision")
     if args.model or args.torchvision:  # the command line overrides the recipe's model as a whole
         factory, tv_name = args.model, args.torchvision
     model = _load_model(factory, tv_name, args.weights or _resolve(m.get("weights"), base), m.get("kwargs"))
-    shape = args.input_shape or recipe.get("input_shape")
-    if not shape:
-        raise UsageError("give the example input shape with --input-shape N,C,H,W (or input_shape in the recipe)")
-    shape = _ints(",".join(map(str, shape)) if isinstance(shape, list) else str(shape))
     example = torch.randn(*shape)
-
-    masks: Any = args.masks
-    if masks and not Path(masks).is_file():
-        raise UsageError(f"--masks {masks!r} does not exist")
-    if prune and not masks:
-        name = prune.get("pruner", "L1NormPruner")
-        cls = getattr(pruning, name, None)
-        if cls is None or not isinstance(cls, type):
-            raise UsageError(f"recipe prune.pruner {name!r} is not a pruner; known: {[n for n in pruning.__all__ if n.endswith('Pruner')]}")
-        if "config_list" not in prune:
-            raise UsageError("recipe section 'prune' needs a config_list")
-        pruner = cls(model, prune["config_list"], **(prune.get("options") or {}))
+    if pruner_cls is not None:
+        log.info("build: pruning with %s", pruner_cls.__name__)
+        pruner = pruner_cls(model, prune["config_list"], **(prune.get("options") or {}))
         _, masks = pruner.compress()
-        if prune.get("finetune"):  # a `module:function` taking the model, run while the masks apply
-            finetune = _import_object(str(prune["finetune"]), "recipe prune.finetune")
+        if finetune is not None:  # a `module:function` taking the model, run while the masks apply
             finetune(model)
         model = pruner.unwrap_model()
-    calib = args.calib or _resolve(quant.get("calibration"), base)
-    if calib and not Path(calib).is_file():
-        raise UsageError(f"--calib {calib!r} does not exist")
-    data_spec = args.calib_data or _resolve(quant.get("data"), base)
-    calib_data = None
-    if data_spec and not calib:
-        x, _ = _load_arrays(data_spec, "calibration data")
-        calib_data = _batches(x, int(quant.get("batch_size", 32)), quant.get("batches"))
-    eval_inputs = eval_labels = None
-    eval_spec = args.eval_data or _resolve(ev.get("data"), base)
-    if eval_spec:
-        x, y = _load_arrays(eval_spec, "evaluation data")
-        eval_inputs = _tensor(x)
-        eval_labels = None if y is None else torch.as_tensor(y)
     precision = args.precision or build.get("precision", "int8")
     artifact = build_engine(
         model,
@@ -253,7 +268,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         eval_inputs=eval_inputs,
         eval_labels=eval_labels,
         batch_sizes=args.batch_sizes or build.get("batch_sizes", [1]),
-        iterations=args.iterations or int(build.get("iterations", 100)),
+        iterations=args.iterations if args.iterations is not None else build.get("iterations", 100),
         name=args.name or m.get("name"),
         round_to=int(prune.get("round_to", 1)),
         norm_spans=args.norm_spans or prune.get("norm_spans", "keep"),
@@ -461,20 +476,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{build,profile,validate,inspect}")
 
     b = sub.add_parser("build", parents=[common], help="masks -> speedup -> ONNX -> QDQ -> engine -> bundle with report")
-    b.add_argument("--model", help="package.module:factory returning an nn.Module")
-    b.add_argument("--torchvision", metavar="NAME", help="a torchvision classification model (random weights unless --weights)")
+    source = b.add_mutually_exclusive_group()
+    source.add_argument("--model", help="package.module:factory returning an nn.Module")
+    source.add_argument("--torchvision", metavar="NAME", help="a torchvision classification model (random weights unless --weights)")
     b.add_argument("--weights", help="state dict (.pt) for the model")
     b.add_argument("--masks", help="masks file saved by a pruner (NNI layout)")
     b.add_argument("--norm-spans", choices=["keep", "prune"], help="speedup: keep (default) or remove widths a LayerNorm spans")
-    b.add_argument("--calib", help="CalibConfig JSON (or NNI calibration dict)")
-    b.add_argument("--calib-data", help="calibrate here: .npy/.npz (x) or package.module:function yielding batches")
+    calibration = b.add_mutually_exclusive_group()
+    calibration.add_argument("--calib", help="CalibConfig JSON (or NNI calibration dict)")
+    calibration.add_argument("--calib-data", help="calibrate here: .npy/.npz (x) or package.module:function yielding batches")
     b.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"])
     b.add_argument("--eval-data", help="validate on this: .npz with x (and y labels) or package.module:function")
-    b.add_argument("--input-shape", type=_ints, help="example input shape, e.g. 1,3,224,224")
+    b.add_argument("--input-shape", type=shape_arg, help="example input shape, e.g. 1,3,224,224")
     b.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
     b.add_argument("--precision", choices=["int8", "fp32"])
-    b.add_argument("--batch-sizes", type=_ints, help="batch sizes to measure, e.g. 1,8")
-    b.add_argument("--iterations", type=int, help="timed runs per batch size")
+    b.add_argument("--batch-sizes", type=shape_arg, help="batch sizes to measure, e.g. 1,8")
+    b.add_argument("--iterations", type=positive_int, help="timed runs per batch size (>= 1)")
     b.add_argument("--name", help="model name in the Triton repository")
     b.add_argument("--recipe", help="YAML recipe: model, input_shape, prune (pruner + config_list), quantize, build, eval")
     b.add_argument("--out", required=True, help="bundle directory (written atomically)")
@@ -483,26 +500,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", parents=[common], help="latency percentiles and per-layer time of a bundle or .onnx")
     p.add_argument("artifact", help="bundle directory or model.onnx")
-    p.add_argument("--batch-sizes", type=_ints, default=[1])
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iterations", type=int, default=100)
-    p.add_argument("--duration", type=float, help="measure for this many seconds instead of a fixed count")
-    p.add_argument("--layers", type=int, default=10, help="show the N slowest layers (0: skip the per-layer profile)")
-    p.add_argument("--input-shape", type=_ints, help="full input shape where the model has dynamic axes besides the batch")
+    p.add_argument("--batch-sizes", type=shape_arg, default=[1])
+    p.add_argument("--warmup", type=non_negative_int, default=10)
+    p.add_argument("--iterations", type=positive_int, default=100)
+    p.add_argument("--duration", type=positive_float, help="measure for this many seconds instead of a fixed count")
+    p.add_argument("--layers", type=non_negative_int, default=10, help="show the N slowest layers (0: skip the per-layer profile)")
+    p.add_argument("--input-shape", type=shape_arg, help="full input shape where the model has dynamic axes besides the batch")
     p.set_defaults(func=cmd_profile)
 
     v = sub.add_parser("validate", parents=[common], help="accuracy and fidelity of a bundle or .onnx against a reference")
     v.add_argument("artifact")
     v.add_argument("--data", required=True, help=".npz with x (and y) or .npy, or package.module:function")
-    v.add_argument("--reference", dest="reference_model", help="package.module:factory of the PyTorch reference (default: the bundle's fp32 ONNX)")
-    v.add_argument("--torchvision", metavar="NAME", help="torchvision reference model")
+    reference = v.add_mutually_exclusive_group()
+    reference.add_argument("--reference", dest="reference_model", help="package.module:factory of the PyTorch reference (default: the bundle's fp32 ONNX)")
+    reference.add_argument("--torchvision", metavar="NAME", help="torchvision reference model")
     v.add_argument("--weights", help="state dict for the reference")
-    v.add_argument("--batch-sizes", type=_ints, default=[1])
-    v.add_argument("--iterations", type=int, default=20)
-    v.add_argument("--max-abs-error", type=float)
-    v.add_argument("--min-cosine", type=float)
-    v.add_argument("--min-top1-agreement", type=float, help="fraction, e.g. 0.99")
-    v.add_argument("--max-accuracy-drop", type=float, help="fraction, e.g. 0.01 for one point")
+    v.add_argument("--batch-sizes", type=shape_arg, default=[1])
+    v.add_argument("--iterations", type=positive_int, default=20)
+    v.add_argument("--max-abs-error", type=non_negative_float)
+    v.add_argument("--min-cosine", type=cosine, help="in [-1, 1]")
+    v.add_argument("--min-top1-agreement", type=fraction, help="fraction in [0, 1], e.g. 0.99")
+    v.add_argument("--max-accuracy-drop", type=fraction, help="fraction in [0, 1], e.g. 0.01 for one point")
     v.set_defaults(func=cmd_validate)
 
     i = sub.add_parser("inspect", parents=[common], help="inputs, outputs, op histogram, Q/DQ count and lint findings")
@@ -517,11 +535,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 on unknown options, like every argparse tool
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     func: Callable[[argparse.Namespace], int] = args.func
+    args.document = None
     try:
-        return func(args)
+        with _stdout_to_stderr() if args.json else contextlib.nullcontext():
+            code = func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return EXIT_FAILURE
+        code, args.document = EXIT_FAILURE, {"error": "interrupted", "exit_code": EXIT_FAILURE}
     except Exception as exc:  # the one place errors become exit codes
         code = exit_code(exc)  # by the error hierarchy: InputError -> 2, anything else -> 1
         print(f"deploycompress {args.command}: error: {exc}", file=sys.stderr)
@@ -529,7 +549,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        return code
+        args.document = {"error": str(exc), "error_type": type(exc).__name__, "exit_code": code}
+    if args.json:
+        print(json.dumps(args.document, indent=1, default=str))
+    return code
 
 
 if __name__ == "__main__":
