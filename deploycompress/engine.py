@@ -33,6 +33,8 @@ from torch import nn
 from calibrators import params_from_range
 
 from .bundle import BundleError, Manifest, check_out_dir, collect_environment, load_bundle, write_bundle
+from .bundle.triton import check_model_name
+from .checks import check_backend_options, check_batches, check_count, check_eval_data, check_example_inputs, check_masks_usable
 from .errors import InputError, StepError
 from .model_copy import plain_copy
 from .quantization.calib_config import CalibConfig, CalibConfigError
@@ -127,12 +129,15 @@ class _Steps:
             self.bar.update(1)
 
 
-def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise EngineError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p ``folder``; return the folders it created, deepest first (removed again on failure)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir()
+    return missing
 
 
 def _load_masks(masks: Any, model: nn.Module):
@@ -258,13 +263,27 @@ def build_engine(
     from .graph.trace import check_norm_spans
 
     # -- everything that can be checked is checked before any long work ----------------------------
+    try:
+        out_dir = check_out_dir(out_dir, overwrite=overwrite)
+    except BundleError as exc:
+        raise EngineError(str(exc)) from exc
     if precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if not isinstance(model, nn.Module):
         raise EngineError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = _as_inputs(example_inputs)
+    name = name if name is not None else type(model).__name__.lower()
+    try:
+        check_model_name(name)
+        for value, label, low in ((iterations, "iterations", 1), (warmup, "warmup", 0), (max_batch_size, "max_batch_size", 0),
+                                  (round_to, "round_to", 1)):
+            check_count(value, label, low)
+        for b in batch_sizes:
+            check_count(b, f"batch_sizes {list(batch_sizes)}", 1)
+    except InputError as exc:
+        raise EngineError(str(exc)) from exc
     try:
         engine_backend = get_backend(backend)
+        check_backend_options(engine_backend, dict(backend_options or {}))
     except Exception as exc:
         raise EngineError(f"backend: {exc}") from exc
     try:
@@ -272,26 +291,25 @@ def build_engine(
     except ValueError as exc:
         raise EngineError(str(exc)) from exc
     masks = _load_masks(masks, model)
+    if masks is not None:
+        check_masks_usable(masks)
+    inputs = check_example_inputs(model, example_inputs)  # runs once: shape/dtype errors named as the argument
     calib = _load_calib(calib_config)
     if precision == "int8" and calib is None and calib_data is None:
         raise EngineError("precision 'int8' needs a calibration: pass calib_config (CalibConfig or JSON path) or calib_data (input batches)")
     if precision == "fp32" and (calib is not None or calib_data is not None):
         log.warning("precision 'fp32': the calibration is ignored")
         calib, calib_data = None, None
-    if any(int(b) < 1 for b in batch_sizes):
-        raise EngineError(f"batch_sizes must be positive integers, got {list(batch_sizes)}")
-    try:
-        out_dir = check_out_dir(out_dir, overwrite=overwrite)
-    except BundleError as exc:
-        raise EngineError(str(exc)) from exc
-    name = name or type(model).__name__.lower()
+    if calib_data is not None:
+        calib_data = check_batches(calib_data, inputs, "calib_data")
+    check_eval_data(eval_inputs, eval_labels, inputs)
     eval_x = eval_inputs if eval_inputs is not None else inputs[0]
 
     n_steps = 4 + (masks is not None) + (precision == "int8") * 2 + (precision == "int8" and compare_fp32)
     steps = _Steps(bar=tqdm(total=n_steps, desc="build", unit="step", disable=not progress, leave=False))
     report = Report(name=name, backend=backend, precision=precision)
     work_parent = Path(out_dir).absolute().parent
-    work_parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(work_parent)
     try:
         with tempfile.TemporaryDirectory(dir=work_parent, prefix=f".{Path(out_dir).name}.work.") as tmp:
             work = Path(tmp)
@@ -363,6 +381,11 @@ def build_engine(
                 overwrite=overwrite,
                 extra={"round_to": round_to, "norm_spans": norm_spans, "pruned": masks is not None, "steps": report.steps},
             )
+    except BaseException:
+        for folder in created:  # a failed build leaves no folder it made behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     finally:
         steps.bar.close()
     log.info("engine bundle written to %s", out_dir)

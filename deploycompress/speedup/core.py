@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
+from ..checks import check_example_inputs
 from ..errors import StepError
 from ..graph import trace_channels
 from ..graph.trace import as_input_tuple, check_norm_spans
@@ -142,6 +143,8 @@ def speedup_with_report(
     if not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
     check_norm_spans(norm_spans)
+    validate_masks(model, masks)  # the cheap checks first, then one forward run:
+    check_example_inputs(model, example_inputs)  # a wrong shape is named as the argument, before tracing
     start = time.perf_counter()
     params_before = {n: _numel(m) for n, m in model.named_modules()}
     total_before = sum(p.numel() for p in model.parameters())

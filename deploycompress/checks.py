@@ -1,0 +1,193 @@
+"""The check layer: everything a long step needs from its input, checked before the step starts.
+
+Used by :func:`deploycompress.build_engine`, :func:`deploycompress.speedup.speedup`, the pruners and
+the command line. Every check raises an :class:`~deploycompress.errors.InputError` subclass whose
+message names the argument (``example_inputs``, ``calib_data batch 3``, ``eval_labels``, a mask's
+``module.weight``) and says what to change; a doubtful but usable input is a named warning
+(:class:`InputWarning`). Nothing here modifies the caller's model, masks or data.
+
+Imports only torch and the error hierarchy, so every room may use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import InputError, MaskError
+
+__all__ = [
+    "CheckError",
+    "InputWarning",
+    "check_example_inputs",
+    "check_batches",
+    "check_eval_data",
+    "check_count",
+    "check_masks_usable",
+    "check_backend_options",
+]
+
+log = logging.getLogger(__name__)
+
+
+class CheckError(InputError, ValueError):
+    """An input that a long step could not use; the message names the argument and what to change."""
+
+
+class InputWarning(UserWarning):
+    """An input that is usable but probably not what was meant (e.g. empty masks)."""
+
+
+def _as_tuple(value: Any, what: str) -> tuple[torch.Tensor, ...]:
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(t, torch.Tensor) for t in value):
+        return tuple(value)
+    kinds = [type(v).__name__ for v in value] if isinstance(value, (tuple, list)) else type(value).__name__
+    raise CheckError(f"{what} must be a tensor or a tuple of tensors, got {kinds}")
+
+
+def _describe(inputs: Sequence[torch.Tensor]) -> str:
+    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
+
+
+def _eval_forward(model: nn.Module, inputs: Any):
+    """One forward pass in eval mode under no_grad, restoring every module's training flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(inputs, Mapping):
+                return model(**inputs)
+            return model(*inputs)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def check_example_inputs(model: nn.Module, example_inputs: Any, what: str = "example_inputs") -> Any:
+    """Run ``example_inputs`` (a tensor, a tuple of tensors, one per ``forward`` argument, or a dict of
+    keyword inputs) once
+    through ``model`` (eval mode, no grad; the model's training flags are restored) and return them
+    as a tuple (a dict stays a dict). A failure (wrong shape, dtype, count) is a :class:`CheckError` naming ``what``, the
+    shapes given and the model's own message."""
+    if isinstance(example_inputs, Mapping) and example_inputs and all(isinstance(k, str) for k in example_inputs):
+        inputs: Any = dict(example_inputs)  # keyword inputs: forward(**example_inputs)
+        shown = ", ".join(f"{k}={tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}" for k, v in inputs.items())
+    else:
+        inputs = _as_tuple(example_inputs, what)
+        shown = _describe(inputs)
+    tensors = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+    if any(isinstance(t, torch.Tensor) and t.numel() == 0 for t in tensors):
+        raise CheckError(f"{what} holds an empty tensor ({shown}); give at least one sample")
+    try:
+        _eval_forward(model, inputs)
+    except Exception as exc:  # the model's own error, re-raised naming the argument
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CheckError(f"{what} ({shown}) do not run through {type(model).__name__}: {type(exc).__name__}: {detail}. "
+                         f"Give {what} with the shape and dtype forward() expects") from exc
+    return inputs
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def _same_kind(a: torch.dtype, b: torch.dtype) -> bool:
+    return a.is_floating_point == b.is_floating_point and (a == torch.bool) == (b == torch.bool)
+
+
+def check_batches(batches: Any, reference: Sequence[torch.Tensor], what: str = "calib_data") -> list[tuple[torch.Tensor, ...]]:
+    """Check input batches (an iterable of tensors, or of tuples with one tensor per model input)
+    against the model's example inputs ``reference``: count of tensors, every axis after the batch
+    axis, dtype kind (float/int/bool) and finite values, batch by batch. Returns them as a list.
+
+    A single tensor instead of a list of batches is refused (iterating it would feed one sample at a
+    time with the batch axis dropped).
+    """
+    if isinstance(batches, torch.Tensor):
+        raise CheckError(f"{what} is a single tensor {tuple(batches.shape)}; pass a list of batches, e.g. list({what}.split(32))")
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise CheckError(f"{what} must be an iterable of input batches (tensors or tuples of tensors), got {type(batches).__name__}")
+    out = []
+    for i, batch in enumerate(batches):
+        where = f"{what} batch {i}"
+        tensors = _as_tuple(batch, where)
+        if len(tensors) != len(reference):
+            hint = " (batches of (inputs, labels)? yield the inputs only)" if len(tensors) == len(reference) + 1 else ""
+            raise CheckError(f"{where} has {len(tensors)} tensor(s), the model takes {len(reference)} input(s){hint}")
+        for k, (t, ref) in enumerate(zip(tensors, reference)):
+            name = where if len(reference) == 1 else f"{where} input {k}"
+            if t.dim() != ref.dim() or tuple(t.shape[1:]) != tuple(ref.shape[1:]):
+                raise CheckError(f"{name} has shape {tuple(t.shape)}; the example input is {tuple(ref.shape)} "
+                                 f"(every axis after the batch axis must match)")
+            if t.shape[0] == 0:
+                raise CheckError(f"{name} is empty (batch axis 0)")
+            if not _same_kind(t.dtype, ref.dtype):
+                raise CheckError(f"{name} has dtype {t.dtype}; the example input has {ref.dtype}")
+            if not _finite(t):
+                raise CheckError(f"{name} holds NaN or infinite values")
+        out.append(tensors)
+    if not out:
+        raise CheckError(f"{what} is empty: give at least one batch")
+    return out
+
+
+def check_eval_data(inputs: Any, labels: Any, reference: Sequence[torch.Tensor], what: str = "eval_inputs") -> None:
+    """Evaluation inputs against the example input (axes after the batch, dtype kind, finite), and
+    labels: integers, one per sample."""
+    if inputs is not None:
+        check_batches([inputs], reference, what)
+    if labels is None:
+        return
+    labels = torch.as_tensor(labels)
+    n = len(inputs) if inputs is not None else len(reference[0])
+    if labels.dim() != 1 or len(labels) != n:
+        raise CheckError(f"eval_labels has shape {tuple(labels.shape)}; expected one label per sample ({n},)")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise CheckError(f"eval_labels has dtype {labels.dtype}; expected integer class indices")
+
+
+def check_count(value: Any, name: str, low: int = 1, high: float = math.inf) -> int:
+    """An integer in ``[low, high]`` (bools refused); the error names ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        bound = f"in [{low}, {high}]" if high != math.inf else f">= {low}"
+        raise CheckError(f"{name} must be an integer {bound}, got {value!r}")
+    return value
+
+
+def check_masks_usable(masks: Mapping[str, Mapping[str, torch.Tensor]], what: str = "masks") -> None:
+    """Masks that would build a degenerate model: empty masks warn (:class:`InputWarning`); a mask that
+    removes every weight of a layer (a constant output) is a :class:`MaskError` naming the layer."""
+    if not masks:
+        warnings.warn(f"{what} is empty ({{}}): nothing will be pruned; pass masks=None to skip speedup deliberately",
+                      InputWarning, stacklevel=3)
+        return
+    for name, entry in masks.items():
+        for pname, mask in entry.items():
+            if isinstance(mask, torch.Tensor) and mask.numel() and not bool(mask.bool().any()):
+                raise MaskError(f"{what}: mask {name}.{pname} removes every weight of {name!r}, so the layer's output would be "
+                                "constant; keep at least one channel (or drop the layer from the masks)")
+
+
+def check_backend_options(backend: Any, options: Mapping[str, Any]) -> None:
+    """Option names the backend's ``build`` accepts, checked before any work (close matches named);
+    values are checked by the backend's ``check_options`` where it has one."""
+    import difflib
+    import inspect
+
+    params = inspect.signature(backend.build).parameters
+    known = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "precision"]
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, known, n=2) for k in unknown}
+        raise CheckError(f"backend_options {unknown} are not options of backend {getattr(backend, 'name', backend)!r} "
+                         f"(close matches: {hints}); known: {known}")
+    checker = getattr(backend, "check_options", None)
+    if callable(checker):
+        checker(**options)
