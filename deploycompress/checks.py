@@ -46,14 +46,15 @@ class InputWarning(UserWarning):
 def _as_tuple(value: Any, what: str) -> tuple[torch.Tensor, ...]:
     if isinstance(value, torch.Tensor):
         return (value,)
-    if isinstance(value, (tuple, list)) and value and all(isinstance(t, torch.Tensor) for t in value):
+    if isinstance(value, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in value) \
+            and all(t is None or isinstance(t, torch.Tensor) for t in value):  # None: a default passed through
         return tuple(value)
     kinds = [type(v).__name__ for v in value] if isinstance(value, (tuple, list)) else type(value).__name__
     raise CheckError(f"{what} must be a tensor or a tuple of tensors, got {kinds}")
 
 
 def _describe(inputs: Sequence[torch.Tensor]) -> str:
-    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
+    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if t is not None else "None" for t in inputs)
 
 
 def _eval_forward(model: nn.Module, inputs: Any):
@@ -83,7 +84,7 @@ def check_example_inputs(model: nn.Module, example_inputs: Any, what: str = "exa
         inputs = _as_tuple(example_inputs, what)
         shown = _describe(inputs)
     tensors = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
-    if any(isinstance(t, torch.Tensor) and t.numel() == 0 for t in tensors):
+    if any(isinstance(t, torch.Tensor) and t.numel() == 0 for t in tensors):  # noqa: SIM102
         raise CheckError(f"{what} holds an empty tensor ({shown}); give at least one sample")
     try:
         _eval_forward(model, inputs)
@@ -102,51 +103,74 @@ def _same_kind(a: torch.dtype, b: torch.dtype) -> bool:
     return a.is_floating_point == b.is_floating_point and (a == torch.bool) == (b == torch.bool)
 
 
-def check_batches(batches: Any, reference: Sequence[torch.Tensor], what: str = "calib_data") -> list[tuple[torch.Tensor, ...]]:
-    """Check input batches (an iterable of tensors, or of tuples with one tensor per model input)
-    against the model's example inputs ``reference``: count of tensors, every axis after the batch
-    axis, dtype kind (float/int/bool) and finite values, batch by batch. Returns them as a list.
+def _batch_tensors(batch: Any, names: list[str], where: str) -> list[tuple[str, Any]]:
+    """(input name, tensor) pairs of one batch: a tensor, a tuple (positional) or a dict (by name)."""
+    if isinstance(batch, Mapping):
+        unknown = [k for k in batch if k not in names]
+        if unknown:
+            raise CheckError(f"{where} names input(s) {unknown}; the model's inputs are {names}")
+        missing = [n for n in names if n not in batch]
+        if missing:
+            raise CheckError(f"{where} lacks input(s) {missing}")
+        return [(n, batch[n]) for n in names]
+    tensors = _as_tuple(batch, where)
+    if len(tensors) != len(names):
+        hint = " (batches of (inputs, labels)? yield the inputs only)" if len(tensors) == len(names) + 1 else ""
+        raise CheckError(f"{where} has {len(tensors)} tensor(s), the model takes {len(names)} input(s) {names}{hint}")
+    return list(zip(names, tensors))
+
+
+def check_batches(batches: Any, reference: Any, what: str = "calib_data") -> list:
+    """Check input batches (an iterable of tensors, of tuples with one tensor per model input, or of
+    dicts keyed by input name) against the model's example inputs ``reference`` (a sequence of tensors,
+    or a dict name -> tensor): count and names of tensors, every axis after the batch axis, dtype kind
+    (float/int/bool) and finite values, batch by batch. Returns the batches as a list, unchanged.
 
     A single tensor instead of a list of batches is refused (iterating it would feed one sample at a
     time with the batch axis dropped).
     """
+    if isinstance(reference, Mapping):
+        names, refs = list(reference), list(reference.values())
+    else:
+        refs = list(reference)
+        names = [f"input {k}" for k in range(len(refs))] if len(refs) > 1 else ["input"]
     if isinstance(batches, torch.Tensor):
         raise CheckError(f"{what} is a single tensor {tuple(batches.shape)}; pass a list of batches, e.g. list({what}.split(32))")
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
-        raise CheckError(f"{what} must be an iterable of input batches (tensors or tuples of tensors), got {type(batches).__name__}")
+        raise CheckError(f"{what} must be an iterable of input batches (tensors, tuples or dicts of tensors), got {type(batches).__name__}")
     out = []
     for i, batch in enumerate(batches):
         where = f"{what} batch {i}"
-        tensors = _as_tuple(batch, where)
-        if len(tensors) != len(reference):
-            hint = " (batches of (inputs, labels)? yield the inputs only)" if len(tensors) == len(reference) + 1 else ""
-            raise CheckError(f"{where} has {len(tensors)} tensor(s), the model takes {len(reference)} input(s){hint}")
-        for k, (t, ref) in enumerate(zip(tensors, reference)):
-            name = where if len(reference) == 1 else f"{where} input {k}"
+        for (name, t), ref in zip(_batch_tensors(batch, names, where), refs):
+            label = where if len(refs) == 1 else f"{where} {name!r}"
+            if not isinstance(t, torch.Tensor):
+                raise CheckError(f"{label} is {type(t).__name__}, not a tensor")
             if t.dim() != ref.dim() or tuple(t.shape[1:]) != tuple(ref.shape[1:]):
-                raise CheckError(f"{name} has shape {tuple(t.shape)}; the example input is {tuple(ref.shape)} "
+                raise CheckError(f"{label} has shape {tuple(t.shape)}; the example input is {tuple(ref.shape)} "
                                  f"(every axis after the batch axis must match)")
-            if t.shape[0] == 0:
-                raise CheckError(f"{name} is empty (batch axis 0)")
+            if t.dim() and t.shape[0] == 0:
+                raise CheckError(f"{label} is empty (batch axis 0)")
             if not _same_kind(t.dtype, ref.dtype):
-                raise CheckError(f"{name} has dtype {t.dtype}; the example input has {ref.dtype}")
+                raise CheckError(f"{label} has dtype {t.dtype}; the example input has {ref.dtype}")
             if not _finite(t):
-                raise CheckError(f"{name} holds NaN or infinite values")
-        out.append(tensors)
+                raise CheckError(f"{label} holds NaN or infinite values")
+        out.append(batch)
     if not out:
         raise CheckError(f"{what} is empty: give at least one batch")
     return out
 
 
-def check_eval_data(inputs: Any, labels: Any, reference: Sequence[torch.Tensor], what: str = "eval_inputs") -> None:
-    """Evaluation inputs against the example input (axes after the batch, dtype kind, finite), and
-    labels: integers, one per sample."""
+def check_eval_data(inputs: Any, labels: Any, reference: Any, what: str = "eval_inputs") -> None:
+    """Evaluation inputs against the example inputs (see :func:`check_batches`), and labels:
+    integers, one per sample."""
     if inputs is not None:
         check_batches([inputs], reference, what)
     if labels is None:
         return
     labels = torch.as_tensor(labels)
-    n = len(inputs) if inputs is not None else len(reference[0])
+    first = inputs if inputs is not None else reference
+    first = next(iter(first.values())) if isinstance(first, Mapping) else (first if isinstance(first, torch.Tensor) else first[0])
+    n = len(first)
     if labels.dim() != 1 or len(labels) != n:
         raise CheckError(f"eval_labels has shape {tuple(labels.shape)}; expected one label per sample ({n},)")
     if labels.is_floating_point() or labels.dtype == torch.bool:

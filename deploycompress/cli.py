@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import inspect
 import logging
 import os
 import sys
@@ -248,7 +249,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     example = torch.randn(*shape)
     if pruner_cls is not None:
         log.info("build: pruning with %s", pruner_cls.__name__)
-        pruner = pruner_cls(model, prune["config_list"], **(prune.get("options") or {}))
+        options = dict(prune.get("options") or {})
+        if "dummy_input" in inspect.signature(pruner_cls).parameters:  # the pruner then masks what speedup removes with the channels
+            options.setdefault("dummy_input", example)
+        pruner = pruner_cls(model, prune["config_list"], **options)
         _, masks = pruner.compress()
         if finetune is not None:  # a `module:function` taking the model, run while the masks apply
             finetune(model)
@@ -375,7 +379,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from .validate import run_batched
 
         fp32 = load_bundle(args.artifact, member="source/model.fp32.onnx", backend="onnxruntime")  # verified bytes
-        reference = lambda x: run_batched(fp32, x)  # noqa: E731
+        reference = lambda feeds: run_batched(fp32, feeds)  # noqa: E731
         ref_label = "bundle fp32 onnx"
     else:
         raise UsageError("name the reference with --reference package.module:factory (and --weights) or --torchvision NAME")

@@ -51,7 +51,7 @@ def _build(tmp_path: Path, **kw):
 @pytest.mark.parametrize("kw, culprit", [
     ({"example_inputs": torch.randn(1, 5, 8, 8)}, "example_inputs ((1, 5, 8, 8) float32) do not run through TwoConv"),
     ({"example_inputs": torch.randint(0, 3, (1, 3, 8, 8))}, "example_inputs ((1, 3, 8, 8) int64)"),
-    ({"example_inputs": [torch.randn(1, 3, 8, 8), "x"]}, "example_inputs must be a tensor or a tuple of tensors"),
+    ({"example_inputs": [torch.randn(1, 3, 8, 8), "x"]}, "example_inputs[1] is str, not a tensor"),
     ({"precision": "int8", "calib_data": torch.randn(8, 3, 8, 8)}, "calib_data is a single tensor (8, 3, 8, 8)"),
     ({"precision": "int8", "calib_data": [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]}, "calib_data batch 1 has shape (2, 3, 4, 4)"),
     ({"precision": "int8", "calib_data": [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]}, "yield the inputs only"),
@@ -112,7 +112,7 @@ def test_check_batches_accepts_a_dataloader_of_inputs():
     ref = (torch.randn(1, 3, 8, 8),)
     loader = torch.utils.data.DataLoader(torch.randn(10, 3, 8, 8), batch_size=4)
     batches = check_batches(loader, ref)
-    assert [b[0].shape[0] for b in batches] == [4, 4, 2]
+    assert [b.shape[0] for b in batches] == [4, 4, 2]
 
 
 def test_keyword_example_inputs_run_by_name():

@@ -92,7 +92,7 @@ def test_inspect_shows_ops_qdq_and_lint(bundle):
     proc = cli("inspect", str(out), "--json", "-q")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["inputs"] == [{"name": "input", "shape": ["batch", 1, 8, 8], "dtype": "float32"}]
+    assert data["inputs"] == [{"name": "x", "shape": ["batch", 1, 8, 8], "dtype": "float32"}]
     assert data["qdq_nodes"] > 0 and data["lint"]["target"] == "tensorrt"
     assert isinstance(data["lint"]["findings"], list)
 

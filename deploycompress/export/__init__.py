@@ -2,10 +2,18 @@
 
 from .lint import LINT_RULES, LintFinding, lint_qdq
 from .name_map import ModuleMapping, NameMap, NameMapError
-from .onnx_export import ExportError, ExportResult, to_onnx
-from .qdq import TARGETS, QDQError, insert_qdq, needs_reduced_range
+from .onnx_export import ExportError, ExportResult, TracerWarning, to_onnx
+from .qdq import TARGETS, CalibrationSkippedWarning, QDQError, insert_qdq, needs_reduced_range, skipped_calibration
+from .targets import QDQ_TARGETS, QDQTarget, get_target, register_target
 
 __all__ = [
+    "CalibrationSkippedWarning",
+    "QDQ_TARGETS",
+    "QDQTarget",
+    "TracerWarning",
+    "get_target",
+    "register_target",
+    "skipped_calibration",
     "ExportError",
     "ExportResult",
     "LINT_RULES",

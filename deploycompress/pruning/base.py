@@ -88,12 +88,16 @@ class Pruner:
         with torch.no_grad():
             scores = {name: self._score(name, m, self.module_configs[name]) for name, m in self._modules.items()}
         pruned = self._select(scores, self._prune_counts(scores))
-        self._masks = {name: self._expand(name, self._modules[name], pruned[name]) for name in scores}
+        self._masks = self._joined({name: self._expand(name, self._modules[name], pruned[name]) for name in scores})
         self._wrap()
         for name, entry in self._masks.items():
             w = next(iter(entry.values()))
             log.info("%s: %s pruned %d of %d weights", type(self).__name__, name, int((~w).sum()), w.numel())
         return self.model, self._masks
+
+    def _joined(self, masks: Masks) -> Masks:
+        """Masks plus those of parameters joined to them (channel pruners: see ``ChannelPruner``)."""
+        return masks
 
     def _prepare(self) -> None:
         """Collect what scoring needs (activations, gradients, a regularised training run)."""
@@ -144,8 +148,9 @@ class Pruner:
         return self._masks
 
     def _wrap(self) -> None:
+        modules = dict(self.model.named_modules())
         for name, entry in self._masks.items():
-            module = self._modules[name]
+            module = modules[name]
             for pname, mask in entry.items():
                 param = _param(module, pname)
                 assert param is not None
@@ -154,8 +159,9 @@ class Pruner:
 
     def _unwrap(self) -> None:
         """Remove the parametrizations, leaving the masked values (pruned weights = 0) in place."""
+        modules = dict(self.model.named_modules())
         for name, entry in self._masks.items():
-            module = self._modules[name]
+            module = modules[name]
             for pname in entry:
                 if parametrize.is_parametrized(module, pname):
                     parametrize.remove_parametrizations(module, pname, leave_parametrized=True)

@@ -15,6 +15,7 @@ filter groups of a grouped conv that reads the channels lose equal counts.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -23,12 +24,16 @@ from torch import nn
 from ..config import ConfigError, ModuleConfig
 from .allocate import lowest, lowest_slots
 from .base import Pruner
-from .io import _bias, _weight, weight_attrs
+from .io import Masks, _bias, _weight, weight_attrs
 
 if TYPE_CHECKING:
     from ..graph import ChannelGroup
 
-__all__ = ["ChannelPruner", "channel_dim", "channel_masks", "channel_rows"]
+__all__ = ["ChannelPruner", "PruningWarning", "channel_dim", "channel_masks", "channel_rows"]
+
+
+class PruningWarning(UserWarning):
+    """A pruner's masks leave out something deployment would need (named in the message)."""
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +115,33 @@ class ChannelPruner(Pruner):
 
     def _expand(self, name: str, module: nn.Module, pruned: torch.Tensor) -> dict[str, torch.Tensor]:
         return channel_masks(module, ~pruned)
+
+    def _joined(self, masks: Masks) -> Masks:
+        """Also mask what speedup removes with the pruned channels (``speedup.joined_masks``): norm
+        affine parameters, downstream biases and scales, class token and position-embedding rows, the
+        rows of removed heads and the filters feeding exactly-zero norm channels. Needs ``dummy_input``;
+        without it only the selected modules are masked and speedup keeps channels whose masked value
+        is not zero (a BatchNorm bias behind them), which a ``PruningWarning`` says once."""
+        if self.dummy_input is None:
+            warnings.warn(
+                f"{type(self).__name__}: no dummy_input, so the parameters joined to the pruned channels (BatchNorm "
+                "affine, biases, class token, ...) are not masked; speedup keeps channels they make non-zero. "
+                "Pass dummy_input=<example batch> to mask them too.",
+                PruningWarning,
+                stacklevel=3,
+            )
+            return masks
+        from ..speedup.joined import joined_masks  # pruning may import speedup; lazily: speedup is heavier
+
+        was_training = self.model.training
+        try:
+            joined = joined_masks(self.model, masks, self.dummy_input)
+        finally:
+            self.model.train(was_training)
+        extra = sorted(f"{m}.{p}" for m, per in joined.items() for p in per if p not in masks.get(m, {}))
+        if extra:
+            log.info("%s: also masks %d joined tensors: %s", type(self).__name__, len(extra), ", ".join(extra[:10]))
+        return joined
 
     # ------------------------------------------------------------------ dependency-aware selection
     def _build_channel_groups(self) -> list[ChannelGroup]:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..graph import ChannelGroup, build_channel_groups
+from ..speedup.joined import joined_masks
 from .allocate import lowest_slots
 from .channel import channel_masks
 
@@ -26,8 +27,15 @@ def group_keep(group: ChannelGroup, ratio: float, generator: torch.Generator) ->
     return {m: ~drop[group.slots[m]] for m in group.modules}
 
 
-def random_group_masks(model: nn.Module, example_inputs: object, ratio: float = 0.5, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """``{module: {"weight": keep, "bias": keep}}`` dropping about ``ratio`` of each unpinned group's channels."""
+def random_group_masks(
+    model: nn.Module, example_inputs: object, ratio: float = 0.5, seed: int = 0, *, joined: bool = True
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {"weight": keep, "bias": keep}}`` dropping about ``ratio`` of each unpinned group's channels.
+
+    With ``joined`` (the default) the masks also cover the parameters speedup removes with those
+    channels (BatchNorm affine, biases, class token ...; see ``speedup.joined_masks``), as a channel
+    pruner given ``dummy_input`` returns them.
+    """
     g = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     masks: dict[str, dict[str, torch.Tensor]] = {}
@@ -36,4 +44,4 @@ def random_group_masks(model: nn.Module, example_inputs: object, ratio: float = 
             continue
         for name, keep in group_keep(group, ratio, g).items():
             masks[name] = channel_masks(modules[name], keep)
-    return masks
+    return joined_masks(model, masks, example_inputs) if joined and masks else masks
