@@ -280,9 +280,40 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
                 )
             if kind == "quantization" and not has_quant:
                 raise ConfigError(f"{_where(index)} has no 'quant_types' (and is not an 'exclude' entry)")
+        _check_kind(index, cfg, kind)
         out.append(cfg)
     _check_global_groups(out)
     return out
+
+
+def _check_kind(index: int, cfg: Mapping[str, Any], kind: str | None) -> None:
+    """Keys of the other kind of algorithm would be ignored: refuse them by name."""
+    other = {"pruning": (QUANT_KEYS, "quantization", "a quantizer"), "quantization": (PRUNING_KEYS, "pruning", "a pruner")}.get(kind or "")
+    if other is None:
+        return
+    keys, what, where = other
+    given = [k for k in keys if k in cfg]
+    if given:
+        raise ConfigError(f"{_where(index)}: {what} key(s) {given} given to a {kind} algorithm, which would ignore them; "
+                          f"put them in the config_list of {where}")
+
+
+def known_op_types(model: nn.Module) -> set[str]:
+    """Class names ``op_types`` may use: every ``torch.nn`` module class, the classes (and their
+    bases) of the model's modules, and the aliases of :data:`OP_TYPE_ALIASES`."""
+    names = {n for n, c in vars(nn).items() if isinstance(c, type) and issubclass(c, nn.Module)}
+    for m in model.modules():
+        names.update(c.__name__ for c in type(m).__mro__ if issubclass(c, nn.Module))
+    return names | set(OP_TYPE_ALIASES) | {"default"}
+
+
+def _check_op_types(index: int, cfg: Mapping[str, Any], known: set[str]) -> None:
+    for key in ("op_types", "exclude_op_types"):
+        for t in cfg.get(key, ()):
+            if t not in known:
+                hint = _closest(t, known, n=3)
+                raise ConfigError(f"{_where(index)}: {key} names {t!r}, which is neither a torch.nn module class nor a class of "
+                                  f"the model" + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else ""))
 
 
 def _check_global_groups(configs: list[dict[str, Any]]) -> None:
@@ -346,8 +377,10 @@ def select_modules(
     names = [n for n, _ in named]
     name_set = set(names)
     selected: dict[str, tuple[int, dict[str, Any]] | None] = {}
+    known_types = known_op_types(model)
 
     for index, cfg in enumerate(configs):
+        _check_op_types(index, cfg, known_types)
         for key in ("op_names", "exclude_op_names"):
             for op_name in cfg.get(key, []):
                 if op_name not in name_set:
