@@ -30,6 +30,8 @@ __all__ = [
     "check_count",
     "check_masks_usable",
     "check_backend_options",
+    "read_json_file",
+    "load_tensor_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -215,3 +217,85 @@ def check_backend_options(backend: Any, options: Mapping[str, Any]) -> None:
     checker = getattr(backend, "check_options", None)
     if callable(checker):
         checker(**options)
+
+
+# -- files users hand us ---------------------------------------------------------------------------
+MAX_JSON_BYTES = 64 << 20  #: a calibration or report JSON larger than this is refused unread
+MAX_JSON_DEPTH = 32  #: nesting deeper than this is refused (our layouts nest 5 levels)
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, iteratively (no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
+def read_json_file(path: Any, what: str, error: type[Exception] = CheckError, *, max_bytes: int = MAX_JSON_BYTES,
+                   max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse a JSON file with limits: at most ``max_bytes`` (checked before reading), UTF-8 text,
+    valid JSON, nested at most ``max_depth`` levels. Every refusal is ``error`` naming ``what`` and the file."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    name = f"{what} {str(path)!r}"
+    if not path.is_file():
+        raise error(f"{name} does not exist")
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise error(f"{name} is {size} bytes, more than the {max_bytes}-byte limit for this kind of file")
+    if size == 0:
+        raise error(f"{name} is empty")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{name} is not UTF-8 text (a binary file?): byte {exc.start}") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise error(f"{name} is nested too deeply to be a calibration (limit {max_depth} levels)") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{name} is not valid JSON: {exc}") from None
+    depth = _depth(data)
+    if depth > max_depth:
+        raise error(f"{name} is nested {depth} levels deep; the limit is {max_depth}")
+    return data
+
+
+def load_tensor_file(path: Any, what: str, error: type[Exception] = CheckError) -> Any:
+    """``torch.load(path, weights_only=True)`` whose every failure is ``error`` naming ``what`` and the
+    file: a pickle holding other objects is refused without unpickling them; a truncated or foreign file
+    says so."""
+    import os
+    import pickle
+    import zipfile
+    from pathlib import Path
+
+    path = Path(path)
+    name = f"{what} {str(path)!r}"
+    if not path.is_file():
+        raise error(f"{name} does not exist")
+    if os.path.getsize(path) == 0:
+        raise error(f"{name} is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this is a raw pickle or a foreign file
+            raise error(f"{name} is not a torch.save file (a raw pickle or another format); it was refused without unpickling it. "
+                        "Write masks with deploycompress.save_masks or torch.save") from None
+        first = str(exc).strip().splitlines()
+        detail = next((line for line in first if "Unsupported" in line or "global" in line.lower()), first[0] if first else "")
+        raise error(f"{name} was refused without unpickling it: it holds objects other than tensors, dicts, lists and numbers "
+                    f"(torch.load weights_only=True): {detail.strip()}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"{name} is not a complete torch.save file (truncated, or another format): {detail}") from None

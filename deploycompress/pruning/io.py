@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..checks import load_tensor_file
 from ..errors import MaskError
 
 __all__ = ["Masks", "save_masks", "load_masks", "apply_masks", "check_masks", "atomic_torch_save"]
@@ -105,8 +106,11 @@ def save_masks(masks: Mapping[str, Mapping[str, torch.Tensor]], path: str | os.P
 def load_masks(path: str | os.PathLike[str], model: nn.Module | None = None) -> Masks:
     """Read masks (ours or NNI's float ones) with ``weights_only=True``; with ``model``, check
     every module exists and every mask matches its parameter's shape."""
-    masks = torch.load(path, map_location="cpu", weights_only=True)
-    return check_masks(masks, model)
+    masks = load_tensor_file(path, "masks file", MaskError)  # never unpickles anything but tensors
+    try:
+        return check_masks(masks, model)
+    except MaskError as exc:
+        raise MaskError(f"masks file {str(path)!r}: {exc}") from None
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ import numpy as np
 
 from calibrators import QuantError, QuantParams, params_from_range, params_from_scale
 
+from ..checks import read_json_file
 from ..errors import InputError
 
 __all__ = ["CALIB_VERSION", "CalibConfig", "CalibConfigError", "TENSOR_KINDS"]
@@ -245,14 +246,13 @@ class CalibConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "CalibConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise CalibConfigError(f"calibration file {str(path)!r} does not exist")
+        data = read_json_file(path, "calibration file", CalibConfigError)  # size, UTF-8, JSON and depth limits
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CalibConfigError(f"calibration file {str(path)!r} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except CalibConfigError as exc:
+            raise CalibConfigError(f"calibration file {str(path)!r}: {exc}") from None
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a value of the wrong type deep inside
+            raise CalibConfigError(f"calibration file {str(path)!r}: {type(exc).__name__}: {exc}") from None
 
     def digest(self) -> str:
         """sha256 of the canonical JSON: names this calibration in manifests and reports."""
@@ -262,7 +262,10 @@ class CalibConfig:
 def _array(module: str, key: str, value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor from an NNI checkpoint
         value = value.detach().cpu().numpy()
-    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    try:
+        arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise CalibConfigError(f"NNI calibration of {module}: '{key}' must be a number or a list of numbers, got {value!r}") from None
     if arr.size == 0 or not np.all(np.isfinite(arr)):
         raise CalibConfigError(f"NNI calibration of {module}: '{key}' is empty or not finite: {arr.tolist()}")
     return arr
