@@ -10,7 +10,7 @@ from . import backends, bundle, config, export, graph, pruning, quantization, re
 from .backends import *  # noqa: F401,F403
 from .bundle import *  # noqa: F401,F403
 from .errors import DeployCompressError, InputError, MaskError, StepError
-from .config import ConfigError, ModuleConfig, select_modules, validate_config_list
+from .config import ConfigConventionWarning, ConfigError, ModuleConfig, select_modules, validate_config_list
 from .counting import FlopsParams, LayerCount, count_flops_params
 from .export import *  # noqa: F401,F403
 from .graph import *  # noqa: F401,F403
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     ["DeployCompressError", "InputError", "StepError", "MaskError"]
-    + ["ConfigError", "ModuleConfig", "select_modules", "validate_config_list", "__version__"]
+    + ["ConfigConventionWarning", "ConfigError", "ModuleConfig", "select_modules", "validate_config_list", "__version__"]
     + ["FlopsParams", "LayerCount", "count_flops_params"]
     + backends.__all__
     + bundle.__all__

@@ -32,6 +32,7 @@ __all__ = [
     "check_backend_options",
     "read_json_file",
     "load_tensor_file",
+    "describe_load_failure",
 ]
 
 log = logging.getLogger(__name__)
@@ -271,31 +272,39 @@ def read_json_file(path: Any, what: str, error: type[Exception] = CheckError, *,
     return data
 
 
-def load_tensor_file(path: Any, what: str, error: type[Exception] = CheckError) -> Any:
-    """``torch.load(path, weights_only=True)`` whose every failure is ``error`` naming ``what`` and the
-    file: a pickle holding other objects is refused without unpickling them; a truncated or foreign file
-    says so."""
+def describe_load_failure(path: Any, exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words naming the file: a pickle holding
+    other objects was refused without unpickling them; a raw pickle or foreign file is not a torch.save
+    file; a zip that fails to read is truncated or damaged."""
     import os
     import pickle
     import zipfile
-    from pathlib import Path
 
-    path = Path(path)
-    name = f"{what} {str(path)!r}"
-    if not path.is_file():
-        raise error(f"{name} does not exist")
-    if os.path.getsize(path) == 0:
-        raise error(f"{name} is empty")
+    name = repr(os.fspath(path))
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return f"{name} is empty"
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "WeightsUnpickler error" in ln or ln.startswith(("Unsupported", "Can only", "Trying to"))),
+                  lines[0] if lines else type(exc).__name__)[:300]
+    if isinstance(exc, pickle.UnpicklingError):
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            return (f"{name} is not a torch.save file (a raw pickle or another format); it was refused without unpickling it. "
+                    "Write it with torch.save (deploycompress.save_masks for masks)")
+        return (f"{name} was refused without unpickling it: it holds objects other than tensors, dicts, lists and numbers "
+                f"(torch.load weights_only=True): {detail}")
+    return f"{name} is not a complete torch.save file (truncated, or another format): {detail}"
+
+
+def load_tensor_file(path: Any, what: str, error: type[Exception] = CheckError, safe_globals: Any = None) -> Any:
+    """``torch.load(path, weights_only=True)`` (within the ``safe_globals`` context when given) whose
+    every failure is ``error`` naming ``what`` and the file (see :func:`describe_load_failure`)."""
+    import contextlib
+    import os
+
+    if not os.path.isfile(path):
+        raise error(f"{what} {os.fspath(path)!r} does not exist".lstrip())
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this is a raw pickle or a foreign file
-            raise error(f"{name} is not a torch.save file (a raw pickle or another format); it was refused without unpickling it. "
-                        "Write masks with deploycompress.save_masks or torch.save") from None
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "Unsupported" in line or "global" in line.lower()), first[0] if first else "")
-        raise error(f"{name} was refused without unpickling it: it holds objects other than tensors, dicts, lists and numbers "
-                    f"(torch.load weights_only=True): {detail.strip()}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise error(f"{name} is not a complete torch.save file (truncated, or another format): {detail}") from None
+        with safe_globals if safe_globals is not None else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError, RuntimeError (not a zip), EOFError, ...
+        raise error(f"{what} {describe_load_failure(path, exc)}".lstrip()) from None

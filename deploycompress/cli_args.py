@@ -176,8 +176,8 @@ def _recipe_shape(value: Any, where: str) -> list[int]:
 #: section -> key -> check; ``None`` as a section means a top-level scalar key
 RECIPE_SCHEMA: dict[str, dict[str, Check] | Check] = {
     "model": {"factory": _str, "torchvision": _str, "weights": _str, "kwargs": _mapping, "name": _str},
-    "input_shape": _recipe_shape,
-    "prune": {"pruner": _str, "config_list": _list_of_dicts, "options": _mapping, "finetune": _str, "round_to": _recipe_int(1),
+    "input_shape": _any,  # one shape or one per input ("name=dims[:dtype]"): parsed by the CLI with parse_shape
+    "prune": {"pruner": _str, "config_list": _list_of_dicts, "options": _mapping, "finetune": _str, "report": _str, "round_to": _recipe_int(1),
               "norm_spans": _choice("keep", "prune")},
     "quantize": {"calibration": _str, "data": _str, "batch_size": _recipe_int(1), "batches": _recipe_int(1),
                  "config_list": _list_of_dicts, "calibrator": _choice("minmax", "percentile", "entropy", "mse")},

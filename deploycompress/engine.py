@@ -284,12 +284,12 @@ def _load_masks(masks: Any, model: nn.Module):
         raise EngineError(f"masks: {exc}") from exc
 
 
-def _load_calib(calib_config: Any) -> CalibConfig | None:
+def _load_calib(calib_config: Any, model: nn.Module | None = None) -> CalibConfig | None:
     if calib_config is None or isinstance(calib_config, CalibConfig):
         return calib_config
     if isinstance(calib_config, (str, os.PathLike)):
         try:
-            return CalibConfig.load(calib_config)
+            return CalibConfig.load(calib_config, model=model)  # model: LSQ 2.x weights NNI did not export
         except CalibConfigError as exc:
             raise EngineError(str(exc)) from exc
     raise EngineError(f"calib_config must be a CalibConfig or a path to its JSON, got {type(calib_config).__name__}")
@@ -301,7 +301,7 @@ def fit_calibration(calib: CalibConfig, model: nn.Module) -> CalibConfig:
     missing = sorted(m for m in calib.modules if m not in modules)
     if missing:
         raise EngineError(f"the calibration names module(s) the speeded-up model lacks: {missing}")
-    out = CalibConfig(producer=calib.producer)
+    out = CalibConfig(producer=calib.producer, provenance=dict(calib.provenance))
     for name, kind, p in calib.items():
         module = modules[name]
         weight = getattr(module, "weight", None)
@@ -442,7 +442,7 @@ def build_engine(
     if masks is not None:
         check_masks_usable(masks)
     check_example_inputs(model, inputs)  # runs once: shape/dtype errors named as the argument
-    calib = _load_calib(calib_config)
+    calib = _load_calib(calib_config, model)
     if calib is not None and precision == "int8":
         _check_calibration(calib, model)
     if precision == "int8" and calib is None and calib_data is None:

@@ -10,6 +10,7 @@ import torchvision
 from torchvision.models import VisionTransformer
 from torchvision.models.swin_transformer import SwinTransformer
 
+from deploycompress.pruning import random_layer_masks
 from deploycompress.speedup import speedup_with_report
 from test_speedup_cases import group_masks, max_rel_error, randomize_norms, single_thread, user_masked  # noqa: F401
 
@@ -31,20 +32,12 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return randomize_norms(torchvision.models.get_model(name, **kwargs)), torch.randn(1, 3, 32, 32)
 
 
-def independent_masks(model: torch.nn.Module, ratio: float = 0.5, seed: int = 0, op_types: tuple = (torch.nn.Conv2d, torch.nn.Linear)) -> dict:
+def independent_masks(model: torch.nn.Module, op_types: tuple = (torch.nn.Conv2d, torch.nn.Linear)) -> dict:
     """What NNI users bring: every Conv/Linear masked on its own (random output channels, weight and bias),
     no dependency awareness and nothing joined; the classifier's outputs are left alone."""
-    g = torch.Generator().manual_seed(seed)
-    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, op_types) and type(m).__name__ != "NonDynamicallyQuantizableLinear"]
-    masks = {}
-    for name, m in modules[:-1] if isinstance(modules[-1][1], torch.nn.Linear) else modules:
-        n = m.weight.shape[0]
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[torch.randperm(n, generator=g)[: int(ratio * n)]] = False
-        masks[name] = {"weight": keep.view(-1, *[1] * (m.weight.dim() - 1)).expand_as(m.weight).clone()}
-        if m.bias is not None:
-            masks[name]["bias"] = keep.clone()
-    return masks
+    layers = [n for n, m in model.named_modules() if isinstance(m, op_types)]
+    classifier = layers[-1:] if isinstance(dict(model.named_modules())[layers[-1]], torch.nn.Linear) else []
+    return random_layer_masks(model, 0.5, op_types=op_types, exclude=classifier)
 
 
 def check_exact(model: torch.nn.Module, masks: dict, x: torch.Tensor):

@@ -296,6 +296,25 @@ def _weight_scales(module: str, p: QuantParams, channels: int, fold: np.ndarray 
     return scale.astype(np.float32)
 
 
+def _fit_zero_rows(scale: np.ndarray, q: np.ndarray, axis: int, node: gs.Node, dq_source: dict, act_params: dict, int32_bias: bool) -> np.ndarray:
+    """Weight scales of all-zero int8 rows (masked channels speedup kept) sized to their bias.
+
+    Such a channel outputs its bias alone and any weight scale represents its zero weights, but the
+    int32 bias uses ``x_scale * w_scale``: a calibrated near-zero weight scale would overflow it and a
+    placeholder scale of 1 would round it to whole activation steps. ``|bias| / (x_scale * 2**30)``
+    keeps it within int32 at full precision.
+    """
+    zero_rows = ~np.moveaxis(q != 0, axis, 0).reshape(q.shape[axis], -1).any(1)
+    x_name = dq_source.get(node.inputs[0].name) if node.inputs else None
+    if not int32_bias or not zero_rows.any() or len(node.inputs) < 3 or x_name not in act_params or axis != 0:
+        return scale
+    b = gs_constant(node.inputs[2])
+    if b is None or b.ndim != 1 or b.size != scale.size:
+        return scale
+    fit = np.abs(b.astype(np.float64)) / (np.float64(act_params[x_name].scale.reshape(())) * 2**30)
+    return np.where(zero_rows & (fit > 0), fit, scale).astype(scale.dtype)
+
+
 def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: int | None = None,
               readers: frozenset[str] | None = None) -> gs.Variable:
     base = tensor.name
@@ -304,31 +323,24 @@ def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: 
     q = gs.Variable(f"{base}_quantized", dtype=z.values.dtype, shape=tensor.shape)
     dq = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=tensor.shape)
     attrs = {} if axis is None else {"axis": axis}
+    source, out = tensor, dq
     if readers is not None:  # only these nodes read the quantized value; the rest keep the float tensor
         consumers = [n for n in tensor.outputs if n.name in readers]
-        graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[tensor, s, z], outputs=[q]))
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[dq]))
-        for node in consumers:
-            for i, inp in enumerate(node.inputs):
-                if inp is tensor:
-                    node.inputs[i] = dq
-        return dq
-    if any(t is tensor for t in graph.outputs) and tensor.inputs:
+    elif any(t is tensor for t in graph.outputs) and tensor.inputs:
         # a graph output keeps its name on the dequantized value; the producer writes a new float tensor
         producer = tensor.inputs[0]
-        pre = gs.Variable(f"{base}_float", dtype=tensor.dtype, shape=tensor.shape)
-        producer.outputs[[i for i, o in enumerate(producer.outputs) if o is tensor][0]] = pre
-        graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[pre, s, z], outputs=[q]))
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[tensor]))
-        return tensor
-    consumers = list(tensor.outputs)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[tensor, s, z], outputs=[q]))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[dq]))
+        source = gs.Variable(f"{base}_float", dtype=tensor.dtype, shape=tensor.shape)
+        producer.outputs[[i for i, o in enumerate(producer.outputs) if o is tensor][0]] = source
+        consumers, out = [], tensor
+    else:
+        consumers = list(tensor.outputs)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[source, s, z], outputs=[q]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[out]))
     for node in consumers:
         for i, inp in enumerate(node.inputs):
             if inp is tensor:
                 node.inputs[i] = dq
-    return dq
+    return out
 
 
 def _dq_constant(graph: gs.Graph, name: str, values: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> gs.Variable:
@@ -405,6 +417,7 @@ def insert_qdq(
                 bshape = [1] * w.ndim
                 bshape[axis] = -1
                 q = np.clip(np.round(w / scale.reshape(bshape)), *qrange(wbits, True)).astype(np.int8)
+                scale = _fit_zero_rows(scale, q, axis, node, dq_source, act_params, spec.int32_bias)
                 node.inputs[1] = _dq_constant(graph, init_name, q, scale, np.zeros(scale.shape, np.int8), axis)
                 made[init_name] = (node.inputs[1], scale)
             # int32 bias for onnxruntime: with it the Conv/Gemm and its Q/DQ fuse into one integer kernel

@@ -54,6 +54,9 @@ class Pruner:
     default_op_types: ClassVar[tuple[str, ...]] = ("Conv2d", "Linear")
     #: module types this pruner can mask (None: any module with a ``weight``)
     supported_op_types: tuple[str, ...] | None = None
+    #: whether NNI 3.0's ``dependency_group_id``/``internal_metric_block`` mean something to this pruner
+    #: (channel pruners: the coupled channels come from the traced graph with ``dependency_aware=True``)
+    honours_dependency_groups: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config_list: Sequence[dict[str, Any]]) -> None:
         if not isinstance(model, nn.Module):
@@ -76,6 +79,12 @@ class Pruner:
                     f"config_list[{self.module_configs[name].config_index}] selects module {name!r} "
                     f"({type(module).__name__}), which has no weight to prune"
                 )
+        coupled = [n for n, c in self.module_configs.items() if c.dependency_group_id is not None or c.internal_metric_block is not None]
+        if coupled and not self.honours_dependency_groups:
+            raise ConfigError(
+                f"{type(self).__name__} prunes single weights: NNI 3.0's dependency_group_id/internal_metric_block "
+                f"(channel coupling, given for {coupled[:4]}) do not apply; remove them"
+            )
         self._masks: Masks = {}
         self._wrapped = False
 
@@ -120,7 +129,7 @@ class Pruner:
         for name, s in scores.items():
             cfg = self.module_configs[name]
             if cfg.sparsity is not None:
-                counts[name] = prune_count(cfg.sparsity, s.numel())
+                counts[name] = prune_count(cfg.sparsity, s.numel(), cfg.sparse_rounding)
             elif cfg.global_group_id is not None:  # NNI 3.0: one budget across configs
                 budgets.setdefault(("group", cfg.global_group_id), []).append(name)
             else:
@@ -134,6 +143,7 @@ class Pruner:
                     {n: self._unit_cost(n, scores[n]) for n in names},
                     total,
                     {n: self.module_configs[n].max_sparsity_per_layer for n in names},
+                    rounding=self.module_configs[names[0]].sparse_rounding,
                 )
             )
         return counts

@@ -69,6 +69,8 @@ class ChannelPruner(Pruner):
     """Base for structured pruners: override ``channel_score`` (one score per output channel,
     higher = more worth keeping)."""
 
+    honours_dependency_groups = True
+
     supported_op_types: tuple[str, ...] | None = (
         "Conv1d", "Conv2d", "Conv3d", "Linear", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
         "MultiheadAttention",  # units: rows of the packed q/k/v projection; dependency-aware: whole heads
@@ -97,6 +99,12 @@ class ChannelPruner(Pruner):
                 )
         if dependency_aware and dummy_input is None:
             raise ValueError(f"{type(self).__name__}: dependency_aware=True needs dummy_input (an example input batch)")
+        coupled = [n for n, c in self.module_configs.items() if c.dependency_group_id is not None]
+        if coupled and not dependency_aware:
+            raise ConfigError(
+                f"config_list gives NNI 3.0 dependency_group_id to {coupled[:4]}: here coupled channels are found in "
+                "the traced graph; pass dependency_aware=True and dummy_input (an example batch)"
+            )
         self.dependency_aware = dependency_aware
         self.dummy_input = dummy_input
         self._channel_groups = self._build_channel_groups() if dependency_aware else []
@@ -136,6 +144,14 @@ class ChannelPruner(Pruner):
         was_training = self.model.training
         try:
             joined = joined_masks(self.model, masks, self.dummy_input)
+        except Exception as exc:  # noqa: BLE001 - the masks stand without the joined ones; say so
+            warnings.warn(
+                f"{type(self).__name__}: could not trace the model on dummy_input to mask the joined parameters "
+                f"({type(exc).__name__}: {exc}); only the selected modules are masked",
+                PruningWarning,
+                stacklevel=3,
+            )
+            return masks
         finally:
             self.model.train(was_training)
         extra = sorted(f"{m}.{p}" for m, per in joined.items() for p in per if p not in masks.get(m, {}))

@@ -3,6 +3,16 @@
 The format is NNI's: ``{module_name: {"weight": mask, "bias": mask}}`` saved with ``torch.save``;
 True (or 1.0) keeps a weight. NNI writes float 0/1 masks, so loading converts those to bool after
 checking every value is 0 or 1.
+
+Files NNI writes load unchanged:
+
+- NNI 2.x ``pruner.export_model(mask_path=...)`` and NNI 3.0 ``torch.save(pruner.compress()[1], ...)``
+  both write ``'bias': None`` for a layer without bias: a ``None`` entry means "no mask" and is dropped.
+- NNI 3.0's ``compress()`` returns a ``collections.defaultdict(dict)``
+  (nni/compression/pruning/tools/sparse_gen.py, ``generate_sparsity``). The weights-only unpickler
+  refuses it, and cannot fill one even when allow-listed, so :func:`load_masks` allows exactly that
+  one global, scoped to the load, as a constructor of a plain ``dict`` (its ``dict`` default factory
+  is accepted only as that argument; nothing else is widened): see :mod:`deploycompress.nni_files`.
 """
 
 from __future__ import annotations
@@ -16,8 +26,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..checks import load_tensor_file
 from ..errors import MaskError
+from ..nni_files import NNIFileError, load_nni_file
 
 __all__ = ["Masks", "save_masks", "load_masks", "apply_masks", "check_masks", "atomic_torch_save"]
 
@@ -62,6 +72,8 @@ def check_masks(masks: Any, model: nn.Module | None = None) -> Masks:
         out[name] = {}
         for pname, mask in entry.items():
             where = f"mask {name}.{pname}"
+            if mask is None:  # NNI's "no mask" (e.g. 'bias': None for a conv without bias)
+                continue
             if not isinstance(mask, torch.Tensor):
                 raise MaskError(f"{where} must be a tensor, got {type(mask).__name__}")
             if mask.dtype != torch.bool:
@@ -79,6 +91,8 @@ def check_masks(masks: Any, model: nn.Module | None = None) -> Masks:
                 if tuple(param.shape) != tuple(mask.shape):
                     raise MaskError(f"{where} has shape {tuple(mask.shape)}, but the parameter has {tuple(param.shape)}")
             out[name][pname] = mask
+        if not out[name]:  # every entry was None: nothing to mask
+            del out[name]
     return out
 
 
@@ -104,9 +118,16 @@ def save_masks(masks: Mapping[str, Mapping[str, torch.Tensor]], path: str | os.P
 
 
 def load_masks(path: str | os.PathLike[str], model: nn.Module | None = None) -> Masks:
-    """Read masks (ours or NNI's float ones) with ``weights_only=True``; with ``model``, check
-    every module exists and every mask matches its parameter's shape."""
-    masks = load_tensor_file(path, "masks file", MaskError)  # never unpickles anything but tensors
+    """Read masks (ours, NNI 2.x's or NNI 3.0's) with ``weights_only=True``; with ``model``, check
+    every module exists and every mask matches its parameter's shape.
+
+    Float 0/1 masks become bool; ``None`` entries (NNI's ``'bias': None``) are dropped.
+    Raises :class:`MaskError` for anything else, naming the module and parameter.
+    """
+    try:
+        masks = load_nni_file(path)  # never unpickles anything but tensors and containers
+    except NNIFileError as exc:
+        raise MaskError(f"masks file {exc}") from None
     try:
         return check_masks(masks, model)
     except MaskError as exc:

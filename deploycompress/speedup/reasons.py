@@ -24,13 +24,15 @@ def constant_sources(trace: ChannelTrace, model: nn.Module) -> dict[int, str]:
     roots = trace.roots()
     modules = dict(model.named_modules(remove_duplicate=False))
     found: dict[int, str] = {}
-    for (mname, attr), sl in trace.params.items():
+    # scales (a norm's weight) make nothing non-zero on their own: name the additive constants first
+    ordered = sorted(trace.params.items(), key=lambda kv: kv[0][1] in ("weight", "running_var"))
+    for (mname, attr), sl in ordered:
+        if attr == "running_var":
+            continue  # a variance is never zero and never makes a channel non-zero on its own
         t = getattr(modules[mname], attr, None)
         if not isinstance(t, torch.Tensor) or t.dim() <= sl.axis or t.shape[sl.axis] != sl.ids.numel():
             continue
         nonzero = (t.detach() != 0).movedim(sl.axis, 0).reshape(sl.ids.numel(), -1).any(1).cpu()
-        if attr == "running_var":
-            continue  # a variance is never zero and never makes a channel non-zero on its own
         ids = sl.ids[nonzero & (sl.ids >= 0)]
         for r in roots[ids].unique().tolist():
             found.setdefault(int(r), f"{mname}.{attr}" if mname else attr)
