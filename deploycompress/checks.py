@@ -203,15 +203,15 @@ def check_masks_usable(masks: Mapping[str, Mapping[str, torch.Tensor]], what: st
 
 
 def check_backend_options(backend: Any, options: Mapping[str, Any]) -> None:
-    """Option names the backend's ``build`` accepts, checked before any work (close matches named);
-    values are checked by the backend's ``check_options`` where it has one."""
+    """Option names the backend's ``build`` declares (keyword-only parameters), checked before any
+    work with close matches named; values are checked by the backend's ``check_options`` where it has one."""
     import difflib
     import inspect
 
     params = inspect.signature(backend.build).parameters
     known = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "precision"]
     unknown = [k for k in options if k not in known]
-    if unknown:
+    if unknown and known:  # a build taking only **options names none: the backend checks them itself
         hints = {k: difflib.get_close_matches(k, known, n=2) for k in unknown}
         raise CheckError(f"backend_options {unknown} are not options of backend {getattr(backend, 'name', backend)!r} "
                          f"(close matches: {hints}); known: {known}")
