@@ -559,21 +559,26 @@ def _check_kind(index: int, cfg: Mapping[str, Any], kind: str | None) -> None:
 
 
 def known_op_types(model: nn.Module) -> set[str]:
-    """Class names ``op_types`` may use: every ``torch.nn`` module class, the classes (and their
-    bases) of the model's modules, and the aliases of :data:`OP_TYPE_ALIASES`."""
+    """Names ``op_types`` may use (what :func:`resolve_op_types` answers to): every ``torch.nn`` module
+    class, the model's classes and their bases (name or ``module.qualname``), registered types, and
+    the aliases of :data:`OP_TYPE_ALIASES`."""
     names = {n for n, c in vars(nn).items() if isinstance(c, type) and issubclass(c, nn.Module)}
-    for m in model.modules():
-        names.update(c.__name__ for c in type(m).__mro__ if issubclass(c, nn.Module))
-    return names | set(OP_TYPE_ALIASES) | {"default"}
+    for cls in _model_classes(model):
+        names.update((cls.__name__, f"{cls.__module__}.{cls.__qualname__}"))
+    return names | set(_REGISTERED_OP_TYPES) | set(OP_TYPE_ALIASES) | {"default"}
 
 
 def _check_op_types(index: int, cfg: Mapping[str, Any], known: set[str]) -> None:
+    """A name nothing answers to would silently select nothing: refuse it with close matches."""
     for key in ("op_types", "exclude_op_types"):
         for t in cfg.get(key, ()):
             if t not in known:
                 hint = _closest(t, known, n=3)
-                raise ConfigError(f"{_where(index)}: {key} names {t!r}, which is neither a torch.nn module class nor a class of "
-                                  f"the model" + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else ""))
+                raise ConfigError(f"{_where(index)}: {key} names {t!r}, which matches no module: it is neither a torch.nn module "
+                                  f"class, a class of the model nor a registered type (register_op_type)"
+                                  + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else ""))
+
+
 def _check_pruning_extras(index: int, cfg: dict[str, Any]) -> None:
     where = _where(index)
     if "dependency_group_id" in cfg:
