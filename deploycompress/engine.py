@@ -41,6 +41,8 @@ __all__ = ["BuildStepError", "EngineArtifact", "EngineError", "build_engine", "D
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8")
+#: TensorRT also builds fp16 engines (from the fp16 graph)
+TENSORRT_PRECISIONS = ("fp32", "fp16", "int8")
 
 #: inputs and weights (PTQQuantizer: per-channel) of every Conv and Linear, 8 bits: the layers
 #: int8 kernels exist for
@@ -275,8 +277,9 @@ def build_engine(
     from .graph.trace import check_norm_spans
 
     # -- everything that can be checked is checked before any long work ----------------------------
-    if precision not in PRECISIONS:
-        raise EngineError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    allowed = TENSORRT_PRECISIONS if backend == "tensorrt" else PRECISIONS
+    if precision not in allowed:
+        raise EngineError(f"precision must be one of {list(allowed)} for backend {backend!r}, got {precision!r}")
     if not isinstance(model, nn.Module):
         raise EngineError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = _as_inputs(example_inputs)
@@ -288,12 +291,22 @@ def build_engine(
         check_norm_spans(norm_spans)
     except ValueError as exc:
         raise EngineError(str(exc)) from exc
+    trt_options, trt_extra, trt_portable = None, {}, False
+    if backend == "tensorrt":
+        from .backends.tensorrt import tensorrt_available
+        from .engine_tensorrt import split_options
+
+        try:
+            trt_options, trt_extra = split_options(backend_options)
+        except ValueError as exc:
+            raise EngineError(f"backend_options: {exc}") from exc
+        trt_portable = not tensorrt_available()
     masks = _load_masks(masks, model)
     calib = _load_calib(calib_config)
     if precision == "int8" and calib is None and calib_data is None:
         raise EngineError("precision 'int8' needs a calibration: pass calib_config (CalibConfig or JSON path) or calib_data (input batches)")
-    if precision == "fp32" and (calib is not None or calib_data is not None):
-        log.warning("precision 'fp32': the calibration is ignored")
+    if precision in ("fp32", "fp16") and (calib is not None or calib_data is not None):
+        log.warning("precision %r: the calibration is ignored", precision)
         calib, calib_data = None, None
     if any(int(b) < 1 for b in batch_sizes):
         raise EngineError(f"batch_sizes must be positive integers, got {list(batch_sizes)}")
@@ -338,8 +351,39 @@ def build_engine(
                     qdq = insert_qdq(exported.model, calib, exported.name_map, target=backend)  # type: ignore[arg-type]
                     graph_path = work / "model.qdq.onnx"
                     onnx.save(qdq, str(graph_path))
+            if backend == "tensorrt":
+                import onnx
+
+                from .engine_tensorrt import check_before_build, write_portable
+
+                with steps("tensorrt checks"):
+                    if precision == "fp16":
+                        from .export.fp16 import to_fp16
+
+                        graph_path = work / "model.fp16.onnx"
+                        onnx.save(to_fp16(exported.model), str(graph_path))
+                    static = {s.name: list(t.shape) for s, t in zip(exported.inputs, inputs)}
+                    trt_check = check_before_build(onnx.load(str(graph_path)), precision, trt_options, trt_extra.get("tensorrt_version"),  # type: ignore[arg-type]
+                                       static_shapes=static if trt_options.dla_core is not None else None)  # type: ignore[union-attr]
+                if trt_portable:
+                    with steps("portable bundle"):
+                        golden = [eval_x] if eval_inputs is not None and len(inputs) == 1 else list(inputs)
+                        report.steps = dict(steps.seconds)
+                        report.environment = collect_environment()
+                        manifest = write_portable(
+                            out_dir=out_dir, work=work, name=name, precision=precision, deployed=deployed, inputs=inputs,
+                            golden_inputs=golden, exported=exported, fp32_path=fp32_path,
+                            qdq_path=graph_path if precision == "int8" else None, options=trt_options, extra_options=trt_extra,  # type: ignore[arg-type]
+                            max_batch_size=max_batch_size, calibration=calib, report=report, overwrite=overwrite,
+                            findings=trt_check.findings,
+                            extra={"round_to": round_to, "norm_spans": norm_spans, "pruned": masks is not None})
+                    return EngineArtifact(Path(out_dir), manifest, report, validation=None, calib_config=calib, model=deployed)
+            build_options = dict(backend_options or {})
+            if backend == "tensorrt":
+                build_options = {**trt_options.to_dict(), "max_batch_size": max_batch_size,  # type: ignore[union-attr]
+                                 "example_shapes": {s.name: list(t.shape) for s, t in zip(exported.inputs, inputs)}}
             with steps("build"):
-                artifact = engine_backend.build(graph_path, work / "build", precision=precision, **dict(backend_options or {}))
+                artifact = engine_backend.build(graph_path, work / "build", precision=precision, **build_options)
                 runner = engine_backend.load(artifact)
             with steps("validate"):
                 result = validate(runner, deployed, eval_x, labels=eval_labels, metric_name="top1", batch_sizes=batch_sizes,
@@ -347,7 +391,7 @@ def build_engine(
                 latency, accuracy, fidelity = _records_from_validation(result, backend, precision, "pytorch fp32")
             if precision == "int8" and compare_fp32:
                 with steps("fp32 baseline"):
-                    base_art = engine_backend.build(fp32_path, work / "build_fp32", precision="fp32", **dict(backend_options or {}))
+                    base_art = engine_backend.build(fp32_path, work / "build_fp32", precision="fp32", **build_options)
                     base = validate(engine_backend.load(base_art), deployed, eval_x, labels=eval_labels, metric_name="top1",
                                     batch_sizes=batch_sizes, iterations=iterations, warmup=warmup)
                     base_latency, base_accuracy, base_fidelity = _records_from_validation(base, backend, "fp32", "pytorch fp32")
