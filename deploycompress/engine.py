@@ -300,7 +300,7 @@ def build_engine(
             trt_options, trt_extra = split_options(backend_options)
         except ValueError as exc:
             raise EngineError(f"backend_options: {exc}") from exc
-        trt_portable = not tensorrt_available()
+        trt_portable = bool(trt_extra.get("portable")) or not tensorrt_available()
     masks = _load_masks(masks, model)
     calib = _load_calib(calib_config)
     if precision == "int8" and calib is None and calib_data is None:

@@ -22,14 +22,19 @@ from deploycompress_device.plan import BuildOptions, BuildPlan, make_profiles
 
 from .backends.base import TensorSpec
 
-__all__ = ["GOLDEN_SAMPLES", "TENSORRT_OPTIONS", "check_before_build", "golden_data", "tolerances", "write_portable"]
+__all__ = ["TensorRTCheckError", "GOLDEN_SAMPLES", "TENSORRT_OPTIONS", "check_before_build", "golden_data", "tolerances", "write_portable"]
 
 log = logging.getLogger(__name__)
 
 #: samples (rows of the evaluation/calibration inputs) stored as golden inputs/outputs
 GOLDEN_SAMPLES = 8
 #: build_engine backend_options that are not BuildOptions fields
-TENSORRT_OPTIONS = ("tensorrt_version", "opt_batch_size")
+#: (``portable``: write the portable bundle even where TensorRT is installed, e.g. to build on a Jetson)
+TENSORRT_OPTIONS = ("tensorrt_version", "opt_batch_size", "portable")
+
+
+class TensorRTCheckError(ValueError):
+    """The graph breaks a TensorRT rule (operator table, Q/DQ, DLA): the build does not start."""
 
 
 def split_options(backend_options: Mapping[str, Any] | None) -> tuple[BuildOptions, dict[str, Any]]:
@@ -41,7 +46,7 @@ def split_options(backend_options: Mapping[str, Any] | None) -> tuple[BuildOptio
 
 def check_before_build(graph: onnx.ModelProto, precision: str, options: BuildOptions, tensorrt_version: str | None,
                        static_shapes: Mapping[str, Sequence[int]] | None = None):
-    """Run every TensorRT pre-build check; raise ValueError listing the errors (warnings go to the log)."""
+    """Run every TensorRT pre-build check; raise TensorRTCheckError listing the errors (warnings go to the log)."""
     from .export.tensorrt_checks import check_tensorrt
 
     check = check_tensorrt(graph, tensorrt_version=tensorrt_version, precision=precision, dla_core=options.dla_core,
@@ -50,7 +55,7 @@ def check_before_build(graph: onnx.ModelProto, precision: str, options: BuildOpt
         if f.severity != "error":
             (log.warning if f.severity == "warning" else log.info)("tensorrt check: %s [%s] %s", f.node, f.rule, f.message)
     if check.errors:
-        raise ValueError(f"TensorRT {check.tensorrt_version} would reject or mis-run this graph:\n  "
+        raise TensorRTCheckError(f"TensorRT {check.tensorrt_version} would reject or mis-run this graph:\n  "
                          + "\n  ".join(f"{f.node}: [{f.rule}] {f.message}" for f in check.errors))
     return check
 

@@ -52,12 +52,13 @@ def check_tensorrt(
     dla_core: int | None = None,
     gpu_fallback: bool = True,
     static_shapes: Mapping[str, Sequence[int]] | None = None,
+    lint: bool = True,
 ) -> TensorRTCheck:
-    """All pre-build checks for ``model`` (a QDQ graph is also linted with the TensorRT Q/DQ rules)."""
+    """All pre-build checks for ``model``; with ``lint`` a QDQ graph is also linted with the TensorRT Q/DQ rules."""
     version = tensorrt_version or DEFAULT_TENSORRT_VERSION
     table_version, table = op_table(version)
     result = TensorRTCheck(version, table["source"], check_operators(model, version), dla_core)
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+    if lint and any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         result.findings += [Finding(f.node, f.rule, f.message, f.severity) for f in lint_qdq(model, "tensorrt")]
     if dla_core is not None:
         dla = check_dla(model, trt_version=version, precision=precision, gpu_fallback=gpu_fallback, static_shapes=static_shapes)
