@@ -239,12 +239,12 @@ class BuildPlan:
         if self.precision not in self.graphs:
             raise ValueError(f"the plan has no graph for its precision {self.precision!r}: {sorted(self.graphs)}")
 
-    def commands(self, graph_root: str = ".") -> dict[str, str]:
+    def commands(self, graph_root: str = "") -> dict[str, str]:
         """trtexec and polygraphy lines for TensorRT 10 and 11, one per precision graph."""
         out: dict[str, str] = {}
         for precision, rel in sorted(self.graphs.items()):
             types = self.graph_types.get(precision, {})
-            graph = os.path.join(graph_root, rel)
+            graph = os.path.join(graph_root, rel) if graph_root else rel
             for major in (10, 11):
                 st = network_is_strongly_typed(major, types.get("qdq", False), types.get("fp16", False),
                                                None if major >= 11 else self.options.strongly_typed)
