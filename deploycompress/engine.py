@@ -33,6 +33,7 @@ from torch import nn
 from calibrators import params_from_range
 
 from .bundle import BundleError, Manifest, check_out_dir, collect_environment, load_bundle, write_bundle
+from .model_copy import plain_copy
 from .quantization.calib_config import CalibConfig, CalibConfigError
 from .report import AccuracyRecord, FidelityRecord, LatencyRecord, Report, SizeRecord
 
@@ -140,18 +141,6 @@ def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, torch.Tensor) for t in example_inputs):
         return tuple(example_inputs)
     raise EngineError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
-
-
-def _plain_copy(model: nn.Module) -> nn.Module:
-    """A copy in eval mode without parametrizations (a pruner's mask wrappers), masked values kept."""
-    from torch.nn.utils import parametrize
-
-    plain = copy.deepcopy(model).eval()
-    for module in plain.modules():
-        if parametrize.is_parametrized(module):
-            for pname in list(module.parametrizations):  # type: ignore[union-attr,arg-type]
-                parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
-    return plain
 
 
 def _load_masks(masks: Any, model: nn.Module):
@@ -325,7 +314,7 @@ def build_engine(
     try:
         with tempfile.TemporaryDirectory(dir=work_parent, prefix=f".{Path(out_dir).name}.work.") as tmp:
             work = Path(tmp)
-            deployed = _plain_copy(model)
+            deployed = plain_copy(model)
             report.sizes.append(_size_record("original", deployed, inputs))
             if masks is not None:
                 with steps("speedup"):

@@ -134,3 +134,26 @@ def test_failed_build_leaves_no_partial_out_dir(pruned, digits, tmp_path):
     with pytest.raises((BuildStepError, EngineError), match="head"):
         dc.build_engine(model, None, calib, example_inputs=digits.test_x[:1], out_dir=tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_copy_leaves_the_pruned_model_working():
+    """The README flow: the model returned by compress() still runs (and stays masked) after a copy is stripped."""
+    from torch.nn.utils import parametrize
+
+    from deploycompress import L1NormPruner
+    from deploycompress.model_copy import plain_copy
+    from deploycompress.zoo import DigitsNet
+
+    torch.manual_seed(0)
+    model, masks = L1NormPruner(DigitsNet(width=8).eval(), [{"op_types": ["Conv2d"], "sparsity": 0.5}]).compress()
+    model.eval()
+    x = torch.rand(2, 1, 8, 8)
+    before = model(x).detach()
+    plain = plain_copy(model)
+    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
+    assert any(parametrize.is_parametrized(m) for m in model.modules())
+    torch.testing.assert_close(plain(x), before, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)  # the caller's model and class untouched
+    name = next(iter(masks))
+    w = dict(plain.named_modules())[name].weight
+    assert isinstance(w, torch.nn.Parameter) and bool((w.detach()[~masks[name]["weight"]] == 0).all())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -76,3 +77,21 @@ def test_trace_follows_python_control_flow_and_leaves_the_model_as_it_was() -> N
     trace = trace_channels(model, torch.randn(1, 3, 4, 4))
     assert model.training and set(trace.producers) == {"a", "b"}
     assert build_channel_groups(model, torch.randn(1, 3, 4, 4))[0].modules == ["a", "b"]
+
+
+def test_rule_registry_names_every_op_once_and_graph_imports_no_higher_room():
+    from deploycompress.graph import rules
+
+    assert rules.lookup("add").__name__ == "binary" and rules.lookup("conv2d").__name__ == "producer"
+    assert rules.lookup("no_such_op") is rules.unknown
+    with pytest.raises(ValueError, match="already has the channel rule"):
+        rules.rule("add")(lambda tracer, call: None)
+    import ast
+    from pathlib import Path
+
+    root = Path(rules.__file__).parents[1]
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert not any(room in target for room in ("pruning", "speedup", "quantization", "export")), (path, target)

@@ -11,7 +11,8 @@ import torchvision
 from torch import nn
 from torchvision.models.shufflenetv2 import InvertedResidual
 
-from deploycompress.graph import build_channel_groups, random_group_masks
+from deploycompress.graph import build_channel_groups
+from deploycompress.pruning import random_group_masks
 from deploycompress.pruning import L1NormPruner
 from deploycompress.pruning.allocate import lowest, lowest_slots
 from deploycompress.speedup import speedup_with_report

@@ -231,3 +231,74 @@ def test_tensorrt_quantizes_a_weighted_output_that_feeds_another_weighted_op():
     second = [n for n in qdq.graph.node if n.op_type == "Conv"][1]
     assert producers[second.input[0]] == "DequantizeLinear"
     assert lint_qdq(qdq, "tensorrt") == []
+
+
+def _ort_int8_ops(proto) -> list[str]:
+    """Op types of the graph onnxruntime actually runs (its own optimizer, all levels)."""
+    import tempfile, os
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+class _FPad(nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        pad = lambda t: torch.nn.functional.pad(t, (1, 1, 1, 1), mode=self.mode)  # noqa: E731
+        return self.c2(pad(torch.relu(self.c1(pad(x)))))
+
+
+@pytest.mark.parametrize("make", [
+    *[lambda m=m: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=m), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, padding_mode=m))
+      for m in ("zeros", "reflect", "replicate", "circular")],
+    *[lambda m=m: _FPad(m) for m in ("constant", "reflect", "replicate", "circular")],
+], ids=["zeros", "reflect", "replicate", "circular", "F.pad-constant", "F.pad-reflect", "F.pad-replicate", "F.pad-circular"])
+def test_padded_convs_run_in_int8_and_lint_clean(make):
+    """Q/DQ move past Pad/Slice/Concat to the conv's own input: both convs become QLinearConv."""
+    torch.manual_seed(0)
+    model = make().eval()
+    batches = [torch.randn(8, 3, 8, 8)]
+    exported = to_onnx(model, batches[0][:2])
+    # outputs calibrated too: the last conv's output is the graph output, which must be quantized for
+    # onnxruntime to fuse it (and c1's output, behind a Relu, is folded away by the Relu rule)
+    calib = calibrate_by_hand(model, batches, {nn.Conv2d: ("input", "weight", "output"), nn.ReLU: ("output",)})
+    qdq = insert_qdq(exported.model, calib, exported.name_map, target="onnxruntime")
+    assert lint_qdq(qdq, "onnxruntime") == []
+    ops = _ort_int8_ops(qdq)
+    assert ops.count("QLinearConv") + ops.count("ConvInteger") == 2, ops
+    x = batches[0][:4]  # within the calibrated range
+    ref = model(x).detach().numpy()
+    err = np.abs(_run(qdq, x.numpy()) - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.05, err
+
+
+def test_one_target_description_drives_insert_and_lint(setup):
+    """A target registered once is what insert_qdq places by and lint_qdq checks by."""
+    from dataclasses import replace
+
+    from deploycompress.export.targets import QDQ_TARGETS, get_target, register_target
+
+    _, _, exported, calib = setup
+    custom = replace(get_target("onnxruntime"), name="s8-ort", activation_dtype="int8", activation_symmetric=True)
+    register_target(custom)
+    try:
+        qdq = insert_qdq(exported.model, calib, exported.name_map, target="s8-ort", reduce_range=False)
+        zps = [numpy_helper.to_array(i) for i in qdq.graph.initializer if i.name.endswith("_zero_point")]
+        assert zps and all(z.dtype in (np.int8, np.int32) and not z.any() for z in zps)
+        assert [f for f in lint_qdq(qdq, "s8-ort") if f.severity == "error"] == []
+        # the onnxruntime description (uint8) flags the same graph's activations
+        assert any(f.rule == "activation-dtype" for f in lint_qdq(qdq, "onnxruntime"))
+    finally:
+        QDQ_TARGETS.pop("s8-ort")
+    with pytest.raises(QDQError, match="onnxruntime"):
+        insert_qdq(exported.model, calib, exported.name_map, target="s8-ort")
+    with pytest.raises(ValueError, match="tensorrt"):
+        lint_qdq(qdq, "nope")

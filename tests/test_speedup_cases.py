@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from deploycompress.graph import random_group_masks
+from deploycompress.pruning import random_group_masks
 from deploycompress.pruning.channel import channel_masks
 
 

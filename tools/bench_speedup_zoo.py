@@ -279,7 +279,7 @@ def sweep(args: argparse.Namespace) -> None:
     import torchvision
 
     torch.set_num_threads(1)
-    from deploycompress.graph import random_group_masks
+    from deploycompress.pruning import random_group_masks
     from deploycompress.speedup import speedup_with_report
 
     names = args.models or torchvision.models.list_models(module=torchvision.models)

@@ -8,8 +8,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .name_map import WEIGHTED_OPS
+from .graph_utils import WEIGHTED_OPS, gs_constant, weight_axis
 from .onnx_export import MIN_OPSET, onnx_opset
+from .targets import QDQTarget, get_target
 
 __all__ = ["LintFinding", "LINT_RULES", "lint_qdq"]
 
@@ -21,10 +22,11 @@ LINT_RULES = {
     "weight-symmetric": "weights are int8 with zero point 0",
     "input-unquantized": "the data input of a weighted op must come from a DequantizeLinear",
     "activation-per-tensor": "activations are quantized per tensor",
-    "tensorrt-symmetric": "TensorRT takes only int8 Q/DQ with zero point 0",
+    "tensorrt-symmetric": "a symmetric target (TensorRT) takes only int8 Q/DQ with zero point 0",
+    "activation-dtype": "activations use the target's dtype (onnxruntime x86: uint8)",
     "output-quantized": "TensorRT: outputs of weighted ops stay float (unless they feed another weighted op or a residual Add)",
     "residual-add": "TensorRT: one input of a residual Add must be dequantized so the Add fuses into the conv",
-    "concat-shared-scale": "all inputs of a Concat share one scale and zero point",
+    "concat-shared-scale": "all inputs of a Concat (the target's shared-scale ops) share one scale and zero point",
     "qdq-pair": "a QuantizeLinear feeds DequantizeLinear nodes with the same scale and zero point",
     "float-output": "onnxruntime: a weighted op whose output reaches no QuantizeLinear runs in float",
 }
@@ -41,48 +43,45 @@ class LintFinding:
         return asdict(self)
 
 
-def _const(t) -> np.ndarray | None:
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if t.inputs and t.inputs[0].op == "Constant":
-        return np.asarray(t.inputs[0].attrs["value"].values)
-    if t.inputs and t.inputs[0].op == "Identity":
-        return _const(t.inputs[0].inputs[0])
-    return None
-
-
 def _producer(t) -> gs.Node | None:
     return t.inputs[0] if t.inputs else None
 
 
-def _weight_axis(node: gs.Node) -> int:
-    if node.op in ("ConvTranspose", "MatMul"):
-        return 1
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return 0
-
-
 def _qparams(node: gs.Node) -> tuple[np.ndarray | None, np.ndarray | None]:
-    scale = _const(node.inputs[1]) if len(node.inputs) > 1 else None
-    zp = _const(node.inputs[2]) if len(node.inputs) > 2 else None
+    scale = gs_constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    zp = gs_constant(node.inputs[2]) if len(node.inputs) > 2 else None
     return scale, zp
 
 
-def _through_act(t) -> list:
-    """Consumers of ``t``, looking through one Relu/Clip (which onnxruntime folds into the Q)."""
+def _through(t, ops: tuple[str, ...]) -> list:
+    """Consumers of ``t``, looking through one op of ``ops`` (activations the target folds into the Q)."""
     out = []
     for c in t.outputs:
         out.append(c)
-        if c.op in ("Relu", "Clip"):
+        if c.op in ops:
             out.extend(c.outputs[0].outputs)
     return out
 
 
-def lint_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> list[LintFinding]:
-    """Every rule of :data:`LINT_RULES` that ``model`` breaks for ``target`` ('tensorrt' or 'onnxruntime')."""
-    if target not in ("tensorrt", "onnxruntime"):
-        raise ValueError(f"target must be 'tensorrt' or 'onnxruntime', got {target!r}")
+def _dequantized(x, ops: tuple[str, ...]) -> bool:
+    """``x`` comes from a DequantizeLinear, possibly through ops the target fuses through."""
+    for _ in range(16):
+        p = _producer(x)
+        if p is None:
+            return False
+        if p.op == "DequantizeLinear":
+            return True
+        if p.op not in ops or not p.inputs:
+            return False
+        x = p.inputs[0]
+    return False
+
+
+def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> list[LintFinding]:
+    """Every rule of :data:`LINT_RULES` that ``model`` breaks for ``target`` (a name registered in
+    :mod:`.targets` or a :class:`~.targets.QDQTarget`): the description ``insert_qdq`` places by.
+    ValueError names the known targets."""
+    spec = get_target(target)
     findings: list[LintFinding] = []
 
     def add(node: str, rule: str, message: str, severity: str = "error") -> None:
@@ -102,9 +101,13 @@ def lint_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> list[LintFindi
             continue
         if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
             add(n.name, "scale-positive", f"scale holds non-positive or non-finite values (min {float(np.min(scale)):g})")
-        if target == "tensorrt" and zp is not None and (zp.dtype != np.int8 or np.any(zp != 0)):
-            add(n.name, "tensorrt-symmetric", f"zero point is {zp.dtype} {np.unique(zp)[:4].tolist()}, TensorRT needs int8 zero point 0")
         is_weight = n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant)
+        is_bias = zp is not None and zp.dtype == np.int32  # int32 bias of an integer kernel (int32_bias targets)
+        if spec.activation_symmetric and zp is not None and not (is_bias and spec.int32_bias) and (zp.dtype != np.int8 or np.any(zp != 0)):
+            add(n.name, "tensorrt-symmetric", f"zero point is {zp.dtype} {np.unique(zp)[:4].tolist()}, {spec.name} needs int8 zero point 0")
+        elif not is_weight and zp is not None and not is_bias and str(zp.dtype) != spec.activation_dtype:
+            add(n.name, "activation-dtype", f"activation {n.inputs[0].name!r} is {zp.dtype}; {spec.name} runs {spec.activation_dtype} fastest",
+                "warning")
         if not is_weight and scale.size > 1:
             add(n.name, "activation-per-tensor", f"activation {n.inputs[0].name!r} has {scale.size} scales")
         if n.op == "QuantizeLinear":
@@ -126,39 +129,42 @@ def lint_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> list[LintFindi
             x, w = node.inputs[0], node.inputs[1]
             wp = _producer(w)
             if wp is None or wp.op != "DequantizeLinear":
-                if _const(w) is not None:
+                if gs_constant(w) is not None:
                     add(node.name, "weight-unquantized", f"weight {w.name!r} is float in a quantized graph")
             else:
                 scale, zp = _qparams(wp)
-                wv = _const(wp.inputs[0])
-                axis = _weight_axis(node)
+                wv = gs_constant(wp.inputs[0])
+                axis = weight_axis(node.op, node.attrs.get("transB", 0))
                 channels = wv.shape[axis] if wv is not None and wv.ndim > axis else None
                 if scale is not None and (scale.size == 1 or wp.attrs.get("axis", 1) != axis or scale.size != channels):
                     add(node.name, "weight-per-channel",
                         f"weight scale has {scale.size} value(s) on axis {wp.attrs.get('axis', 1)}; expected {channels} on axis {axis}")
                 if (wv is not None and wv.dtype != np.int8) or (zp is not None and np.any(zp != 0)):
                     add(node.name, "weight-symmetric", f"weight is {getattr(wv, 'dtype', '?')} with zero point(s) {np.unique(zp)[:4].tolist() if zp is not None else '?'}")
-            xp = _producer(x)
-            if xp is None or xp.op != "DequantizeLinear":
+            if not _dequantized(x, spec.fuses_through):
                 add(node.name, "input-unquantized", f"input {x.name!r} is not dequantized: the op runs in float")
             out = node.outputs[0]
-            if target == "tensorrt":
+            if spec.weighted_outputs_float:
                 quantizers = [c for c in out.outputs if c.op == "QuantizeLinear"]
                 readers = [r for q in quantizers for dq in q.outputs[0].outputs for r in dq.outputs[0].outputs]
                 needed = any(r.op in ("Add",) + WEIGHTED_OPS for r in readers)
                 if quantizers and not needed:
                     add(node.name, "output-quantized", f"output {out.name!r} is quantized; TensorRT wants it float")
-            elif not any(c.op == "QuantizeLinear" for c in _through_act(out)) and out not in graph.outputs:
-                add(node.name, "float-output", f"output {out.name!r} reaches no QuantizeLinear: onnxruntime keeps this op in float", "warning")
-        elif node.op == "Add" and target == "tensorrt":
+            elif (spec.float_output_severity and out not in graph.outputs
+                  and not any(c.op == "QuantizeLinear" for c in _through(out, spec.folds_into_quantize))):
+                add(node.name, "float-output", f"output {out.name!r} reaches no QuantizeLinear: {spec.name} keeps this op in float",
+                    spec.float_output_severity)
+        elif node.op == "Add" and spec.residual_add_branch:
             producers = [_producer(i) for i in node.inputs]
             from_weighted = any(p is not None and p.op in WEIGHTED_OPS for p in producers)
             dequantized = any(p is not None and p.op == "DequantizeLinear" for p in producers)
             if from_weighted and not dequantized and not any(isinstance(i, gs.Constant) for i in node.inputs):
                 add(node.name, "residual-add", "no input is dequantized: quantize the residual branch")
-        elif node.op == "Concat":
+        elif node.op in spec.shared_scale_ops:
             params = []
             for i in node.inputs:
+                if gs_constant(i) is not None:
+                    continue
                 p = _producer(i)
                 params.append(_qparams(p) if p is not None and p.op == "DequantizeLinear" else None)
             if any(p is not None for p in params):

@@ -21,11 +21,12 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from .graph_utils import WEIGHTED_OPS, through_identity, weight_axis
+
 __all__ = ["ModuleMapping", "NameMap", "NameMapError", "build_name_map", "WEIGHTED_OPS"]
 
 log = logging.getLogger(__name__)
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 _EXPECTED_OPS: tuple[tuple[type, tuple[str, ...]], ...] = (
     (nn.modules.conv._ConvTransposeNd, ("ConvTranspose",)),
@@ -122,13 +123,12 @@ class _Graph:
 
     def constant_source(self, name: str) -> str | None:
         """The initializer behind ``name`` (following Identity nodes), or None for an activation."""
-        seen = 0
-        while name not in self.init:
-            node = self.producer.get(name)
-            if node is None or node.op_type != "Identity" or seen > 8:
-                return None
-            name, seen = node.input[0], seen + 1
-        return name
+        src = through_identity(name, self._producer_of)
+        return src if src in self.init else None
+
+    def _producer_of(self, name: str):
+        node = self.producer.get(name)
+        return (node.op_type, node.input[0]) if node is not None and node.input else None
 
     def is_constant(self, name: str) -> bool:
         if not name or self.constant_source(name) is not None:
@@ -198,12 +198,7 @@ def _shapes_agree(torch_shape: tuple, onnx_shape: tuple | None) -> bool:
 
 
 def _weight_axis(node: onnx.NodeProto) -> int:
-    if node.op_type == "ConvTranspose" or node.op_type == "MatMul":
-        return 1
-    if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    return 0
+    return weight_axis(node.op_type, next((a.i for a in node.attribute if a.name == "transB"), 0))
 
 
 def _fold_factor(graph_w: np.ndarray, module_w: np.ndarray, axis: int) -> np.ndarray | None:

@@ -1,15 +1,17 @@
 """QuantizeLinear/DequantizeLinear surgery: the calibration written into the graph.
 
-Rules (TensorRT's explicit quantization, which onnxruntime also runs well):
+Where Q/DQ go and in which flavour is described once per target in :mod:`.targets`
+(:class:`~.targets.QDQTarget`), the same description :func:`~.lint.lint_qdq` checks against:
 
-* weights: per-channel (axis 0 for Conv and Gemm with transB, axis 1 for ConvTranspose, MatMul and
-  Gemm without transB), symmetric int8, zero point 0, stored as int8 initializers behind a
-  DequantizeLinear; a BatchNorm folded into the weight rescales each channel's scale by the same
-  factor, so the integer weights equal the simulated ones;
-* activations per-tensor, placed on the inputs of weighted ops; for TensorRT the outputs of
-  weighted ops stay float unless they feed another weighted op or are one branch of a residual Add; a Concat gets one shared scale
-  on all its inputs and its output, and so do both sides of a MaxPool/Reshape/Flatten/Transpose
-  (they then run in int8); graph outputs stay float;
+* weights: per-channel on the output-channel axis (:func:`.graph_utils.weight_axis`), symmetric int8,
+  zero point 0, stored as int8 initializers behind a DequantizeLinear; a BatchNorm folded into the
+  weight rescales each channel's scale by the same factor, so the integer weights equal the simulated ones;
+* activations per tensor, on the calibrated tensors, then moved by the target's rules: outputs of
+  weighted ops kept float (TensorRT, except a residual Add's branch), dropped before an activation the
+  target folds into the Q (onnxruntime: Relu/Clip), moved past value-copying ops (Pad in any mode, the
+  Slice+Concat of circular padding, reshapes) to the weighted op's own input, one shared scale across
+  a Concat and both sides of MaxPool/Reshape/Flatten/Transpose; graph outputs stay float for TensorRT
+  and keep a calibrated Q/DQ for onnxruntime (the simulation quantized them too);
 * the flavour follows the target from the one calibration (observed min/max): ``tensorrt`` gets
   S8 symmetric activations, ``onnxruntime`` U8 asymmetric activations and int32 biases, which its
   x86 kernels (QLinearConv, MatMulInteger on VNNI) run fastest.
@@ -29,15 +31,17 @@ import onnx_graphsurgeon as gs
 from calibrators import QuantParams, params_from_range, qrange
 
 from ..quantization.calib_config import CalibConfig
-from .name_map import WEIGHTED_OPS, NameMap, NameMapError
+from .graph_utils import WEIGHTED_OPS, gs_constant
+from .name_map import NameMap, NameMapError
 from .onnx_export import MIN_OPSET, onnx_opset
+from .targets import QDQ_TARGETS, QDQTarget, get_target
 
 __all__ = ["QDQError", "TARGETS", "insert_qdq", "needs_reduced_range"]
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("onnxruntime", "tensorrt")
-_SAME_SCALE_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+#: names of the registered targets (see :mod:`.targets`)
+TARGETS = tuple(QDQ_TARGETS)
 
 
 class QDQError(ValueError):
@@ -95,47 +99,118 @@ def _collect(calib: CalibConfig, name_map: NameMap, graph_tensors: set[str]):
     return weights, acts
 
 
-def _place(graph: gs.Graph, acts: dict[str, _Act], target: str) -> dict[str, _Act]:
-    """Apply the placement rules (TensorRT output rule, residual Add, shared Concat scale)."""
+def _copy_source(tensor: gs.Tensor, ops: tuple[str, ...]) -> gs.Tensor:
+    """The tensor whose values ``tensor`` copies through value-copying ``ops`` (itself when none):
+    Pad/Slice/Reshape... follow their data input; a Concat follows when all its data inputs copy
+    one tensor (circular padding: ``Concat(Slice(x), x, Slice(x))``)."""
+    for _ in range(32):
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None or node.op not in ops:
+            return tensor
+        if node.op == "Concat":
+            data = [i for i in node.inputs if gs_constant(i) is None]
+            sources = {id(s): s for s in (_copy_source(i, ops) for i in data)}
+            return next(iter(sources.values())) if len(sources) == 1 else tensor
+        if not node.inputs or gs_constant(node.inputs[0]) is not None:
+            return tensor
+        tensor = node.inputs[0]
+    return tensor
+
+
+def _pad_values(tensor: gs.Tensor, source: gs.Tensor) -> list[float]:
+    """Constant values a constant-mode Pad writes between ``source`` and ``tensor`` (its range must hold them)."""
+    values = []
+    while tensor is not source and tensor.inputs:
+        node = tensor.inputs[0]
+        if node.op == "Pad" and node.attrs.get("mode", "constant") == "constant":
+            v = gs_constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+            values.append(float(np.asarray(v).reshape(-1)[0]) if v is not None and np.asarray(v).size else 0.0)
+        tensor = node.inputs[0] if node.op != "Concat" else next(i for i in node.inputs if gs_constant(i) is None)
+    return values
+
+
+def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[str, _Act]:
+    """Apply ``target``'s placement rules to the calibrated tensors; returns tensor name -> range."""
     producers = {o.name: n for n in graph.nodes for o in n.outputs}
     graph_outputs = {t.name for t in graph.outputs}
     weighted_out = {name for name, n in producers.items() if n.op in WEIGHTED_OPS}
+    if not target.graph_outputs_float:
+        graph_outputs = set()
     chosen = {t: a for t, a in acts.items() if t not in graph_outputs}
-    if target == "tensorrt":
+    if target.weighted_outputs_float:
         feeds_weighted = {n.inputs[0].name for n in graph.nodes if n.op in WEIGHTED_OPS and n.inputs}
         keep = {t: a for t, a in chosen.items() if t not in weighted_out or t in feeds_weighted}
-        for node in graph.nodes:
-            if node.op != "Add" or any(i.name in keep for i in node.inputs):
-                continue
-            branch = sorted((i.name for i in node.inputs if i.name in chosen), key=lambda t: t in weighted_out)
-            if branch:
-                keep[branch[0]] = chosen[branch[0]]
+        if target.residual_add_branch:
+            for node in graph.nodes:
+                if node.op != "Add" or any(i.name in keep for i in node.inputs):
+                    continue
+                branch = sorted((i.name for i in node.inputs if i.name in chosen), key=lambda t: t in weighted_out)
+                if branch:
+                    keep[branch[0]] = chosen[branch[0]]
         chosen = keep
-    else:
-        # onnxruntime drops a Relu/Clip that feeds a uint8 Q (its range already clamps), and then fuses
-        # Conv+Q into QLinearConv; a Q/DQ pair before the Relu would block that fusion.
-        for node in graph.nodes:
-            if node.op in ("Relu", "Clip") and node.outputs[0].name in chosen:
-                src = node.inputs[0]
-                if src.name in chosen and all(c is node for c in src.outputs):
-                    del chosen[src.name]
+    # an activation folded into the Q after it (its range already clamps): a Q/DQ pair before it
+    # would block the producer's fusion (onnxruntime: Conv+Relu+Q -> QLinearConv)
+    for node in graph.nodes:
+        if node.op in target.folds_into_quantize and node.outputs[0].name in chosen:
+            src = node.inputs[0]
+            if src.name in chosen and all(c is node for c in src.outputs):
+                del chosen[src.name]
+    # value-copying ops (padding, slices, reshapes) between a quantized tensor and a weighted op:
+    # the weighted op's own input gets the Q/DQ, so its kernel sees a DequantizeLinear
+    for node in graph.nodes:
+        if node.op not in WEIGHTED_OPS or not node.inputs or node.inputs[0].name in chosen:
+            continue
+        x = node.inputs[0]
+        src = _copy_source(x, target.moves_past)
+        if src is x or src.name not in chosen:
+            continue
+        act = chosen[src.name]
+        params = act.params
+        pads = _pad_values(x, src)
+        if pads:
+            params = _union(params, params_from_range(min(pads), max(pads), bits=params.bits, signed=params.signed,
+                                                      symmetric=params.symmetric))
+        chosen[x.name] = _Act(params, act.sources + [f"moved past the value-copying ops before {node.name}"])
     for node in reversed(graph.nodes):  # outputs before inputs: a chain of such ops propagates back
         src = node.inputs[0] if node.inputs else None
-        if (node.op in _SAME_SCALE_OPS and src is not None and src.name not in chosen and src.name not in graph_outputs
+        if (node.op in target.same_scale_ops and src is not None and src.name not in chosen and src.name not in graph_outputs
                 and node.outputs[0].name in chosen and len(src.outputs) == 1 and not isinstance(src, gs.Constant)):
             # values pass unchanged, so the output's range holds for the input; quantizing before the op lets
             # the producer (a pooling op, e.g. a functional global average pool) run in int8 as well
             out = chosen[node.outputs[0].name]
             chosen[src.name] = _Act(out.params, out.sources + [f"propagated back through {node.name}"])
+    for _ in range(16):  # shared scales spread along chains (circular padding: Concat of Concats)
+        if not _share_scales(graph, chosen, acts, target, graph_outputs):
+            break
+    return chosen
+
+
+def _same(a: QuantParams, b: QuantParams) -> bool:
+    return np.array_equal(a.min, b.min) and np.array_equal(a.max, b.max)
+
+
+def _share_scales(graph: gs.Graph, chosen: dict[str, _Act], acts: dict[str, _Act], target: QDQTarget,
+                  graph_outputs: set[str]) -> bool:
+    """One pass of the shared-scale rules; True when it changed a range."""
+    changed = False
+
+    def assign(t: str, act: _Act) -> None:
+        nonlocal changed
+        if t not in chosen or not _same(chosen[t].params, act.params):
+            changed = True
+            chosen[t] = act
+
     for node in graph.nodes:
-        if node.op in _SAME_SCALE_OPS and node.inputs and node.inputs[0].name in chosen and node.outputs[0].name in chosen:
+        if node.op in target.same_scale_ops and node.inputs and node.inputs[0].name in chosen and node.outputs[0].name in chosen:
             # a data-movement op between two Q/DQ pairs runs in int8 only when both sides agree
             a, b = chosen[node.inputs[0].name], chosen[node.outputs[0].name]
-            shared = _Act(_union(a.params, b.params), a.sources + b.sources + [f"shared scale of {node.name}"])
-            chosen[node.inputs[0].name] = chosen[node.outputs[0].name] = shared
-        if node.op != "Concat":
+            if not _same(a.params, b.params):
+                shared = _Act(_union(a.params, b.params), a.sources + b.sources + [f"shared scale of {node.name}"])
+                assign(node.inputs[0].name, shared)
+                assign(node.outputs[0].name, shared)
+        if node.op not in target.shared_scale_ops:
             continue
-        members = [t.name for t in node.inputs] + [node.outputs[0].name]
+        members = [t.name for t in node.inputs if gs_constant(t) is None] + [node.outputs[0].name]
         known = [t for t in members if t in chosen or t in acts]
         if not known:
             continue
@@ -148,16 +223,16 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: str) -> dict[str, _Ac
         for t in targets:
             if t in graph_outputs:
                 continue
-            chosen[t] = _Act(shared, (chosen.get(t) or acts.get(t) or _Act(shared, [])).sources + [f"shared scale of {node.name}"])
-    return chosen
+            old = chosen.get(t) or acts.get(t)
+            if old is None or t not in chosen or not _same(old.params, shared):
+                assign(t, _Act(shared, (old.sources if old else []) + [f"shared scale of {node.name}"]))
+    return changed
 
 
-def _act_flavour(p: QuantParams, target: str, where: str) -> QuantParams:
+def _act_flavour(p: QuantParams, target: QDQTarget, where: str) -> QuantParams:
     if p.bits != 8:
-        raise QDQError(f"{where}: {p.bits}-bit activations cannot be expressed as QDQ for {target} (8 bits only)")
-    if target == "tensorrt":
-        return p.with_flavour(symmetric=True, signed=True)
-    return p.with_flavour(symmetric=False, signed=False)
+        raise QDQError(f"{where}: {p.bits}-bit activations cannot be expressed as QDQ for {target.name} (8 bits only)")
+    return target.activation_flavour(p)
 
 
 def needs_reduced_range(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -195,6 +270,14 @@ def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: 
     q = gs.Variable(f"{base}_quantized", dtype=z.values.dtype, shape=tensor.shape)
     dq = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=tensor.shape)
     attrs = {} if axis is None else {"axis": axis}
+    if any(t is tensor for t in graph.outputs) and tensor.inputs:
+        # a graph output keeps its name on the dequantized value; the producer writes a new float tensor
+        producer = tensor.inputs[0]
+        pre = gs.Variable(f"{base}_float", dtype=tensor.dtype, shape=tensor.shape)
+        producer.outputs[[i for i, o in enumerate(producer.outputs) if o is tensor][0]] = pre
+        graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[pre, s, z], outputs=[q]))
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[tensor]))
+        return tensor
     consumers = list(tensor.outputs)
     graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[tensor, s, z], outputs=[q]))
     graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[dq]))
@@ -214,23 +297,12 @@ def _dq_constant(graph: gs.Graph, name: str, values: np.ndarray, scale: np.ndarr
     return out
 
 
-def _const_values(t) -> np.ndarray | None:
-    """Values of a constant input, looking through the exporter's Identity nodes."""
-    for _ in range(8):
-        if isinstance(t, gs.Constant):
-            return np.asarray(t.values)
-        if not t.inputs or t.inputs[0].op != "Identity":
-            return None
-        t = t.inputs[0].inputs[0]
-    return None
-
-
 def insert_qdq(
     onnx_model: onnx.ModelProto,
     calib_config: CalibConfig,
     name_map: NameMap,
     *,
-    target: str = "onnxruntime",
+    target: str | QDQTarget = "onnxruntime",
     reduce_range: bool | None = None,
 ) -> onnx.ModelProto:
     """Return a copy of ``onnx_model`` with the calibration written in as Q/DQ nodes for ``target``.
@@ -239,12 +311,14 @@ def insert_qdq(
     uint8 x int8 with ``vpmaddubsw``, whose int16 pair sums saturate with full-range weights (measured
     here: logits off by 2.2 on the digits CNN instead of 0.18). ``None`` decides from this host's CPU.
     """
-    if target not in TARGETS:
-        raise QDQError(f"target must be one of {list(TARGETS)}, got {target!r}")
+    try:
+        spec = get_target(target)
+    except ValueError as exc:
+        raise QDQError(str(exc)) from None
     if reduce_range is None:
-        reduce_range = target == "onnxruntime" and needs_reduced_range()
-    if reduce_range and target == "tensorrt":
-        raise QDQError("reduce_range is an onnxruntime (x86 without VNNI) work-around; TensorRT takes full int8 weights")
+        reduce_range = spec.reduce_range_allowed and needs_reduced_range()
+    if reduce_range and not spec.reduce_range_allowed:
+        raise QDQError(f"reduce_range is an onnxruntime (x86 without VNNI) work-around; {spec.name} takes full int8 weights")
     wbits = 7 if reduce_range else 8
     opset = onnx_opset(onnx_model)
     if opset < MIN_OPSET:
@@ -254,12 +328,12 @@ def insert_qdq(
     graph = gs.import_onnx(onnx_model)
     tensors = graph.tensors()
     weights, acts = _collect(calib_config, name_map, set(tensors))
-    placed = _place(graph, acts, target)
+    placed = _place(graph, acts, spec)
 
     act_params: dict[str, QuantParams] = {}
     dq_source: dict[str, str] = {}  # dequantized tensor -> the activation it stands for
     for tname, act in placed.items():
-        p = _act_flavour(act.params, target, f"calibration of {', '.join(act.sources)}")
+        p = _act_flavour(act.params, spec, f"calibration of {', '.join(act.sources)}")
         act_params[tname] = p
         zp = np.asarray(p.zero_point.reshape(()), dtype=np.int8 if p.signed else np.uint8)
         dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp)
@@ -271,7 +345,7 @@ def insert_qdq(
         node = nodes_by_name.get(m.weight_node or "")
         if node is None:
             raise QDQError(f"module {module!r}: its node {m.weight_node!r} is not in this graph")
-        w = _const_values(node.inputs[1])
+        w = gs_constant(node.inputs[1])
         if w is None:
             raise QDQError(f"module {module!r}: the weight of node {node.name} is not a constant")
         axis = int(m.weight_axis or 0)
@@ -282,8 +356,8 @@ def insert_qdq(
         node.inputs[1] = _dq_constant(graph, init_name, q, scale, np.zeros(scale.shape, np.int8), axis)
         # int32 bias for onnxruntime: with it the Conv/Gemm and its Q/DQ fuse into one integer kernel
         x_name = dq_source.get(node.inputs[0].name)
-        if target == "onnxruntime" and len(node.inputs) > 2 and x_name in act_params and node.op in ("Conv", "Gemm") and axis == 0:
-            b = _const_values(node.inputs[2])
+        if spec.int32_bias and len(node.inputs) > 2 and x_name in act_params and node.op in ("Conv", "Gemm") and axis == 0:
+            b = gs_constant(node.inputs[2])
             if b is not None and b.ndim == 1 and b.size == scale.size:
                 bscale = (np.float64(act_params[x_name].scale.reshape(())) * scale.astype(np.float64)).astype(np.float32)
                 qb = np.clip(np.round(b / bscale), -(2**31), 2**31 - 1).astype(np.int32)
@@ -295,5 +369,5 @@ def insert_qdq(
     out.opset_import.extend(onnx_model.opset_import)
     out.ir_version = onnx_model.ir_version
     onnx.checker.check_model(out)
-    log.info("inserted Q/DQ for %s: %d activation tensors, %d weights", target, len(act_params), len(weights))
+    log.info("inserted Q/DQ for %s: %d activation tensors, %d weights", spec.name, len(act_params), len(weights))
     return out

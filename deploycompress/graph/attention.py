@@ -29,7 +29,7 @@ from .channels import TensorInfo
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-    from .trace import _Tracer
+    from .trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _inputs(spec: AttentionSpec, args: tuple, kwargs: dict) -> list[torch.Tensor
     return unique
 
 
-def _apply_rule(tracer: "_Tracer", spec: AttentionSpec, args: tuple, kwargs: dict, output: Any) -> None:
+def _apply_rule(tracer: "Tracer", spec: AttentionSpec, args: tuple, kwargs: dict, output: Any) -> None:
     inputs = _inputs(spec, args, kwargs)
     outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
     reason = _supported(spec)
@@ -116,10 +116,10 @@ def _apply_rule(tracer: "_Tracer", spec: AttentionSpec, args: tuple, kwargs: dic
         log.debug("%s: %s; its inputs are kept whole", spec.name, reason)
         _opaque(tracer, spec, inputs, outs)
         return
-    in_ids, in_zero = tracer._channel_vec(inputs[0], inputs[0].dim() - 1)
+    in_ids, in_zero = tracer.channel_vec(inputs[0], inputs[0].dim() - 1)
     for other in inputs[1:]:  # the same projection columns read query, key and value
-        ids, zero = tracer._channel_vec(other, other.dim() - 1)
-        tracer._couple(in_ids, ids)
+        ids, zero = tracer.channel_vec(other, other.dim() - 1)
+        tracer.couple(in_ids, ids)
         in_ids, in_zero = torch.where(in_ids >= 0, in_ids, ids), in_zero & zero
     weight, bias = getattr(spec.qkv, spec.weight_attr), getattr(spec.qkv, spec.bias_attr, None)
     qkv_name = tracer.owner[id(weight)][0]
@@ -144,24 +144,24 @@ def _apply_rule(tracer: "_Tracer", spec: AttentionSpec, args: tuple, kwargs: dic
             tracer.set_info(t, TensorInfo.const(t.shape))
 
 
-def _head_rows_record(tracer: "_Tracer", spec: AttentionSpec) -> Any:
+def _head_rows_record(tracer: "Tracer", spec: AttentionSpec) -> Any:
     if spec.head_rows is None:
         return None
     return tracer.trace.producers.get(tracer.owner[id(spec.head_rows.weight)][0])
 
 
-def _opaque(tracer: "_Tracer", spec: AttentionSpec, inputs: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+def _opaque(tracer: "Tracer", spec: AttentionSpec, inputs: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
     tracer.trace.unknown_ops.add(type(spec.module).__name__)
     for t in inputs:
-        tracer.pin(tracer.info(t))
+        tracer.pin(tracer.info(t), f"attention {spec.name!r} ({type(spec.module).__name__}) has no channel rule for this call")
     rows = _head_rows_record(tracer, spec)
     if rows is not None:  # its outputs feed untraced code: keep them
-        tracer.trace.pinned.append(rows.out_ids)
+        tracer.pin(rows.out_ids, f"attention {spec.name!r} runs untraced")
     for t in outs:
         tracer.set_info(t, TensorInfo.const(t.shape))
 
 
-def install_module_rules(model: nn.Module, tracer: "_Tracer") -> list["RemovableHandle"]:
+def install_module_rules(model: nn.Module, tracer: "Tracer") -> list["RemovableHandle"]:
     """Hook every known attention module of ``model``: its inner calls run untraced, its rule runs after.
 
     The rule runs while the trace mode is active; ``tracer.opaque`` stays raised until it is done, so
@@ -193,7 +193,7 @@ def install_module_rules(model: nn.Module, tracer: "_Tracer") -> list["Removable
     return handles
 
 
-def _traced_inside(tracer: "_Tracer", child: nn.Module) -> list["RemovableHandle"]:
+def _traced_inside(tracer: "Tracer", child: nn.Module) -> list["RemovableHandle"]:
     """Trace ``child`` as usual although its parent runs untraced (its widths prune like any MLP's)."""
     saved: list[int] = []
 

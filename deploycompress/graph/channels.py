@@ -10,8 +10,11 @@ on 224x224 activations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+Pin = Callable[[torch.Tensor, str], None]  # pin(ids, reason)
 
 CONST = -1  # id of a slice that no producer owns (inputs, parameters, constants)
 
@@ -110,7 +113,7 @@ class TensorInfo:
         )
 
 
-def canonicalize(labels: torch.Tensor, zero: torch.Tensor, uf: UnionFind, pinned: list[torch.Tensor]) -> TensorInfo:
+def canonicalize(labels: torch.Tensor, zero: torch.Tensor, uf: UnionFind, pin: Pin) -> TensorInfo:
     """Compress full id/zero tensors to a TensorInfo, coupling ids so they vary along one axis.
 
     A slice that holds several ids (a channel shuffle's view, a pixel shuffle) unions them; a slice
@@ -130,12 +133,12 @@ def canonicalize(labels: torch.Tensor, zero: torch.Tensor, uf: UnionFind, pinned
     else:
         counts = [labels.movedim(d, 0).reshape(shape[d], -1).amax(1).unique().numel() for d in varying]
         axis = varying[max(range(len(varying)), key=lambda i: counts[i])]
-    ids = slice_ids(labels, axis, uf, pinned)
+    ids = slice_ids(labels, axis, uf, pin)
     z = zero.movedim(axis, 0).reshape(shape[axis], -1).amin(1) > 0.5
     return TensorInfo(shape, axis, ids, z)
 
 
-def slice_ids(labels: torch.Tensor, axis: int, uf: UnionFind, pinned: list[torch.Tensor]) -> torch.Tensor:
+def slice_ids(labels: torch.Tensor, axis: int, uf: UnionFind, pin: Pin) -> torch.Tensor:
     """One id per slice of ``axis``: unions the ids inside a slice, pins ids that share one with constants."""
     rows = labels.movedim(axis, 0).reshape(labels.shape[axis], -1)
     lo, hi = rows.amin(1), rows.amax(1)
@@ -147,5 +150,5 @@ def slice_ids(labels: torch.Tensor, axis: int, uf: UnionFind, pinned: list[torch
         with_const = sub.amin(1) < 0
         if bool(with_const.any()):
             part = sub[with_const]
-            pinned.append(part[part >= 0].long().unique())
+            pin(part[part >= 0].long().unique(), "a slice mixes channels with constants (padding, a constant concatenated)")
     return hi.long()

@@ -7,6 +7,7 @@ from .evaluator import TorchEvaluator
 from .io import apply_masks, load_masks, save_masks
 from .level import ElementPruner, LevelPruner
 from .norm import FPGMPruner, L1NormPruner, L2NormPruner
+from .random_masks import group_keep, random_group_masks
 from .slim import SlimPruner
 from .taylor import TaylorFOWeightPruner
 
@@ -26,4 +27,6 @@ __all__: list[str] = [
     "save_masks",
     "load_masks",
     "apply_masks",
+    "group_keep",
+    "random_group_masks",
 ]

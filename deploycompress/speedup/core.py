@@ -116,7 +116,8 @@ def _shrink_or_keep_read_widths(work: nn.Module, trace: Any, removal: Removal, i
     log.info("the model's code reads %d normalised widths that would shrink and fails without them; keeping them", len(read))
     work.__dict__.clear()
     work.__dict__.update(backup.__dict__)  # the caller's object (inplace=True) stays the one returned
-    trace.pinned.extend(read)
+    for ids in read:
+        trace.pin(ids, "the model's Python code reads their width and fails without it")
     removal = decide_removals(trace, round_to)
     removal.notes.append(f"{len(read)} normalised widths are read by the model's Python code and kept: removing them broke the forward pass")
     return shrink_model(work, trace, removal), removal

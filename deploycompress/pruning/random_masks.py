@@ -7,7 +7,9 @@ import math
 import torch
 from torch import nn
 
-from .groups import ChannelGroup, build_channel_groups
+from ..graph import ChannelGroup, build_channel_groups
+from .allocate import lowest_slots
+from .channel import channel_masks
 
 __all__ = ["group_keep", "random_group_masks"]
 
@@ -18,8 +20,6 @@ def group_keep(group: ChannelGroup, ratio: float, generator: torch.Generator) ->
     Slots get random scores and go through the pruners' own selection (whole slots, member budgets,
     balances), so a speedup of these masks should remove everything they mask.
     """
-    from ..pruning.allocate import lowest_slots  # graph must not import pruning at module level
-
     sizes = torch.stack([torch.bincount(group.slots[m], minlength=group.num_slots) for m in group.modules])
     budgets = [math.floor(ratio * group.slots[m].numel()) for m in group.modules]
     drop = lowest_slots(torch.rand(group.num_slots, generator=generator), sizes, budgets, group.balances)
@@ -28,8 +28,6 @@ def group_keep(group: ChannelGroup, ratio: float, generator: torch.Generator) ->
 
 def random_group_masks(model: nn.Module, example_inputs: object, ratio: float = 0.5, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """``{module: {"weight": keep, "bias": keep}}`` dropping about ``ratio`` of each unpinned group's channels."""
-    from ..pruning.channel import channel_masks  # graph must not import pruning at module level
-
     g = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     masks: dict[str, dict[str, torch.Tensor]] = {}

@@ -1,0 +1,58 @@
+"""Small lookups on ONNX graphs shared by the name map, the Q/DQ surgery and its lint.
+
+One description each of: the output-channel axis of a weighted op's weight, and the constant behind
+a tensor (looking through the TorchScript exporter's ``Identity`` chains and ``Constant`` nodes).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+__all__ = ["WEIGHTED_OPS", "weight_axis", "through_identity", "gs_constant"]
+
+#: ops whose input 1 is a weight that int8 kernels take per output channel
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+_MAX_CHAIN = 8
+
+
+def weight_axis(op_type: str, trans_b: int = 0) -> int:
+    """Output-channel axis of input 1 of ``op_type``: 0 for Conv and Gemm(transB=1) (out, in, ...);
+    1 for ConvTranspose (in, out/groups, ...), MatMul and Gemm(transB=0) (in, out). ONNX operator spec."""
+    if op_type in ("ConvTranspose", "MatMul"):
+        return 1
+    if op_type == "Gemm":
+        return 0 if trans_b else 1
+    return 0
+
+
+def through_identity(start, producer: Callable) -> object:
+    """Follow ``Identity`` producers back from ``start``; ``producer(t)`` returns ``(op_type, input0)``
+    of the node producing ``t`` or None. Returns the first tensor not produced by an Identity."""
+    t = start
+    for _ in range(_MAX_CHAIN):
+        p = producer(t)
+        if p is None or p[0] != "Identity":
+            return t
+        t = p[1]
+    return t
+
+
+def _gs_producer(t):
+    return (t.inputs[0].op, t.inputs[0].inputs[0]) if t.inputs and t.inputs[0].inputs else None
+
+
+def gs_constant(t) -> np.ndarray | None:
+    """Values of an onnx-graphsurgeon tensor when it is constant (an initializer or a ``Constant``
+    node, possibly behind ``Identity`` nodes); None for an activation."""
+    if t is None:
+        return None
+    t = through_identity(t, _gs_producer)
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if t.inputs and t.inputs[0].op == "Constant":
+        return np.asarray(t.inputs[0].attrs["value"].values)
+    return None
