@@ -4,6 +4,8 @@ from .lint import LINT_RULES, LintFinding, lint_qdq
 from .name_map import ModuleMapping, NameMap, NameMapError
 from .onnx_export import ExportError, ExportResult, to_onnx
 from .qdq import TARGETS, QDQError, insert_qdq, needs_reduced_range
+from .fp16 import FP32_OPS, Fp16RangeWarning, to_fp16
+from .tensorrt_checks import TensorRTCheck, check_tensorrt
 
 __all__ = [
     "ExportError",
@@ -19,4 +21,9 @@ __all__ = [
     "lint_qdq",
     "needs_reduced_range",
     "to_onnx",
+    "FP32_OPS",
+    "Fp16RangeWarning",
+    "to_fp16",
+    "TensorRTCheck",
+    "check_tensorrt",
 ]
