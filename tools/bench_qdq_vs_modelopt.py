@@ -20,6 +20,7 @@ crops (so activations have realistic ranges). Calibration and evaluation crops a
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -154,7 +155,7 @@ def modelopt(python: str, fp32: Path, calib: Path, out: Path, method: str) -> fl
 
 def ours(model: torch.nn.Module, calib: np.ndarray, exported, out: Path, method: str) -> float:
     t0 = time.perf_counter()
-    q = PTQQuantizer(model, default_quant_config(model), calibrator=OUR_CALIBRATOR[method])
+    q = PTQQuantizer(copy.deepcopy(model), default_quant_config(model), calibrator=OUR_CALIBRATOR[method])
     q.calibrate([torch.from_numpy(calib[i:i + 16]) for i in range(0, len(calib), 16)])
     onnx.save(insert_qdq(exported.model, q.export_calib_config(), exported.name_map, target="tensorrt"), str(out))
     return time.perf_counter() - t0
