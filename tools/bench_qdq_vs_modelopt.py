@@ -144,7 +144,7 @@ def describe(path: Path) -> dict:
 
 def modelopt(python: str, fp32: Path, calib: Path, out: Path, method: str) -> float:
     cmd = [python, "-m", "modelopt.onnx.quantization", "--onnx_path", str(fp32), "--quantize_mode", "int8",
-           "--calibration_data", str(calib), "--calibration_method", method, "--calibration_eps", "cpu",
+           "--calibration_data_path", str(calib), "--calibration_method", method, "--calibration_eps", "cpu",
            "--high_precision_dtype", "fp32", "--output_path", str(out)]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -12,32 +11,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
+from deploycompress_device.files import MANIFEST_NAME, hash_tree, sha256_file  # one file table, host and device
+
 from ..backends.base import TensorSpec
 from ..report.schema import check_versioned, read_json
 from .atomic import BundleError
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "Manifest", "collect_environment", "sha256_file", "hash_tree"]
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _VERSIONED = ("deploycompress", "torch", "onnx", "onnxruntime", "tensorrt")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def hash_tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` except the manifest itself, keyed by POSIX relative path."""
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_NAME
-    }
 
 
 def _version(dist: str) -> str | None:
