@@ -195,3 +195,18 @@ def test_device_build_refuses_a_tampered_bundle_before_anything_else(portable, t
         sys.exit(main([{str(copy)!r}]))
     ''', pythonpath=ROOT, cwd=tmp_path)
     assert r.returncode == 1 and "failed verification" in r.stderr and "tensorrt/golden.npz" in r.stderr
+
+
+def test_cli_inspect_shows_tensorrt_checks_for_the_bundle(portable, capsys):
+    from deploycompress.cli import main
+
+    art, _, _ = portable
+    assert main(["inspect", str(art.out_dir), "--target", "tensorrt", "--dla-core", "0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["lint"]["findings"] == []
+    trt = data["tensorrt"]
+    assert trt["dla_core"] == 0 and "onnx-tensorrt" in trt["op_table"]
+    assert not [f for f in trt["findings"] if f["severity"] == "error"]
+    assert main(["inspect", str(art.out_dir), "--target", "tensorrt", "--dla-core", "0", "--tensorrt-version", "11.2", "--json"]) == 0
+    rules = {f["rule"] for f in json.loads(capsys.readouterr().out)["tensorrt"]["findings"]}
+    assert "dla-unavailable" in rules
