@@ -169,6 +169,11 @@ def build_engine(
     model = onnx.load(str(path), load_external_data=False)
     types = graph_types(model)
     major = int(str(trt_mod.__version__).split(".")[0])
+    if precision == "int8" and not types["qdq"]:
+        raise DeviceBuildError(f"precision int8 needs a Q/DQ graph (explicit quantization); {path.name} has no QuantizeLinear/DequantizeLinear")
+    if precision == "fp32" and (types["qdq"] or types["fp16"]):
+        raise DeviceBuildError(f"{path.name} carries {'Q/DQ nodes' if types['qdq'] else 'fp16 types'}: build it with precision "
+                               f"{'int8' if types['qdq'] else 'fp16'}, or give the fp32 graph")
     strongly = network_is_strongly_typed(major, types["qdq"], types["fp16"], options.strongly_typed if major < 11 else None)
     logger = _logger()
     builder = trt.Builder(logger)

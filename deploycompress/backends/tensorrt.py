@@ -131,8 +131,13 @@ class TensorRTBackend:
             specs = [(i.name, [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in i.type.tensor_type.shape.dim])
                      for i in model.graph.input]
             example = {k: list(v) for k, v in (example_shapes or {}).items()}
-            for name, shape in specs:  # a missing example: batch 1, other dynamic axes must be given
-                example.setdefault(name, [1 if j == 0 else d for j, d in enumerate(shape)])
+            for name, shape in specs:  # a missing example: batch 1; other dynamic axes must be given
+                if name not in example:
+                    unsized = [j for j, d in enumerate(shape) if j > 0 and not (isinstance(d, int) and d > 0)]
+                    if unsized:
+                        raise BackendError(f"tensorrt: input {name!r} {shape} has dynamic axes {unsized} besides the batch: "
+                                           "give example_shapes={name: shape} or profiles")
+                    example[name] = [1 if j == 0 else int(d) for j, d in enumerate(shape)]
             try:
                 profiles = make_profiles(specs, example, max_batch_size=max_batch_size, opt_batch_size=opt_batch_size,
                                          static=opts.dla_core is not None)
