@@ -8,6 +8,7 @@ import copy
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 import pytest
 import torch
 from torch import nn
@@ -94,3 +95,44 @@ def test_concat_inputs_share_one_scale():
         scales.append(float(np.asarray(dq.inputs[1].values)))
     assert len(set(scales)) == 1
     assert lint_qdq(model, "tensorrt") == [] and check_tensorrt(model).errors == []
+
+
+class _TwoInputsDictOut(nn.Module):
+    """Two inputs; a pooled feature that is both a graph output and the Linear's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        feat = (torch.relu(self.a(x)) + torch.relu(self.b(y))).mean((2, 3))
+        return {"logits": self.fc(feat), "feat": feat}
+
+
+def test_a_graph_output_read_by_a_weighted_op_is_quantized_for_that_reader_only():
+    torch.manual_seed(0)
+    model = _TwoInputsDictOut().eval()
+    x, y = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
+    q = PTQQuantizer(copy.deepcopy(model), default_quant_config(model))
+    q.calibrate([(x, y)])
+    exported = to_onnx(model, (x[:1], y[:1]))
+    qdq = insert_qdq(exported.model, q.export_calib_config(), exported.name_map, target="tensorrt")
+    g = gs.import_onnx(qdq)
+    (gemm,) = [n for n in g.nodes if n.op == "Gemm"]
+    assert _producer(gemm.inputs[0]).op == "DequantizeLinear"
+    feat_out = g.outputs[1]
+    assert _producer(feat_out).op == "ReduceMean"  # the graph output itself stays float
+    assert lint_qdq(qdq, "tensorrt") == []
+    import onnxruntime as ort
+
+    outs = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input0": x.numpy(), "input1": y.numpy()})
+    with torch.no_grad():
+        ref = model(x, y)
+    # the convs ran on quantized inputs, so the feature differs from fp32 by their rounding only; had the
+    # output itself been quantized it would sit on the int8 grid of its scale
+    np.testing.assert_allclose(outs[1], ref["feat"].numpy(), atol=0.01)
+    scale = float(numpy_helper.to_array(next(i for i in qdq.graph.initializer if i.name.endswith("_scale") and "Gemm" in i.name)))
+    steps = outs[1] / scale
+    assert np.abs(steps - np.round(steps)).max() > 0.1

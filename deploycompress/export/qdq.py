@@ -136,7 +136,10 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
     weighted_out = {name for name, n in producers.items() if n.op in WEIGHTED_OPS}
     if not target.graph_outputs_float:
         graph_outputs = set()
-    chosen = {t: a for t, a in acts.items() if t not in graph_outputs}
+    # a graph output that a weighted op also reads is quantized for that reader only (_qdq_pair
+    # rewires consumers; the output itself stays the float tensor)
+    read_by_weighted = {n.inputs[0].name for n in graph.nodes if n.op in WEIGHTED_OPS and n.inputs}
+    chosen = {t: a for t, a in acts.items() if t not in graph_outputs or t in read_by_weighted}
     if target.weighted_outputs_float:
         feeds_weighted = {n.inputs[0].name for n in graph.nodes if n.op in WEIGHTED_OPS and n.inputs}
         keep = {t: a for t, a in chosen.items() if t not in weighted_out or t in feeds_weighted}
@@ -263,15 +266,17 @@ def _weight_scales(module: str, p: QuantParams, channels: int, fold: np.ndarray 
     return scale.astype(np.float32)
 
 
-def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: int | None = None) -> gs.Variable:
+def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: int | None = None,
+              output_float: bool = False) -> gs.Variable:
     base = tensor.name
     s = gs.Constant(f"{base}_scale", np.asarray(scale, dtype=np.float32))
     z = gs.Constant(f"{base}_zero_point", np.asarray(zero_point))
     q = gs.Variable(f"{base}_quantized", dtype=z.values.dtype, shape=tensor.shape)
     dq = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=tensor.shape)
     attrs = {} if axis is None else {"axis": axis}
-    if any(t is tensor for t in graph.outputs) and tensor.inputs:
+    if any(t is tensor for t in graph.outputs) and tensor.inputs and not output_float:
         # a graph output keeps its name on the dequantized value; the producer writes a new float tensor
+        # (with ``output_float`` the output stays the float tensor and only its readers get the Q/DQ)
         producer = tensor.inputs[0]
         pre = gs.Variable(f"{base}_float", dtype=tensor.dtype, shape=tensor.shape)
         producer.outputs[[i for i, o in enumerate(producer.outputs) if o is tensor][0]] = pre
@@ -336,7 +341,7 @@ def insert_qdq(
         p = _act_flavour(act.params, spec, f"calibration of {', '.join(act.sources)}")
         act_params[tname] = p
         zp = np.asarray(p.zero_point.reshape(()), dtype=np.int8 if p.signed else np.uint8)
-        dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp)
+        dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp, output_float=spec.graph_outputs_float)
         dq_source[dq.name] = tname
 
     nodes_by_name = {n.name: n for n in graph.nodes}
