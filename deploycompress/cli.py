@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,6 +38,43 @@ def _ints(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """One ``--input-shape``: ``[name=]dims[:dtype]``, e.g. ``1,3,224,224``, ``ids=1,128:int64``."""
+
+    name: str | None
+    dims: tuple[int, ...]
+    dtype: str = "float32"
+
+
+def _input_shape(text: str) -> InputShape:
+    name, _, rest = str(text).rpartition("=")
+    dims, _, dtype = rest.partition(":")
+    dtype = dtype or "float32"
+    if dtype not in ("float32", "float16", "int64", "int32", "bool"):
+        raise argparse.ArgumentTypeError(f"dtype must be float32, float16, int64, int32 or bool, got {dtype!r} in {text!r}")
+    return InputShape(name or None, tuple(_ints(dims)), dtype)
+
+
+def _example_inputs(shapes: list[InputShape]) -> Any:
+    """One tensor, a tuple (positional) or a dict (named) of random example inputs."""
+    import torch
+
+    def make(s: InputShape):
+        if s.dtype in ("int64", "int32"):
+            return torch.zeros(s.dims, dtype=getattr(torch, s.dtype))
+        if s.dtype == "bool":
+            return torch.ones(s.dims, dtype=torch.bool)
+        return torch.randn(*s.dims, dtype=getattr(torch, s.dtype))
+
+    named = [s.name is not None for s in shapes]
+    if any(named) and not all(named):
+        raise UsageError("--input-shape: name every input (name=dims) or none")
+    if all(named) and shapes:
+        return {s.name: make(s) for s in shapes}
+    return make(shapes[0]) if len(shapes) == 1 else tuple(make(s) for s in shapes)
 
 
 def _import_object(spec: str, what: str) -> Any:
@@ -104,8 +142,9 @@ def _load_model(factory: str | None, torchvision_name: str | None, weights: str 
 
 
 def _load_arrays(spec: str, what: str) -> tuple[Any, Any]:
-    """Data from ``.npy`` (inputs), ``.npz`` (``x`` and optional ``y``) or ``module:function``
-    (returning inputs, ``(inputs, labels)``, or an iterable of input batches)."""
+    """Data from ``.npy`` (inputs), ``.npz`` (``x`` and optional ``y`` labels; or one array per input,
+    keyed by input name, for a model with several inputs) or ``module:function`` (returning inputs,
+    ``(inputs, labels)``, or an iterable of input batches)."""
     import numpy as np
 
     path = Path(spec)
@@ -115,9 +154,14 @@ def _load_arrays(spec: str, what: str) -> tuple[Any, Any]:
         if path.suffix == ".npy":
             return np.load(path, allow_pickle=False), None
         with np.load(path, allow_pickle=False) as data:
-            if "x" not in data:
-                raise UsageError(f"{what} {spec!r} has arrays {sorted(data.files)}; it needs 'x' (inputs) and optionally 'y' (labels)")
-            return data["x"], (data["y"] if "y" in data else None)
+            labels = data["y"] if "y" in data else None
+            if "x" in data:
+                return data["x"], labels
+            named = {k: data[k] for k in data.files if k != "y"}
+            if not named:
+                raise UsageError(f"{what} {spec!r} has arrays {sorted(data.files)}; it needs 'x' (inputs) or one array per "
+                                 "input named after it, and optionally 'y' (labels)")
+            return named, labels
     if ":" in spec:
         value = _import_object(spec, what)
         value = value() if callable(value) else value
@@ -131,7 +175,12 @@ def _tensor(array: Any):
     import numpy as np
     import torch
 
-    return array if isinstance(array, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
+    if isinstance(array, dict):
+        return {k: _tensor(v) for k, v in array.items()}
+    if isinstance(array, torch.Tensor):
+        return array
+    a = np.ascontiguousarray(array)
+    return torch.as_tensor(a) if a.dtype.kind in "iub" else torch.as_tensor(a, dtype=torch.float32)
 
 
 def _batches(data: Any, batch_size: int, limit: int | None) -> list:
@@ -142,6 +191,10 @@ def _batches(data: Any, batch_size: int, limit: int | None) -> list:
     if isinstance(data, (np.ndarray, torch.Tensor)):
         x = _tensor(data)
         out = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    elif isinstance(data, dict):  # one array per input name: batches are dicts
+        arrays = {k: _tensor(v) for k, v in data.items()}
+        n = len(next(iter(arrays.values())))
+        out = [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
     else:
         out = [_tensor(b[0] if isinstance(b, (tuple, list)) else b) for b in data]
     if limit:
@@ -203,28 +256,20 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.model or args.torchvision:  # the command line overrides the recipe's model as a whole
         factory, tv_name = args.model, args.torchvision
     model = _load_model(factory, tv_name, args.weights or _resolve(m.get("weights"), base), m.get("kwargs"))
-    shape = args.input_shape or recipe.get("input_shape")
-    if not shape:
-        raise UsageError("give the example input shape with --input-shape N,C,H,W (or input_shape in the recipe)")
-    shape = _ints(",".join(map(str, shape)) if isinstance(shape, list) else str(shape))
-    example = torch.randn(*shape)
+    shapes = args.input_shape or _recipe_shapes(recipe.get("input_shape"))
+    if not shapes:
+        raise UsageError("give the example input shape with --input-shape N,C,H,W, once per input (or input_shape in the recipe)")
+    example = _example_inputs(shapes)
 
     masks: Any = args.masks
     if masks and not Path(masks).is_file():
         raise UsageError(f"--masks {masks!r} does not exist")
-    if prune and not masks:
-        name = prune.get("pruner", "L1NormPruner")
-        cls = getattr(pruning, name, None)
-        if cls is None or not isinstance(cls, type):
-            raise UsageError(f"recipe prune.pruner {name!r} is not a pruner; known: {[n for n in pruning.__all__ if n.endswith('Pruner')]}")
-        if "config_list" not in prune:
-            raise UsageError("recipe section 'prune' needs a config_list")
-        pruner = cls(model, prune["config_list"], **(prune.get("options") or {}))
-        _, masks = pruner.compress()
-        if prune.get("finetune"):  # a `module:function` taking the model, run while the masks apply
-            finetune = _import_object(str(prune["finetune"]), "recipe prune.finetune")
-            finetune(model)
-        model = pruner.unwrap_model()
+    if prune and not masks:  # any pruner by class name, scheduled and automatic ones included
+        try:
+            pruner = pruning.make_recipe_pruner(model, prune, example, _import_object)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+        model, masks = pruning.run_prune_section(pruner, prune, _import_object)
     calib = args.calib or _resolve(quant.get("calibration"), base)
     if calib and not Path(calib).is_file():
         raise UsageError(f"--calib {calib!r} does not exist")
@@ -292,12 +337,29 @@ def _open_artifact(path: str):
     raise UsageError(f"{path!r} is neither a bundle directory nor an .onnx file")
 
 
-def _feeds(runner, batch: int, input_shape: list[int] | None):
+def _recipe_shapes(value: Any) -> list[InputShape]:
+    """A recipe's input_shape: [1, 3, 224, 224], "1,3,224,224", or a list of such (one per input, "name=dims" allowed)."""
+    if not value:
+        return []
+    try:
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            return [_input_shape(",".join(map(str, value)))]
+        items = value if isinstance(value, list) else [value]
+        return [_input_shape(",".join(map(str, v)) if isinstance(v, list) else str(v)) for v in items]
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"recipe input_shape: {exc}") from None
+
+
+def _feeds(runner, batch: int, input_shapes: list[InputShape] | None):
     import numpy as np
 
     feeds = {}
     rng = np.random.default_rng(0)
-    for spec in runner.inputs:
+    shapes = list(input_shapes or [])
+    by_name = {s.name: s for s in shapes if s.name}
+    for k, spec in enumerate(runner.inputs):
+        given = by_name.get(spec.name) or (shapes[k] if not by_name and k < len(shapes) else None)
+        input_shape = list(given.dims) if given else None
         dims = []
         for i, d in enumerate(spec.shape):
             if isinstance(d, int) and d > 0:
@@ -310,7 +372,10 @@ def _feeds(runner, batch: int, input_shape: list[int] | None):
                 raise UsageError(f"input {spec.name!r} has dynamic axis {i} ({d!r}); give --input-shape with {len(spec.shape)} dims")
         if input_shape and len(input_shape) == len(spec.shape):
             dims = [batch] + list(input_shape[1:])
-        feeds[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
+        if np.dtype(spec.dtype).kind in "iub":
+            feeds[spec.name] = np.zeros(dims, dtype=spec.dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
     return feeds
 
 
@@ -352,7 +417,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from .validate import run_batched
 
         fp32 = get_backend("onnxruntime").load(Path(args.artifact) / "source" / "model.fp32.onnx")
-        reference = lambda x: run_batched(fp32, x)  # noqa: E731
+        reference = lambda feeds: run_batched(fp32, feeds)  # noqa: E731
         ref_label = "bundle fp32 onnx"
     else:
         raise UsageError("name the reference with --reference package.module:factory (and --weights) or --torchvision NAME")
@@ -492,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calib-data", help="calibrate here: .npy/.npz (x) or package.module:function yielding batches")
     b.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"])
     b.add_argument("--eval-data", help="validate on this: .npz with x (and y labels) or package.module:function")
-    b.add_argument("--input-shape", type=_ints, help="example input shape, e.g. 1,3,224,224")
+    b.add_argument("--input-shape", type=_input_shape, action="append",
+                   help="example input shape, once per input in forward's order: 1,3,224,224; or named: rgb=1,3,64,64 "
+                        "depth=1,1,64,64; a dtype after a colon: ids=1,128:int64")
     b.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
     b.add_argument("--precision", choices=["int8", "fp16", "fp32"], help="fp16: TensorRT only")
     b.add_argument("--batch-sizes", type=_ints, help="batch sizes to measure, e.g. 1,8")
@@ -510,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--duration", type=float, help="measure for this many seconds instead of a fixed count")
     p.add_argument("--layers", type=int, default=10, help="show the N slowest layers (0: skip the per-layer profile)")
-    p.add_argument("--input-shape", type=_ints, help="full input shape where the model has dynamic axes besides the batch")
+    p.add_argument("--input-shape", type=_input_shape, action="append",
+                   help="full input shape where the model has dynamic axes besides the batch, once per input ([name=]dims)")
     p.set_defaults(func=cmd_profile)
 
     v = sub.add_parser("validate", parents=[common], help="accuracy and fidelity of a bundle or .onnx against a reference")

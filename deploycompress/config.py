@@ -1,19 +1,33 @@
 """The ``config_list`` spec shared by every pruner and quantizer.
 
 A config_list is a list of dicts. Each dict selects modules (``op_types``, ``op_names``,
-``op_partial_names``, ``op_names_re``) and says what to do with them (a sparsity, or quantization
-settings), or removes them from the selection (``exclude``). For a module that several dicts select,
-the last one wins as a whole: this is NNI's rule, so configs written for NNI run unchanged.
+``op_partial_names``, ``op_names_re``, less ``exclude_op_names``/``exclude_op_types``/``exclude_op_names_re``)
+and says what to do with them (a sparsity, or quantization settings), or removes them from the
+selection (``exclude``).
 
-Both NNI generations' spellings are accepted and normalised to one canonical key set before any
-work starts, so every error names the key the user wrote.
+Both NNI generations' spellings are accepted (NNI 2.x ``sparsity``/``quant_types``/``exclude``;
+NNI 3.0 ``sparse_ratio``/``target_names``/``target_settings``/...) and normalised to one canonical key
+set before any work starts, so every error names the key the user wrote. NNI's conventions are
+followed (docs/migrating-from-nni.md lists each):
+
+- name selectors (``op_names``, ``op_partial_names``, ``op_names_re``) are a union, then intersected
+  with ``op_types``; ``op_names_re`` matches from the start of the name (``re.match``), as in NNI
+  (nni/compression/base/config.py ``select_modules_by_config``);
+- a module several dicts select: in a list written in NNI 2.x keys the last dict wins (NNI 2.x
+  ``Compressor.select_config``), in one written in NNI 3.0 keys the first dict wins and later ones
+  may only add quantization targets it left unset (NNI 3.0 ``ModuleWrapper.extend_target_spaces``);
+- an ``exclude`` dict excludes its modules whatever its position (NNI 3.0's
+  ``trans_legacy_config_list``); where NNI 2.x would have let a later dict re-select them, a
+  :class:`ConfigConventionWarning` says so.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -21,7 +35,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = [
+    "ConfigConventionWarning",
     "ConfigError",
+    "config_style",
     "ModuleConfig",
     "validate_config_list",
     "select_modules",
@@ -33,8 +49,15 @@ __all__ = [
 ]
 
 
+log = logging.getLogger(__name__)
+
+
 class ConfigError(ValueError):
     """A config_list that cannot be used: the message names the offending key, value or module."""
+
+
+class ConfigConventionWarning(UserWarning):
+    """A config_list whose result here differs from what one NNI generation gave for it."""
 
 
 #: canonical key -> accepted spellings (NNI 2.x first, then NNI 3.0)
@@ -42,7 +65,12 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "sparsity": ("sparsity", "sparse_ratio", "sparsity_per_layer"),
     "total_sparsity": ("total_sparsity",),
     "max_sparsity_per_layer": ("max_sparsity_per_layer", "max_sparse_ratio"),
+    "min_sparsity_per_layer": ("min_sparse_ratio",),
+    "sparse_threshold": ("sparse_threshold",),
     "global_group_id": ("global_group_id",),
+    "dependency_group_id": ("dependency_group_id",),
+    "internal_metric_block": ("internal_metric_block",),
+    "sparse_rounding": ("sparse_rounding",),
     "op_types": ("op_types",),
     "op_names": ("op_names",),
     "op_partial_names": ("op_partial_names",),
@@ -50,17 +78,32 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "exclude": ("exclude",),
     "exclude_op_names": ("exclude_op_names",),
     "exclude_op_types": ("exclude_op_types",),
-    "quant_types": ("quant_types", "target_names"),
+    "exclude_op_names_re": ("exclude_op_names_re",),
+    "target_names": ("target_names",),
+    "target_settings": ("target_settings",),
+    "apply_method": ("apply_method",),
+    "align": ("align",),
+    "fuse_names": ("fuse_names",),
+    "quant_types": ("quant_types",),
     "quant_bits": ("quant_bits",),
     "quant_dtype": ("quant_dtype",),
     "quant_scheme": ("quant_scheme",),
     "granularity": ("granularity",),
 }
+#: spellings only NNI 2.x wrote / only NNI 3.0 writes: they decide which precedence rule a list follows
+NNI2_ONLY = frozenset({"sparsity", "sparsity_per_layer", "total_sparsity", "max_sparsity_per_layer", "quant_types",
+                       "quant_bits", "exclude", "op_partial_names"})
+NNI3_ONLY = frozenset({"sparse_ratio", "max_sparse_ratio", "min_sparse_ratio", "sparse_threshold", "target_names",
+                       "target_settings", "exclude_op_names", "exclude_op_types", "exclude_op_names_re",
+                       "global_group_id", "dependency_group_id", "internal_metric_block", "apply_method", "align",
+                       "fuse_names"})
 _SPELLING_TO_KEY = {spelling: key for key, spellings in _ALIASES.items() for spelling in spellings}
 VALID_KEYS: tuple[str, ...] = tuple(sorted(_SPELLING_TO_KEY))
 
 SELECTION_KEYS = ("op_types", "op_names", "op_partial_names", "op_names_re")
+NAME_KEYS = ("op_names", "op_partial_names", "op_names_re")
 PRUNING_KEYS = ("sparsity", "total_sparsity", "max_sparsity_per_layer", "global_group_id")
+SPARSE_ROUNDINGS = ("floor", "nni")
 QUANT_KEYS = ("quant_types", "quant_bits", "quant_dtype", "quant_scheme", "granularity")
 
 QUANT_TYPES = ("weight", "input", "output")
@@ -82,6 +125,12 @@ class ModuleConfig:
     max_sparsity_per_layer: float | None = None
     #: modules sharing one ``total_sparsity`` budget: NNI 3.0's ``global_group_id``, else the config's index
     global_group_id: str | int | None = None
+    #: NNI 3.0's channel-coupling keys (written by its ``auto_set_denpendency_group_ids``); here the
+    #: coupled channels come from the traced graph (``dependency_aware=True``), which these must agree with
+    dependency_group_id: str | int | None = None
+    internal_metric_block: int | None = None
+    #: how ``sparsity x units`` becomes a count: ``"floor"`` (float noise tolerated) or ``"nni"`` (``int()``)
+    sparse_rounding: str = "floor"
     quant_types: tuple[str, ...] = ()
     quant_bits: dict[str, int] = field(default_factory=dict)
     quant_dtype: str = "int"
@@ -144,7 +193,13 @@ def _normalise_quant(index: int, cfg: dict[str, Any]) -> None:
                 )
         cfg["quant_types"] = tuple(dict.fromkeys(types))
     elif any(k in cfg for k in QUANT_KEYS):
-        raise ConfigError(f"{_where(index)}: quantization keys given without 'quant_types'")
+        raise ConfigError(
+            f"{_where(index)}: quantization keys given without 'quant_types' (NNI 2.x) or 'target_names' (NNI 3.0)"
+        )
+    if "apply_method" in cfg and "quant_types" in cfg:
+        if cfg["apply_method"] not in ("clamp_round", "qat_clamp_round"):
+            raise ConfigError(f"{_where(index)}: apply_method {cfg['apply_method']!r} is not supported (the quantizer decides: clamp_round)")
+        del cfg["apply_method"]
     if "quant_bits" in cfg:
         bits = cfg["quant_bits"]
         types = cfg.get("quant_types", ())
@@ -194,6 +249,135 @@ def _normalise_quant(index: int, cfg: dict[str, Any]) -> None:
             )
         cfg["granularity"] = g
 
+#: NNI 3.0 target names -> the tensor kinds quantized here (nni/compression/base/setting.py: a bare
+#: ``_input_``/``_output_`` means the first one)
+_QUANT_TARGETS = {"weight": "weight", "_input_": "input", "_input_0": "input", "_output_": "output", "_output_0": "output"}
+_PRUNE_SETTING_KEYS = {"sparse_ratio", "max_sparse_ratio", "min_sparse_ratio", "sparse_threshold", "global_group_id",
+                       "dependency_group_id", "internal_metric_block", "granularity", "apply_method", "align"}
+_QUANT_SETTING_KEYS = {"quant_dtype", "quant_scheme", "granularity", "apply_method", "fuse_names"}
+#: NNI 3.0's default bias setting (PruningSetting.default_setting): the bias follows the weight's rows
+_NNI_BIAS_ALIGN = {"module_name": None, "target_name": "weight", "dims": [0]}
+
+
+def _is_quant_config(cfg: Mapping[str, Any], kind: str | None) -> bool:
+    if kind is not None:
+        return kind == "quantization"
+    if any(k in cfg for k in ("quant_types", "quant_bits", "quant_dtype", "quant_scheme", "fuse_names")):
+        return True
+    names = cfg.get("target_names") or []
+    settings = cfg.get("target_settings") or {}
+    return any(str(t).startswith(("_input_", "_output_")) for t in [*names, *settings]) or any(
+        isinstance(v, Mapping) and "quant_dtype" in v for v in settings.values()
+    )
+
+
+def _expand_targets(index: int, cfg: dict[str, Any], kind: str | None) -> None:
+    """NNI 3.0's ``target_names``/``target_settings`` -> this project's per-config keys.
+
+    Pruning: the targets are ``weight`` (scored and masked) and ``bias`` (follows the weight's rows);
+    ``target_settings['weight']`` overrides the dict's own keys, as in NNI's ``ModuleSetting.get``.
+    Quantization: ``weight``, ``_input_0``, ``_output_0`` become ``quant_types``; each target's
+    ``quant_dtype`` ("int8", "uint4", ...) gives its bits; dtype, scheme and granularity must agree
+    across the targets of one dict (one setting per module here).
+    """
+    names = cfg.pop("target_names", None)
+    settings = cfg.pop("target_settings", None)
+    if names is None and settings is None:
+        return
+    where = _where(index)
+    if names is not None:
+        names = _as_str_list(index, "target_names", names)
+    if settings is not None and (not isinstance(settings, Mapping) or not all(isinstance(v, Mapping) for v in settings.values())):
+        raise ConfigError(f"{where}: 'target_settings' must map target names to dicts of settings, got {settings!r}")
+    settings = {str(k): dict(v) for k, v in (settings or {}).items()}
+    if not _is_quant_config(cfg, kind):
+        targets = names or ["weight", "bias"]
+        bad = [t for t in [*targets, *settings] if t not in ("weight", "bias")]
+        if bad:
+            raise ConfigError(f"{where}: pruning targets {bad} are not supported; prune 'weight' (its 'bias' follows)")
+        if "weight" not in targets:
+            raise ConfigError(f"{where}: target_names {targets} has no 'weight': pruning here scores and masks weights")
+        if "bias" not in targets:
+            warnings.warn(
+                f"{where}: target_names omits 'bias'; NNI 3.0 then leaves the bias of pruned channels, here it is "
+                "masked with its channel (speedup removes the channel either way)",
+                ConfigConventionWarning,
+                stacklevel=4,
+            )
+        for key, value in settings.get("bias", {}).items():
+            if key == "align" and value == _NNI_BIAS_ALIGN or key == "apply_method" and value == "mul":
+                continue
+            raise ConfigError(f"{where}: target_settings['bias'][{key!r}] = {value!r}: the bias here always follows the weight's rows")
+        for key, value in settings.get("weight", {}).items():
+            if key not in _PRUNE_SETTING_KEYS:
+                raise ConfigError(f"{where}: target_settings['weight'] has unknown key {key!r}; valid: {sorted(_PRUNE_SETTING_KEYS)}")
+            spelling = key if key in _SPELLING_TO_KEY else None
+            canonical = _SPELLING_TO_KEY[spelling] if spelling else key
+            for other in _ALIASES.get(canonical, ()):
+                if other != key and other in cfg:
+                    raise ConfigError(f"{where}: {key!r} in target_settings repeats {other!r}")
+            cfg[canonical] = value  # the target's own setting wins over the dict's shortcut key
+        return
+    targets = names or list(settings)
+    if not targets:
+        raise ConfigError(f"{where}: target_names is empty")
+    kinds: list[str] = []
+    for t in targets:
+        k = _QUANT_TARGETS.get(t)
+        if k is None:
+            raise ConfigError(
+                f"{where}: quantization target {t!r} is not supported; valid: 'weight', '_input_' (or '_input_0'), "
+                "'_output_' (or '_output_0') (a module's bias is quantized by the backend from its input and weight scales)"
+            )
+        kinds.append(k)
+    for t in settings:
+        if t not in targets:
+            raise ConfigError(f"{where}: target_settings names {t!r}, which is not in target_names {targets}")
+    per_target: dict[str, dict[str, Any]] = {}
+    for t, k in zip(targets, kinds):
+        merged = {key: cfg[key] for key in ("quant_dtype", "quant_scheme", "granularity", "apply_method") if key in cfg}
+        for key, value in settings.get(t, {}).items():
+            if key not in _QUANT_SETTING_KEYS:
+                raise ConfigError(f"{where}: target_settings[{t!r}] has unknown key {key!r}; valid: {sorted(_QUANT_SETTING_KEYS)}")
+            merged[key] = value
+        per_target[k] = merged
+    bits: dict[str, int] = {}
+    agreed: dict[str, Any] = {}
+    for k, merged in per_target.items():
+        dtype = merged.get("quant_dtype", "int8")  # NNI 3.0: an unset dtype is int8
+        m = re.fullmatch(r"(u?int)(\d+)", str(dtype))
+        if not m:
+            raise ConfigError(f"{where}: quant_dtype of {k} must be NNI's 'int8', 'uint8', 'int4', ..., got {dtype!r}")
+        bits[k] = _bits(index, f"quant_dtype of {k}", int(m.group(2)))
+        gran = merged.get("granularity")  # unset: the quantizer's default (NNI 3.0's is per tensor)
+        if k != "weight" and gran not in (None, "default", "per_tensor"):
+            raise ConfigError(f"{where}: granularity {gran!r} for {k}: activations are quantized per tensor here")
+        for key, value in (("quant_dtype", m.group(1)), ("quant_scheme", merged.get("quant_scheme")),
+                           ("granularity", gran if k == "weight" else None), ("apply_method", merged.get("apply_method"))):
+            if value is None:
+                continue
+            if key in agreed and agreed[key] != value:
+                raise ConfigError(
+                    f"{where}: {key} differs between targets ({agreed[key]!r} vs {value!r}); one {key} per module "
+                    "here: give those targets in separate dicts for separate modules, or one value"
+                )
+            agreed[key] = value
+    method = agreed.pop("apply_method", None)
+    if method not in (None, "clamp_round", "qat_clamp_round"):
+        raise ConfigError(f"{where}: apply_method {method!r} is not supported (the quantizer decides: clamp_round)")
+    cfg.pop("apply_method", None)
+    cfg.update(agreed)
+    cfg["quant_types"] = kinds
+    cfg["quant_bits"] = bits
+
+
+def config_style(config_list: Sequence[Mapping[str, Any]]) -> str:
+    """``"nni3"`` when the dicts use NNI 3.0-only keys and no 2.x-only one, ``"mixed"`` when both,
+    else ``"nni2"``: it decides which dict wins for a module several select."""
+    keys = {str(k) for cfg in config_list if isinstance(cfg, Mapping) for k in cfg}
+    v2, v3 = bool(keys & NNI2_ONLY), bool(keys & NNI3_ONLY)
+    return "mixed" if v2 and v3 else "nni3" if v3 else "nni2"
+
 
 def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict[str, Any]]:
     """Check a config_list and return normalised copies (canonical keys, parsed values).
@@ -223,15 +407,28 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
             if key in cfg:
                 raise ConfigError(f"{_where(index)}: {spelling!r} repeats key {key!r} under another spelling")
             cfg[key] = value
+        weight_settings = raw.get("target_settings") or {}
+        weight_settings = weight_settings.get("weight", {}) if isinstance(weight_settings, Mapping) else {}
+        nni3_ratio = "sparse_ratio" in raw or "sparse_ratio" in weight_settings
+        nni3_cap = "max_sparse_ratio" in raw or "max_sparse_ratio" in weight_settings
+        _expand_targets(index, cfg, kind)
 
-        for key in ("op_types", "op_names", "op_partial_names", "op_names_re", "exclude_op_names", "exclude_op_types"):
+        for key in ("op_types", "op_names", "op_partial_names", "op_names_re"):
             if key in cfg:
                 cfg[key] = _as_str_list(index, key, cfg[key])
-        for pattern in cfg.get("op_names_re", []):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"{_where(index)}: op_names_re {pattern!r} is not a valid regex: {exc}") from None
+        for key in ("exclude_op_names", "exclude_op_types", "exclude_op_names_re"):
+            if key in cfg:  # NNI writes empty exclusion lists itself (trans_legacy_config_list)
+                cfg[key] = _as_str_list(index, key, cfg[key]) if cfg[key] != [] else []
+        for key in ("op_names_re", "exclude_op_names_re"):
+            for pattern in cfg.get(key, []):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{_where(index)}: {key} {pattern!r} is not a valid regex: {exc}") from None
+        for key, hint in (("sparse_threshold", "give 'sparse_ratio'"), ("fuse_names", "BatchNorm after a conv is folded at export")):
+            if key in cfg:
+                raise ConfigError(f"{_where(index)}: NNI 3.0's {key!r} is not supported here ({hint})")
+        _check_pruning_extras(index, cfg)
         if not any(k in cfg for k in SELECTION_KEYS):
             raise ConfigError(
                 f"{_where(index)} selects no modules: give at least one of {list(SELECTION_KEYS)}"
@@ -243,7 +440,24 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
                 del cfg["exclude"]
 
         if "sparsity" in cfg:
-            cfg["sparsity"] = _ratio(index, "sparsity", cfg["sparsity"], upper_inclusive=False)
+            # NNI 3.0 allows sparse_ratio 1.0 (its mask then zeroes the layer); 2.x's sparsity stays below 1
+            cfg["sparsity"] = _ratio(index, "sparsity", cfg["sparsity"], upper_inclusive=nni3_ratio)
+            if cfg["sparsity"] == 1.0:
+                warnings.warn(
+                    f"{_where(index)}: sparse_ratio 1.0 zeroes whole layers in NNI 3.0; here one unit (weight or "
+                    "channel) of each layer is kept, so the layer still exists after speedup",
+                    ConfigConventionWarning,
+                    stacklevel=2,
+                )
+            if "global_group_id" not in cfg:  # NNI 3.0 _generate_ratio_sparsity: min(max, max(min, ratio))
+                lo = cfg.pop("min_sparsity_per_layer", None)
+                hi = cfg.pop("max_sparsity_per_layer", None) if nni3_cap else None
+                if lo is not None:
+                    cfg["sparsity"] = max(cfg["sparsity"], _ratio(index, "min_sparse_ratio", lo, upper_inclusive=False))
+                if hi is not None:
+                    cfg["sparsity"] = min(cfg["sparsity"], _ratio(index, "max_sparse_ratio", hi, upper_inclusive=True))
+        if "min_sparsity_per_layer" in cfg:
+            raise ConfigError(f"{_where(index)}: 'min_sparse_ratio' is supported with a per-layer 'sparse_ratio' only, not a global budget")
         if "global_group_id" in cfg:
             # NNI 3.0: sparse_ratio is then the total of every module whose config has this id
             gid = cfg["global_group_id"]
@@ -254,6 +468,8 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
             cfg["total_sparsity"] = cfg.pop("sparsity")
         if "total_sparsity" in cfg:
             cfg["total_sparsity"] = _ratio(index, "total_sparsity", cfg["total_sparsity"], upper_inclusive=False)
+        if ("dependency_group_id" in cfg or "internal_metric_block" in cfg) and "sparsity" not in cfg and "total_sparsity" not in cfg:
+            raise ConfigError(f"{_where(index)}: 'dependency_group_id'/'internal_metric_block' need 'sparse_ratio'")
         if "max_sparsity_per_layer" in cfg:
             cfg["max_sparsity_per_layer"] = _ratio(
                 index, "max_sparsity_per_layer", cfg["max_sparsity_per_layer"], upper_inclusive=True
@@ -281,6 +497,31 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
         out.append(cfg)
     _check_global_groups(out)
     return out
+
+
+def _check_pruning_extras(index: int, cfg: dict[str, Any]) -> None:
+    where = _where(index)
+    if "dependency_group_id" in cfg:
+        gid = cfg["dependency_group_id"]
+        if isinstance(gid, bool) or not isinstance(gid, (str, int)):
+            raise ConfigError(f"{where}: 'dependency_group_id' must be a string or an integer, got {gid!r}")
+    if "internal_metric_block" in cfg:
+        block = cfg["internal_metric_block"]
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ConfigError(f"{where}: 'internal_metric_block' must be a positive integer (NNI: filter groups), got {block!r}")
+    if "sparse_rounding" in cfg and cfg["sparse_rounding"] not in SPARSE_ROUNDINGS:
+        raise ConfigError(f"{where}: 'sparse_rounding' must be one of {list(SPARSE_ROUNDINGS)}, got {cfg['sparse_rounding']!r}")
+    if "apply_method" in cfg and "quant_types" not in cfg and cfg["apply_method"] != "mul":
+        raise ConfigError(f"{where}: apply_method {cfg['apply_method']!r} is not supported for pruning (masks multiply: 'mul')")
+    if "align" in cfg:
+        raise ConfigError(f"{where}: 'align' belongs in target_settings['bias'] (the bias follows the weight here)")
+    if "granularity" in cfg and "quant_types" not in cfg and not any(k in cfg for k in ("quant_dtype", "quant_scheme", "quant_bits")):
+        g = cfg.pop("granularity")
+        if g not in ("default", "out_channel", "per_channel"):
+            raise ConfigError(
+                f"{where}: pruning granularity {g!r} is not supported; the pruner decides its unit "
+                "('default': weights for LevelPruner, output channels for the channel pruners)"
+            )
 
 
 def _check_global_groups(configs: list[dict[str, Any]]) -> None:
@@ -313,15 +554,40 @@ OP_TYPE_ALIASES = {"NonDynamicallyQuantizableLinear": "Linear"}  # nn.MultiheadA
 def _matches(name: str, op_type: str, cfg: Mapping[str, Any], op_types: set[str] | None) -> bool:
     if op_types is not None and op_type not in op_types and OP_TYPE_ALIASES.get(op_type) not in op_types:
         return False
-    if "op_names" in cfg and name not in cfg["op_names"]:
-        return False
-    if "op_partial_names" in cfg and not any(p in name for p in cfg["op_partial_names"]):
-        return False
-    if "op_names_re" in cfg and not any(re.fullmatch(p, name) for p in cfg["op_names_re"]):
+    # the name selectors are one union (NNI 3.0 select_modules_by_config; NNI 2.x folded
+    # op_partial_names into op_names); op_names_re matches from the start of the name (re.match)
+    if any(k in cfg for k in NAME_KEYS) and not (
+        name in cfg.get("op_names", ())
+        or any(p in name for p in cfg.get("op_partial_names", ()))
+        or any(re.match(p, name) for p in cfg.get("op_names_re", ()))
+    ):
         return False
     if name in cfg.get("exclude_op_names", ()) or op_type in cfg.get("exclude_op_types", ()):
         return False
+    if any(re.match(p, name) for p in cfg.get("exclude_op_names_re", ())):
+        return False
     return True
+
+
+def _merge_nni3_targets(index: int, first: dict[str, Any], later: dict[str, Any], name: str) -> dict[str, Any]:
+    """NNI 3.0: a later dict adds only the quantization targets the first left unset."""
+    new = [t for t in later.get("quant_types", ()) if t not in first.get("quant_types", ())]
+    if not new:
+        log.info("%s: module %r is already configured by an earlier dict; NNI 3.0 ignores this one too", _where(index), name)
+        return first
+    for key in ("quant_dtype", "quant_scheme", "granularity"):
+        if key in later and key in first and later[key] != first[key]:
+            raise ConfigError(
+                f"{_where(index)} adds {new} to module {name!r} with {key} {later[key]!r}, but an earlier dict "
+                f"gave it {first[key]!r}: one {key} per module here"
+            )
+    merged = dict(first)
+    merged["quant_types"] = (*first.get("quant_types", ()), *new)
+    merged["quant_bits"] = {**first.get("quant_bits", {}), **{t: b for t, b in later.get("quant_bits", {}).items() if t in new}}
+    for key in ("quant_dtype", "quant_scheme", "granularity"):
+        if key in later:
+            merged.setdefault(key, later[key])
+    return merged
 
 
 def select_modules(
@@ -339,11 +605,14 @@ def select_modules(
     names), a config that selects nothing, or a selected module the algorithm cannot handle.
     """
     configs = validate_config_list(config_list, kind=kind)
+    style = config_style(config_list)
     # the modules inside a parametrization (masks, fake-quant) are machinery, not model layers
     named = [(name, m) for name, m in model.named_modules() if name and ".parametrizations" not in f".{name}"]
     names = [n for n, _ in named]
     name_set = set(names)
-    selected: dict[str, tuple[int, dict[str, Any]] | None] = {}
+    selected: dict[str, tuple[int, dict[str, Any]]] = {}
+    excluded: dict[str, int] = {}  # module -> the exclude dict that removed it (global, any position)
+    chosen_by: dict[str, list[int]] = {}
 
     for index, cfg in enumerate(configs):
         for key in ("op_names", "exclude_op_names"):
@@ -368,18 +637,26 @@ def select_modules(
         for name, module in named:
             if _matches(name, op_type_of(module), cfg, op_types):
                 hit = True
-                selected[name] = None if cfg.get("exclude") else (index, cfg)
+                if cfg.get("exclude"):
+                    excluded.setdefault(name, index)
+                    continue
+                chosen_by.setdefault(name, []).append(index)
+                if name not in selected or style != "nni3":
+                    selected[name] = (index, cfg)  # NNI 2.x: the last dict wins
+                elif "quant_types" in cfg:
+                    selected[name] = (selected[name][0], _merge_nni3_targets(index, selected[name][1], cfg, name))
         if not hit:
             present = sorted({op_type_of(m) for _, m in named})
             raise ConfigError(
                 f"{_where(index)} matches no module of the model; module types present: {present}"
             )
 
+    _warn_conventions(style, excluded, chosen_by, configs)
     result: dict[str, ModuleConfig] = {}
     modules = dict(named)
     for name in names:
         entry = selected.get(name)
-        if entry is None:
+        if entry is None or name in excluded:
             continue
         index, cfg = entry
         op_type = op_type_of(modules[name])
@@ -402,6 +679,9 @@ def select_modules(
             total_sparsity=cfg.get("total_sparsity"),
             max_sparsity_per_layer=cfg.get("max_sparsity_per_layer"),
             global_group_id=cfg.get("global_group_id"),
+            dependency_group_id=cfg.get("dependency_group_id"),
+            internal_metric_block=cfg.get("internal_metric_block"),
+            sparse_rounding=cfg.get("sparse_rounding", "floor"),
             quant_types=quant_types,
             quant_bits=bits,
             quant_dtype=cfg.get("quant_dtype", "int"),
@@ -411,3 +691,24 @@ def select_modules(
     if not result:
         raise ConfigError("config_list selects no module once 'exclude' entries are applied")
     return result
+
+
+def _warn_conventions(style: str, excluded: Mapping[str, int], chosen_by: Mapping[str, list[int]], configs: list[dict[str, Any]]) -> None:
+    """Name the modules whose result here differs from one NNI generation's."""
+    reselected = sorted(n for n, ex in excluded.items() if any(i > ex for i in chosen_by.get(n, ())))
+    if reselected:
+        warnings.warn(
+            f"modules {reselected[:8]} are excluded by an 'exclude' dict and selected again by a later dict: they "
+            "stay excluded (NNI 3.0's rule); NNI 2.x let the later dict win. Remove the exclude dict to compress them",
+            ConfigConventionWarning,
+            stacklevel=3,
+        )
+    if style == "mixed":
+        overlap = sorted(n for n, ix in chosen_by.items() if len(set(ix)) > 1 and n not in excluded)
+        if overlap:
+            warnings.warn(
+                f"the config_list mixes NNI 2.x and NNI 3.0 keys and several dicts select {overlap[:8]}: the last one "
+                "wins (NNI 2.x's rule; NNI 3.0 keeps the first). Write the list in one generation's keys",
+                ConfigConventionWarning,
+                stacklevel=3,
+            )

@@ -37,7 +37,7 @@ from .model_copy import plain_copy
 from .quantization.calib_config import CalibConfig, CalibConfigError
 from .report import AccuracyRecord, FidelityRecord, LatencyRecord, Report, SizeRecord
 
-__all__ = ["BuildStepError", "EngineArtifact", "EngineError", "build_engine", "DEFAULT_QUANT_CONFIG", "default_quant_config"]
+__all__ = ["BuildStepError", "EngineArtifact", "EngineError", "QDQLintWarning", "build_engine", "qdq_summary", "DEFAULT_QUANT_CONFIG", "default_quant_config"]
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,118 @@ DEFAULT_QUANT_CONFIG: list[dict[str, Any]] = [
 #: layers whose outputs are also calibrated by default: a quantized output after a conv's
 #: activation or pool is what lets onnxruntime fuse the conv into QLinearConv and run pools in int8
 #: (without it the last conv before a global pool stays float)
-DEFAULT_OUTPUT_OP_TYPES = ("BatchNorm2d", "ReLU", "ReLU6", "MaxPool2d", "AdaptiveAvgPool2d")
+DEFAULT_OUTPUT_OP_TYPES = ("BatchNorm1d", "BatchNorm2d", "ReLU", "ReLU6", "MaxPool2d", "AdaptiveAvgPool2d")
+CONV_OP_TYPES = ("Conv1d", "Conv2d", "Conv3d")
 
 
-def default_quant_config(model: nn.Module) -> list[dict[str, Any]]:
+def default_quant_config(model: nn.Module, example_inputs: Any = None) -> list[dict[str, Any]]:
     """What ``calib_data`` calibrates when no ``quant_config_list`` is given: DEFAULT_QUANT_CONFIG,
     plus the outputs of the model's activations and pools (only types the model has, so the
-    config never selects nothing)."""
+    config never selects nothing).
+
+    With ``example_inputs`` the outputs are chosen on one traced forward so that the simulation
+    quantizes the tensors the deployed graph quantizes: a conv's output is calibrated too (what lets
+    onnxruntime run it as QLinearConv when a float op reads it: a sigmoid gate, a residual Add, a graph
+    output), except where a BatchNorm or ReLU module reads it (the graph folds the BatchNorm into the
+    conv and the ReLU into the following Q, so only the last of such a chain is quantized).
+    """
     present = {type(m).__name__ for m in model.modules()}
-    outputs = [t for t in DEFAULT_OUTPUT_OP_TYPES if t in present]
-    extra = [{"op_types": outputs, "quant_types": ["output"], "quant_bits": 8}] if outputs else []
-    return [dict(c) for c in DEFAULT_QUANT_CONFIG] + extra
+    if example_inputs is None:
+        outputs = [t for t in DEFAULT_OUTPUT_OP_TYPES if t in present]
+        extra = [{"op_types": outputs, "quant_types": ["output"], "quant_bits": 8}] if outputs else []
+        return [dict(c) for c in DEFAULT_QUANT_CONFIG] + extra
+    ends = _chain_ends(model, example_inputs)
+    config = [dict(c) for c in DEFAULT_QUANT_CONFIG]
+    convs = [n for n, t in ends.items() if t in CONV_OP_TYPES]
+    others = [n for n, t in ends.items() if t not in CONV_OP_TYPES]
+    if convs:
+        config.append({"op_names": convs, "quant_types": ["input", "weight", "output"], "quant_bits": 8})
+    if others:
+        config.append({"op_names": others, "quant_types": ["output"], "quant_bits": 8})
+    return config
+
+
+def _chain_ends(model: nn.Module, example_inputs: Any) -> dict[str, str]:
+    """Modules (convs, BatchNorms, activations, pools) whose output no BatchNorm/ReLU module reads."""
+    from .tensor_io import name_inputs
+
+    candidates = set(CONV_OP_TYPES) | set(DEFAULT_OUTPUT_OP_TYPES)
+    absorbers = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ReLU", "ReLU6"}
+    produced: dict[int, str] = {}
+    absorbed: set[str] = set()
+    keep_alive: list[torch.Tensor] = []  # ids stay unique while the forward runs
+    handles = []
+    def produce(name: str):
+        def hook(mod, inputs, output) -> None:
+            if isinstance(output, torch.Tensor):
+                keep_alive.append(output)
+                produced[id(output)] = name
+
+        return hook
+
+    def absorb(mod, inputs) -> None:
+        if inputs and id(inputs[0]) in produced:
+            absorbed.add(produced[id(inputs[0])])
+
+    for name, mod in model.named_modules():
+        kind = type(mod).__name__
+        if kind in candidates:
+            handles.append(mod.register_forward_hook(produce(name)))
+        if kind in absorbers:
+            handles.append(mod.register_forward_pre_hook(absorb))
+    named = name_inputs(model, example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*named.args)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    modules = dict(model.named_modules())
+    return {n: type(modules[n]).__name__ for n in dict.fromkeys(produced.values()) if n not in absorbed}
+
+
+class QDQLintWarning(UserWarning):
+    """The int8 graph breaks its target's QDQ rules, or leaves weighted ops in float."""
+
+
+def qdq_summary(qdq_model: Any, target: str) -> dict[str, Any]:
+    """Lint ``qdq_model`` for ``target`` and count its weighted ops in int8 and in float (by the lint's
+    account: weight and input dequantized, output reaching a QuantizeLinear where the target needs it);
+    warns with :class:`QDQLintWarning` when something is found."""
+    import warnings
+
+    from .export import get_target, lint_qdq, skipped_calibration
+    from .export.graph_utils import WEIGHTED_OPS
+
+    try:
+        get_target(target)
+    except ValueError:
+        return {"target": target, "lint": [], "skipped_calibration": skipped_calibration(qdq_model)}
+    findings = lint_qdq(qdq_model, target)
+    producers = {o: n for n in qdq_model.graph.node for o in n.output}
+    weighted = [n for n in qdq_model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1]
+    broken = {f.node for f in findings if f.rule in ("input-unquantized", "float-output", "weight-unquantized")}
+    int8 = [n.name for n in weighted if n.name not in broken and getattr(producers.get(n.input[1]), "op_type", "") == "DequantizeLinear"]
+    summary = {
+        "target": target,
+        "lint": [f.to_dict() for f in findings],
+        "int8_weighted_ops": len(int8),
+        "float_weighted_ops": len(weighted) - len(int8),
+        "float_weighted_nodes": [n.name for n in weighted if n.name not in int8],
+        "skipped_calibration": skipped_calibration(qdq_model),
+    }
+    if findings or summary["float_weighted_ops"]:
+        rules = sorted({f.rule for f in findings})
+        warnings.warn(
+            f"the int8 graph for {target} has {len(findings)} lint finding(s) {rules} and leaves "
+            f"{summary['float_weighted_ops']} weighted op(s) in float {summary['float_weighted_nodes'][:6]}; see report.qdq",
+            QDQLintWarning,
+            stacklevel=3,
+        )
+    return summary
 
 
 class EngineError(ValueError):
@@ -135,12 +236,33 @@ class _Steps:
             self.bar.update(1)
 
 
-def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise EngineError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+def _named(model: nn.Module, inputs: Any, what: str):
+    """``inputs`` (tensor, tuple or dict) resolved against the model's forward parameters."""
+    from .tensor_io import InputNamingError, name_inputs
+
+    try:
+        return name_inputs(model, inputs)
+    except InputNamingError as exc:
+        raise EngineError(f"{what}: {exc}") from None
+
+
+def _first_batch(data: Iterable | None) -> Any:
+    """The first item of re-iterable calibration data (None for a one-shot iterator or no data)."""
+    if data is None or iter(data) is data:  # type: ignore[arg-type]
+        return None
+    return next(iter(data), None)  # type: ignore[arg-type]
+
+
+def _check_calibration(calib: CalibConfig, model: nn.Module) -> None:
+    """Before any work: the calibration names modules the model has, its per-channel weight lengths and
+    axes fit, and its bit widths are ones int8 QDQ can express."""
+    try:
+        calib.validate(model)
+    except CalibConfigError as exc:
+        raise EngineError(f"calib_config does not fit the model: {exc}") from None
+    odd = [f"{m}.{k} ({p.bits} bits)" for m, k, p in calib.items() if p.bits != 8]
+    if odd:
+        raise EngineError(f"calib_config: int8 engines take 8-bit weights and activations only; change {odd}")
 
 
 def _load_masks(masks: Any, model: nn.Module):
@@ -157,12 +279,12 @@ def _load_masks(masks: Any, model: nn.Module):
         raise EngineError(f"masks: {exc}") from exc
 
 
-def _load_calib(calib_config: Any) -> CalibConfig | None:
+def _load_calib(calib_config: Any, model: nn.Module | None = None) -> CalibConfig | None:
     if calib_config is None or isinstance(calib_config, CalibConfig):
         return calib_config
     if isinstance(calib_config, (str, os.PathLike)):
         try:
-            return CalibConfig.load(calib_config)
+            return CalibConfig.load(calib_config, model=model)  # model: LSQ 2.x weights NNI did not export
         except CalibConfigError as exc:
             raise EngineError(str(exc)) from exc
     raise EngineError(f"calib_config must be a CalibConfig or a path to its JSON, got {type(calib_config).__name__}")
@@ -174,7 +296,7 @@ def fit_calibration(calib: CalibConfig, model: nn.Module) -> CalibConfig:
     missing = sorted(m for m in calib.modules if m not in modules)
     if missing:
         raise EngineError(f"the calibration names module(s) the speeded-up model lacks: {missing}")
-    out = CalibConfig(producer=calib.producer)
+    out = CalibConfig(producer=calib.producer, provenance=dict(calib.provenance))
     for name, kind, p in calib.items():
         module = modules[name]
         weight = getattr(module, "weight", None)
@@ -218,8 +340,12 @@ def _records_from_validation(result: Any, backend: str, precision: str, referenc
     if result.metric is not None:
         m = result.metric
         accuracy.append(AccuracyRecord(label, m.name, float(m.value), reference_label, float(m.reference_value)))
-    a = result.accuracy
-    fidelity = [FidelityRecord(label, reference_label, float(a.max_abs_error), float(a.cosine_similarity), a.top1_agreement)]
+    outputs = result.outputs or {"": result.accuracy}
+    fidelity = [
+        FidelityRecord(label, reference_label, float(a.max_abs_error), float(a.cosine_similarity), a.top1_agreement,
+                       output=name if len(outputs) > 1 else "")
+        for name, a in outputs.items()
+    ]
     return latency, accuracy, fidelity
 
 
@@ -235,7 +361,7 @@ def build_engine(
     calib_data: Iterable | None = None,
     quant_config_list: list[dict] | None = None,
     calibrator: str = "minmax",
-    eval_inputs: torch.Tensor | None = None,
+    eval_inputs: Any = None,
     eval_labels: torch.Tensor | None = None,
     batch_sizes: Sequence[int] = (1,),
     iterations: int = 100,
@@ -248,6 +374,8 @@ def build_engine(
     overwrite: bool = False,
     backend_options: Mapping[str, Any] | None = None,
     progress: bool = True,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    export_tolerance: float = 1e-3,
 ) -> EngineArtifact:
     """Build a serving bundle in ``out_dir`` (written atomically: nothing is left there on failure).
 
@@ -255,6 +383,16 @@ def build_engine(
     or to let ``calib_data`` (an iterable of input batches) calibrate the speeded-up model. ``eval_inputs``
     (and ``eval_labels``) are what the deployed model is validated on; by default ``example_inputs``.
     ``round_to`` and ``norm_spans`` go to :func:`deploycompress.speedup.speedup`.
+
+    ``example_inputs`` (and ``eval_inputs``, ``calib_data`` items) may be a tensor, a tuple or a dict of
+    tensors keyed by forward's parameter names; graph inputs and outputs are named as
+    :mod:`deploycompress.tensor_io` describes. ``dynamic_axes`` adds dynamic axes per input beyond the
+    batch (``{"ids": {1: "sequence"}}``). The exported graph is run against PyTorch on the example
+    inputs and on a second input (first calibration batch, else the evaluation inputs); a relative
+    difference above ``export_tolerance`` on any output is a :class:`BuildStepError` naming it. The
+    int8 graph is linted for the backend's QDQ target; findings, the weighted ops left in float and the
+    calibration entries skipped (modules absent from the graph) go into ``report.qdq`` and a
+    :class:`QDQLintWarning`.
     With ``compare_fp32`` an int8 build also builds and measures the fp32 graph on the same backend, so
     the report shows what int8 gains and costs.
     """
@@ -262,7 +400,7 @@ def build_engine(
 
     from .backends import get_backend
     from .export import insert_qdq, to_onnx
-    from .validate import validate
+    from .validate import check_export, validate
     from .graph.trace import check_norm_spans
 
     # -- everything that can be checked is checked before any long work ----------------------------
@@ -271,7 +409,8 @@ def build_engine(
         raise EngineError(f"precision must be one of {list(allowed)} for backend {backend!r}, got {precision!r}")
     if not isinstance(model, nn.Module):
         raise EngineError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = _as_inputs(example_inputs)
+    named = _named(model, example_inputs, "example_inputs")
+    inputs = named.args
     try:
         engine_backend = get_backend(backend)
     except Exception as exc:
@@ -291,7 +430,9 @@ def build_engine(
             raise EngineError(f"backend_options: {exc}") from exc
         trt_portable = bool(trt_extra.get("portable")) or not tensorrt_available()
     masks = _load_masks(masks, model)
-    calib = _load_calib(calib_config)
+    calib = _load_calib(calib_config, model)
+    if calib is not None and precision == "int8":
+        _check_calibration(calib, model)
     if precision == "int8" and calib is None and calib_data is None:
         raise EngineError("precision 'int8' needs a calibration: pass calib_config (CalibConfig or JSON path) or calib_data (input batches)")
     if precision in ("fp32", "fp16") and (calib is not None or calib_data is not None):
@@ -304,9 +445,11 @@ def build_engine(
     except BundleError as exc:
         raise EngineError(str(exc)) from exc
     name = name or type(model).__name__.lower()
-    eval_x = eval_inputs if eval_inputs is not None else inputs[0]
+    eval_x = _named(model, eval_inputs, "eval_inputs").tensors() if eval_inputs is not None else named.tensors()
+    second = _first_batch(calib_data)
+    second_x = _named(model, second, "calib_data batch").tensors() if second is not None else eval_x
 
-    n_steps = 4 + (masks is not None) + (precision == "int8") * 2 + (precision == "int8" and compare_fp32)
+    n_steps = 5 + (masks is not None) + (precision == "int8") * 2 + (precision == "int8" and compare_fp32)
     steps = _Steps(bar=tqdm(total=n_steps, desc="build", unit="step", disable=not progress, leave=False))
     report = Report(name=name, backend=backend, precision=precision)
     work_parent = Path(out_dir).absolute().parent
@@ -325,13 +468,16 @@ def build_engine(
             if precision == "int8":
                 with steps("calibrate"):
                     if calib_data is not None:
-                        calib = _calibrate(deployed, calib_data, quant_config_list or default_quant_config(deployed), calibrator)
+                        calib = _calibrate(deployed, calib_data, quant_config_list or default_quant_config(deployed, example_inputs), calibrator)
                     elif masks is not None:
                         calib = fit_calibration(calib, deployed)  # type: ignore[arg-type]
             with steps("export"):
-                exported = to_onnx(deployed, inputs)
+                exported = to_onnx(deployed, example_inputs, dynamic_axes=dynamic_axes)
                 fp32_path = work / "model.fp32.onnx"
                 exported.save(fp32_path)
+                report.notes += [f"export: {w}" for w in exported.tracer_warnings]
+            with steps("check export"):
+                check_export(fp32_path, deployed, [named.tensors(), second_x], tolerance=export_tolerance)
             graph_path = fp32_path
             if precision == "int8":
                 with steps("qdq"):
@@ -340,6 +486,7 @@ def build_engine(
                     qdq = insert_qdq(exported.model, calib, exported.name_map, target=backend)  # type: ignore[arg-type]
                     graph_path = work / "model.qdq.onnx"
                     onnx.save(qdq, str(graph_path))
+                    report.qdq = qdq_summary(qdq, backend)
             if backend == "tensorrt":
                 import onnx
 
@@ -356,7 +503,8 @@ def build_engine(
                                        static_shapes=static if trt_options.dla_core is not None else None)  # type: ignore[union-attr]
                 if trt_portable:
                     with steps("portable bundle"):
-                        golden = [eval_x] if eval_inputs is not None and len(inputs) == 1 else list(inputs)
+                        golden = [eval_x[s.name] for s in exported.inputs] if all(s.name in eval_x for s in exported.inputs) \
+                            else list(eval_x.values())
                         report.steps = dict(steps.seconds)
                         report.environment = collect_environment()
                         manifest = write_portable(
@@ -389,7 +537,7 @@ def build_engine(
                     fidelity = base_fidelity + fidelity
             report.latency, report.accuracy, report.fidelity = latency, accuracy, fidelity
             with steps("profile"):
-                feeds = {runner.inputs[0].name: np.ascontiguousarray(eval_x[:1].detach().cpu().numpy())}
+                feeds = {k: np.ascontiguousarray(v[:1].detach().cpu().numpy()) for k, v in eval_x.items()}
                 report.set_layers(runner.profile(feeds, iterations=max(5, iterations // 5)))
             report.sizes.append(SizeRecord(stage=f"deployed ({precision})", params=report.sizes[-1].params,
                                            flops=report.sizes[-1].flops, size_bytes=Path(artifact).stat().st_size))

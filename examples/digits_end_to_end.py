@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[1/4] trained DigitsNet(width={args.width}) on {len(data.train_x)} images: test accuracy {100 * fp32_acc:.2f}%")
 
     config_list = [{"op_types": ["Conv2d"], "sparsity": args.sparsity}, {"exclude": True, "op_names": ["conv1"]}]
-    pruner = dc.L1NormPruner(model, config_list)
+    # dummy_input: the masks then cover what speedup removes with the channels (BatchNorm affine, biases)
+    pruner = dc.L1NormPruner(model, config_list, dummy_input=data.test_x[:1])
     _, masks = pruner.compress()
     masked_acc = accuracy(model, data.test_x, data.test_y)
     train(model, data, epochs=args.finetune_epochs, lr=1e-3)  # masks stay applied while fine-tuning

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     example = torch.randn(1, 3, args.image_size, args.image_size)
     # the first conv of each residual block: its output feeds only the block's second conv
     inner = [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
-    pruner = dc.L1NormPruner(model, [{"op_names": inner, "sparsity": args.sparsity}])
+    pruner = dc.L1NormPruner(model, [{"op_names": inner, "sparsity": args.sparsity}], dummy_input=example)
     _, masks = pruner.compress()
     model = pruner.unwrap_model()
 

@@ -28,8 +28,8 @@ def test_build_load_run_fp32_matches_torch(graphs, tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.onnx"]  # no temp file left behind
     runner = backend.load(path, threads=1)
     assert isinstance(runner, Runner)
-    assert runner.inputs[0].name == "input" and runner.inputs[0].shape[1:] == (1, 8, 8)
-    out = runner.run({"input": x.numpy()})
+    assert runner.inputs[0].name == "x" and runner.inputs[0].shape[1:] == (1, 8, 8)
+    out = runner.run({"x": x.numpy()})
     np.testing.assert_allclose(out["output"], model(x).detach().numpy(), atol=1e-4)
 
 
@@ -37,7 +37,7 @@ def test_int8_build_fuses_into_integer_kernels_and_profiles(graphs, tmp_path):
     _, x, src = graphs
     backend = get_backend("onnxruntime")
     runner = backend.load(backend.build(src / "int8.onnx", tmp_path, precision="int8", threads=1), threads=1)
-    layers = runner.profile({"input": x[:4].numpy()}, iterations=3)
+    layers = runner.profile({"x": x[:4].numpy()}, iterations=3)
     assert layers and all(isinstance(lt, LayerTime) and lt.mean_ms >= 0 for lt in layers)
     ops = {lt.op_type for lt in layers}
     assert "QLinearConv" in ops, ops  # DQ -> Conv -> Q became one integer convolution
@@ -49,7 +49,7 @@ def test_optimization_levels_agree(graphs, tmp_path):
     _, x, src = graphs
     backend = get_backend("onnxruntime")
     path = backend.build(src / "int8.onnx", tmp_path, precision="int8")
-    outs = [backend.load(path, optimization_level=lvl, threads=1).run({"input": x.numpy()})["output"] for lvl in ("disable", "all")]
+    outs = [backend.load(path, optimization_level=lvl, threads=1).run({"x": x.numpy()})["output"] for lvl in ("disable", "all")]
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
 
 
@@ -81,8 +81,8 @@ def test_run_checks_feed_names(graphs, tmp_path):
     _, x, src = graphs
     backend = get_backend("onnxruntime")
     runner = backend.load(backend.build(src / "fp32.onnx", tmp_path, precision="fp32"))
-    with pytest.raises(BackendError, match="missing \\['input'\\]"):
-        runner.run({"x": x.numpy()})
+    with pytest.raises(BackendError, match="missing \\['x'\\]"):
+        runner.run({"input": x.numpy()})
 
 
 def test_registry_names_tensorrt_and_unknown_backends(tmp_path):

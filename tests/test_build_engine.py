@@ -23,7 +23,9 @@ def pruned(digits, _trained_digits):
     """A trained DigitsNet, conv2/conv3 pruned 50% by L1 norm and fine-tuned: (plain model, masks)."""
     torch.manual_seed(0)
     model = copy.deepcopy(_trained_digits[0])
-    pruner = dc.L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity": 0.5}, {"exclude": True, "op_names": ["conv1"]}])
+    pruner = dc.L1NormPruner(
+        model, [{"op_types": ["Conv2d"], "sparsity": 0.5}, {"exclude": True, "op_names": ["conv1"]}], dummy_input=digits.test_x[:1]
+    )
     _, masks = pruner.compress()
     train(model, digits, epochs=2, lr=1e-3)
     return pruner.unwrap_model(), masks
@@ -53,7 +55,7 @@ def test_int8_engine_meets_the_accuracy_targets(artifact, digits):
     int8_acc = float((logits.argmax(1) == digits.test_y.numpy()).mean())
     assert int8_acc >= fp32_acc - 0.01
 
-    quantizer = dc.PTQQuantizer(copy.deepcopy(deployed), default_quant_config(deployed))
+    quantizer = dc.PTQQuantizer(copy.deepcopy(deployed), default_quant_config(deployed, digits.test_x[:1]))
     quantizer.calibrate(list(digits.batches(64)))
     assert quantizer.export_calib_config().digest() == artifact.calib_config.digest()
     with torch.no_grad():

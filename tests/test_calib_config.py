@@ -96,11 +96,14 @@ def test_nni_calibration_dicts():
     c = CalibConfig.from_dict(nni)
     w = c.get("conv1", "weight")
     assert w.axis == 0 and w.scale.tolist() == pytest.approx([0.01, 0.02]) and w.symmetric and w.dtype == "int"
-    assert c.get("conv1", "input").scale[0] == np.float32(2.0 / 127)
-    assert c.get("fc", "output").max[0] == 6.0 and len(c) == 3
+    # a QAT export (weight_scale present): NNI 2.x QAT's default activations are uint8 affine
+    # (nni/compression/pytorch/quantization/settings.py), scale = range / 255, zp = -round(min / scale)
+    x = c.get("conv1", "input")
+    assert x.dtype == "uint" and x.scale[0] == np.float32(3.0 / 255) and x.zero_point[0] == 85
+    assert c.get("fc", "output").max[0] == pytest.approx(6.0) and len(c) == 3
     u8 = CalibConfig.from_nni({"a": {"weight_bits": 8, "weight_scale": 0.1, "weight_zero_point": 128}})
     assert u8.get("a", "weight").dtype == "uint" and u8.get("a", "weight").zero_point[0] == 128
-    with pytest.raises(CalibConfigError, match="NNI calibration of conv1: 'tracked_min_input' is empty or not finite"):
+    with pytest.raises(CalibConfigError, match=r"NNI 2.x calibration of conv1.input: 'tracked_min_input' is empty or not finite"):
         CalibConfig.from_nni({"conv1": {"input_bits": 8, "tracked_min_input": float("nan"), "tracked_max_input": 1.0}})
     with pytest.raises(CalibConfigError, match="'output_bits' given without"):
         CalibConfig.from_nni({"fc": {"output_bits": 8}})

@@ -92,7 +92,7 @@ def test_inspect_shows_ops_qdq_and_lint(bundle):
     proc = cli("inspect", str(out), "--json", "-q")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["inputs"] == [{"name": "input", "shape": ["batch", 1, 8, 8], "dtype": "float32"}]
+    assert data["inputs"] == [{"name": "x", "shape": ["batch", 1, 8, 8], "dtype": "float32"}]
     assert data["qdq_nodes"] > 0 and data["lint"]["target"] == "tensorrt"
     assert isinstance(data["lint"]["findings"], list)
 
@@ -125,3 +125,24 @@ def test_bad_input_exits_2_with_a_message(case, bundle, inputs, tmp_path):
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert expected in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_two_input_model_from_the_command_line(tmp_path):
+    """--input-shape once per input (named), .npz data keyed by input name, every output validated."""
+    rng = np.random.default_rng(0)
+    data = {"rgb": rng.random((32, 3, 16, 16), dtype=np.float32), "depth": rng.random((32, 1, 16, 16), dtype=np.float32)}
+    np.savez(tmp_path / "calib.npz", **data)
+    np.savez(tmp_path / "eval.npz", **data, y=rng.integers(0, 5, 32))
+    env_tests = str(ROOT / "tests")
+    out = tmp_path / "b"
+    proc = cli("build", "--model", "conformance_models:TwoInputFusion", "--input-shape", "rgb=1,3,16,16", "--input-shape",
+               "depth=1,1,16,16", "--calib-data", str(tmp_path / "calib.npz"), "--eval-data", str(tmp_path / "eval.npz"),
+               "--iterations", "5", "--out", str(out), "--json", "-q", cwd=Path(env_tests))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads(proc.stdout)["manifest"]
+    assert [i["name"] for i in manifest["inputs"]] == ["rgb", "depth"]
+    assert 'name: "depth"' in (out / "model_repository" / "twoinputfusion" / "config.pbtxt").read_text()
+    proc = cli("validate", str(out), "--data", str(tmp_path / "eval.npz"), "--reference", "conformance_models:TwoInputFusion",
+               "--json", "-q", cwd=Path(env_tests))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(json.loads(proc.stdout)["outputs"]) == {"output"}

@@ -33,7 +33,7 @@ def _build(tmp_path_factory):
     torch.manual_seed(0)
     data = load_digits_data()
     model = train(DigitsNet(width=16), data, epochs=8, batch_size=128, lr=5e-3)
-    pruner = L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity": 0.5, "exclude_op_names": ["conv1"]}])
+    pruner = L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity": 0.5, "exclude_op_names": ["conv1"]}], dummy_input=data.test_x[:1])
     _, masks = pruner.compress()
     train(model, data, epochs=6, batch_size=128, lr=2e-3)  # fine-tune with the masks in place
     pruner.unwrap_model()
@@ -66,7 +66,7 @@ def test_int8_accuracy_within_one_point_of_fp32(pipeline):
 
 def test_int8_agrees_with_fake_quant_simulation(pipeline):
     data = pipeline["data"]
-    out = pipeline["runner"].run({"input": data.test_x.numpy()})["output"]
+    out = pipeline["runner"].run({"x": data.test_x.numpy()})["output"]
     agreement = float((out.argmax(1) == pipeline["simulated"].argmax(1)).mean())
     assert agreement >= 0.99, agreement
 

@@ -51,7 +51,7 @@ def branchy():
 
 def _ort_run(proto, x):
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"input": x})[0]
+    return sess.run(None, {"x": x})[0]
 
 
 def test_export_runs_with_dynamic_batch_and_matches_torch(branchy):
@@ -66,7 +66,7 @@ def test_name_map_weights_axes_and_folded_batchnorms(branchy):
     nm = res.name_map
     inits = {i.name: i for i in res.model.graph.initializer}
     conv1 = nm["conv1"]
-    assert conv1.op_types == ("Conv",) and conv1.inputs == ["input"] and conv1.weight_axis == 0
+    assert conv1.op_types == ("Conv",) and conv1.inputs == ["x"] and conv1.weight_axis == 0
     assert tuple(inits[conv1.weight].dims) == (8, 3, 3, 3)
     # bn1 was folded into conv1: the per-channel factor is bn1's gamma / sqrt(var + eps)
     bn = model.bn1

@@ -180,9 +180,11 @@ def test_head_like_classes_are_pruned_whole():
     masks, small, report, kept = _prune_and_speedup(model, x, [{"op_names": ["qkv"], "sparsity": 0.4}])
     pruned = set(_pruned(masks["qkv"]["weight"]).nonzero().flatten().tolist())
     assert len(pruned) == 9 and set(range(12, 16)) | set(range(20, 24)) < pruned  # two rows whole, one extra
-    # a gate channel only scales a removed row, so it goes too; the one extra channel stays zeroed
+    # a gate channel only scales a removed row, so it goes too (and the pruner masks it: 9 + 2 masked
+    # channels); the one extra channel stays zeroed
     assert (small.qkv.out_features, small.gate.out_features, small.out.in_features) == (16, 4, 16)
-    assert kept == pytest.approx(1 / 9)
+    assert int((~masks["gate"]["bias"]).sum()) == 2
+    assert kept == pytest.approx(1 / 11)
     assert report.relative_error is not None and report.relative_error < 1e-4
 
 

@@ -78,7 +78,8 @@ def setup():
 
 
 def _run(proto, x):
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
 def _inits(proto):
@@ -214,9 +215,9 @@ def test_lint_reports_each_broken_rule(setup):
     assert any(f.rule == "tensorrt-symmetric" for f in lint_qdq(u8, "tensorrt"))
     broken = onnx.ModelProto()
     broken.CopyFrom(u8)
-    scale = next(i for i in broken.graph.initializer if i.name == "input_scale")
-    scale.CopyFrom(numpy_helper.from_array(np.array(-0.1, np.float32), "input_scale"))
-    assert ("input_QuantizeLinear", "scale-positive") in {(f.node, f.rule) for f in lint_qdq(broken, "onnxruntime")}
+    scale = next(i for i in broken.graph.initializer if i.name == "x_scale")
+    scale.CopyFrom(numpy_helper.from_array(np.array(-0.1, np.float32), "x_scale"))
+    assert ("x_QuantizeLinear", "scale-positive") in {(f.node, f.rule) for f in lint_qdq(broken, "onnxruntime")}
 
 
 def test_tensorrt_quantizes_a_weighted_output_that_feeds_another_weighted_op():

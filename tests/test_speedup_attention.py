@@ -16,9 +16,9 @@ from deploycompress.config import ConfigError
 from deploycompress.export import to_onnx
 from deploycompress.graph import build_channel_groups
 from deploycompress.pruning import ActivationMeanRankPruner, L1NormPruner
-from deploycompress.speedup import masked_model, speedup_with_report
+from deploycompress.speedup import joined_masks, speedup_with_report
 from deploycompress.speedup.attention import PrunedMultiheadAttention
-from test_speedup_cases import max_rel_error, randomize_norms, single_thread  # noqa: F401
+from test_speedup_cases import max_rel_error, randomize_norms, single_thread, user_masked  # noqa: F401
 
 TOL = 1e-5
 
@@ -40,7 +40,7 @@ def run(model: nn.Module, masks: dict, *inputs: torch.Tensor):
         warnings.simplefilter("ignore")
         small, report = speedup_with_report(model, masks, inputs)
         with torch.no_grad():
-            expected, actual = masked_model(model, masks, inputs)(*inputs), small(*inputs)
+            expected, actual = user_masked(model, masks)(*inputs), small(*inputs)
     for e, a in zip(tree_flatten(expected)[0], tree_flatten(actual)[0]):
         assert max_rel_error(e, a) < TOL
     assert sum(p.numel() for p in small.parameters()) == report.params_after
@@ -190,7 +190,7 @@ def test_vit_heads_removed_and_onnx_matches() -> None:
     assert report.params_before - report.params_after == 3 * (3 * 16 * 65 + 16 * 64)
     exported = to_onnx(small, x)
     sess = ort.InferenceSession(exported.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
     with torch.no_grad():
         assert max_rel_error(small(x), got) < 1e-4
 
@@ -255,11 +255,22 @@ def test_token_stream_channels_removed_with_class_token_and_position_embedding()
     assert small.class_token.shape == (1, 1, 14) and small.pos_embedding.shape == (1, 5, 14)
     assert small.attn.in_proj_weight.shape == (48, 14) and small.attn.num_heads == 2 and small.head.in_features == 14
     assert report.params_before - report.params_after == 2 * (3 * 64 + 1) + 2 + 10 + 2 * 48 + 2 * 17 + 2 * 3
-    # without the class token's and position embedding's masks the same channels go: the masked model
-    # zeroes a parameter joined to a channel that is exactly zero (as BatchNorm's beta), so it stays zero
+    # without the class token's and position embedding's masks the channels are not zero in the user's
+    # masked model: they stay (exact); joined_masks adds those masks, masked_constants="prune" drops them
     del masks[""]
     _, again = run(model, masks, x)
-    assert again.params_after == report.params_after and again.relative_error < 1e-5
+    assert again.params_after == report.params_before and again.relative_error < 1e-5
+    assert any("class_token" in why for r in again.layers for why in r.kept_reasons)
+    joined = joined_masks(model, masks, x)
+    assert torch.equal(joined[""]["class_token"], keep.view(1, 1, -1)) and torch.equal(joined[""]["pos_embedding"][0, 0], keep)
+    _, with_joined = run(model, joined, x)
+    assert with_joined.params_after == report.params_after
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small, dropped = speedup_with_report(model, masks, x, masked_constants="prune")
+    assert dropped.params_after == report.params_after and set(dropped.constants_dropped) == {"class_token", "pos_embedding"}
+    assert dropped.relative_error == pytest.approx(max_rel_error(user_masked(model, masks)(x), small(x)), rel=1e-3)
+    assert dropped.relative_error > 1e-3
 
 
 def test_vit_residual_stream_removed_and_hidden_dim_follows() -> None:

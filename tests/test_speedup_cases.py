@@ -66,6 +66,18 @@ def hand_oracle(model: nn.Module, keeps: dict[str, torch.Tensor], norms: dict[st
     return ref
 
 
+def user_masked(model: nn.Module, masks: dict) -> nn.Module:
+    """The independent oracle: an eval-mode copy with each mask multiplied into exactly the tensor it names."""
+    ref = copy.deepcopy(model).eval()
+    modules = dict(ref.named_modules())
+    with torch.no_grad():
+        for name, per in masks.items():
+            for attr, mask in per.items():
+                t = getattr(modules[name], attr)
+                t.mul_(mask.to(t.dtype))
+    return ref
+
+
 def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max()) / max(float(a.abs().max()), 1e-6)

@@ -18,8 +18,8 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt, LayerNorm2d
 
 from deploycompress.graph import trace_channels
 from deploycompress.pruning import L1NormPruner
-from deploycompress.speedup import masked_model, speedup, speedup_with_report
-from test_speedup_cases import channel_mask, max_rel_error, single_thread  # noqa: F401
+from deploycompress.speedup import joined_masks, masked_model, speedup, speedup_with_report
+from test_speedup_cases import channel_mask, max_rel_error, single_thread, user_masked  # noqa: F401
 from test_speedup_zoo import small_transformer
 
 TOL = 1e-5
@@ -43,10 +43,10 @@ def randomize_affine(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def run(model: nn.Module, x: torch.Tensor, masks: dict, mode: str):
+def run(model: nn.Module, x: torch.Tensor, masks: dict, mode: str, constants: str = "keep"):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        small, report = speedup_with_report(model, masks, x, norm_spans=mode)
+        small, report = speedup_with_report(model, masks, x, norm_spans=mode, masked_constants=constants)
     return small, report, [str(w.message) for w in caught]
 
 
@@ -297,7 +297,10 @@ def test_vit_prune_norm_spans_narrows_the_residual_stream() -> None:
     pruner = L1NormPruner(model, config, dependency_aware=True, dummy_input=x)
     _, masks = pruner.compress()
     model = pruner.unwrap_model()
-    pruned, report, _ = run(model, x, masks, "prune")
+    # the pruner's joined masks follow norm_spans="keep" (the stream is pinned there): dropping the class
+    # token's and position embedding's entries of the stream is the second explicit trade
+    pruned, report, _ = run(model, x, masks, "prune", "prune")
+    assert report.constants_dropped and any("masked_constants='prune'" in n for n in report.notes)
     kept, keep_report, _ = run(model, x, masks, "keep")
     assert keep_report.norms_changed == [] and kept.hidden_dim == 32
     assert pruned.hidden_dim == 16 and pruned.conv_proj.out_channels == 16
@@ -341,9 +344,10 @@ def test_width_read_by_code_is_kept_only_when_narrowing_breaks_the_model() -> No
     assert report.relative_error is not None and report.relative_error < 1e-5  # nothing narrowed: the masked model
 
 
-def test_position_embedding_is_zeroed_behind_a_removed_channel() -> None:
-    """conv -> + per-channel position parameter -> conv: the masked model zeroes the parameter's entries of a
-    removed channel (as BatchNorm's beta), and speedup reproduces it exactly, with no LayerNorm involved."""
+def test_position_embedding_keeps_channels_unless_masked_too() -> None:
+    """conv -> + per-channel position parameter -> conv: with the conv masked alone, the channels are the
+    position parameter in the user's masked model, so they stay (exact); with the joined masks
+    (``joined_masks``: the parameter's entries masked too) they go, exactly."""
 
     class PosNet(nn.Module):
         def __init__(self) -> None:
@@ -358,6 +362,12 @@ def test_position_embedding_is_zeroed_behind_a_removed_channel() -> None:
     model, x = PosNet().eval(), torch.randn(2, 3, 6, 6)
     drop = [1, 4, 6]
     masks = {"a": channel_mask(model.a, keep_of(8, drop))}
+    small, report, _ = run(model, x, masks, "keep")
+    assert small.a.out_channels == 8 and max_rel_error(user_masked(model, masks)(x), small(x)) < TOL
+    assert {r.name: r.kept_masked for r in report.layers}["a"] == 3
+    assert "pos is non-zero" in next(iter({r.name: r for r in report.layers}["a"].kept_reasons))
+    masks = joined_masks(model, masks, x)
+    assert set(masks) == {"a", ""} and torch.equal(masks[""]["pos"][0, :, 0, 0], keep_of(8, drop))
     small, report, _ = run(model, x, masks, "keep")
     assert small.a.out_channels == 5 and small.pos.shape == (1, 5, 6, 6) and small.b.in_channels == 5
     oracle = PosNet().eval()

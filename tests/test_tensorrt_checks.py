@@ -144,27 +144,30 @@ def test_profiles_cover_every_dynamic_axis():
         make_profiles([("x", ["batch", 3])], {}, max_batch_size=4)
 
 
-class _Coin(torch.nn.Module):
+class _Det(torch.nn.Module):
+    """Linear, then a determinant (ONNX Det: onnxruntime runs it, the ONNX-TensorRT parser does not)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.fc = torch.nn.Linear(4, 4)
 
     def forward(self, x):
-        return self.fc(x) * torch.bernoulli(torch.ones_like(x))
+        y = self.fc(x)
+        return y * torch.linalg.det(y.view(-1, 2, 2)).unsqueeze(1)
 
 
 def test_build_engine_refuses_an_unsupported_op_before_writing_anything(tmp_path):
     out = tmp_path / "b"
-    with pytest.raises(EngineError, match=r"(?s)Bernoulli.*op-unsupported"):
-        dc.build_engine(_Coin().eval(), example_inputs=torch.randn(2, 4), backend="tensorrt", precision="fp32",
+    with pytest.raises(EngineError, match=r"(?s)Det.*op-unsupported"):
+        dc.build_engine(_Det().eval(), example_inputs=torch.randn(2, 4), backend="tensorrt", precision="fp32",
                         out_dir=out, progress=False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_build_engine_refuses_unknown_tensorrt_options(tmp_path):
     with pytest.raises(EngineError, match="unknown TensorRT build option"):
-        dc.build_engine(_Coin().eval(), example_inputs=torch.randn(2, 4), backend="tensorrt", precision="fp32",
+        dc.build_engine(_Det().eval(), example_inputs=torch.randn(2, 4), backend="tensorrt", precision="fp32",
                         out_dir=tmp_path / "b", backend_options={"fp16": True}, progress=False)
     with pytest.raises(EngineError, match="precision must be one of"):
-        dc.build_engine(_Coin().eval(), example_inputs=torch.randn(2, 4), backend="onnxruntime", precision="fp16",
+        dc.build_engine(_Det().eval(), example_inputs=torch.randn(2, 4), backend="onnxruntime", precision="fp16",
                         out_dir=tmp_path / "b", progress=False)

@@ -63,19 +63,20 @@ def test_int8_and_fp16_engines_match_onnxruntime_and_int8_is_faster(resnet18_bun
 
     art, model, x = resnet18_bundle
     backend = dc.get_backend("tensorrt")
-    feeds = {"input": x[:8].numpy()}
+    name = onnx.load(str(art.out_dir / "source/model.fp32.onnx")).graph.input[0].name
+    feeds = {name: x[:8].numpy()}
     results = {}
     for precision in ("int8", "fp16"):
         graph = art.out_dir / f"tensorrt/model.{precision}.onnx"
         plan = backend.build(graph, tmp_path / precision, precision=precision, max_batch_size=32)
         runner = backend.load(plan)
-        got = runner.run(feeds)["output"]
+        got = next(iter(runner.run(feeds).values()))
         ref = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-        layers = runner.profile({"input": x[:1].numpy()}, iterations=10)
+        layers = runner.profile({name: x[:1].numpy()}, iterations=10)
         assert layers and all(lt.mean_ms >= 0 for lt in layers)
         results[precision] = {"cosine_vs_onnxruntime": _cosine(got, ref), "max_abs_vs_onnxruntime": float(np.abs(got - ref).max()),
-                              "p50_ms_batch1": _p50_ms(runner, {"input": x[:1].numpy()}),
-                              "p50_ms_batch32": _p50_ms(runner, {"input": x[:32].numpy()}, n=50)}
+                              "p50_ms_batch1": _p50_ms(runner, {name: x[:1].numpy()}),
+                              "p50_ms_batch32": _p50_ms(runner, {name: x[:32].numpy()}, n=50)}
         assert results[precision]["cosine_vs_onnxruntime"] > (0.99 if precision == "int8" else 0.999), results
     faster = results["int8"]["p50_ms_batch32"] < results["fp16"]["p50_ms_batch32"]
     REPORT["resnet18"] = {**results, "int8_faster_than_fp16": faster}
@@ -96,9 +97,10 @@ def test_device_build_publishes_a_checked_engine_and_updates_the_manifest(resnet
     assert manifest.extra["tensorrt"]["status"] == "built"
     assert (bundle / "model_repository/resnet18/config.pbtxt").read_text() == (bundle / "tensorrt/config.pbtxt").read_text()
     runner = dc.load_bundle(bundle)
+    name, out = runner.inputs[0].name, runner.outputs[0].name
     with np.load(bundle / "tensorrt/golden.npz") as g:
-        got = runner.run({"input": g["input:input"]})["output"]
-        assert _cosine(got, g["output:output"]) > 0.98
+        got = runner.run({name: g[f"input:{name}"]})[out]
+        assert _cosine(got, g[f"output:{out}"]) > 0.98
     report = json.loads((bundle / "tensorrt/device_report.json").read_text())
     assert report["within_tolerances"] and report["layers"] and report["latency_ms"]["p50"] > 0
     REPORT["device_build"] = {"latency_ms": res.latency_ms, "fidelity": res.fidelity, "strongly_typed": res.strongly_typed}
@@ -136,7 +138,7 @@ def test_dla_fallback_layers_are_listed_where_dla_exists(resnet18_bundle, tmp_pa
         pytest.skip("no DLA core on this device")
     art, _, _ = resnet18_bundle
     plan = dc.get_backend("tensorrt").build(art.out_dir / "tensorrt/model.fp16.onnx", tmp_path, precision="fp16",
-                                            dla_core=0, example_shapes={"input": [1, 3, 224, 224]})
+                                            dla_core=0, example_shapes={"x": [1, 3, 224, 224]})
     assert plan.is_file()
 
 

@@ -80,7 +80,7 @@ def test_fp16_graph_has_fp16_weights_and_fp32_io(portable):
     import onnxruntime as ort
 
     x = data.test_x[:32].numpy()
-    y = ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    y = ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {g.graph.input[0].name: x})[0]
     with torch.no_grad():
         ref = model(data.test_x[:32]).numpy()
     assert np.abs(y - ref).max() < 0.05 * max(1.0, np.abs(ref).max())
@@ -88,8 +88,9 @@ def test_fp16_graph_has_fp16_weights_and_fp32_io(portable):
 
 def test_golden_outputs_are_the_pytorch_outputs(portable):
     art, model, data = portable
+    graph = onnx.load(str(art.out_dir / "source/model.fp32.onnx"))
     with np.load(art.out_dir / "tensorrt/golden.npz") as g:
-        x, y = g["input:input"], g["output:output"]
+        x, y = g[f"input:{graph.graph.input[0].name}"], g[f"output:{graph.graph.output[0].name}"]
     np.testing.assert_array_equal(x, data.test_x[:8].numpy())
     with torch.no_grad():
         np.testing.assert_allclose(y, model(torch.from_numpy(x)).numpy(), rtol=0, atol=1e-6)
@@ -99,7 +100,8 @@ def test_build_plan_profiles_options_tolerances_and_commands(portable):
     art, _, _ = portable
     plan = BuildPlan.load(art.out_dir / "tensorrt/build_plan.json")
     assert plan.precision == "int8" and set(plan.graphs) == {"int8", "fp16"}
-    p = plan.profiles["input"]
+    name = plan.inputs[0]["name"]
+    p = plan.profiles[name]
     assert (p.min, p.opt, p.max) == ((1, 1, 8, 8), (2, 1, 8, 8), (16, 1, 8, 8))
     assert plan.options.workspace_mib == 512 and plan.options.optimization_level == 4
     assert plan.graph_types == {"int8": {"qdq": True, "fp16": False}, "fp16": {"qdq": False, "fp16": True}}
@@ -111,10 +113,10 @@ def test_build_plan_profiles_options_tolerances_and_commands(portable):
     assert "--stronglyTyped" in t10 and "--int8" not in t10  # a QDQ graph: its types are the engine's
     for c in (t11, cmds["trtexec_trt11_fp16"], cmds["polygraphy_trt11_int8"]):
         assert not any(f in c.split() for f in ("--int8", "--fp16", "--best", "--stronglyTyped"))
-    assert "--minShapes=input:1x1x8x8" in t10 and "--maxShapes=input:16x1x8x8" in t10 and "--optShapes=input:2x1x8x8" in t10
+    assert f"--minShapes={name}:1x1x8x8" in t10 and f"--maxShapes={name}:16x1x8x8" in t10 and f"--optShapes={name}:2x1x8x8" in t10
     assert "--memPoolSize=workspace:512M" in t10 and "--builderOptimizationLevel=4" in t10
     poly = shlex.split(cmds["polygraphy_trt10_fp16"])
-    assert poly[poly.index("--trt-max-shapes") + 1] == "input:[16,1,8,8]" and poly[poly.index("--pool-limit") + 1] == "workspace:512M"
+    assert poly[poly.index("--trt-max-shapes") + 1] == f"{name}:[16,1,8,8]" and poly[poly.index("--pool-limit") + 1] == "workspace:512M"
     assert "--strongly-typed" in poly  # an fp16 graph on TensorRT 10: strongly typed too
     assert "tensorrt/model.fp16.onnx" in cmds["trtexec_trt11_fp16"]
     script = (art.out_dir / "tensorrt/commands.sh").read_text()

@@ -89,7 +89,7 @@ def test_validate_int8_reports_its_error(runners):
 
 def test_polygraphy_comparator_across_runners(runners):
     _, x, fp32, fp32_plain, int8 = runners
-    feeds = [{"input": x[i : i + 16].numpy()} for i in range(0, 64, 16)]
+    feeds = [{"x": x[i : i + 16].numpy()} for i in range(0, 64, 16)]
     same = compare_backends({"ort-optimized": fp32, "ort-unoptimized": fp32_plain}, feeds, atol=1e-4, rtol=1e-4)
     assert same.passed and max(same.max_abs_error.values()) < 1e-4
     quantized = compare_backends({"fp32": fp32, "int8": int8}, feeds, atol=1e-5, rtol=1e-5)

@@ -63,6 +63,15 @@ def _through(t, ops: tuple[str, ...]) -> list:
     return out
 
 
+def _has_weight(node: gs.Node) -> bool:
+    """Input 1 is a weight (a constant, or a dequantized constant), not an activation (attention's q @ k)."""
+    w = node.inputs[1]
+    p = _producer(w)
+    if p is not None and p.op == "DequantizeLinear":
+        return gs_constant(p.inputs[0]) is not None
+    return gs_constant(w) is not None
+
+
 def _dequantized(x, ops: tuple[str, ...]) -> bool:
     """``x`` comes from a DequantizeLinear, possibly through ops the target fuses through."""
     for _ in range(16):
@@ -125,7 +134,7 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
         return findings
 
     for node in graph.nodes:
-        if node.op in WEIGHTED_OPS and len(node.inputs) > 1:
+        if node.op in WEIGHTED_OPS and len(node.inputs) > 1 and _has_weight(node):
             x, w = node.inputs[0], node.inputs[1]
             wp = _producer(w)
             if wp is None or wp.op != "DequantizeLinear":
@@ -150,7 +159,7 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
                 needed = any(r.op in ("Add",) + WEIGHTED_OPS for r in readers)
                 if quantizers and not needed:
                     add(node.name, "output-quantized", f"output {out.name!r} is quantized; TensorRT wants it float")
-            elif (spec.float_output_severity and out not in graph.outputs
+            elif (spec.float_output_severity and out not in graph.outputs and node.op in spec.needs_quantized_output
                   and not any(c.op == "QuantizeLinear" for c in _through(out, spec.folds_into_quantize))):
                 add(node.name, "float-output", f"output {out.name!r} reaches no QuantizeLinear: {spec.name} keeps this op in float",
                     spec.float_output_severity)

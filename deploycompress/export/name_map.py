@@ -56,6 +56,9 @@ class ModuleMapping:
     weight_fold: np.ndarray | None = None  # graph weight / module weight per output channel (BatchNorm folded)
     folded_into: str | None = None  # for a BatchNorm: the weighted module it was folded into
     folded: list[str] = field(default_factory=list)  # for a weighted module: BatchNorms folded into it
+    weight_nodes: list[str] = field(default_factory=list)  # every call's weighted node (shared weights)
+    weight_inits: list[str] = field(default_factory=list)  # and the initializer each reads
+    weight_folds: list = field(default_factory=list)  # and its fold factor (None: nothing folded)
 
     def to_dict(self) -> dict:
         return {
@@ -66,6 +69,7 @@ class ModuleMapping:
             "outputs": list(self.outputs),
             "weight": self.weight,
             "weight_node": self.weight_node,
+            "weight_nodes": list(self.weight_nodes),
             "weight_axis": self.weight_axis,
             "folded_into": self.folded_into,
             "folded": list(self.folded),
@@ -209,7 +213,7 @@ def _fold_factor(graph_w: np.ndarray, module_w: np.ndarray, axis: int) -> np.nda
     r = np.where(denom > 0, (g * m).sum(1) / np.where(denom > 0, denom, 1.0), 1.0)
     if not np.allclose(g, m * r[:, None], rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(g).max(initial=0)))):
         return None
-    return r
+    return np.where(denom > 0, r, np.nan)  # a zeroed channel (pruned) fits any factor: NaN, "undetermined"
 
 
 def _verify_weight(name: str, module: nn.Module, graph: _Graph, node: onnx.NodeProto) -> tuple[str, int, np.ndarray | None]:
@@ -232,7 +236,8 @@ def _verify_weight(name: str, module: nn.Module, graph: _Graph, node: onnx.NodeP
         raise NameMapError(
             f"module {name!r}: initializer {src!r} of node {node.name} is neither the module's weight nor a per-channel rescaling of it"
         )
-    exact = np.allclose(fold, 1.0, rtol=0, atol=1e-7)
+    known = ~np.isnan(fold)
+    exact = np.allclose(fold[known], 1.0, rtol=0, atol=1e-7)
     return src, axis, None if exact else fold.astype(np.float32)
 
 
@@ -285,12 +290,18 @@ def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto, calls:
             inputs=inputs,
             outputs=outputs,
         )
-        weighted = [n for nodes in call_nodes for n in nodes if n.op_type in WEIGHTED_OPS]
-        if isinstance(getattr(module, "weight", None), torch.Tensor) and weighted:
-            if len(weighted) != 1:
-                raise NameMapError(f"module {name!r}: expected one weighted node, found {[n.name for n in weighted]}")
-            mapping.weight, mapping.weight_axis, mapping.weight_fold = _verify_weight(name, module, graph, weighted[0])
-            mapping.weight_node = weighted[0].name
+        weighted = [[n for n in nodes if n.op_type in WEIGHTED_OPS] for nodes in call_nodes]
+        if isinstance(getattr(module, "weight", None), torch.Tensor) and any(weighted):
+            bad = [[n.name for n in w] for w in weighted if len(w) > 1]
+            if bad:
+                raise NameMapError(f"module {name!r}: expected one weighted node per call, found {bad[0]}")
+            for (node,) in (w for w in weighted if w):  # a module called several times: one node per call
+                src, axis, fold = _verify_weight(name, module, graph, node)
+                mapping.weight_nodes.append(node.name)
+                mapping.weight_inits.append(src)
+                mapping.weight_folds.append(fold)
+                mapping.weight_axis = axis
+            mapping.weight, mapping.weight_node, mapping.weight_fold = mapping.weight_inits[0], mapping.weight_nodes[0], mapping.weight_folds[0]
         # shapes: the module's output per call, as PyTorch saw it at the example inputs
         recorded = calls.get(name, [])
         for out, (_, tshape) in zip(mapping.outputs, recorded):
@@ -310,6 +321,15 @@ def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto, calls:
     return NameMap(mappings, unmapped)
 
 
+def _fold_matches(fold: np.ndarray, factor: np.ndarray) -> bool:
+    """The per-channel factor of a folded weight equals a BatchNorm's gamma / sqrt(var + eps) on every
+    channel where it is determined (channels whose weights are all zero fit any factor)."""
+    if fold.shape != factor.shape:
+        return False
+    known = ~np.isnan(fold)
+    return bool(known.any()) and np.allclose(fold[known], factor[known], rtol=1e-3, atol=1e-6)
+
+
 def _map_folded_batchnorms(modules, mappings, unmapped, calls, graph: _Graph) -> None:
     """A BatchNorm folded into a Conv maps to that Conv's output, identified by its per-channel factor."""
     folded = [m for m in mappings.values() if m.weight_fold is not None]
@@ -318,10 +338,7 @@ def _map_folded_batchnorms(modules, mappings, unmapped, calls, graph: _Graph) ->
             continue
         gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(bn.running_var, dtype=torch.float64)
         factor = (gamma / torch.sqrt(bn.running_var.double() + bn.eps)).numpy()
-        match = [
-            m for m in folded
-            if not m.folded and m.weight_fold.shape == factor.shape and np.allclose(m.weight_fold, factor, rtol=1e-3, atol=1e-6)
-        ]
+        match = [m for m in folded if not m.folded and _fold_matches(m.weight_fold, factor)]
         if len(match) > 1:  # identical factors (e.g. freshly initialised BNs): the one called right before
             order = list(calls)
             before = [m for m in match if m.name in order and name in order and order.index(m.name) < order.index(name)]
@@ -330,6 +347,10 @@ def _map_folded_batchnorms(modules, mappings, unmapped, calls, graph: _Graph) ->
             continue
         conv = match[0]
         conv.folded.append(name)
+        known = ~np.isnan(conv.weight_fold)
+        conv.weight_fold = np.where(known, conv.weight_fold, factor).astype(np.float32)  # zeroed channels: the BN's own factor
+        if conv.weight_folds:
+            conv.weight_folds[0] = conv.weight_fold
         tshape = calls.get(name, [((), ())])[0][1]
         for out in conv.outputs:
             if tshape and not _shapes_agree(tshape, graph.shapes.get(out)):

@@ -15,8 +15,8 @@ import io
 import logging
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -25,9 +25,10 @@ from onnx import helper
 from torch import nn
 
 from ..backends.base import TensorSpec
+from ..tensor_io import InputNamingError, flatten_outputs, name_inputs
 from .name_map import NameMap, build_name_map, record_calls
 
-__all__ = ["ExportError", "ExportResult", "to_onnx", "tensor_specs"]
+__all__ = ["ExportError", "ExportResult", "TracerWarning", "to_onnx", "tensor_specs"]
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,10 @@ class ExportResult:
     name_map: NameMap
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    tracer_warnings: list[str] = field(default_factory=list)  # what the exporter's tracer warned about
 
     def save(self, path) -> None:
         onnx.save(self.model, str(path))
-
-
-def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise ExportError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
 _OP_PATTERNS = (
@@ -86,32 +80,54 @@ def to_onnx(
     example_inputs,
     *,
     dynamic_batch: bool = True,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     opset: int = 17,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
 ) -> ExportResult:
-    """Export ``model`` (in eval mode) and map every module to the ONNX nodes and tensors it became."""
+    """Export ``model`` (in eval mode) and map every module to the ONNX nodes and tensors it became.
+
+    ``example_inputs``: a tensor, a tuple of tensors or a dict of tensors keyed by forward's parameter
+    names. Inputs are named after forward's parameters and outputs after the structure forward returns
+    (:mod:`deploycompress.tensor_io`), unless ``input_names``/``output_names`` say otherwise.
+    ``dynamic_batch`` makes axis 0 of every input and output dynamic ("batch"); ``dynamic_axes`` adds
+    more per input, e.g. ``{"ids": {1: "sequence"}}``. Raises :class:`ExportError` naming the problem.
+    """
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: QDQ per-channel weights need opset >= {MIN_OPSET}")
-    args = _as_tuple(example_inputs)
-    input_names = list(input_names) if input_names else (["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))])
-    if len(input_names) != len(args):
-        raise ExportError(f"{len(input_names)} input_names for {len(args)} example inputs")
+    try:
+        named = name_inputs(model, example_inputs)
+    except InputNamingError as exc:
+        raise ExportError(str(exc)) from None
+    args = named.args
+    input_names = list(input_names) if input_names else list(named.names)
+    if len(input_names) != len(named.names):
+        raise ExportError(f"{len(input_names)} input_names for {len(named.names)} example inputs")
+    unknown = sorted(set(dynamic_axes or {}) - set(input_names))
+    if unknown:
+        raise ExportError(f"dynamic_axes names {unknown}, which are not inputs; inputs are {input_names}")
     was_training = model.training
     model.eval()
     try:
         calls, reference = record_calls(model, args)
-        outs = reference if isinstance(reference, (tuple, list)) else (reference,)
-        if output_names is None:
-            output_names = ["output"] if len(outs) == 1 else [f"output{i}" for i in range(len(outs))]
-        output_names = list(output_names)
-        if len(output_names) != len(outs):
-            raise ExportError(f"{len(output_names)} output_names for {len(outs)} model outputs")
-        dynamic_axes = {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
-        buf = io.BytesIO()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            flat = flatten_outputs(reference)
+        except TypeError as exc:
+            raise ExportError(str(exc)) from None
+        if output_names is None:
+            output_names = list(flat)
+        output_names = list(output_names)
+        if len(output_names) != len(flat):
+            raise ExportError(f"{len(output_names)} output_names for {len(flat)} model outputs")
+        axes: dict[str, dict[int, str]] = {}
+        if dynamic_batch:
+            axes = {n: {0: "batch"} for n in input_names + output_names}
+        for n, extra in (dynamic_axes or {}).items():
+            axes.setdefault(n, {}).update({int(k): str(v) for k, v in extra.items()})
+        buf = io.BytesIO()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
                 torch.onnx.export(
                     model,
                     args,
@@ -120,22 +136,41 @@ def to_onnx(
                     opset_version=opset,
                     input_names=input_names,
                     output_names=output_names,
-                    dynamic_axes=dynamic_axes,
+                    dynamic_axes=axes or None,
                     do_constant_folding=True,
                 )
-        except Exception as exc:  # the exporter raises many types; all end here with the op named
-            op = _failing_op(exc)
-            what = f"operator {op}" if op else "an operator"
-            raise ExportError(
-                f"cannot export {type(model).__name__} to ONNX opset {opset}: {what} is not supported ({exc})"
-            ) from exc
+            except Exception as exc:  # the exporter raises many types; all end here with the op named
+                op = _failing_op(exc)
+                what = f"operator {op}" if op else "an operator"
+                raise ExportError(
+                    f"cannot export {type(model).__name__} to ONNX opset {opset}: {what} is not supported ({exc})"
+                ) from exc
+        tracer = _surface_tracer_warnings(caught)
         proto = onnx.load_from_string(buf.getvalue())
         proto = onnx.shape_inference.infer_shapes(proto)
         name_map = build_name_map(model, args, proto, calls)
     finally:
         model.train(was_training)
     log.info("exported %s: %d nodes, %d modules mapped", type(model).__name__, len(proto.graph.node), len(name_map))
-    return ExportResult(proto, name_map, tensor_specs(proto.graph.input), tensor_specs(proto.graph.output))
+    return ExportResult(proto, name_map, tensor_specs(proto.graph.input), tensor_specs(proto.graph.output), tracer)
+
+
+class TracerWarning(UserWarning):
+    """The exporter traced Python control flow or a value as a constant: the graph may hold one branch only."""
+
+
+def _surface_tracer_warnings(caught) -> list[str]:
+    """Re-issue the tracer's warnings (data-dependent control flow, tensors converted to Python
+    values) as :class:`TracerWarning`; the exporter's deprecation notices are dropped."""
+    found = []
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            text = str(w.message).split("\n")[0]
+            if text not in found:
+                found.append(text)
+    for text in found:
+        warnings.warn(f"ONNX export traced a Python value as a constant: {text}", TracerWarning, stacklevel=3)
+    return found
 
 
 def onnx_opset(model: onnx.ModelProto) -> int:

@@ -19,8 +19,10 @@ Where Q/DQ go and in which flavour is described once per target in :mod:`.target
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +38,27 @@ from .name_map import NameMap, NameMapError
 from .onnx_export import MIN_OPSET, onnx_opset
 from .targets import QDQ_TARGETS, QDQTarget, get_target
 
-__all__ = ["QDQError", "TARGETS", "insert_qdq", "needs_reduced_range"]
+__all__ = ["CalibrationSkippedWarning", "QDQError", "TARGETS", "insert_qdq", "needs_reduced_range", "skipped_calibration"]
 
 log = logging.getLogger(__name__)
 
 #: names of the registered targets (see :mod:`.targets`)
 TARGETS = tuple(QDQ_TARGETS)
+
+
+SKIPPED_KEY = "deploycompress.qdq.skipped"
+
+
+class CalibrationSkippedWarning(UserWarning):
+    """A calibration entry names a module of the model that has no tensor in the exported graph."""
+
+
+def skipped_calibration(qdq_model: onnx.ModelProto) -> list[dict[str, str]]:
+    """The calibration entries :func:`insert_qdq` skipped (module, kind, reason), from the graph's metadata."""
+    for p in qdq_model.metadata_props:
+        if p.key == SKIPPED_KEY:
+            return list(json.loads(p.value))
+    return []
 
 
 class QDQError(ValueError):
@@ -52,6 +69,14 @@ class QDQError(ValueError):
 class _Act:
     params: QuantParams
     sources: list[str]  # "module.kind" entries that gave this range
+    #: nodes that read the dequantized value; None: every consumer. A module's *input* calibration
+    #: quantizes what that module reads, as the simulation does (its wrapper quantizes its own input):
+    #: other readers of the tensor (a residual skip) keep the float value when the target says so
+    readers: frozenset[str] | None = None
+
+
+def _readers(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    return None if a is None or b is None else a | b
 
 
 def _union(a: QuantParams, b: QuantParams) -> QuantParams:
@@ -63,9 +88,13 @@ def _union(a: QuantParams, b: QuantParams) -> QuantParams:
 def _collect(calib: CalibConfig, name_map: NameMap, graph_tensors: set[str]):
     """Calibration entries -> weight and activation tensors; all naming errors raised together."""
     missing: list[str] = []
+    skipped: list[dict[str, str]] = []
     weights: dict[str, tuple[str, QuantParams]] = {}
     acts: dict[str, _Act] = {}
     for module, kind, params in calib.items():
+        if module in name_map.unmapped:  # in the model, but not in the graph: dead code, folded, an identity
+            skipped.append({"module": module, "kind": kind, "reason": name_map.unmapped[module]})
+            continue
         try:
             m = name_map.require(module)
         except NameMapError as exc:
@@ -82,7 +111,7 @@ def _collect(calib: CalibConfig, name_map: NameMap, graph_tensors: set[str]):
         tensors = m.inputs if kind == "input" else m.outputs
         if not any(tensors):
             why = f"BatchNorm {m.folded[0]!r} was folded into it" if m.folded else "it has no such tensor in the graph"
-            log.warning("calibration of %s.%s is not used: %s", module, kind, why)
+            skipped.append({"module": module, "kind": kind, "reason": why})
             continue
         for t in tensors:
             if not t:
@@ -90,13 +119,16 @@ def _collect(calib: CalibConfig, name_map: NameMap, graph_tensors: set[str]):
             if t not in graph_tensors:
                 missing.append(f"tensor {t!r} ({module}.{kind}) is not in the graph")
                 continue
+            readers = frozenset(m.nodes) if kind == "input" else None
             if t in acts:
-                acts[t] = _Act(_union(acts[t].params, params), acts[t].sources + [f"{module}.{kind}"])
+                acts[t] = _Act(_union(acts[t].params, params), acts[t].sources + [f"{module}.{kind}"], _readers(acts[t].readers, readers))
             else:
-                acts[t] = _Act(params, [f"{module}.{kind}"])
+                acts[t] = _Act(params, [f"{module}.{kind}"], readers)
     if missing:
         raise QDQError("the calibration names modules or tensors the model lacks:\n  " + "\n  ".join(missing))
-    return weights, acts
+    for item in skipped:
+        warnings.warn(f"calibration of {item['module']}.{item['kind']} is not used: {item['reason']}", CalibrationSkippedWarning, stacklevel=3)
+    return weights, acts, skipped
 
 
 def _copy_source(tensor: gs.Tensor, ops: tuple[str, ...]) -> gs.Tensor:
@@ -136,8 +168,8 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
     weighted_out = {name for name, n in producers.items() if n.op in WEIGHTED_OPS}
     if not target.graph_outputs_float:
         graph_outputs = set()
-    # a graph output that a weighted op also reads is quantized for that reader only (_qdq_pair
-    # rewires consumers; the output itself stays the float tensor)
+    # a graph output that a weighted op also reads is quantized for that reader only (the output
+    # itself stays the float tensor: _qdq_pair's output_float)
     read_by_weighted = {n.inputs[0].name for n in graph.nodes if n.op in WEIGHTED_OPS and n.inputs}
     chosen = {t: a for t, a in acts.items() if t not in graph_outputs or t in read_by_weighted}
     if target.weighted_outputs_float:
@@ -173,7 +205,7 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
         if pads:
             params = _union(params, params_from_range(min(pads), max(pads), bits=params.bits, signed=params.signed,
                                                       symmetric=params.symmetric))
-        chosen[x.name] = _Act(params, act.sources + [f"moved past the value-copying ops before {node.name}"])
+        chosen[x.name] = _Act(params, act.sources + [f"moved past the value-copying ops before {node.name}"], frozenset([node.name]))
     for node in reversed(graph.nodes):  # outputs before inputs: a chain of such ops propagates back
         src = node.inputs[0] if node.inputs else None
         if (node.op in target.same_scale_ops and src is not None and src.name not in chosen and src.name not in graph_outputs
@@ -262,35 +294,55 @@ def _weight_scales(module: str, p: QuantParams, channels: int, fold: np.ndarray 
     scale = np.broadcast_to(scale, (channels,)).copy()
     if fold is not None:
         scale = scale * np.abs(fold.astype(np.float64))
-        scale = np.where(scale > 0, scale, 1.0)
+        scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)  # zeroed channels: any scale holds 0 exactly
     return scale.astype(np.float32)
 
 
+def _fit_zero_rows(scale: np.ndarray, q: np.ndarray, axis: int, node: gs.Node, dq_source: dict, act_params: dict, int32_bias: bool) -> np.ndarray:
+    """Weight scales of all-zero int8 rows (masked channels speedup kept) sized to their bias.
+
+    Such a channel outputs its bias alone and any weight scale represents its zero weights, but the
+    int32 bias uses ``x_scale * w_scale``: a calibrated near-zero weight scale would overflow it and a
+    placeholder scale of 1 would round it to whole activation steps. ``|bias| / (x_scale * 2**30)``
+    keeps it within int32 at full precision.
+    """
+    zero_rows = ~np.moveaxis(q != 0, axis, 0).reshape(q.shape[axis], -1).any(1)
+    x_name = dq_source.get(node.inputs[0].name) if node.inputs else None
+    if not int32_bias or not zero_rows.any() or len(node.inputs) < 3 or x_name not in act_params or axis != 0:
+        return scale
+    b = gs_constant(node.inputs[2])
+    if b is None or b.ndim != 1 or b.size != scale.size:
+        return scale
+    fit = np.abs(b.astype(np.float64)) / (np.float64(act_params[x_name].scale.reshape(())) * 2**30)
+    return np.where(zero_rows & (fit > 0), fit, scale).astype(scale.dtype)
+
+
 def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: int | None = None,
-              output_float: bool = False) -> gs.Variable:
+              readers: frozenset[str] | None = None, output_float: bool = False) -> gs.Variable:
     base = tensor.name
     s = gs.Constant(f"{base}_scale", np.asarray(scale, dtype=np.float32))
     z = gs.Constant(f"{base}_zero_point", np.asarray(zero_point))
     q = gs.Variable(f"{base}_quantized", dtype=z.values.dtype, shape=tensor.shape)
     dq = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=tensor.shape)
     attrs = {} if axis is None else {"axis": axis}
-    if any(t is tensor for t in graph.outputs) and tensor.inputs and not output_float:
+    source, out = tensor, dq
+    if readers is not None:  # only these nodes read the quantized value; the rest keep the float tensor
+        consumers = [n for n in tensor.outputs if n.name in readers]
+    elif any(t is tensor for t in graph.outputs) and tensor.inputs and not output_float:
         # a graph output keeps its name on the dequantized value; the producer writes a new float tensor
-        # (with ``output_float`` the output stays the float tensor and only its readers get the Q/DQ)
         producer = tensor.inputs[0]
-        pre = gs.Variable(f"{base}_float", dtype=tensor.dtype, shape=tensor.shape)
-        producer.outputs[[i for i, o in enumerate(producer.outputs) if o is tensor][0]] = pre
-        graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[pre, s, z], outputs=[q]))
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[tensor]))
-        return tensor
-    consumers = list(tensor.outputs)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[tensor, s, z], outputs=[q]))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[dq]))
+        source = gs.Variable(f"{base}_float", dtype=tensor.dtype, shape=tensor.shape)
+        producer.outputs[[i for i, o in enumerate(producer.outputs) if o is tensor][0]] = source
+        consumers, out = [], tensor
+    else:
+        consumers = list(tensor.outputs)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs=dict(attrs), inputs=[source, s, z], outputs=[q]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs=dict(attrs), inputs=[q, s, z], outputs=[out]))
     for node in consumers:
         for i, inp in enumerate(node.inputs):
             if inp is tensor:
                 node.inputs[i] = dq
-    return dq
+    return out
 
 
 def _dq_constant(graph: gs.Graph, name: str, values: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> gs.Variable:
@@ -332,7 +384,7 @@ def insert_qdq(
         raise QDQError("the calibration is empty: nothing to quantize")
     graph = gs.import_onnx(onnx_model)
     tensors = graph.tensors()
-    weights, acts = _collect(calib_config, name_map, set(tensors))
+    weights, acts, skipped = _collect(calib_config, name_map, set(tensors))
     placed = _place(graph, acts, spec)
 
     act_params: dict[str, QuantParams] = {}
@@ -341,38 +393,52 @@ def insert_qdq(
         p = _act_flavour(act.params, spec, f"calibration of {', '.join(act.sources)}")
         act_params[tname] = p
         zp = np.asarray(p.zero_point.reshape(()), dtype=np.int8 if p.signed else np.uint8)
-        dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp, output_float=spec.graph_outputs_float)
+        readers = act.readers if spec.skip_reads_float and act.readers is not None else None
+        if readers is not None and all(c.name in readers for c in tensors[tname].outputs):
+            readers = None
+        dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp, readers=readers,
+                       output_float=spec.graph_outputs_float)
         dq_source[dq.name] = tname
 
     nodes_by_name = {n.name: n for n in graph.nodes}
-    for module, (init_name, p) in weights.items():
+    made: dict[str, tuple[gs.Variable, np.ndarray]] = {}  # initializer -> its DequantizeLinear output (shared weights)
+    for module, (_, p) in weights.items():
         m = name_map[module]
-        node = nodes_by_name.get(m.weight_node or "")
-        if node is None:
-            raise QDQError(f"module {module!r}: its node {m.weight_node!r} is not in this graph")
-        w = gs_constant(node.inputs[1])
-        if w is None:
-            raise QDQError(f"module {module!r}: the weight of node {node.name} is not a constant")
-        axis = int(m.weight_axis or 0)
-        scale = _weight_scales(module, p, w.shape[axis], m.weight_fold, wbits)
-        bshape = [1] * w.ndim
-        bshape[axis] = -1
-        q = np.clip(np.round(w / scale.reshape(bshape)), *qrange(wbits, True)).astype(np.int8)
-        node.inputs[1] = _dq_constant(graph, init_name, q, scale, np.zeros(scale.shape, np.int8), axis)
-        # int32 bias for onnxruntime: with it the Conv/Gemm and its Q/DQ fuse into one integer kernel
-        x_name = dq_source.get(node.inputs[0].name)
-        if spec.int32_bias and len(node.inputs) > 2 and x_name in act_params and node.op in ("Conv", "Gemm") and axis == 0:
-            b = gs_constant(node.inputs[2])
-            if b is not None and b.ndim == 1 and b.size == scale.size:
-                bscale = (np.float64(act_params[x_name].scale.reshape(())) * scale.astype(np.float64)).astype(np.float32)
-                qb = np.clip(np.round(b / bscale), -(2**31), 2**31 - 1).astype(np.int32)
-                node.inputs[2] = _dq_constant(graph, f"{node.name}_bias", qb, bscale, np.zeros(bscale.shape, np.int32), 0)
+        folds = [m.weight_fold] + list(m.weight_folds[1:])
+        for k, (node_name, init_name) in enumerate(zip(m.weight_nodes or [m.weight_node], m.weight_inits or [m.weight])):
+            node = nodes_by_name.get(node_name or "")
+            if node is None:
+                raise QDQError(f"module {module!r}: its node {node_name!r} is not in this graph")
+            axis = int(m.weight_axis or 0)
+            if init_name in made:
+                node.inputs[1], scale = made[init_name]
+            else:
+                w = gs_constant(node.inputs[1])
+                if w is None:
+                    raise QDQError(f"module {module!r}: the weight of node {node.name} is not a constant")
+                scale = _weight_scales(module, p, w.shape[axis], folds[k] if k < len(folds) else None, wbits)
+                bshape = [1] * w.ndim
+                bshape[axis] = -1
+                q = np.clip(np.round(w / scale.reshape(bshape)), *qrange(wbits, True)).astype(np.int8)
+                scale = _fit_zero_rows(scale, q, axis, node, dq_source, act_params, spec.int32_bias)
+                node.inputs[1] = _dq_constant(graph, init_name, q, scale, np.zeros(scale.shape, np.int8), axis)
+                made[init_name] = (node.inputs[1], scale)
+            # int32 bias for onnxruntime: with it the Conv/Gemm and its Q/DQ fuse into one integer kernel
+            x_name = dq_source.get(node.inputs[0].name)
+            if spec.int32_bias and len(node.inputs) > 2 and x_name in act_params and node.op in ("Conv", "Gemm") and axis == 0:
+                b = gs_constant(node.inputs[2])
+                if b is not None and b.ndim == 1 and b.size == scale.size:
+                    bscale = (np.float64(act_params[x_name].scale.reshape(())) * scale.astype(np.float64)).astype(np.float32)
+                    qb = np.clip(np.round(b / bscale), -(2**31), 2**31 - 1).astype(np.int32)
+                    node.inputs[2] = _dq_constant(graph, f"{node.name}_bias", qb, bscale, np.zeros(bscale.shape, np.int32), 0)
 
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     del out.opset_import[:]
     out.opset_import.extend(onnx_model.opset_import)
     out.ir_version = onnx_model.ir_version
+    if skipped:  # what the graph does not carry, for the report (read back with skipped_calibration)
+        onnx.helper.set_model_props(out, {**{p.key: p.value for p in out.metadata_props}, SKIPPED_KEY: json.dumps(skipped)})
     onnx.checker.check_model(out)
     log.info("inserted Q/DQ for %s: %d activation tensors, %d weights", spec.name, len(act_params), len(weights))
     return out

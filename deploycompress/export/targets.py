@@ -59,9 +59,17 @@ class QDQTarget:
     #: ops the runtime fuses between a DequantizeLinear and a weighted op: the lint accepts them on
     #: the path from the DQ to the weighted op's input
     fuses_through: tuple[str, ...] = ()
+    #: a tensor calibrated only as some module's *input* is dequantized for that module's nodes; its
+    #: other readers (a residual skip) keep the float value, as in the PTQ/QAT simulation, whose wrapper
+    #: quantizes the module's own input only. False: one shared Q/DQ for every reader (TensorRT fuses
+    #: a quantized residual Add into the conv, and the simulation then differs on the skip)
+    skip_reads_float: bool = False
     #: lint severity when a weighted op's output reaches no QuantizeLinear (the op runs in float);
     #: None: not a finding for this target
     float_output_severity: str | None = None
+    #: the weighted ops whose integer kernel needs a quantized output (onnxruntime: QLinearConv;
+    #: Gemm and MatMul have float-output kernels, QGemm and MatMulIntegerToFloat)
+    needs_quantized_output: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
     notes: str = field(default="", compare=False)
 
     @property
@@ -109,7 +117,9 @@ register_target(QDQTarget(
     folds_into_quantize=("Relu", "Clip"),
     same_scale_ops=_SAME_SCALE,
     moves_past=_COPY_OPS,
+    skip_reads_float=True,
     float_output_severity="warning",
+    needs_quantized_output=("Conv", "ConvTranspose"),
     notes="U8S8: uint8 asymmetric activations, int8 per-channel weights, int32 bias; QLinearConv/QGemm/MatMulInteger",
 ))
 

@@ -78,6 +78,7 @@ class ChannelTrace:
     width_reads: list[torch.Tensor] = field(default_factory=list)  # normalised ids whose width Python code read
     pin_reasons: list[str] = field(default_factory=list)  # why pinned[i] is pinned (same length as pinned)
     live_reasons: list[str] = field(default_factory=list)  # who reads live[i] while it is non-zero
+    dropped: list[Any] = field(default_factory=list)  # zero_dead_norms: rules.dead.DroppedConstant, non-zero slices it zeroed
 
     def pin(self, ids: torch.Tensor, reason: str) -> None:
         """Keep the classes of ``ids`` whole, for ``reason`` (named in the speedup report)."""

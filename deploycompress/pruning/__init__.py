@@ -5,9 +5,22 @@ from .base import Pruner
 from .channel import ChannelPruner
 from .evaluator import TorchEvaluator
 from .io import apply_masks, load_masks, save_masks
+from .iterative import AGPPruner, IterativePruner, LinearPruner, LotteryTicketPruner
 from .level import ElementPruner, LevelPruner
+from .scheduler import PruningScheduler, TaskGenerator
+from .task_generator import AGPTaskGenerator, LinearTaskGenerator, LotteryTicketTaskGenerator
+from .admm import ADMMPruner
+from .movement import MovementPruner
+from .autocompress import AutoCompressPruner
+from .amc import AMCPruner
+from .annealing import SimulatedAnnealingPruner
+from .netadapt import NetAdaptPruner
+from .resources import LookupTable, ResourceMeter
+from .sensitivity import SensitivityAnalysis, SensitivityResult, sensitivity_analysis
+from .executor import InProcessExecutor, RayExecutor
+from .recipe import make_recipe_pruner, run_prune_section, write_search_report
 from .norm import FPGMPruner, L1NormPruner, L2NormPruner
-from .random_masks import group_keep, random_group_masks
+from .random_masks import group_keep, random_group_masks, random_layer_masks
 from .slim import SlimPruner
 from .taylor import TaylorFOWeightPruner
 
@@ -24,9 +37,35 @@ __all__: list[str] = [
     "ActivationMeanRankPruner",
     "TaylorFOWeightPruner",
     "TorchEvaluator",
+    "PruningScheduler",
+    "TaskGenerator",
+    "LinearTaskGenerator",
+    "AGPTaskGenerator",
+    "LotteryTicketTaskGenerator",
+    "IterativePruner",
+    "LinearPruner",
+    "AGPPruner",
+    "LotteryTicketPruner",
+    "NetAdaptPruner",
+    "ADMMPruner",
+    "MovementPruner",
+    "AutoCompressPruner",
+    "AMCPruner",
+    "SimulatedAnnealingPruner",
+    "ResourceMeter",
+    "LookupTable",
+    "SensitivityAnalysis",
+    "SensitivityResult",
+    "sensitivity_analysis",
+    "InProcessExecutor",
+    "RayExecutor",
+    "make_recipe_pruner",
+    "run_prune_section",
+    "write_search_report",
     "save_masks",
     "load_masks",
     "apply_masks",
     "group_keep",
     "random_group_masks",
+    "random_layer_masks",
 ]

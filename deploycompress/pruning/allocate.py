@@ -17,9 +17,14 @@ __all__ = ["prune_count", "global_prune_counts", "lowest", "lowest_slots"]
 _EPS = 1e-6
 
 
-def prune_count(sparsity: float, n: int) -> int:
-    """``floor(sparsity * n)`` (tolerant of float noise such as 0.29 * 100), always keeping one unit."""
-    return max(0, min(n - 1, math.floor(sparsity * n + _EPS)))
+def prune_count(sparsity: float, n: int, rounding: str = "floor") -> int:
+    """``floor(sparsity * n)`` (tolerant of float noise such as 0.29 * 100), always keeping one unit.
+
+    ``rounding="nni"`` gives NNI's count, ``int(n * sparsity)`` (nni/compression/pruning/tools/sparse_gen.py
+    ``_ratio_mask``), float noise included: 0.29 of 100 channels prunes 28 there.
+    """
+    raw = int(n * sparsity) if rounding == "nni" else math.floor(sparsity * n + _EPS)
+    return max(0, min(n - 1, raw))
 
 
 def global_prune_counts(
@@ -27,6 +32,7 @@ def global_prune_counts(
     unit_costs: Mapping[str, int],
     total_sparsity: float,
     max_sparsity_per_layer: float | Mapping[str, float | None] | None = None,
+    rounding: str = "floor",
 ) -> dict[str, int]:
     """One budget for all layers: prune the globally lowest-scored units until ``total_sparsity``
     of all weight elements is gone.
@@ -38,7 +44,7 @@ def global_prune_counts(
     """
     names = list(scores)
     total = sum(scores[n].numel() * unit_costs[n] for n in names)
-    budget = math.floor(total_sparsity * total + _EPS)
+    budget = int(total * total_sparsity) if rounding == "nni" else math.floor(total_sparsity * total + _EPS)
     cand_scores, cand_costs, cand_layer = [], [], []
     for i, name in enumerate(names):
         flat = scores[name].detach().reshape(-1).float().cpu()

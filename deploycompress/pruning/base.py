@@ -54,6 +54,9 @@ class Pruner:
     default_op_types: ClassVar[tuple[str, ...]] = ("Conv2d", "Linear")
     #: module types this pruner can mask (None: any module with a ``weight``)
     supported_op_types: tuple[str, ...] | None = None
+    #: whether NNI 3.0's ``dependency_group_id``/``internal_metric_block`` mean something to this pruner
+    #: (channel pruners: the coupled channels come from the traced graph with ``dependency_aware=True``)
+    honours_dependency_groups: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config_list: Sequence[dict[str, Any]]) -> None:
         if not isinstance(model, nn.Module):
@@ -76,6 +79,12 @@ class Pruner:
                     f"config_list[{self.module_configs[name].config_index}] selects module {name!r} "
                     f"({type(module).__name__}), which has no weight to prune"
                 )
+        coupled = [n for n, c in self.module_configs.items() if c.dependency_group_id is not None or c.internal_metric_block is not None]
+        if coupled and not self.honours_dependency_groups:
+            raise ConfigError(
+                f"{type(self).__name__} prunes single weights: NNI 3.0's dependency_group_id/internal_metric_block "
+                f"(channel coupling, given for {coupled[:4]}) do not apply; remove them"
+            )
         self._masks: Masks = {}
         self._wrapped = False
 
@@ -88,12 +97,16 @@ class Pruner:
         with torch.no_grad():
             scores = {name: self._score(name, m, self.module_configs[name]) for name, m in self._modules.items()}
         pruned = self._select(scores, self._prune_counts(scores))
-        self._masks = {name: self._expand(name, self._modules[name], pruned[name]) for name in scores}
+        self._masks = self._joined({name: self._expand(name, self._modules[name], pruned[name]) for name in scores})
         self._wrap()
         for name, entry in self._masks.items():
             w = next(iter(entry.values()))
             log.info("%s: %s pruned %d of %d weights", type(self).__name__, name, int((~w).sum()), w.numel())
         return self.model, self._masks
+
+    def _joined(self, masks: Masks) -> Masks:
+        """Masks plus those of parameters joined to them (channel pruners: see ``ChannelPruner``)."""
+        return masks
 
     def _prepare(self) -> None:
         """Collect what scoring needs (activations, gradients, a regularised training run)."""
@@ -116,7 +129,7 @@ class Pruner:
         for name, s in scores.items():
             cfg = self.module_configs[name]
             if cfg.sparsity is not None:
-                counts[name] = prune_count(cfg.sparsity, s.numel())
+                counts[name] = prune_count(cfg.sparsity, s.numel(), cfg.sparse_rounding)
             elif cfg.global_group_id is not None:  # NNI 3.0: one budget across configs
                 budgets.setdefault(("group", cfg.global_group_id), []).append(name)
             else:
@@ -130,6 +143,7 @@ class Pruner:
                     {n: self._unit_cost(n, scores[n]) for n in names},
                     total,
                     {n: self.module_configs[n].max_sparsity_per_layer for n in names},
+                    rounding=self.module_configs[names[0]].sparse_rounding,
                 )
             )
         return counts
@@ -144,8 +158,9 @@ class Pruner:
         return self._masks
 
     def _wrap(self) -> None:
+        modules = dict(self.model.named_modules())
         for name, entry in self._masks.items():
-            module = self._modules[name]
+            module = modules[name]
             for pname, mask in entry.items():
                 param = _param(module, pname)
                 assert param is not None
@@ -154,8 +169,9 @@ class Pruner:
 
     def _unwrap(self) -> None:
         """Remove the parametrizations, leaving the masked values (pruned weights = 0) in place."""
+        modules = dict(self.model.named_modules())
         for name, entry in self._masks.items():
-            module = self._modules[name]
+            module = modules[name]
             for pname in entry:
                 if parametrize.is_parametrized(module, pname):
                     parametrize.remove_parametrizations(module, pname, leave_parametrized=True)

@@ -15,6 +15,7 @@ filter groups of a grouped conv that reads the channels lose equal counts.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -23,12 +24,16 @@ from torch import nn
 from ..config import ConfigError, ModuleConfig
 from .allocate import lowest, lowest_slots
 from .base import Pruner
-from .io import _bias, _weight, weight_attrs
+from .io import Masks, _bias, _weight, weight_attrs
 
 if TYPE_CHECKING:
     from ..graph import ChannelGroup
 
-__all__ = ["ChannelPruner", "channel_dim", "channel_masks", "channel_rows"]
+__all__ = ["ChannelPruner", "PruningWarning", "channel_dim", "channel_masks", "channel_rows"]
+
+
+class PruningWarning(UserWarning):
+    """A pruner's masks leave out something deployment would need (named in the message)."""
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,8 @@ class ChannelPruner(Pruner):
     """Base for structured pruners: override ``channel_score`` (one score per output channel,
     higher = more worth keeping)."""
 
+    honours_dependency_groups = True
+
     supported_op_types: tuple[str, ...] | None = (
         "Conv1d", "Conv2d", "Conv3d", "Linear", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
         "MultiheadAttention",  # units: rows of the packed q/k/v projection; dependency-aware: whole heads
@@ -92,6 +99,12 @@ class ChannelPruner(Pruner):
                 )
         if dependency_aware and dummy_input is None:
             raise ValueError(f"{type(self).__name__}: dependency_aware=True needs dummy_input (an example input batch)")
+        coupled = [n for n, c in self.module_configs.items() if c.dependency_group_id is not None]
+        if coupled and not dependency_aware:
+            raise ConfigError(
+                f"config_list gives NNI 3.0 dependency_group_id to {coupled[:4]}: here coupled channels are found in "
+                "the traced graph; pass dependency_aware=True and dummy_input (an example batch)"
+            )
         self.dependency_aware = dependency_aware
         self.dummy_input = dummy_input
         self._channel_groups = self._build_channel_groups() if dependency_aware else []
@@ -110,6 +123,41 @@ class ChannelPruner(Pruner):
 
     def _expand(self, name: str, module: nn.Module, pruned: torch.Tensor) -> dict[str, torch.Tensor]:
         return channel_masks(module, ~pruned)
+
+    def _joined(self, masks: Masks) -> Masks:
+        """Also mask what speedup removes with the pruned channels (``speedup.joined_masks``): norm
+        affine parameters, downstream biases and scales, class token and position-embedding rows, the
+        rows of removed heads and the filters feeding exactly-zero norm channels. Needs ``dummy_input``;
+        without it only the selected modules are masked and speedup keeps channels whose masked value
+        is not zero (a BatchNorm bias behind them), which a ``PruningWarning`` says once."""
+        if self.dummy_input is None:
+            warnings.warn(
+                f"{type(self).__name__}: no dummy_input, so the parameters joined to the pruned channels (BatchNorm "
+                "affine, biases, class token, ...) are not masked; speedup keeps channels they make non-zero. "
+                "Pass dummy_input=<example batch> to mask them too.",
+                PruningWarning,
+                stacklevel=3,
+            )
+            return masks
+        from ..speedup.joined import joined_masks  # pruning may import speedup; lazily: speedup is heavier
+
+        was_training = self.model.training
+        try:
+            joined = joined_masks(self.model, masks, self.dummy_input)
+        except Exception as exc:  # noqa: BLE001 - the masks stand without the joined ones; say so
+            warnings.warn(
+                f"{type(self).__name__}: could not trace the model on dummy_input to mask the joined parameters "
+                f"({type(exc).__name__}: {exc}); only the selected modules are masked",
+                PruningWarning,
+                stacklevel=3,
+            )
+            return masks
+        finally:
+            self.model.train(was_training)
+        extra = sorted(f"{m}.{p}" for m, per in joined.items() for p in per if p not in masks.get(m, {}))
+        if extra:
+            log.info("%s: also masks %d joined tensors: %s", type(self).__name__, len(extra), ", ".join(extra[:10]))
+        return joined
 
     # ------------------------------------------------------------------ dependency-aware selection
     def _build_channel_groups(self) -> list[ChannelGroup]:

@@ -3,6 +3,16 @@
 The format is NNI's: ``{module_name: {"weight": mask, "bias": mask}}`` saved with ``torch.save``;
 True (or 1.0) keeps a weight. NNI writes float 0/1 masks, so loading converts those to bool after
 checking every value is 0 or 1.
+
+Files NNI writes load unchanged:
+
+- NNI 2.x ``pruner.export_model(mask_path=...)`` and NNI 3.0 ``torch.save(pruner.compress()[1], ...)``
+  both write ``'bias': None`` for a layer without bias: a ``None`` entry means "no mask" and is dropped.
+- NNI 3.0's ``compress()`` returns a ``collections.defaultdict(dict)``
+  (nni/compression/pruning/tools/sparse_gen.py, ``generate_sparsity``). The weights-only unpickler
+  refuses it, and cannot fill one even when allow-listed, so :func:`load_masks` allows exactly that
+  one global, scoped to the load, as a constructor of a plain ``dict`` (its ``dict`` default factory
+  is accepted only as that argument; nothing else is widened): see :mod:`deploycompress.nni_files`.
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from ..nni_files import NNIFileError, load_nni_file
 
 __all__ = ["Masks", "save_masks", "load_masks", "apply_masks", "check_masks", "atomic_torch_save"]
 
@@ -63,6 +75,8 @@ def check_masks(masks: Any, model: nn.Module | None = None) -> Masks:
         out[name] = {}
         for pname, mask in entry.items():
             where = f"mask {name}.{pname}"
+            if mask is None:  # NNI's "no mask" (e.g. 'bias': None for a conv without bias)
+                continue
             if not isinstance(mask, torch.Tensor):
                 raise MaskError(f"{where} must be a tensor, got {type(mask).__name__}")
             if mask.dtype != torch.bool:
@@ -80,6 +94,8 @@ def check_masks(masks: Any, model: nn.Module | None = None) -> Masks:
                 if tuple(param.shape) != tuple(mask.shape):
                     raise MaskError(f"{where} has shape {tuple(mask.shape)}, but the parameter has {tuple(param.shape)}")
             out[name][pname] = mask
+        if not out[name]:  # every entry was None: nothing to mask
+            del out[name]
     return out
 
 
@@ -105,9 +121,16 @@ def save_masks(masks: Mapping[str, Mapping[str, torch.Tensor]], path: str | os.P
 
 
 def load_masks(path: str | os.PathLike[str], model: nn.Module | None = None) -> Masks:
-    """Read masks (ours or NNI's float ones) with ``weights_only=True``; with ``model``, check
-    every module exists and every mask matches its parameter's shape."""
-    masks = torch.load(path, map_location="cpu", weights_only=True)
+    """Read masks (ours, NNI 2.x's or NNI 3.0's) with ``weights_only=True``; with ``model``, check
+    every module exists and every mask matches its parameter's shape.
+
+    Float 0/1 masks become bool; ``None`` entries (NNI's ``'bias': None``) are dropped.
+    Raises :class:`MaskError` for anything else, naming the module and parameter.
+    """
+    try:
+        masks = load_nni_file(path)
+    except NNIFileError as exc:
+        raise MaskError(f"mask file {exc}") from None
     return check_masks(masks, model)
 
 

@@ -32,7 +32,7 @@ class ElementPruner(Pruner):
         if sparsity is None:
             raise ValueError(f"calc_mask for {config.name!r}: no per-layer sparsity (total_sparsity is allocated by compress())")
         score = self.weight_score(weight, config, **kw)
-        return ~lowest(score, prune_count(sparsity, score.numel()))
+        return ~lowest(score, prune_count(sparsity, score.numel(), config.sparse_rounding))
 
     def _score(self, name: str, module: nn.Module, config: ModuleConfig) -> torch.Tensor:
         weight = _weight(module)

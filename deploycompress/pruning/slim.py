@@ -18,7 +18,9 @@ __all__ = ["SlimPruner"]
 class SlimPruner(ChannelPruner):
     """Prune the BatchNorm channels of smallest ``|gamma|`` (Liu et al., "Learning Efficient
     Convolutional Networks through Network Slimming"); masks go on the BatchNorm ``weight`` and
-    ``bias``, as in NNI.
+    ``bias``, as in NNI. With ``dummy_input`` (or an evaluator's) the filters feeding the pruned
+    norm channels, and everything else speedup removes with them, are masked too, so the masks say
+    what the deployed model loses.
 
     With an ``evaluator``, the user's training function first runs for ``training_steps`` steps
     (or ``training_epochs`` epochs) with ``regular_scale * sum(|gamma|)`` added to every loss, which
@@ -36,6 +38,7 @@ class SlimPruner(ChannelPruner):
         training_steps: int | None = None,
         training_epochs: int | None = None,
         regular_scale: float = 1e-4,
+        dummy_input: Any = None,
     ) -> None:
         if evaluator is not None and not isinstance(evaluator, TorchEvaluator):
             raise TypeError(f"SlimPruner: evaluator must be a TorchEvaluator or None, got {type(evaluator).__name__}")
@@ -43,7 +46,9 @@ class SlimPruner(ChannelPruner):
             raise ValueError("SlimPruner: give training_steps or training_epochs for the sparsity-regularised training")
         if not regular_scale >= 0:
             raise ValueError(f"SlimPruner: regular_scale must be >= 0, got {regular_scale!r}")
-        super().__init__(model, config_list)
+        if dummy_input is None and evaluator is not None:
+            dummy_input = evaluator.dummy_input
+        super().__init__(model, config_list, dummy_input=dummy_input)
         self.evaluator = evaluator
         self.training_steps = training_steps
         self.training_epochs = training_epochs

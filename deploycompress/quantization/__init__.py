@@ -5,6 +5,7 @@ from .bn_fold import fold_batchnorm
 from .calib_config import CALIB_VERSION, CalibConfig, CalibConfigError
 from .fake_quant import fake_quantize, fake_quantize_ste
 from .lsq import LSQQuantizer
+from .nni_calib import NNIImportWarning
 from .ptq import NaiveQuantizer, PTQQuantizer
 from .qat import QATQuantizer
 from .quantizer import Quantizer, QuantizerError
@@ -17,6 +18,7 @@ __all__ = [
     "CalibConfigError",
     "DoReFaQuantizer",
     "LSQQuantizer",
+    "NNIImportWarning",
     "NaiveQuantizer",
     "PTQQuantizer",
     "QATQuantizer",

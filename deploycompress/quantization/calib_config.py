@@ -7,8 +7,11 @@ On disk it is versioned JSON::
                                       "axis": 0, "symmetric": true, "min": [...], "max": [...]},
                            "input":  {...}, "output": {...}}}}
 
-NNI's calibration dicts (``weight_bits``, ``tracked_min_input``, ...) are accepted by
-:meth:`CalibConfig.from_nni`.
+NNI's calibration dicts are accepted by :meth:`CalibConfig.from_nni` (and by ``from_dict`` and
+``load``, which also reads the ``torch.save`` files NNI users keep): NNI 3.0's per-target layout and
+the 2.x exports of QAT, Observer, LSQ, DoReFa and BNN, with each tensor's scale, zero point, dtype
+and bits as NNI had them (see :mod:`deploycompress.quantization.nni_calib`). Where a calibration
+came from is kept in ``provenance`` (written to the JSON only when set).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from calibrators import QuantError, QuantParams, params_from_range, params_from_scale
+from calibrators import QuantParams
+
+from .nni_calib import import_nni_calibration, nni_layout
 
 __all__ = ["CALIB_VERSION", "CalibConfig", "CalibConfigError", "TENSOR_KINDS"]
 
@@ -101,6 +106,9 @@ class CalibConfig:
 
     modules: dict[str, dict[str, QuantParams]] = field(default_factory=dict)
     producer: str = "deploycompress"
+    #: where the numbers came from, e.g. ``{"format": "nni-3.0", "quantizer": "qat", "source": path,
+    #: "tensors": {"conv1.input": {"quant_dtype": "uint8", "quant_scheme": "affine", ...}}}``
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     # -- access -------------------------------------------------------------------------------
     def set(self, module: str, kind: str, params: QuantParams) -> None:
@@ -125,19 +133,19 @@ class CalibConfig:
 
     # -- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": CALIB_VERSION,
-            "producer": self.producer,
-            "modules": {m: {k: p.to_dict() for k, p in kinds.items()} for m, kinds in self.modules.items()},
-        }
+        out: dict[str, Any] = {"version": CALIB_VERSION, "producer": self.producer}
+        if self.provenance:
+            out["provenance"] = self.provenance
+        out["modules"] = {m: {k: p.to_dict() for k, p in kinds.items()} for m, kinds in self.modules.items()}
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> "CalibConfig":
-        """Parse our JSON layout, or NNI's calibration dict (detected by its ``*_bits`` keys)."""
+        """Parse our JSON layout, or an NNI calibration dict (3.0 per-target or 2.x flat, detected)."""
         if not isinstance(data, Mapping):
             raise CalibConfigError(f"a calibration must be a JSON object, got {type(data).__name__}")
         if "version" not in data:
-            if data and all(isinstance(v, Mapping) and any(str(k).endswith("_bits") for k in v) for v in data.values()):
+            if nni_layout(data) is not None:
                 return cls.from_nni(data)
             raise CalibConfigError("calibration has no 'version' field (and is not an NNI calibration dict)")
         if data["version"] != CALIB_VERSION:
@@ -145,7 +153,10 @@ class CalibConfig:
         modules = data.get("modules")
         if not isinstance(modules, Mapping):
             raise CalibConfigError("calibration field 'modules' is missing or not an object")
-        out = cls(producer=str(data.get("producer", "unknown")))
+        provenance = data.get("provenance", {})
+        if not isinstance(provenance, Mapping):
+            raise CalibConfigError("calibration field 'provenance' must be an object")
+        out = cls(producer=str(data.get("producer", "unknown")), provenance=dict(provenance))
         for module, kinds in modules.items():
             if not isinstance(kinds, Mapping):
                 raise CalibConfigError(f"calibration of {module}: expected an object keyed by {list(TENSOR_KINDS)}")
@@ -156,44 +167,31 @@ class CalibConfig:
         return out
 
     @classmethod
-    def from_nni(cls, data: Mapping[str, Any], *, symmetric: bool = True) -> "CalibConfig":
-        """Import NNI's ``{module: {'weight_bits', 'weight_scale', 'tracked_min_input', ...}}``.
+    def from_nni(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        quantizer: str | None = None,
+        quant_dtype: str | Mapping[str, str] | None = None,
+        quant_scheme: str | Mapping[str, str] | None = None,
+        model: Any = None,
+    ) -> "CalibConfig":
+        """Import an NNI calibration dict: NNI 3.0's ``{module: {target: {'scale', 'zero_point',
+        'quant_dtype', ...}}}`` or an NNI 2.x ``export_model`` dict (QAT, Observer, LSQ, DoReFa, BNN).
 
-        Activations are rebuilt from the tracked ranges; weights from ``weight_scale``/``weight_zero_point``
-        when present, else from ``tracked_min_weight``/``tracked_max_weight``.
+        Every tensor keeps NNI's scale, zero point, dtype and bits; 2.x activation ranges are turned
+        into NNI's scale with the writing quantizer's formula. ``quantizer`` (``'qat'``, ``'lsq'``,
+        ``'dorefa'``, ``'bnn'``, ...) is needed for DoReFa/BNN files, ``quant_dtype``/``quant_scheme``
+        give a 2.x config_list's settings, ``model`` calibrates LSQ 2.x weights NNI did not export.
+        See :func:`deploycompress.quantization.nni_calib.import_nni_calibration`.
         """
-        out = cls(producer="nni")
-        for module, entry in data.items():
-            if not isinstance(entry, Mapping):
-                raise CalibConfigError(f"NNI calibration of {module}: expected a dict, got {type(entry).__name__}")
-            for kind in TENSOR_KINDS:
-                bits_key = f"{kind}_bits"
-                if bits_key not in entry:
-                    continue
-                bits = int(_scalar(module, bits_key, entry[bits_key]))
-                lo_key, hi_key = f"tracked_min_{kind}", f"tracked_max_{kind}"
-                try:
-                    if lo_key in entry and hi_key in entry:
-                        lo = np.asarray(_array(module, lo_key, entry[lo_key]))
-                        hi = np.asarray(_array(module, hi_key, entry[hi_key]))
-                        axis = 0 if lo.size > 1 else None
-                        out.set(module, kind, params_from_range(lo, hi, bits=bits, symmetric=symmetric, axis=axis))
-                    elif f"{kind}_scale" in entry:
-                        scale = np.asarray(_array(module, f"{kind}_scale", entry[f"{kind}_scale"]), dtype=np.float64)
-                        zp = np.asarray(_array(module, f"{kind}_zero_point", entry.get(f"{kind}_zero_point", 0)))
-                        zp = np.broadcast_to(zp, scale.shape)
-                        # NNI writes uint8 affine (zero point > 0) or int8 symmetric (zero point 0)
-                        signed = not bool(np.any(zp > 0))
-                        axis = 0 if scale.size > 1 else None
-                        out.set(module, kind, params_from_scale(scale, zp, bits=bits, signed=signed, axis=axis))
-                    else:
-                        raise CalibConfigError(
-                            f"NNI calibration of {module}: '{bits_key}' given without '{lo_key}'/'{hi_key}' or '{kind}_scale'"
-                        )
-                except QuantError as exc:
-                    raise CalibConfigError(f"NNI calibration of {module}.{kind}: {exc}") from None
-        if not len(out):
-            raise CalibConfigError("NNI calibration dict holds no '<kind>_bits' entries")
+        modules, provenance = import_nni_calibration(
+            data, quantizer=quantizer, quant_dtype=quant_dtype, quant_scheme=quant_scheme, model=model
+        )
+        out = cls(producer="nni", provenance=provenance)
+        for module, kinds in modules.items():
+            for kind, params in kinds.items():
+                out.set(module, kind, params)
         return out
 
     def validate(self, model: Any = None) -> None:
@@ -242,32 +240,36 @@ class CalibConfig:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "CalibConfig":
+    def load(cls, path: str | os.PathLike[str], **nni_options: Any) -> "CalibConfig":
+        """Read our JSON, an NNI calibration dict saved as JSON, or NNI's ``torch.save`` file
+        (read with ``weights_only=True``; NNI 3.0's ``defaultdict`` allowed, nothing else).
+        ``nni_options`` go to :meth:`from_nni` when the file is NNI's."""
+        from ..nni_files import NNIFileError, load_nni_file
+
         path = Path(path)
         if not path.is_file():
             raise CalibConfigError(f"calibration file {str(path)!r} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CalibConfigError(f"calibration file {str(path)!r} is not valid JSON: {exc}") from None
+        raw = path.read_bytes()
+        if raw[:2] == b"PK" or raw[:1] == b"\x80":  # torch.save: a zip archive or a legacy pickle
+            try:
+                data = load_nni_file(path)
+            except NNIFileError as exc:
+                raise CalibConfigError(f"calibration file {exc}") from None
+        else:
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CalibConfigError(f"calibration file {str(path)!r} is not valid JSON: {exc}") from None
+        if isinstance(data, Mapping) and "version" not in data and nni_layout(data) is not None:
+            out = cls.from_nni(data, **nni_options)
+            out.provenance["source"] = str(path)
+            return out
+        unused = sorted(k for k, v in nni_options.items() if v is not None and k != "model")
+        if unused:
+            raise CalibConfigError(f"calibration file {str(path)!r} is not NNI's: {unused} apply only to NNI calibrations")
         return cls.from_dict(data)
 
     def digest(self) -> str:
         """sha256 of the canonical JSON: names this calibration in manifests and reports."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
-
-def _array(module: str, key: str, value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor from an NNI checkpoint
-        value = value.detach().cpu().numpy()
-    arr = np.asarray(value, dtype=np.float64).reshape(-1)
-    if arr.size == 0 or not np.all(np.isfinite(arr)):
-        raise CalibConfigError(f"NNI calibration of {module}: '{key}' is empty or not finite: {arr.tolist()}")
-    return arr
-
-
-def _scalar(module: str, key: str, value: Any) -> float:
-    arr = _array(module, key, value)
-    if arr.size != 1:
-        raise CalibConfigError(f"NNI calibration of {module}: '{key}' must be a single number")
-    return float(arr[0])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+import warnings
+from typing import Any, Iterable, Mapping
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -15,9 +18,24 @@ from .fake_quant import fake_quantize
 from .quantizer import Quantizer, QuantizerError
 from .wrapper import QuantWrapper
 
-__all__ = ["PTQQuantizer", "NaiveQuantizer"]
+__all__ = ["CalibrationRangeWarning", "PTQQuantizer", "NaiveQuantizer"]
 
 log = logging.getLogger(__name__)
+
+
+class CalibrationRangeWarning(UserWarning):
+    """A calibrated activation range is zero or degenerate (all batches zero or constant)."""
+
+
+def _warn_degenerate(where: str, params: Any, batches: int) -> None:
+    lo, hi = np.asarray(params.min, dtype=np.float64), np.asarray(params.max, dtype=np.float64)
+    if np.all(hi - lo <= 1e-12 * np.maximum(1.0, np.abs(hi))):
+        warnings.warn(
+            f"calibration of {where}: the observed range is [{float(lo.min()):g}, {float(hi.max()):g}] over {batches} batch(es); "
+            "the quantized tensor cannot represent other values: calibrate on representative data",
+            CalibrationRangeWarning,
+            stacklevel=3,
+        )
 
 
 class NaiveQuantizer(Quantizer):
@@ -94,7 +112,12 @@ class PTQQuantizer(Quantizer):
                 for batch in tqdm(batches, total=total, desc=f"calibrating ({self.calibrator})", unit="batch", leave=False):
                     if num_batches is not None and seen >= num_batches:
                         break
-                    self.model(*batch) if isinstance(batch, (tuple, list)) else self.model(batch)
+                    if isinstance(batch, Mapping):
+                        self.model(**batch)  # inputs keyed by forward's parameter names
+                    elif isinstance(batch, (tuple, list)):
+                        self.model(*batch)
+                    else:
+                        self.model(batch)
                     seen += 1
         except QuantError as exc:
             raise QuantizerError(f"calibration failed: {exc}") from None
@@ -107,6 +130,7 @@ class PTQQuantizer(Quantizer):
             for wrapper in self.wrappers.values():
                 for kind, cal in wrapper.calibrators.items():
                     wrapper.params[kind] = cal.compute()
+                    _warn_degenerate(f"{wrapper.name}.{kind}", wrapper.params[kind], seen)
         except QuantError as exc:
             raise QuantizerError(f"calibration failed: {exc}") from None
         self.calibrated = True

@@ -91,10 +91,19 @@ def render_html(report: "Report") -> str:
         if report.fidelity:
             sections.append(
                 _table(
-                    ["model", "reference", "max |diff|", "cosine", "top-1 agreement"],
-                    [[f.label, f.reference_label, f.max_abs_error, f.cosine_similarity, f.top1_agreement] for f in report.fidelity],
+                    ["model", "output", "reference", "max |diff|", "cosine", "top-1 agreement"],
+                    [[f.label, f.output, f.reference_label, f.max_abs_error, f.cosine_similarity, f.top1_agreement] for f in report.fidelity],
                 )
             )
+    if report.qdq:
+        q = report.qdq
+        sections.append(f"<h2>QDQ graph ({esc(str(q.get('target')))})</h2>")
+        sections.append(_table(["weighted ops in int8", "weighted ops in float", "lint findings"],
+                               [[q.get("int8_weighted_ops"), q.get("float_weighted_ops"), len(q.get("lint", []))]]))
+        if q.get("lint"):
+            sections.append(_table(["severity", "node", "rule", "message"], [[f["severity"], f["node"], f["rule"], f["message"]] for f in q["lint"]]))
+        if q.get("skipped_calibration"):
+            sections.append(_table(["module", "kind", "skipped because"], [[s["module"], s["kind"], s["reason"]] for s in q["skipped_calibration"]]))
     if report.steps:
         sections.append("<h2>Build steps</h2>")
         sections.append(_table(["step", "seconds"], [[k, v] for k, v in report.steps.items()]))

@@ -113,6 +113,7 @@ class FidelityRecord:
     max_abs_error: float
     cosine_similarity: float
     top1_agreement: float | None = None
+    output: str = ""  # the graph output compared ("" for a one-output model's only output)
 
 
 _LISTS = {"latency": LatencyRecord, "layers": LayerRecord, "sizes": SizeRecord, "accuracy": AccuracyRecord, "fidelity": FidelityRecord}
@@ -131,6 +132,8 @@ class Report:
     steps: dict[str, float] = field(default_factory=dict)  # build step -> seconds
     environment: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: the QDQ graph: target, lint findings, weighted ops left in float, calibration entries skipped
+    qdq: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     version: int = REPORT_VERSION
 

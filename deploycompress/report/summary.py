@@ -42,5 +42,13 @@ def report_summary(report: "Report", top_layers: int = 5) -> str:
             )
         for f in report.fidelity:
             agree = f", top-1 agreement = {100 * f.top1_agreement:.2f}%" if f.top1_agreement is not None else ""
-            parts.append(f"{f.label} vs {f.reference_label}: max |diff| = {f.max_abs_error:.3g}, cosine = {f.cosine_similarity:.6f}{agree}")
+            where = f" [{f.output}]" if f.output else ""
+            parts.append(f"{f.label}{where} vs {f.reference_label}: max |diff| = {f.max_abs_error:.3g}, cosine = {f.cosine_similarity:.6f}{agree}")
+    if report.qdq:
+        q = report.qdq
+        parts.append(f"=== QDQ ({q.get('target')}) ===")
+        parts.append(f"weighted ops: {q.get('int8_weighted_ops', '?')} quantized, {q.get('float_weighted_ops', '?')} left in float; "
+                     f"{len(q.get('lint', []))} lint finding(s)")
+        parts += [f"  {f['severity']}: {f['node']} {f['rule']}: {f['message']}" for f in q.get("lint", [])[:10]]
+        parts += [f"  skipped calibration {s['module']}.{s['kind']}: {s['reason']}" for s in q.get("skipped_calibration", [])]
     return "\n".join(parts)

@@ -1,14 +1,17 @@
 """Masks to a physically smaller model (see ``docs/speedup.md``)."""
 
 from .core import SpeedupError, masked_model, speedup, speedup_with_report
+from .joined import joined_masks
 from .masks import MaskError, validate_masks
-from .report import LayerReport, SpeedupReport
+from .report import LayerReport, SpeedupReport, SpeedupWarning
 
 __all__ = [
     "LayerReport",
     "MaskError",
+    "joined_masks",
     "SpeedupError",
     "SpeedupReport",
+    "SpeedupWarning",
     "masked_model",
     "speedup",
     "speedup_with_report",

@@ -10,58 +10,55 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from ..graph import trace_channels
+from ..model_copy import strip_parametrizations
+from ..graph.rules.dead import restore_kept
 from ..graph.trace import as_input_tuple, check_norm_spans
 from .masks import Masks, apply_param_masks, masked_out_channels, validate_masks
 from .replace import shrink_model
-from .report import LayerReport, SpeedupReport
+from .reasons import constant_sources, kept_reasons
+from .report import LayerReport, SpeedupReport, SpeedupWarning
 from .resolve import Removal, decide_removals
 
 log = logging.getLogger(__name__)
+
+EXACT_TOLERANCE = 1e-4  # the default promise: max |shrunk - masked| <= 1e-4 x max |masked output|
 
 
 class SpeedupError(RuntimeError):
     """The shrunk model does not run or does not reproduce the masked model."""
 
 
-def _bake_parametrizations(model: nn.Module) -> None:
-    """A pruner's mask wrappers (torch parametrizations) become plain tensors holding their current value.
-
-    Done by hand: ``remove_parametrizations`` edits the generated class, which a deep copy shares with
-    the caller's model.
-    """
-    for module in list(model.modules()):
-        if parametrize.is_parametrized(module):
-            values = {name: getattr(module, name).detach().clone() for name in module.parametrizations.keys()}
-            module.__class__ = module.__class__.__bases__[0]
-            del module._modules["parametrizations"]
-            for name, value in values.items():
-                module._parameters[name] = nn.Parameter(value)
+MASKED_CONSTANTS = ("keep", "prune")  # what speedup does with masked channels whose value is a non-zero constant
 
 
-def _masked_copy(model: nn.Module, masks: Masks, example_inputs: Any, inplace: bool, norm_spans: str):  # noqa: ANN202
-    check_norm_spans(norm_spans)
+def check_masked_constants(masked_constants: Any) -> str:
+    if masked_constants not in MASKED_CONSTANTS:
+        raise ValueError(f"masked_constants must be one of {', '.join(map(repr, MASKED_CONSTANTS))}, got {masked_constants!r}")
+    return masked_constants
+
+
+def _user_masked(model: nn.Module, masks: Masks, inplace: bool) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
+    """The user's masked model: each mask multiplied into exactly the tensor it names, nothing else."""
     checked = validate_masks(model, masks)
-    inputs = as_input_tuple(example_inputs)
-    work = model if inplace else copy.deepcopy(model)
-    work.eval()
-    _bake_parametrizations(work)
+    work = strip_parametrizations(model if inplace else copy.deepcopy(model)).eval()
     apply_param_masks(work, checked)
-    trace = trace_channels(work, inputs, zero_dead_norms=True, norm_spans=norm_spans)
-    return work, checked, inputs, trace
+    return work, checked
 
 
 def masked_model(
-    model: nn.Module, masks: Masks, example_inputs: Any, *, inplace: bool = False, norm_spans: str = "keep"
+    model: nn.Module, masks: Masks, example_inputs: Any = None, *, inplace: bool = False, norm_spans: str = "keep"
 ) -> nn.Module:
-    """The masked model speedup reproduces: masked tensors zeroed, and BatchNorm affine entries behind
-    channels that are exactly zero zeroed too (so a removed Conv channel stays zero after its norm).
-    ``norm_spans`` as in :func:`speedup`: with "prune", channels zeroed before a LayerNorm count as zero after it.
+    """The reference speedup reproduces: ``model`` in eval mode with each mask multiplied into exactly
+    the tensor it names (pruner parametrizations baked in), nothing else changed. ``example_inputs``
+    and ``norm_spans`` are accepted for compatibility and checked; they do not change the reference.
     """
-    return _masked_copy(model, masks, example_inputs, inplace, norm_spans)[0]
+    check_norm_spans(norm_spans)
+    if example_inputs is not None:
+        as_input_tuple(example_inputs)
+    return _user_masked(model, masks, inplace)[0]
 
 
 def _numel(module: nn.Module) -> int:
@@ -130,46 +127,67 @@ def speedup_with_report(
     *,
     round_to: int = 1,
     norm_spans: str = "keep",
+    masked_constants: str = "keep",
     inplace: bool = False,
     verify: bool = True,
 ) -> tuple[nn.Module, SpeedupReport]:
     """Like :func:`speedup`, and also return the per-layer :class:`SpeedupReport`.
 
-    Where ``norm_spans="prune"`` narrowed a norm (``report.norms_changed``), the shrunk model is not
-    the masked model: the error is measured and noted, not warned about.
+    ``report.max_abs_error``/``relative_error`` compare the shrunk model with the user's masked model
+    (:func:`masked_model`). Where ``norm_spans="prune"`` narrowed a norm (``report.norms_changed``) or
+    ``masked_constants="prune"`` dropped non-zero constants (``report.constants_dropped``), the shrunk
+    model is not the masked model: the error is measured and noted, not warned about.
     """
     if not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
     check_norm_spans(norm_spans)
+    check_masked_constants(masked_constants)
+    inputs = as_input_tuple(example_inputs)
     start = time.perf_counter()
     params_before = {n: _numel(m) for n, m in model.named_modules()}
     total_before = sum(p.numel() for p in model.parameters())
-    work, checked, inputs, trace = _masked_copy(model, masks, example_inputs, inplace, norm_spans)
-    reference = trace.output
+    work, checked = _user_masked(model, masks, inplace)
+    drop = masked_constants == "prune"
+    reference = None
+    if drop and verify:  # the trace below edits the copy: take the user's reference first
+        with torch.no_grad():
+            reference = work(*inputs)
+    trace = trace_channels(work, inputs, zero_dead_norms=drop, norm_spans=norm_spans)
+    if not drop:
+        reference = trace.output  # the trace changed nothing: its forward pass is the user's masked model
+    constants = constant_sources(trace, work)
     removal = decide_removals(trace, round_to)
+    constants_dropped = restore_kept(trace.dropped, removal.keep)  # masked_constants="prune" changes removed channels only
     kept, removal = _shrink_or_keep_read_widths(work, trace, removal, inputs, round_to)
     norms_changed = [name for name, ids in trace.norms.items() if not bool(removal.keep(ids).all())]
     modules = dict(work.named_modules())
+    masked_by_layer = {
+        name: masked_out_channels(checked, name, rec.kind, rec.weight_attr, rec.bias_attr) for name, rec in trace.producers.items()
+    }
+    reasons = kept_reasons(trace, removal, masked_by_layer, constants)
     layers = []
     for name, rec in sorted(trace.producers.items(), key=lambda kv: kv[1].order):
         in_keep, out_keep = kept[name]
-        masked = masked_out_channels(checked, name, rec.kind, rec.weight_attr, rec.bias_attr)
+        masked = masked_by_layer[name]
         layers.append(
             LayerReport(
                 name, rec.kind, in_keep.numel(), int(in_keep.sum()), out_keep.numel(), int(out_keep.sum()),
                 int(masked.sum()) if masked is not None else 0,
                 int((masked & out_keep).sum()) if masked is not None else 0,
-                params_before.get(name, 0), _numel(modules[name]),
+                params_before.get(name, 0), _numel(modules[name]), reasons.get(name, {}),
             )
         )  # fmt: skip
     notes = list(removal.notes)
     held = [r for r in layers if r.kept_masked]
     if held:
-        notes.append(
-            f"{len(held)} layers keep {sum(r.kept_masked for r in held)} masked output channels (zeroed): removing them "
-            "would change the outputs (a residual partner, a constant, or an op that spans them) or the shapes"
-        )
-        warnings.warn(notes[-1], stacklevel=2)
+        shown = "; ".join(f"{r.name} keeps {r.kept_masked} ({', '.join(r.kept_reasons)})" for r in held[:5])
+        more = f"; and {len(held) - 5} more layers (see the report)" if len(held) > 5 else ""
+        notes.append(f"{len(held)} layers keep {sum(r.kept_masked for r in held)} masked output channels (zeroed): {shown}{more}")
+        warnings.warn(notes[-1], SpeedupWarning, stacklevel=2)
+    unknown = sorted(trace.unknown_ops)
+    if unknown:
+        notes.append(f"ops without a channel rule kept the channels they read whole: {', '.join(unknown)}")
+        warnings.warn(notes[-1], SpeedupWarning, stacklevel=2)
     err = ref_max = None
     if verify:
         with torch.no_grad():
@@ -179,33 +197,54 @@ def speedup_with_report(
                 hint = f" (it narrows norms {norms_changed[:3]}; norm_spans='keep' does not)" if norms_changed else ""
                 raise SpeedupError(f"the shrunk model fails on the example inputs{hint}: {exc}") from exc
         err, ref_max = _compare(reference, actual), _max_abs(reference)
-        if not norms_changed and err > 1e-4 * max(ref_max, 1.0):
+        if not norms_changed and not constants_dropped and err > EXACT_TOLERANCE * ref_max:
             notes.append(f"outputs differ from the masked model by {err:.3g} (max |output| {ref_max:.3g})")
-            warnings.warn(notes[-1], stacklevel=2)
+            warnings.warn(notes[-1], SpeedupWarning, stacklevel=2)
+    rel_err = None if err is None else err / max(ref_max, 1e-12)
     if norms_changed:
-        notes.append(_norms_note(norms_changed, None if err is None else err / max(ref_max, 1e-12)))
+        notes.append(_norms_note(norms_changed, rel_err))
+    if constants_dropped:
+        shown = ", ".join(constants_dropped[:3]) + (", ..." if len(constants_dropped) > 3 else "")
+        by = f"by {rel_err:.3g} (relative)" if rel_err is not None else "(not measured: verify=False)"
+        notes.append(
+            f"masked_constants='prune' removed channels whose masked value was a non-zero constant ({shown}): "
+            f"outputs differ from the masked model {by}"
+        )
     report = SpeedupReport(
         layers, total_before, sum(p.numel() for p in work.parameters()), err, ref_max,
-        time.perf_counter() - start, round_to, notes, norms_changed,
+        time.perf_counter() - start, round_to, notes, norms_changed, constants_dropped, unknown,
     )  # fmt: skip
     log.info("speedup: params %d -> %d in %.2f s", report.params_before, report.params_after, report.seconds)
     return work, report
 
 
 def speedup(
-    model: nn.Module, masks: Masks, example_inputs: Any, *, round_to: int = 1, norm_spans: str = "keep", inplace: bool = False, verify: bool = True
-) -> nn.Module:
+    model: nn.Module, masks: Masks, example_inputs: Any, *, round_to: int = 1, norm_spans: str = "keep",
+    masked_constants: str = "keep", inplace: bool = False, verify: bool = True,
+) -> nn.Module:  # fmt: skip
     """Return a physically smaller copy of ``model`` whose eval-mode outputs equal the masked model's.
 
-    ``masks`` is ``{module_name: {param_name: mask}}`` (True/1 = keep; NNI's files load as-is).
-    Channels that cannot be removed without changing outputs or shapes stay, zeroed, and are listed
-    in the report (see :func:`speedup_with_report`). ``round_to=N`` keeps every pruned width a
-    multiple of N. The caller's model is deep-copied unless ``inplace=True``.
+    ``masks`` is ``{module_name: {param_name: mask}}`` (True/1 = keep; NNI's files load as-is). The
+    reference is the user's masked model: each mask multiplied into exactly the tensor it names,
+    nothing else (:func:`masked_model`). By default the result reproduces it within
+    max |diff| <= 1e-4 x max |output| (eval mode); the report measures by how much.
+
+    A channel is removed only where its value in that reference is provably zero for every input
+    or no remaining layer reads it. Masked channels that stay non-zero -- a BatchNorm bias or the
+    running mean of an affine-free norm behind a masked conv, a conv bias, ViT's class token or
+    position embedding, ``sigmoid(0) = 0.5`` -- are kept, and the report names each layer's kept
+    channels with the reason. ``masked_constants="prune"`` removes them anyway (the constants are
+    zeroed first, as NNI's speedup does): smaller, but outputs change; the report measures and notes it.
+    Pruners that mask joined parameters (``Pruner(..., dummy_input=x)``) make this unnecessary.
+
+    Channels that cannot be removed without changing outputs or shapes stay, zeroed. ``round_to=N``
+    keeps every pruned width a multiple of N. The caller's model is deep-copied unless ``inplace=True``.
 
     ``norm_spans="keep"`` keeps every channel a LayerNorm/RMSNorm/GroupNorm normalises over, so outputs
     equal the masked model's. ``"prune"`` removes them like other channels (GroupNorm: equal counts per
     group) and narrows the norm; its statistics then change, so outputs differ until fine-tuned.
     """
     return speedup_with_report(
-        model, masks, example_inputs, round_to=round_to, norm_spans=norm_spans, inplace=inplace, verify=verify
+        model, masks, example_inputs, round_to=round_to, norm_spans=norm_spans, masked_constants=masked_constants,
+        inplace=inplace, verify=verify,
     )[0]

@@ -34,11 +34,11 @@ def validate_masks(model: nn.Module, masks: Masks) -> dict[str, dict[str, torch.
         module = modules[name]
         result[name] = {}
         for pname, mask in per_param.items():
+            if mask is None:  # NNI's "no mask" ('bias': None for a layer without bias)
+                continue
             param = getattr(module, pname, None)
             if not isinstance(param, torch.Tensor):
                 raise MaskError(f"masks[{name!r}][{pname!r}]: module {name!r} ({type(module).__name__}) has no tensor {pname!r}")
-            if mask is None:
-                continue
             if not isinstance(mask, torch.Tensor):
                 raise MaskError(f"masks[{name!r}][{pname!r}] must be a tensor, got {type(mask).__name__}")
             if tuple(mask.shape) != tuple(param.shape):

@@ -1,4 +1,4 @@
-"""The per-layer speedup report: what each layer lost, and what masks asked for but was kept."""
+"""The per-layer speedup report: what each layer lost, and what masks asked for but was kept (and why)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ class LayerReport:
     kept_masked: int  # of those, kept (zeroed) because removing them would change outputs or shapes
     params_before: int
     params_after: int
+    kept_reasons: dict[str, int] = field(default_factory=dict)  # why kept_masked channels stay: reason -> count
 
 
 @dataclass
@@ -29,12 +30,14 @@ class SpeedupReport:
     layers: list[LayerReport]
     params_before: int
     params_after: int
-    max_abs_error: float | None  # speeded-up vs masked model on the example inputs
+    max_abs_error: float | None  # shrunk model vs the user's masked model (masks x tensors only), example inputs
     max_abs_output: float | None
     seconds: float
     round_to: int = 1
     notes: list[str] = field(default_factory=list)
     norms_changed: list[str] = field(default_factory=list)  # norm modules narrowed by norm_spans="prune"
+    constants_dropped: list[str] = field(default_factory=list)  # tensors masked_constants="prune" changed
+    unknown_ops: list[str] = field(default_factory=list)  # ops without a channel rule that pinned channels
 
     @property
     def params_ratio(self) -> float:
@@ -54,16 +57,21 @@ class SpeedupReport:
 
     def to_markdown(self) -> str:
         rows = [
-            "| layer | kind | in | out | masked out | kept masked | params |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| layer | kind | in | out | masked out | kept masked | params | why kept |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in self.layers:
+            why = "; ".join(f"{n}: {reason}" for reason, n in r.kept_reasons.items())
             rows.append(
                 f"| {r.name} | {r.kind} | {r.in_before} -> {r.in_after} | {r.out_before} -> {r.out_after} "
-                f"| {r.masked_out} | {r.kept_masked} | {r.params_before} -> {r.params_after} |"
+                f"| {r.masked_out} | {r.kept_masked} | {r.params_before} -> {r.params_after} | {why} |"
             )
         head = (
             f"params {self.params_before} -> {self.params_after} ({self.params_ratio:.3f}), "
-            f"max |error| {self.max_abs_error}, {self.seconds:.2f} s\n\n"
+            f"max |error| vs the masked model {self.max_abs_error} (relative {self.relative_error}), {self.seconds:.2f} s\n\n"
         )
         return head + "\n".join(rows) + "".join(f"\n- {n}" for n in self.notes)
+
+
+class SpeedupWarning(UserWarning):
+    """Speedup kept masked channels, met ops without a channel rule, or does not reproduce the masked model."""

@@ -19,6 +19,7 @@ class Removal:
 
     removed: torch.Tensor
     notes: list[str] = field(default_factory=list)
+    held: dict[int, str] = field(default_factory=dict)  # class root -> why decide_removals kept it back
 
     def keep(self, ids: torch.Tensor) -> torch.Tensor:
         """Keep flags for a vector of ids (constants, id < 0, are always kept)."""
@@ -28,18 +29,21 @@ class Removal:
 class _Classes:
     def __init__(self, trace: ChannelTrace) -> None:
         self.roots = trace.roots()
+        self.held: dict[int, str] = {}
         self.removable = ~trace.blocked_roots(self.roots, live=True)  # indexed by root
 
     def removed(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids >= 0) & self.removable[self.roots[ids.clamp(min=0)]]
 
-    def raise_kept(self, ids: torch.Tensor, target: int) -> bool:
+    def raise_kept(self, ids: torch.Tensor, target: int, reason: str) -> bool:
         """Keep removed classes of ``ids`` in index order until at least ``target`` entries stay."""
         changed = False
         for i in torch.nonzero(self.removed(ids)).flatten().tolist():
             if int((~self.removed(ids)).sum()) >= target:
                 break
-            self.removable[self.roots[ids[i]]] = False
+            root = int(self.roots[ids[i]])
+            self.removable[root] = False
+            self.held.setdefault(root, reason)
             changed = True
         return changed
 
@@ -62,7 +66,8 @@ def decide_removals(trace: ChannelTrace, round_to: int = 1) -> Removal:
             target = max(kept, 1)
             if round_to > 1 and target % round_to:
                 target = min(n, math.ceil(target / round_to) * round_to)
-            if target > kept and classes.raise_kept(rec.out_ids, target):
+            why = f"{rec.name!r} keeps at least one channel" if kept == 0 else f"round_to={round_to} for {rec.name!r}"
+            if target > kept and classes.raise_kept(rec.out_ids, target, why):
                 if kept == 0:
                     notes.append(f"{rec.name}: every output channel is masked; keeping {target} so the layer still exists")
                 changed = True
@@ -70,9 +75,9 @@ def decide_removals(trace: ChannelTrace, round_to: int = 1) -> Removal:
             kept = [int((~classes.removed(p)).sum()) for p in pieces]
             target = max(max(kept), 1)
             for p, k in zip(pieces, kept):
-                if k < target and classes.raise_kept(p, target):
+                if k < target and classes.raise_kept(p, target, f"{reason}: pieces must keep equal counts"):
                     changed = True
             if min(kept) < target:
                 notes.append(f"{reason}: pieces lost unequal channel counts {[p.numel() - k for p, k in zip(pieces, kept)]}; kept more")
     removed = classes.removable[classes.roots] if len(classes.roots) else torch.zeros(0, dtype=torch.bool)
-    return Removal(removed, notes)
+    return Removal(removed, notes, classes.held)

@@ -3,9 +3,14 @@
 from .accuracy import AccuracyStats, MetricResult, compare_outputs, top1_accuracy
 from .compare import BackendComparison, compare_backends
 from .latency import LatencyStats, batch_feeds, measure_latency
-from .validate import ValidationResult, run_batched, validate
+from .export_check import ExportMismatchError, check_export
+from .validate import ValidationResult, input_arrays, primary_output, run_batched, validate
 
 __all__ = [
+    "ExportMismatchError",
+    "check_export",
+    "input_arrays",
+    "primary_output",
     "AccuracyStats",
     "BackendComparison",
     "LatencyStats",

@@ -4,30 +4,38 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..backends.base import Runner
+from ..tensor_io import call_with, flatten_outputs
 from .accuracy import AccuracyStats, MetricFn, MetricResult, compare_outputs, top1_accuracy
 from .latency import LatencyStats, measure_latency
 
-__all__ = ["ValidationResult", "run_batched", "validate"]
+__all__ = ["ValidationResult", "input_arrays", "primary_output", "run_batched", "validate"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ValidationResult:
+    """``accuracy``: the primary output (the first classification head, else the first output);
+    ``outputs``: every output by name; ``metric``: on ``metric_output`` (the primary output by default)."""
+
     backend: str
     accuracy: AccuracyStats
     latency: list[LatencyStats] = field(default_factory=list)
     metric: MetricResult | None = None
+    outputs: dict[str, AccuracyStats] = field(default_factory=dict)
+    primary_output: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
             "accuracy": self.accuracy.to_dict(),
+            "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
+            "primary_output": self.primary_output,
             "latency": [s.to_dict() for s in self.latency],
             "metric": self.metric.to_dict() if self.metric else None,
         }
@@ -39,26 +47,75 @@ def _numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def run_batched(runner: Runner, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The runner's first output over ``inputs``, ``batch_size`` rows at a time."""
-    name = runner.inputs[0].name
-    out = runner.outputs[0].name
-    return np.concatenate([runner.run({name: inputs[i : i + batch_size]})[out] for i in range(0, len(inputs), batch_size)])
+def input_arrays(runner: Runner, inputs) -> dict[str, np.ndarray]:
+    """``inputs`` as name -> array in the runner's input order: one array (a one-input model), a
+    tuple/list in input order, or a mapping keyed by input name. ValueError names what is missing."""
+    names = [s.name for s in runner.inputs]
+    if isinstance(inputs, Mapping):
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise ValueError(f"validate: no data for input(s) {missing}; given {sorted(inputs)}")
+        arrays = {n: _numpy(inputs[n]) for n in names}
+    elif isinstance(inputs, (tuple, list)):
+        if len(inputs) != len(names):
+            raise ValueError(f"validate: {len(inputs)} input arrays for the model's inputs {names}")
+        arrays = {n: _numpy(a) for n, a in zip(names, inputs)}
+    else:
+        if len(names) != 1:
+            raise ValueError(f"validate: the model has inputs {names}: pass a dict (or tuple) of arrays")
+        arrays = {names[0]: _numpy(inputs)}
+    dtypes = {s.name: np.dtype(s.dtype) for s in runner.inputs}
+    arrays = {n: np.ascontiguousarray(a, dtype=dtypes[n] if a.dtype != dtypes[n] else None) for n, a in arrays.items()}
+    sizes = {n: len(a) if a.ndim else 0 for n, a in arrays.items()}
+    if len(set(sizes.values())) != 1 or not next(iter(sizes.values())):
+        raise ValueError(f"validate: inputs are empty or differ in length: {sizes}")
+    return arrays
 
 
-def _reference_outputs(reference_model: Callable, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+def run_batched(runner: Runner, inputs, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Every output of the runner (name -> array) over ``inputs`` (see :func:`input_arrays`),
+    ``batch_size`` rows at a time."""
+    arrays = input_arrays(runner, inputs)
+    n = len(next(iter(arrays.values())))
+    chunks = [runner.run({k: v[i : i + batch_size] for k, v in arrays.items()}) for i in range(0, n, batch_size)]
+    return {o.name: np.concatenate([c[o.name] for c in chunks]) for o in runner.outputs}
+
+
+def _reference_outputs(reference_model: Callable, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     import torch
 
     is_module = isinstance(reference_model, torch.nn.Module)
     if is_module:
         reference_model.eval()
-    outs = []
+    names = list(arrays)
+    n = len(arrays[names[0]])
+    outs: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
-        for i in range(0, len(inputs), batch_size):
-            chunk = inputs[i : i + batch_size]
-            y = reference_model(torch.from_numpy(chunk) if is_module else chunk)
-            outs.append(_numpy(y[0] if isinstance(y, (tuple, list)) else y))
-    return np.concatenate(outs)
+        for i in range(0, n, batch_size):
+            chunk = {k: v[i : i + batch_size] for k, v in arrays.items()}
+            if is_module:
+                y = call_with(reference_model, names, [torch.from_numpy(chunk[k]) for k in names])
+            else:
+                y = reference_model(chunk[names[0]] if len(names) == 1 else chunk)
+            flat = y if isinstance(y, Mapping) else flatten_outputs(y)
+            for k, v in flat.items():
+                outs.setdefault(k, []).append(_numpy(v))
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def _match_outputs(runner: Runner, reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Reference outputs keyed by the runner's output names: by name, else by position."""
+    names = [o.name for o in runner.outputs]
+    if len(reference) != len(names):
+        raise ValueError(f"validate: the reference gives {len(reference)} outputs {list(reference)}, the model {len(names)} {names}")
+    if set(reference) == set(names):
+        return reference
+    return dict(zip(names, reference.values()))
+
+
+def primary_output(stats: Mapping[str, AccuracyStats]) -> str:
+    """The first output that is a classification head ((N, classes) with top-1 agreement), else the first."""
+    return next((k for k, v in stats.items() if v.top1_agreement is not None), next(iter(stats)))
 
 
 def validate(
@@ -69,31 +126,41 @@ def validate(
     labels=None,
     metric: MetricFn | None = None,
     metric_name: str | None = None,
+    metric_output: str | None = None,
     batch_sizes: Sequence[int] = (1,),
     warmup: int = 10,
     iterations: int = 50,
     duration_s: float | None = None,
     eval_batch_size: int = 256,
 ) -> ValidationResult:
-    """Compare ``runner`` with ``reference_model`` (a torch module or a callable on numpy) on ``inputs``,
-    score both with ``metric`` (default top-1 accuracy) when ``labels`` are given, and time it per batch size."""
-    x = np.ascontiguousarray(_numpy(inputs), dtype=np.float32)
-    if x.ndim == 0 or len(x) == 0:
-        raise ValueError("validate: inputs are empty")
+    """Compare every output of ``runner`` with ``reference_model`` on ``inputs``, score the primary
+    output (or ``metric_output``) with ``metric`` (default top-1 accuracy) when ``labels`` are given,
+    and time it per batch size.
+
+    ``reference_model``: a torch module (called with tensors named after its forward's parameters,
+    outputs flattened by :func:`deploycompress.tensor_io.flatten_outputs`) or a callable on numpy
+    (one array, or name -> array for several inputs). ``inputs``: see :func:`input_arrays`.
+    """
+    arrays = input_arrays(runner, inputs)
     if metric is not None and labels is None:
         raise ValueError("validate: a metric needs labels")
-    deployed = run_batched(runner, x, eval_batch_size)
-    reference = _reference_outputs(reference_model, x, eval_batch_size)
-    accuracy = compare_outputs(deployed, reference)
-    result = ValidationResult(runner.backend, accuracy)
+    deployed = run_batched(runner, arrays, eval_batch_size)
+    reference = _match_outputs(runner, _reference_outputs(reference_model, arrays, eval_batch_size))
+    per_output = {k: compare_outputs(deployed[k], reference[k]) for k in deployed}
+    primary = metric_output or primary_output(per_output)
+    if primary not in per_output:
+        raise ValueError(f"validate: metric_output {primary!r} is not an output; outputs are {list(per_output)}")
+    result = ValidationResult(runner.backend, per_output[primary], outputs=per_output, primary_output=primary)
     if labels is not None:
         y = _numpy(labels)
-        if len(y) != len(x):
-            raise ValueError(f"validate: {len(y)} labels for {len(x)} inputs")
+        n = len(next(iter(arrays.values())))
+        if len(y) != n:
+            raise ValueError(f"validate: {len(y)} labels for {n} inputs")
         fn = metric or top1_accuracy
-        value, ref_value = float(fn(deployed, y)), float(fn(reference, y))
+        value, ref_value = float(fn(deployed[primary], y)), float(fn(reference[primary], y))
         result.metric = MetricResult(metric_name or getattr(fn, "__name__", "metric"), value, ref_value, value - ref_value)
     if batch_sizes:
-        result.latency = measure_latency(runner, x, batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, duration_s=duration_s)
-    log.info("validated %s: max abs error %.4g, top-1 agreement %s", runner.backend, accuracy.max_abs_error, accuracy.top1_agreement)
+        result.latency = measure_latency(runner, arrays, batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, duration_s=duration_s)
+    for k, a in per_output.items():
+        log.info("validated %s output %s: max abs error %.4g, top-1 agreement %s", runner.backend, k, a.max_abs_error, a.top1_agreement)
     return result

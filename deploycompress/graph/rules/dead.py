@@ -9,11 +9,39 @@ were not zero already.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .registry import arg, pre_rule
+
+__all__ = ["DroppedConstant", "restore_kept"]
+
+
+@dataclass
+class DroppedConstant:
+    """Slices ``index`` of ``tensor`` along ``axis`` (channel ids ``ids``) held ``values`` before being zeroed."""
+
+    name: str
+    tensor: torch.Tensor
+    axis: int
+    ids: torch.Tensor
+    index: torch.Tensor
+    values: torch.Tensor
+
+
+def restore_kept(dropped: list[DroppedConstant], keep: Callable[[torch.Tensor], torch.Tensor]) -> list[str]:
+    """Put back the dropped values of channels that stay (``keep(ids)`` True); names of tensors still changed."""
+    changed: list[str] = []
+    for d in dropped:
+        kept = keep(d.ids).to(d.index.device)
+        if bool(kept.any()):
+            with torch.no_grad():
+                d.tensor.index_copy_(d.axis, d.index[kept], d.values.index_select(d.axis, torch.nonzero(kept).flatten().to(d.index.device)))
+        if not bool(kept.all()) and d.name not in changed:
+            changed.append(d.name)
+    return changed
 
 if TYPE_CHECKING:
     from ..trace import Tracer
@@ -27,18 +55,13 @@ def zero_dead_norm(tracer: "Tracer", name: str, args: tuple, kwargs: dict) -> No
     if not tracer.zero_dead_norms:
         return
     x = args[0]
-    _, zero = tracer.channel_vec(x, 1)
+    ids, zero = tracer.channel_vec(x, 1)
     if not bool(zero.any()):
         return
     running_mean, weight, bias = arg(args, kwargs, 1, "running_mean"), arg(args, kwargs, 3, "weight"), arg(args, kwargs, 4, "bias")
-    zero = zero.to(x.device)
-    with torch.no_grad():
-        if weight is not None:
-            weight[zero] = 0
-            if bias is not None:
-                bias[zero] = 0
-        elif running_mean is not None:
-            running_mean[zero] = 0
+    for t in ([weight, bias] if weight is not None else [running_mean]):
+        if t is not None and t.dim() == 1 and t.numel() == zero.numel():
+            _drop(tracer, t, 0, ids, zero)
 
 
 @pre_rule(*PARAM_JOIN_OPS)
@@ -57,9 +80,10 @@ def zero_dead_params(tracer: "Tracer", name: str, args: tuple, kwargs: dict) -> 
     nd, axis = len(traced[0].shape), traced[0].axis
     if dim is not None and dim % nd == axis:
         return
-    zero = traced[0].zero.clone()
+    zero, ids = traced[0].zero.clone(), traced[0].ids
     for i in traced[1:]:
         zero &= i.zero
+        ids = torch.where(ids >= 0, ids, i.ids)
     if not bool(zero.any()):
         return
     for t in parts:
@@ -68,5 +92,17 @@ def zero_dead_params(tracer: "Tracer", name: str, args: tuple, kwargs: dict) -> 
         base, k = tracer.owned_base(t), axis - (nd - t.dim())
         if base is None or not 0 <= k < t.dim() or base.shape[k] != zero.numel():
             continue
-        with torch.no_grad():
-            base.index_fill_(k, torch.nonzero(zero).flatten().to(base.device), 0)
+        _drop(tracer, base, k, ids, zero)
+
+
+def _drop(tracer: "Tracer", t: torch.Tensor, axis: int, ids: torch.Tensor, zero: torch.Tensor) -> None:
+    """Zero the slices ``zero`` of ``t`` along ``axis`` and note their old values in ``ChannelTrace.dropped``."""
+    index = torch.nonzero(zero).flatten().to(t.device)
+    old = t.detach().index_select(axis, index).clone()
+    if not bool((old != 0).any()):
+        return
+    owner = tracer.owner.get(id(t))
+    name = ".".join(p for p in owner[:2] if p) if owner is not None else "an unnamed tensor"
+    tracer.trace.dropped.append(DroppedConstant(name, t, axis, ids[zero.to(ids.device)].clone(), index, old))
+    with torch.no_grad():
+        t.index_fill_(axis, index, 0)

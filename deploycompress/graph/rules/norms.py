@@ -19,8 +19,8 @@ SPANNING_NORM_OPS = {"layer_norm", "rms_norm"}
 @rule(*BATCHNORM_OPS)
 def batchnorm(tracer: "Tracer", call: Call) -> None:
     """Per-channel: its affine tensors and running stats are sliced with the channels. A channel is
-    zero after the norm only where the masked model makes it so (weight and bias zero, or, without
-    affine, a zero running mean)."""
+    zero after the norm exactly where the masked model makes it so: weight and bias zero (whatever
+    the input), or a zero input with a zero bias and a zero running mean (or batch statistics)."""
     x, out = call.args[0], call.out
     ids, zero = tracer.channel_vec(x, 1)
     running_mean, running_var = call.arg(1, "running_mean"), call.arg(2, "running_var")
@@ -29,12 +29,14 @@ def batchnorm(tracer: "Tracer", call: Call) -> None:
         if isinstance(p, torch.Tensor) and id(p) in tracer.owner:
             owner = tracer.owner[id(p)]
             tracer.record_param(owner[0], owner[1], 0, ids)
-    if weight is not None:
-        out_zero = zero & (weight.detach() == 0).cpu() & ((bias.detach() == 0).cpu() if bias is not None else True)
-    elif running_mean is not None:
-        out_zero = zero & (running_mean.detach() == 0).cpu()
-    else:  # instance norm without affine or running stats: (0 - 0) / sqrt(0 + eps) == 0
-        out_zero = zero
+    # y = (x - mean) / sqrt(var + eps) * weight + bias, with mean the running mean (eval) or the
+    # batch's (then a zero channel has mean 0): zero wherever weight and bias are, whatever x is
+    n = zero.numel()
+    w_zero = (weight.detach() == 0).cpu().reshape(-1).expand(n) if weight is not None else torch.zeros(n, dtype=torch.bool)
+    b_zero = (bias.detach() == 0).cpu().reshape(-1).expand(n) if bias is not None else torch.ones(n, dtype=torch.bool)
+    batch_stats = bool(call.arg(5, "use_input_stats" if call.name == "instance_norm" else "training", False)) or running_mean is None
+    mean_zero = torch.ones(n, dtype=torch.bool) if batch_stats else (running_mean.detach() == 0).cpu().reshape(-1).expand(n)
+    out_zero = b_zero & (w_zero | (zero & mean_zero))
     info = tracer.info(x) if tracer.info(x) is not None else call.before.get(id(x))
     axis = 1 if (info is not None and info.axis == 1) else None
     if axis is None:

@@ -1,0 +1,110 @@
+"""Scheduled pruners (Linear, AGP, Lottery Ticket) on a residual CNN trained on the digits data."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deploycompress.pruning import AGPPruner, LinearPruner, LotteryTicketPruner
+from deploycompress.zoo import accuracy
+from scheduled_helpers import evaluator, finetuner, trained_res_digits
+
+ACC_DROP = 0.05  # stated bound: fine-tuned pruned accuracy within 5 points of the dense model
+
+
+@pytest.fixture(scope="module")
+def dense(digits_data):
+    return trained_res_digits(digits_data)
+
+
+def _pruned_channels(mask: torch.Tensor) -> int:
+    return int((~mask.reshape(mask.shape[0], -1).any(1)).sum())
+
+
+def test_agp_schedule_is_the_formula_and_counts_are_exact(dense, digits_data):
+    model, acc = dense
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n, final = 4, 0.5
+    pruner = AGPPruner(
+        model, [{"sparsity": final, "op_types": ["Conv2d"]}], "l1", n,
+        finetuner=finetuner(digits_data), evaluator=evaluator(digits_data),
+    )  # fmt: skip
+    pruned_model, masks = pruner.compress()
+    assert len(pruner.history) == n
+    for t, result in enumerate(pruner.history, start=1):
+        s_t = final + (0.0 - final) * (1 - t / n) ** 3  # the paper's formula, written here
+        assert result.config_list[0]["sparsity"] == pytest.approx(s_t, abs=1e-12)
+        for name in ("stem", "conv_a", "conv_b", "conv3"):
+            channels = getattr(model, name).out_channels
+            assert _pruned_channels(result.masks[name]["weight"]) == math.floor(s_t * channels + 1e-6)
+    # masks only grow: every channel pruned in round t stays pruned in round t+1
+    for a, b in zip(pruner.history, pruner.history[1:]):
+        for name, entry in a.masks.items():
+            assert not bool((~entry["weight"] & b.masks[name]["weight"]).any())
+    # the returned model computes with exactly these masks, and the caller's model is untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert float(pruned_model.conv_a.weight.detach()[~masks["conv_a"]["weight"]].abs().sum()) == 0.0
+    assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - ACC_DROP
+    task_id, best_model, best_masks, score, cfg = pruner.get_best_result()
+    assert task_id == n and score == pytest.approx(accuracy(best_model, digits_data.test_x, digits_data.test_y))
+
+
+def test_lottery_ticket_rewinds_kept_weights_exactly(dense, digits_data):
+    model, acc = dense
+    torch.manual_seed(1)
+    early = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+    seen: list[bool] = []
+    train_one = finetuner(digits_data)
+
+    def check_then_train(m: torch.nn.Module) -> None:
+        # right after rewinding: every kept weight equals the recorded checkpoint exactly
+        ok = True
+        for name in ("stem", "conv_a", "fc1"):
+            mod = getattr(m, name)
+            mask = mod.parametrizations.weight[0].mask
+            ok &= torch.equal(mod.weight[mask], early[f"{name}.weight"][mask])
+            ok &= float(mod.weight[~mask].abs().sum()) == 0.0
+        ok &= torch.equal(m.bn_a.running_mean, early["bn_a.running_mean"])
+        seen.append(bool(ok))
+        train_one(m)
+
+    final = 0.8
+    pruner = LotteryTicketPruner(
+        model, [{"sparsity": final, "op_types": ["Conv2d", "Linear"]}], "level", 3,
+        finetuner=check_then_train, evaluator=evaluator(digits_data), rewind_state=early,
+    )  # fmt: skip
+    pruned_model, masks = pruner.compress()
+    assert seen == [True, True, True]
+    for t, result in enumerate(pruner.history, start=1):
+        assert result.config_list[0]["sparsity"] == pytest.approx(1 - (1 - final) ** (t / 3))
+    for name in ("stem", "conv_a", "conv_b", "conv3", "fc1", "fc2"):
+        w = masks[name]["weight"]
+        assert int((~w).sum()) == math.floor(final * w.numel() + 1e-6)
+    assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - 2 * ACC_DROP
+
+
+def test_linear_with_speedup_between_rounds(dense, digits_data):
+    model, acc = dense
+    pruner = LinearPruner(
+        model, [{"sparsity": 0.5, "op_names": ["conv_a", "fc1"]}], "l2", 2,
+        finetuner=finetuner(digits_data), evaluator=evaluator(digits_data), speedup=True, dummy_input=digits_data.test_x[:2],
+    )  # fmt: skip
+    pruned_model, masks = pruner.compress()
+    # physically smaller: half the channels gone from conv_a and fc1 over two rounds
+    assert pruned_model.conv_a.out_channels == 8 and pruned_model.conv_b.in_channels == 8
+    assert pruned_model.fc1.out_features == 16 and pruned_model.fc2.in_features == 16
+    assert [r.config_list for r in pruner.history][0] == [{"sparsity": 0.25, "op_names": ["conv_a", "fc1"]}]
+    assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - ACC_DROP
+
+
+def test_bad_arguments_fail_before_work(dense):
+    model, _ = dense
+    with pytest.raises(ValueError, match="total_iteration"):
+        AGPPruner(model, [{"sparsity": 0.5, "op_types": ["Conv2d"]}], "l1", 0)
+    with pytest.raises(ValueError, match="pruning_algorithm"):
+        AGPPruner(model, [{"sparsity": 0.5, "op_types": ["Conv2d"]}], "nope", 2).compress()
+    with pytest.raises(ValueError, match="dummy_input"):
+        LinearPruner(model, [{"sparsity": 0.5, "op_types": ["Conv2d"]}], "l1", 2, speedup=True)

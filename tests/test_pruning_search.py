@@ -1,0 +1,218 @@
+"""Automatic pruners and sensitivity analysis on a residual CNN trained on the digits data, with
+resources measured on the deployed (sped-up) model."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import statistics
+import time
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from deploycompress.pruning import NetAdaptPruner, SimulatedAnnealingPruner, sensitivity_analysis
+from deploycompress.speedup import speedup
+from deploycompress.zoo import accuracy
+from scheduled_helpers import evaluator, finetuner, trained_res_digits
+
+ACC_DROP = 0.05
+
+
+@pytest.fixture(scope="module")
+def dense(digits_data):
+    return trained_res_digits(digits_data)
+
+
+def _macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of the convs and linears, by their textbook formulas (the test's own count)."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model.eval()(x[:1])
+    for h in handles:
+        h.remove()
+    return total
+
+
+def _shrunk(model: nn.Module, masks, x):
+    plain = model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return speedup(plain, masks, x[:2])
+
+
+def test_simulated_annealing_meets_the_total_budget(dense, digits_data):
+    model, acc = dense
+    total = 0.6
+    layers = ["stem", "conv_a", "conv_b", "conv3", "fc1"]
+    pruner = SimulatedAnnealingPruner(
+        model, [{"total_sparsity": total, "op_names": layers}], evaluator(digits_data),
+        cool_down_rate=0.6, pruning_algorithm="level", seed=3,
+    )  # fmt: skip
+    pruned_model, masks = pruner.compress()
+    assert len(pruner.trajectory.candidates) == math.ceil(math.log(20 / 100) / math.log(0.6))
+    weights = {n: getattr(model, n).weight.numel() for n in layers}
+    gone = {n: int((~masks[n]["weight"]).sum()) for n in layers}
+    # every weight the budget asks for is pruned; the overshoot is rounding, under one weight per layer
+    assert sum(gone.values()) >= math.floor(total * sum(weights.values()))
+    assert sum(gone.values()) <= total * sum(weights.values()) + len(layers)
+    for n in layers:  # each layer exactly at the sparsity the search chose
+        assert gone[n] == math.floor(pruner.best_sparsities[n] * weights[n] + 1e-6)
+    for c in pruner.trajectory.candidates:  # every candidate met the budget too
+        assert c.sparsity >= total - 1e-9
+    finetuner(digits_data)(pruned_model)
+    assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - ACC_DROP
+
+
+def test_netadapt_reaches_a_flops_budget(dense, digits_data):
+    model, acc = dense
+    x = digits_data.test_x
+    budget = 0.6
+    pruner = NetAdaptPruner(
+        model, [{"op_types": ["Conv2d"]}, {"op_names": ["fc1"]}], finetuner(digits_data, 1), evaluator(digits_data),
+        resource="flops", budget=budget, dummy_input=x[:2], sparsity_per_iteration=0.1,
+    )  # fmt: skip
+    pruned_model, masks = pruner.compress()
+    small = _shrunk(pruner.unwrap_model(), masks, x)
+    assert _macs(small, x) <= budget * _macs(model, x)
+    # it stopped at the first round under the budget: the previous accepted candidate was above it
+    accepted = [c for c in pruner.trajectory.candidates if c.accepted]
+    assert len(accepted) >= 2 and accepted[-2].resource > budget * pruner.lookup_table.dense
+    finetuner(digits_data, 2)(pruned_model)
+    assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - ACC_DROP
+
+
+def _ort_latency_ms(model: nn.Module, x: torch.Tensor, tmp_path, name: str) -> float:
+    path = tmp_path / f"{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, input_names=["x"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    for _ in range(10):
+        sess.run(None, feed)
+    medians = []
+    for _ in range(7):
+        ts = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            ts.append(time.perf_counter() - t0)
+        medians.append(statistics.median(ts))
+    return 1000 * statistics.median(medians)
+
+
+@pytest.mark.slow
+def test_netadapt_stops_at_a_latency_budget_measured_on_onnxruntime(dense, digits_data, tmp_path):
+    model, _ = dense
+    x = digits_data.test_x[:256]
+    budget, tolerance = 0.8, 0.25  # the test's own timing on a shared CPU: a wide tolerance, stated
+    pruner = NetAdaptPruner(
+        model, [{"op_names": ["conv_a", "conv3"]}], finetuner(digits_data, 1), evaluator(digits_data),
+        resource="latency", budget=budget, dummy_input=x, sparsity_per_iteration=0.1,
+    )  # fmt: skip
+    _, masks = pruner.compress()
+    final = pruner.trajectory.candidates[-1]
+    assert final.measured and final.resource <= budget * pruner.lookup_table.dense * (1 + pruner.meter.tolerance)
+    small = _shrunk(pruner.unwrap_model(), masks, x)
+    assert small.conv_a.out_channels < 16 or small.conv3.out_channels < 32
+    dense_ms = _ort_latency_ms(model, x, tmp_path, "dense")
+    small_ms = _ort_latency_ms(small, x, tmp_path, "small")
+    assert small_ms <= budget * dense_ms * (1 + tolerance)
+
+
+def _l1_zeroed(model: nn.Module, layer: str, sparsity: float) -> nn.Module:
+    """The test's own L1 filter pruning of one layer: zero the lowest-L1 output channels."""
+    import copy
+
+    m = copy.deepcopy(model)
+    w = getattr(m, layer).weight
+    k = math.floor(sparsity * w.shape[0] + 1e-6)
+    order = torch.argsort(w.detach().abs().reshape(w.shape[0], -1).sum(1), stable=True)[:k]
+    with torch.no_grad():
+        w[order] = 0
+        if getattr(m, layer).bias is not None:
+            getattr(m, layer).bias[order] = 0
+    return m
+
+
+def test_sensitivity_curves_and_config_list(dense, digits_data, tmp_path):
+    model, _ = dense
+    ev = evaluator(digits_data)
+    result = sensitivity_analysis(model, ev, [{"op_names": ["conv_a", "conv3", "fc1"]}], sparsities=(0.25, 0.5, 0.75))
+    assert set(result.curves) == {"conv_a", "conv3", "fc1"}
+    assert result.baseline == pytest.approx(ev(model))
+    for layer, curve in result.curves.items():
+        for s, score in curve.items():
+            assert score == pytest.approx(ev(_l1_zeroed(model, layer, s)))
+    drop = 0.02
+    config = result.to_config_list(drop)
+    for entry in config:
+        (layer,) = entry["op_names"]
+        assert ev(_l1_zeroed(model, layer, entry["sparsity"])) >= result.baseline - drop
+        bigger = [s for s in result.curves[layer] if s > entry["sparsity"]]
+        if bigger:
+            assert result.curves[layer][min(bigger)] < result.baseline - drop
+    png = result.plot(tmp_path / "sensitivity.png")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "sensitivity.png").read_bytes() == png
+
+
+def test_executors_agree(dense, digits_data):
+    ray = pytest.importorskip("ray")
+    from deploycompress.pruning import InProcessExecutor, RayExecutor
+
+    model, _ = dense
+    x = digits_data.test_x
+
+    def run(executor):
+        p = NetAdaptPruner(
+            model, [{"op_names": ["conv_a", "conv3", "fc1"]}], finetuner(digits_data, 1), evaluator(digits_data),
+            resource="flops", budget=0.7, dummy_input=x[:2], sparsity_per_iteration=0.15, executor=executor,
+        )  # fmt: skip
+        p.compress()
+        return [(c.sparsities, c.score, c.resource, c.accepted) for c in p.trajectory.candidates]
+
+    local = run(InProcessExecutor(seed=0))
+    here = os.path.dirname(os.path.abspath(__file__))  # workers import scheduled_helpers from here
+    path = os.pathsep.join([here, *sys.path])
+    remote_exec = RayExecutor(num_cpus=2, seed=0, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        remote = run(remote_exec)
+    finally:
+        ray.shutdown()
+    assert local == remote
+
+
+def test_amc_respects_a_flops_budget(dense, digits_data):
+    from deploycompress.pruning import AMCPruner
+
+    model, acc = dense
+    x = digits_data.test_x
+    total = 0.4
+    pruner = AMCPruner(
+        16, model, [{"total_sparsity": total, "max_sparsity_per_layer": 0.8, "op_names": ["conv_a", "conv3", "fc1"]}], x[:2],
+        evaluator(digits_data), "l1", finetuner=finetuner(digits_data, 2), ddpg_params={"warmup": 8, "bsize": 16}, seed=0,
+    )  # fmt: skip
+    pruned, masks = pruner.compress()
+    assert len(pruner.trajectory.candidates) == 17  # 16 episodes + the measured choice
+    small = _shrunk(pruner.unwrap_model(), masks, x)
+    assert _macs(small, x) <= (1 - total) * _macs(model, x)
+    for c in pruner.trajectory.candidates[:-1]:  # every episode's ratios respect the per-layer cap
+        assert max(c.sparsities.values()) <= 0.8 + 1e-9
+    assert accuracy(pruned, digits_data.test_x, digits_data.test_y) >= acc - 2 * ACC_DROP
