@@ -58,6 +58,18 @@ def _input_shape(text: str) -> InputShape:
     return InputShape(name or None, tuple(_ints(dims)), dtype)
 
 
+def _dynamic_axes(specs: list[str]) -> dict[str, dict[int, str]]:
+    """``ids=1:sequence`` -> {"ids": {1: "sequence"}} (the name defaults to ``<input>_dim<axis>``)."""
+    axes: dict[str, dict[int, str]] = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        axis, _, label = rest.partition(":")
+        if not name or not axis.isdigit() or int(axis) < 1:
+            raise UsageError(f"--dynamic-axis {spec!r}: expected INPUT=AXIS[:NAME] with AXIS >= 1 (axis 0 is the batch)")
+        axes.setdefault(name, {})[int(axis)] = label or f"{name}_dim{axis}"
+    return axes
+
+
 def _example_inputs(shapes: list[InputShape]) -> Any:
     """One tensor, a tuple (positional) or a dict (named) of random example inputs."""
     import torch
@@ -304,7 +316,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         round_to=int(prune.get("round_to", 1)),
         norm_spans=args.norm_spans or prune.get("norm_spans", "keep"),
         overwrite=args.force,
+        dynamic_axes=_dynamic_axes(args.dynamic_axis or []),
         progress=not args.quiet,
+        strict=args.strict,
     )
     from .report import report_summary
 
@@ -565,9 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", type=_ints, help="batch sizes to measure, e.g. 1,8")
     b.add_argument("--iterations", type=int, help="timed runs per batch size")
     b.add_argument("--name", help="model name in the Triton repository")
+    b.add_argument("--dynamic-axis", action="append", metavar="INPUT=AXIS[:NAME]",
+                   help="a dynamic axis beyond the batch, e.g. ids=1:sequence (repeat per axis)")
     b.add_argument("--recipe", help="YAML recipe: model, input_shape, prune (pruner + config_list), quantize, build, eval")
     b.add_argument("--out", required=True, help="bundle directory (written atomically)")
     b.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    b.add_argument("--strict", action="store_true",
+                   help="fail when fewer weighted layers run in int8 than the calibration selects (default: a warning naming them)")
     b.set_defaults(func=cmd_build)
 
     p = sub.add_parser("profile", parents=[common], help="latency percentiles and per-layer time of a bundle or .onnx")

@@ -5,6 +5,12 @@ A config_list is a list of dicts. Each dict selects modules (``op_types``, ``op_
 and says what to do with them (a sparsity, or quantization settings), or removes them from the
 selection (``exclude``).
 
+``op_types`` names layer types. A module matches when it is an instance of the named type, subclasses
+included (EfficientNet's ``Conv2dStaticSamePadding`` and timm's ``StdConv2d`` are ``Conv2d``); a name
+is resolved against ``torch.nn``, the classes the model's modules are built from (by class name or
+``module.qualname``) and types registered with :func:`register_op_type`. NNI matches the class name
+exactly; ``"op_types_match": "exact"`` in a dict asks for that rule.
+
 Both NNI generations' spellings are accepted (NNI 2.x ``sparsity``/``quant_types``/``exclude``;
 NNI 3.0 ``sparse_ratio``/``target_names``/``target_settings``/...) and normalised to one canonical key
 set before any work starts, so every error names the key the user wrote. NNI's conventions are
@@ -42,6 +48,10 @@ __all__ = [
     "validate_config_list",
     "select_modules",
     "op_type_of",
+    "OP_TYPES_MATCH",
+    "module_matches_types",
+    "register_op_type",
+    "resolve_op_types",
     "PRUNING_KEYS",
     "QUANT_KEYS",
     "SELECTION_KEYS",
@@ -75,6 +85,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "op_names": ("op_names",),
     "op_partial_names": ("op_partial_names",),
     "op_names_re": ("op_names_re",),
+    "op_types_match": ("op_types_match",),
     "exclude": ("exclude",),
     "exclude_op_names": ("exclude_op_names",),
     "exclude_op_types": ("exclude_op_types",),
@@ -88,28 +99,36 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "quant_bits": ("quant_bits",),
     "quant_dtype": ("quant_dtype",),
     "quant_scheme": ("quant_scheme",),
+    "quant_start_step": ("quant_start_step",),
     "granularity": ("granularity",),
 }
 #: spellings only NNI 2.x wrote / only NNI 3.0 writes: they decide which precedence rule a list follows
 NNI2_ONLY = frozenset({"sparsity", "sparsity_per_layer", "total_sparsity", "max_sparsity_per_layer", "quant_types",
-                       "quant_bits", "exclude", "op_partial_names"})
+                       "quant_bits", "exclude", "op_partial_names", "quant_start_step"})
 NNI3_ONLY = frozenset({"sparse_ratio", "max_sparse_ratio", "min_sparse_ratio", "sparse_threshold", "target_names",
                        "target_settings", "exclude_op_names", "exclude_op_types", "exclude_op_names_re",
                        "global_group_id", "dependency_group_id", "internal_metric_block", "apply_method", "align",
                        "fuse_names"})
 _SPELLING_TO_KEY = {spelling: key for key, spellings in _ALIASES.items() for spelling in spellings}
+#: every spelling of a pruning amount (what a dict removes to keep only its selection)
+AMOUNT_SPELLINGS = frozenset(
+    s for k in ("sparsity", "total_sparsity", "max_sparsity_per_layer", "min_sparsity_per_layer", "global_group_id",
+                "sparse_threshold", "sparse_rounding") for s in _ALIASES[k]
+)
 VALID_KEYS: tuple[str, ...] = tuple(sorted(_SPELLING_TO_KEY))
 
 SELECTION_KEYS = ("op_types", "op_names", "op_partial_names", "op_names_re")
 NAME_KEYS = ("op_names", "op_partial_names", "op_names_re")
 PRUNING_KEYS = ("sparsity", "total_sparsity", "max_sparsity_per_layer", "global_group_id")
 SPARSE_ROUNDINGS = ("floor", "nni")
-QUANT_KEYS = ("quant_types", "quant_bits", "quant_dtype", "quant_scheme", "granularity")
+QUANT_KEYS = ("quant_types", "quant_bits", "quant_dtype", "quant_scheme", "granularity", "quant_start_step")
 
 QUANT_TYPES = ("weight", "input", "output")
 QUANT_DTYPES = ("int", "uint")
 QUANT_SCHEMES = ("symmetric", "affine")
 GRANULARITIES = ("per_tensor", "per_channel")
+#: how ``op_types`` match: ``isinstance`` (subclasses included; the default) or ``exact`` (NNI: the class name)
+OP_TYPES_MATCH = ("isinstance", "exact")
 _MIN_BITS, _MAX_BITS = 1, 16
 
 
@@ -136,6 +155,8 @@ class ModuleConfig:
     quant_dtype: str = "int"
     quant_scheme: str = "symmetric"
     granularity: str = "per_tensor"
+    #: NNI 2.x QAT's per-dict ``quant_start_step`` (QATQuantizer takes one for all modules)
+    quant_start_step: int | None = None
 
     @property
     def is_pruning(self) -> bool:
@@ -215,6 +236,24 @@ def _normalise_quant(index: int, cfg: dict[str, Any]) -> None:
         else:
             b = _bits(index, "quant_bits", bits)
             cfg["quant_bits"] = {t: b for t in types}
+    for key in ("quant_dtype", "quant_scheme"):  # NNI 2.x: one value per kind, {"input": "uint", ...}
+        if isinstance(cfg.get(key), Mapping):
+            per_kind = dict(cfg[key])
+            for t in per_kind:
+                if t not in cfg.get("quant_types", ()):
+                    raise ConfigError(f"{_where(index)}: {key} names {t!r}, which is not in quant_types {list(cfg.get('quant_types', ()))}")
+            if len({str(v) for v in per_kind.values()}) > 1:
+                raise ConfigError(
+                    f"{_where(index)}: {key} differs between kinds ({per_kind}); one {key} per module here: "
+                    "give one value"
+                )
+            if not per_kind:
+                raise ConfigError(f"{_where(index)}: {key} is an empty dict")
+            cfg[key] = next(iter(per_kind.values()))
+    if "quant_start_step" in cfg:
+        step = cfg["quant_start_step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"{_where(index)}: 'quant_start_step' must be a non-negative integer, got {step!r}")
     if "quant_dtype" in cfg:
         dtype = cfg["quant_dtype"]
         # NNI 3.0 writes "int8"/"uint8": the bit width then also comes from the dtype.
@@ -311,12 +350,7 @@ def _expand_targets(index: int, cfg: dict[str, Any], kind: str | None) -> None:
         for key, value in settings.get("weight", {}).items():
             if key not in _PRUNE_SETTING_KEYS:
                 raise ConfigError(f"{where}: target_settings['weight'] has unknown key {key!r}; valid: {sorted(_PRUNE_SETTING_KEYS)}")
-            spelling = key if key in _SPELLING_TO_KEY else None
-            canonical = _SPELLING_TO_KEY[spelling] if spelling else key
-            for other in _ALIASES.get(canonical, ()):
-                if other != key and other in cfg:
-                    raise ConfigError(f"{where}: {key!r} in target_settings repeats {other!r}")
-            cfg[canonical] = value  # the target's own setting wins over the dict's shortcut key
+            cfg[_SPELLING_TO_KEY.get(key, key)] = value  # the target's own setting wins over the dict's shortcut key
         return
     targets = names or list(settings)
     if not targets:
@@ -429,6 +463,10 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
             if key in cfg:
                 raise ConfigError(f"{_where(index)}: NNI 3.0's {key!r} is not supported here ({hint})")
         _check_pruning_extras(index, cfg)
+        if "op_types_match" in cfg and cfg["op_types_match"] not in OP_TYPES_MATCH:
+            raise ConfigError(
+                f"{_where(index)}: 'op_types_match' must be one of {list(OP_TYPES_MATCH)}, got {cfg['op_types_match']!r}"
+            )
         if not any(k in cfg for k in SELECTION_KEYS):
             raise ConfigError(
                 f"{_where(index)} selects no modules: give at least one of {list(SELECTION_KEYS)}"
@@ -470,7 +508,13 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
             cfg["total_sparsity"] = _ratio(index, "total_sparsity", cfg["total_sparsity"], upper_inclusive=False)
         if ("dependency_group_id" in cfg or "internal_metric_block" in cfg) and "sparsity" not in cfg and "total_sparsity" not in cfg:
             raise ConfigError(f"{_where(index)}: 'dependency_group_id'/'internal_metric_block' need 'sparse_ratio'")
-        if "max_sparsity_per_layer" in cfg:
+        if isinstance(cfg.get("max_sparsity_per_layer"), Mapping):  # NNI 2.x: {module_name: cap}
+            caps = {str(n): _ratio(index, f"max_sparsity_per_layer[{n!r}]", v, upper_inclusive=True)
+                    for n, v in cfg["max_sparsity_per_layer"].items()}
+            if "total_sparsity" not in cfg:
+                raise ConfigError(f"{_where(index)}: 'max_sparsity_per_layer' only applies with 'total_sparsity'")
+            cfg["max_sparsity_per_layer"] = caps
+        elif "max_sparsity_per_layer" in cfg:
             cfg["max_sparsity_per_layer"] = _ratio(
                 index, "max_sparsity_per_layer", cfg["max_sparsity_per_layer"], upper_inclusive=True
             )
@@ -541,18 +585,87 @@ def _check_global_groups(configs: list[dict[str, Any]]) -> None:
 def op_type_of(module: nn.Module) -> str:
     """The class name a config's ``op_types`` means: a module with masks or fake-quant attached
     through ``torch.nn.utils.parametrize`` (class ``ParametrizedConv2d``) still counts as ``Conv2d``."""
+    return op_class_of(module).__name__
+
+
+# torch classes that are their base under another name: under exact matching ``Linear`` selects them too
+OP_TYPE_ALIASES = {"NonDynamicallyQuantizableLinear": "Linear"}  # nn.MultiheadAttention.out_proj
+
+#: op type name -> classes registered under it (:func:`register_op_type`)
+_REGISTERED_OP_TYPES: dict[str, list[type]] = {}
+
+
+def register_op_type(cls: type, name: str | None = None) -> type:
+    """Make ``name`` (default: the class name) in ``op_types`` select instances of ``cls`` and its subclasses,
+    for a class the model does not build itself from (e.g. a base class of a library's layers).
+    Usable as a class decorator; returns ``cls``."""
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"register_op_type needs a torch.nn.Module subclass, got {cls!r}")
+    entry = _REGISTERED_OP_TYPES.setdefault(name or cls.__name__, [])
+    if cls not in entry:
+        entry.append(cls)
+    return cls
+
+
+def _model_classes(model: nn.Module | None) -> list[type]:
+    if model is None:
+        return []
+    seen: dict[type, None] = {}
+    for m in model.modules():
+        for cls in op_class_of(m).__mro__:
+            if issubclass(cls, nn.Module):
+                seen.setdefault(cls, None)
+    return list(seen)
+
+
+def resolve_op_types(names: Iterable[str], model: nn.Module | None = None) -> tuple[type, ...]:
+    """The classes ``names`` stand for: ``torch.nn.<name>``, the model's classes (and their bases) whose
+    ``__name__`` or ``module.qualname`` is the name, and registered types. A name nothing answers to
+    resolves to no class (it then selects nothing)."""
+    classes = _model_classes(model)
+    out: dict[type, None] = {}
+    for name in names:
+        found = getattr(nn, name, None)
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            out.setdefault(found, None)
+        for cls in classes:
+            if name in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}"):
+                out.setdefault(cls, None)
+        for cls in _REGISTERED_OP_TYPES.get(name, ()):
+            out.setdefault(cls, None)
+    return tuple(out)
+
+
+def op_class_of(module: nn.Module) -> type:
+    """The module's own class, seen through ``torch.nn.utils.parametrize``'s ``Parametrized<Name>`` class."""
     cls = type(module)
     if parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized"):
         cls = cls.__bases__[0]
-    return cls.__name__
+    return cls
 
 
-# torch classes that are their base under another name: ``Linear`` selects them too
-OP_TYPE_ALIASES = {"NonDynamicallyQuantizableLinear": "Linear"}  # nn.MultiheadAttention.out_proj
+def module_matches_types(module: nn.Module, names: Iterable[str], classes: tuple[type, ...], match: str = "isinstance") -> bool:
+    """Whether ``module`` is one of the op types: an instance of ``classes`` (``match="isinstance"``), or
+    of a class named exactly one of ``names`` (``match="exact"``, NNI's rule)."""
+    if match == "exact":
+        names = set(names)
+        op_type = op_type_of(module)
+        return op_type in names or OP_TYPE_ALIASES.get(op_type) in names
+    return isinstance(module, classes)
 
 
-def _matches(name: str, op_type: str, cfg: Mapping[str, Any], op_types: set[str] | None) -> bool:
-    if op_types is not None and op_type not in op_types and OP_TYPE_ALIASES.get(op_type) not in op_types:
+@dataclass(frozen=True)
+class _TypeSpec:
+    names: tuple[str, ...]
+    classes: tuple[type, ...]
+    match: str
+
+    def __contains__(self, module: nn.Module) -> bool:
+        return module_matches_types(module, self.names, self.classes, self.match)
+
+
+def _matches(name: str, module: nn.Module, cfg: Mapping[str, Any], op_types: _TypeSpec | None, excluded: _TypeSpec | None) -> bool:
+    if op_types is not None and module not in op_types:
         return False
     # the name selectors are one union (NNI 3.0 select_modules_by_config; NNI 2.x folded
     # op_partial_names into op_names); op_names_re matches from the start of the name (re.match)
@@ -562,7 +675,7 @@ def _matches(name: str, op_type: str, cfg: Mapping[str, Any], op_types: set[str]
         or any(re.match(p, name) for p in cfg.get("op_names_re", ()))
     ):
         return False
-    if name in cfg.get("exclude_op_names", ()) or op_type in cfg.get("exclude_op_types", ()):
+    if name in cfg.get("exclude_op_names", ()) or (excluded is not None and module in excluded):
         return False
     if any(re.match(p, name) for p in cfg.get("exclude_op_names_re", ())):
         return False
@@ -623,19 +736,24 @@ def select_modules(
                         f"{_where(index)}: {key} names {op_name!r}, which is not a module of the model"
                         + (f"; closest module names: {hint}" if hint else "")
                     )
-        op_types: set[str] | None = None
+        match = cfg.get("op_types_match", "isinstance")
+        op_types: _TypeSpec | None = None
         if "op_types" in cfg:
-            op_types = set()
+            wanted: list[str] = []
             for t in cfg["op_types"]:
                 if t == "default":
                     if not default_op_types:
                         raise ConfigError(f"{_where(index)}: op_types 'default' given, but {algorithm} has no default types")
-                    op_types.update(default_op_types)
+                    wanted.extend(default_op_types)
                 else:
-                    op_types.add(t)
+                    wanted.append(t)
+            op_types = _TypeSpec(tuple(wanted), resolve_op_types(wanted, model), match)
+        excluded_types = None
+        if cfg.get("exclude_op_types"):
+            excluded_types = _TypeSpec(tuple(cfg["exclude_op_types"]), resolve_op_types(cfg["exclude_op_types"], model), match)
         hit = False
         for name, module in named:
-            if _matches(name, op_type_of(module), cfg, op_types):
+            if _matches(name, module, cfg, op_types, excluded_types):
                 hit = True
                 if cfg.get("exclude"):
                     excluded.setdefault(name, index)
@@ -652,17 +770,23 @@ def select_modules(
             )
 
     _warn_conventions(style, excluded, chosen_by, configs)
+    for index, cfg in enumerate(configs):
+        caps = cfg.get("max_sparsity_per_layer")
+        if isinstance(caps, Mapping):
+            stray = sorted(n for n in caps if selected.get(n, (None,))[0] != index)
+            if stray:
+                raise ConfigError(f"{_where(index)}: max_sparsity_per_layer names {stray}, which this dict does not decide")
     result: dict[str, ModuleConfig] = {}
     modules = dict(named)
+    supported = None if supported_op_types is None else resolve_op_types(supported_op_types, model)
     for name in names:
         entry = selected.get(name)
         if entry is None or name in excluded:
             continue
         index, cfg = entry
         op_type = op_type_of(modules[name])
-        # a subclass (MultiheadAttention's NonDynamicallyQuantizableLinear) computes like its base
-        lineage = {cls.__name__ for cls in type(modules[name]).__mro__}
-        if supported_op_types is not None and not lineage & set(supported_op_types):
+        # a subclass is handled as its base (what its forward computes is checked where it is run)
+        if supported is not None and not isinstance(modules[name], supported):
             raise ConfigError(
                 f"{_where(index)} selects module {name!r} of type {op_type}, which {algorithm} cannot handle; "
                 f"supported types: {list(supported_op_types)}"
@@ -677,7 +801,7 @@ def select_modules(
             config_index=index,
             sparsity=cfg.get("sparsity"),
             total_sparsity=cfg.get("total_sparsity"),
-            max_sparsity_per_layer=cfg.get("max_sparsity_per_layer"),
+            max_sparsity_per_layer=_cap_of(cfg.get("max_sparsity_per_layer"), name),
             global_group_id=cfg.get("global_group_id"),
             dependency_group_id=cfg.get("dependency_group_id"),
             internal_metric_block=cfg.get("internal_metric_block"),
@@ -687,6 +811,7 @@ def select_modules(
             quant_dtype=cfg.get("quant_dtype", "int"),
             quant_scheme=cfg.get("quant_scheme", "symmetric"),
             granularity=cfg.get("granularity", "per_tensor"),
+            quant_start_step=cfg.get("quant_start_step"),
         )
     if not result:
         raise ConfigError("config_list selects no module once 'exclude' entries are applied")
@@ -712,3 +837,8 @@ def _warn_conventions(style: str, excluded: Mapping[str, int], chosen_by: Mappin
                 ConfigConventionWarning,
                 stacklevel=3,
             )
+
+
+def _cap_of(caps: Any, name: str) -> float | None:
+    """A module's ``max_sparsity_per_layer``: one value, or NNI 2.x's ``{module_name: cap}`` (others uncapped)."""
+    return caps.get(name) if isinstance(caps, Mapping) else caps

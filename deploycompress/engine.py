@@ -45,8 +45,8 @@ PRECISIONS = ("fp32", "int8")
 #: TensorRT also builds fp16 engines (from the fp16 graph)
 TENSORRT_PRECISIONS = ("fp32", "fp16", "int8")
 
-#: inputs and weights (PTQQuantizer: per-channel) of every Conv and Linear, 8 bits: the layers
-#: int8 kernels exist for
+#: inputs and weights (PTQQuantizer: per-channel) of every Conv and Linear (subclasses included), 8 bits:
+#: the layers int8 kernels exist for
 DEFAULT_QUANT_CONFIG: list[dict[str, Any]] = [
     {"op_types": ["Conv1d", "Conv2d", "Conv3d", "Linear"], "quant_types": ["input", "weight"], "quant_bits": 8}
 ]
@@ -68,7 +68,7 @@ def default_quant_config(model: nn.Module, example_inputs: Any = None) -> list[d
     output), except where a BatchNorm or ReLU module reads it (the graph folds the BatchNorm into the
     conv and the ReLU into the following Q, so only the last of such a chain is quantized).
     """
-    present = {type(m).__name__ for m in model.modules()}
+    present = {_kind(m, DEFAULT_OUTPUT_OP_TYPES) for m in model.modules()}
     if example_inputs is None:
         outputs = [t for t in DEFAULT_OUTPUT_OP_TYPES if t in present]
         extra = [{"op_types": outputs, "quant_types": ["output"], "quant_bits": 8}] if outputs else []
@@ -107,10 +107,10 @@ def _chain_ends(model: nn.Module, example_inputs: Any) -> dict[str, str]:
             absorbed.add(produced[id(inputs[0])])
 
     for name, mod in model.named_modules():
-        kind = type(mod).__name__
+        kind = _kind(mod, (*CONV_OP_TYPES, *DEFAULT_OUTPUT_OP_TYPES))
         if kind in candidates:
             handles.append(mod.register_forward_hook(produce(name)))
-        if kind in absorbers:
+        if _kind(mod, tuple(absorbers)) in absorbers:
             handles.append(mod.register_forward_pre_hook(absorb))
     named = name_inputs(model, example_inputs)
     was_training = model.training
@@ -123,7 +123,12 @@ def _chain_ends(model: nn.Module, example_inputs: Any) -> dict[str, str]:
         for h in handles:
             h.remove()
     modules = dict(model.named_modules())
-    return {n: type(modules[n]).__name__ for n in dict.fromkeys(produced.values()) if n not in absorbed}
+    return {n: _kind(modules[n], tuple(candidates)) for n in dict.fromkeys(produced.values()) if n not in absorbed}
+
+
+def _kind(module: nn.Module, op_types: Sequence[str]) -> str | None:
+    """The first of the torch.nn ``op_types`` that ``module`` is an instance of (subclasses included)."""
+    return next((t for t in op_types if isinstance(module, getattr(nn, t))), None)
 
 
 class QDQLintWarning(UserWarning):
@@ -137,17 +142,18 @@ def qdq_summary(qdq_model: Any, target: str) -> dict[str, Any]:
     import warnings
 
     from .export import get_target, lint_qdq, skipped_calibration
-    from .export.graph_utils import WEIGHTED_OPS
+    import onnx_graphsurgeon as gs
+
+    from .export.graph_utils import has_weight
 
     try:
         get_target(target)
     except ValueError:
         return {"target": target, "lint": [], "skipped_calibration": skipped_calibration(qdq_model)}
     findings = lint_qdq(qdq_model, target)
-    producers = {o: n for n in qdq_model.graph.node for o in n.output}
-    weighted = [n for n in qdq_model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1]
+    weighted = [n for n in gs.import_onnx(qdq_model).nodes if has_weight(n)]
     broken = {f.node for f in findings if f.rule in ("input-unquantized", "float-output", "weight-unquantized")}
-    int8 = [n.name for n in weighted if n.name not in broken and getattr(producers.get(n.input[1]), "op_type", "") == "DequantizeLinear"]
+    int8 = [n.name for n in weighted if n.name not in broken and n.inputs[1].inputs and n.inputs[1].inputs[0].op == "DequantizeLinear"]
     summary = {
         "target": target,
         "lint": [f.to_dict() for f in findings],
@@ -376,6 +382,7 @@ def build_engine(
     progress: bool = True,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     export_tolerance: float = 1e-3,
+    strict: bool = False,
 ) -> EngineArtifact:
     """Build a serving bundle in ``out_dir`` (written atomically: nothing is left there on failure).
 
@@ -395,6 +402,13 @@ def build_engine(
     :class:`QDQLintWarning`.
     With ``compare_fp32`` an int8 build also builds and measures the fp32 graph on the same backend, so
     the report shows what int8 gains and costs.
+
+    Layer subclasses (padded convs, weight-standardised convs, ...) are checked against their base on
+    ``example_inputs`` (:mod:`deploycompress.subclasses`): followed, baked, or refused by name before any
+    work. After QDQ insertion and after the backend's optimisation, the weighted layers that run in int8
+    are counted (:mod:`deploycompress.precision_audit`, recorded in ``report.quantized_layers``); fewer than
+    the calibration selected gives a ``PrecisionShortfallWarning`` naming the layers, or with ``strict=True``
+    a ``PrecisionShortfallError``.
     """
     from tqdm.auto import tqdm
 
@@ -402,6 +416,7 @@ def build_engine(
     from .export import insert_qdq, to_onnx
     from .validate import check_export, validate
     from .graph.trace import check_norm_spans
+    from .precision_audit import INTEGER_KERNELS, audit_optimized, audit_qdq, check_precision
 
     # -- everything that can be checked is checked before any long work ----------------------------
     allowed = TENSORRT_PRECISIONS if backend == "tensorrt" else PRECISIONS
@@ -430,6 +445,12 @@ def build_engine(
             raise EngineError(f"backend_options: {exc}") from exc
         trt_portable = bool(trt_extra.get("portable")) or not tensorrt_available()
     masks = _load_masks(masks, model)
+    from .subclasses import SubclassError, analyse_layers, lower_layers
+
+    try:
+        layer_forms = analyse_layers(model, inputs)
+    except SubclassError as exc:
+        raise EngineError(str(exc)) from exc
     calib = _load_calib(calib_config, model)
     if calib is not None and precision == "int8":
         _check_calibration(calib, model)
@@ -458,6 +479,9 @@ def build_engine(
         with tempfile.TemporaryDirectory(dir=work_parent, prefix=f".{Path(out_dir).name}.work.") as tmp:
             work = Path(tmp)
             deployed = plain_copy(model)
+            lowered = lower_layers(deployed, layer_forms)
+            if lowered:
+                report.notes.append("layer subclasses lowered for export: " + "; ".join(layer_forms[n].describe() for n in lowered))
             report.sizes.append(_size_record("original", deployed, inputs))
             if masks is not None:
                 with steps("speedup"):
@@ -471,6 +495,8 @@ def build_engine(
                         calib = _calibrate(deployed, calib_data, quant_config_list or default_quant_config(deployed, example_inputs), calibrator)
                     elif masks is not None:
                         calib = fit_calibration(calib, deployed)  # type: ignore[arg-type]
+            import onnx
+
             with steps("export"):
                 exported = to_onnx(deployed, example_inputs, dynamic_axes=dynamic_axes)
                 fp32_path = work / "model.fp32.onnx"
@@ -481,12 +507,11 @@ def build_engine(
             graph_path = fp32_path
             if precision == "int8":
                 with steps("qdq"):
-                    import onnx
-
                     qdq = insert_qdq(exported.model, calib, exported.name_map, target=backend)  # type: ignore[arg-type]
                     graph_path = work / "model.qdq.onnx"
                     onnx.save(qdq, str(graph_path))
                     report.qdq = qdq_summary(qdq, backend)
+                    audit = audit_qdq(qdq, exported.name_map, [m for m, kind, _ in calib.items() if kind == "weight"], backend=backend)  # type: ignore[union-attr]
             if backend == "tensorrt":
                 import onnx
 
@@ -502,6 +527,10 @@ def build_engine(
                     trt_check = check_before_build(onnx.load(str(graph_path)), precision, trt_options, trt_extra.get("tensorrt_version"),  # type: ignore[arg-type]
                                        static_shapes=static if trt_options.dla_core is not None else None)  # type: ignore[union-attr]
                 if trt_portable:
+                    if precision == "int8":  # the Q/DQ count check holds for the portable bundle too
+                        report.quantized_layers = audit.to_dict()
+                        report.notes.append(audit.summary())
+                        check_precision(audit, strict=strict)
                     with steps("portable bundle"):
                         golden = [eval_x[s.name] for s in exported.inputs] if all(s.name in eval_x for s in exported.inputs) \
                             else list(eval_x.values())
@@ -522,6 +551,14 @@ def build_engine(
             with steps("build"):
                 artifact = engine_backend.build(graph_path, work / "build", precision=precision, **build_options)
                 runner = engine_backend.load(artifact)
+                if precision == "int8" and backend in INTEGER_KERNELS:
+                    audit_optimized(audit, qdq, onnx.load(str(artifact)), exported.name_map)
+            if precision == "int8":
+                report.quantized_layers = audit.to_dict()
+                report.notes.append(audit.summary())
+                if audit.short:
+                    report.notes.append(f"not in int8: {audit.short}")
+                check_precision(audit, strict=strict)  # a warning naming the layers, or with strict an error
             with steps("validate"):
                 result = validate(runner, deployed, eval_x, labels=eval_labels, metric_name="top1", batch_sizes=batch_sizes,
                                   iterations=iterations, warmup=warmup)

@@ -146,3 +146,19 @@ def test_two_input_model_from_the_command_line(tmp_path):
                "--json", "-q", cwd=Path(env_tests))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert set(json.loads(proc.stdout)["outputs"]) == {"output"}
+
+
+def test_token_inputs_with_a_dynamic_sequence_axis(tmp_path):
+    """Integer ids and a mask from --input-shape with dtypes; --dynamic-axis makes the sequence length free."""
+    out = tmp_path / "b"
+    proc = cli("build", "--model", "conformance_models:TinyEncoder", "--input-shape", "ids=2,8:int64", "--input-shape", "mask=2,8:int64",
+               "--dynamic-axis", "ids=1:sequence", "--dynamic-axis", "mask=1:sequence", "--precision", "fp32", "--iterations", "3",
+               "--out", str(out), "--json", "-q", cwd=ROOT / "tests")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    inputs = json.loads(proc.stdout)["manifest"]["inputs"]
+    assert inputs == [{"name": "ids", "shape": ["batch", "sequence"], "dtype": "int64"},
+                      {"name": "mask", "shape": ["batch", "sequence"], "dtype": "int64"}]
+    runner = dc.load_bundle(out)
+    ids = np.arange(26, dtype=np.int64).reshape(2, 13) % 32
+    got = runner.run({"ids": ids, "mask": np.ones_like(ids)})["output"]
+    assert got.shape == (2, 5)

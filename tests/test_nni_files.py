@@ -527,3 +527,38 @@ def test_dorefa_file_through_build_engine_asks_for_the_quantizer(tmp_path):
     with pytest.raises(dc.EngineError, match="pass quantizer='dorefa' or quantizer='bnn'"):
         dc.build_engine(_net(), None, tmp_path / "calibration.pth", example_inputs=X[:1], out_dir=tmp_path / "b", progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_nni2_quantization_and_pruning_keys():
+    model = _net()
+    # qat_quantizer.py's schema: quant_dtype/quant_scheme per kind, quant_start_step per dict
+    qat_cfg = [{"op_types": ["Conv2d"], "quant_types": ["input", "weight"], "quant_bits": {"input": 8, "weight": 8},
+                "quant_dtype": {"input": "int", "weight": "int"}, "quant_scheme": "per_channel_symmetric",
+                "quant_start_step": 7}]
+    q = dc.QATQuantizer(copy.deepcopy(model), qat_cfg)
+    assert q.quant_start_step == 7 and q.module_configs["conv1"].granularity == "per_channel"
+    fresh = copy.deepcopy(model)
+    with pytest.raises(ConfigError, match="one start step holds for the whole model"):
+        dc.QATQuantizer(fresh, [{**qat_cfg[0], "op_names": ["conv1"]}, {**qat_cfg[0], "op_names": ["conv2"], "quant_start_step": 3}])
+    assert type(fresh.conv1) is nn.Conv2d  # refused before the model is touched for good
+    with pytest.raises(ConfigError, match="PTQQuantizer has no start step"):
+        dc.PTQQuantizer(copy.deepcopy(model), qat_cfg)
+    with pytest.raises(ConfigError, match="quant_dtype differs between kinds"):
+        validate_config_list([{**qat_cfg[0], "quant_dtype": {"input": "uint", "weight": "int"}}])
+    # basic_pruner.py's schema: max_sparsity_per_layer as {module_name: cap} next to total_sparsity
+    cfg = [{"op_types": ["Conv2d"], "total_sparsity": 0.5, "max_sparsity_per_layer": {"conv1": 0.25}}]
+    got = select_modules(model, cfg, kind="pruning")
+    assert got["conv1"].max_sparsity_per_layer == 0.25 and got["conv2"].max_sparsity_per_layer is None
+    with pytest.raises(ConfigError, match=r"max_sparsity_per_layer names \['fc'\]"):
+        select_modules(model, [{**cfg[0], "max_sparsity_per_layer": {"fc": 0.3}}], kind="pruning")
+    # a 3.0 dict's target_settings override its own shortcut keys (ModuleSetting.get)
+    both = [{"op_types": ["Conv2d"], "sparse_ratio": 0.5, "target_settings": {"weight": {"sparse_ratio": 0.25}}}]
+    assert select_modules(model, both, kind="pruning")["conv1"].sparsity == 0.25
+
+
+def test_automatic_pruners_read_nni3_config_lists():
+    from deploycompress.pruning.search import selected_layers
+
+    cfg = [{"op_types": ["Conv2d"], "sparse_ratio": 0.5, "max_sparse_ratio": 0.8, "global_group_id": 0,
+            "exclude_op_names": ["conv2"]}]
+    assert selected_layers(_net(), cfg, "l1") == {"conv1": 8}

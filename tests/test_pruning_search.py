@@ -78,7 +78,7 @@ def test_simulated_annealing_meets_the_total_budget(dense, digits_data):
     assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - ACC_DROP
 
 
-def test_netadapt_reaches_a_flops_budget(dense, digits_data):
+def test_netadapt_reaches_a_flops_budget(dense, digits_data, tmp_path):
     model, acc = dense
     x = digits_data.test_x
     budget = 0.6
@@ -92,6 +92,9 @@ def test_netadapt_reaches_a_flops_budget(dense, digits_data):
     # it stopped at the first round under the budget: the previous accepted candidate was above it
     accepted = [c for c in pruner.trajectory.candidates if c.accepted]
     assert len(accepted) >= 2 and accepted[-2].resource > budget * pruner.lookup_table.dense
+    from deploycompress.pruning import trajectory_plot
+
+    assert trajectory_plot(pruner.trajectory, tmp_path / "t.png")[:4] == b"\x89PNG" and (tmp_path / "t.png").is_file()
     finetuner(digits_data, 2)(pruned_model)
     assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - ACC_DROP
 

@@ -38,7 +38,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=0.6, help="target as a fraction of the dense model's resource")
     ap.add_argument("--algos", default="netadapt,sa")
-    ap.add_argument("--ft-steps", type=int, default=5)
+    ap.add_argument("--ft-steps", type=int, default=3)
+    ap.add_argument("--step", type=float, default=0.1, help="NetAdapt: resource step per round, as a fraction of the dense value")
+    ap.add_argument("--cool-down", type=float, default=0.7, help="annealing: cool_down_rate (fewer candidates when lower)")
+    ap.add_argument("--repeats", type=int, default=3, help="latency repeats per measurement inside the searches")
     ap.add_argument("--batch", type=int, default=1, help="batch size the latency is measured at")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
@@ -53,7 +56,7 @@ def main() -> None:
     dense = resnet18(num_classes=10).eval()
     example = torch.randn(args.batch, 3, 32, 32)
     gen = torch.Generator().manual_seed(1)
-    held_out = torch.randn(256, 3, 32, 32, generator=gen)
+    held_out = torch.randn(128, 3, 32, 32, generator=gen)
     train_x = torch.randn(512, 3, 32, 32, generator=gen)
     with torch.no_grad():
         ref_labels = dense(held_out).argmax(1)
@@ -87,13 +90,13 @@ def main() -> None:
     print(f"dense resnet18 32x32 batch {args.batch}: {dense_ms:.3f} ms, {dense_flops / 1e6:.1f} MFLOPs, {dense_params / 1e6:.2f} M params")
     for algo in args.algos.split(","):
         for metric in ("latency", "flops"):
-            meter = ResourceMeter(metric, example)
+            meter = ResourceMeter(metric, example, repeats=args.repeats, iterations=10)
             t0 = time.perf_counter()
             if algo == "netadapt":
                 pruner = NetAdaptPruner(dense, config, distil, agreement, resource=meter, budget=args.budget, dummy_input=example,
-                                        sparsity_per_iteration=0.05, max_sparsity_per_layer=0.9)  # fmt: skip
+                                        sparsity_per_iteration=args.step, max_sparsity_per_layer=0.9)  # fmt: skip
             elif algo == "sa":
-                pruner = SimulatedAnnealingPruner(dense, config, agreement, cool_down_rate=0.8, pruning_algorithm="l1",
+                pruner = SimulatedAnnealingPruner(dense, config, agreement, cool_down_rate=args.cool_down, pruning_algorithm="l1",
                                                   finetuner=distil, resource=meter, budget=args.budget, dummy_input=example,
                                                   max_sparsity_per_layer=0.9, seed=0)  # fmt: skip
             else:

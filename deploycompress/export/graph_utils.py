@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["WEIGHTED_OPS", "weight_axis", "through_identity", "gs_constant"]
+__all__ = ["WEIGHTED_OPS", "weight_axis", "through_identity", "gs_constant", "has_weight"]
 
 #: ops whose input 1 is a weight that int8 kernels take per output channel
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -56,3 +56,15 @@ def gs_constant(t) -> np.ndarray | None:
     if t.inputs and t.inputs[0].op == "Constant":
         return np.asarray(t.inputs[0].attrs["value"].values)
     return None
+
+
+def has_weight(node: gs.Node) -> bool:
+    """A weighted op whose input 1 is a weight (a constant, or a dequantized constant), not an
+    activation (attention's ``q @ k``)."""
+    if node.op not in WEIGHTED_OPS or len(node.inputs) < 2:
+        return False
+    w = node.inputs[1]
+    p = w.inputs[0] if w.inputs else None
+    if p is not None and p.op == "DequantizeLinear":
+        return gs_constant(p.inputs[0]) is not None
+    return gs_constant(w) is not None

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph_utils import WEIGHTED_OPS, gs_constant, weight_axis
+from .graph_utils import WEIGHTED_OPS, gs_constant, has_weight, weight_axis
 from .onnx_export import MIN_OPSET, onnx_opset
 from .targets import QDQTarget, get_target
 
@@ -61,15 +61,6 @@ def _through(t, ops: tuple[str, ...]) -> list:
         if c.op in ops:
             out.extend(c.outputs[0].outputs)
     return out
-
-
-def _has_weight(node: gs.Node) -> bool:
-    """Input 1 is a weight (a constant, or a dequantized constant), not an activation (attention's q @ k)."""
-    w = node.inputs[1]
-    p = _producer(w)
-    if p is not None and p.op == "DequantizeLinear":
-        return gs_constant(p.inputs[0]) is not None
-    return gs_constant(w) is not None
 
 
 def _dequantized(x, ops: tuple[str, ...]) -> bool:
@@ -134,7 +125,7 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
         return findings
 
     for node in graph.nodes:
-        if node.op in WEIGHTED_OPS and len(node.inputs) > 1 and _has_weight(node):
+        if has_weight(node):
             x, w = node.inputs[0], node.inputs[1]
             wp = _producer(w)
             if wp is None or wp.op != "DequantizeLinear":

@@ -241,6 +241,10 @@ def _verify_weight(name: str, module: nn.Module, graph: _Graph, node: onnx.NodeP
     return src, axis, None if exact else fold.astype(np.float32)
 
 
+def _owns_weight(module: nn.Module) -> bool:
+    return isinstance(module._parameters.get("weight"), torch.Tensor)
+
+
 def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto, calls: Mapping | None = None) -> NameMap:
     """``calls`` (from :func:`record_calls`) saves a forward pass when the caller already ran one."""
     modules = dict(model.named_modules())
@@ -249,6 +253,7 @@ def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto, calls:
     if calls is None:
         calls = record_calls(model, args)[0]
 
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
     by_scope: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     owner: dict[str, str] = {}
     for node in graph.nodes:
@@ -264,8 +269,16 @@ def build_name_map(model: nn.Module, args: tuple, proto: onnx.ModelProto, calls:
 
     per_module: dict[str, list[list[onnx.NodeProto]]] = defaultdict(list)
     for scope, nodes in by_scope.items():
-        if owner[scope] in modules and not any(True for _ in modules[owner[scope]].children()):
+        module = modules.get(owner[scope])
+        if module is None:
+            continue
+        if not any(True for _ in module.children()):
             per_module[owner[scope]].append(nodes)
+        elif _owns_weight(module):
+            # a weighted layer built from submodules (EfficientNet's Conv2dStaticSamePadding: a pad module,
+            # then the conv): one call is its own nodes and its submodules' (the Pad and the Conv)
+            inner = [n for s, ns in by_scope.items() if s.startswith(scope + "/") for n in ns]
+            per_module[owner[scope]].append(sorted(inner + nodes, key=lambda n: order[id(n)]))
 
     mappings: dict[str, ModuleMapping] = {}
     for name, call_nodes in per_module.items():

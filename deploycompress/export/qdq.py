@@ -419,6 +419,12 @@ def insert_qdq(
                 scale = _weight_scales(module, p, w.shape[axis], folds[k] if k < len(folds) else None, wbits)
                 bshape = [1] * w.ndim
                 bshape[axis] = -1
+                zero = ~np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).any(1)
+                if zero.any() and not zero.all():
+                    # an all-zero (pruned) channel quantizes to 0 at any scale; a typical scale keeps its
+                    # int32 bias (scale x_scale * w_scale) as fine as the other channels' (a zero range
+                    # calibrates to scale 1, which would round a folded BatchNorm's bias to x_scale)
+                    scale = np.where(zero, np.float32(np.median(scale[~zero])), scale).astype(np.float32)
                 q = np.clip(np.round(w / scale.reshape(bshape)), *qrange(wbits, True)).astype(np.int8)
                 scale = _fit_zero_rows(scale, q, axis, node, dq_source, act_params, spec.int32_bias)
                 node.inputs[1] = _dq_constant(graph, init_name, q, scale, np.zeros(scale.shape, np.int8), axis)

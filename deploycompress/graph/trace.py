@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import rules
 from .attention import install_module_rules
+from .hf_attention import install_hf_rules
 from .channels import CONST, TensorInfo, UnionFind, canonicalize
 from .rules.producers import PRODUCER_OPS, is_producer_call
 
@@ -79,6 +80,7 @@ class ChannelTrace:
     pin_reasons: list[str] = field(default_factory=list)  # why pinned[i] is pinned (same length as pinned)
     live_reasons: list[str] = field(default_factory=list)  # who reads live[i] while it is non-zero
     dropped: list[Any] = field(default_factory=list)  # zero_dead_norms: rules.dead.DroppedConstant, non-zero slices it zeroed
+    may_vanish: set[str] = field(default_factory=set)  # producers speedup may remove whole (a layer's last attention head)
 
     def pin(self, ids: torch.Tensor, reason: str) -> None:
         """Keep the classes of ``ids`` whole, for ``reason`` (named in the speedup report)."""
@@ -383,7 +385,7 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bo
     for t in inputs:
         if isinstance(t, torch.Tensor):
             tracer.set_info(t, TensorInfo.const(t.shape))
-    hooks = install_module_rules(model, tracer)
+    hooks = install_module_rules(model, tracer) + install_hf_rules(model, tracer)
     try:
         with torch.no_grad(), tracer:
             output = model(*inputs)

@@ -14,7 +14,8 @@ from .movement import MovementPruner
 from .autocompress import AutoCompressPruner
 from .amc import AMCPruner
 from .annealing import SimulatedAnnealingPruner
-from .netadapt import NetAdaptPruner
+from .netadapt import BudgetNotReached, NetAdaptPruner
+from .search import Trajectory, trajectory_plot
 from .resources import LookupTable, ResourceMeter
 from .sensitivity import SensitivityAnalysis, SensitivityResult, sensitivity_analysis
 from .executor import InProcessExecutor, RayExecutor
@@ -53,6 +54,9 @@ __all__: list[str] = [
     "AMCPruner",
     "SimulatedAnnealingPruner",
     "ResourceMeter",
+    "BudgetNotReached",
+    "Trajectory",
+    "trajectory_plot",
     "LookupTable",
     "SensitivityAnalysis",
     "SensitivityResult",

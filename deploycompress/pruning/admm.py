@@ -75,7 +75,7 @@ class ADMMPruner(Pruner):
         ratio = cfg.sparsity if cfg.sparsity is not None else cfg.total_sparsity  # a group budget is projected per layer
         assert ratio is not None
         score = self._units(name, w)
-        pruned = lowest(score, prune_count(ratio, score.numel()))
+        pruned = lowest(score, prune_count(ratio, score.numel(), cfg.sparse_rounding))
         if self.granularity == "fine-grained":
             return w.masked_fill(pruned, 0.0)
         keep = channel_masks(self._modules[name], ~pruned)[weight_attrs(self._modules[name])[0]]

@@ -98,7 +98,7 @@ class MovementPruner(Pruner):
 
     def _keep(self, name: str, sparsity: float) -> torch.Tensor:
         units = self._unit_scores(name)
-        keep = ~lowest(units, prune_count(sparsity, units.numel()))
+        keep = ~lowest(units, prune_count(sparsity, units.numel(), self.module_configs[name].sparse_rounding))
         if self.block is not None:
             keep = keep.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
         return keep

@@ -423,7 +423,7 @@ def relative_config(config_list: list[dict[str, Any]], origin: nn.Module, curren
         w0, w1 = _weight(org[name]), _weight(cur[name])
         assert w0 is not None and w1 is not None
         n0, n1 = w0.shape[dim], w1.shape[dim]
-        k = max(0, prune_count(mc.sparsity, n0) - (n0 - n1))
+        k = max(0, prune_count(mc.sparsity, n0, mc.sparse_rounding) - (n0 - n1))
         out.append({"op_names": [name], "sparsity": min(k, n1 - 1) / n1})
     return out
 

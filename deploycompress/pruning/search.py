@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
-from ..config import select_modules
+from ..config import AMOUNT_SPELLINGS, select_modules
 from .channel import channel_dim
 from .io import Masks, _weight
 from .scheduler import PrunerSpec, _pin, _pruner_class, make_basic_pruner, masked_fraction, plain_copy, wrap_masks
@@ -26,7 +26,7 @@ __all__ = ["Candidate", "Trajectory", "fit_measured", "layer_masks", "selected_l
 def selected_layers(model: nn.Module, config_list: Sequence[Mapping[str, Any]], spec: PrunerSpec) -> dict[str, int]:
     """Selected layer -> number of output channels."""
     cls = _pruner_class(spec)
-    selection = [{k: v for k, v in c.items() if k not in ("sparsity", "total_sparsity", "max_sparsity_per_layer")} for c in config_list]
+    selection = [{k: v for k, v in c.items() if k not in AMOUNT_SPELLINGS} for c in config_list]
     for c in selection:
         if not c.get("exclude"):
             c["sparsity"] = 0.5  # selection only

@@ -10,6 +10,7 @@ from torch import nn
 
 from calibrators import MinMaxCalibrator, QuantError, QuantParams
 
+from ..config import ConfigError
 from .bn_fold import fold_batchnorm
 from .fake_quant import fake_quantize_ste
 from .quantizer import Quantizer, QuantizerError
@@ -30,6 +31,7 @@ class QATQuantizer(Quantizer):
 
     algorithm = "QATQuantizer"
     default_granularity = "per_channel"
+    takes_start_step = True
 
     def __init__(
         self,
@@ -37,7 +39,7 @@ class QATQuantizer(Quantizer):
         config_list: list[dict[str, Any]],
         *,
         ema_decay: float = 0.99,
-        quant_start_step: int = 0,
+        quant_start_step: int | None = None,
         fold_bn: bool = False,
     ) -> None:
         if not 0.0 <= ema_decay < 1.0:
@@ -45,7 +47,11 @@ class QATQuantizer(Quantizer):
         self.folded = fold_batchnorm(model) if fold_bn else []
         super().__init__(model, config_list)
         self.ema_decay = ema_decay
-        self.quant_start_step = int(quant_start_step)
+        try:
+            self.quant_start_step = self._start_step(quant_start_step)
+        except ConfigError:
+            self.unwrap_model()  # the caller's model is left as it was given
+            raise
         self.steps = 0
         self.epoch = 0
         for wrapper in self.wrappers.values():
@@ -59,6 +65,18 @@ class QATQuantizer(Quantizer):
                         symmetric=wrapper.symmetric,
                         name=f"{wrapper.name}.{kind}",
                     )
+
+    def _start_step(self, given: int | None) -> int:
+        """The argument, or the config_list's ``quant_start_step`` (NNI 2.x QAT writes one per dict)."""
+        from_config = {c.quant_start_step for c in self.module_configs.values() if c.quant_start_step is not None}
+        if len(from_config) > 1:
+            raise ConfigError(
+                f"config_list gives quant_start_step {sorted(from_config)}: NNI 2.x started each layer at its own "
+                "step, here one start step holds for the whole model; give one value"
+            )
+        if given is not None and from_config and from_config != {int(given)}:
+            raise ConfigError(f"quant_start_step={given} disagrees with the config_list's {sorted(from_config)}")
+        return int(given) if given is not None else (from_config.pop() if from_config else 0)
 
     @property
     def quantizing(self) -> bool:

@@ -103,6 +103,8 @@ class Quantizer:
     min_bits = 2
     default_granularity = "per_tensor"
     supported_quant_types: tuple[str, ...] = ("weight", "input", "output")
+    #: whether a config's ``quant_start_step`` (NNI 2.x QAT) means something to this quantizer
+    takes_start_step = False
 
     def __init__(self, model: nn.Module, config_list: list[dict[str, Any]]) -> None:
         self.model = model
@@ -138,6 +140,8 @@ class Quantizer:
                 raise ConfigError(
                     f"{where}: quant_bits[{kind!r}] = {cfg.quant_bits[kind]} is below the {self.min_bits}-bit minimum"
                 )
+        if cfg.quant_start_step is not None and not self.takes_start_step:
+            raise ConfigError(f"{where}: 'quant_start_step' is NNI 2.x QAT's key; {self.algorithm} has no start step")
         if "weight" in cfg.quant_types and not isinstance(getattr(module, "weight", None), nn.Parameter):
             raise ConfigError(f"{where}: quant_type 'weight' given, but {type(module).__name__} has no weight")
 

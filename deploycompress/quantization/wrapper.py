@@ -10,6 +10,7 @@ from torch import nn
 from calibrators import Calibrator, QuantParams
 
 from ..config import ModuleConfig
+from ..subclasses import LayerForm, analyse_layer, is_subclass_layer
 
 if TYPE_CHECKING:
     from .quantizer import Quantizer
@@ -40,6 +41,9 @@ class QuantWrapper(nn.Module):
         self.params: dict[str, QuantParams] = {}
         self.calibrators: dict[str, Calibrator] = {}
         self.state: dict[str, Any] = {}
+        #: what a layer subclass computes, checked on its first call (None: a torch class, or not called yet)
+        self.form: LayerForm | None = None
+        self._form_checked = not is_subclass_layer(module)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -69,8 +73,25 @@ class QuantWrapper(nn.Module):
             return weight_axis(self.module)
         return None
 
+    def _check_form(self, args: tuple) -> None:
+        """A layer subclass is quantized as its base only in the forms that keep the base's input and weight."""
+        self._form_checked = True
+        self.form = analyse_layer(self.name, self.module, args)  # SubclassError names it when no rule covers it
+        if self.form.kind == "weight_transform" and "weight" in self.config.quant_types:
+            from .quantizer import QuantizerError
+
+            raise QuantizerError(
+                f"module {self.name!r} ({self.form.cls}) computes its weight in forward (weight standardisation or "
+                "similar): quantizing its parameter would not quantize the weight it runs with. Bake the effective "
+                "weight first: deploycompress.subclasses.lower_layers(model, analyse_layers(model, example_inputs)) "
+                "(build_engine does this), or exclude it (exclude_op_names)"
+            )
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         q = self.quantizer
+        if not self._form_checked:
+            with torch.no_grad():
+                self._check_form(args)
         types = self.config.quant_types
         if "input" in types and args and isinstance(args[0], torch.Tensor):
             args = (q.quantize_input(args[0], self),) + args[1:]

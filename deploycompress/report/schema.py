@@ -134,6 +134,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     #: the QDQ graph: target, lint findings, weighted ops left in float, calibration entries skipped
     qdq: dict[str, Any] = field(default_factory=dict)
+    #: int8 builds: per selected weighted layer, whether it runs in int8 (precision_audit.PrecisionAudit.to_dict)
+    quantized_layers: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     version: int = REPORT_VERSION
 

@@ -16,6 +16,7 @@ from ..graph import trace_channels
 from ..model_copy import strip_parametrizations
 from ..graph.rules.dead import restore_kept
 from ..graph.trace import as_input_tuple, check_norm_spans
+from ..subclasses import follow_subclasses
 from .masks import Masks, apply_param_masks, masked_out_channels, validate_masks
 from .replace import shrink_model
 from .reasons import constant_sources, kept_reasons
@@ -147,6 +148,7 @@ def speedup_with_report(
     params_before = {n: _numel(m) for n, m in model.named_modules()}
     total_before = sum(p.numel() for p in model.parameters())
     work, checked = _user_masked(model, masks, inplace)
+    follow_subclasses(work, inputs, warn=True)  # layer subclasses: followed, weights computed in forward baked, or refused
     drop = masked_constants == "prune"
     reference = None
     if drop and verify:  # the trace below edits the copy: take the user's reference first
@@ -174,7 +176,7 @@ def speedup_with_report(
                 name, rec.kind, in_keep.numel(), int(in_keep.sum()), out_keep.numel(), int(out_keep.sum()),
                 int(masked.sum()) if masked is not None else 0,
                 int((masked & out_keep).sum()) if masked is not None else 0,
-                params_before.get(name, 0), _numel(modules[name]), reasons.get(name, {}),
+                params_before.get(name, 0), _numel(modules[name]) if name in modules else 0, reasons.get(name, {}),
             )
         )  # fmt: skip
     notes = list(removal.notes)

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..graph import ChannelTrace, ProducerRecord
 from .attention import fix_attention_modules
+from .hf_attention import fix_hf_attention
 from .resolve import Removal
 
 # module attributes that mirror the length of a per-channel tensor, by the tensor that sets them
@@ -91,4 +92,5 @@ def shrink_model(model: nn.Module, trace: ChannelTrace, removal: Removal) -> dic
             if attr in sources:
                 _set_width(module, width_attr, int(keep.sum()))
     fix_attention_modules(model, kept)
+    fix_hf_attention(model, kept)
     return kept

@@ -63,7 +63,7 @@ def decide_removals(trace: ChannelTrace, round_to: int = 1) -> Removal:
         for rec in producers:
             n = rec.out_ids.numel()
             kept = int((~classes.removed(rec.out_ids)).sum())
-            target = max(kept, 1)
+            target = max(kept, 0 if rec.name in trace.may_vanish else 1)
             if round_to > 1 and target % round_to:
                 target = min(n, math.ceil(target / round_to) * round_to)
             why = f"{rec.name!r} keeps at least one channel" if kept == 0 else f"round_to={round_to} for {rec.name!r}"

@@ -1,0 +1,15 @@
+"""Hugging Face ``transformers`` encoders end to end (optional: ``pip install 'deploycompress[hf]'``).
+
+- :class:`~deploycompress.hf.encoder.Encoder`: a BERT-family model as a two-input module
+  ``(input_ids, attention_mask) -> tensor`` that exports to ONNX with dynamic batch and sequence;
+- :mod:`~deploycompress.hf.text`: real English sentences that ship with Python (standard-library docstrings);
+- :mod:`~deploycompress.hf.distill`: distillation fine-tuning of a pruned student on unlabelled text;
+- :mod:`~deploycompress.hf.int8`: int8 (QDQ) graphs for onnxruntime, fused or plain, whichever is faster.
+
+Head and FFN pruning needs nothing from here: the channel trace recognises Hugging Face self-attention
+(``graph/hf_attention.py``) and speedup rewrites it (``speedup/hf_attention.py``).
+"""
+
+from .encoder import Encoder
+
+__all__ = ["Encoder"]
