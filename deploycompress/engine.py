@@ -33,6 +33,9 @@ from torch import nn
 from calibrators import params_from_range
 
 from .bundle import BundleError, Manifest, check_out_dir, collect_environment, load_bundle, write_bundle
+from .bundle.triton import check_model_name
+from .checks import check_backend_options, check_batches, check_count, check_eval_data, check_example_inputs, check_masks_usable
+from .errors import InputError, StepError
 from .model_copy import plain_copy
 from .quantization.calib_config import CalibConfig, CalibConfigError
 from .report import AccuracyRecord, FidelityRecord, LatencyRecord, Report, SizeRecord
@@ -171,11 +174,11 @@ def qdq_summary(qdq_model: Any, target: str) -> dict[str, Any]:
     return summary
 
 
-class EngineError(ValueError):
+class EngineError(InputError, ValueError):
     """An engine build that cannot start: the message names the argument that is wrong."""
 
 
-class BuildStepError(RuntimeError):
+class BuildStepError(StepError, RuntimeError):
     """A build step failed on valid arguments: the message names the step and the cause."""
 
 
@@ -207,13 +210,6 @@ class EngineArtifact:
         return load_bundle(self.out_dir, **options)
 
 
-def _is_input_error(exc: BaseException) -> bool:
-    """The project raises ValueError/LookupError subclasses for unusable input (configs, calibrations,
-    masks, name maps) and RuntimeError subclasses for failures; keep that split for exit codes."""
-    module = type(exc).__module__
-    return isinstance(exc, (ValueError, LookupError)) and module.split(".")[0] in ("deploycompress", "calibrators")
-
-
 @dataclass
 class _Steps:
     """Times each build step for the report and drives the progress bar."""
@@ -232,12 +228,23 @@ class _Steps:
         except Exception as exc:
             if isinstance(exc, (EngineError, BundleError, BuildStepError)):
                 raise
-            if _is_input_error(exc):
+            if isinstance(exc, InputError):
                 raise EngineError(f"step {name!r}: {exc}") from exc
             raise BuildStepError(f"step {name!r} failed: {type(exc).__name__}: {exc}") from exc
         self.seconds[name] = round(time.perf_counter() - start, 4)
         if self.bar is not None:
             self.bar.update(1)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p ``folder``; return the folders it created, deepest first (removed again on failure)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir()
+    return missing
 
 
 def _named(model: nn.Module, inputs: Any, what: str):
@@ -419,14 +426,29 @@ def build_engine(
     from .precision_audit import INTEGER_KERNELS, audit_optimized, audit_qdq, check_precision
 
     # -- everything that can be checked is checked before any long work ----------------------------
+    try:
+        out_dir = check_out_dir(out_dir, overwrite=overwrite)
+    except BundleError as exc:
+        raise EngineError(str(exc)) from exc
     if precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if not isinstance(model, nn.Module):
         raise EngineError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    name = name if name is not None else type(model).__name__.lower()
+    try:
+        check_model_name(name)
+        for value, label, low in ((iterations, "iterations", 1), (warmup, "warmup", 0), (max_batch_size, "max_batch_size", 0),
+                                  (round_to, "round_to", 1)):
+            check_count(value, label, low)
+        for b in batch_sizes:
+            check_count(b, f"batch_sizes {list(batch_sizes)}", 1)
+    except InputError as exc:
+        raise EngineError(str(exc)) from exc
     named = _named(model, example_inputs, "example_inputs")
     inputs = named.args
     try:
         engine_backend = get_backend(backend)
+        check_backend_options(engine_backend, dict(backend_options or {}))
     except Exception as exc:
         raise EngineError(f"backend: {exc}") from exc
     try:
@@ -434,6 +456,9 @@ def build_engine(
     except ValueError as exc:
         raise EngineError(str(exc)) from exc
     masks = _load_masks(masks, model)
+    if masks is not None:
+        check_masks_usable(masks)
+    check_example_inputs(model, inputs)  # runs once: shape/dtype errors named as the argument
     from .subclasses import SubclassError, analyse_layers, lower_layers
 
     try:
@@ -448,13 +473,9 @@ def build_engine(
     if precision == "fp32" and (calib is not None or calib_data is not None):
         log.warning("precision 'fp32': the calibration is ignored")
         calib, calib_data = None, None
-    if any(int(b) < 1 for b in batch_sizes):
-        raise EngineError(f"batch_sizes must be positive integers, got {list(batch_sizes)}")
-    try:
-        out_dir = check_out_dir(out_dir, overwrite=overwrite)
-    except BundleError as exc:
-        raise EngineError(str(exc)) from exc
-    name = name or type(model).__name__.lower()
+    if calib_data is not None:
+        calib_data = check_batches(calib_data, named.tensors(), "calib_data")  # every batch, before any work
+    check_eval_data(eval_inputs, eval_labels, named.tensors())
     eval_x = _named(model, eval_inputs, "eval_inputs").tensors() if eval_inputs is not None else named.tensors()
     second = _first_batch(calib_data)
     second_x = _named(model, second, "calib_data batch").tensors() if second is not None else eval_x
@@ -463,7 +484,7 @@ def build_engine(
     steps = _Steps(bar=tqdm(total=n_steps, desc="build", unit="step", disable=not progress, leave=False))
     report = Report(name=name, backend=backend, precision=precision)
     work_parent = Path(out_dir).absolute().parent
-    work_parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(work_parent)
     try:
         with tempfile.TemporaryDirectory(dir=work_parent, prefix=f".{Path(out_dir).name}.work.") as tmp:
             work = Path(tmp)
@@ -551,6 +572,11 @@ def build_engine(
                 overwrite=overwrite,
                 extra={"round_to": round_to, "norm_spans": norm_spans, "pruned": masks is not None, "steps": report.steps},
             )
+    except BaseException:
+        for folder in created:  # a failed build leaves no folder it made behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     finally:
         steps.bar.close()
     log.info("engine bundle written to %s", out_dir)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import stat
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -16,7 +17,7 @@ from ..backends.base import TensorSpec
 from ..report.schema import check_versioned, read_json
 from .atomic import BundleError
 
-__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "Manifest", "collect_environment", "sha256_file", "hash_tree"]
+__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "Manifest", "bundle_files", "collect_environment", "sha256_file", "hash_tree"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -31,13 +32,33 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def bundle_files(root: Path) -> dict[str, Path]:
+    """Every regular file under ``root`` (POSIX relative path -> path), walked without following links.
+
+    A symlink anywhere (file or directory) or any other non-regular entry is a :class:`BundleError`
+    naming it, raised before any file is opened: a bundle is exactly the bytes inside its directory.
+    """
+    root = Path(root)
+    out: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for entry in sorted(dirnames) + sorted(filenames):
+            path = Path(dirpath) / entry
+            rel = path.relative_to(root).as_posix()
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                raise BundleError(f"bundle {str(root)!r}: {rel!r} is a symbolic link; a bundle may hold only regular files "
+                                  "(replace the link with the file itself)")
+            if entry in filenames and not stat.S_ISREG(st.st_mode):
+                raise BundleError(f"bundle {str(root)!r}: {rel!r} is not a regular file")
+            if entry in filenames:
+                out[rel] = path
+    return dict(sorted(out.items()))
+
+
 def hash_tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` except the manifest itself, keyed by POSIX relative path."""
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_NAME
-    }
+    """sha256 of every file under ``root`` except the manifest itself, keyed by POSIX relative path
+    (symbolic links refused, see :func:`bundle_files`)."""
+    return {rel: sha256_file(p) for rel, p in bundle_files(root).items() if rel != MANIFEST_NAME}
 
 
 def _version(dist: str) -> str | None:

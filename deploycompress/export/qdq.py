@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 
 from calibrators import QuantParams, params_from_range, qrange
 
+from ..errors import InputError
 from ..quantization.calib_config import CalibConfig
 from .graph_utils import WEIGHTED_OPS, gs_constant
 from .name_map import NameMap, NameMapError
@@ -61,7 +62,7 @@ def skipped_calibration(qdq_model: onnx.ModelProto) -> list[dict[str, str]]:
     return []
 
 
-class QDQError(ValueError):
+class QDQError(InputError, ValueError):
     """The calibration cannot be written into this graph; the message names modules and tensors."""
 
 
