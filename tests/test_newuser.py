@@ -30,3 +30,20 @@ def test_progress_false_hides_the_calibration_bar(tmp_path, capsys):
                     progress=False, iterations=1, warmup=0, compare_fp32=False)
     err = capsys.readouterr().err
     assert "calibrating" not in err
+
+
+def test_validate_refuses_data_of_the_wrong_shape_with_exit_2(tmp_path, capsys):
+    import numpy as np
+
+    from deploycompress.cli import main
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    dc.build_engine(model, None, None, example_inputs=torch.randn(1, 3, 32, 32), precision="fp32", out_dir=tmp_path / "b",
+                    progress=False, iterations=1, warmup=0, compare_fp32=False)
+    np.save(tmp_path / "bad.npy", np.random.randn(4, 3, 16, 16).astype("float32"))
+    np.save(tmp_path / "good.npy", np.random.randn(4, 3, 32, 32).astype("float32"))
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path / "b"), "--data", str(tmp_path / "bad.npy"), "--iterations", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "[4, 3, 16, 16]" in err and "32, 32]" in err
+    assert main(["validate", str(tmp_path / "b"), "--data", str(tmp_path / "good.npy"), "--iterations", "1"]) == 0
