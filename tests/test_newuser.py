@@ -47,3 +47,53 @@ def test_validate_refuses_data_of_the_wrong_shape_with_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--data" in err and "[4, 3, 16, 16]" in err and "32, 32]" in err
     assert main(["validate", str(tmp_path / "b"), "--data", str(tmp_path / "good.npy"), "--iterations", "1"]) == 0
+
+
+def test_export_names_a_forward_that_refuses_positional_inputs(tmp_path):
+    import pytest
+
+    from deploycompress.engine import BuildStepError
+
+    class KeywordOnly(nn.Module):  # like transformers 5's BertModel under the TorchScript exporter
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x, flag=None):
+            if torch.jit.is_tracing():
+                raise TypeError("KeywordOnly.forward() got multiple values for argument 'flag'")
+            return self.fc(x)
+
+    with pytest.raises(BuildStepError, match="refused the exporter's positional call"):
+        dc.build_engine(KeywordOnly(), None, None, example_inputs=torch.randn(1, 4), precision="fp32",
+                        out_dir=tmp_path / "b", progress=False, iterations=1, warmup=0)
+    assert not (tmp_path / "b").exists()
+
+
+def test_hf_bert_model_error_points_to_the_encoder_wrapper(tmp_path):
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16)
+    bert = transformers.BertModel(cfg).eval()
+    ids, mask = torch.randint(0, 50, (1, 8)), torch.ones(1, 8, dtype=torch.long)
+    try:
+        dc.build_engine(bert, None, None, example_inputs=(ids, mask), precision="fp32", out_dir=tmp_path / "raw",
+                        progress=False, iterations=1, warmup=0)
+    except Exception as exc:  # transformers versions whose forward refuses the exporter's positional call
+        assert "deploycompress.hf.Encoder" in str(exc)
+    import numpy as np
+    import onnxruntime as ort
+
+    from deploycompress.hf import Encoder
+
+    enc = Encoder(bert, pooling="none").eval()
+    art = dc.build_engine(enc, None, None, example_inputs=(ids, mask), precision="fp32", out_dir=tmp_path / "b",
+                          progress=False, iterations=1, warmup=0)
+    sess = ort.InferenceSession(str(art.artifact_path), providers=["CPUExecutionProvider"])
+    ids2 = torch.randint(0, 50, (1, 8))
+    got = sess.run(None, {"input_ids": ids2.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        want = bert(input_ids=ids2, attention_mask=mask).last_hidden_state.numpy()
+    assert np.abs(got - want).max() < 1e-4
