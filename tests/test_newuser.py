@@ -97,3 +97,38 @@ def test_hf_bert_model_error_points_to_the_encoder_wrapper(tmp_path):
     with torch.no_grad():
         want = bert(input_ids=ids2, attention_mask=mask).last_hidden_state.numpy()
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_int8_build_of_a_model_with_multihead_attention(tmp_path):
+    """nn.MultiheadAttention reads out_proj.weight directly, so out_proj cannot be wrapped: it is left
+    float with a named warning and the int8 engine still tracks the float PyTorch model."""
+    import numpy as np
+    import onnxruntime as ort
+    import pytest
+
+    from deploycompress.quantization.quantizer import UncalledModuleWarning
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.embed(x)
+            h = h + self.attn(h, h, h, need_weights=False)[0]
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = torch.randn(1, 5, 8)
+    with pytest.warns(UncalledModuleWarning, match="attn.out_proj"):
+        art = dc.build_engine(model, None, None, example_inputs=x, precision="int8", out_dir=tmp_path / "b",
+                              calib_data=[torch.randn(1, 5, 8) for _ in range(4)], progress=False, iterations=1, warmup=0)
+    sess = ort.InferenceSession(str(art.artifact_path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max() + 1e-3
+    assert isinstance(model.attn.out_proj, nn.Linear)  # the caller's model is untouched
