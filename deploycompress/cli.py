@@ -198,6 +198,25 @@ def _tensor(array: Any):
     return torch.as_tensor(a) if a.dtype.kind in "iub" else torch.as_tensor(a, dtype=torch.float32)
 
 
+def _check_data_fits(runner: Any, data: Any, option: str) -> None:
+    """Refuse ``data`` (a tensor, or a dict keyed by input name) whose rank or fixed dims differ from the
+    artifact's inputs, before anything runs: the message names the option, the input and both shapes."""
+    specs = list(getattr(runner, "inputs", None) or [])
+    arrays = data if isinstance(data, dict) else ({specs[0].name: data} if len(specs) == 1 else {})
+    for spec in specs:
+        if spec.name not in arrays:
+            if isinstance(data, dict):
+                raise UsageError(f"{option} lacks the artifact's input {spec.name!r}; its arrays: {sorted(data)}")
+            continue
+        shape = tuple(arrays[spec.name].shape)
+        fits = len(shape) == len(spec.shape) and all(not isinstance(d, int) or d == s for d, s in zip(spec.shape[1:], shape[1:]))
+        if not fits:
+            raise UsageError(
+                f"{option}: input {spec.name!r} has shape {list(shape)}, the artifact takes {list(spec.shape)} "
+                "(named dims are dynamic); give data of that shape"
+            )
+
+
 def _batches(data: Any, batch_size: int, limit: int | None) -> list:
     """Calibration batches: an array is split along axis 0; an iterable of batches is taken as it is."""
     import numpy as np
@@ -463,6 +482,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     runner, manifest, precision = _open_artifact(args.artifact)
     x, y = _load_arrays(args.data, "--data")
     x = _tensor(x)
+    _check_data_fits(runner, x, "--data")
     labels = None if y is None else np.asarray(y)
     if args.reference_model or args.torchvision:
         reference: Any = _load_model(args.reference_model, args.torchvision, args.weights)

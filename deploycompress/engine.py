@@ -328,12 +328,14 @@ def fit_calibration(calib: CalibConfig, model: nn.Module) -> CalibConfig:
     return out
 
 
-def _calibrate(model: nn.Module, calib_data: Iterable, config_list: list[dict], calibrator: str) -> CalibConfig:
+def _calibrate(
+    model: nn.Module, calib_data: Iterable, config_list: list[dict], calibrator: str, *, progress: bool = True
+) -> CalibConfig:
     from .quantization import PTQQuantizer
 
     sim = copy.deepcopy(model).eval()
     quantizer = PTQQuantizer(sim, config_list, calibrator=calibrator)
-    quantizer.calibrate(calib_data)
+    quantizer.calibrate(calib_data, progress=progress)
     return quantizer.export_calib_config()
 
 
@@ -513,7 +515,7 @@ def build_engine(
             if precision == "int8":
                 with steps("calibrate"):
                     if calib_data is not None:
-                        calib = _calibrate(deployed, calib_data, quant_config_list or default_quant_config(deployed, example_inputs), calibrator)
+                        calib = _calibrate(deployed, calib_data, quant_config_list or default_quant_config(deployed, example_inputs), calibrator, progress=progress)
                     elif masks is not None:
                         calib = fit_calibration(calib, deployed)  # type: ignore[arg-type]
             import onnx

@@ -67,6 +67,21 @@ def _failing_op(exc: BaseException) -> str | None:
     return None
 
 
+def _export_failure(model: nn.Module, opset: int, exc: BaseException) -> str:
+    """What to tell the user when ``torch.onnx.export`` raised: the unsupported operator, or -- when
+    forward itself refused the positional call the exporter makes (a TypeError about its arguments,
+    as recent Hugging Face models raise) -- that, with the wrapper that calls it by keyword."""
+    name = type(model).__name__
+    if isinstance(exc, TypeError) and "argument" in str(exc):
+        hint = "; wrap it so forward takes tensors positionally"
+        if type(model).__module__.startswith("transformers."):
+            hint = "; wrap a Hugging Face model in deploycompress.hf.Encoder(model) (input_ids, attention_mask)"
+        return f"cannot export {name}: forward() refused the exporter's positional call ({exc}){hint}"
+    op = _failing_op(exc)
+    what = f"operator {op}" if op else "an operator"
+    return f"cannot export {name} to ONNX opset {opset}: {what} is not supported ({exc})"
+
+
 def tensor_specs(values: Sequence[onnx.ValueInfoProto]) -> list[TensorSpec]:
     specs = []
     for v in values:
@@ -141,11 +156,7 @@ def to_onnx(
                     do_constant_folding=True,
                 )
             except Exception as exc:  # the exporter raises many types; all end here with the op named
-                op = _failing_op(exc)
-                what = f"operator {op}" if op else "an operator"
-                raise ExportError(
-                    f"cannot export {type(model).__name__} to ONNX opset {opset}: {what} is not supported ({exc})"
-                ) from exc
+                raise ExportError(_export_failure(model, opset, exc)) from exc
         tracer = _surface_tracer_warnings(caught)
         proto = onnx.load_from_string(buf.getvalue())
         proto = onnx.shape_inference.infer_shapes(proto)

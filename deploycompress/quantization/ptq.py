@@ -98,8 +98,9 @@ class PTQQuantizer(Quantizer):
     def _missing_hint(self) -> str:
         return "run calibrate(batches) first"
 
-    def calibrate(self, batches: Iterable[Any], *, num_batches: int | None = None) -> None:
-        """Run ``batches`` (tensors, or tuples of model inputs) through the float model, then fix the ranges."""
+    def calibrate(self, batches: Iterable[Any], *, num_batches: int | None = None, progress: bool = True) -> None:
+        """Run ``batches`` (tensors, or tuples of model inputs) through the float model, then fix the ranges.
+        ``progress=False`` hides the progress bar."""
         total = num_batches if num_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)  # type: ignore[arg-type]
         self._reset()  # recalibrating starts afresh
         self.calibrated = False
@@ -109,7 +110,7 @@ class PTQQuantizer(Quantizer):
         seen = 0
         try:
             with torch.no_grad():
-                for batch in tqdm(batches, total=total, desc=f"calibrating ({self.calibrator})", unit="batch", leave=False):
+                for batch in tqdm(batches, total=total, desc=f"calibrating ({self.calibrator})", unit="batch", leave=False, disable=not progress):
                     if num_batches is not None and seen >= num_batches:
                         break
                     if isinstance(batch, Mapping):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -118,6 +119,7 @@ class Quantizer:
             algorithm=self.algorithm,
         )
         explicit = validate_config_list(config_list, kind="quantization")
+        configs = _drop_uncalled(model, configs)
         for name, cfg in configs.items():
             self._check(name, cfg, model.get_submodule(name))
             if "granularity" not in explicit[cfg.config_index]:
@@ -255,3 +257,32 @@ class Quantizer:
             calib.save(calibration_path)
         log.info("%s: wrote %s%s", self.algorithm, model_path, f" and {calibration_path}" if calibration_path else "")
         return calib
+
+
+class UncalledModuleWarning(UserWarning):
+    """A selected module is never called: its parent reads its parameters directly (the ``out_proj``
+    of ``nn.MultiheadAttention``), so it is not wrapped and stays float."""
+
+
+def _uncalled_modules(model: nn.Module) -> set[str]:
+    """Modules whose parent reads their weight and bias instead of calling them: torch's
+    ``nn.MultiheadAttention`` passes ``out_proj.weight``/``out_proj.bias`` to
+    ``F.multi_head_attention_forward`` (torch/nn/modules/activation.py), so a wrapper there breaks it."""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention) and isinstance(getattr(m, "out_proj", None), nn.Linear)
+    }
+
+
+def _drop_uncalled(model: nn.Module, configs: dict[str, ModuleConfig]) -> dict[str, ModuleConfig]:
+    skipped = sorted(_uncalled_modules(model) & set(configs))
+    if skipped:
+        warnings.warn(
+            f"{skipped}: never called (nn.MultiheadAttention reads out_proj's weight directly), so not "
+            "quantized; they stay float in the simulation and the deployed graph",
+            UncalledModuleWarning,
+            stacklevel=3,
+        )
+    return {n: c for n, c in configs.items() if n not in skipped}
+
