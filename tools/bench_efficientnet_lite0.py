@@ -71,13 +71,15 @@ def quantize_static(fp32: Path, calib: torch.Tensor, tmp: Path, per_channel: boo
     if not pre.exists():
         quant_pre_process(str(fp32), str(pre))
 
+    name = onnx.load(str(pre)).graph.input[0].name
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.it = iter(calib.split(4))
 
         def get_next(self):
             b = next(self.it, None)
-            return None if b is None else {"input": b.numpy()}
+            return None if b is None else {name: b.numpy()}
 
     out = tmp / f"qs_{'pc' if per_channel else 'pt'}.onnx"
     qs(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,

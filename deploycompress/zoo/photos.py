@@ -52,7 +52,7 @@ def crops(images: dict[str, np.ndarray], size: int = 224, mirror: bool = True, p
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     out = []
     for im in images.values():
-        t = torch.from_numpy(np.ascontiguousarray(im[..., :3])).permute(2, 0, 1).float()[None] / 255
+        t = torch.from_numpy(np.array(im[..., :3])).permute(2, 0, 1).float()[None] / 255
         h, w = t.shape[-2:]
         for scale, py, px in CROPS[:per_photo]:
             s = int(min(h, w) * scale)
