@@ -5,8 +5,8 @@ digits; the ImageNet-pretrained EfficientNet-Lite0 on real photos, see ``deployc
 
 * **dense fp32**: the model exported to ONNX (``to_onnx``), onnxruntime CPU;
 * **ours**: ``L1NormPruner(dependency_aware=True)`` at ``--sparsity`` on every Conv2d/Linear but the
-  classifier -> ``speedup`` -> recovery -> ``PTQQuantizer`` (MinMax) + ``to_onnx`` + ``insert_qdq(target=
-  "onnxruntime")``;
+  classifier -> ``speedup`` -> recovery -> ``build_engine`` (int8, onnxruntime, MinMax, its default quantization
+  config; its export check and validation count in the pipeline's time);
 * **peers**: Torch-Pruning's ``MetaPruner`` (``MagnitudeImportance(p=1)``, same ratio, same classifier
   ignored) -> the same recovery -> ``torch.onnx.export`` -> onnxruntime ``quant_pre_process`` +
   ``quantize_static`` (QDQ, U8 activations, S8 per-channel weights, MinMax: its fastest accurate flavour on an
@@ -42,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_efficientnet_lite0 import cpu, quantize_static  # noqa: E402
-from bench_ort_int8 import _ours, _session, _time_round_robin  # noqa: E402
+from bench_ort_int8 import _session, _time_round_robin  # noqa: E402
 
 from deploycompress.zoo import crops, photos, split_photos  # noqa: E402
 
@@ -76,7 +76,8 @@ def build_case(name: str, args: argparse.Namespace) -> Case:
 
         return Case(model, data.test_x[:1], data.train_x[: 8 * args.calib_batches], data.test_x, data.test_y.numpy(), "fc",
                     recover if args.finetune_epochs else None)  # fmt: skip
-    calib, evaluation = _photo_split(args.image_size, args.crops_per_photo)
+    # EfficientNet-Lite0's static "SAME" padding is computed for 224x224
+    calib, evaluation = _photo_split(224 if name == "efficientnet_lite0" else args.image_size, args.crops_per_photo)
     if name == "efficientnet_lite0":
         from deploycompress.pruning.distill import distill
         from deploycompress.zoo import load_efficientnet_lite0
@@ -93,6 +94,7 @@ def build_case(name: str, args: argparse.Namespace) -> Case:
 
 
 def ours(case: Case, sparsity: float, tmp: Path, input_name: str) -> Path:
+    from deploycompress import build_engine
     from deploycompress.pruning import L1NormPruner
     from deploycompress.speedup import speedup
 
@@ -102,7 +104,9 @@ def ours(case: Case, sparsity: float, tmp: Path, input_name: str) -> Path:
     small = speedup(pruner.unwrap_model(), masks, case.example)
     if case.recover:
         case.recover(small, case.model)
-    return _ours(small.eval(), list(case.calib.split(8)), case.example, tmp)[1]
+    art = build_engine(small.eval(), example_inputs=case.example, out_dir=tmp / "bundle", calib_data=list(case.calib.split(8)),
+                       eval_inputs=case.example, iterations=1, warmup=0, compare_fp32=False, progress=False)  # fmt: skip
+    return art.out_dir / "source" / "model.qdq.onnx"
 
 
 def peers(case: Case, sparsity: float, tmp: Path, input_name: str) -> Path:
