@@ -9,6 +9,7 @@ from importlib import import_module as _import_module
 from . import backends, bundle, config, export, graph, pruning, quantization, report, speedup, validate
 from .backends import *  # noqa: F401,F403
 from .bundle import *  # noqa: F401,F403
+from .errors import DeployCompressError, InputError, MaskError, StepError
 from .config import ConfigConventionWarning, ConfigError, ModuleConfig, select_modules, validate_config_list
 from .counting import FlopsParams, LayerCount, count_flops_params
 from .export import *  # noqa: F401,F403
@@ -24,7 +25,8 @@ from .engine import BuildStepError, EngineArtifact, EngineError, build_engine  #
 __version__ = "0.1.0"
 
 __all__ = (
-    ["ConfigConventionWarning", "ConfigError", "ModuleConfig", "select_modules", "validate_config_list", "__version__"]
+    ["DeployCompressError", "InputError", "StepError", "MaskError"]
+    + ["ConfigConventionWarning", "ConfigError", "ModuleConfig", "select_modules", "validate_config_list", "__version__"]
     + ["FlopsParams", "LayerCount", "count_flops_params"]
     + backends.__all__
     + bundle.__all__

@@ -10,34 +10,35 @@ API, four subcommands with plain options need nothing more, and it adds no depen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+from .cli_args import (check_recipe, cosine, fraction, non_negative_float, non_negative_int, parse_shape, positive_float,
+                       positive_int, shape_arg)
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, InputError, exit_code
 
 __all__ = ["main", "UsageError"]
 
 log = logging.getLogger("deploycompress.cli")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(ValueError):
+class UsageError(InputError, ValueError):
     """Bad input to the command line; exits with 2."""
 
 
 # -- parsing helpers ------------------------------------------------------------------------------
 def _ints(text: str) -> list[int]:
+    """Dims in the one strict shape grammar (:func:`deploycompress.cli_args.parse_shape`)."""
     try:
-        values = [int(v) for v in str(text).replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,224,224, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+        return parse_shape(text, "dims")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ def _input_shape(text: str) -> InputShape:
     name, _, rest = str(text).rpartition("=")
     dims, _, dtype = rest.partition(":")
     dtype = dtype or "float32"
+    if name and not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"input name {name!r} in {text!r} is not a forward() parameter name")
     if dtype not in ("float32", "float16", "int64", "int32", "bool"):
         raise argparse.ArgumentTypeError(f"dtype must be float32, float16, int64, int32 or bool, got {dtype!r} in {text!r}")
     return InputShape(name or None, tuple(_ints(dims)), dtype)
@@ -226,28 +229,36 @@ def _load_recipe(path: str) -> dict:
         recipe = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UsageError(f"--recipe {path!r} is not valid YAML: {exc}") from None
-    if not isinstance(recipe, dict):
-        raise UsageError(f"--recipe {path!r} must be a mapping with keys model, input_shape, prune, quantize, build, eval")
-    known = {"model", "input_shape", "prune", "quantize", "build", "eval"}
-    unknown = sorted(set(recipe) - known)
-    if unknown:
-        raise UsageError(f"--recipe {path!r}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
-    return recipe
-
-
-def _section(recipe: dict, key: str) -> dict:
-    value = recipe.get(key) or {}
-    if not isinstance(value, dict):
-        raise UsageError(f"recipe section {key!r} must be a mapping, got {type(value).__name__}")
-    return value
+    return check_recipe(recipe, f"recipe {path!r}")  # every section's keys and values, typos named
 
 
 # -- output ---------------------------------------------------------------------------------------
 def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
     if args.json:
-        print(json.dumps(data, indent=1, default=str))
+        args.document = data  # printed by main() once stdout is stdout again: one JSON document
     else:
         print(text)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout (Python prints and, at the descriptor, C libraries such as
+    the ONNX exporter's graph dump) to stderr for the duration: ``--json`` keeps stdout for its document."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:  # descriptor 1 is the process's stdout whatever sys.stdout is
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no usable descriptors (an embedded interpreter): Python-level only
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 # -- build ----------------------------------------------------------------------------------------
@@ -255,47 +266,68 @@ def cmd_build(args: argparse.Namespace) -> int:
     import torch
 
     from . import pruning
+    from .bundle import check_out_dir
+    from .cli_args import close_matches
     from .engine import build_engine
 
     recipe = _load_recipe(args.recipe) if args.recipe else {}
     base = Path(args.recipe).resolve().parent if args.recipe else None
     if base is not None and str(base) not in sys.path:
         sys.path.insert(0, str(base))  # the recipe's `module:function` names live beside it
-    m, prune, quant, build, ev = (_section(recipe, k) for k in ("model", "prune", "quantize", "build", "eval"))
+    m, prune, quant, build, ev = (recipe.get(k) or {} for k in ("model", "prune", "quantize", "build", "eval"))
+
+    # -- every input is checked before the model is built, pruned or fine-tuned ---------------------
+    check_out_dir(args.out, overwrite=args.force)
+    shapes = args.input_shape or _recipe_shapes(recipe.get("input_shape"))  # one strict grammar for both
+    if not shapes:
+        raise UsageError("give the example input shape with --input-shape N,C,H,W, once per input (or input_shape in the recipe)")
+    masks: Any = args.masks
+    if masks and not Path(masks).is_file():
+        raise UsageError(f"--masks {masks!r} does not exist")
+    if masks and prune:
+        log.info("--masks given: the recipe's prune section is not run")
+    if args.calib or args.calib_data:  # the command line names the calibration source as a whole
+        calib, data_spec = args.calib, args.calib_data
+    else:
+        calib, data_spec = _resolve(quant.get("calibration"), base), _resolve(quant.get("data"), base)
+        if calib and data_spec:
+            raise UsageError("recipe quantize: give either 'calibration' (a CalibConfig JSON) or 'data' (batches to calibrate on), not both")
+    if calib and not Path(calib).is_file():
+        raise UsageError(f"--calib {calib!r} does not exist")
+    pruner_name = None
+    if prune and not masks:
+        pruner_name = prune.get("pruner", "L1NormPruner")
+        known = [n for n in pruning.__all__ if n.endswith("Pruner") and isinstance(getattr(pruning, n), type)]
+        if pruner_name not in known:
+            raise UsageError(f"recipe prune.pruner {pruner_name!r} is not a pruner{close_matches(pruner_name, known)}; known: {known}")
+        if "config_list" not in prune:
+            raise UsageError("recipe section 'prune' needs a config_list")
+        if prune.get("finetune"):
+            _import_object(prune["finetune"], "recipe prune.finetune")  # found now, not after pruning
+    calib_data = None
+    if data_spec:
+        x, _ = _load_arrays(data_spec, "--calib-data" if args.calib_data else "recipe quantize.data")
+        calib_data = _batches(x, int(quant.get("batch_size", 32)), quant.get("batches"))
+    eval_inputs = eval_labels = None
+    eval_spec = args.eval_data or _resolve(ev.get("data"), base)
+    if eval_spec:
+        x, y = _load_arrays(eval_spec, "--eval-data" if args.eval_data else "recipe eval.data")
+        eval_inputs = _tensor(x)
+        eval_labels = None if y is None else torch.as_tensor(y)
 
     factory = args.model or m.get("factory")
     tv_name = args.torchvision or m.get("torchvision")
     if args.model or args.torchvision:  # the command line overrides the recipe's model as a whole
         factory, tv_name = args.model, args.torchvision
     model = _load_model(factory, tv_name, args.weights or _resolve(m.get("weights"), base), m.get("kwargs"))
-    shapes = args.input_shape or _recipe_shapes(recipe.get("input_shape"))
-    if not shapes:
-        raise UsageError("give the example input shape with --input-shape N,C,H,W, once per input (or input_shape in the recipe)")
     example = _example_inputs(shapes)
-
-    masks: Any = args.masks
-    if masks and not Path(masks).is_file():
-        raise UsageError(f"--masks {masks!r} does not exist")
-    if prune and not masks:  # any pruner by class name, scheduled and automatic ones included
+    if pruner_name is not None:  # any pruner by class name, scheduled and automatic ones included
+        log.info("build: pruning with %s", pruner_name)
         try:
             pruner = pruning.make_recipe_pruner(model, prune, example, _import_object)
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
         model, masks = pruning.run_prune_section(pruner, prune, _import_object)
-    calib = args.calib or _resolve(quant.get("calibration"), base)
-    if calib and not Path(calib).is_file():
-        raise UsageError(f"--calib {calib!r} does not exist")
-    data_spec = args.calib_data or _resolve(quant.get("data"), base)
-    calib_data = None
-    if data_spec and not calib:
-        x, _ = _load_arrays(data_spec, "calibration data")
-        calib_data = _batches(x, int(quant.get("batch_size", 32)), quant.get("batches"))
-    eval_inputs = eval_labels = None
-    eval_spec = args.eval_data or _resolve(ev.get("data"), base)
-    if eval_spec:
-        x, y = _load_arrays(eval_spec, "evaluation data")
-        eval_inputs = _tensor(x)
-        eval_labels = None if y is None else torch.as_tensor(y)
     precision = args.precision or build.get("precision", "int8")
     artifact = build_engine(
         model,
@@ -311,7 +343,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         eval_inputs=eval_inputs,
         eval_labels=eval_labels,
         batch_sizes=args.batch_sizes or build.get("batch_sizes", [1]),
-        iterations=args.iterations or int(build.get("iterations", 100)),
+        iterations=args.iterations if args.iterations is not None else build.get("iterations", 100),
         name=args.name or m.get("name"),
         round_to=int(prune.get("round_to", 1)),
         norm_spans=args.norm_spans or prune.get("norm_spans", "keep"),
@@ -329,23 +361,33 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 # -- artifacts: a bundle directory or an .onnx file -----------------------------------------------
+def _read_onnx(path: Path, *, external_data: bool = True, data: bytes | None = None):
+    """An ONNX model (from ``path``, or from ``data`` read from it) that parses and holds a graph;
+    an empty or foreign file is a UsageError naming it."""
+    import onnx
+
+    if (len(data) if data is not None else path.stat().st_size) == 0:
+        raise UsageError(f"{str(path)!r} is an empty file, not an ONNX model")
+    try:
+        model = onnx.load_model_from_string(data) if data is not None else onnx.load(str(path), load_external_data=external_data)
+    except Exception as exc:
+        raise UsageError(f"{str(path)!r} is not an ONNX model: {exc}") from None
+    if not model.graph.node or not model.graph.output:
+        raise UsageError(f"{str(path)!r} holds no ONNX graph (no nodes or no outputs)")
+    return model
+
+
 def _open_artifact(path: str):
     """(runner, manifest or None, precision) for a bundle directory or a bare ONNX file."""
     from .backends import get_backend
-    from .bundle import Manifest, load_bundle
+    from .bundle import open_bundle
 
     p = Path(path)
     if p.is_dir():
-        runner = load_bundle(p)
-        manifest = Manifest.load(p)
+        manifest, runner = open_bundle(p)
         return runner, manifest, manifest.precision
     if p.is_file() and p.suffix == ".onnx":
-        import onnx
-
-        try:
-            graph = onnx.load(str(p), load_external_data=False).graph
-        except Exception as exc:
-            raise UsageError(f"{path!r} is not an ONNX model: {exc}") from None
+        graph = _read_onnx(p, external_data=False).graph
         precision = "int8" if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node) else "fp32"
         return get_backend("onnxruntime").load(p), None, precision
     raise UsageError(f"{path!r} is neither a bundle directory nor an .onnx file")
@@ -425,12 +467,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.reference_model or args.torchvision:
         reference: Any = _load_model(args.reference_model, args.torchvision, args.weights)
         ref_label = "pytorch"
-    elif manifest is not None and (Path(args.artifact) / "source" / "model.fp32.onnx").is_file():
-        from .backends import get_backend
-
+    elif manifest is not None and "source/model.fp32.onnx" in manifest.files:
+        from .bundle import load_bundle
         from .validate import run_batched
 
-        fp32 = get_backend("onnxruntime").load(Path(args.artifact) / "source" / "model.fp32.onnx")
+        fp32 = load_bundle(args.artifact, member="source/model.fp32.onnx", backend="onnxruntime")  # verified bytes
         reference = lambda feeds: run_batched(fp32, feeds)  # noqa: E731
         ref_label = "bundle fp32 onnx"
     else:
@@ -469,32 +510,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    import onnx
-
     from .export import lint_qdq
     from .export.onnx_export import tensor_specs
 
     p = Path(args.artifact)
     manifest = None
     if p.is_dir():
-        from .bundle import verify_bundle
+        from .bundle import read_verified
 
-        manifest = verify_bundle(p)
-        graph_path = p / manifest.artifact
-        lint_path = p / "source" / "model.qdq.onnx"
-        lint_path = lint_path if lint_path.is_file() else graph_path
+        qdq_rel = "source/model.qdq.onnx"
+        manifest, verified = read_verified(  # the graphs inspected are the bytes verified
+            p, optional=[qdq_rel, "source/model.fp32.onnx", *(f"tensorrt/model.{q}.onnx" for q in ("int8", "fp16", "fp32"))])
+        graph_rel = manifest.artifact
+        if graph_rel.endswith(".plan"):  # a TensorRT engine: inspect the graph it was built from
+            graph_rel = next((g for g in (f"tensorrt/model.{manifest.precision}.onnx", qdq_rel, "source/model.fp32.onnx")
+                              if g in verified), graph_rel)
+        graph_path = p / graph_rel
+        graph = _read_onnx(graph_path, data=verified[graph_rel])
+        lint_path, lint_graph = (p / qdq_rel, _read_onnx(p / qdq_rel, data=verified[qdq_rel])) if qdq_rel in verified else (graph_path, graph)
     elif p.is_file() and p.suffix == ".onnx":
         graph_path = lint_path = p
+        graph = lint_graph = _read_onnx(graph_path)
     else:
         raise UsageError(f"{args.artifact!r} is neither a bundle directory nor an .onnx file")
-    try:
-        graph = onnx.load(str(graph_path))
-    except Exception as exc:
-        raise UsageError(f"{str(graph_path)!r} is not an ONNX model: {exc}") from None
     ops = Counter(n.op_type for n in graph.graph.node)
     qdq = ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0)
     linted = bool(qdq) or lint_path != graph_path
-    findings = lint_qdq(onnx.load(str(lint_path)), target=args.target) if linted else []
+    findings = lint_qdq(lint_graph, target=args.target) if linted else []
     inputs, outputs = tensor_specs(graph.graph.input), tensor_specs(graph.graph.output)
     data: dict[str, Any] = {
         "path": str(graph_path),
@@ -517,8 +559,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         lines.append("lint: no Q/DQ nodes (a float graph), nothing to lint")
     lines += [f"  {getattr(f, 'severity', 'error')} [{getattr(f, 'rule', '?')}] {getattr(f, 'node', '?')}: {getattr(f, 'message', f)}" for f in findings[:50]]
+    if args.target == "tensorrt":
+        from .export.tensorrt_checks import check_tensorrt
+
+        static = None
+        if args.dla_core is not None:  # DLA builds one shape: a dynamic batch is checked at 1
+            static = {t.name: [1 if (j == 0 and not isinstance(d, int)) else d for j, d in enumerate(t.shape)] for t in inputs}
+        trt = check_tensorrt(graph, tensorrt_version=args.tensorrt_version, dla_core=args.dla_core, lint=False, static_shapes=static,
+                             precision=manifest.precision if manifest else ("int8" if qdq else "fp16"))
+        data["tensorrt"] = trt.to_dict()
+        shown = [f for f in trt.findings if f.severity != "info" or args.verbose]
+        lines.append(f"TensorRT {trt.tensorrt_version} checks (operator table {trt.op_table}"
+                     + (f", DLA core {args.dla_core}" if args.dla_core is not None else "") + f"): {len(trt.errors)} error(s), "
+                     + f"{sum(f.severity == 'warning' for f in trt.findings)} warning(s)")
+        lines += [f"  {f.severity} [{f.rule}] {f.node}: {f.message}" for f in shown[:50]]
+        if args.dla_core is not None:
+            lines.append(f"layers that would run on the GPU instead of DLA (batch checked at 1): {len(trt.gpu_layers)}")
+            lines += [f"  {g}" for g in trt.gpu_layers[:50]]
     _emit(args, data, "\n".join(lines))
     return EXIT_OK
+
+
+def cmd_device_build(args: argparse.Namespace) -> int:
+    from deploycompress_device.device_build import run_from_args
+
+    return run_from_args(args)
 
 
 def _finding(f: Any) -> Any:
@@ -533,25 +598,27 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log each step")
 
     parser = argparse.ArgumentParser(prog="deploycompress", description="Build, profile, validate and inspect compressed engines.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,profile,validate,inspect}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,profile,validate,inspect,device-build}")
 
     b = sub.add_parser("build", parents=[common], help="masks -> speedup -> ONNX -> QDQ -> engine -> bundle with report")
-    b.add_argument("--model", help="package.module:factory returning an nn.Module")
-    b.add_argument("--torchvision", metavar="NAME", help="a torchvision classification model (random weights unless --weights)")
+    source = b.add_mutually_exclusive_group()
+    source.add_argument("--model", help="package.module:factory returning an nn.Module")
+    source.add_argument("--torchvision", metavar="NAME", help="a torchvision classification model (random weights unless --weights)")
     b.add_argument("--weights", help="state dict (.pt) for the model")
     b.add_argument("--masks", help="masks file saved by a pruner (NNI layout)")
     b.add_argument("--norm-spans", choices=["keep", "prune"], help="speedup: keep (default) or remove widths a LayerNorm spans")
-    b.add_argument("--calib", help="CalibConfig JSON (or NNI calibration dict)")
-    b.add_argument("--calib-data", help="calibrate here: .npy/.npz (x) or package.module:function yielding batches")
+    calibration = b.add_mutually_exclusive_group()
+    calibration.add_argument("--calib", help="CalibConfig JSON (or NNI calibration dict)")
+    calibration.add_argument("--calib-data", help="calibrate here: .npy/.npz (x) or package.module:function yielding batches")
     b.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"])
     b.add_argument("--eval-data", help="validate on this: .npz with x (and y labels) or package.module:function")
     b.add_argument("--input-shape", type=_input_shape, action="append",
                    help="example input shape, once per input in forward's order: 1,3,224,224; or named: rgb=1,3,64,64 "
                         "depth=1,1,64,64; a dtype after a colon: ids=1,128:int64")
     b.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
-    b.add_argument("--precision", choices=["int8", "fp32"])
-    b.add_argument("--batch-sizes", type=_ints, help="batch sizes to measure, e.g. 1,8")
-    b.add_argument("--iterations", type=int, help="timed runs per batch size")
+    b.add_argument("--precision", choices=["int8", "fp16", "fp32"], help="fp16: TensorRT only")
+    b.add_argument("--batch-sizes", type=shape_arg, help="batch sizes to measure, e.g. 1,8")
+    b.add_argument("--iterations", type=positive_int, help="timed runs per batch size (>= 1)")
     b.add_argument("--name", help="model name in the Triton repository")
     b.add_argument("--dynamic-axis", action="append", metavar="INPUT=AXIS[:NAME]",
                    help="a dynamic axis beyond the batch, e.g. ids=1:sequence (repeat per axis)")
@@ -564,11 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", parents=[common], help="latency percentiles and per-layer time of a bundle or .onnx")
     p.add_argument("artifact", help="bundle directory or model.onnx")
-    p.add_argument("--batch-sizes", type=_ints, default=[1])
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iterations", type=int, default=100)
-    p.add_argument("--duration", type=float, help="measure for this many seconds instead of a fixed count")
-    p.add_argument("--layers", type=int, default=10, help="show the N slowest layers (0: skip the per-layer profile)")
+    p.add_argument("--batch-sizes", type=shape_arg, default=[1])
+    p.add_argument("--warmup", type=non_negative_int, default=10)
+    p.add_argument("--iterations", type=positive_int, default=100)
+    p.add_argument("--duration", type=positive_float, help="measure for this many seconds instead of a fixed count")
+    p.add_argument("--layers", type=non_negative_int, default=10, help="show the N slowest layers (0: skip the per-layer profile)")
     p.add_argument("--input-shape", type=_input_shape, action="append",
                    help="full input shape where the model has dynamic axes besides the batch, once per input ([name=]dims)")
     p.set_defaults(func=cmd_profile)
@@ -576,52 +643,56 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", parents=[common], help="accuracy and fidelity of a bundle or .onnx against a reference")
     v.add_argument("artifact")
     v.add_argument("--data", required=True, help=".npz with x (and y) or .npy, or package.module:function")
-    v.add_argument("--reference", dest="reference_model", help="package.module:factory of the PyTorch reference (default: the bundle's fp32 ONNX)")
-    v.add_argument("--torchvision", metavar="NAME", help="torchvision reference model")
+    reference = v.add_mutually_exclusive_group()
+    reference.add_argument("--reference", dest="reference_model", help="package.module:factory of the PyTorch reference (default: the bundle's fp32 ONNX)")
+    reference.add_argument("--torchvision", metavar="NAME", help="torchvision reference model")
     v.add_argument("--weights", help="state dict for the reference")
-    v.add_argument("--batch-sizes", type=_ints, default=[1])
-    v.add_argument("--iterations", type=int, default=20)
-    v.add_argument("--max-abs-error", type=float)
-    v.add_argument("--min-cosine", type=float)
-    v.add_argument("--min-top1-agreement", type=float, help="fraction, e.g. 0.99")
-    v.add_argument("--max-accuracy-drop", type=float, help="fraction, e.g. 0.01 for one point")
+    v.add_argument("--batch-sizes", type=shape_arg, default=[1])
+    v.add_argument("--iterations", type=positive_int, default=20)
+    v.add_argument("--max-abs-error", type=non_negative_float)
+    v.add_argument("--min-cosine", type=cosine, help="in [-1, 1]")
+    v.add_argument("--min-top1-agreement", type=fraction, help="fraction in [0, 1], e.g. 0.99")
+    v.add_argument("--max-accuracy-drop", type=fraction, help="fraction in [0, 1], e.g. 0.01 for one point")
     v.set_defaults(func=cmd_validate)
 
     i = sub.add_parser("inspect", parents=[common], help="inputs, outputs, op histogram, Q/DQ count and lint findings")
     i.add_argument("artifact", help="bundle directory or model.onnx")
     i.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="tensorrt", help="rules to lint against")
+    i.add_argument("--tensorrt-version", help="TensorRT version to check operators and DLA against (default: the newest table)")
+    i.add_argument("--dla-core", type=int, help="also check DLA's layer rules and list the layers that would run on the GPU")
     i.set_defaults(func=cmd_inspect)
+
+    from deploycompress_device.device_build import build_parser as device_parser
+
+    d = sub.add_parser("device-build", help="on the device: build model.plan from a portable TensorRT bundle, check it, profile it")
+    device_parser(d)
+    d.set_defaults(func=cmd_device_build)
     return parser
-
-
-def _usage_errors() -> tuple[type[BaseException], ...]:
-    from .bundle import BundleError
-    from .config import ConfigError
-    from .engine import EngineError
-    from .quantization.calib_config import CalibConfigError
-    from .report import ReportError
-
-    return (UsageError, ConfigError, CalibConfigError, EngineError, BundleError, ReportError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on unknown options, like every argparse tool
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     func: Callable[[argparse.Namespace], int] = args.func
+    args.document = None
     try:
-        return func(args)
+        with _stdout_to_stderr() if args.json else contextlib.nullcontext():
+            code = func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return EXIT_FAILURE
+        code, args.document = EXIT_FAILURE, {"error": "interrupted", "exit_code": EXIT_FAILURE}
     except Exception as exc:  # the one place errors become exit codes
-        usage = isinstance(exc, _usage_errors())
+        code = exit_code(exc)  # by the error hierarchy: InputError -> 2, anything else -> 1
         print(f"deploycompress {args.command}: error: {exc}", file=sys.stderr)
-        if not usage and args.verbose:
+        if code != EXIT_USAGE and getattr(args, "verbose", False):
             import traceback
 
             traceback.print_exc()
-        return EXIT_USAGE if usage else EXIT_FAILURE
+        args.document = {"error": str(exc), "error_type": type(exc).__name__, "exit_code": code}
+    if args.json:
+        print(json.dumps(args.document, indent=1, default=str))
+    return code
 
 
 if __name__ == "__main__":

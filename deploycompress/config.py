@@ -40,6 +40,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .errors import InputError
+
 __all__ = [
     "ConfigConventionWarning",
     "ConfigError",
@@ -62,7 +64,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config_list that cannot be used: the message names the offending key, value or module."""
 
 
@@ -538,9 +540,43 @@ def validate_config_list(config_list: Any, kind: str | None = None) -> list[dict
                 )
             if kind == "quantization" and not has_quant:
                 raise ConfigError(f"{_where(index)} has no 'quant_types' (and is not an 'exclude' entry)")
+        _check_kind(index, cfg, kind)
         out.append(cfg)
     _check_global_groups(out)
     return out
+
+
+def _check_kind(index: int, cfg: Mapping[str, Any], kind: str | None) -> None:
+    """Keys of the other kind of algorithm would be ignored: refuse them by name."""
+    other = {"pruning": (QUANT_KEYS, "quantization", "a quantizer"), "quantization": (PRUNING_KEYS, "pruning", "a pruner")}.get(kind or "")
+    if other is None:
+        return
+    keys, what, where = other
+    given = [k for k in keys if k in cfg]
+    if given:
+        raise ConfigError(f"{_where(index)}: {what} key(s) {given} given to a {kind} algorithm, which would ignore them; "
+                          f"put them in the config_list of {where}")
+
+
+def known_op_types(model: nn.Module) -> set[str]:
+    """Names ``op_types`` may use (what :func:`resolve_op_types` answers to): every ``torch.nn`` module
+    class, the model's classes and their bases (name or ``module.qualname``), registered types, and
+    the aliases of :data:`OP_TYPE_ALIASES`."""
+    names = {n for n, c in vars(nn).items() if isinstance(c, type) and issubclass(c, nn.Module)}
+    for cls in _model_classes(model):
+        names.update((cls.__name__, f"{cls.__module__}.{cls.__qualname__}"))
+    return names | set(_REGISTERED_OP_TYPES) | set(OP_TYPE_ALIASES) | {"default"}
+
+
+def _check_op_types(index: int, cfg: Mapping[str, Any], known: set[str]) -> None:
+    """A name nothing answers to would silently select nothing: refuse it with close matches."""
+    for key in ("op_types", "exclude_op_types"):
+        for t in cfg.get(key, ()):
+            if t not in known:
+                hint = _closest(t, known, n=3)
+                raise ConfigError(f"{_where(index)}: {key} names {t!r}, which matches no module: it is neither a torch.nn module "
+                                  f"class, a class of the model nor a registered type (register_op_type)"
+                                  + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else ""))
 
 
 def _check_pruning_extras(index: int, cfg: dict[str, Any]) -> None:
@@ -726,8 +762,10 @@ def select_modules(
     selected: dict[str, tuple[int, dict[str, Any]]] = {}
     excluded: dict[str, int] = {}  # module -> the exclude dict that removed it (global, any position)
     chosen_by: dict[str, list[int]] = {}
+    known_types = known_op_types(model)
 
     for index, cfg in enumerate(configs):
+        _check_op_types(index, cfg, known_types)
         for key in ("op_names", "exclude_op_names"):
             for op_name in cfg.get(key, []):
                 if op_name not in name_set:

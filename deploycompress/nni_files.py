@@ -18,10 +18,12 @@ from typing import Any, Iterator
 
 import torch
 
+from .errors import InputError
+
 __all__ = ["NNIFileError", "nni_safe_globals", "load_nni_file"]
 
 
-class NNIFileError(ValueError):
+class NNIFileError(InputError, ValueError):
     """A file that is not a readable NNI/torch file: the message names the file."""
 
 
@@ -53,19 +55,6 @@ def nni_safe_globals() -> Iterator[None]:
 def load_nni_file(path: str | os.PathLike[str]) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` that also reads NNI 3.0's
     ``defaultdict`` files (as plain dicts). Raises :class:`NNIFileError` naming the file."""
-    try:
-        with nni_safe_globals():
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise NNIFileError(f"{os.fspath(path)!r} does not exist") from None
-    except Exception as exc:  # pickle.UnpicklingError, RuntimeError (not a zip), EOFError, ...
-        raise NNIFileError(f"{os.fspath(path)!r} is not a file torch.load(weights_only=True) can read: {_reason(exc)}") from None
+    from .checks import load_tensor_file
 
-
-def _reason(exc: Exception) -> str:
-    """The line of torch's long weights-only message that says what was refused."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for ln in lines:
-        if "WeightsUnpickler error" in ln or ln.startswith(("Unsupported global", "Can only", "Trying to")):
-            return ln[:300]
-    return (lines[0] if lines else type(exc).__name__)[:300]
+    return load_tensor_file(path, "", NNIFileError, nni_safe_globals())  # one description of every load failure

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .errors import StepError
 from .export.name_map import NameMap
 
 __all__ = [
@@ -55,7 +56,7 @@ class PrecisionShortfallWarning(UserWarning):
     """Fewer weighted layers run in the requested precision than the calibration selected."""
 
 
-class PrecisionShortfallError(RuntimeError):
+class PrecisionShortfallError(StepError, RuntimeError):
     """``strict=True`` and fewer weighted layers run in the requested precision than the calibration selected."""
 
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .errors import InputError
 from .config import op_class_of
 
 __all__ = [
@@ -63,7 +64,7 @@ class LayerLoweredWarning(UserWarning):
     """A layer subclass was replaced by its base class holding its effective weight (the model's classes changed)."""
 
 
-class SubclassError(ValueError):
+class SubclassError(InputError, ValueError):
     """A layer subclass whose forward is not a form deploycompress follows; names the module and why."""
 
 

@@ -21,13 +21,15 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from .errors import InputError
+
 __all__ = ["OUTPUT_SEPARATOR", "NamedInputs", "InputNamingError", "name_inputs", "flatten_outputs", "call_with"]
 
 OUTPUT_SEPARATOR = "."
 _SINGLE_OUTPUT = "output"
 
 
-class InputNamingError(ValueError):
+class InputNamingError(InputError, ValueError):
     """``example_inputs`` do not fit the model's forward signature; the message names the parameter."""
 
 

@@ -121,7 +121,7 @@ def test_bad_input_exits_2_with_a_message(case, bundle, inputs, tmp_path):
         recipe = tmp_path / "r.yaml"
         recipe.write_text("model: {factory: 'deploycompress.zoo.digits:DigitsNet'}\nprune: {pruner: L1NormPruner, config_list: [{op_types: [Conv2d], sparsity: 0.5}]}\nqantize: {}\n")
         proc = cli("build", "--recipe", str(recipe), "--out", str(tmp_path / "o"))
-        expected = "unknown key(s) ['qantize']"
+        expected = "unknown key 'qantize' (did you mean 'quantize'?)"
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert expected in proc.stderr
     assert not (tmp_path / "o").exists()

@@ -54,6 +54,7 @@ def test_residual_with_different_masks_removes_only_the_common_channels() -> Non
     assert small.a.out_channels == small.b.out_channels == small.c.in_channels == 6
     layer = {r.name: r for r in report.layers}
     assert (layer["a"].masked_out, layer["a"].kept_masked) == (4, 2)
+    assert layer["a"].kept_reasons == {"coupled with unmasked channels of 'b'": 2}  # the residual partner
     assert small.bn_a.num_features == 6 and small.bn_a.running_mean.numel() == 6
 
 

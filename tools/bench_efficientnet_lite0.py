@@ -71,20 +71,22 @@ def quantize_static(fp32: Path, calib: torch.Tensor, tmp: Path, per_channel: boo
     if not pre.exists():
         quant_pre_process(str(fp32), str(pre))
 
-    name = onnx.load(str(pre)).graph.input[0].name
-
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.it = iter(calib.split(4))
 
         def get_next(self):
             b = next(self.it, None)
-            return None if b is None else {name: b.numpy()}
+            return None if b is None else {input_name(fp32): b.numpy()}
 
     out = tmp / f"qs_{'pc' if per_channel else 'pt'}.onnx"
     qs(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out
+
+
+def input_name(path: Path) -> str:
+    return onnx.load(str(path), load_external_data=False).graph.input[0].name
 
 
 def modelopt(python: str, fp32: Path, calib: torch.Tensor, tmp: Path) -> Path:
@@ -155,7 +157,7 @@ def main() -> None:
         for name, s in sessions.items():
             logits = np.concatenate([s.run(None, {s.get_inputs()[0].name: evaluation[i : i + 1].numpy()})[0] for i in range(len(evaluation))])
             rows[name] = {"agreement": float((logits.argmax(1) == reference).mean()), "kernels": kernels(paths[name], tmp)}
-        feed = {"input": evaluation[:1].numpy()}
+        feed = {input_name(fp32): evaluation[:1].numpy()}
         times = _time_round_robin(sessions, feed, args.budget)
         for name, t in times.items():
             rows[name].update(median_ms=float(np.median(t)), runs=len(t))

@@ -135,7 +135,7 @@ def _ours(name: str, size: int, sparsity: float, round_to: int, norm_spans: str 
         "norm_spans": norm_spans,
         "norms_changed": len(report.norms_changed),  # narrowed norms: the error is expected, not a failure
     }
-    row.update(_independent_row(model_before, x, sparsity, round_to, norm_spans))
+    row.update(_independent_row(_build(name, size)[0], x, sparsity, round_to, norm_spans))  # a fresh dense model
     return row, small, x, masks
 
 

@@ -1,6 +1,6 @@
 """Backends behind one protocol: onnxruntime (embedded default) and TensorRT (lazy import)."""
 
-from .base import Backend, BackendError, LayerTime, Runner, TensorSpec
+from .base import Backend, BackendError, BackendInputError, LayerTime, Runner, TensorSpec
 from .onnxruntime import OnnxRuntimeBackend, OnnxRuntimeRunner
 from .registry import BACKENDS, get_backend, register_backend
 
@@ -8,6 +8,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "BackendError",
+    "BackendInputError",
     "LayerTime",
     "OnnxRuntimeBackend",
     "OnnxRuntimeRunner",

@@ -12,11 +12,18 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["TensorSpec", "LayerTime", "Runner", "Backend", "BackendError"]
+from ..errors import InputError, StepError
+
+__all__ = ["TensorSpec", "LayerTime", "Runner", "Backend", "BackendError", "BackendInputError"]
 
 
-class BackendError(RuntimeError):
+class BackendError(StepError, RuntimeError):
     """A backend could not build, load or run an artifact; the message names the step and the file."""
+
+
+class BackendInputError(InputError, BackendError):
+    """A backend was given unusable input (an unknown option, a missing file, a wrong precision):
+    still a :class:`BackendError`, but an :class:`InputError` (CLI exit 2)."""
 
 
 @dataclass(frozen=True)

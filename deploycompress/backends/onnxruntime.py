@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .base import BackendError, LayerTime, TensorSpec
+from .base import BackendError, BackendInputError, LayerTime, TensorSpec
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "OPTIMIZATION_LEVELS", "PRECISIONS"]
 
@@ -42,7 +42,7 @@ def _level(name: str):
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }
     if name not in levels:
-        raise BackendError(f"onnxruntime: optimization_level must be one of {list(OPTIMIZATION_LEVELS)}, got {name!r}")
+        raise BackendInputError(f"onnxruntime: optimization_level must be one of {list(OPTIMIZATION_LEVELS)}, got {name!r}")
     return levels[name]
 
 
@@ -57,7 +57,7 @@ def _session_options(optimization_level: str, threads: int | None):
     so.graph_optimization_level = _level(optimization_level)
     if threads is not None:
         if threads < 1:
-            raise BackendError(f"onnxruntime: threads must be >= 1, got {threads}")
+            raise BackendInputError(f"onnxruntime: threads must be >= 1, got {threads}")
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
@@ -70,7 +70,7 @@ def _check_providers(providers: Sequence[str] | None) -> list[str]:
     available = _ort().get_available_providers()
     unknown = [p for p in providers if p not in available]
     if unknown:
-        raise BackendError(f"onnxruntime: provider(s) {unknown} are not available here; available: {available}")
+        raise BackendInputError(f"onnxruntime: provider(s) {unknown} are not available here; available: {available}")
     return list(providers)
 
 
@@ -79,8 +79,12 @@ class OnnxRuntimeRunner:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, *, optimization_level: str = "all", threads: int | None = None, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, path: Path, *, optimization_level: str = "all", threads: int | None = None, providers: Sequence[str] | None = None,
+                 model_bytes: bytes | None = None) -> None:
         self.path = Path(path)
+        #: with ``model_bytes`` every session (also the profiling one) is made from these bytes, never
+        #: from the file again: what a bundle verified is what runs
+        self.model_bytes = model_bytes
         self.optimization_level = optimization_level
         self.threads = threads
         self.providers = _check_providers(providers)
@@ -94,7 +98,8 @@ class OnnxRuntimeRunner:
             so.enable_profiling = True
             so.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
         try:
-            return _ort().InferenceSession(str(self.path), so, providers=self.providers)
+            source = self.model_bytes if self.model_bytes is not None else str(self.path)
+            return _ort().InferenceSession(source, so, providers=self.providers)
         except Exception as exc:
             raise BackendError(f"onnxruntime could not load {self.path}: {exc}") from exc
 
@@ -103,7 +108,7 @@ class OnnxRuntimeRunner:
         missing = [n for n in names if n not in feeds]
         extra = [n for n in feeds if n not in names]
         if missing or extra:
-            raise BackendError(f"onnxruntime: feeds must name the inputs {names}; missing {missing}, unknown {extra}")
+            raise BackendInputError(f"onnxruntime: feeds must name the inputs {names}; missing {missing}, unknown {extra}")
         return {s.name: np.ascontiguousarray(np.asarray(feeds[s.name]), dtype=s.dtype) for s in self.inputs}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -113,7 +118,7 @@ class OnnxRuntimeRunner:
     def profile(self, feeds: Mapping[str, np.ndarray], iterations: int = 20) -> list[LayerTime]:
         """Per-node kernel times from onnxruntime's profiler, averaged over ``iterations`` runs."""
         if iterations < 1:
-            raise BackendError(f"profile: iterations must be >= 1, got {iterations}")
+            raise BackendInputError(f"profile: iterations must be >= 1, got {iterations}")
         data = self._feeds(feeds)
         with tempfile.TemporaryDirectory(prefix="dc-ort-profile-") as tmp:
             session = self._session(profile_dir=tmp)
@@ -173,23 +178,23 @@ class OnnxRuntimeBackend:
         **options,
     ) -> Path:
         if options:
-            raise BackendError(f"onnxruntime.build: unknown option(s) {sorted(options)}")
+            raise BackendInputError(f"onnxruntime.build: unknown option(s) {sorted(options)}")
         onnx_path, out_dir = Path(onnx_path), Path(out_dir)
         if precision not in PRECISIONS:
-            raise BackendError(f"onnxruntime: precision must be one of {list(PRECISIONS)}, got {precision!r}")
+            raise BackendInputError(f"onnxruntime: precision must be one of {list(PRECISIONS)}, got {precision!r}")
         if not onnx_path.is_file():
-            raise BackendError(f"onnxruntime: ONNX file {str(onnx_path)!r} does not exist")
+            raise BackendInputError(f"onnxruntime: ONNX file {str(onnx_path)!r} does not exist")
         _level(optimization_level)
         providers = _check_providers(providers)
         try:
             model = onnx.load(str(onnx_path), load_external_data=False)
         except Exception as exc:
-            raise BackendError(f"onnxruntime: {str(onnx_path)!r} is not a readable ONNX model: {exc}") from exc
+            raise BackendInputError(f"onnxruntime: {str(onnx_path)!r} is not a readable ONNX model: {exc}") from exc
         has_qdq = any(n.op_type in _QDQ_OPS for n in model.graph.node)
         if precision == "int8" and not has_qdq:
-            raise BackendError(f"onnxruntime: precision 'int8' needs a QDQ graph, {onnx_path.name} has no QuantizeLinear/DequantizeLinear (run insert_qdq first)")
+            raise BackendInputError(f"onnxruntime: precision 'int8' needs a QDQ graph, {onnx_path.name} has no QuantizeLinear/DequantizeLinear (run insert_qdq first)")
         if precision == "fp32" and has_qdq:
-            raise BackendError(f"onnxruntime: {onnx_path.name} holds Q/DQ nodes; build it with precision 'int8'")
+            raise BackendInputError(f"onnxruntime: {onnx_path.name} holds Q/DQ nodes; build it with precision 'int8'")
         saved_level = optimization_level if optimization_level != "all" else "extended"
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / self.artifact_name
@@ -211,8 +216,17 @@ class OnnxRuntimeBackend:
     def load(self, artifact_path: Path, *, optimization_level: str = "all", threads: int | None = None,
              providers: Sequence[str] | None = None, **options) -> OnnxRuntimeRunner:
         if options:
-            raise BackendError(f"onnxruntime.load: unknown option(s) {sorted(options)}")
+            raise BackendInputError(f"onnxruntime.load: unknown option(s) {sorted(options)}")
         artifact_path = Path(artifact_path)
         if not artifact_path.is_file():
-            raise BackendError(f"onnxruntime: artifact {str(artifact_path)!r} does not exist")
+            raise BackendInputError(f"onnxruntime: artifact {str(artifact_path)!r} does not exist")
         return OnnxRuntimeRunner(artifact_path, optimization_level=optimization_level, threads=threads, providers=providers)
+
+    def load_bytes(self, model_bytes: bytes, *, name: str = "<bytes>", optimization_level: str = "all", threads: int | None = None,
+                   providers: Sequence[str] | None = None, **options) -> OnnxRuntimeRunner:
+        """Load a model held in memory (``name`` is what messages call it): a verified bundle hands the
+        very bytes it hashed, so no file can be swapped between verification and load."""
+        if options:
+            raise BackendInputError(f"onnxruntime.load: unknown option(s) {sorted(options)}")
+        return OnnxRuntimeRunner(Path(name), optimization_level=optimization_level, threads=threads, providers=providers,
+                                 model_bytes=bytes(model_bytes))

@@ -1,7 +1,7 @@
 """Serving bundles: manifest with checksums, Triton model repository, atomic writing, verified loading."""
 
 from .atomic import BundleError, atomic_output_dir, check_out_dir
-from .loader import load_bundle, verify_bundle
+from .loader import load_bundle, open_bundle, read_verified, verify_bundle
 from .manifest import MANIFEST_VERSION, Manifest, collect_environment
 from .triton import triton_config, write_model_repository
 from .writer import write_bundle
@@ -14,6 +14,8 @@ __all__ = [
     "check_out_dir",
     "collect_environment",
     "load_bundle",
+    "open_bundle",
+    "read_verified",
     "triton_config",
     "verify_bundle",
     "write_bundle",

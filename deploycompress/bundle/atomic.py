@@ -10,12 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import InputError
+
 __all__ = ["BundleError", "atomic_output_dir", "check_out_dir"]
 
 log = logging.getLogger(__name__)
 
 
-class BundleError(RuntimeError):
+class BundleError(InputError, RuntimeError):
     """A bundle that cannot be written or trusted; the message names the file or directory."""
 
 

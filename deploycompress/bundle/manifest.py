@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -12,32 +11,34 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
+from deploycompress_device import files as _files  # one file table, host and device
+from deploycompress_device.files import MANIFEST_NAME, sha256_file
+
 from ..backends.base import TensorSpec
 from ..report.schema import check_versioned, read_json
 from .atomic import BundleError
 
-__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "Manifest", "collect_environment", "sha256_file", "hash_tree"]
+__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "Manifest", "bundle_files", "collect_environment", "sha256_file", "hash_tree"]
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _VERSIONED = ("deploycompress", "torch", "onnx", "onnxruntime", "tensorrt")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def bundle_files(root: Path) -> dict[str, Path]:
+    """Every regular file under ``root``; a symlink or other non-regular entry is a :class:`BundleError`
+    naming it, raised before any file is opened (see ``deploycompress_device.files.bundle_files``)."""
+    try:
+        return _files.bundle_files(root)
+    except _files.UnsafeBundleFile as exc:
+        raise BundleError(str(exc)) from None
 
 
 def hash_tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` except the manifest itself, keyed by POSIX relative path."""
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_NAME
-    }
+    """sha256 of every bundle file but the manifest, keyed by POSIX relative path (links refused)."""
+    try:
+        return _files.hash_tree(root)
+    except _files.UnsafeBundleFile as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _version(dist: str) -> str | None:

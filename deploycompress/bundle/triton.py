@@ -14,7 +14,7 @@ from typing import Sequence
 from ..backends.base import TensorSpec
 from .atomic import BundleError
 
-__all__ = ["TRITON_PLATFORMS", "served_max_batch_size", "triton_config", "write_model_repository"]
+__all__ = ["TRITON_PLATFORMS", "check_model_name", "served_max_batch_size", "triton_config", "write_model_repository"]
 
 #: backend name -> (Triton platform, file name inside the version directory, instance kind)
 TRITON_PLATFORMS: dict[str, tuple[str, str, str]] = {
@@ -38,6 +38,13 @@ _TRITON_DTYPES = {
     "bool": "TYPE_BOOL",
 }
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def check_model_name(name: str) -> str:
+    """A Triton model name (also a folder name in the repository): letters, digits, '_', '.', '-'."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+        raise BundleError(f"model name {name!r} is not a valid Triton model name (letters, digits, '_', '.', '-'; no path)")
+    return name
 
 
 def _has_dynamic_batch(specs: Sequence[TensorSpec]) -> bool:
@@ -72,8 +79,7 @@ def triton_config(
 ) -> str:
     """config.pbtxt text. A leading dynamic axis on every tensor becomes Triton's batch dimension
     (``max_batch_size`` > 0, ``dynamic_batching`` on); a model without one is served unbatched."""
-    if not _NAME.match(name):
-        raise BundleError(f"model name {name!r} is not a valid Triton model name (letters, digits, '_', '.', '-')")
+    check_model_name(name)
     if backend not in TRITON_PLATFORMS:
         raise BundleError(f"backend {backend!r} has no Triton platform; known: {sorted(TRITON_PLATFORMS)}")
     platform, _, kind = TRITON_PLATFORMS[backend]

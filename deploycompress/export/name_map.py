@@ -21,6 +21,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from ..errors import InputError
 from .graph_utils import WEIGHTED_OPS, through_identity, weight_axis
 
 __all__ = ["ModuleMapping", "NameMap", "NameMapError", "build_name_map", "WEIGHTED_OPS"]
@@ -36,7 +37,7 @@ _EXPECTED_OPS: tuple[tuple[type, tuple[str, ...]], ...] = (
 )
 
 
-class NameMapError(LookupError):
+class NameMapError(InputError, LookupError):
     """A module could not be matched to the graph, or a match failed verification; names the module."""
 
 

@@ -24,6 +24,7 @@ import torch
 from onnx import helper
 from torch import nn
 
+from ..errors import StepError
 from ..backends.base import TensorSpec
 from ..tensor_io import InputNamingError, flatten_outputs, name_inputs
 from .name_map import NameMap, build_name_map, record_calls
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 13
 
 
-class ExportError(RuntimeError):
+class ExportError(StepError, RuntimeError):
     """The model could not be exported; the message names the failing operator when known."""
 
 

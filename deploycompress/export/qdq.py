@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 
 from calibrators import QuantParams, params_from_range, qrange
 
+from ..errors import InputError
 from ..quantization.calib_config import CalibConfig
 from .graph_utils import WEIGHTED_OPS, gs_constant
 from .name_map import NameMap, NameMapError
@@ -61,7 +62,7 @@ def skipped_calibration(qdq_model: onnx.ModelProto) -> list[dict[str, str]]:
     return []
 
 
-class QDQError(ValueError):
+class QDQError(InputError, ValueError):
     """The calibration cannot be written into this graph; the message names modules and tensors."""
 
 
@@ -168,7 +169,10 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
     weighted_out = {name for name, n in producers.items() if n.op in WEIGHTED_OPS}
     if not target.graph_outputs_float:
         graph_outputs = set()
-    chosen = {t: a for t, a in acts.items() if t not in graph_outputs}
+    # a graph output that a weighted op also reads is quantized for that reader only (the output
+    # itself stays the float tensor: _qdq_pair's output_float)
+    read_by_weighted = {n.inputs[0].name for n in graph.nodes if n.op in WEIGHTED_OPS and n.inputs}
+    chosen = {t: a for t, a in acts.items() if t not in graph_outputs or t in read_by_weighted}
     if target.weighted_outputs_float:
         feeds_weighted = {n.inputs[0].name for n in graph.nodes if n.op in WEIGHTED_OPS and n.inputs}
         keep = {t: a for t, a in chosen.items() if t not in weighted_out or t in feeds_weighted}
@@ -315,7 +319,7 @@ def _fit_zero_rows(scale: np.ndarray, q: np.ndarray, axis: int, node: gs.Node, d
 
 
 def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: int | None = None,
-              readers: frozenset[str] | None = None) -> gs.Variable:
+              readers: frozenset[str] | None = None, output_float: bool = False) -> gs.Variable:
     base = tensor.name
     s = gs.Constant(f"{base}_scale", np.asarray(scale, dtype=np.float32))
     z = gs.Constant(f"{base}_zero_point", np.asarray(zero_point))
@@ -325,7 +329,7 @@ def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: 
     source, out = tensor, dq
     if readers is not None:  # only these nodes read the quantized value; the rest keep the float tensor
         consumers = [n for n in tensor.outputs if n.name in readers]
-    elif any(t is tensor for t in graph.outputs) and tensor.inputs:
+    elif any(t is tensor for t in graph.outputs) and tensor.inputs and not output_float:
         # a graph output keeps its name on the dequantized value; the producer writes a new float tensor
         producer = tensor.inputs[0]
         source = gs.Variable(f"{base}_float", dtype=tensor.dtype, shape=tensor.shape)
@@ -393,7 +397,8 @@ def insert_qdq(
         readers = act.readers if spec.skip_reads_float and act.readers is not None else None
         if readers is not None and all(c.name in readers for c in tensors[tname].outputs):
             readers = None
-        dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp, readers=readers)
+        dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp, readers=readers,
+                       output_float=spec.graph_outputs_float)
         dq_source[dq.name] = tname
 
     nodes_by_name = {n.name: n for n in graph.nodes}

@@ -115,7 +115,7 @@ class Tracer(TorchFunctionMode):
 
     Rules (``deploycompress.graph.rules``) and module rules (``graph.attention``) use its public
     methods: ``info``/``set_info``/``info_or_const``, ``channel_vec``, ``pin``, ``couple``,
-    ``record_producer``, ``record_param``, ``owned_base``, ``prunable_norm``, ``canon``, and the
+    ``record_producer``, ``record_param``, ``owned_base``, ``canon``, and the
     attributes ``trace``, ``uf``, ``owner`` (``id(tensor) -> (module name, attr, module)``) and
     ``opaque`` (> 0 while a module with its own rule runs: its inner calls are not traced one by one).
     """
@@ -303,30 +303,6 @@ class Tracer(TorchFunctionMode):
             return None
         return base if all(b in (s, 1) for b, s in zip(base.shape, t.shape)) else None
 
-    def prunable_norm(self, params: list[Any], width_attr: str, ids: torch.Tensor, groups: int) -> bool:
-        """norm_spans="prune": record a norm's affine tensors as sliced with ``ids`` and its groups as a balance.
-
-        Only a norm module that owns its affine weight and stores its width in ``width_attr`` (so speedup
-        can rewrite it) qualifies. A zero input channel then counts as zero after the norm too: the
-        masks meant to remove it, and removing it is what changes the norm's statistics.
-        """
-        if not self.prune_norms or not isinstance(params[0], torch.Tensor):
-            return False
-        owners = [self.owner.get(id(p)) for p in params if p is not None]
-        if any(o is None or o[0] != owners[0][0] for o in owners) or any(p.dim() != 1 for p in params if p is not None):
-            return False
-        module_name, _, module = owners[0]
-        width = getattr(module, width_attr, None)
-        width = width[-1] if isinstance(width, (tuple, list, torch.Size)) and len(width) == 1 else width
-        if width != ids.numel() or ids.numel() % groups:
-            return False
-        for mname, attr, _ in owners:
-            self.record_param(mname, attr, 0, ids)
-        if groups > 1:
-            self.trace.balances.append((f"groups:{module_name}", list(ids.chunk(groups))))
-        self.trace.norms[module_name] = ids.clone()
-        return True
-
     def _width_read(self, func, name, args, kwargs) -> None:  # noqa: ANN001
         """Note ids whose width Python code reads (``x.shape``, ``x.size(-1)``) while norm_spans="prune"."""
         if name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") != "shape":
@@ -370,9 +346,12 @@ def check_norm_spans(norm_spans: Any) -> str:
 def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bool = False, norm_spans: str = "keep") -> ChannelTrace:
     """Run ``model`` once in eval mode and return its channel ids, couplings and pins.
 
-    With ``zero_dead_norms`` the BatchNorm affine parameters behind channels that are exactly zero
-    are zeroed in place, so the channel stays zero after the norm (what a mask on a Conv means
-    once the Conv is removed); only speedup's own copy of the model is traced that way.
+    Without options the model is not modified: the zero flags describe the model as it is (the
+    user's masked model, in speedup). With ``zero_dead_norms`` the BatchNorm affine parameters (or an
+    affine-free norm's running mean) and the parameters added to or concatenated with channels that
+    are exactly zero are zeroed in place, so those channels stay zero (speedup's
+    ``masked_constants="prune"`` and ``joined_masks``, on private copies); ``ChannelTrace.dropped``
+    lists what changed.
     ``norm_spans="keep"`` pins the channels a LayerNorm/RMSNorm/GroupNorm normalises over (removing
     one changes the statistics); ``"prune"`` lets them go with the norm's affine tensors (GroupNorm:
     equal counts per group) and lists those norms in ``ChannelTrace.norms``.

@@ -29,6 +29,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from ..errors import StepError
 from ..export.qdq import needs_reduced_range
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ Feeds = Mapping[str, np.ndarray]
 __all__ = ["Int8Candidate", "Int8Error", "Int8Result", "after_gelu", "fused_graph", "linear_matmuls", "mean_cosine", "quantize_transformer"]
 
 
-class Int8Error(RuntimeError):
+class Int8Error(StepError, RuntimeError):
     """No int8 graph met the accuracy bound (the candidates are named with their figures)."""
 
 

@@ -8,13 +8,18 @@ Units with the lowest score are pruned; ties go to the lower index, so results a
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["prune_count", "global_prune_counts", "lowest", "lowest_slots"]
+__all__ = ["prune_count", "global_prune_counts", "lowest", "lowest_slots", "UnreachableSparsityWarning"]
 
 _EPS = 1e-6
+
+
+class UnreachableSparsityWarning(UserWarning):
+    """A ``total_sparsity`` budget the per-layer caps cannot meet; the message gives the reachable figure."""
 
 
 def prune_count(sparsity: float, n: int, rounding: str = "floor") -> int:
@@ -59,6 +64,12 @@ def global_prune_counts(
     spent = torch.cumsum(torch.cat(cand_costs)[order], 0)
     taken = torch.cat(cand_layer)[order][spent <= budget + _EPS]
     counts = torch.bincount(taken, minlength=len(names))
+    reached = float(spent[len(taken) - 1]) if len(taken) else 0.0
+    if len(taken) == len(order) and budget - reached >= min(unit_costs[n] for n in names):  # every candidate taken, budget left
+        warnings.warn(
+            f"total_sparsity {total_sparsity} is not reachable: the per-layer caps (max_sparsity_per_layer, and one unit kept in "
+            f"every layer) allow at most {reached / total:.4f} of the {total} weights of {names}; lower total_sparsity or raise the caps",
+            UnreachableSparsityWarning, stacklevel=3)
     return {name: int(counts[i]) for i, name in enumerate(names)}
 
 

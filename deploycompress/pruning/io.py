@@ -26,15 +26,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import MaskError
 from ..nni_files import NNIFileError, load_nni_file
 
 __all__ = ["Masks", "save_masks", "load_masks", "apply_masks", "check_masks", "atomic_torch_save"]
 
 Masks = dict[str, dict[str, torch.Tensor]]
-
-
-class MaskError(ValueError):
-    """A mask dict that does not fit the format or the model; the message names the module."""
 
 
 def weight_attrs(module: nn.Module) -> tuple[str, str]:
@@ -128,10 +125,13 @@ def load_masks(path: str | os.PathLike[str], model: nn.Module | None = None) -> 
     Raises :class:`MaskError` for anything else, naming the module and parameter.
     """
     try:
-        masks = load_nni_file(path)
+        masks = load_nni_file(path)  # never unpickles anything but tensors and containers
     except NNIFileError as exc:
-        raise MaskError(f"mask file {exc}") from None
-    return check_masks(masks, model)
+        raise MaskError(f"masks file {exc}") from None
+    try:
+        return check_masks(masks, model)
+    except MaskError as exc:
+        raise MaskError(f"masks file {str(path)!r}: {exc}") from None
 
 
 @torch.no_grad()

@@ -57,9 +57,10 @@ def random_layer_masks(
     g = torch.Generator().manual_seed(seed)
     masks: dict[str, dict[str, torch.Tensor]] = {}
     for name, m in model.named_modules():
-        if not isinstance(m, op_types) or name in exclude:
+        weight = getattr(m, "weight", None)
+        if not isinstance(m, op_types) or name in exclude or not isinstance(weight, torch.Tensor):
             continue
-        n = m.weight.shape[0]
+        n = weight.shape[0]
         keep = torch.ones(n, dtype=torch.bool)
         keep[torch.randperm(n, generator=g)[: int(ratio * n)]] = False
         masks[name] = channel_masks(m, keep)

@@ -31,6 +31,9 @@ from calibrators import QuantParams
 
 from .nni_calib import import_nni_calibration, nni_layout
 
+from ..checks import read_json_file
+from ..errors import InputError
+
 __all__ = ["CALIB_VERSION", "CalibConfig", "CalibConfigError", "TENSOR_KINDS"]
 
 CALIB_VERSION = 1
@@ -38,7 +41,7 @@ TENSOR_KINDS = ("weight", "input", "output")
 _FIELDS = ("scale", "zero_point", "bits", "dtype", "axis", "symmetric", "min", "max")
 
 
-class CalibConfigError(ValueError):
+class CalibConfigError(InputError, ValueError):
     """A calibration that cannot be used: the message names the module, tensor and field."""
 
 
@@ -249,25 +252,28 @@ class CalibConfig:
         path = Path(path)
         if not path.is_file():
             raise CalibConfigError(f"calibration file {str(path)!r} does not exist")
-        raw = path.read_bytes()
-        if raw[:2] == b"PK" or raw[:1] == b"\x80":  # torch.save: a zip archive or a legacy pickle
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save: a zip archive or a legacy pickle
             try:
                 data = load_nni_file(path)
             except NNIFileError as exc:
                 raise CalibConfigError(f"calibration file {exc}") from None
         else:
-            try:
-                data = json.loads(raw.decode("utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise CalibConfigError(f"calibration file {str(path)!r} is not valid JSON: {exc}") from None
-        if isinstance(data, Mapping) and "version" not in data and nni_layout(data) is not None:
-            out = cls.from_nni(data, **nni_options)
-            out.provenance["source"] = str(path)
-            return out
-        unused = sorted(k for k, v in nni_options.items() if v is not None and k != "model")
-        if unused:
-            raise CalibConfigError(f"calibration file {str(path)!r} is not NNI's: {unused} apply only to NNI calibrations")
-        return cls.from_dict(data)
+            data = read_json_file(path, "calibration file", CalibConfigError)  # size, UTF-8, JSON and depth limits
+        try:
+            if isinstance(data, Mapping) and "version" not in data and nni_layout(data) is not None:
+                out = cls.from_nni(data, **nni_options)
+                out.provenance["source"] = str(path)
+                return out
+            unused = sorted(k for k, v in nni_options.items() if v is not None and k != "model")
+            if unused:
+                raise CalibConfigError(f"calibration file {str(path)!r} is not NNI's: {unused} apply only to NNI calibrations")
+            return cls.from_dict(data)
+        except CalibConfigError as exc:
+            raise CalibConfigError(exc if str(path) in str(exc) else f"calibration file {str(path)!r}: {exc}") from None
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a value of the wrong type deep inside
+            raise CalibConfigError(f"calibration file {str(path)!r}: {type(exc).__name__}: {exc}") from None
 
     def digest(self) -> str:
         """sha256 of the canonical JSON: names this calibration in manifests and reports."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from calibrators import MinMaxCalibrator, QuantError, QuantParams
 
+from ..errors import InputError
 from ..config import ConfigError, ModuleConfig, select_modules, validate_config_list
 from .calib_config import CalibConfig
 from .fake_quant import fake_quantize
@@ -67,7 +68,7 @@ ACTIVATION_OP_TYPES = (
 )
 
 
-class QuantizerError(ValueError):
+class QuantizerError(InputError, ValueError):
     """A quantizer used out of order or asked for something it cannot give; the message names the module."""
 
 

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import InputError
 from ..validate.latency import LatencyStats
 
 __all__ = [
@@ -39,7 +40,7 @@ _MAX_SAMPLES = 2000  # enough for a distribution plot, small enough for a JSON f
 _MAX_LAYERS = 50
 
 
-class ReportError(ValueError):
+class ReportError(InputError, ValueError):
     """A report file that cannot be read: the message names the file and the field."""
 
 

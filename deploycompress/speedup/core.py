@@ -12,10 +12,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from ..checks import check_example_inputs
+from ..errors import StepError
 from ..graph import trace_channels
-from ..model_copy import strip_parametrizations
 from ..graph.rules.dead import restore_kept
 from ..graph.trace import as_input_tuple, check_norm_spans
+from ..model_copy import strip_parametrizations
 from ..subclasses import follow_subclasses
 from .masks import Masks, apply_param_masks, masked_out_channels, validate_masks
 from .replace import shrink_model
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 EXACT_TOLERANCE = 1e-4  # the default promise: max |shrunk - masked| <= 1e-4 x max |masked output|
 
 
-class SpeedupError(RuntimeError):
+class SpeedupError(StepError, RuntimeError):
     """The shrunk model does not run or does not reproduce the masked model."""
 
 
@@ -143,6 +145,8 @@ def speedup_with_report(
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
     check_norm_spans(norm_spans)
     check_masked_constants(masked_constants)
+    validate_masks(model, masks)  # the cheap checks first, then one forward run:
+    check_example_inputs(model, example_inputs)  # a wrong shape is named as the argument, before tracing
     inputs = as_input_tuple(example_inputs)
     start = time.perf_counter()
     params_before = {n: _numel(m) for n, m in model.named_modules()}
@@ -202,7 +206,7 @@ def speedup_with_report(
         if not norms_changed and not constants_dropped and err > EXACT_TOLERANCE * ref_max:
             notes.append(f"outputs differ from the masked model by {err:.3g} (max |output| {ref_max:.3g})")
             warnings.warn(notes[-1], SpeedupWarning, stacklevel=2)
-    rel_err = None if err is None else err / max(ref_max, 1e-12)
+    rel_err = None if err is None or ref_max is None else err / max(ref_max, 1e-12)
     if norms_changed:
         notes.append(_norms_note(norms_changed, rel_err))
     if constants_dropped:

@@ -7,11 +7,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..errors import MaskError
+
 Masks = Mapping[str, Mapping[str, torch.Tensor]]
-
-
-class MaskError(ValueError):
-    """Masks that cannot be applied: the message names the module, parameter and what is wrong."""
 
 
 def validate_masks(model: nn.Module, masks: Masks) -> dict[str, dict[str, torch.Tensor]]:

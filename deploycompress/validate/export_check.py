@@ -9,12 +9,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import StepError
+
 __all__ = ["ExportMismatchError", "check_export"]
 
 log = logging.getLogger(__name__)
 
 
-class ExportMismatchError(RuntimeError):
+class ExportMismatchError(StepError, RuntimeError):
     """The ONNX graph does not compute what the PyTorch model computes; the message names the output."""
 
 

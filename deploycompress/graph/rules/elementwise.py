@@ -31,7 +31,7 @@ DIV_OPS = {"div", "div_", "__truediv__", "__itruediv__", "true_divide", "divide"
 def unary(tracer: "Tracer", call: Call) -> None:
     """Same channels out; a zero channel stays zero when the op maps 0 to 0 (probed on a scalar)."""
     args, out = call.args, call.out
-    info = call.input_info(0)
+    info = call.maybe_info(0)
     if info is None or not isinstance(out, torch.Tensor) or out.shape != info.shape:
         return unknown(tracer, call)
     keeps_zero = True

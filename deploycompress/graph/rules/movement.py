@@ -140,7 +140,7 @@ def _check_slicing(tracer: "Tracer", name: str, src: TensorInfo | None, results:
 @rule(*POOL_OPS)
 def pool(tracer: "Tracer", call: Call) -> None:
     """Spatial pooling and resizing keep the channels of (N, C, ...) inputs."""
-    info = call.input_info(0)
+    info = call.maybe_info(0)
     outs = tensors(call.out)
     if info is None or info.axis not in (None, 1) or call.args[0].dim() < 3:
         return unknown(tracer, call)
@@ -153,7 +153,7 @@ def pool(tracer: "Tracer", call: Call) -> None:
 def reduce(tracer: "Tracer", call: Call) -> None:
     """A reduction over other axes keeps the channels; over the channel axis it has no rule."""
     name, args, kwargs = call.name, call.args, call.kwargs
-    info = call.input_info(0)
+    info = call.maybe_info(0)
     dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) else None)
     if name == "norm":
         dim = kwargs.get("dim", args[2] if len(args) > 2 else None)

@@ -53,7 +53,7 @@ def layernorm(tracer: "Tracer", call: Call) -> None:
     nd = len(info.shape)
     spans = info.axis is None or info.axis >= nd - k
     params = [call.arg(2, "weight")] + ([call.arg(3, "bias")] if call.name == "layer_norm" else [])
-    if spans and k == 1 and info.axis == nd - 1 and tracer.prunable_norm(params, "normalized_shape", info.ids, 1):
+    if spans and k == 1 and info.axis == nd - 1 and prunable_norm(tracer, params, "normalized_shape", info.ids, 1):
         return tracer.set_info(call.out, TensorInfo(info.shape, info.axis, info.ids, info.zero.clone()))
     if spans:
         tracer.pin(info, f"{call.name} normalises over them{_norm_owner(tracer, params)} (norm_spans='keep')")
@@ -65,7 +65,7 @@ def groupnorm(tracer: "Tracer", call: Call) -> None:
     info = call.input_info(0)
     params = [call.arg(2, "weight"), call.arg(3, "bias")]
     groups = int(call.arg(1, "num_groups")) if tracer.prune_norms else 1
-    if info.axis == 1 and tracer.prunable_norm(params, "num_channels", info.ids, groups):
+    if info.axis == 1 and prunable_norm(tracer, params, "num_channels", info.ids, groups):
         return tracer.set_info(call.out, TensorInfo(info.shape, info.axis, info.ids, info.zero.clone()))
     tracer.pin(info, f"group_norm normalises over them{_norm_owner(tracer, params)} (norm_spans='keep')")
     tracer.set_info(call.out, TensorInfo(info.shape, info.axis, info.ids, torch.zeros_like(info.zero)))
@@ -97,3 +97,28 @@ def softmax(tracer: "Tracer", call: Call) -> None:
     if dim is None or info.axis is None or dim % len(info.shape) == info.axis:
         tracer.pin(info, f"{call.name} over the channels")
     tracer.set_info(call.out, TensorInfo(info.shape, info.axis, info.ids, torch.zeros_like(info.zero)))
+
+
+def prunable_norm(tracer: "Tracer", params: list[Any], width_attr: str, ids: torch.Tensor, groups: int) -> bool:
+    """norm_spans="prune": record a norm's affine tensors as sliced with ``ids`` and its groups as a balance.
+
+    Only a norm module that owns its affine weight and stores its width in ``width_attr`` (so speedup
+    can rewrite it) qualifies. A zero input channel then counts as zero after the norm too: the
+    masks meant to remove it, and removing it is what changes the norm's statistics.
+    """
+    if not tracer.prune_norms or not isinstance(params[0], torch.Tensor):
+        return False
+    owners = [tracer.owner.get(id(p)) for p in params if p is not None]
+    if any(o is None or o[0] != owners[0][0] for o in owners) or any(p.dim() != 1 for p in params if p is not None):
+        return False
+    module_name, _, module = owners[0]
+    width = getattr(module, width_attr, None)
+    width = width[-1] if isinstance(width, (tuple, list, torch.Size)) and len(width) == 1 else width
+    if width != ids.numel() or ids.numel() % groups:
+        return False
+    for mname, attr, _ in owners:
+        tracer.record_param(mname, attr, 0, ids)
+    if groups > 1:
+        tracer.trace.balances.append((f"groups:{module_name}", list(ids.chunk(groups))))
+    tracer.trace.norms[module_name] = ids.clone()
+    return True

@@ -48,9 +48,16 @@ class Call:
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         return arg(self.args, self.kwargs, index, name, default)
 
-    def input_info(self, index: int = 0) -> TensorInfo | None:
+    def maybe_info(self, index: int = 0) -> TensorInfo | None:
         """The channel record of positional argument ``index`` before the call (None: untraced)."""
         return self.before.get(id(self.args[index])) if len(self.args) > index else None
+
+    def input_info(self, index: int = 0) -> TensorInfo:
+        """Like :meth:`maybe_info`; an untraced argument raises ``LookupError`` (the call then pins, as unknown)."""
+        info = self.maybe_info(index)
+        if info is None:
+            raise LookupError(f"{self.name}: argument {index} carries no channel record")
+        return info
 
 
 Rule = Callable[["Tracer", Call], None]
