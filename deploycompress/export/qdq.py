@@ -436,7 +436,8 @@ def insert_qdq(
                 b = gs_constant(node.inputs[2])
                 if b is not None and b.ndim == 1 and b.size == scale.size:
                     bscale = (np.float64(act_params[x_name].scale.reshape(())) * scale.astype(np.float64)).astype(np.float32)
-                    qb = np.clip(np.round(b / bscale), -(2**31), 2**31 - 1).astype(np.int32)
+                    # float64: in float32 the upper bound rounds to 2**31, which wraps to -2**31 in the cast
+                    qb = np.clip(np.round(b.astype(np.float64) / bscale), -(2**31), 2**31 - 1).astype(np.int32)
                     node.inputs[2] = _dq_constant(graph, f"{node.name}_bias", qb, bscale, np.zeros(bscale.shape, np.int32), 0)
 
     graph.cleanup().toposort()

@@ -1,5 +1,8 @@
 """Small real models and data that ship with packages (no downloads): used by tests, examples, benchmarks."""
 
 from .digits import DigitsData, DigitsNet, accuracy, load_digits_data, train
+from .mnist import MnistResNet, load_mnist_data
+from .photos import CROPS, IMAGENET_MEAN, IMAGENET_STD, crops, load_efficientnet_lite0, photos, split_photos
 
-__all__ = ["DigitsData", "DigitsNet", "accuracy", "load_digits_data", "train"]
+__all__ = ["DigitsData", "DigitsNet", "accuracy", "load_digits_data", "train", "MnistResNet", "load_mnist_data",
+           "CROPS", "IMAGENET_MEAN", "IMAGENET_STD", "crops", "load_efficientnet_lite0", "photos", "split_photos"]

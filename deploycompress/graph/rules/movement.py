@@ -71,6 +71,9 @@ def move(tracer: "Tracer", call: Call) -> None:
         zero_kwargs = dict(kwargs, value=1.0 if value == 0 else 0.0)
         lab_args, zero_args = lab_args[:3], zero_args[:3]
     on_labels = {"view": torch.Tensor.reshape, "view_as": torch.Tensor.reshape_as}.get(name, call.func)
+    if name == "pad" and call.arg(2, "mode", "constant") == "constant" and not (call.arg(3, "value", 0.0) or 0.0) \
+            and _pads_other_axes(before.get(id(args[0])), call.arg(1, "pad")):
+        on_labels = _pad_labels  # zero padding of other axes: a zeroed channel stays zero, its border goes with it
     labels = on_labels(*lab_args, **lab_kwargs)
     zeros = on_labels(*zero_args, **zero_kwargs)
     results = [tracer.canon(lab, z) for lab, z in zip(tensors(labels), tensors(zeros))]
@@ -78,6 +81,27 @@ def move(tracer: "Tracer", call: Call) -> None:
         tracer.set_info(t, info)
     if name in SLICING_OPS:
         _check_slicing(tracer, name, before.get(id(args[0])), results)
+
+
+def _pads_other_axes(info: TensorInfo | None, pad: Any) -> bool:
+    """A pad that leaves the channel axis alone (F.pad pads the last len(pad) // 2 axes)."""
+    return info is not None and info.axis is not None and info.axis < len(info.shape) - len(pad) // 2
+
+
+def _pad_labels(x: torch.Tensor, pad: Any, mode: str = "constant", value: float | None = None) -> torch.Tensor:
+    """F.pad's result shape with each border taking the label of the edge it extends (replicate-style, any rank),
+    so a channel padded on its spatial axes stays one channel; negative pads crop."""
+    for i in range(len(pad) // 2):
+        d = x.dim() - 1 - i
+        left, right = int(pad[2 * i]), int(pad[2 * i + 1])
+        if left < 0:
+            x = x.narrow(d, -left, x.shape[d] + left)
+        if right < 0:
+            x = x.narrow(d, 0, x.shape[d] + right)
+        parts = [x.narrow(d, 0, 1).expand(*[max(left, 0) if k == d else -1 for k in range(x.dim())]), x,
+                 x.narrow(d, x.shape[d] - 1, 1).expand(*[max(right, 0) if k == d else -1 for k in range(x.dim())])]
+        x = torch.cat(parts, d)
+    return x
 
 
 def _cat_params(tracer: "Tracer", call: Call) -> None:
