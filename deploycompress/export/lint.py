@@ -27,7 +27,7 @@ LINT_RULES = {
     "output-quantized": "TensorRT: outputs of weighted ops stay float (unless they feed another weighted op or a residual Add)",
     "residual-add": "TensorRT: one input of a residual Add must be dequantized so the Add fuses into the conv",
     "concat-shared-scale": "all inputs of a Concat (the target's shared-scale ops) share one scale and zero point",
-    "qdq-pair": "a QuantizeLinear feeds DequantizeLinear nodes with the same scale and zero point",
+    "qdq-pair": "a QuantizeLinear feeds DequantizeLinear nodes with the same scale and zero point (through constant Pads where the target runs them quantized)",
     "float-output": "onnxruntime: a weighted op whose output reaches no QuantizeLinear runs in float",
 }
 
@@ -111,7 +111,11 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
         if not is_weight and scale.size > 1:
             add(n.name, "activation-per-tensor", f"activation {n.inputs[0].name!r} has {scale.size} scales")
         if n.op == "QuantizeLinear":
-            for c in n.outputs[0].outputs:
+            readers = list(n.outputs[0].outputs)
+            for c in readers:
+                if spec.quantized_pads and c.op == "Pad" and c.attrs.get("mode", "constant") == "constant":
+                    readers.extend(c.outputs[0].outputs)  # the Pad copies integers; the DQ comes after it
+                    continue
                 if c.op != "DequantizeLinear":
                     add(n.name, "qdq-pair", f"quantized tensor feeds {c.op} {c.name!r}, not a DequantizeLinear")
                     continue

@@ -162,6 +162,45 @@ def _pad_values(tensor: gs.Tensor, source: gs.Tensor) -> list[float]:
     return values
 
 
+def _constant_pads_only(tensor: gs.Tensor, source: gs.Tensor) -> bool:
+    """True when only constant-mode Pads lie between ``source`` and ``tensor``."""
+    while tensor is not source:
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None or node.op != "Pad" or node.attrs.get("mode", "constant") != "constant":
+            return False
+        tensor = node.inputs[0]
+    return True
+
+
+def _pads_after_quantize(graph: gs.Graph, dq_source: dict[str, str]) -> None:
+    """Move each per-tensor DequantizeLinear that feeds a constant-mode Pad to after the Pad.
+
+    ``Q -> DQ -> Pad(c) -> Conv`` becomes ``Q -> Pad(q(c)) -> DQ -> Conv``: the Pad copies integers (its
+    constant quantized with the same scale and zero point: ONNX Pad, opset >= 11, takes it as input 2)
+    and onnxruntime fuses DQ -> Conv -> Q into QLinearConv. The Pad's output keeps its name (on the new
+    DQ), so its readers are unchanged; ``dq_source`` learns the new dequantized tensor.
+    """
+    for node in list(graph.nodes):
+        if node.op != "Pad" or node.attrs.get("mode", "constant") != "constant" or not node.inputs[0].inputs:
+            continue
+        dq = node.inputs[0].inputs[0]
+        if dq.op != "DequantizeLinear" or dq.outputs[0].name not in dq_source or "axis" in dq.attrs:
+            continue
+        q, scale, zp = dq.inputs[0], gs_constant(dq.inputs[1]), gs_constant(dq.inputs[2])
+        value = gs_constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        c = float(np.asarray(value).reshape(-1)[0]) if value is not None and np.asarray(value).size else 0.0
+        lo, hi = np.iinfo(zp.dtype).min, np.iinfo(zp.dtype).max
+        qc = np.asarray(np.clip(np.round(c / float(scale)) + int(zp), lo, hi), dtype=zp.dtype)
+        out = node.outputs[0]
+        qout = gs.Variable(f"{out.name}_quantized", dtype=zp.dtype, shape=out.shape)
+        inputs = [q, node.inputs[1], gs.Constant(f"{node.name}_quantized_value", qc)] + list(node.inputs[3:])
+        node.inputs.clear()
+        node.inputs.extend(inputs)
+        node.outputs[0] = qout
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{out.name}_DequantizeLinear", inputs=[qout, dq.inputs[1], dq.inputs[2]], outputs=[out]))
+        dq_source[out.name] = dq_source[dq.outputs[0].name]
+
+
 def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[str, _Act]:
     """Apply ``target``'s placement rules to the calibrated tensors; returns tensor name -> range."""
     producers = {o.name: n for n in graph.nodes for o in n.outputs}
@@ -203,6 +242,11 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
         if pads:
             params = _union(params, params_from_range(min(pads), max(pads), bits=params.bits, signed=params.signed,
                                                       symmetric=params.symmetric))
+        if target.quantized_pads and _constant_pads_only(x, src):
+            # the Pads run on the quantized tensor (insert_qdq moves the DQ after them): the source's
+            # range widens to hold the pad constant, and no second Q/DQ pair is needed
+            chosen[src.name] = _Act(params, act.sources + [f"holds the pad constant before {node.name}"], act.readers)
+            continue
         chosen[x.name] = _Act(params, act.sources + [f"moved past the value-copying ops before {node.name}"], frozenset([node.name]))
     for node in reversed(graph.nodes):  # outputs before inputs: a chain of such ops propagates back
         src = node.inputs[0] if node.inputs else None
@@ -396,6 +440,8 @@ def insert_qdq(
             readers = None
         dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp, readers=readers)
         dq_source[dq.name] = tname
+    if spec.quantized_pads:
+        _pads_after_quantize(graph, dq_source)
 
     nodes_by_name = {n.name: n for n in graph.nodes}
     made: dict[str, tuple[gs.Variable, np.ndarray]] = {}  # initializer -> its DequantizeLinear output (shared weights)
