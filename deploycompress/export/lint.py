@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph_utils import WEIGHTED_OPS, gs_constant, has_weight, weight_axis
+from .graph_utils import WEIGHTED_OPS, gs_constant, has_weight, pad_constant, weight_axis
 from .onnx_export import MIN_OPSET, onnx_opset
 from .targets import QDQTarget, get_target
 
@@ -63,14 +63,18 @@ def _through(t, ops: tuple[str, ...]) -> list:
     return out
 
 
-def _dequantized(x, ops: tuple[str, ...]) -> bool:
-    """``x`` comes from a DequantizeLinear, possibly through ops the target fuses through."""
+def _dequantized(x, ops: tuple[str, ...], zero_pads: bool = False) -> bool:
+    """``x`` comes from a DequantizeLinear, possibly through ops the target fuses through (and, with
+    ``zero_pads``, zero constant Pads, which onnxruntime folds into the Conv)."""
     for _ in range(16):
         p = _producer(x)
         if p is None:
             return False
         if p.op == "DequantizeLinear":
             return True
+        if zero_pads and pad_constant(p) == 0.0:
+            x = p.inputs[0]
+            continue
         if p.op not in ops or not p.inputs:
             return False
         x = p.inputs[0]
@@ -113,7 +117,7 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
         if n.op == "QuantizeLinear":
             readers = list(n.outputs[0].outputs)
             for c in readers:
-                if spec.quantized_pads and c.op == "Pad" and c.attrs.get("mode", "constant") == "constant":
+                if spec.quantized_pads and pad_constant(c) is not None:
                     readers.extend(c.outputs[0].outputs)  # the Pad copies integers; the DQ comes after it
                     continue
                 if c.op != "DequantizeLinear":
@@ -145,7 +149,7 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
                         f"weight scale has {scale.size} value(s) on axis {wp.attrs.get('axis', 1)}; expected {channels} on axis {axis}")
                 if (wv is not None and wv.dtype != np.int8) or (zp is not None and np.any(zp != 0)):
                     add(node.name, "weight-symmetric", f"weight is {getattr(wv, 'dtype', '?')} with zero point(s) {np.unique(zp)[:4].tolist() if zp is not None else '?'}")
-            if not _dequantized(x, spec.fuses_through):
+            if not _dequantized(x, spec.fuses_through, spec.quantized_pads):
                 add(node.name, "input-unquantized", f"input {x.name!r} is not dequantized: the op runs in float")
             out = node.outputs[0]
             if spec.weighted_outputs_float:

@@ -34,7 +34,7 @@ from calibrators import QuantParams, params_from_range, qrange
 
 from ..errors import InputError
 from ..quantization.calib_config import CalibConfig
-from .graph_utils import WEIGHTED_OPS, gs_constant
+from .graph_utils import WEIGHTED_OPS, gs_constant, pad_constant
 from .name_map import NameMap, NameMapError
 from .onnx_export import MIN_OPSET, onnx_opset
 from .targets import QDQ_TARGETS, QDQTarget, get_target
@@ -155,9 +155,9 @@ def _pad_values(tensor: gs.Tensor, source: gs.Tensor) -> list[float]:
     values = []
     while tensor is not source and tensor.inputs:
         node = tensor.inputs[0]
-        if node.op == "Pad" and node.attrs.get("mode", "constant") == "constant":
-            v = gs_constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-            values.append(float(np.asarray(v).reshape(-1)[0]) if v is not None and np.asarray(v).size else 0.0)
+        c = pad_constant(node)
+        if c is not None:
+            values.append(c)
         tensor = node.inputs[0] if node.op != "Concat" else next(i for i in node.inputs if gs_constant(i) is None)
     return values
 
@@ -166,29 +166,29 @@ def _constant_pads_only(tensor: gs.Tensor, source: gs.Tensor) -> bool:
     """True when only constant-mode Pads lie between ``source`` and ``tensor``."""
     while tensor is not source:
         node = tensor.inputs[0] if tensor.inputs else None
-        if node is None or node.op != "Pad" or node.attrs.get("mode", "constant") != "constant":
+        if node is None or pad_constant(node) is None:
             return False
         tensor = node.inputs[0]
     return True
 
 
 def _pads_after_quantize(graph: gs.Graph, dq_source: dict[str, str]) -> None:
-    """Move each per-tensor DequantizeLinear that feeds a constant-mode Pad to after the Pad.
+    """Move each per-tensor DequantizeLinear that feeds a non-zero constant-mode Pad to after the Pad.
 
     ``Q -> DQ -> Pad(c) -> Conv`` becomes ``Q -> Pad(q(c)) -> DQ -> Conv``: the Pad copies integers (its
     constant quantized with the same scale and zero point: ONNX Pad, opset >= 11, takes it as input 2)
-    and onnxruntime fuses DQ -> Conv -> Q into QLinearConv. The Pad's output keeps its name (on the new
+    and onnxruntime fuses DQ -> Conv -> Q into QLinearConv. A zero Pad keeps ``DQ -> Pad(0) -> Conv``:
+    onnxruntime's PadFusion folds it into the Conv's ``pads`` first, leaving DQ -> Conv -> Q. The Pad's output keeps its name (on the new
     DQ), so its readers are unchanged; ``dq_source`` learns the new dequantized tensor.
     """
     for node in list(graph.nodes):
-        if node.op != "Pad" or node.attrs.get("mode", "constant") != "constant" or not node.inputs[0].inputs:
+        c = pad_constant(node)
+        if not c or not node.inputs[0].inputs:  # a zero Pad stays after the DQ: onnxruntime folds it into the Conv
             continue
         dq = node.inputs[0].inputs[0]
         if dq.op != "DequantizeLinear" or dq.outputs[0].name not in dq_source or "axis" in dq.attrs:
             continue
         q, scale, zp = dq.inputs[0], gs_constant(dq.inputs[1]), gs_constant(dq.inputs[2])
-        value = gs_constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-        c = float(np.asarray(value).reshape(-1)[0]) if value is not None and np.asarray(value).size else 0.0
         lo, hi = np.iinfo(zp.dtype).min, np.iinfo(zp.dtype).max
         qc = np.asarray(np.clip(np.round(c / float(scale)) + int(zp), lo, hi), dtype=zp.dtype)
         out = node.outputs[0]
