@@ -330,30 +330,37 @@ class _SamePadConv(nn.Conv2d):
         return super().forward(self.static_padding(x))
 
 
+class _SamePadConvOut(_SamePadConv):
+    """The same layer, calibrated with its output too (the layer before the residual Add, the last one)."""
+
+
 class _PaddedResidual(nn.Module):
     """stem -> (conv, relu, conv) + skip -> conv with a non-zero constant pad."""
 
-    def __init__(self):
+    def __init__(self, stem_relu: bool):
         super().__init__()
-        self.stem, self.act0 = _SamePadConv(3, 8, 3, stride=2), nn.ReLU()
+        self.stem, self.act0 = _SamePadConv(3, 8, 3, stride=2), nn.ReLU() if stem_relu else nn.Identity()
         self.c1, self.act1 = _SamePadConv(8, 8, 3), nn.ReLU()
-        self.c2 = _SamePadConv(8, 8, 3)
-        self.head = _SamePadConv(8, 4, 3, value=0.5)
+        self.c2 = _SamePadConvOut(8, 8, 3)
+        self.head = _SamePadConvOut(8, 4, 3, value=0.5)
 
     def forward(self, x):
         s = self.act0(self.stem(x))
         return self.head(s + self.c2(self.act1(self.c1(s))))
 
 
-def test_constant_pads_run_in_int8_and_residual_add_fuses():
+@pytest.mark.parametrize("stem_relu", [True, False], ids=["skip-calibrated-as-relu-output", "skip-calibrated-as-conv-input-only"])
+def test_constant_pads_run_in_int8_and_residual_add_fuses(stem_relu):
     """onnxruntime's optimized graph: every conv is QLinearConv, the residual Add is QLinearAdd, no Pad
     runs in float. Expected counts from the model: 4 padded convs, 1 residual Add; the 3 zero pads fold
     into their convs, the 0.5 pad stays as one integer Pad (its constant quantized)."""
     torch.manual_seed(0)
-    model = _PaddedResidual().eval()
+    model = _PaddedResidual(stem_relu).eval()
     batches = [torch.randn(8, 3, 16, 16)]
     exported = to_onnx(model, batches[0][:2])
-    calib = calibrate_by_hand(model, batches, {_SamePadConv: ("input", "weight", "output"), nn.ReLU: ("output",)})
+    # without the stem's Relu the skip is calibrated only as c1's input (c1 reads it privately)
+    calib = calibrate_by_hand(model, batches, {_SamePadConv: ("input", "weight"), _SamePadConvOut: ("input", "weight", "output"),
+                                               nn.ReLU: ("output",)})
     qdq = insert_qdq(exported.model, calib, exported.name_map, target="onnxruntime")
     assert [n.op_type for n in exported.model.graph.node].count("Pad") == 4
     assert lint_qdq(qdq, "onnxruntime") == []

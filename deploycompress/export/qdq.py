@@ -256,6 +256,15 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
             # the producer (a pooling op, e.g. a functional global average pool) run in int8 as well
             out = chosen[node.outputs[0].name]
             chosen[src.name] = _Act(out.params, out.sources + [f"propagated back through {node.name}"])
+    for node in graph.nodes:  # a residual Add with every input and its output quantized: one integer kernel
+        if node.op not in target.integer_binary_ops or node.outputs[0].name not in chosen:
+            continue
+        data = [i for i in node.inputs if gs_constant(i) is None]
+        if len(data) > 1 and all(i.name in chosen for i in data):
+            for i in data:
+                act = chosen[i.name]
+                if act.readers is not None:
+                    chosen[i.name] = _Act(act.params, act.sources + [f"read quantized by {node.name}"], act.readers | {node.name})
     for _ in range(16):  # shared scales spread along chains (circular padding: Concat of Concats)
         if not _share_scales(graph, chosen, acts, target, graph_outputs):
             break

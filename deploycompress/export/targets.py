@@ -69,6 +69,10 @@ class QDQTarget:
     #: quantizes the module's own input only. False: one shared Q/DQ for every reader (TensorRT fuses
     #: a quantized residual Add into the conv, and the simulation then differs on the skip)
     skip_reads_float: bool = False
+    #: ops with an integer kernel the runtime fuses when every input is dequantized and the output is
+    #: quantized (onnxruntime: QLinearAdd): an input calibrated only as a module's input (a residual skip
+    #: that skip_reads_float would leave float) is dequantized for them too, so they do not run in float
+    integer_binary_ops: tuple[str, ...] = ()
     #: lint severity when a weighted op's output reaches no QuantizeLinear (the op runs in float);
     #: None: not a finding for this target
     float_output_severity: str | None = None
@@ -124,6 +128,7 @@ register_target(QDQTarget(
     moves_past=_COPY_OPS,
     quantized_pads=True,
     skip_reads_float=True,
+    integer_binary_ops=("Add",),
     float_output_severity="warning",
     needs_quantized_output=("Conv", "ConvTranspose"),
     notes="U8S8: uint8 asymmetric activations, int8 per-channel weights, int32 bias; QLinearConv/QGemm/MatMulInteger",
