@@ -519,9 +519,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from .bundle import read_verified
 
         qdq_rel = "source/model.qdq.onnx"
-        manifest, verified = read_verified(p, optional=[qdq_rel])  # the graphs inspected are the bytes verified
-        graph_path = p / manifest.artifact
-        graph = _read_onnx(graph_path, data=verified[manifest.artifact])
+        manifest, verified = read_verified(  # the graphs inspected are the bytes verified
+            p, optional=[qdq_rel, "source/model.fp32.onnx", *(f"tensorrt/model.{q}.onnx" for q in ("int8", "fp16", "fp32"))])
+        graph_rel = manifest.artifact
+        if graph_rel.endswith(".plan"):  # a TensorRT engine: inspect the graph it was built from
+            graph_rel = next((g for g in (f"tensorrt/model.{manifest.precision}.onnx", qdq_rel, "source/model.fp32.onnx")
+                              if g in verified), graph_rel)
+        graph_path = p / graph_rel
+        graph = _read_onnx(graph_path, data=verified[graph_rel])
         lint_path, lint_graph = (p / qdq_rel, _read_onnx(p / qdq_rel, data=verified[qdq_rel])) if qdq_rel in verified else (graph_path, graph)
     elif p.is_file() and p.suffix == ".onnx":
         graph_path = lint_path = p
@@ -554,8 +559,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         lines.append("lint: no Q/DQ nodes (a float graph), nothing to lint")
     lines += [f"  {getattr(f, 'severity', 'error')} [{getattr(f, 'rule', '?')}] {getattr(f, 'node', '?')}: {getattr(f, 'message', f)}" for f in findings[:50]]
+    if args.target == "tensorrt":
+        from .export.tensorrt_checks import check_tensorrt
+
+        static = None
+        if args.dla_core is not None:  # DLA builds one shape: a dynamic batch is checked at 1
+            static = {t.name: [1 if (j == 0 and not isinstance(d, int)) else d for j, d in enumerate(t.shape)] for t in inputs}
+        trt = check_tensorrt(graph, tensorrt_version=args.tensorrt_version, dla_core=args.dla_core, lint=False, static_shapes=static,
+                             precision=manifest.precision if manifest else ("int8" if qdq else "fp16"))
+        data["tensorrt"] = trt.to_dict()
+        shown = [f for f in trt.findings if f.severity != "info" or args.verbose]
+        lines.append(f"TensorRT {trt.tensorrt_version} checks (operator table {trt.op_table}"
+                     + (f", DLA core {args.dla_core}" if args.dla_core is not None else "") + f"): {len(trt.errors)} error(s), "
+                     + f"{sum(f.severity == 'warning' for f in trt.findings)} warning(s)")
+        lines += [f"  {f.severity} [{f.rule}] {f.node}: {f.message}" for f in shown[:50]]
+        if args.dla_core is not None:
+            lines.append(f"layers that would run on the GPU instead of DLA (batch checked at 1): {len(trt.gpu_layers)}")
+            lines += [f"  {g}" for g in trt.gpu_layers[:50]]
     _emit(args, data, "\n".join(lines))
     return EXIT_OK
+
+
+def cmd_device_build(args: argparse.Namespace) -> int:
+    from deploycompress_device.device_build import run_from_args
+
+    return run_from_args(args)
 
 
 def _finding(f: Any) -> Any:
@@ -570,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log each step")
 
     parser = argparse.ArgumentParser(prog="deploycompress", description="Build, profile, validate and inspect compressed engines.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,profile,validate,inspect}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,profile,validate,inspect,device-build}")
 
     b = sub.add_parser("build", parents=[common], help="masks -> speedup -> ONNX -> QDQ -> engine -> bundle with report")
     source = b.add_mutually_exclusive_group()
@@ -588,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="example input shape, once per input in forward's order: 1,3,224,224; or named: rgb=1,3,64,64 "
                         "depth=1,1,64,64; a dtype after a colon: ids=1,128:int64")
     b.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
-    b.add_argument("--precision", choices=["int8", "fp32"])
+    b.add_argument("--precision", choices=["int8", "fp16", "fp32"], help="fp16: TensorRT only")
     b.add_argument("--batch-sizes", type=shape_arg, help="batch sizes to measure, e.g. 1,8")
     b.add_argument("--iterations", type=positive_int, help="timed runs per batch size (>= 1)")
     b.add_argument("--name", help="model name in the Triton repository")
@@ -630,14 +658,22 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", parents=[common], help="inputs, outputs, op histogram, Q/DQ count and lint findings")
     i.add_argument("artifact", help="bundle directory or model.onnx")
     i.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="tensorrt", help="rules to lint against")
+    i.add_argument("--tensorrt-version", help="TensorRT version to check operators and DLA against (default: the newest table)")
+    i.add_argument("--dla-core", type=int, help="also check DLA's layer rules and list the layers that would run on the GPU")
     i.set_defaults(func=cmd_inspect)
+
+    from deploycompress_device.device_build import build_parser as device_parser
+
+    d = sub.add_parser("device-build", help="on the device: build model.plan from a portable TensorRT bundle, check it, profile it")
+    device_parser(d)
+    d.set_defaults(func=cmd_device_build)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on unknown options, like every argparse tool
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     func: Callable[[argparse.Namespace], int] = args.func
     args.document = None
     try:
@@ -649,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the one place errors become exit codes
         code = exit_code(exc)  # by the error hierarchy: InputError -> 2, anything else -> 1
         print(f"deploycompress {args.command}: error: {exc}", file=sys.stderr)
-        if code != EXIT_USAGE and args.verbose:
+        if code != EXIT_USAGE and getattr(args, "verbose", False):
             import traceback
 
             traceback.print_exc()

@@ -45,6 +45,8 @@ __all__ = ["BuildStepError", "EngineArtifact", "EngineError", "QDQLintWarning", 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8")
+#: TensorRT also builds fp16 engines (from the fp16 graph)
+TENSORRT_PRECISIONS = ("fp32", "fp16", "int8")
 
 #: inputs and weights (PTQQuantizer: per-channel) of every Conv and Linear (subclasses included), 8 bits:
 #: the layers int8 kernels exist for
@@ -428,8 +430,9 @@ def build_engine(
         out_dir = check_out_dir(out_dir, overwrite=overwrite)
     except BundleError as exc:
         raise EngineError(str(exc)) from exc
-    if precision not in PRECISIONS:
-        raise EngineError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    allowed = TENSORRT_PRECISIONS if backend == "tensorrt" else PRECISIONS
+    if precision not in allowed:
+        raise EngineError(f"precision must be one of {list(allowed)} for backend {backend!r}, got {precision!r}")
     if not isinstance(model, nn.Module):
         raise EngineError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     name = name if name is not None else type(model).__name__.lower()
@@ -453,6 +456,16 @@ def build_engine(
         check_norm_spans(norm_spans)
     except ValueError as exc:
         raise EngineError(str(exc)) from exc
+    trt_options, trt_extra, trt_portable = None, {}, False
+    if backend == "tensorrt":
+        from .backends.tensorrt import tensorrt_available
+        from .engine_tensorrt import split_options
+
+        try:
+            trt_options, trt_extra = split_options(backend_options)
+        except ValueError as exc:
+            raise EngineError(f"backend_options: {exc}") from exc
+        trt_portable = bool(trt_extra.get("portable")) or not tensorrt_available()
     masks = _load_masks(masks, model)
     if masks is not None:
         check_masks_usable(masks)
@@ -468,8 +481,8 @@ def build_engine(
         _check_calibration(calib, model)
     if precision == "int8" and calib is None and calib_data is None:
         raise EngineError("precision 'int8' needs a calibration: pass calib_config (CalibConfig or JSON path) or calib_data (input batches)")
-    if precision == "fp32" and (calib is not None or calib_data is not None):
-        log.warning("precision 'fp32': the calibration is ignored")
+    if precision in ("fp32", "fp16") and (calib is not None or calib_data is not None):
+        log.warning("precision %r: the calibration is ignored", precision)
         calib, calib_data = None, None
     if calib_data is not None:
         calib_data = check_batches(calib_data, named.tensors(), "calib_data")  # every batch, before any work
@@ -520,8 +533,44 @@ def build_engine(
                     onnx.save(qdq, str(graph_path))
                     report.qdq = qdq_summary(qdq, backend)
                     audit = audit_qdq(qdq, exported.name_map, [m for m, kind, _ in calib.items() if kind == "weight"], backend=backend)  # type: ignore[union-attr]
+            if backend == "tensorrt":
+                import onnx
+
+                from .engine_tensorrt import check_before_build, write_portable
+
+                with steps("tensorrt checks"):
+                    if precision == "fp16":
+                        from .export.fp16 import to_fp16
+
+                        graph_path = work / "model.fp16.onnx"
+                        onnx.save(to_fp16(exported.model), str(graph_path))
+                    static = {s.name: list(t.shape) for s, t in zip(exported.inputs, inputs)}
+                    trt_check = check_before_build(onnx.load(str(graph_path)), precision, trt_options, trt_extra.get("tensorrt_version"),  # type: ignore[arg-type]
+                                       static_shapes=static if trt_options.dla_core is not None else None)  # type: ignore[union-attr]
+                if trt_portable:
+                    if precision == "int8":  # the Q/DQ count check holds for the portable bundle too
+                        report.quantized_layers = audit.to_dict()
+                        report.notes.append(audit.summary())
+                        check_precision(audit, strict=strict)
+                    with steps("portable bundle"):
+                        golden = [eval_x[s.name] for s in exported.inputs] if all(s.name in eval_x for s in exported.inputs) \
+                            else list(eval_x.values())
+                        report.steps = dict(steps.seconds)
+                        report.environment = collect_environment()
+                        manifest = write_portable(
+                            out_dir=out_dir, work=work, name=name, precision=precision, deployed=deployed, inputs=inputs,
+                            golden_inputs=golden, exported=exported, fp32_path=fp32_path,
+                            qdq_path=graph_path if precision == "int8" else None, options=trt_options, extra_options=trt_extra,  # type: ignore[arg-type]
+                            max_batch_size=max_batch_size, calibration=calib, report=report, overwrite=overwrite,
+                            findings=trt_check.findings,
+                            extra={"round_to": round_to, "norm_spans": norm_spans, "pruned": masks is not None})
+                    return EngineArtifact(Path(out_dir), manifest, report, validation=None, calib_config=calib, model=deployed)
+            build_options = dict(backend_options or {})
+            if backend == "tensorrt":
+                build_options = {**trt_options.to_dict(), "max_batch_size": max_batch_size,  # type: ignore[union-attr]
+                                 "example_shapes": {s.name: list(t.shape) for s, t in zip(exported.inputs, inputs)}}
             with steps("build"):
-                artifact = engine_backend.build(graph_path, work / "build", precision=precision, **dict(backend_options or {}))
+                artifact = engine_backend.build(graph_path, work / "build", precision=precision, **build_options)
                 runner = engine_backend.load(artifact)
                 if precision == "int8" and backend in INTEGER_KERNELS:
                     audit_optimized(audit, qdq, onnx.load(str(artifact)), exported.name_map)
@@ -537,7 +586,7 @@ def build_engine(
                 latency, accuracy, fidelity = _records_from_validation(result, backend, precision, "pytorch fp32")
             if precision == "int8" and compare_fp32:
                 with steps("fp32 baseline"):
-                    base_art = engine_backend.build(fp32_path, work / "build_fp32", precision="fp32", **dict(backend_options or {}))
+                    base_art = engine_backend.build(fp32_path, work / "build_fp32", precision="fp32", **build_options)
                     base = validate(engine_backend.load(base_art), deployed, eval_x, labels=eval_labels, metric_name="top1",
                                     batch_sizes=batch_sizes, iterations=iterations, warmup=warmup)
                     base_latency, base_accuracy, base_fidelity = _records_from_validation(base, backend, "fp32", "pytorch fp32")

@@ -85,14 +85,25 @@ def test_run_checks_feed_names(graphs, tmp_path):
         runner.run({"input": x.numpy()})
 
 
-def test_registry_names_tensorrt_and_unknown_backends():
+def test_registry_names_tensorrt_and_unknown_backends(tmp_path):
+    """The TensorRT backend is always registered; without TensorRT its build and load say how to get it."""
     try:
         import tensorrt
 
         real = hasattr(tensorrt, "Builder")
     except ImportError:
         real = False
-    with pytest.raises(BackendError, match="not part of this version" if real else "TensorRT is not installed"):
-        get_backend("tensorrt")
+    trt_backend = get_backend("tensorrt")
+    assert trt_backend.name == "tensorrt" and trt_backend.artifact_name == "model.plan"
+    if not real:
+        onnx_file = tmp_path / "m.onnx"
+        onnx_file.write_bytes(b"")
+        with pytest.raises(BackendError, match="TensorRT is not installed.*portable bundle"):
+            trt_backend.build(onnx_file, tmp_path / "out", precision="fp32")
+        (tmp_path / "model.plan").write_bytes(b"x")
+        with pytest.raises(BackendError, match="TensorRT is not installed"):
+            trt_backend.load(tmp_path / "model.plan")
+    with pytest.raises(BackendError, match="portable bundle, not an engine"):
+        trt_backend.load(tmp_path / "model.onnx")
     with pytest.raises(BackendError, match="known backends"):
         get_backend("openvino")

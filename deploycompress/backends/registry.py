@@ -1,4 +1,4 @@
-"""Backends by name. The onnxruntime backend is built in; TensorRT registers itself when it lands."""
+"""Backends by name: onnxruntime (built in) and TensorRT (its module imports tensorrt lazily)."""
 
 from __future__ import annotations
 
@@ -22,16 +22,9 @@ def _onnxruntime() -> Backend:
 
 
 def _tensorrt() -> Backend:
-    try:
-        import tensorrt  # lazy: only this call needs it
-    except ImportError:
-        tensorrt = None
-    if getattr(tensorrt, "Builder", None) is None:  # type stubs alone leave an empty namespace package
-        raise BackendError(
-            "backend 'tensorrt': TensorRT is not installed here (pip install 'deploycompress[tensorrt]' on a machine "
-            "with an NVIDIA GPU); the TensorRT backend itself lands in its own issue, on the same QDQ graph"
-        )
-    raise BackendError("backend 'tensorrt': TensorRT is installed, but the TensorRT backend is not part of this version yet")
+    from .tensorrt import TensorRTBackend  # imports tensorrt itself only when an engine is built or loaded
+
+    return TensorRTBackend()
 
 
 register_backend("onnxruntime", _onnxruntime)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
-import stat
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
+
+from deploycompress_device import files as _files  # one file table, host and device
+from deploycompress_device.files import MANIFEST_NAME, sha256_file
 
 from ..backends.base import TensorSpec
 from ..report.schema import check_versioned, read_json
@@ -19,46 +20,25 @@ from .atomic import BundleError
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "Manifest", "bundle_files", "collect_environment", "sha256_file", "hash_tree"]
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _VERSIONED = ("deploycompress", "torch", "onnx", "onnxruntime", "tensorrt")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def bundle_files(root: Path) -> dict[str, Path]:
-    """Every regular file under ``root`` (POSIX relative path -> path), walked without following links.
-
-    A symlink anywhere (file or directory) or any other non-regular entry is a :class:`BundleError`
-    naming it, raised before any file is opened: a bundle is exactly the bytes inside its directory.
-    """
-    root = Path(root)
-    out: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for entry in sorted(dirnames) + sorted(filenames):
-            path = Path(dirpath) / entry
-            rel = path.relative_to(root).as_posix()
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                raise BundleError(f"bundle {str(root)!r}: {rel!r} is a symbolic link; a bundle may hold only regular files "
-                                  "(replace the link with the file itself)")
-            if entry in filenames and not stat.S_ISREG(st.st_mode):
-                raise BundleError(f"bundle {str(root)!r}: {rel!r} is not a regular file")
-            if entry in filenames:
-                out[rel] = path
-    return dict(sorted(out.items()))
+    """Every regular file under ``root``; a symlink or other non-regular entry is a :class:`BundleError`
+    naming it, raised before any file is opened (see ``deploycompress_device.files.bundle_files``)."""
+    try:
+        return _files.bundle_files(root)
+    except _files.UnsafeBundleFile as exc:
+        raise BundleError(str(exc)) from None
 
 
 def hash_tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` except the manifest itself, keyed by POSIX relative path
-    (symbolic links refused, see :func:`bundle_files`)."""
-    return {rel: sha256_file(p) for rel, p in bundle_files(root).items() if rel != MANIFEST_NAME}
+    """sha256 of every bundle file but the manifest, keyed by POSIX relative path (links refused)."""
+    try:
+        return _files.hash_tree(root)
+    except _files.UnsafeBundleFile as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _version(dist: str) -> str | None:

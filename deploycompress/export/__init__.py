@@ -5,6 +5,8 @@ from .name_map import ModuleMapping, NameMap, NameMapError
 from .onnx_export import ExportError, ExportResult, TracerWarning, to_onnx
 from .qdq import TARGETS, CalibrationSkippedWarning, QDQError, insert_qdq, needs_reduced_range, skipped_calibration
 from .targets import QDQ_TARGETS, QDQTarget, get_target, register_target
+from .fp16 import FP32_OPS, Fp16RangeWarning, to_fp16
+from .tensorrt_checks import TensorRTCheck, check_tensorrt
 
 __all__ = [
     "CalibrationSkippedWarning",
@@ -27,4 +29,9 @@ __all__ = [
     "lint_qdq",
     "needs_reduced_range",
     "to_onnx",
+    "FP32_OPS",
+    "Fp16RangeWarning",
+    "to_fp16",
+    "TensorRTCheck",
+    "check_tensorrt",
 ]

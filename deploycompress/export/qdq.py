@@ -208,7 +208,10 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
     weighted_out = {name for name, n in producers.items() if n.op in WEIGHTED_OPS}
     if not target.graph_outputs_float:
         graph_outputs = set()
-    chosen = {t: a for t, a in acts.items() if t not in graph_outputs}
+    # a graph output that a weighted op also reads is quantized for that reader only (the output
+    # itself stays the float tensor: _qdq_pair's output_float)
+    read_by_weighted = {n.inputs[0].name for n in graph.nodes if n.op in WEIGHTED_OPS and n.inputs}
+    chosen = {t: a for t, a in acts.items() if t not in graph_outputs or t in read_by_weighted}
     if target.weighted_outputs_float:
         feeds_weighted = {n.inputs[0].name for n in graph.nodes if n.op in WEIGHTED_OPS and n.inputs}
         keep = {t: a for t, a in chosen.items() if t not in weighted_out or t in feeds_weighted}
@@ -369,7 +372,7 @@ def _fit_zero_rows(scale: np.ndarray, q: np.ndarray, axis: int, node: gs.Node, d
 
 
 def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: int | None = None,
-              readers: frozenset[str] | None = None) -> gs.Variable:
+              readers: frozenset[str] | None = None, output_float: bool = False) -> gs.Variable:
     base = tensor.name
     s = gs.Constant(f"{base}_scale", np.asarray(scale, dtype=np.float32))
     z = gs.Constant(f"{base}_zero_point", np.asarray(zero_point))
@@ -379,7 +382,7 @@ def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: 
     source, out = tensor, dq
     if readers is not None:  # only these nodes read the quantized value; the rest keep the float tensor
         consumers = [n for n in tensor.outputs if n.name in readers]
-    elif any(t is tensor for t in graph.outputs) and tensor.inputs:
+    elif any(t is tensor for t in graph.outputs) and tensor.inputs and not output_float:
         # a graph output keeps its name on the dequantized value; the producer writes a new float tensor
         producer = tensor.inputs[0]
         source = gs.Variable(f"{base}_float", dtype=tensor.dtype, shape=tensor.shape)
@@ -447,7 +450,8 @@ def insert_qdq(
         readers = act.readers if spec.skip_reads_float and act.readers is not None else None
         if readers is not None and all(c.name in readers for c in tensors[tname].outputs):
             readers = None
-        dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp, readers=readers)
+        dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp, readers=readers,
+                       output_float=spec.graph_outputs_float)
         dq_source[dq.name] = tname
     if spec.quantized_pads:
         _pads_after_quantize(graph, dq_source)

@@ -134,7 +134,12 @@ register_target(QDQTarget(
     notes="U8S8: uint8 asymmetric activations, int8 per-channel weights, int32 bias; QLinearConv/QGemm/MatMulInteger",
 ))
 
-# Minimal entry: the TensorRT rules as they stand; the TensorRT backend's own rules refine it.
+# TensorRT's explicit quantization (developer guide, "Q/DQ layer-placement recommendations"; the ONNX
+# parser's table: QuantizeLinear/DequantizeLinear zero point must be 0): quantize every input of a
+# weighted op, leave weighted-op outputs float unless another weighted op reads them, quantize the
+# residual (shortcut) input of an Add so the Add fuses into the conv before it, one scale across a
+# Concat. Checked on resnet18 and an Inception-style block by tests/test_tensorrt_qdq.py; the TensorRT
+# pre-build checks (export/tensorrt_checks.py) lint with this entry, no second rule set.
 register_target(QDQTarget(
     name="tensorrt",
     activation_dtype="int8",
@@ -144,5 +149,5 @@ register_target(QDQTarget(
     residual_add_branch=True,
     same_scale_ops=_SAME_SCALE,
     moves_past=_COPY_OPS,
-    notes="S8S8 symmetric, zero point 0 (TensorRT explicit quantization)",
+    notes="S8S8 symmetric, zero point 0, per-channel weights only (TensorRT explicit quantization; strongly typed builds)",
 ))

@@ -1,0 +1,5 @@
+import sys
+
+from .device_build import main
+
+sys.exit(main())

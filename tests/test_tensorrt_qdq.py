@@ -1,0 +1,137 @@
+"""The tensorrt QDQ target on real topologies: S8 symmetric everywhere, the residual Add's shortcut input
+quantized (TensorRT fuses the Add into the conv), one Concat scale; lint and TensorRT checks clean.
+Oracles: the graph structure and values read back from the ONNX here."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+import torch
+from torch import nn
+
+from deploycompress.engine import default_quant_config
+from deploycompress.export import check_tensorrt, insert_qdq, lint_qdq, to_onnx
+from deploycompress.quantization import PTQQuantizer
+
+
+def _qdq(model: nn.Module, x: torch.Tensor):
+    model = model.eval()
+    q = PTQQuantizer(copy.deepcopy(model), default_quant_config(model))
+    q.calibrate([x])
+    exported = to_onnx(model, x[:1])
+    return insert_qdq(exported.model, q.export_calib_config(), exported.name_map, target="tensorrt")
+
+
+def _producer(t):
+    return t.inputs[0] if t.inputs else None
+
+
+class _Inception(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 4, 1)
+        self.b = nn.Conv2d(8, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 1, 1)
+        self.head = nn.Conv2d(18, 5, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x)), self.pool(x)], 1)
+        return self.head(y).mean((2, 3))
+
+
+@pytest.fixture(scope="module")
+def resnet18_qdq():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return _qdq(torchvision.models.resnet18(num_classes=10), torch.randn(8, 3, 64, 64))
+
+
+def test_every_zero_point_is_int8_zero_and_weights_are_per_channel(resnet18_qdq):
+    g = gs.import_onnx(resnet18_qdq)
+    qdq = [n for n in g.nodes if n.op in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for n in qdq:
+        zp = np.asarray(n.inputs[2].values)
+        assert zp.dtype == np.int8 and not zp.any(), n.name
+    for conv in (n for n in g.nodes if n.op == "Conv"):
+        dq = _producer(conv.inputs[1])
+        w, s = np.asarray(dq.inputs[0].values), np.asarray(dq.inputs[1].values)
+        assert w.dtype == np.int8 and s.shape == (w.shape[0],) and dq.attrs.get("axis", 1) == 0
+
+
+def test_residual_adds_quantize_the_shortcut_and_leave_the_conv_output_float(resnet18_qdq):
+    g = gs.import_onnx(resnet18_qdq)
+    adds = [n for n in g.nodes if n.op == "Add"]
+    assert len(adds) == 8
+    identity_blocks = 0
+    for add in adds:
+        dq = [i for i in add.inputs if _producer(i) is not None and _producer(i).op == "DequantizeLinear"]
+        assert len(dq) == 1, add.name  # exactly one input quantized: the other is the fused conv's output
+        other = next(i for i in add.inputs if i is not dq[0])
+        assert _producer(other).op in ("Conv",), add.name  # the branch: conv (BN folded) output, float
+        q = _producer(_producer(dq[0]).inputs[0])
+        src = _producer(q.inputs[0])
+        if src.op != "Conv":  # identity block: the shortcut is the block input (a Relu), not a conv
+            identity_blocks += 1
+    assert identity_blocks == 5
+    assert lint_qdq(resnet18_qdq, "tensorrt") == [] and check_tensorrt(resnet18_qdq).errors == []
+
+
+def test_concat_inputs_share_one_scale():
+    torch.manual_seed(0)
+    model = _qdq(_Inception(), torch.randn(8, 3, 16, 16))
+    g = gs.import_onnx(model)
+    (cat,) = [n for n in g.nodes if n.op == "Concat"]
+    scales = []
+    for i in cat.inputs:
+        dq = _producer(i)
+        assert dq is not None and dq.op == "DequantizeLinear", i.name
+        scales.append(float(np.asarray(dq.inputs[1].values)))
+    assert len(set(scales)) == 1
+    assert lint_qdq(model, "tensorrt") == [] and check_tensorrt(model).errors == []
+
+
+class _TwoInputsDictOut(nn.Module):
+    """Two inputs; a pooled feature that is both a graph output and the Linear's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        feat = (torch.relu(self.a(x)) + torch.relu(self.b(y))).mean((2, 3))
+        return {"logits": self.fc(feat), "feat": feat}
+
+
+def test_a_graph_output_read_by_a_weighted_op_is_quantized_for_that_reader_only():
+    torch.manual_seed(0)
+    model = _TwoInputsDictOut().eval()
+    x, y = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
+    q = PTQQuantizer(copy.deepcopy(model), default_quant_config(model))
+    q.calibrate([(x, y)])
+    exported = to_onnx(model, (x[:1], y[:1]))
+    qdq = insert_qdq(exported.model, q.export_calib_config(), exported.name_map, target="tensorrt")
+    g = gs.import_onnx(qdq)
+    (gemm,) = [n for n in g.nodes if n.op == "Gemm"]
+    assert _producer(gemm.inputs[0]).op == "DequantizeLinear"
+    feat_out = g.outputs[1]
+    assert _producer(feat_out).op == "ReduceMean"  # the graph output itself stays float
+    assert lint_qdq(qdq, "tensorrt") == []
+    import onnxruntime as ort
+
+    outs = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {i.name: v.numpy() for i, v in zip(qdq.graph.input, (x, y))})
+    with torch.no_grad():
+        ref = model(x, y)
+    # the convs ran on quantized inputs, so the feature differs from fp32 by their rounding only; had the
+    # output itself been quantized it would sit on the int8 grid of its scale
+    np.testing.assert_allclose(outs[1], ref["feat"].numpy(), atol=0.01)
+    scale = float(np.asarray(_producer(gemm.inputs[0]).inputs[1].values))
+    steps = outs[1] / scale
+    assert np.abs(steps - np.round(steps)).max() > 0.1

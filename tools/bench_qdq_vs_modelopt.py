@@ -1,0 +1,214 @@
+"""TensorRT int8 graphs: our ``target="tensorrt"`` QDQ vs NVIDIA ModelOpt's ONNX PTQ, same models, same data.
+
+For each model: one fp32 ONNX (``to_onnx``); ours = ``PTQQuantizer`` (the default config of
+``build_engine``) + ``insert_qdq(target="tensorrt")``; ModelOpt = ``python -m modelopt.onnx.quantization
+--quantize_mode int8 --calibration_method max|entropy --calibration_eps cpu --high_precision_dtype fp32``
+on that fp32 ONNX with the same calibration array (ModelOpt runs from its own venv, ``--modelopt-python``,
+since it pins its own torch). Both graphs run in onnxruntime (CPU) against the fp32 graph on held-out
+inputs: top-1 agreement and cosine similarity; plus Q/DQ counts, our lint (``lint_qdq(..., "tensorrt")``)
+and TensorRT pre-build check findings on both, and the placement TensorRT fuses: Adds with a dequantized
+input (and whether it is the shortcut, i.e. not a weighted op's output), Concats whose inputs share one scale.
+
+Data: no ImageNet here, so the inputs are 224x224 crops (random position, scale, flip) of the two
+photographs scikit-learn ships (``load_sample_images``), normalized with ImageNet's mean/std; the
+torchvision models have random weights whose BatchNorm statistics are first re-estimated on separate
+crops (so activations have realistic ranges). Calibration and evaluation crops are disjoint draws.
+
+    python tools/bench_qdq_vs_modelopt.py --modelopt-python /tmp/movenv/bin/python --models resnet18 mobilenet_v2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from deploycompress.engine import default_quant_config
+from deploycompress.export import check_tensorrt, insert_qdq, lint_qdq, to_onnx
+from deploycompress.quantization import PTQQuantizer
+
+log = logging.getLogger("bench_qdq_vs_modelopt")
+MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
+STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+OUR_CALIBRATOR = {"max": "minmax", "entropy": "entropy"}
+
+
+def crops(n: int, seed: int, size: int = 224) -> np.ndarray:
+    from sklearn.datasets import load_sample_images
+
+    images = [np.asarray(im, np.float32) / 255.0 for im in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        im = images[rng.integers(len(images))]
+        side = int(rng.integers(size, min(im.shape[:2]) + 1))
+        y, x = rng.integers(0, im.shape[0] - side + 1), rng.integers(0, im.shape[1] - side + 1)
+        patch = torch.from_numpy(im[y:y + side, x:x + side].transpose(2, 0, 1).copy())[None]
+        patch = torch.nn.functional.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False)[0].numpy()
+        out[i] = patch[:, :, ::-1] if rng.random() < 0.5 else patch
+    return (out - MEAN) / STD
+
+
+def model_for(name: str, bn_data: np.ndarray) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    model.train()
+    with torch.no_grad():  # re-estimate BatchNorm statistics on image crops (cumulative average)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None
+        for i in range(0, len(bn_data), 16):
+            model(torch.from_numpy(bn_data[i:i + 16]))
+    return model.eval()
+
+
+def run(path: str | Path, x: np.ndarray) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    return np.concatenate([s.run(None, {name: x[i:i + 16]})[0] for i in range(0, len(x), 16)])
+
+
+def fidelity(y: np.ndarray, ref: np.ndarray) -> dict:
+    a, b = y.reshape(len(y), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"top1_agreement": float((y.argmax(1) == ref.argmax(1)).mean()), "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()), "max_abs": float(np.abs(y - ref).max())}
+
+
+def placement(model: onnx.ModelProto) -> dict:
+    """Adds/Concats as TensorRT fuses them: an Add with a dequantized input (shortcut = the DQ'd input is
+    not produced, before its Q, by a weighted op); Concats whose inputs all carry one scale."""
+    import onnx_graphsurgeon as gs
+
+    g = gs.import_onnx(model)
+    weighted = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+    def producer(t):
+        return t.inputs[0] if t.inputs else None
+
+    adds = [n for n in g.nodes if n.op == "Add" and not any(isinstance(i, gs.Constant) for i in n.inputs)]
+    add_dq = add_shortcut = add_both = 0
+    for n in adds:
+        dq_inputs = [i for i in n.inputs if producer(i) is not None and producer(i).op == "DequantizeLinear"]
+        add_dq += bool(dq_inputs)
+        add_both += len(dq_inputs) == len(n.inputs)
+        for i in dq_inputs:
+            q = producer(producer(i).inputs[0])
+            src = producer(q.inputs[0]) if q is not None and q.op == "QuantizeLinear" else None
+            if src is None or src.op not in weighted:
+                add_shortcut += 1
+                break
+    concats = [n for n in g.nodes if n.op == "Concat"]
+    shared = 0
+    for n in concats:
+        scales = []
+        for i in n.inputs:
+            p = producer(i)
+            if p is None or p.op != "DequantizeLinear":
+                break
+            scales.append(float(np.asarray(p.inputs[1].values).reshape(-1)[0]) if isinstance(p.inputs[1], gs.Constant) else None)
+        else:
+            shared += len(set(scales)) == 1
+    return {"adds": len(adds), "adds_with_dq_input": add_dq, "adds_dq_on_shortcut": add_shortcut, "adds_all_inputs_dq": add_both,
+            "concats": len(concats), "concats_shared_scale": shared}
+
+
+def describe(path: Path) -> dict:
+    m = onnx.load(str(path))
+    ops = [n.op_type for n in m.graph.node]
+    lint = lint_qdq(m, "tensorrt")
+    trt = check_tensorrt(m, lint=False)
+    return {"q": ops.count("QuantizeLinear"), "dq": ops.count("DequantizeLinear"),
+            "lint_errors": sorted({f.rule for f in lint if f.severity == "error"}),
+            "lint_error_count": sum(f.severity == "error" for f in lint),
+            "lint_warnings": sum(f.severity == "warning" for f in lint),
+            "trt_check_errors": sorted({f.rule for f in trt.errors}), **placement(m)}
+
+
+def modelopt(python: str, fp32: Path, calib: Path, out: Path, method: str) -> float:
+    cmd = [python, "-m", "modelopt.onnx.quantization", "--onnx_path", str(fp32), "--quantize_mode", "int8",
+           "--calibration_data_path", str(calib), "--calibration_method", method, "--calibration_eps", "cpu",
+           "--high_precision_dtype", "fp32", "--output_path", str(out)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"ModelOpt failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def ours(model: torch.nn.Module, calib: np.ndarray, exported, out: Path, method: str) -> float:
+    t0 = time.perf_counter()
+    q = PTQQuantizer(copy.deepcopy(model), default_quant_config(model), calibrator=OUR_CALIBRATOR[method])
+    q.calibrate([torch.from_numpy(calib[i:i + 16]) for i in range(0, len(calib), 16)])
+    onnx.save(insert_qdq(exported.model, q.export_calib_config(), exported.name_map, target="tensorrt"), str(out))
+    return time.perf_counter() - t0
+
+
+def cpu_flags() -> dict:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    return {"cpu": platform.processor() or platform.machine(), "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    ap.add_argument("--methods", nargs="+", default=["max"], choices=["max", "entropy"])
+    ap.add_argument("--calib", type=int, default=128, help="calibration crops")
+    ap.add_argument("--eval", type=int, default=256, help="evaluation crops")
+    ap.add_argument("--modelopt-python", default=os.environ.get("MODELOPT_PYTHON", "python"))
+    ap.add_argument("--out", default="runs/bench_qdq_vs_modelopt.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bn, calib, evalx = crops(256, 1), crops(args.calib, 2), crops(args.eval, 3)
+    results = {"machine": cpu_flags(), "args": vars(args), "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        np.save(d / "calib.npy", calib)
+        for name in args.models:
+            model = model_for(name, bn)
+            exported = to_onnx(model, torch.from_numpy(calib[:1]))
+            fp32 = d / f"{name}.fp32.onnx"
+            exported.save(fp32)
+            ref = run(fp32, evalx)
+            row: dict = {}
+            for method in args.methods:
+                for who in ("ours", "modelopt"):
+                    path = d / f"{name}.{who}.{method}.onnx"
+                    secs = ours(model, calib, exported, path, method) if who == "ours" else modelopt(args.modelopt_python, fp32, d / "calib.npy", path, method)
+                    row[f"{who} {method}"] = {**fidelity(run(path, evalx), ref), **describe(path), "quantize_s": round(secs, 1)}
+                    log.info("%s %s %s: %s", name, who, method, json.dumps(row[f"{who} {method}"]))
+            results["models"][name] = row
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"\nmachine: {results['machine']}")
+    print("| model | graph | top-1 agr. | cosine mean (min) | Q/DQ | lint errors | TRT check errors | Add with DQ (shortcut) / Adds | Concat shared / Concats |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, row in results["models"].items():
+        for k, r in row.items():
+            print(f"| {name} | {k} | {r['top1_agreement']:.3f} | {r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) | {r['q']}/{r['dq']} | "
+                  f"{r['lint_error_count']} {r['lint_errors'] or ''} | {len(r['trt_check_errors'])} | "
+                  f"{r['adds_with_dq_input']} ({r['adds_dq_on_shortcut']}) / {r['adds']} | {r['concats_shared_scale']} / {r['concats']} |")
+
+
+if __name__ == "__main__":
+    main()
