@@ -204,10 +204,17 @@ def check_masks_usable(masks: Mapping[str, Mapping[str, torch.Tensor]], what: st
 
 def check_backend_options(backend: Any, options: Mapping[str, Any]) -> None:
     """Option names the backend's ``build`` declares (keyword-only parameters), checked before any
-    work with close matches named; values are checked by the backend's ``check_options`` where it has one."""
+    work with close matches named; a backend with a ``check_options`` checks names and values itself."""
     import difflib
     import inspect
 
+    checker = getattr(backend, "check_options", None)
+    if callable(checker):  # the backend knows its own option names and values
+        try:
+            checker(**options)
+        except (TypeError, ValueError) as exc:
+            raise CheckError(f"backend_options of backend {getattr(backend, 'name', backend)!r}: {exc}") from None
+        return
     params = inspect.signature(backend.build).parameters
     known = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "precision"]
     unknown = [k for k in options if k not in known]
@@ -215,9 +222,6 @@ def check_backend_options(backend: Any, options: Mapping[str, Any]) -> None:
         hints = {k: difflib.get_close_matches(k, known, n=2) for k in unknown}
         raise CheckError(f"backend_options {unknown} are not options of backend {getattr(backend, 'name', backend)!r} "
                          f"(close matches: {hints}); known: {known}")
-    checker = getattr(backend, "check_options", None)
-    if callable(checker):
-        checker(**options)
 
 
 # -- files users hand us ---------------------------------------------------------------------------

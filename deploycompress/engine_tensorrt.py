@@ -20,6 +20,7 @@ from torch import nn
 from deploycompress_device.device_build import compare_golden
 from deploycompress_device.plan import BuildOptions, BuildPlan, make_profiles
 
+from .errors import InputError
 from .backends.base import TensorSpec
 
 __all__ = ["TensorRTCheckError", "GOLDEN_SAMPLES", "TENSORRT_OPTIONS", "check_before_build", "golden_data", "tolerances", "write_portable"]
@@ -33,7 +34,7 @@ GOLDEN_SAMPLES = 8
 TENSORRT_OPTIONS = ("tensorrt_version", "opt_batch_size", "portable")
 
 
-class TensorRTCheckError(ValueError):
+class TensorRTCheckError(InputError, ValueError):
     """The graph breaks a TensorRT rule (operator table, Q/DQ, DLA): the build does not start."""
 
 

@@ -19,7 +19,8 @@ def _project_exceptions():
             continue
         module = importlib.import_module(info.name)
         for obj in vars(module).values():
-            if isinstance(obj, type) and issubclass(obj, BaseException) and not issubclass(obj, Warning) and obj.__module__.startswith("deploycompress"):
+            if isinstance(obj, type) and issubclass(obj, BaseException) and not issubclass(obj, Warning) and obj.__module__.split(".")[0] == "deploycompress":
+                # (deploycompress_device is the torch-free device package: its errors stay its own)
                 found[f"{obj.__module__}.{obj.__qualname__}"] = obj
     return found
 

@@ -100,6 +100,15 @@ class TensorRTBackend:
 
     name = "tensorrt"
     artifact_name = "model.plan"
+    #: options build_engine takes for this backend besides build's own: the TensorRT version to check
+    #: against, and ``portable`` (write the portable bundle even where TensorRT is installed)
+    ENGINE_OPTIONS = ("tensorrt_version", "portable")
+
+    def check_options(self, **options: Any) -> None:
+        """Refuse option names neither ``build`` nor :class:`BuildOptions` nor ``ENGINE_OPTIONS`` know
+        (ValueError naming them and the known ones), before any work."""
+        own = ("max_batch_size", "opt_batch_size", "example_shapes", "profiles", *self.ENGINE_OPTIONS)
+        BuildOptions.from_dict({k: v for k, v in options.items() if k not in own})
 
     def build(
         self,

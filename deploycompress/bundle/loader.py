@@ -109,13 +109,19 @@ def _cross_check(root: Path, manifest: Manifest, files: dict[str, Path], kept: d
     where = f"bundle {str(root)!r}"
     if manifest.artifact not in manifest.files:
         raise BundleError(f"{where}: artifact {manifest.artifact!r} is not among the manifest's files")
+    from .tensorrt_portable import PENDING
     from .triton import TRITON_PLATFORMS
 
-    if manifest.backend in TRITON_PLATFORMS:
+    pending = (manifest.extra or {}).get("tensorrt", {}).get("status") == PENDING  # a portable TensorRT bundle: the
+    if manifest.backend in TRITON_PLATFORMS and not pending:  # plan (and its Triton model) is built on the device
         expected = f"{_REPOSITORY}/{manifest.name}/{_VERSION}/{TRITON_PLATFORMS[manifest.backend][1]}"
         if manifest.artifact != expected:
             raise BundleError(f"{where}: manifest artifact {manifest.artifact!r} is not the {manifest.backend} model of "
                               f"Triton model {manifest.name!r} ({expected!r})")
+    if manifest.artifact.endswith(".onnx"):
+        _check_precision(where, manifest, kept[manifest.artifact])
+    if pending and not (root / _REPOSITORY).exists():  # the device adds the Triton model with the plan
+        return
     repo_entries = {PurePosixPath(rel).parts[1] for rel in files if rel.startswith(f"{_REPOSITORY}/") and len(PurePosixPath(rel).parts) > 2}
     repo_dirs = {p.name for p in (root / _REPOSITORY).iterdir()} if (root / _REPOSITORY).is_dir() else set()
     if repo_dirs | repo_entries != {manifest.name}:
@@ -130,8 +136,6 @@ def _cross_check(root: Path, manifest: Manifest, files: dict[str, Path], kept: d
         found = _CONFIG_NAME.search(_read_nofollow(files[config_rel]).decode("utf-8", "replace"))
         if found is None or found.group(1) != manifest.name:
             raise BundleError(f"{where}: {config_rel} names model {found.group(1) if found else None!r}, the manifest {manifest.name!r}")
-    if manifest.artifact.endswith(".onnx"):
-        _check_precision(where, manifest, kept[manifest.artifact])
 
 
 def _check_precision(where: str, manifest: Manifest, data: bytes) -> None:
