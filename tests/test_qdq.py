@@ -26,7 +26,7 @@ def calibrate_by_hand(model: nn.Module, batches, kinds: dict[type, tuple[str, ..
     for name, mod in model.named_modules():
         wanted = next((k for t, k in kinds.items() if type(mod) is t), ())
         if "weight" in wanted:
-            axis = WEIGHT_AXIS[type(mod)]
+            axis = next(a for t, a in WEIGHT_AXIS.items() if isinstance(mod, t))
             w = mod.weight.detach().transpose(0, axis).reshape(mod.weight.shape[axis], -1)
             calib.set(name, "weight", params_from_range(w.min(1).values.numpy(), w.max(1).values.numpy(), axis=axis))
 
@@ -303,3 +303,71 @@ def test_one_target_description_drives_insert_and_lint(setup):
         insert_qdq(exported.model, calib, exported.name_map, target="s8-ort")
     with pytest.raises(ValueError, match="tensorrt"):
         lint_qdq(qdq, "nope")
+
+
+def _ort_float_pads(proto) -> int:
+    """Pads in onnxruntime's optimized graph whose data input is not an integer tensor (a Q or QLinear op's output)."""
+    import tempfile, os
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        graph = onnx.load(so.optimized_model_filepath).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    return sum(1 for n in graph.node if n.op_type == "Pad"
+               and not (producers.get(n.input[0], "").startswith("QLinear") or producers.get(n.input[0]) == "QuantizeLinear"))
+
+
+class _SamePadConv(nn.Conv2d):
+    """EfficientNet-Lite's Conv2dStaticSamePadding: a Conv2d subclass padding with its own Pad module."""
+
+    def __init__(self, cin, cout, k, stride=1, value=0.0):
+        super().__init__(cin, cout, k, stride=stride, padding=0)
+        self.static_padding = nn.ConstantPad2d(k // 2, value)
+
+    def forward(self, x):
+        return super().forward(self.static_padding(x))
+
+
+class _SamePadConvOut(_SamePadConv):
+    """The same layer, calibrated with its output too (the layer before the residual Add, the last one)."""
+
+
+class _PaddedResidual(nn.Module):
+    """stem -> (conv, relu, conv) + skip -> conv with a non-zero constant pad."""
+
+    def __init__(self, stem_relu: bool):
+        super().__init__()
+        self.stem, self.act0 = _SamePadConv(3, 8, 3, stride=2), nn.ReLU() if stem_relu else nn.Identity()
+        self.c1, self.act1 = _SamePadConv(8, 8, 3), nn.ReLU()
+        self.c2 = _SamePadConvOut(8, 8, 3)
+        self.head = _SamePadConvOut(8, 4, 3, value=0.5)
+
+    def forward(self, x):
+        s = self.act0(self.stem(x))
+        return self.head(s + self.c2(self.act1(self.c1(s))))
+
+
+@pytest.mark.parametrize("stem_relu", [True, False], ids=["skip-calibrated-as-relu-output", "skip-calibrated-as-conv-input-only"])
+def test_constant_pads_run_in_int8_and_residual_add_fuses(stem_relu):
+    """onnxruntime's optimized graph: every conv is QLinearConv, the residual Add is QLinearAdd, no Pad
+    runs in float. Expected counts from the model: 4 padded convs, 1 residual Add; the 3 zero pads fold
+    into their convs, the 0.5 pad stays as one integer Pad (its constant quantized)."""
+    torch.manual_seed(0)
+    model = _PaddedResidual(stem_relu).eval()
+    batches = [torch.randn(8, 3, 16, 16)]
+    exported = to_onnx(model, batches[0][:2])
+    # without the stem's Relu the skip is calibrated only as c1's input (c1 reads it privately)
+    calib = calibrate_by_hand(model, batches, {_SamePadConv: ("input", "weight"), _SamePadConvOut: ("input", "weight", "output"),
+                                               nn.ReLU: ("output",)})
+    qdq = insert_qdq(exported.model, calib, exported.name_map, target="onnxruntime")
+    assert [n.op_type for n in exported.model.graph.node].count("Pad") == 4
+    assert lint_qdq(qdq, "onnxruntime") == []
+    ops = _ort_int8_ops(qdq)
+    float_pads = _ort_float_pads(qdq)
+    assert (ops.count("QLinearConv"), ops.count("QLinearAdd"), ops.count("Pad"), float_pads) == (4, 1, 1, 0), ops
+    x = batches[0][:4]
+    ref = model(x).detach().numpy()
+    err = np.abs(_run(qdq, x.numpy()) - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.05, err

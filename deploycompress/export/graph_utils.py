@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["WEIGHTED_OPS", "weight_axis", "through_identity", "gs_constant", "has_weight"]
+__all__ = ["WEIGHTED_OPS", "weight_axis", "through_identity", "gs_constant", "has_weight", "pad_constant"]
 
 #: ops whose input 1 is a weight that int8 kernels take per output channel
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -68,3 +68,16 @@ def has_weight(node: gs.Node) -> bool:
     if p is not None and p.op == "DequantizeLinear":
         return gs_constant(p.inputs[0]) is not None
     return gs_constant(w) is not None
+
+
+def pad_constant(node: gs.Node) -> float | None:
+    """The value a constant-mode Pad writes (ONNX Pad, opset >= 11: input 2, default 0); None for
+    other ops and modes (reflect/edge/wrap copy input values) or a constant computed at run time."""
+    if node.op != "Pad" or node.attrs.get("mode", "constant") != "constant":
+        return None
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return 0.0
+    v = gs_constant(node.inputs[2])
+    if v is None:
+        return None
+    return float(np.asarray(v).reshape(-1)[0]) if np.asarray(v).size else 0.0

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph_utils import WEIGHTED_OPS, gs_constant, has_weight, weight_axis
+from .graph_utils import WEIGHTED_OPS, gs_constant, has_weight, pad_constant, weight_axis
 from .onnx_export import MIN_OPSET, onnx_opset
 from .targets import QDQTarget, get_target
 
@@ -27,7 +27,7 @@ LINT_RULES = {
     "output-quantized": "TensorRT: outputs of weighted ops stay float (unless they feed another weighted op or a residual Add)",
     "residual-add": "TensorRT: one input of a residual Add must be dequantized so the Add fuses into the conv",
     "concat-shared-scale": "all inputs of a Concat (the target's shared-scale ops) share one scale and zero point",
-    "qdq-pair": "a QuantizeLinear feeds DequantizeLinear nodes with the same scale and zero point",
+    "qdq-pair": "a QuantizeLinear feeds DequantizeLinear nodes with the same scale and zero point (through constant Pads where the target runs them quantized)",
     "float-output": "onnxruntime: a weighted op whose output reaches no QuantizeLinear runs in float",
 }
 
@@ -63,14 +63,18 @@ def _through(t, ops: tuple[str, ...]) -> list:
     return out
 
 
-def _dequantized(x, ops: tuple[str, ...]) -> bool:
-    """``x`` comes from a DequantizeLinear, possibly through ops the target fuses through."""
+def _dequantized(x, ops: tuple[str, ...], zero_pads: bool = False) -> bool:
+    """``x`` comes from a DequantizeLinear, possibly through ops the target fuses through (and, with
+    ``zero_pads``, zero constant Pads, which onnxruntime folds into the Conv)."""
     for _ in range(16):
         p = _producer(x)
         if p is None:
             return False
         if p.op == "DequantizeLinear":
             return True
+        if zero_pads and pad_constant(p) == 0.0:
+            x = p.inputs[0]
+            continue
         if p.op not in ops or not p.inputs:
             return False
         x = p.inputs[0]
@@ -111,7 +115,11 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
         if not is_weight and scale.size > 1:
             add(n.name, "activation-per-tensor", f"activation {n.inputs[0].name!r} has {scale.size} scales")
         if n.op == "QuantizeLinear":
-            for c in n.outputs[0].outputs:
+            readers = list(n.outputs[0].outputs)
+            for c in readers:
+                if spec.quantized_pads and pad_constant(c) is not None:
+                    readers.extend(c.outputs[0].outputs)  # the Pad copies integers; the DQ comes after it
+                    continue
                 if c.op != "DequantizeLinear":
                     add(n.name, "qdq-pair", f"quantized tensor feeds {c.op} {c.name!r}, not a DequantizeLinear")
                     continue
@@ -141,7 +149,7 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
                         f"weight scale has {scale.size} value(s) on axis {wp.attrs.get('axis', 1)}; expected {channels} on axis {axis}")
                 if (wv is not None and wv.dtype != np.int8) or (zp is not None and np.any(zp != 0)):
                     add(node.name, "weight-symmetric", f"weight is {getattr(wv, 'dtype', '?')} with zero point(s) {np.unique(zp)[:4].tolist() if zp is not None else '?'}")
-            if not _dequantized(x, spec.fuses_through):
+            if not _dequantized(x, spec.fuses_through, spec.quantized_pads):
                 add(node.name, "input-unquantized", f"input {x.name!r} is not dequantized: the op runs in float")
             out = node.outputs[0]
             if spec.weighted_outputs_float:

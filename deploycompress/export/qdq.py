@@ -34,7 +34,7 @@ from calibrators import QuantParams, params_from_range, qrange
 
 from ..errors import InputError
 from ..quantization.calib_config import CalibConfig
-from .graph_utils import WEIGHTED_OPS, gs_constant
+from .graph_utils import WEIGHTED_OPS, gs_constant, pad_constant
 from .name_map import NameMap, NameMapError
 from .onnx_export import MIN_OPSET, onnx_opset
 from .targets import QDQ_TARGETS, QDQTarget, get_target
@@ -155,11 +155,50 @@ def _pad_values(tensor: gs.Tensor, source: gs.Tensor) -> list[float]:
     values = []
     while tensor is not source and tensor.inputs:
         node = tensor.inputs[0]
-        if node.op == "Pad" and node.attrs.get("mode", "constant") == "constant":
-            v = gs_constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-            values.append(float(np.asarray(v).reshape(-1)[0]) if v is not None and np.asarray(v).size else 0.0)
+        c = pad_constant(node)
+        if c is not None:
+            values.append(c)
         tensor = node.inputs[0] if node.op != "Concat" else next(i for i in node.inputs if gs_constant(i) is None)
     return values
+
+
+def _constant_pads_only(tensor: gs.Tensor, source: gs.Tensor) -> bool:
+    """True when only constant-mode Pads lie between ``source`` and ``tensor``."""
+    while tensor is not source:
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None or pad_constant(node) is None:
+            return False
+        tensor = node.inputs[0]
+    return True
+
+
+def _pads_after_quantize(graph: gs.Graph, dq_source: dict[str, str]) -> None:
+    """Move each per-tensor DequantizeLinear that feeds a non-zero constant-mode Pad to after the Pad.
+
+    ``Q -> DQ -> Pad(c) -> Conv`` becomes ``Q -> Pad(q(c)) -> DQ -> Conv``: the Pad copies integers (its
+    constant quantized with the same scale and zero point: ONNX Pad, opset >= 11, takes it as input 2)
+    and onnxruntime fuses DQ -> Conv -> Q into QLinearConv. A zero Pad keeps ``DQ -> Pad(0) -> Conv``:
+    onnxruntime's PadFusion folds it into the Conv's ``pads`` first, leaving DQ -> Conv -> Q. The Pad's output keeps its name (on the new
+    DQ), so its readers are unchanged; ``dq_source`` learns the new dequantized tensor.
+    """
+    for node in list(graph.nodes):
+        c = pad_constant(node)
+        if not c or not node.inputs[0].inputs:  # a zero Pad stays after the DQ: onnxruntime folds it into the Conv
+            continue
+        dq = node.inputs[0].inputs[0]
+        if dq.op != "DequantizeLinear" or dq.outputs[0].name not in dq_source or "axis" in dq.attrs:
+            continue
+        q, scale, zp = dq.inputs[0], gs_constant(dq.inputs[1]), gs_constant(dq.inputs[2])
+        lo, hi = np.iinfo(zp.dtype).min, np.iinfo(zp.dtype).max
+        qc = np.asarray(np.clip(np.round(c / float(scale)) + int(zp), lo, hi), dtype=zp.dtype)
+        out = node.outputs[0]
+        qout = gs.Variable(f"{out.name}_quantized", dtype=zp.dtype, shape=out.shape)
+        inputs = [q, node.inputs[1], gs.Constant(f"{node.name}_quantized_value", qc)] + list(node.inputs[3:])
+        node.inputs.clear()
+        node.inputs.extend(inputs)
+        node.outputs[0] = qout
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{out.name}_DequantizeLinear", inputs=[qout, dq.inputs[1], dq.inputs[2]], outputs=[out]))
+        dq_source[out.name] = dq_source[dq.outputs[0].name]
 
 
 def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[str, _Act]:
@@ -206,6 +245,11 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
         if pads:
             params = _union(params, params_from_range(min(pads), max(pads), bits=params.bits, signed=params.signed,
                                                       symmetric=params.symmetric))
+        if target.quantized_pads and _constant_pads_only(x, src):
+            # the Pads run on the quantized tensor (insert_qdq moves the DQ after them): the source's
+            # range widens to hold the pad constant, and no second Q/DQ pair is needed
+            chosen[src.name] = _Act(params, act.sources + [f"holds the pad constant before {node.name}"], act.readers)
+            continue
         chosen[x.name] = _Act(params, act.sources + [f"moved past the value-copying ops before {node.name}"], frozenset([node.name]))
     for node in reversed(graph.nodes):  # outputs before inputs: a chain of such ops propagates back
         src = node.inputs[0] if node.inputs else None
@@ -215,6 +259,15 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
             # the producer (a pooling op, e.g. a functional global average pool) run in int8 as well
             out = chosen[node.outputs[0].name]
             chosen[src.name] = _Act(out.params, out.sources + [f"propagated back through {node.name}"])
+    for node in graph.nodes:  # a residual Add with every input and its output quantized: one integer kernel
+        if node.op not in target.integer_binary_ops or node.outputs[0].name not in chosen:
+            continue
+        data = [i for i in node.inputs if gs_constant(i) is None]
+        if len(data) > 1 and all(i.name in chosen for i in data):
+            for i in data:
+                act = chosen[i.name]
+                if act.readers is not None:
+                    chosen[i.name] = _Act(act.params, act.sources + [f"read quantized by {node.name}"], act.readers | {node.name})
     for _ in range(16):  # shared scales spread along chains (circular padding: Concat of Concats)
         if not _share_scales(graph, chosen, acts, target, graph_outputs):
             break
@@ -400,6 +453,8 @@ def insert_qdq(
         dq = _qdq_pair(graph, tensors[tname], np.float32(p.scale.reshape(())), zp, readers=readers,
                        output_float=spec.graph_outputs_float)
         dq_source[dq.name] = tname
+    if spec.quantized_pads:
+        _pads_after_quantize(graph, dq_source)
 
     nodes_by_name = {n.name: n for n in graph.nodes}
     made: dict[str, tuple[gs.Variable, np.ndarray]] = {}  # initializer -> its DequantizeLinear output (shared weights)

@@ -56,6 +56,11 @@ class QDQTarget:
     #: Pad, the Slice+Concat of circular padding; reshapes): the Q/DQ moves past them so the weighted
     #: op's own input is dequantized (its kernel needs the DQ right before it)
     moves_past: tuple[str, ...] = ()
+    #: constant-mode Pads run on the quantized tensor: one Q before the Pad, its constant written in the
+    #: quantized domain, one DQ after it, so the Pad and the weighted op after it run in int8 through a
+    #: single Q/DQ pair (onnxruntime's Pad kernel takes uint8/int8, but its CPU QDQ transformer has no
+    #: Pad rule: a DQ -> Pad -> Q group stays a float Pad between two conversions)
+    quantized_pads: bool = False
     #: ops the runtime fuses between a DequantizeLinear and a weighted op: the lint accepts them on
     #: the path from the DQ to the weighted op's input
     fuses_through: tuple[str, ...] = ()
@@ -64,6 +69,10 @@ class QDQTarget:
     #: quantizes the module's own input only. False: one shared Q/DQ for every reader (TensorRT fuses
     #: a quantized residual Add into the conv, and the simulation then differs on the skip)
     skip_reads_float: bool = False
+    #: ops with an integer kernel the runtime fuses when every input is dequantized and the output is
+    #: quantized (onnxruntime: QLinearAdd): an input calibrated only as a module's input (a residual skip
+    #: that skip_reads_float would leave float) is dequantized for them too, so they do not run in float
+    integer_binary_ops: tuple[str, ...] = ()
     #: lint severity when a weighted op's output reaches no QuantizeLinear (the op runs in float);
     #: None: not a finding for this target
     float_output_severity: str | None = None
@@ -117,7 +126,9 @@ register_target(QDQTarget(
     folds_into_quantize=("Relu", "Clip"),
     same_scale_ops=_SAME_SCALE,
     moves_past=_COPY_OPS,
+    quantized_pads=True,
     skip_reads_float=True,
+    integer_binary_ops=("Add",),
     float_output_severity="warning",
     needs_quantized_output=("Conv", "ConvTranspose"),
     notes="U8S8: uint8 asymmetric activations, int8 per-channel weights, int32 bias; QLinearConv/QGemm/MatMulInteger",
