@@ -85,6 +85,9 @@ def _quantize_static(fp32_path: Path, batches, tmp: Path) -> dict[str, Path]:
 
     pre = tmp / "pre.onnx"
     quant_pre_process(str(fp32_path), str(pre))
+    import onnx
+
+    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name  # forward's argument name
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -92,7 +95,7 @@ def _quantize_static(fp32_path: Path, batches, tmp: Path) -> dict[str, Path]:
 
         def get_next(self):
             b = next(self.it, None)
-            return None if b is None else {"input": b.numpy()}
+            return None if b is None else {input_name: b.numpy()}
 
     out = {}
     for name, (act, weight, rr) in FLAVOURS.items():
@@ -142,7 +145,7 @@ def _time_round_robin(sessions: dict[str, ort.InferenceSession], feed: dict, bud
 
 
 def _evaluate(sessions, x: np.ndarray, labels) -> dict[str, dict]:
-    outs = {k: np.concatenate([s.run(None, {"input": x[i : i + 64]})[0] for i in range(0, len(x), 64)]) for k, s in sessions.items()}
+    outs = {k: np.concatenate([s.run(None, {s.get_inputs()[0].name: x[i : i + 64]})[0] for i in range(0, len(x), 64)]) for k, s in sessions.items()}
     res = {}
     for k, out in outs.items():
         stats = compare_outputs(out, outs["fp32"])
@@ -188,7 +191,7 @@ def main() -> None:
             acc = _evaluate(sessions, x_eval.numpy(), labels)
             graphs = {k: _op_histogram(p, tmp) for k, p in paths.items()} if args.graphs else {}
             for bs in batch_sizes:
-                feed = {"input": np.ascontiguousarray(np.resize(x_eval.numpy(), (bs, *shape[1:])).astype(np.float32))}
+                feed = {sessions["fp32"].get_inputs()[0].name: np.ascontiguousarray(np.resize(x_eval.numpy(), (bs, *shape[1:])).astype(np.float32))}
                 times = _time_round_robin(sessions, feed, args.budget)
                 med = {k: float(np.median(v)) for k, v in times.items()}
                 row = {"model": name, "batch": bs, "median_ms": med, "ratio_fp32": {k: med[k] / med["fp32"] for k in med},
