@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .evaluator import TorchEvaluator
+from .evaluator import TorchEvaluator, _call  # one way to call a model with a batch
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,6 @@ def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, loss
     if loss == "mse":
         return F.mse_loss(student_out, teacher_out.detach())
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def distillation_step(teacher: nn.Module, loss: str = "cosine") -> Callable[[Any, nn.Module], torch.Tensor]:
