@@ -95,3 +95,11 @@ def test_hidden_state_matching_pulls_every_layer_towards_the_teacher() -> None:
         distill(copy.deepcopy(student), teacher, data, steps=1, hidden=["model.encoder.layer.9"])
     with pytest.raises(ValueError, match="schedule"):
         distill(copy.deepcopy(student), teacher, data, steps=1, schedule="cosine")
+
+
+def test_teacher_inside_a_wrapper_in_training_mode_stays_as_it_was() -> None:
+    bert = tiny_bert()  # eval mode, as from_pretrained leaves it
+    teacher = Encoder(bert)  # a new wrapper: training mode
+    student = copy.deepcopy(teacher)
+    distill(student, teacher, batches(2, 0), steps=2, progress=False)
+    assert teacher.training and not any(m.training for m in bert.modules())  # no dropout left switched on

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,19 @@ def _tensor(out: Any, where: str) -> torch.Tensor:
     if hasattr(out, "last_hidden_state"):  # a Hugging Face ModelOutput
         return out.last_hidden_state
     raise TypeError(f"{where} returned {type(out).__name__}; distillation needs a tensor (wrap it, e.g. deploycompress.hf.Encoder)")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside, every submodule's own training flag back afterwards (``train(was)``
+    would flip a wrapped Hugging Face model, left in eval mode under a wrapper in training mode, to training)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, loss: str = "cosine") -> torch.Tensor:
@@ -134,13 +148,8 @@ def distillation_step(
     t_taps = _Taps(teacher, list(pairs.values()), "the teacher") if pairs else None
 
     def step(batch: Any, model: nn.Module) -> torch.Tensor:
-        was = teacher.training
-        teacher.eval()
-        try:
-            with torch.no_grad():
-                target = _tensor(_call(teacher, batch), "the teacher")
-        finally:
-            teacher.train(was)
+        with eval_mode(teacher), torch.no_grad():
+            target = _tensor(_call(teacher, batch), "the teacher")
         value = distillation_loss(_tensor(_call(model, batch), "the student"), target, loss)
         if s_taps is not None and t_taps is not None:
             if model is not student:
