@@ -8,10 +8,18 @@ calibration and distillation):
     agreement with fp32 >= 95% over >= 500 sentences; latency vs fp32 and vs onnxruntime's
     ``quantize_dynamic`` and ``quantize_static`` (QDQ, per-channel, U8S8, MinMax, its defaults otherwise);
 (c) 50% heads + 50% FFN pruned, distilled, int8: latency <= 0.35x fp32 dense, cosine >= 0.95.
+Pruning for (c) keeps the heads/FFN channels that write most into the residual stream
+(``deploycompress.hf.importance``); (a) checks exactness on dependency-aware L1 masks. Distillation:
+``--steps`` of the pooled-embedding cosine plus every layer's hidden states (MSE x ``--hidden-weight``),
+AdamW ``--lr`` with linear warm-up/decay, batches of 16 padded to the longest. ``--save-student`` keeps
+the distilled weights and masks; ``--student`` loads them instead of distilling (two stages: the
+distillation at low priority, the timing under the benchmark lock).
 Latency: batch 1 and 8, sequence 64 and 128 (padded), median over rounds run round-robin so that
 load from other processes hits every variant alike; ``--threads`` onnxruntime threads.
 
     .venv/bin/python tools/bench_transformers.py --out runs/bench_transformers.json
+    nice -n 15 .venv/bin/python tools/bench_transformers.py --steps 300 --save-student runs/minilm_student.pt --distill-only
+    flock /tmp/bench.lock .venv/bin/python tools/bench_transformers.py --student runs/minilm_student.pt --out runs/bench_transformers.json
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import tempfile
 import time
@@ -32,7 +41,9 @@ import torch
 
 import deploycompress as dc
 from deploycompress.hf import Encoder
-from deploycompress.hf.int8 import mean_cosine, quantize_transformer
+from deploycompress.hf.importance import encoder_importance, importance_masks
+from deploycompress.hf.int8 import linear_matmuls, mean_cosine, quantize_transformer
+from deploycompress.hf.linear_int8 import collect_stats, linear_inputs, quantize_linears, smooth
 from deploycompress.hf.text import stdlib_sentences
 from deploycompress.pruning.distill import distill
 
@@ -103,6 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     p.add_argument("--sentences", type=int, default=512, help="held-out sentences for accuracy (>= 500 for the target)")
     p.add_argument("--steps", type=int, default=300, help="distillation steps for (c)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the layer-wise hidden-state MSE (0: pooled output only)")
+    p.add_argument("--save-student", type=Path, help="save the distilled student's masks and weights here")
+    p.add_argument("--student", type=Path, help="load masks and weights saved by --save-student instead of distilling")
+    p.add_argument("--distill-only", action="store_true", help="stop after distillation (with --save-student)")
     p.add_argument("--rounds", type=int, default=5, help="latency rounds (round-robin over variants)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -121,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     calib = batches(tok, train[:256], 8, 64)
     example = train_t[0]
     fp32 = dc.to_onnx(teacher, example, dynamic_axes=AXES).model
-    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags(), "threads": args.threads,
+    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags(), "threads": args.threads, "loadavg": os.getloadavg(),
                                  "onnxruntime": ort.__version__, "torch": torch.__version__}}  # fmt: skip
 
     # (a) + (c): prune, speedup (exactness checked against our own masked model), distil
@@ -148,22 +164,53 @@ def main(argv: list[str] | None = None) -> dict:
                             "ffn_after": [int(l.intermediate.dense.out_features) for l in student.model.encoder.layer],
                             "seconds": time.perf_counter() - t}  # fmt: skip
     print("(a)", results["a_speedup"], flush=True)
+    longest = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, train, 16, None)]
+    c_masks = importance_masks(teacher, encoder_importance(teacher, longest[:20]), 0.5, 0.5)
+    pruned_student = dc.speedup(copy.deepcopy(teacher), c_masks, example)
+    kept = {k: v["bias"].nonzero().flatten().tolist() for k, v in c_masks.items() if k.endswith("query")}
     t = time.perf_counter()
-    d = distill(student, teacher, train_t, steps=args.steps, lr=1e-4, progress=False)
-    results["c_distill"] = {"steps": args.steps, "loss_first": d.first_loss, "loss_last": d.last_loss, "seconds": time.perf_counter() - t}
+    if args.student:
+        saved = torch.load(args.student, weights_only=True)
+        if saved["kept_heads"] != kept:
+            raise SystemExit(f"{args.student} was distilled from other masks (heads {saved['kept_heads']} vs {kept})")
+        pruned_student.load_state_dict(saved["state"])
+        results["c_distill"] = {**saved["distill"], "loaded_from": str(args.student)}
+    else:
+        layers = [f"model.encoder.layer.{i}" for i in range(n)] if args.hidden_weight else None
+        d = distill(pruned_student, teacher, longest, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers,
+                    hidden_weight=args.hidden_weight, progress=False)  # fmt: skip
+        results["c_distill"] = {"steps": args.steps, "lr": args.lr, "hidden_weight": args.hidden_weight, "loss_first": d.first_loss,
+                                "loss_last": d.last_loss, "seconds": time.perf_counter() - t}  # fmt: skip
+        if args.save_student:
+            args.save_student.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"kept_heads": kept, "state": pruned_student.state_dict(), "distill": results["c_distill"]}, args.save_student)
+    student = pruned_student
     print("(c) distill", results["c_distill"], flush=True)
+    if args.distill_only:
+        with torch.no_grad():
+            ref_t = torch.cat([teacher(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in acc_feeds])
+            got_t = torch.cat([student(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in acc_feeds])
+        print("(c) fp32 student vs teacher", {"cosine": mean_cosine([ref_t.numpy()], [got_t.numpy()]), "nn_agreement": nn_agreement(ref_t.numpy(), got_t.numpy())})
+        return results
 
     # int8 variants
     variants: dict[str, onnx.ModelProto] = {"fp32": fp32}
     with tempfile.TemporaryDirectory() as tmp:
         variants.update(ort_quantizers(fp32, calib, Path(tmp)))
     ours = quantize_transformer(fp32, calib, calib[:4], threads=args.threads, repeats=1)
-    variants["deploycompress int8"] = ours.model
+    variants[f"deploycompress int8 ({ours.chosen})"] = ours.model
+    plain_linears = [n for n in linear_matmuls(fp32)]  # every flavour of the plain graph, SmoothQuant 0.75, for the per-shape table
+    groups = linear_inputs(fp32, plain_linears)
+    smoothed, sstats = smooth(fp32, groups, collect_stats(fp32, calib, list(groups), args.threads), 0.75)
+    for fl in ("qdq", "integer", "dynamic"):
+        if f"plain/{fl}" != ours.chosen:
+            variants[f"deploycompress int8 (plain/{fl})"] = quantize_linears(smoothed, linear_inputs(smoothed, plain_linears), sstats, flavour=fl)
     results["ours_choice"] = {"chosen": ours.chosen, "notes": ours.notes,
                               "candidates": [{"name": c.name, "ms": c.latency_ms, "cosine": c.cosine, "int8_linears": c.quantized} for c in ours.candidates]}  # fmt: skip
     student_fp32 = dc.to_onnx(student, example, dynamic_axes=AXES).model
     pruned = quantize_transformer(student_fp32, calib, calib[:4], threads=args.threads, repeats=1, min_cosine=0.9)
-    variants["pruned+distilled int8"] = pruned.model
+    variants[f"pruned+distilled int8 ({pruned.chosen})"] = pruned.model
+    results["pruned_choice"] = {"chosen": pruned.chosen, "notes": pruned.notes}
     sessions = {k: session(v, args.threads) for k, v in variants.items()}
 
     ref = embed(sessions["fp32"], acc_feeds)
