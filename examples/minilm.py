@@ -4,12 +4,14 @@
     python examples/minilm.py --out minilm_bundle                     # 300 distillation steps (minutes)
     python examples/minilm.py --out /tmp/b --steps 5 --sentences 96 --seq 32 --fuse plain   # a quick run
 
-Steps: dependency-aware L1 on every layer's query/key/value (whole heads: a head's q, k and v rows are
-one channel class) and FFN input Linear, 50% each; speedup (exact against the masked model: the
-relative error is printed); distillation of the shrunk student towards the dense teacher's sentence
-embeddings on real English text that ships with Python (standard-library docstrings, no download);
+Steps: 50% of the heads and of the FFN channels in every layer go -- by default those that write least
+into the residual stream on real text (``deploycompress.hf.importance``), with ``--criterion l1`` by
+dependency-aware L1 on query/key/value (whole heads: a head's q, k and v rows are one channel class) and
+the FFN input Linear; speedup (exact against the masked model: the relative error is printed);
+distillation of the shrunk student towards the dense teacher's sentence embeddings and every layer's
+hidden states on real English text that ships with Python (standard-library docstrings, no download);
 ONNX export with dynamic batch and sequence; int8 (every Linear's MatMul in QDQ, plain or
-onnxruntime-fused graph, whichever is faster while accurate); a bundle (manifest, Triton repository).
+onnxruntime-fused graph, SmoothQuant, the fastest accurate flavour); a bundle (manifest, Triton repository).
 Figures printed: heads and parameters before/after, cosine of the int8 student's embeddings to the
 fp32 teacher's on held-out sentences, and onnxruntime latency of both.
 """
@@ -33,6 +35,7 @@ from deploycompress.bundle.atomic import check_out_dir
 from deploycompress.bundle.writer import write_bundle
 from deploycompress.export.onnx_export import tensor_specs
 from deploycompress.hf import Encoder
+from deploycompress.hf.importance import encoder_importance, importance_masks
 from deploycompress.hf.int8 import mean_cosine, quantize_transformer
 from deploycompress.hf.text import stdlib_sentences
 from deploycompress.pruning.distill import distill
@@ -83,7 +86,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of heads and of FFN channels to prune")
     p.add_argument("--steps", type=int, default=300, help="distillation steps")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the layer-wise hidden-state loss (0: embeddings only)")
+    p.add_argument("--criterion", choices=("importance", "l1"), default="importance", help="which heads/FFN channels go")
     p.add_argument("--sentences", type=int, default=1200, help="sentences used (80%% training/calibration, 20%% held out)")
     p.add_argument("--seq", type=int, default=64, help="tokens per sentence (padded/truncated)")
     p.add_argument("--batch", type=int, default=16)
@@ -110,13 +115,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         {"op_names": [f"model.encoder.layer.{i}.intermediate.dense" for i in range(n_layers)], "sparse_ratio": args.sparsity},
     ]  # fmt: skip
     work = copy.deepcopy(teacher)  # the pruner zeroes what it prunes in place: the teacher must stay dense
-    pruner = dc.L1NormPruner(work, config_list, dependency_aware=True, dummy_input=train[0])
-    _, masks = pruner.compress()
-    student, report = dc.speedup_with_report(pruner.unwrap_model(), masks, train[0])
+    if args.criterion == "l1":
+        pruner = dc.L1NormPruner(work, config_list, dependency_aware=True, dummy_input=train[0])
+        _, masks = pruner.compress()
+        work = pruner.unwrap_model()
+    else:
+        masks = importance_masks(teacher, encoder_importance(teacher, train[:20]), args.sparsity, args.sparsity)
+    student, report = dc.speedup_with_report(work, masks, train[0])
     print(f"speedup: heads {heads(teacher)} -> {heads(student)}, params {report.params_before:,} -> {report.params_after:,}, "
           f"rel. error vs masked model {report.relative_error:.1e}")  # fmt: skip
 
-    result = distill(student, teacher, train, steps=args.steps, lr=args.lr, progress=False)
+    layers = [f"model.encoder.layer.{i}" for i in range(n_layers)] if args.hidden_weight else None
+    result = distill(student, teacher, train, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers, hidden_weight=args.hidden_weight, progress=False)
     print(f"distill: {args.steps} steps, loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
 
     axes = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}
