@@ -78,6 +78,27 @@ def test_simulated_annealing_meets_the_total_budget(dense, digits_data):
     assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - ACC_DROP
 
 
+def test_simulated_annealing_stops_at_a_measured_budget_not_below_it(dense, digits_data):
+    """Under a measured resource the final candidate lies within the meter's tolerance of the budget
+    (the parameters of the sped-up model, counted here), not far below it."""
+    from deploycompress.pruning import ResourceMeter
+
+    model, _ = dense
+    x = digits_data.test_x
+    budget, tol = 0.6, 0.05
+    meter = ResourceMeter("params", x[:2], tolerance=tol)
+    pruner = SimulatedAnnealingPruner(
+        model, [{"op_names": ["stem", "conv_a", "conv3", "fc1"]}], evaluator(digits_data), cool_down_rate=0.5,
+        pruning_algorithm="l1", resource=meter, budget=budget, dummy_input=x[:2], seed=1,
+    )  # fmt: skip
+    _, masks = pruner.compress()
+    small = _shrunk(pruner.unwrap_model(), masks, x)
+    ratio = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in model.parameters())
+    assert budget * (1 - tol) <= ratio <= budget * (1 + tol), ratio
+    final = pruner.trajectory.candidates[-1]
+    assert final.measured and final.resource == pytest.approx(ratio * pruner.lookup_table.dense, rel=1e-6)
+
+
 def test_netadapt_reaches_a_flops_budget(dense, digits_data, tmp_path):
     model, acc = dense
     x = digits_data.test_x

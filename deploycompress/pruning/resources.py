@@ -156,11 +156,14 @@ class ResourceMeter:
 @dataclass
 class LookupTable:
     """Per-layer resource after pruning that layer alone: ``table[layer]`` maps a sparsity (fraction
-    of output channels) to the measured resource; ``dense`` is the unpruned model's value."""
+    of output channels) to the measured resource; ``dense`` is the unpruned model's value.
+    ``scale`` multiplies the summed per-layer changes (1: NetAdapt's plain additive estimate;
+    :meth:`calibrate` sets it from one measured candidate)."""
 
     metric: str
     dense: float
     table: dict[str, dict[float, float]]
+    scale: float = 1.0
 
     def layer_delta(self, layer: str, sparsity: float) -> float:
         """Change in resource from pruning ``layer`` to ``sparsity`` (linear between grid points)."""
@@ -171,7 +174,20 @@ class LookupTable:
 
     def estimate(self, sparsities: Mapping[str, float]) -> float:
         """NetAdapt's additive estimate for per-layer sparsities."""
-        return self.dense + sum(self.layer_delta(n, s) for n, s in sparsities.items() if s > 0 and n in self.table)
+        return self.dense + self.scale * sum(self.layer_delta(n, s) for n, s in sparsities.items() if s > 0 and n in self.table)
+
+    def calibrate(self, sparsities: Mapping[str, float], measured: float, bounds: tuple[float, float] = (0.25, 4.0)) -> float:
+        """Set :attr:`scale` so the estimate for ``sparsities`` equals ``measured`` (the same
+        candidate measured whole): the per-layer changes of a model pruned in many layers at once
+        add up to more (or less) than their sum. Kept within ``bounds``; returns the scale."""
+        saved, self.scale = self.scale, 1.0
+        change = self.estimate(sparsities) - self.dense
+        self.scale = saved
+        if abs(change) < 1e-12 * max(abs(self.dense), 1.0):
+            return self.scale
+        self.scale = float(min(max((measured - self.dense) / change, bounds[0]), bounds[1]))
+        log.info("%s lookup table calibrated: per-layer changes x%.3f (one candidate measured whole)", self.metric, self.scale)
+        return self.scale
 
 
 def build_lookup_table(
