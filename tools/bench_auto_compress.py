@@ -43,9 +43,13 @@ def main() -> None:
     ap.add_argument("--cool-down", type=float, default=0.7, help="annealing: cool_down_rate (fewer candidates when lower)")
     ap.add_argument("--repeats", type=int, default=3, help="latency repeats per measurement inside the searches")
     ap.add_argument("--batch", type=int, default=1, help="batch size the latency is measured at")
+    ap.add_argument("--metrics", default="latency,flops", help="budget kinds to run, of latency,flops")
+    ap.add_argument("--verbose", action="store_true", help="log the searches' decisions (INFO)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.verbose:
+        logging.getLogger("deploycompress.pruning").setLevel(logging.INFO)
     warnings.simplefilter("ignore")
     from torchvision.models import resnet18
 
@@ -89,7 +93,7 @@ def main() -> None:
     print(f"CPU: {_cpu()}")
     print(f"dense resnet18 32x32 batch {args.batch}: {dense_ms:.3f} ms, {dense_flops / 1e6:.1f} MFLOPs, {dense_params / 1e6:.2f} M params")
     for algo in args.algos.split(","):
-        for metric in ("latency", "flops"):
+        for metric in args.metrics.split(","):
             meter = ResourceMeter(metric, example, repeats=args.repeats, iterations=10)
             t0 = time.perf_counter()
             if algo == "netadapt":
