@@ -172,3 +172,29 @@ def test_linear_and_lottery_ticket_by_update_epoch(dense, digits_data):
             assert torch.equal(model.fc1.weight.detach()[mask], start["fc1.weight"][mask])
         else:  # past the schedule's end nothing changes: the training's update stays
             assert torch.allclose(model.fc1.weight.detach()[mask], start["fc1.weight"][mask] + 0.05)
+
+
+def test_total_sparsity_with_speedup_between_rounds(dense, digits_data):
+    """A global budget carried over speedups: after the last round the selected layers keep half
+    their original weight elements (counted here on the physically smaller model)."""
+    model, acc = dense
+    layers = ("conv_a", "conv3", "fc1")
+    total = 0.5
+    pruner = LinearPruner(
+        model, [{"total_sparsity": total, "op_names": list(layers), "max_sparsity_per_layer": 0.8}], "l1", 2,
+        finetuner=finetuner(digits_data, 1), evaluator=evaluator(digits_data), speedup=True, dummy_input=digits_data.test_x[:2],
+    )  # fmt: skip
+    pruned_model, masks = pruner.compress()
+    w0 = sum(getattr(model, n).weight.numel() for n in layers)
+    w2 = sum(getattr(pruned_model, n).weight.numel() for n in layers)
+    # one output channel of the widest-costing layer is the allocation's granularity
+    channel_cost = max(getattr(model, n).weight[0].numel() for n in layers)
+    assert abs(w2 / w0 - (1 - total)) <= channel_cost / w0, w2 / w0
+    assert pruned_model.conv_b.in_channels == pruned_model.conv_a.out_channels < 16 or pruned_model.conv3.out_channels < 32
+    for n in layers:  # the cap holds against the original widths
+        dim0 = getattr(model, n).weight.shape[0]
+        assert getattr(pruned_model, n).weight.shape[0] >= dim0 - math.floor(0.8 * dim0)
+    assert "total_sparsity" in pruner.history[1].config_list[0]
+    assert pruner.history[1].sparsity == pytest.approx(1 - w2 / w0)
+    finetuner(digits_data, 2)(pruned_model)  # fc1 keeps 7 of 32 features: a stated, wider bound
+    assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - 2 * ACC_DROP

@@ -112,8 +112,8 @@ class ResourceMeter:
         return self.paired_latency_ms([model])[0]
 
     def paired_latency_ms(self, models: Sequence[nn.Module]) -> list[float]:
-        """Latencies (ms) of several models measured interleaved: every repeat times each model in
-        turn, so load that comes and goes on a shared machine hits them alike."""
+        """Latencies (ms) of several models measured interleaved: each timed run of one model is
+        followed by one of the next, so load that comes and goes on a shared machine hits them alike."""
         from ..backends import get_backend
 
         backend = get_backend(self.backend)
@@ -134,13 +134,14 @@ class ResourceMeter:
                     runner.run(feeds)
             medians: list[list[float]] = [[] for _ in runners]
             for _ in range(self.repeats):
-                for k, runner in enumerate(runners):
-                    times = []
-                    for _ in range(self.iterations):
+                times: list[list[float]] = [[] for _ in runners]
+                for _ in range(self.iterations):  # run by run in turn: load that comes and goes hits all alike
+                    for k, runner in enumerate(runners):
                         t0 = time.perf_counter()
                         runner.run(feeds)
-                        times.append((time.perf_counter() - t0) * 1000.0)
-                    medians[k].append(_STATISTICS[self.statistic](times))
+                        times[k].append((time.perf_counter() - t0) * 1000.0)
+                for k in range(len(runners)):
+                    medians[k].append(_STATISTICS[self.statistic](times[k]))
         values = [statistics.median(m) for m in medians]
         log.debug("latency %s ms (repeat medians %s)", [round(v, 4) for v in values], medians)
         return values
