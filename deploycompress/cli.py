@@ -282,6 +282,14 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 # -- build ----------------------------------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as cleanup:  # temporary files (the pruning report) go once the bundle is written
+        return _cmd_build(args, cleanup)
+
+
+def _cmd_build(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
+    import shutil
+    import tempfile
+
     import torch
 
     from . import pruning
@@ -340,6 +348,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         factory, tv_name = args.model, args.torchvision
     model = _load_model(factory, tv_name, args.weights or _resolve(m.get("weights"), base), m.get("kwargs"))
     example = _example_inputs(shapes)
+    attachments: dict[str, Path] = {}  # the pruning search's report, carried into the bundle
     if pruner_name is not None:  # any pruner by class name, scheduled and automatic ones included
         log.info("build: pruning with %s", pruner_name)
         try:
@@ -347,6 +356,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
         model, masks = pruning.run_prune_section(pruner, prune, _import_object)
+        report_dir = Path(tempfile.mkdtemp(prefix="dc-prune-report-"))
+        cleanup.callback(shutil.rmtree, report_dir, True)
+        attachments = {f"pruning/{p.name}": p for p in pruning.write_search_report(pruner, report_dir)}
     precision = args.precision or build.get("precision", "int8")
     artifact = build_engine(
         model,
@@ -370,6 +382,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         dynamic_axes=_dynamic_axes(args.dynamic_axis or []),
         progress=not args.quiet,
         strict=args.strict,
+        attachments=attachments,
     )
     from .report import report_summary
 

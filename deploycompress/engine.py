@@ -266,6 +266,23 @@ def _first_batch(data: Iterable | None) -> Any:
     return next(iter(data), None)  # type: ignore[arg-type]
 
 
+ATTACHMENT_FOLDERS = ("attachments", "pruning")
+
+
+def _check_attachments(attachments: Mapping[str, str | os.PathLike[str]] | None) -> dict[str, Path]:
+    """Bundle-relative path -> existing file; refused before any work when a path leaves the
+    attachment folders or a file is missing."""
+    out: dict[str, Path] = {}
+    for rel, src in (attachments or {}).items():
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or len(parts) < 2 or parts[0] not in ATTACHMENT_FOLDERS or ".." in parts:
+            raise EngineError(f"attachments: {rel!r} must be a relative path under one of {list(ATTACHMENT_FOLDERS)}/")
+        if not Path(src).is_file():
+            raise EngineError(f"attachments: {str(src)!r} (for {rel!r}) is not a file")
+        out[Path(rel).as_posix()] = Path(src)
+    return out
+
+
 def _check_calibration(calib: CalibConfig, model: nn.Module) -> None:
     """Before any work: the calibration names modules the model has, its per-channel weight lengths and
     axes fit, and its bit widths are ones int8 QDQ can express."""
@@ -392,6 +409,7 @@ def build_engine(
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     export_tolerance: float = 1e-3,
     strict: bool = False,
+    attachments: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> EngineArtifact:
     """Build a serving bundle in ``out_dir`` (written atomically: nothing is left there on failure).
 
@@ -418,6 +436,9 @@ def build_engine(
     are counted (:mod:`deploycompress.precision_audit`, recorded in ``report.quantized_layers``); fewer than
     the calibration selected gives a ``PrecisionShortfallWarning`` naming the layers, or with ``strict=True``
     a ``PrecisionShortfallError``.
+
+    ``attachments`` maps a relative path under ``attachments/`` or ``pruning/`` inside the bundle to a
+    file copied there and listed (with its sha256) in the manifest, e.g. a pruning search's report.
     """
     from tqdm.auto import tqdm
 
@@ -447,6 +468,7 @@ def build_engine(
             check_count(b, f"batch_sizes {list(batch_sizes)}", 1)
     except InputError as exc:
         raise EngineError(str(exc)) from exc
+    attached = _check_attachments(attachments)
     named = _named(model, example_inputs, "example_inputs")
     inputs = named.args
     try:
@@ -564,7 +586,7 @@ def build_engine(
                             golden_inputs=golden, exported=exported, fp32_path=fp32_path,
                             qdq_path=graph_path if precision == "int8" else None, options=trt_options, extra_options=trt_extra,  # type: ignore[arg-type]
                             max_batch_size=max_batch_size, calibration=calib, report=report, overwrite=overwrite,
-                            findings=trt_check.findings,
+                            findings=trt_check.findings, attachments=attached,
                             extra={"round_to": round_to, "norm_spans": norm_spans, "pruned": masks is not None})
                     return EngineArtifact(Path(out_dir), manifest, report, validation=None, calib_config=calib, model=deployed)
             build_options = dict(backend_options or {})
@@ -603,7 +625,7 @@ def build_engine(
                                            flops=report.sizes[-1].flops, size_bytes=Path(artifact).stat().st_size))
             report.steps = dict(steps.seconds)
             report.environment = collect_environment()
-            extra_files = {"source/model.fp32.onnx": fp32_path}
+            extra_files = {"source/model.fp32.onnx": fp32_path, **attached}
             if graph_path != fp32_path:
                 extra_files["source/model.qdq.onnx"] = graph_path
             manifest = write_bundle(

@@ -174,7 +174,12 @@ class SimulatedAnnealingPruner:
             # walk explores candidates near the real budget (fit_measured closes what remains)
             probe = make(origin, current)
             self.lookup_table.calibrate(current, self.meter.relative(origin, probe, origin) * dense_value)
-            current = self._onto_budget(current) or current
+            rescaled = self._onto_budget(current)
+            if rescaled is None:  # the calibrated table says the cap cannot meet the budget: trust the plain table
+                log.info("annealing: the calibrated table puts the budget out of reach; the plain additive estimate is kept")
+                self.lookup_table.scale = 1.0
+                rescaled = self._onto_budget(current)
+            current = rescaled or current
         current_score: float | None = None
         best: tuple[float, dict[str, float], nn.Module, Masks] | None = None
         temperature = self.t0

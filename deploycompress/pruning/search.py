@@ -93,7 +93,8 @@ def fit_measured(
     from ``floor`` (default 0: the dense model) to the chosen sparsity, ``c`` in [1, 2] on to
     ``cap``. Bisection on ``c`` (at most ``max_steps`` measurements after the first) stops once a
     measurement lies within the meter's tolerance of ``goal`` (``goal * (1 - tol) .. goal * (1 + tol)``)
-    and returns the least-pruned candidate measured at or under ``goal * (1 + tol)``.
+    and returns, of the candidates measured at or under ``goal * (1 + tol)``, the one measured
+    closest to ``goal`` (latency is not monotone in the widths).
     Returns (sparsities, masks, measured value); warns with ``BudgetNotReached`` if even ``c = 2``
     measures above the budget."""
     chosen = {n: float(s) for n, s in sparsities.items()}
@@ -119,10 +120,12 @@ def fit_measured(
     first = measure(1.0)
     if near(first[2]):
         return first
+    fitting: list[tuple[dict[str, float], Masks, float]] = []  # every candidate measured within the budget
     if meter.within(first[2], goal):
-        fits, lo, hi = first, 0.0, 1.0  # below the budget by more than the noise: give back some pruning
+        fitting.append(first)
+        lo, hi = 0.0, 1.0  # below the budget by more than the noise: give back some pruning
     else:
-        fits, lo, hi = None, 1.0, 2.0
+        lo, hi = 1.0, 2.0
         top = measure(2.0)
         if not meter.within(top[2], goal):
             from .netadapt import BudgetNotReached
@@ -130,17 +133,18 @@ def fit_measured(
             warnings.warn(f"measured {meter.metric} {top[2]:.4g} stays above the budget {goal:.4g} with every layer at {cap}",
                           BudgetNotReached, stacklevel=3)  # fmt: skip
             return top
-        fits = top
+        fitting.append(top)
     for _ in range(max_steps):
         mid = (lo + hi) / 2
         trial = measure(mid)
         if meter.within(trial[2], goal):
-            fits, hi = trial, mid
+            fitting.append(trial)
+            hi = mid
             if near(trial[2]):
                 break
         else:
             lo = mid
-    assert fits is not None
+    fits = max(fitting, key=lambda f: f[2])  # latency is not monotone in the widths: the closest to the budget
     if not near(fits[2]):
         log.info("fit to the measured budget: %s %.4g after %d steps, not within %.0f %% of %.4g", meter.metric, fits[2], max_steps, 100 * tol, goal)
     return fits
