@@ -13,7 +13,8 @@ digits; the ImageNet-pretrained EfficientNet-Lite0 on real photos, see ``deployc
   x86 CPU, see ``tools/bench_ort_int8.py``), same calibration batches.
 
 Recovery (identical for both pipelines): MNIST fine-tunes ``--finetune-epochs`` on its training split;
-EfficientNet-Lite0 distils ``--distill-steps`` from the dense model on the calibration photos' crops; the random
+EfficientNet-Lite0 distils ``--distill-steps`` from the dense model on the calibration photos' crops (shuffled,
+the student in eval mode); the random
 torchvision models get none. Per row: median latency at each batch size (all variants of a model timed
 round-robin, so load hits them alike) as a ratio to dense fp32, top-1 accuracy (MNIST, 1,000 held-out digits)
 or top-1 agreement with the dense fp32 model (crops of the evaluation photos; random-weight models: only
@@ -89,7 +90,9 @@ def build_case(name: str, args: argparse.Namespace) -> Case:
         from deploycompress.zoo import load_efficientnet_lite0
 
         def recover(student: nn.Module, dense: nn.Module) -> None:
-            distill(student, dense, list(calib.split(8)), steps=args.distill_steps, lr=1e-4, loss="mse", progress=False)
+            # shuffled crops, BatchNorm on its running statistics (eight crops of one photo are no estimate of them)
+            shuffled = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))]
+            distill(student, dense, list(shuffled.split(8)), steps=args.distill_steps, lr=1e-4, loss="mse", progress=False, train_mode=False)
 
         return Case(load_efficientnet_lite0(), evaluation[:1], calib, evaluation, None, "_fc", recover if args.distill_steps else None)
     import torchvision
