@@ -150,11 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"({', '.join(eval_photos)}); parameters {params[0]} -> {params[1]} ({params[1] / params[0]:.2f}x) at sparsity "
           f"{args.sparsity} on {len(config_list)} layers; before distillation top-1 agreement {before['top1']:.3f}; wall s: dense int8 {t_dense:.0f}, "
           f"prune+speedup+distill+int8 {t_pruned:.0f}")
+    print("pruned layers:", ", ".join(n for c in config_list for n in c.get("op_names", ["every Conv2d"])))
     print("| variant (onnxruntime) | top-1 agreement | top-5 overlap | logit cosine | batch-1 ms | x dense fp32 | MB |")
     print("|---|---|---|---|---|---|---|")
     for k, r in rows.items():
         print(f"| {k} | {r['top1']:.3f} | {r['top5']:.3f} | {r['cosine']:.4f} | {r['ms']:.2f} | {r['x_fp32']:.2f}x | {r['mb']:.1f} |")
-    return {"rows": rows, "before": before, "params": params, "calib_photos": list(calib_photos), "eval_photos": list(eval_photos)}
+    return {"rows": rows, "before": before, "params": params, "config_list": config_list, "calib_photos": list(calib_photos), "eval_photos": list(eval_photos)}
 
 
 if __name__ == "__main__":
