@@ -93,7 +93,9 @@ def _chain_ends(model: nn.Module, example_inputs: Any) -> dict[str, str]:
 
     candidates = set(CONV_OP_TYPES) | set(DEFAULT_OUTPUT_OP_TYPES)
     absorbers = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ReLU", "ReLU6"}
-    produced: dict[int, str] = {}
+    # (tensor id, its version counter when produced): an in-place op on a module's output (a residual
+    # ``out += identity``) keeps the id but bumps the version, so the ReLU after the sum reads another value
+    produced: dict[tuple[int, int], str] = {}
     absorbed: set[str] = set()
     keep_alive: list[torch.Tensor] = []  # ids stay unique while the forward runs
     handles = []
@@ -101,13 +103,14 @@ def _chain_ends(model: nn.Module, example_inputs: Any) -> dict[str, str]:
         def hook(mod, inputs, output) -> None:
             if isinstance(output, torch.Tensor):
                 keep_alive.append(output)
-                produced[id(output)] = name
+                produced[(id(output), output._version)] = name
 
         return hook
 
     def absorb(mod, inputs) -> None:
-        if inputs and id(inputs[0]) in produced:
-            absorbed.add(produced[id(inputs[0])])
+        key = (id(inputs[0]), inputs[0]._version) if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if key in produced:
+            absorbed.add(produced[key])
 
     for name, mod in model.named_modules():
         kind = _kind(mod, (*CONV_OP_TYPES, *DEFAULT_OUTPUT_OP_TYPES))
