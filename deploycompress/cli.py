@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .cli_args import (check_recipe, cosine, fraction, non_negative_float, non_negative_int, parse_shape, positive_float,
+from .cli_args import (SuggestingParser, check_recipe, cosine, fraction, non_negative_float, non_negative_int, parse_shape, positive_float,
                        positive_int, shape_arg)
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, InputError, exit_code
+from .suggest import did_you_mean
 
 __all__ = ["main", "UsageError"]
 
@@ -106,7 +107,8 @@ def _import_object(spec: str, what: str) -> Any:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UsageError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise UsageError(f"{what} {spec!r}: {getattr(obj, '__name__', module_name)!r} has no attribute {part!r}"
+                             f"{did_you_mean(part, [n for n in dir(obj) if not n.startswith('_')])}")
         obj = getattr(obj, part)
     return obj
 
@@ -133,7 +135,8 @@ def _load_model(factory: str | None, torchvision_name: str | None, weights: str 
             model = torchvision.models.get_model(torchvision_name, weights=None, **(kwargs or {}))
         except ValueError:
             known = torchvision.models.list_models(module=torchvision.models)
-            raise UsageError(f"--torchvision {torchvision_name!r} is not a torchvision classification model; e.g. {known[:8]}") from None
+            raise UsageError(f"--torchvision {torchvision_name!r} is not a torchvision classification model"
+                             f"{did_you_mean(torchvision_name, known) or f'; e.g. {known[:8]}'}") from None
     else:
         fn = _import_object(factory, "--model")  # type: ignore[arg-type]
         if not callable(fn):
@@ -206,7 +209,8 @@ def _check_data_fits(runner: Any, data: Any, option: str) -> None:
     for spec in specs:
         if spec.name not in arrays:
             if isinstance(data, dict):
-                raise UsageError(f"{option} lacks the artifact's input {spec.name!r}; its arrays: {sorted(data)}")
+                raise UsageError(f"{option} lacks the artifact's input {spec.name!r}; its arrays: {sorted(data)}"
+                                 f"{did_you_mean(spec.name, data)}")
             continue
         shape = tuple(arrays[spec.name].shape)
         fits = len(shape) == len(spec.shape) and all(not isinstance(d, int) or d == s for d, s in zip(spec.shape[1:], shape[1:]))
@@ -286,7 +290,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from . import pruning
     from .bundle import check_out_dir
-    from .cli_args import close_matches
     from .engine import build_engine
 
     recipe = _load_recipe(args.recipe) if args.recipe else {}
@@ -318,7 +321,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         pruner_name = prune.get("pruner", "L1NormPruner")
         known = [n for n in pruning.__all__ if n.endswith("Pruner") and isinstance(getattr(pruning, n), type)]
         if pruner_name not in known:
-            raise UsageError(f"recipe prune.pruner {pruner_name!r} is not a pruner{close_matches(pruner_name, known)}; known: {known}")
+            raise UsageError(f"recipe prune.pruner {pruner_name!r} is not a pruner{did_you_mean(pruner_name, known)}; known: {known}")
         if "config_list" not in prune:
             raise UsageError("recipe section 'prune' needs a config_list")
         if prune.get("finetune"):
@@ -617,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument("-v", "--verbose", action="store_true", help="log each step")
 
-    parser = argparse.ArgumentParser(prog="deploycompress", description="Build, profile, validate and inspect compressed engines.")
+    parser = SuggestingParser(prog="deploycompress", description="Build, profile, validate and inspect compressed engines.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{build,profile,validate,inspect,device-build}")
 
     b = sub.add_parser("build", parents=[common], help="masks -> speedup -> ONNX -> QDQ -> engine -> bundle with report")
