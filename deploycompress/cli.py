@@ -698,6 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 on unknown options, like every argparse tool
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     func: Callable[[argparse.Namespace], int] = args.func
+    args.json = getattr(args, "json", False)  # device-build has its own parser (no --json): it prints its JSON itself
     args.document = None
     try:
         with _stdout_to_stderr() if args.json else contextlib.nullcontext():
