@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, MaskError
-from .suggest import closest
+from .suggest import closest, did_you_mean
 
 __all__ = [
     "CheckError",
@@ -112,7 +112,7 @@ def _batch_tensors(batch: Any, names: list[str], where: str) -> list[tuple[str, 
     if isinstance(batch, Mapping):
         unknown = [k for k in batch if k not in names]
         if unknown:
-            raise CheckError(f"{where} names input(s) {unknown}; the model's inputs are {names}")
+            raise CheckError(f"{where} names input(s) {unknown}{did_you_mean(unknown[0], names)}; the model's inputs are {names}")
         missing = [n for n in names if n not in batch]
         if missing:
             raise CheckError(f"{where} lacks input(s) {missing}")

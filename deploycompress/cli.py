@@ -326,6 +326,10 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise UsageError("recipe section 'prune' needs a config_list")
         if prune.get("finetune"):
             _import_object(prune["finetune"], "recipe prune.finetune")  # found now, not after pruning
+    precision = args.precision or build.get("precision", "int8")
+    if precision == "int8" and not calib and not data_spec:  # found now, not after pruning and fine-tuning
+        raise UsageError("precision int8 needs a calibration: give --calib CALIB.json or --calib-data DATA (recipe: "
+                         "quantize.calibration or quantize.data), or build another precision (--precision fp32)")
     calib_data = None
     if data_spec:
         x, _ = _load_arrays(data_spec, "--calib-data" if args.calib_data else "recipe quantize.data")
@@ -350,7 +354,6 @@ def cmd_build(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
         model, masks = pruning.run_prune_section(pruner, prune, _import_object)
-    precision = args.precision or build.get("precision", "int8")
     artifact = build_engine(
         model,
         masks,

@@ -25,13 +25,13 @@ def test_helper_orders_by_similarity_not_alphabet():
 
 
 @pytest.mark.parametrize("argv, wanted, unwanted", [
-    (["build", "--torchvision", "resnet81", "--input-shape", "1,3,8,8", "--out", "{tmp}/o"], "did you mean 'resnet18'", "alexnet"),
+    (["build", "--torchvision", "resnet81", "--precision", "fp32", "--input-shape", "1,3,8,8", "--out", "{tmp}/o"], "did you mean 'resnet18'", "alexnet"),
     (["biuld"], "did you mean 'build'?", None),
     (["build", "--precision", "int9", "--out", "{tmp}/o"], "did you mean 'int8'?", None),
     (["build", "--backend", "tensort", "--out", "{tmp}/o"], "did you mean 'tensorrt'?", None),
     (["build", "--precison", "int8", "--out", "{tmp}/o"], "did you mean '--precision'", None),
     (["inspect", "x.onnx", "--targt", "tensorrt"], "did you mean '--target'?", None),
-    (["build", "--model", "deploycompress.zoo.digits:DigitNet", "--input-shape", "1,1,8,8", "--out", "{tmp}/o"],
+    (["build", "--model", "deploycompress.zoo.digits:DigitNet", "--precision", "fp32", "--input-shape", "1,1,8,8", "--out", "{tmp}/o"],
      "did you mean 'DigitsNet'", None),
 ])
 def test_cli_suggests_the_closest_name(tmp_path, capsys, argv, wanted, unwanted):
