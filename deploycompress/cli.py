@@ -541,6 +541,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     p = Path(args.artifact)
     manifest = None
+    foreign: tuple[Path, Any] | None = None  # the model's own float graph, when the bundle was built for another backend
     if p.is_dir():
         from .bundle import read_verified
 
@@ -553,6 +554,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                               if g in verified), graph_rel)
         graph_path = p / graph_rel
         graph = _read_onnx(graph_path, data=verified[graph_rel])
+        fp32_rel = "source/model.fp32.onnx"
+        if manifest.backend != args.target and fp32_rel in verified:  # e.g. an onnxruntime bundle checked for TensorRT
+            foreign = (p / fp32_rel, _read_onnx(p / fp32_rel, data=verified[fp32_rel]))
         lint_path, lint_graph = (p / qdq_rel, _read_onnx(p / qdq_rel, data=verified[qdq_rel])) if qdq_rel in verified else (graph_path, graph)
     elif p.is_file() and p.suffix == ".onnx":
         graph_path = lint_path = p
@@ -580,6 +584,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     lines += [f"output {t.name}: {t.dtype} {list(t.shape)}" for t in outputs]
     lines.append(f"nodes: {sum(ops.values())}, Q/DQ nodes: {qdq}")
     lines += [f"  {op:<24}{count}" for op, count in ops.most_common()]
+    if manifest and manifest.backend != args.target:
+        data["note"] = (f"the bundle was built for {manifest.backend}: its Q/DQ graph is in {manifest.backend}'s flavour, so lint findings "
+                        f"for {args.target} describe it as it is" + (f"; the {args.target} checks read the model's float graph "
+                        f"({foreign[0].name})" if foreign and args.target == "tensorrt" else "")
+                        + f"; build with --backend {args.target} for a {args.target} graph")
+        lines.append(f"note: {data['note']}")
     if linted:
         lines.append(f"lint ({args.target}, {lint_path.name}): {len(findings)} finding(s)")
     else:
@@ -591,7 +601,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         static = None
         if args.dla_core is not None:  # DLA builds one shape: a dynamic batch is checked at 1
             static = {t.name: [1 if (j == 0 and not isinstance(d, int)) else d for j, d in enumerate(t.shape)] for t in inputs}
-        trt = check_tensorrt(graph, tensorrt_version=args.tensorrt_version, dla_core=args.dla_core, lint=False, static_shapes=static,
+        trt = check_tensorrt(foreign[1] if foreign else graph, tensorrt_version=args.tensorrt_version, dla_core=args.dla_core, lint=False, static_shapes=static,
                              precision=manifest.precision if manifest else ("int8" if qdq else "fp16"))
         data["tensorrt"] = trt.to_dict()
         shown = [f for f in trt.findings if f.severity != "info" or args.verbose]

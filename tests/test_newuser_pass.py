@@ -257,3 +257,19 @@ def test_calibration_dict_with_a_misspelt_input_suggests_the_name(tmp_path):
     model, x = _small_cnn(), torch.randn(4, 3, 8, 8)
     with pytest.raises(dc.InputError, match="did you mean 'input'"):
         dc.build_engine(model, None, None, example_inputs=x[:1], calib_data=[{"inp": x}], out_dir=tmp_path / "b", **FAST)
+
+
+def test_inspect_for_tensorrt_of_an_onnxruntime_bundle_checks_the_models_float_graph(tmp_path, capsys):
+    import json
+
+    from deploycompress.cli import main
+
+    model, x = _small_cnn(), torch.randn(8, 3, 8, 8)
+    dc.build_engine(model, None, None, example_inputs=x[:1], calib_data=[x], precision="int8", out_dir=tmp_path / "b", **FAST)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "b"), "--target", "tensorrt", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "built for onnxruntime" in doc["note"] and "--backend tensorrt" in doc["note"]
+    # the optimized onnxruntime graph holds com.microsoft ops (QGemm ...); the model itself has none TensorRT lacks
+    assert any(op.startswith("QLinear") or op == "QGemm" for op in doc["ops"])
+    assert [f for f in doc["tensorrt"]["findings"] if f["rule"].startswith("op-")] == []
