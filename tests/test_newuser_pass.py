@@ -273,3 +273,13 @@ def test_inspect_for_tensorrt_of_an_onnxruntime_bundle_checks_the_models_float_g
     # the optimized onnxruntime graph holds com.microsoft ops (QGemm ...); the model itself has none TensorRT lacks
     assert any(op.startswith("QLinear") or op == "QGemm" for op in doc["ops"])
     assert [f for f in doc["tensorrt"]["findings"] if f["rule"].startswith("op-")] == []
+
+
+def test_ptq_calibration_on_a_loader_of_pairs_says_what_to_pass():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    pairs = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 6), torch.randint(0, 2, (16,))), batch_size=8)
+    q = dc.PTQQuantizer(model, [{"quant_types": ["input", "weight"], "op_types": ["Linear"]}])
+    with pytest.raises(TypeError, match=r"\(input, target\) pairs pass \(x for x, _ in loader\)"):
+        q.calibrate(pairs, progress=False)
+    q.calibrate((x for x, _ in pairs), progress=False)  # the fix the message names
+    assert set(q.export_calib_config().modules) == {"0", "2"}
