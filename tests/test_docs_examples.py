@@ -133,3 +133,11 @@ def test_yaml_recipe_block_passes_the_recipe_schema(block):
     from deploycompress.cli_args import check_recipe
 
     check_recipe(yaml.safe_load(block.code), f"{block.page}:{block.line}")
+
+
+def test_every_public_name_is_on_a_docs_page():
+    import deploycompress as dc
+
+    text = "".join(p.read_text() for p in PAGES)
+    missing = [n for n in dc.__all__ if n != "__version__" and n not in text]
+    assert not missing, f"public names no docs page mentions (run tools/gen_api_index.py for docs/api.md): {missing}"
