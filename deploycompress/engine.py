@@ -461,6 +461,12 @@ def build_engine(
         raise EngineError(f"precision must be one of {list(allowed)} for backend {backend!r}, got {precision!r}")
     if not isinstance(model, nn.Module):
         raise EngineError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .quantization.wrapper import QuantWrapper
+
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, QuantWrapper)]
+    if wrapped:
+        raise EngineError(f"model still holds quantizer wrappers ({', '.join(wrapped[:3])}{', ...' if len(wrapped) > 3 else ''}): "
+                          "pass quantizer.unwrap_model() as the model and quantizer.export_calib_config() as calib_config")
     name = name if name is not None else type(model).__name__.lower()
     try:
         check_model_name(name)

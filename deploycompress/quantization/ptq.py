@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from calibrators import QuantError, create_calibrator
 
+from ..batches import call_with_batch
 from .fake_quant import fake_quantize
 from .quantizer import Quantizer, QuantizerError
 from .wrapper import QuantWrapper
@@ -113,12 +114,7 @@ class PTQQuantizer(Quantizer):
                 for batch in tqdm(batches, total=total, desc=f"calibrating ({self.calibrator})", unit="batch", leave=False, disable=not progress):
                     if num_batches is not None and seen >= num_batches:
                         break
-                    if isinstance(batch, Mapping):
-                        self.model(**batch)  # inputs keyed by forward's parameter names
-                    elif isinstance(batch, (tuple, list)):
-                        self.model(*batch)
-                    else:
-                        self.model(batch)
+                    call_with_batch(self.model, batch, seen)  # a tensor, positional inputs, or inputs keyed by name
                     seen += 1
         except QuantError as exc:
             raise QuantizerError(f"calibration failed: {exc}") from None
