@@ -304,6 +304,20 @@ def _load_calib(calib_config: Any, model: nn.Module | None = None) -> CalibConfi
     raise EngineError(f"calib_config must be a CalibConfig or a path to its JSON, got {type(calib_config).__name__}")
 
 
+def _linear_like_calibration(calib: CalibConfig, names: Sequence[str]) -> CalibConfig:
+    """A calibration taken on linear-like layers (weight ``(in, out)``, per-channel on axis 1) made to fit their
+    lowered ``nn.Linear`` (``(out, in)``: the same scales on axis 0)."""
+    import dataclasses
+
+    lowered = set(names)
+    out = CalibConfig(producer=calib.producer, provenance=dict(calib.provenance))
+    for name, kind, p in calib.items():
+        if name in lowered and kind == "weight" and p.axis is not None:
+            p = dataclasses.replace(p, axis=0)
+        out.set(name, kind, p)
+    return out
+
+
 def fit_calibration(calib: CalibConfig, model: nn.Module) -> CalibConfig:
     """Make a calibration taken on the masked model fit the speeded-up one (see the module docstring)."""
     modules = dict(model.named_modules())
@@ -486,6 +500,7 @@ def build_engine(
     if masks is not None:
         check_masks_usable(masks)
     check_example_inputs(model, inputs)  # runs once: shape/dtype errors named as the argument
+    from .linear_like import lower_linear_like, transpose_masks
     from .subclasses import SubclassError, analyse_layers, lower_layers
 
     try:
@@ -522,6 +537,11 @@ def build_engine(
             lowered = lower_layers(deployed, layer_forms)
             if lowered:
                 report.notes.append("layer subclasses lowered for export: " + "; ".join(layer_forms[n].describe() for n in lowered))
+            linear_like = lower_linear_like(deployed)  # transformers' Conv1D -> the equivalent nn.Linear
+            if linear_like:
+                report.notes.append(f"{len(linear_like)} linear-like layers (weight stored (in, out)) lowered to nn.Linear: {linear_like[:8]}")
+                masks = transpose_masks(masks, model) if masks is not None else None
+                calib = _linear_like_calibration(calib, linear_like) if calib is not None else None
             report.sizes.append(_size_record("original", deployed, inputs))
             if masks is not None:
                 with steps("speedup"):

@@ -11,8 +11,8 @@ subtracts the difference from the layer's bias::
 
     b_c <- b_c - (mean_{n,spatial} y~_c - mean_{n,spatial} y_c)
 
-Layers are corrected one at a time in the order the forward calls them (each pass stops after the layer
-it corrects). A layer without a bias gets one (the exported graph folds it into a following
+Layers are corrected in the order the forward calls them, each before any later layer runs (one quantized
+pass over the whole calibration set, the output of a corrected layer shifted as its new bias shifts it). A layer without a bias gets one (the exported graph folds it into a following
 BatchNorm's bias, or carries it as the Conv/Gemm bias). Only the bias changes: the weights, and hence
 their integer values and scales, stay as calibrated.
 
@@ -40,10 +40,6 @@ __all__ = ["BiasCorrection", "channel_axis", "channel_means", "correct_bias"]
 log = logging.getLogger(__name__)
 
 
-class _Stop(Exception):
-    """Ends a forward pass once the layer being corrected has run."""
-
-
 def channel_axis(module: nn.Module) -> int:
     """Axis of the output channels in the module's output: 1 for convolutions ``(N, C, ...)``, -1 for
     Linear-like layers ``(..., C)``."""
@@ -52,9 +48,9 @@ def channel_axis(module: nn.Module) -> int:
 
 def channel_means(y: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:
     """Sum over every axis but ``axis`` (float64) and the number of values summed per channel."""
-    y = torch.movedim(y.detach().double(), axis, -1)
-    flat = y.reshape(-1, y.shape[-1])
-    return flat.sum(0), flat.shape[0]
+    axis = axis % y.dim()
+    dims = [d for d in range(y.dim()) if d != axis]
+    return y.detach().sum(dim=dims, dtype=torch.float64), y.numel() // y.shape[axis]
 
 
 @dataclass
@@ -82,12 +78,11 @@ def _run(model: nn.Module, batch: Any) -> None:
 class _Means:
     """Forward hooks accumulating per-channel output sums of chosen modules (and their call counts)."""
 
-    def __init__(self, modules: Mapping[str, nn.Module], stop_after: str | None = None) -> None:
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.calls: dict[str, int] = {}
         self.order: list[str] = []
-        self.stop_after = stop_after
         self.handles = [m.register_forward_hook(self._hook(n, channel_axis(m))) for n, m in modules.items()]
 
     def _hook(self, name: str, axis: int):
@@ -100,8 +95,6 @@ class _Means:
             s, n = channel_means(out, axis)
             self.sums[name] = self.sums.get(name, 0) + s
             self.counts[name] = self.counts.get(name, 0) + n
-            if name == self.stop_after:
-                raise _Stop
 
         return hook
 
@@ -113,25 +106,36 @@ class _Means:
             h.remove()
 
 
-def _pass(model: nn.Module, batches: list[Any], means: _Means) -> None:
+def _pass(model: nn.Module, batches: Iterable[Any], means: _Means) -> None:
     try:
         with torch.no_grad():
             for batch in batches:
-                try:
-                    _run(model, batch)
-                except _Stop:
-                    pass
+                _run(model, batch)
     finally:
         means.close()
+
+
+def _concat(batches: list[Any]) -> Any:
+    """One batch holding every calibration batch (tensors, tuples or dicts of tensors concatenated on dim 0)."""
+    first = batches[0]
+    if isinstance(first, Mapping):
+        return {k: torch.cat([b[k] for b in batches]) if isinstance(first[k], torch.Tensor) else first[k] for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(torch.cat([b[i] for b in batches]) if isinstance(v, torch.Tensor) else v for i, v in enumerate(first))
+    return torch.cat(batches)
 
 
 def correct_bias(quantizer: "PTQQuantizer", batches: Iterable[Any], *, progress: bool = True) -> BiasCorrection:
     """Correct, in place, the bias of every weight-quantized layer of a calibrated ``quantizer``'s model.
 
-    ``batches``: calibration inputs (tensors, tuples or dicts of forward's arguments), iterated once per
-    layer plus once. Layer outputs are averaged over every axis but the channel axis (:func:`channel_axis`).
-    A layer called more than once per forward (shared weights) is skipped and named in the result.
-    Raises :class:`~.quantizer.QuantizerError` when the quantizer is not calibrated.
+    ``batches``: calibration inputs (tensors, tuples or dicts of forward's arguments whose tensors share the
+    batch dimension 0). Two forward passes: the float model batch by batch (reference channel means), then
+    the quantized simulation once on all batches concatenated, each layer's output shifted and its bias
+    corrected as the forward reaches it, so every later layer sees the corrected earlier ones (the sequential
+    correction, in one pass; memory: the activations of the whole calibration set at once). Layer outputs are
+    averaged over every axis but the channel axis (:func:`channel_axis`). A layer called more than once per
+    forward (shared weights) is skipped and named in the result. Raises :class:`~.quantizer.QuantizerError`
+    when the quantizer is not calibrated or no batch is given.
     """
     from .quantizer import QuantizerError
 
@@ -147,25 +151,22 @@ def correct_bias(quantizer: "PTQQuantizer", batches: Iterable[Any], *, progress:
     try:
         with quantizer.float_mode():
             reference = _Means(layers)
-            _pass(quantizer.model, batches, reference)
-        per_forward = {n: reference.calls[n] // len(batches) for n in reference.calls}
+            _pass(quantizer.model, tqdm(batches, desc="bias correction (float)", unit="batch", leave=False, disable=not progress),
+                  reference)
         for name in layers:
-            if name not in reference.calls:
+            calls = reference.calls.get(name, 0)
+            if not calls:
                 result.skipped[name] = "not called by the forward"
-            elif per_forward[name] != 1 or reference.calls[name] % len(batches):
-                result.skipped[name] = f"called {reference.calls[name]} times in {len(batches)} batches (shared layer)"
-        order = [n for n in reference.order if n not in result.skipped]
-        for name in tqdm(order, desc="bias correction", unit="layer", leave=False, disable=not progress):
-            module = layers[name]
-            quantized = _Means({name: module}, stop_after=name)
-            _pass(quantizer.model, batches, quantized)
-            shift = (quantized.mean(name) - reference.mean(name))
+            elif calls != len(batches):
+                result.skipped[name] = f"called {calls} times in {len(batches)} batches (shared layer)"
+        handles = [layers[n].register_forward_hook(_corrector(n, layers[n], reference.mean(n), result))
+                   for n in reference.order if n not in result.skipped]
+        try:
             with torch.no_grad():
-                if module.bias is None:
-                    out_channels = shift.numel()
-                    module.bias = nn.Parameter(torch.zeros(out_channels, dtype=module.weight.dtype, device=module.weight.device))
-                module.bias.sub_(shift.to(module.bias.dtype))
-            result.shifts[name] = shift.float()
+                _run(quantizer.model, _concat(batches))
+        finally:
+            for h in handles:
+                h.remove()
     finally:
         quantizer.model.train(was_training)
     if result.skipped:
@@ -173,3 +174,23 @@ def correct_bias(quantizer: "PTQQuantizer", batches: Iterable[Any], *, progress:
     log.info("bias correction: %d layers corrected, largest shift %.3g", len(result.shifts),
              max((float(s.abs().max()) for s in result.shifts.values()), default=0.0))
     return result
+
+
+def _corrector(name: str, module: nn.Module, reference: torch.Tensor, result: BiasCorrection):
+    axis = channel_axis(module)
+
+    def hook(_module: nn.Module, _args: Any, out: Any) -> Any:
+        if not isinstance(out, torch.Tensor) or name in result.shifts:
+            return None
+        total, count = channel_means(out, axis)
+        shift = total / count - reference
+        with torch.no_grad():
+            if module.bias is None:
+                module.bias = nn.Parameter(torch.zeros(shift.numel(), dtype=module.weight.dtype, device=module.weight.device))
+            module.bias.sub_(shift.to(module.bias.dtype))
+        result.shifts[name] = shift.float()
+        shape = [1] * out.dim()
+        shape[axis] = -1
+        return out - shift.to(out.dtype).reshape(shape)  # what the corrected bias gives, for the layers after
+
+    return hook
