@@ -377,6 +377,7 @@ def _cmd_build(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
         calib_data=calib_data,
         quant_config_list=quant.get("config_list"),
         calibrator=args.calibrator or quant.get("calibrator", "minmax"),
+        bias_correction=bool(args.bias_correction or quant.get("bias_correction", False)),
         eval_inputs=eval_inputs,
         eval_labels=eval_labels,
         batch_sizes=args.batch_sizes or build.get("batch_sizes", [1]),
@@ -660,6 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibration.add_argument("--calib", help="CalibConfig JSON (or NNI calibration dict)")
     calibration.add_argument("--calib-data", help="calibrate here: .npy/.npz (x) or package.module:function yielding batches")
     b.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"])
+    b.add_argument("--bias-correction", action="store_true",
+                   help="with --calib-data: correct the int8 biases on the calibration data (Nagel et al. 2019)")
     b.add_argument("--eval-data", help="validate on this: .npz with x (and y labels) or package.module:function")
     b.add_argument("--input-shape", type=_input_shape, action="append",
                    help="example input shape, once per input in forward's order: 1,3,224,224; or named: rgb=1,3,64,64 "
