@@ -78,6 +78,8 @@ def test_residual_adds_quantize_the_shortcut_and_leave_the_conv_output_float(res
         src = _producer(q.inputs[0])
         if src.op != "Conv":  # identity block: the shortcut is the block input (a Relu), not a conv
             identity_blocks += 1
+        else:  # downsample block: the 1x1 shortcut conv is quantized, the main branch's conv2 fuses the Add
+            assert "downsample" in src.name and "conv2" in _producer(other).name, add.name
     assert identity_blocks == 5
     assert lint_qdq(resnet18_qdq, "tensorrt") == [] and check_tensorrt(resnet18_qdq).errors == []
 
@@ -135,3 +137,27 @@ def test_a_graph_output_read_by_a_weighted_op_is_quantized_for_that_reader_only(
     scale = float(np.asarray(_producer(gemm.inputs[0]).inputs[1].values))
     steps = outs[1] / scale
     assert np.abs(steps - np.round(steps)).max() > 0.1
+
+
+def test_a_module_called_twice_gives_each_tensor_its_own_range():
+    """resnet's BasicBlock applies one ReLU module twice (after bn1, after the Add): its calibration is the
+    union of both calls, but conv2 reads the first call alone, so conv2's input scale is that tensor's
+    own max / 127 (computed here in PyTorch), not the union's."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(8, 3, 64, 64)
+    seen = {}
+    block = model.layer1[1]
+    hooks = [block.bn1.register_forward_hook(lambda m, i, o: seen.__setitem__("first", torch.relu(o).abs().max().item())),
+             block.register_forward_hook(lambda m, i, o: seen.__setitem__("second", o.abs().max().item()))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert seen["second"] > 1.2 * seen["first"]  # the union would widen the first tensor's scale
+    g = gs.import_onnx(_qdq(model, x))
+    (conv2,) = [n for n in g.nodes if n.op == "Conv" and n.name == "/layer1/layer1.1/conv2/Conv"]
+    dq = _producer(conv2.inputs[0])
+    assert dq.op == "DequantizeLinear"
+    assert float(np.asarray(dq.inputs[1].values)) == pytest.approx(seen["first"] / 127, rel=1e-5)

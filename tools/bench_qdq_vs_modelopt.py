@@ -9,10 +9,14 @@ inputs: top-1 agreement and cosine similarity; plus Q/DQ counts, our lint (``lin
 and TensorRT pre-build check findings on both, and the placement TensorRT fuses: Adds with a dequantized
 input (and whether it is the shortcut, i.e. not a weighted op's output), Concats whose inputs share one scale.
 
-Data: no ImageNet here, so the inputs are 224x224 crops (random position, scale, flip) of the two
-photographs scikit-learn ships (``load_sample_images``), normalized with ImageNet's mean/std; the
-torchvision models have random weights whose BatchNorm statistics are first re-estimated on separate
-crops (so activations have realistic ranges). Calibration and evaluation crops are disjoint draws.
+Data: no ImageNet here, so the inputs are real photographs: the eight colour photos scikit-image and
+scikit-learn ship (:mod:`deploycompress.zoo.photos`), split into two disjoint halves of four photos;
+calibration uses the ImageNet-style crops (and mirror images) of one half, evaluation those of the other,
+so no evaluated photo was calibrated on. The torchvision models have random weights (no download here)
+whose BatchNorm statistics are first re-estimated on random crops of scikit-learn's two photos (so
+activations have realistic ranges); with random weights the logits are near-flat, so top-1 agreement is
+noisy and the cosine is the steadier figure. ``vit_small`` is torchvision's VisionTransformer at ViT-S/16
+size (12 layers, 6 heads, width 384, MLP 1536).
 
     python tools/bench_qdq_vs_modelopt.py --modelopt-python /tmp/movenv/bin/python --models resnet18 mobilenet_v2
 """
@@ -61,11 +65,23 @@ def crops(n: int, seed: int, size: int = 224) -> np.ndarray:
     return (out - MEAN) / STD
 
 
+def photo_split() -> tuple[np.ndarray, np.ndarray]:
+    """Calibration and evaluation inputs: crops of two disjoint halves of the shipped photos."""
+    from deploycompress.zoo.photos import crops as photo_crops, photos, split_photos
+
+    calib, evaluation = split_photos(photos())
+    return photo_crops(calib).numpy(), photo_crops(evaluation).numpy()
+
+
 def model_for(name: str, bn_data: np.ndarray) -> torch.nn.Module:
     import torchvision
 
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None)
+    if name == "vit_small":  # ViT-S/16
+        model = torchvision.models.VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=6,
+                                                     hidden_dim=384, mlp_dim=1536)
+    else:
+        model = getattr(torchvision.models, name)(weights=None)
     model.train()
     with torch.no_grad():  # re-estimate BatchNorm statistics on image crops (cumulative average)
         for m in model.modules():
@@ -166,20 +182,26 @@ def cpu_flags() -> dict:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
     except (OSError, StopIteration):
         flags = []
-    return {"cpu": platform.processor() or platform.machine(), "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags}
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), "") if Path("/proc/cpuinfo").is_file() else ""
+    return {"cpu": name or platform.processor() or platform.machine(), "cores": os.cpu_count(), "load_at_start": os.getloadavg()[0],
+            "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     ap.add_argument("--methods", nargs="+", default=["max"], choices=["max", "entropy"])
-    ap.add_argument("--calib", type=int, default=128, help="calibration crops")
-    ap.add_argument("--eval", type=int, default=256, help="evaluation crops")
+    ap.add_argument("--calib", type=int, default=0, help="first N calibration crops (0: all)")
+    ap.add_argument("--eval", type=int, default=0, help="first N evaluation crops (0: all)")
     ap.add_argument("--modelopt-python", default=os.environ.get("MODELOPT_PYTHON", "python"))
     ap.add_argument("--out", default="runs/bench_qdq_vs_modelopt.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    bn, calib, evalx = crops(256, 1), crops(args.calib, 2), crops(args.eval, 3)
+    bn = crops(256, 1)
+    calib, evalx = photo_split()
+    calib, evalx = calib[:args.calib or None], evalx[:args.eval or None]
+    log.info("calibration %s, evaluation %s (disjoint photos)", calib.shape, evalx.shape)
     results = {"machine": cpu_flags(), "args": vars(args), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
