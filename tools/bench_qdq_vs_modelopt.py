@@ -15,8 +15,9 @@ calibration uses the ImageNet-style crops (and mirror images) of one half, evalu
 so no evaluated photo was calibrated on. The torchvision models have random weights (no download here)
 whose BatchNorm statistics are first re-estimated on random crops of scikit-learn's two photos (so
 activations have realistic ranges); with random weights the logits are near-flat, so top-1 agreement is
-noisy and the cosine is the steadier figure. ``vit_small`` is torchvision's VisionTransformer at ViT-S/16
-size (12 layers, 6 heads, width 384, MLP 1536).
+noisy and the cosine is the steadier figure. ``vit_small`` is a ViT-S/16 in timm's layout (12 blocks, 6
+heads, width 384, MLP 1536; qkv and proj as ``nn.Linear``, timm's initialization), written here since timm is
+not a dependency.
 
     python tools/bench_qdq_vs_modelopt.py --modelopt-python /tmp/movenv/bin/python --models resnet18 mobilenet_v2
 """
@@ -25,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -65,6 +68,56 @@ def crops(n: int, seed: int, size: int = 224) -> np.ndarray:
     return (out - MEAN) / STD
 
 
+class _Attention(torch.nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = torch.nn.LayerNorm(dim, eps=1e-6), _Attention(dim, heads)
+        self.norm2 = torch.nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, mlp), torch.nn.GELU(), torch.nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTSmall(torch.nn.Module):
+    """ViT-S/16 (Dosovitskiy et al. 2021) in timm's ``vit_small_patch16_224`` layout: (N, 3, 224, 224) -> (N, 1000)."""
+
+    def __init__(self, dim: int = 384, depth: int = 12, heads: int = 6, mlp: int = 1536, classes: int = 1000) -> None:
+        super().__init__()
+        self.patch_embed = torch.nn.Conv2d(3, dim, 16, 16)
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, 197, dim))
+        self.blocks = torch.nn.Sequential(*[_Block(dim, heads, mlp) for _ in range(depth)])
+        self.norm = torch.nn.LayerNorm(dim, eps=1e-6)
+        self.head = torch.nn.Linear(dim, classes)
+        for p in (self.cls_token, self.pos_embed):
+            torch.nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.trunc_normal_(m.weight, std=0.02)
+                torch.nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
 def photo_split() -> tuple[np.ndarray, np.ndarray]:
     """Calibration and evaluation inputs: crops of two disjoint halves of the shipped photos."""
     from deploycompress.zoo.photos import crops as photo_crops, photos, split_photos
@@ -77,9 +130,8 @@ def model_for(name: str, bn_data: np.ndarray) -> torch.nn.Module:
     import torchvision
 
     torch.manual_seed(0)
-    if name == "vit_small":  # ViT-S/16
-        model = torchvision.models.VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=6,
-                                                     hidden_dim=384, mlp_dim=1536)
+    if name == "vit_small":
+        model = ViTSmall()
     else:
         model = getattr(torchvision.models, name)(weights=None)
     model.train()
@@ -196,6 +248,9 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=0, help="first N evaluation crops (0: all)")
     ap.add_argument("--modelopt-python", default=os.environ.get("MODELOPT_PYTHON", "python"))
     ap.add_argument("--out", default="runs/bench_qdq_vs_modelopt.json")
+    ap.add_argument("--modelopt-cache", default=None,
+                    help="keep ModelOpt's graphs here, named by a hash of the fp32 graph, the calibration data and the "
+                         "method, and reuse them on a rerun with identical inputs (ModelOpt takes minutes per model)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bn = crops(256, 1)
@@ -212,11 +267,22 @@ def main() -> None:
             fp32 = d / f"{name}.fp32.onnx"
             exported.save(fp32)
             ref = run(fp32, evalx)
+            key = hashlib.sha256(fp32.read_bytes() + calib.tobytes()).hexdigest()[:16]
             row: dict = {}
             for method in args.methods:
                 for who in ("ours", "modelopt"):
                     path = d / f"{name}.{who}.{method}.onnx"
-                    secs = ours(model, calib, exported, path, method) if who == "ours" else modelopt(args.modelopt_python, fp32, d / "calib.npy", path, method)
+                    cached = Path(args.modelopt_cache) / f"{name}.{method}.{key}.onnx" if args.modelopt_cache else None
+                    if who == "ours":
+                        secs = ours(model, calib, exported, path, method)
+                    elif cached is not None and cached.is_file():
+                        path, secs = cached, float("nan")
+                        log.info("ModelOpt's graph from %s (same fp32 graph and calibration data)", cached)
+                    else:
+                        secs = modelopt(args.modelopt_python, fp32, d / "calib.npy", path, method)
+                        if cached is not None:
+                            cached.parent.mkdir(parents=True, exist_ok=True)
+                            shutil.copyfile(path, cached)
                     row[f"{who} {method}"] = {**fidelity(run(path, evalx), ref), **describe(path), "quantize_s": round(secs, 1)}
                     log.info("%s %s %s: %s", name, who, method, json.dumps(row[f"{who} {method}"]))
             results["models"][name] = row

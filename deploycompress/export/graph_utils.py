@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["WEIGHTED_OPS", "weight_axis", "through_identity", "gs_constant", "has_weight", "pad_constant"]
+__all__ = ["WEIGHTED_OPS", "weight_axis", "through_identity", "gs_constant", "has_weight", "is_gemv", "pad_constant"]
 
 #: ops whose input 1 is a weight that int8 kernels take per output channel
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -68,6 +68,19 @@ def has_weight(node: gs.Node) -> bool:
     if p is not None and p.op == "DequantizeLinear":
         return gs_constant(p.inputs[0]) is not None
     return gs_constant(w) is not None
+
+
+def is_gemv(node: gs.Node) -> bool:
+    """A Gemm/MatMul with a weight whose data input holds one row per sample: ``(N, K)`` (a classifier
+    after global pooling), or ``(N, 1, ..., K)``; at batch 1 a matrix-vector product. Unknown shapes: False."""
+    if node.op not in ("Gemm", "MatMul") or not has_weight(node):
+        return False
+    if node.op == "Gemm":
+        return not node.attrs.get("transA", 0)  # A is (M, K): one row per sample
+    shape = node.inputs[0].shape
+    if shape is None or len(shape) < 2:
+        return False
+    return all(isinstance(d, int) and d == 1 for d in shape[1:-1])
 
 
 def pad_constant(node: gs.Node) -> float | None:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph_utils import WEIGHTED_OPS, gs_constant, has_weight, pad_constant, weight_axis
+from .graph_utils import WEIGHTED_OPS, gs_constant, has_weight, is_gemv, pad_constant, weight_axis
 from .onnx_export import MIN_OPSET, onnx_opset
 from .targets import QDQTarget, get_target
 
@@ -136,6 +136,8 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
         if has_weight(node):
             x, w = node.inputs[0], node.inputs[1]
             wp = _producer(w)
+            if spec.float_gemv and is_gemv(node) and (wp is None or wp.op != "DequantizeLinear"):
+                continue  # a float GEMV (classifier head): what this target wants
             if wp is None or wp.op != "DequantizeLinear":
                 if gs_constant(w) is not None:
                     add(node.name, "weight-unquantized", f"weight {w.name!r} is float in a quantized graph")
@@ -164,7 +166,7 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
                     spec.float_output_severity)
         elif node.op == "Add" and spec.residual_add_branch:
             producers = [_producer(i) for i in node.inputs]
-            from_weighted = any(p is not None and p.op in WEIGHTED_OPS for p in producers)
+            from_weighted = any(p is not None and p.op in spec.residual_fusing_ops for p in producers)
             dequantized = any(p is not None and p.op == "DequantizeLinear" for p in producers)
             if from_weighted and not dequantized and not any(isinstance(i, gs.Constant) for i in node.inputs):
                 add(node.name, "residual-add", "no input is dequantized: quantize the residual branch")

@@ -34,7 +34,7 @@ from calibrators import QuantParams, params_from_range, qrange
 
 from ..errors import InputError
 from ..quantization.calib_config import CalibConfig
-from .graph_utils import WEIGHTED_OPS, gs_constant, pad_constant
+from .graph_utils import WEIGHTED_OPS, gs_constant, is_gemv, pad_constant
 from .name_map import NameMap, NameMapError
 from .onnx_export import MIN_OPSET, onnx_opset
 from .targets import QDQ_TARGETS, QDQTarget, get_target
@@ -255,6 +255,8 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
             for node in graph.nodes:
                 if node.op != "Add" or any(i.name in keep for i in node.inputs):
                     continue
+                if not any(i.inputs and i.inputs[0].op in target.residual_fusing_ops for i in node.inputs):
+                    continue  # no conv to fuse the Add into (a transformer's residual stream): it stays float
                 # the shortcut: not a weighted op's output, else the input nearer the branch point (a
                 # downsample conv); the longer main branch's last conv then fuses the Add (TensorRT's
                 # residual fusion; ModelOpt's non-residual input is the one farther from the common ancestor)
@@ -311,7 +313,26 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
     for _ in range(16):  # shared scales spread along chains (circular padding: Concat of Concats)
         if not _share_scales(graph, chosen, acts, target, graph_outputs):
             break
+    if target.float_gemv:
+        _drop_float_gemv_inputs(graph, chosen, target)
     return chosen
+
+
+def _drop_float_gemv_inputs(graph: gs.Graph, chosen: dict[str, _Act], target: QDQTarget) -> None:
+    """Tensors read only by float GEMVs (and the data-movement ops before them: Flatten, Reshape) lose their Q/DQ."""
+    float_readers = {n.name for n in graph.nodes if is_gemv(n)}
+    tensors = graph.tensors()
+    changed = True
+    while changed:
+        changed = False
+        for name in list(chosen):
+            t = tensors[name]
+            if t.outputs and all(r.name in float_readers for r in t.outputs):
+                del chosen[name]
+                changed = True
+                p = t.inputs[0] if t.inputs else None
+                if p is not None and (p.op in target.same_scale_ops or p.op in target.moves_past):
+                    float_readers.add(p.name)
 
 
 def _same(a: QuantParams, b: QuantParams) -> bool:
@@ -505,6 +526,11 @@ def insert_qdq(
             node = nodes_by_name.get(node_name or "")
             if node is None:
                 raise QDQError(f"module {module!r}: its node {node_name!r} is not in this graph")
+            if spec.float_gemv and is_gemv(node):
+                why = f"{node.op} {node.name} is a matrix-vector product at batch 1: {spec.name} keeps it float"
+                skipped.append({"module": module, "kind": "weight", "reason": why})
+                warnings.warn(f"calibration of {module}.weight is not used: {why}", CalibrationSkippedWarning, stacklevel=2)
+                continue
             axis = int(m.weight_axis or 0)
             if init_name in made:
                 node.inputs[1], scale = made[init_name]
