@@ -59,14 +59,16 @@ def gs_constant(t) -> np.ndarray | None:
 
 
 def has_weight(node: gs.Node) -> bool:
-    """A weighted op whose input 1 is a weight (a constant, or a dequantized constant), not an
-    activation (attention's ``q @ k``)."""
+    """A weighted op whose input 1 is a weight (a constant, a dequantized constant, or a constant
+    quantized and dequantized in the graph), not an activation (attention's ``q @ k``)."""
     if node.op not in WEIGHTED_OPS or len(node.inputs) < 2:
         return False
     w = node.inputs[1]
-    p = w.inputs[0] if w.inputs else None
-    if p is not None and p.op == "DequantizeLinear":
-        return gs_constant(p.inputs[0]) is not None
+    for _ in range(2):  # DequantizeLinear, then QuantizeLinear (weights quantized in the graph)
+        p = w.inputs[0] if w.inputs else None
+        if p is None or p.op not in ("DequantizeLinear", "QuantizeLinear"):
+            break
+        w = p.inputs[0]
     return gs_constant(w) is not None
 
 
