@@ -187,6 +187,7 @@ def distill(
     weight_decay: float = 0.0,
     grad_clip: float | None = 1.0,
     progress: bool = True,
+    train_mode: bool = True,
 ) -> DistillResult:
     """Fine-tune ``student`` in place to match ``teacher``'s outputs on ``batches`` (cycled for ``steps``).
 
@@ -199,6 +200,11 @@ def distill(
     ``weight_decay``, ``schedule`` ``"constant"`` or ``"linear"`` (warm-up then decay to zero), gradient
     norm clipped to ``grad_clip``. The teacher is not changed (eval mode, no grads); the student is
     left in eval mode. Raises ``ValueError`` on bad arguments before training.
+
+    ``train_mode=False`` keeps the student in eval mode while its weights learn: BatchNorm uses (and
+    keeps) its running statistics, dropout and stochastic depth stay off. Use it for small batches or
+    batches of correlated inputs (e.g. crops of one photo), whose batch statistics would otherwise
+    normalise each step and overwrite the running statistics the deployed model uses.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -220,7 +226,7 @@ def distill(
     sched = _schedule(opt, schedule, steps)
     step_fn = distillation_step(teacher, loss, hidden=hidden, hidden_weight=hidden_weight, student=student)
     result = DistillResult(steps)
-    student.train()
+    student.train(train_mode)
     try:
         for _, batch in zip(tqdm(range(steps), desc="distill", disable=not progress), itertools.cycle(batches)):
             value = step_fn(batch, student)
