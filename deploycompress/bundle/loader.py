@@ -38,6 +38,8 @@ __all__ = ["verify_bundle", "load_bundle", "open_bundle", "read_verified"]
 _REPOSITORY = "model_repository"
 _VERSION = "1"
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+# onnxruntime's integer operators (com.microsoft), as deploycompress.hf.linear_int8's integer/dynamic flavours write them
+_INTEGER_OPS = ("DynamicQuantizeLinear", "MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul")
 _CONFIG_NAME = re.compile(r'^\s*name\s*:\s*"([^"]*)"', re.MULTILINE)
 
 
@@ -146,8 +148,8 @@ def _check_precision(where: str, manifest: Manifest, data: bytes) -> None:
     except Exception as exc:
         raise BundleError(f"{where}: artifact {manifest.artifact!r} is not an ONNX model: {exc}") from None
     has_qdq = any(n.op_type in _QDQ_OPS for n in graph.node)
-    if manifest.precision == "int8" and not has_qdq:
-        raise BundleError(f"{where}: manifest precision 'int8' but {manifest.artifact!r} holds no QuantizeLinear/DequantizeLinear")
+    if manifest.precision == "int8" and not has_qdq and not any(n.op_type in _INTEGER_OPS for n in graph.node):
+        raise BundleError(f"{where}: manifest precision 'int8' but {manifest.artifact!r} holds no QuantizeLinear/DequantizeLinear nor integer MatMul ops")
     if manifest.precision == "fp32" and has_qdq:
         raise BundleError(f"{where}: manifest precision 'fp32' but {manifest.artifact!r} holds Q/DQ nodes (an int8 graph)")
     if manifest.precision not in ("int8", "fp32", "fp16"):
