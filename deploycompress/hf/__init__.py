@@ -3,8 +3,10 @@
 - :class:`~deploycompress.hf.encoder.Encoder`: a BERT-family model as a two-input module
   ``(input_ids, attention_mask) -> tensor`` that exports to ONNX with dynamic batch and sequence;
 - :mod:`~deploycompress.hf.text`: real English sentences that ship with Python (standard-library docstrings);
-- :mod:`~deploycompress.hf.distill`: distillation fine-tuning of a pruned student on unlabelled text;
-- :mod:`~deploycompress.hf.int8`: int8 (QDQ) graphs for onnxruntime, fused or plain, whichever is faster.
+- :mod:`~deploycompress.hf.importance`: which heads and FFN channels matter on real text, as masks;
+- :mod:`~deploycompress.pruning.distill`: distillation fine-tuning of a pruned student on unlabelled text;
+- :mod:`~deploycompress.hf.int8`: int8 graphs for onnxruntime (fused or plain, qdq/integer/dynamic
+  flavours, SmoothQuant), the fastest that stays accurate; :mod:`~deploycompress.hf.linear_int8` writes them.
 
 Head and FFN pruning needs nothing from here: the channel trace recognises Hugging Face self-attention
 (``graph/hf_attention.py``) and speedup rewrites it (``speedup/hf_attention.py``).
