@@ -200,3 +200,12 @@ def test_importance_masks_drop_the_heads_and_channels_that_write_least() -> None
     assert small.model.encoder.layer[0].attention.self.num_attention_heads == HEADS - 1
     with pytest.raises(ValueError, match="head_sparsity"):
         importance_masks(model, scores, 1.0, 0.5)
+
+
+def test_export_leaves_a_wrapped_eval_mode_model_in_eval_mode() -> None:
+    from deploycompress.export import to_onnx
+
+    bert = tiny_bert()  # eval mode, as from_pretrained leaves it
+    wrapper = Encoder(bert)  # a new module: training mode
+    to_onnx(wrapper, inputs())
+    assert wrapper.training and not any(m.training for m in bert.modules())  # dropout stays off

@@ -157,7 +157,9 @@ def test_real_minilm_int8_keeps_cosine_099_to_pytorch_on_held_out_sentences() ->
         return out
 
     calib, held = tokens(sentences[:96]), tokens(sentences[96:])
-    x = (torch.from_numpy(calib[0]["input_ids"]), torch.from_numpy(calib[0]["attention_mask"]))
+    example = tok(sentences[:4], padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+    assert not bool(example["attention_mask"].all())  # padded, so the attention mask stays in the exported graph
+    x = (example["input_ids"], example["attention_mask"])
     fp32 = to_onnx(model, x, dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}).model
     result = quantize_transformer(fp32, calib, held[:1], fuse="plain", flavour="qdq", repeats=1)
     with torch.no_grad():

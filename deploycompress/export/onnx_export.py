@@ -128,8 +128,8 @@ def to_onnx(
     unknown = sorted(set(dynamic_axes or {}) - set(input_names))
     if unknown:
         raise ExportError(f"dynamic_axes names {unknown}, which are not inputs; inputs are {input_names}")
-    was_training = model.training
-    model.eval()
+    flags = [(m, m.training) for m in model.modules()]  # each module's own: train(was) would flip an eval-mode
+    model.eval()  # submodule under a wrapper in training mode (a Hugging Face model in deploycompress.hf.Encoder)
     try:
         calls, reference = record_calls(model, args)
         try:
@@ -168,7 +168,8 @@ def to_onnx(
         proto = onnx.shape_inference.infer_shapes(proto)
         name_map = build_name_map(model, args, proto, calls)
     finally:
-        model.train(was_training)
+        for m, flag in flags:
+            m.training = flag
     log.info("exported %s: %d nodes, %d modules mapped", type(model).__name__, len(proto.graph.node), len(name_map))
     return ExportResult(proto, name_map, tensor_specs(proto.graph.input), tensor_specs(proto.graph.output), tracer)
 
