@@ -26,7 +26,7 @@ from .executor import Executor, get_executor
 from .io import Masks, _weight
 from .netadapt import make_meter
 from .resources import LookupTable, ResourceMeter, build_lookup_table
-from .scheduler import PrunerSpec, _as_evaluate, _pruned_units, _as_finetune, _pruner_class, plain_copy, wrap_masks
+from .scheduler import CompressResult, PrunerSpec, _as_evaluate, _pruned_units, _as_finetune, _pruner_class, plain_copy, wrap_masks
 from .search import Trajectory, fit_measured, layer_masks, selected_layers, train_and_score
 
 __all__ = ["SimulatedAnnealingPruner"]
@@ -42,7 +42,7 @@ def _already_pruned(module: nn.Module, entry: Mapping[str, Any] | None, units: i
     return 0.0 if w is None else float(_pruned_units(module, w, units).sum()) / units
 
 
-class SimulatedAnnealingPruner:
+class SimulatedAnnealingPruner(CompressResult):
     """``SimulatedAnnealingPruner(model, config_list, evaluator, start_temperature=100,
     stop_temperature=20, cool_down_rate=0.9, perturbation_magnitude=0.35, pruning_algorithm='level',
     pruning_params={}, log_dir='.', keep_intermediate_result=False, finetuner=None, speedup=False,
@@ -232,14 +232,3 @@ class SimulatedAnnealingPruner:
         else:
             self._result = (wrap_masks(model, masks), masks)
         return self._result
-
-    @property
-    def masks(self) -> Masks:
-        if self._result is None:
-            raise RuntimeError("SimulatedAnnealingPruner: call compress() first")
-        return self._result[1]
-
-    def unwrap_model(self) -> nn.Module:
-        if self._result is None:
-            raise RuntimeError("SimulatedAnnealingPruner: call compress() first")
-        return plain_copy(self._result[0])

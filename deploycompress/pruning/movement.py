@@ -33,7 +33,8 @@ from ..config import ModuleConfig
 from .allocate import lowest, prune_count
 from .base import Pruner, _Mask
 from .evaluator import TorchEvaluator
-from .io import _bias, _weight, weight_attrs
+from .io import _weight, weight_attrs
+from .level import element_masks
 from .task_generator import agp_sparsity
 
 __all__ = ["MovementPruner"]
@@ -262,10 +263,5 @@ class MovementPruner(Pruner):
         keep = ~pruned
         if self.block is not None:
             keep = keep.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
-        w_attr, b_attr = weight_attrs(module)
-        masks = {w_attr: keep}
-        bias = _bias(module)
-        if bias is not None:
-            masks[b_attr] = torch.ones_like(bias, dtype=torch.bool)
-        return masks
+        return element_masks(module, keep)
 
