@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..model_copy import plain_copy as _plain_copy
 from ..config import select_modules, validate_config_list
+from ..suggest import did_you_mean
 from .allocate import prune_count
 from .base import Pruner, _Mask
 from .channel import ChannelPruner, channel_dim, channel_rows
@@ -422,7 +423,7 @@ class PruningScheduler:
 def _pruner_class(spec: PrunerSpec) -> type[Pruner]:
     if isinstance(spec, str):
         if spec.lower() not in BASIC_PRUNERS:
-            raise ValueError(f"pruning_algorithm {spec!r} is unknown; choose one of {sorted(BASIC_PRUNERS)} or pass a Pruner")
+            raise ValueError(f"pruning_algorithm {spec!r} is unknown{did_you_mean(spec, BASIC_PRUNERS)}; choose one of {sorted(BASIC_PRUNERS)} or pass a Pruner")
         return BASIC_PRUNERS[spec.lower()]
     if isinstance(spec, type):
         return spec
