@@ -107,6 +107,13 @@ def test_movement_soft_mode_sparsity_emerges_from_the_regularisation(dense, digi
         if scale:
             assert accuracy(pruned, digits_data.test_x, digits_data.test_y) >= acc - 2 * ACC_DROP
     assert sparsities[50.0] > sparsities[0.0] + 0.1 and sparsities[50.0] > 0.2, sparsities
+    from deploycompress.pruning.channel import PruningWarning
+
+    blocks = MovementPruner(copy.deepcopy(model), [{"op_names": ["fc1"]}], torch_evaluator(digits_data), 5, 40, training_steps=60,
+                            regular_scale=50.0, movement_mode="soft", sparse_granularity=(8, 32), sparse_threshold=0.3, score_lr=0.05)  # fmt: skip
+    with pytest.warns(PruningWarning, match="every unit of \\['fc1'\\]"):  # four blocks only: the regulariser empties the layer
+        _, masks = blocks.compress()
+    assert not bool(masks["fc1"]["weight"].any())
     with pytest.raises(ValueError, match="soft"):
         MovementPruner(model, [{"sparsity": 0.5, "op_names": ["fc1"]}], torch_evaluator(digits_data), 1, 5, training_steps=5,
                        movement_mode="soft")  # fmt: skip

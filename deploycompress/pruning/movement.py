@@ -23,6 +23,7 @@ Linear weight (e.g. one attention head's rows: ``(head_dim, in_features)``).
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -241,6 +242,12 @@ class MovementPruner(Pruner):
             for m in self._modules.values():
                 parametrize.remove_parametrizations(m, weight_attrs(m)[0], leave_parametrized=False)
         self.scores = {n: u.detach().clone() for n, u in units.items()}
+        emptied = [n for n, w in wrappers.items() if not bool(w.keep().any())]
+        if emptied:
+            from .channel import PruningWarning
+
+            warnings.warn(f"MovementPruner (soft): every unit of {emptied} fell under sparse_threshold={self.sparse_threshold}; "
+                          f"those layers now output only their bias: lower regular_scale (now {self.regular_scale})", PruningWarning, stacklevel=3)  # fmt: skip
         log.info("MovementPruner (soft): %d steps, sparsity %s", self.steps_run,
                  {n: round(1 - float(w.keep().float().mean()), 4) for n, w in wrappers.items()})  # fmt: skip
 
