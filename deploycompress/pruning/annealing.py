@@ -82,7 +82,8 @@ class SimulatedAnnealingPruner(CompressResult):
         origin_masks: Masks | None = None,
     ) -> None:
         """``origin_masks``: units already pruned (kept pruned; every layer's sparsity stays at least
-        what they remove), as NNI's task generator takes them."""
+        what they remove), as NNI's task generator takes them. With ``resource`` and no
+        ``dummy_input``, the meter's example batch is the basic pruner's too."""
         if not (start_temperature > stop_temperature > 0 and 0 < cool_down_rate < 1):
             raise ValueError("need start_temperature > stop_temperature > 0 and 0 < cool_down_rate < 1")
         if evaluator is None:
@@ -110,6 +111,8 @@ class SimulatedAnnealingPruner(CompressResult):
         self.meter: ResourceMeter | None = None
         if resource is not None:
             self.meter = make_meter(resource, dummy_input)
+            if self.dummy_input is None:  # the basic pruner masks joined parameters with it, so speedup removes them
+                self.dummy_input = self.meter.dummy_input
             if budget is None or not 0 < budget < 1:
                 raise ValueError(f"SimulatedAnnealingPruner: with resource= give budget in (0, 1), got {budget!r}")
             self.budget = float(budget)

@@ -74,6 +74,13 @@ class AutoCompressPruner(CompressResult):
                 _pin(admm, masks)
             wrapped, masks = admm.compress()
             masks = {k: {p: m.clone() for p, m in e.items()} for k, e in masks.items()}
+            example = sa.dummy_input  # the annealing's example batch (its meter's by default)
+            if example is not None and self.admm_params.get("granularity") == "coarse-grained":
+                from ..speedup.joined import joined_masks  # what speedup removes with the pruned channels (BatchNorm
+                # affine, downstream biases) is masked too, so the sped-up result meets the searched resource
+
+                masks = joined_masks(plain_copy(wrapped), masks, example)
+                wrapped = wrap_masks(plain_copy(wrapped), masks)
             if self.finetune is not None:
                 self.finetune(wrapped)
             score = self.evaluate(wrapped) if self.evaluate is not None else None
