@@ -286,6 +286,14 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 # -- build ----------------------------------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as cleanup:  # temporary files (the pruning report) go once the bundle is written
+        return _cmd_build(args, cleanup)
+
+
+def _cmd_build(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
+    import shutil
+    import tempfile
+
     import torch
 
     from . import pruning
@@ -347,6 +355,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         factory, tv_name = args.model, args.torchvision
     model = _load_model(factory, tv_name, args.weights or _resolve(m.get("weights"), base), m.get("kwargs"))
     example = _example_inputs(shapes)
+    attachments: dict[str, Path] = {}  # the pruning search's report, carried into the bundle
     if pruner_name is not None:  # any pruner by class name, scheduled and automatic ones included
         log.info("build: pruning with %s", pruner_name)
         try:
@@ -354,6 +363,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
         model, masks = pruning.run_prune_section(pruner, prune, _import_object)
+        report_dir = Path(tempfile.mkdtemp(prefix="dc-prune-report-"))
+        cleanup.callback(shutil.rmtree, report_dir, True)
+        attachments = {f"pruning/{p.name}": p for p in pruning.write_search_report(pruner, report_dir)}
     artifact = build_engine(
         model,
         masks,
@@ -365,6 +377,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         calib_data=calib_data,
         quant_config_list=quant.get("config_list"),
         calibrator=args.calibrator or quant.get("calibrator", "minmax"),
+        bias_correction=bool(args.bias_correction or quant.get("bias_correction", False)),
         eval_inputs=eval_inputs,
         eval_labels=eval_labels,
         batch_sizes=args.batch_sizes or build.get("batch_sizes", [1]),
@@ -376,6 +389,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         dynamic_axes=_dynamic_axes(args.dynamic_axis or []),
         progress=not args.quiet,
         strict=args.strict,
+        attachments=attachments,
     )
     from .report import report_summary
 
@@ -647,6 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibration.add_argument("--calib", help="CalibConfig JSON (or NNI calibration dict)")
     calibration.add_argument("--calib-data", help="calibrate here: .npy/.npz (x) or package.module:function yielding batches")
     b.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"])
+    b.add_argument("--bias-correction", action="store_true",
+                   help="with --calib-data: correct the int8 biases on the calibration data (Nagel et al. 2019)")
     b.add_argument("--eval-data", help="validate on this: .npz with x (and y labels) or package.module:function")
     b.add_argument("--input-shape", type=_input_shape, action="append",
                    help="example input shape, once per input in forward's order: 1,3,224,224; or named: rgb=1,3,64,64 "

@@ -157,6 +157,12 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise RecipeError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
 def _mapping(value: Any, where: str) -> dict:
     if not isinstance(value, Mapping):
         raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__}")
@@ -204,7 +210,8 @@ RECIPE_SCHEMA: dict[str, dict[str, Check] | Check] = {
     "prune": {"pruner": _str, "config_list": _list_of_dicts, "options": _mapping, "finetune": _str, "report": _str, "round_to": _recipe_int(1),
               "norm_spans": _choice("keep", "prune")},
     "quantize": {"calibration": _str, "data": _str, "batch_size": _recipe_int(1), "batches": _recipe_int(1),
-                 "config_list": _list_of_dicts, "calibrator": _choice("minmax", "percentile", "entropy", "mse")},
+                 "config_list": _list_of_dicts, "calibrator": _choice("minmax", "percentile", "entropy", "mse"),
+                 "bias_correction": _bool},
     "build": {"precision": _choice("int8", "fp32"), "backend": _choice("onnxruntime", "tensorrt"), "batch_sizes": _recipe_shape,
               "iterations": _recipe_int(1), "name": _str},
     "eval": {"data": _str},

@@ -669,6 +669,11 @@ def resolve_op_types(names: Iterable[str], model: nn.Module | None = None) -> tu
                 out.setdefault(cls, None)
         for cls in _REGISTERED_OP_TYPES.get(name, ()):
             out.setdefault(cls, None)
+        if name == "Linear" and model is not None:  # transformers' Conv1D and the other linear-like layers
+            from .linear_like import linear_like_classes
+
+            for cls in linear_like_classes(model):
+                out.setdefault(cls, None)
     return tuple(out)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -72,6 +73,7 @@ class PTQQuantizer(Quantizer):
         self.calibrator_kwargs = calibrator_kwargs
         self.observing = False
         self.calibrated = False
+        self._float = False
         try:
             self._reset()
         except QuantError as exc:
@@ -133,7 +135,27 @@ class PTQQuantizer(Quantizer):
         self.calibrated = True
         log.info("%s: calibrated %d tensors on %d batches", self.algorithm, len(self.export_calib_config()), seen)
 
+    @contextmanager
+    def float_mode(self) -> Iterator[None]:
+        """Within the block the wrapped model computes in float (no fake quantization, no observation)."""
+        before = self._float
+        self._float = True
+        try:
+            yield
+        finally:
+            self._float = before
+
+    def correct_bias(self, batches: Iterable[Any], *, progress: bool = True) -> Any:
+        """Empirical bias correction of every weight-quantized layer (Nagel et al. 2019), after
+        :meth:`calibrate`: see :func:`deploycompress.quantization.bias_correction.correct_bias`. Changes the
+        wrapped modules' biases in place; returns the :class:`~.bias_correction.BiasCorrection` applied."""
+        from .bias_correction import correct_bias
+
+        return correct_bias(self, batches, progress=progress)
+
     def _activation(self, x: torch.Tensor, wrapper: QuantWrapper, kind: str) -> torch.Tensor:
+        if self._float:
+            return x
         if self.observing:
             wrapper.calibrators[kind].observe(x.detach().float().cpu().numpy())
             return x
@@ -147,6 +169,6 @@ class PTQQuantizer(Quantizer):
         return self._activation(x, wrapper, "output")
 
     def quantize_weight(self, weight: torch.Tensor, wrapper: QuantWrapper) -> torch.Tensor:
-        if self.observing or not self.calibrated:
+        if self.observing or not self.calibrated or self._float:
             return weight
         return fake_quantize(weight, wrapper.params["weight"])
