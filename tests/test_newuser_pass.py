@@ -151,13 +151,13 @@ def test_speedup_of_a_model_with_tied_weights_reproduces_the_masked_model():
     assert model.dec.weight is model.emb.weight and model.mid.weight.shape == (16, 16)  # the caller's model untouched
 
 
-def test_one_output_linear_is_not_a_per_channel_lint_finding():
+def test_one_output_channel_is_not_a_per_channel_lint_finding():
     from deploycompress.export import lint_qdq
 
     class TwoHeads(nn.Module):
         def __init__(self):
             super().__init__()
-            self.body, self.cls, self.reg = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 1)
+            self.body, self.cls, self.reg = nn.Conv2d(6, 8, 1), nn.Conv2d(8, 3, 1), nn.Conv2d(8, 1, 1)  # a 1-channel head
 
         def forward(self, x):
             h = torch.relu(self.body(x))
@@ -165,20 +165,21 @@ def test_one_output_linear_is_not_a_per_channel_lint_finding():
 
     from deploycompress.export import insert_qdq, to_onnx
 
-    model, x = TwoHeads().eval(), torch.randn(16, 6)
-    q = dc.PTQQuantizer(model, [{"quant_types": ["input", "weight"], "op_types": ["Linear"]}])
+    model, x = TwoHeads().eval(), torch.randn(16, 6, 4, 4)
+    q = dc.PTQQuantizer(model, [{"quant_types": ["input", "weight"], "op_types": ["Conv2d"]}])
     q.calibrate([x])
     calib, plain = q.export_calib_config(), q.unwrap_model()
     exported = to_onnx(plain, x[:1])
     for target in ("onnxruntime", "tensorrt"):
         qdq = insert_qdq(exported.model, calib, exported.name_map, target=target)
         assert [f for f in lint_qdq(qdq, target) if f.rule == "weight-per-channel"] == []
-        bad = onnx_with_per_tensor_weight(qdq)  # a real per-tensor weight on a 3-channel Linear still is one
+        assert any(n.op_type == "DequantizeLinear" for n in qdq.graph.node)
+        bad = onnx_with_per_tensor_weight(qdq)  # a real per-tensor weight on a 3-channel conv still is one
         assert any(f.rule == "weight-per-channel" for f in lint_qdq(bad, target))
 
 
 def onnx_with_per_tensor_weight(model):
-    """The QDQ graph with the 3-output Linear's weight scale collapsed to one value (written here, not by the code)."""
+    """The QDQ graph with the 3-output conv's weight scale collapsed to one value (written here, not by the code)."""
     import copy
 
     import onnx
@@ -190,7 +191,7 @@ def onnx_with_per_tensor_weight(model):
         if node.op_type != "DequantizeLinear":
             continue
         w = inits.get(node.input[0])
-        if w is None or numpy_helper.to_array(w).shape != (3, 8):
+        if w is None or numpy_helper.to_array(w).shape != (3, 8, 1, 1):
             continue
         for pos in (1, 2):
             arr = numpy_helper.to_array(inits[node.input[pos]])
