@@ -284,3 +284,42 @@ def test_ptq_calibration_on_a_loader_of_pairs_says_what_to_pass():
         q.calibrate(pairs, progress=False)
     q.calibrate((x for x, _ in pairs), progress=False)  # the fix the message names
     assert set(q.export_calib_config().modules) == {"0", "2"}
+
+
+class _TwoInTwoOut(nn.Module):
+    """An image and a table in, a dict of a class head and a (large) regression head out."""
+
+    def __init__(self):
+        super().__init__()
+        self.img = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.tab = nn.Sequential(nn.Linear(5, 8), nn.ReLU())
+        self.cls, self.reg = nn.Linear(16, 4), nn.Linear(16, 1)
+
+    def forward(self, image, table):
+        h = torch.cat([self.img(image), self.tab(table)], 1)
+        return {"cls": self.cls(h), "reg": 100 * self.reg(h)}
+
+
+def test_cli_validate_holds_value_tolerances_on_every_output(tmp_path, capsys):
+    from deploycompress.cli import main
+
+    torch.manual_seed(0)
+    model = _TwoInTwoOut().eval()
+    image, table = torch.randn(32, 3, 8, 8), torch.randn(32, 5)
+    dc.build_engine(model, None, None, example_inputs=(image[:1], table[:1]), calib_data=[(image, table)], precision="int8",
+                    out_dir=tmp_path / "b", **FAST)
+    np.savez(tmp_path / "eval.npz", image=image.numpy(), table=table.numpy())
+    runner = dc.load_bundle(tmp_path / "b")
+    got = runner.run({"image": image.numpy(), "table": table.numpy()})
+    with torch.no_grad():
+        ref = {k: v.numpy() for k, v in model(image, table).items()}
+    err = {k: float(np.abs(got[k] - ref[k]).max()) for k in ref}
+    assert err["reg"] > 4 * err["cls"] > 0  # the regression head's error is the larger one
+    threshold = (err["reg"] + err["cls"]) / 2
+    capsys.readouterr()
+    code = main(["validate", str(tmp_path / "b"), "--data", str(tmp_path / "eval.npz"), "--iterations", "1",
+                 "--max-abs-error", f"{threshold:.6g}"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "max |diff| (reg)" in out and "max |diff| (cls)" not in out
+    assert "[reg] max |diff|" in out and "[cls] max |diff|" in out
