@@ -178,6 +178,30 @@ def test_one_output_channel_is_not_a_per_channel_lint_finding():
         assert any(f.rule == "weight-per-channel" for f in lint_qdq(bad, target))
 
 
+def test_tensorrt_keeps_gemv_heads_float_and_names_them():
+    from deploycompress.export import insert_qdq, lint_qdq, to_onnx
+
+    class LinearHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.cls, self.reg = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return {"cls": self.cls(h), "reg": self.reg(h)}
+
+    model, x = LinearHeads().eval(), torch.randn(16, 6)
+    q = dc.PTQQuantizer(model, [{"quant_types": ["input", "weight"], "op_types": ["Linear"]}])
+    q.calibrate([x])
+    calib, plain = q.export_calib_config(), q.unwrap_model()
+    exported = to_onnx(plain, x[:1])
+    # TensorRT keeps one-row-per-sample Gemms (GEMV at batch 1) float, as ModelOpt does, and says so by name
+    with pytest.warns(Warning, match="matrix-vector product") as caught:
+        qdq = insert_qdq(exported.model, calib, exported.name_map, target="tensorrt")
+    assert {str(w.message).split()[2] for w in caught if "matrix-vector" in str(w.message)} >= {"cls.weight", "reg.weight"}
+    assert lint_qdq(qdq, "tensorrt") == []
+
+
 def onnx_with_per_tensor_weight(model):
     """The QDQ graph with the 3-output conv's weight scale collapsed to one value (written here, not by the code)."""
     import copy
