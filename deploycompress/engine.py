@@ -38,6 +38,7 @@ from .checks import check_backend_options, check_batches, check_count, check_eva
 from .errors import InputError, StepError
 from .model_copy import plain_copy
 from .quantization.calib_config import CalibConfig, CalibConfigError
+from .quantization.quantizer import LEFT_FLOAT_KEY
 from .report import AccuracyRecord, FidelityRecord, LatencyRecord, Report, SizeRecord
 
 __all__ = ["BuildStepError", "EngineArtifact", "EngineError", "QDQLintWarning", "build_engine", "qdq_summary", "DEFAULT_QUANT_CONFIG", "default_quant_config"]
@@ -93,7 +94,9 @@ def _chain_ends(model: nn.Module, example_inputs: Any) -> dict[str, str]:
 
     candidates = set(CONV_OP_TYPES) | set(DEFAULT_OUTPUT_OP_TYPES)
     absorbers = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ReLU", "ReLU6"}
-    produced: dict[int, str] = {}
+    # (tensor id, its version counter when produced): an in-place op on a module's output (a residual
+    # ``out += identity``) keeps the id but bumps the version, so the ReLU after the sum reads another value
+    produced: dict[tuple[int, int], str] = {}
     absorbed: set[str] = set()
     keep_alive: list[torch.Tensor] = []  # ids stay unique while the forward runs
     handles = []
@@ -101,13 +104,14 @@ def _chain_ends(model: nn.Module, example_inputs: Any) -> dict[str, str]:
         def hook(mod, inputs, output) -> None:
             if isinstance(output, torch.Tensor):
                 keep_alive.append(output)
-                produced[id(output)] = name
+                produced[(id(output), output._version)] = name
 
         return hook
 
     def absorb(mod, inputs) -> None:
-        if inputs and id(inputs[0]) in produced:
-            absorbed.add(produced[id(inputs[0])])
+        key = (id(inputs[0]), inputs[0]._version) if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if key in produced:
+            absorbed.add(produced[key])
 
     for name, mod in model.named_modules():
         kind = _kind(mod, (*CONV_OP_TYPES, *DEFAULT_OUTPUT_OP_TYPES))
@@ -266,6 +270,23 @@ def _first_batch(data: Iterable | None) -> Any:
     return next(iter(data), None)  # type: ignore[arg-type]
 
 
+ATTACHMENT_FOLDERS = ("attachments", "pruning")
+
+
+def _check_attachments(attachments: Mapping[str, str | os.PathLike[str]] | None) -> dict[str, Path]:
+    """Bundle-relative path -> existing file; refused before any work when a path leaves the
+    attachment folders or a file is missing."""
+    out: dict[str, Path] = {}
+    for rel, src in (attachments or {}).items():
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or len(parts) < 2 or parts[0] not in ATTACHMENT_FOLDERS or ".." in parts:
+            raise EngineError(f"attachments: {rel!r} must be a relative path under one of {list(ATTACHMENT_FOLDERS)}/")
+        if not Path(src).is_file():
+            raise EngineError(f"attachments: {str(src)!r} (for {rel!r}) is not a file")
+        out[Path(rel).as_posix()] = Path(src)
+    return out
+
+
 def _check_calibration(calib: CalibConfig, model: nn.Module) -> None:
     """Before any work: the calibration names modules the model has, its per-channel weight lengths and
     axes fit, and its bit widths are ones int8 QDQ can express."""
@@ -303,6 +324,20 @@ def _load_calib(calib_config: Any, model: nn.Module | None = None) -> CalibConfi
     raise EngineError(f"calib_config must be a CalibConfig or a path to its JSON, got {type(calib_config).__name__}")
 
 
+def _linear_like_calibration(calib: CalibConfig, names: Sequence[str]) -> CalibConfig:
+    """A calibration taken on linear-like layers (weight ``(in, out)``, per-channel on axis 1) made to fit their
+    lowered ``nn.Linear`` (``(out, in)``: the same scales on axis 0)."""
+    import dataclasses
+
+    lowered = set(names)
+    out = CalibConfig(producer=calib.producer, provenance=dict(calib.provenance))
+    for name, kind, p in calib.items():
+        if name in lowered and kind == "weight" and p.axis is not None:
+            p = dataclasses.replace(p, axis=0)
+        out.set(name, kind, p)
+    return out
+
+
 def fit_calibration(calib: CalibConfig, model: nn.Module) -> CalibConfig:
     """Make a calibration taken on the masked model fit the speeded-up one (see the module docstring)."""
     modules = dict(model.named_modules())
@@ -329,14 +364,26 @@ def fit_calibration(calib: CalibConfig, model: nn.Module) -> CalibConfig:
 
 
 def _calibrate(
-    model: nn.Module, calib_data: Iterable, config_list: list[dict], calibrator: str, *, progress: bool = True
-) -> CalibConfig:
+    model: nn.Module, calib_data: Iterable, config_list: list[dict], calibrator: str, *, progress: bool = True,
+    bias_correction: bool = False,
+) -> tuple[CalibConfig, dict[str, torch.Tensor]]:
+    """The calibration of ``model`` on ``calib_data`` and, with ``bias_correction``, the corrected biases of its
+    quantized layers (:mod:`deploycompress.quantization.bias_correction`; empty otherwise)."""
     from .quantization import PTQQuantizer
 
     sim = copy.deepcopy(model).eval()
     quantizer = PTQQuantizer(sim, config_list, calibrator=calibrator)
-    quantizer.calibrate(calib_data, progress=progress)
-    return quantizer.export_calib_config()
+    batches = list(calib_data)
+    quantizer.calibrate(batches, progress=progress)
+    biases = quantizer.correct_bias(batches, progress=progress).biases(quantizer) if bias_correction else {}
+    return quantizer.export_calib_config(), biases
+
+
+def _set_biases(model: nn.Module, biases: Mapping[str, torch.Tensor]) -> None:
+    """Give ``model``'s layers the corrected biases (a layer without a bias gets one)."""
+    for name, bias in biases.items():
+        module = model.get_submodule(name)
+        module.bias = nn.Parameter(bias.detach().clone().to(module.weight.dtype), requires_grad=False)
 
 
 def _size_record(stage: str, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> SizeRecord:
@@ -376,6 +423,7 @@ def build_engine(
     calib_data: Iterable | None = None,
     quant_config_list: list[dict] | None = None,
     calibrator: str = "minmax",
+    bias_correction: bool = False,
     eval_inputs: Any = None,
     eval_labels: torch.Tensor | None = None,
     batch_sizes: Sequence[int] = (1,),
@@ -392,6 +440,7 @@ def build_engine(
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     export_tolerance: float = 1e-3,
     strict: bool = False,
+    attachments: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> EngineArtifact:
     """Build a serving bundle in ``out_dir`` (written atomically: nothing is left there on failure).
 
@@ -418,6 +467,9 @@ def build_engine(
     are counted (:mod:`deploycompress.precision_audit`, recorded in ``report.quantized_layers``); fewer than
     the calibration selected gives a ``PrecisionShortfallWarning`` naming the layers, or with ``strict=True``
     a ``PrecisionShortfallError``.
+
+    ``attachments`` maps a relative path under ``attachments/`` or ``pruning/`` inside the bundle to a
+    file copied there and listed (with its sha256) in the manifest, e.g. a pruning search's report.
     """
     from tqdm.auto import tqdm
 
@@ -437,6 +489,12 @@ def build_engine(
         raise EngineError(f"precision must be one of {list(allowed)} for backend {backend!r}, got {precision!r}")
     if not isinstance(model, nn.Module):
         raise EngineError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .quantization.wrapper import QuantWrapper
+
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, QuantWrapper)]
+    if wrapped:
+        raise EngineError(f"model still holds quantizer wrappers ({', '.join(wrapped[:3])}{', ...' if len(wrapped) > 3 else ''}): "
+                          "pass quantizer.unwrap_model() as the model and quantizer.export_calib_config() as calib_config")
     name = name if name is not None else type(model).__name__.lower()
     try:
         check_model_name(name)
@@ -447,6 +505,7 @@ def build_engine(
             check_count(b, f"batch_sizes {list(batch_sizes)}", 1)
     except InputError as exc:
         raise EngineError(str(exc)) from exc
+    attached = _check_attachments(attachments)
     named = _named(model, example_inputs, "example_inputs")
     inputs = named.args
     try:
@@ -472,6 +531,7 @@ def build_engine(
     if masks is not None:
         check_masks_usable(masks)
     check_example_inputs(model, inputs)  # runs once: shape/dtype errors named as the argument
+    from .linear_like import lower_linear_like, transpose_masks
     from .subclasses import SubclassError, analyse_layers, lower_layers
 
     try:
@@ -481,6 +541,9 @@ def build_engine(
     calib = _load_calib(calib_config, model)
     if calib is not None and precision == "int8":
         _check_calibration(calib, model)
+    if bias_correction and (precision != "int8" or calib_data is None):
+        raise EngineError("bias_correction=True corrects the int8 biases on calib_data: pass precision='int8' and calib_data "
+                          "(a given calib_config carries no data to correct on)")
     if precision == "int8" and calib is None and calib_data is None:
         raise EngineError("precision 'int8' needs a calibration: pass calib_config (CalibConfig or JSON path) or calib_data (input batches)")
     if precision in ("fp32", "fp16") and (calib is not None or calib_data is not None):
@@ -505,6 +568,11 @@ def build_engine(
             lowered = lower_layers(deployed, layer_forms)
             if lowered:
                 report.notes.append("layer subclasses lowered for export: " + "; ".join(layer_forms[n].describe() for n in lowered))
+            linear_like = lower_linear_like(deployed)  # transformers' Conv1D -> the equivalent nn.Linear
+            if linear_like:
+                report.notes.append(f"{len(linear_like)} linear-like layers (weight stored (in, out)) lowered to nn.Linear: {linear_like[:8]}")
+                masks = transpose_masks(masks, model) if masks is not None else None
+                calib = _linear_like_calibration(calib, linear_like) if calib is not None else None
             report.sizes.append(_size_record("original", deployed, inputs))
             if masks is not None:
                 with steps("speedup"):
@@ -512,10 +580,14 @@ def build_engine(
 
                     deployed = speedup(deployed, masks, inputs, round_to=round_to, norm_spans=norm_spans).eval()
                 report.sizes.append(_size_record("speeded up", deployed, inputs))
+            biases: dict[str, torch.Tensor] = {}
             if precision == "int8":
                 with steps("calibrate"):
                     if calib_data is not None:
-                        calib = _calibrate(deployed, calib_data, quant_config_list or default_quant_config(deployed, example_inputs), calibrator, progress=progress)
+                        calib, biases = _calibrate(deployed, calib_data, quant_config_list or default_quant_config(deployed, example_inputs),
+                                                   calibrator, progress=progress, bias_correction=bias_correction)
+                        if biases:
+                            report.notes.append(f"bias correction: the biases of {len(biases)} quantized layers corrected on the calibration data")
                     elif masks is not None:
                         calib = fit_calibration(calib, deployed)  # type: ignore[arg-type]
             import onnx
@@ -530,11 +602,17 @@ def build_engine(
             graph_path = fp32_path
             if precision == "int8":
                 with steps("qdq"):
-                    qdq = insert_qdq(exported.model, calib, exported.name_map, target=backend)  # type: ignore[arg-type]
+                    quantized = exported
+                    if biases:  # the int8 graph runs the corrected biases; the fp32 graph and validation keep the model's
+                        corrected = copy.deepcopy(deployed)
+                        _set_biases(corrected, biases)
+                        quantized = to_onnx(corrected, example_inputs, dynamic_axes=dynamic_axes)
+                    qdq = insert_qdq(quantized.model, calib, quantized.name_map, target=backend)  # type: ignore[arg-type]
                     graph_path = work / "model.qdq.onnx"
                     onnx.save(qdq, str(graph_path))
                     report.qdq = qdq_summary(qdq, backend)
-                    audit = audit_qdq(qdq, exported.name_map, [m for m, kind, _ in calib.items() if kind == "weight"], backend=backend)  # type: ignore[union-attr]
+                    audit = audit_qdq(qdq, quantized.name_map, [m for m, kind, _ in calib.items() if kind == "weight"], backend=backend,  # type: ignore[union-attr]
+                                      exceptions=calib.provenance.get(LEFT_FLOAT_KEY))  # type: ignore[union-attr]
             if backend == "tensorrt":
                 import onnx
 
@@ -564,7 +642,7 @@ def build_engine(
                             golden_inputs=golden, exported=exported, fp32_path=fp32_path,
                             qdq_path=graph_path if precision == "int8" else None, options=trt_options, extra_options=trt_extra,  # type: ignore[arg-type]
                             max_batch_size=max_batch_size, calibration=calib, report=report, overwrite=overwrite,
-                            findings=trt_check.findings,
+                            findings=trt_check.findings, attachments=attached,
                             extra={"round_to": round_to, "norm_spans": norm_spans, "pruned": masks is not None})
                     return EngineArtifact(Path(out_dir), manifest, report, validation=None, calib_config=calib, model=deployed)
             build_options = dict(backend_options or {})
@@ -575,7 +653,7 @@ def build_engine(
                 artifact = engine_backend.build(graph_path, work / "build", precision=precision, **build_options)
                 runner = engine_backend.load(artifact)
                 if precision == "int8" and backend in INTEGER_KERNELS:
-                    audit_optimized(audit, qdq, onnx.load(str(artifact)), exported.name_map)
+                    audit_optimized(audit, qdq, onnx.load(str(artifact)), quantized.name_map)
             if precision == "int8":
                 report.quantized_layers = audit.to_dict()
                 report.notes.append(audit.summary())
@@ -603,7 +681,7 @@ def build_engine(
                                            flops=report.sizes[-1].flops, size_bytes=Path(artifact).stat().st_size))
             report.steps = dict(steps.seconds)
             report.environment = collect_environment()
-            extra_files = {"source/model.fp32.onnx": fp32_path}
+            extra_files = {"source/model.fp32.onnx": fp32_path, **attached}
             if graph_path != fp32_path:
                 extra_files["source/model.qdq.onnx"] = graph_path
             manifest = write_bundle(

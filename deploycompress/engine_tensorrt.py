@@ -139,6 +139,7 @@ def write_portable(
     extra: Mapping[str, Any],
     overwrite: bool,
     findings: Sequence[Any] = (),
+    attachments: Mapping[str, Path] | None = None,
 ):
     """Graphs (int8 QDQ + fp16 for an int8 build), plan, golden data and commands, as a portable bundle."""
     from .bundle.tensorrt_portable import write_portable_bundle
@@ -196,7 +197,7 @@ def write_portable(
     if report is not None:
         report.notes.append(f"TensorRT is not installed on the build machine: this is a portable bundle; build model.plan on the "
                             f"device (python3 -B -m deploycompress_device BUNDLE with PYTHONPATH=BUNDLE/device). Graphs: {sorted(graphs)}.")
-    extra_files = {"source/model.fp32.onnx": fp32_path}
+    extra_files = {"source/model.fp32.onnx": fp32_path, **dict(attachments or {})}
     if qdq_path is not None:
         extra_files["source/model.qdq.onnx"] = qdq_path
     return write_portable_bundle(out_dir, plan=plan, graph_files=files, golden_inputs=g_in, golden_outputs=g_out,

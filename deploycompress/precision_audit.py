@@ -13,6 +13,10 @@ with a reason per missing layer:
 
 :func:`check_precision` turns a shortfall into a :class:`PrecisionShortfallWarning` naming the layers and
 reasons, or, with ``strict=True``, into :class:`PrecisionShortfallError`.
+
+Selected layers the quantizer could not wrap at all (``nn.MultiheadAttention.out_proj``, whose weight its parent
+reads directly) are carried by name and reason in :attr:`PrecisionAudit.exceptions` (from the calibration's
+``provenance["left_float"]``): listed in the summary and the report, not counted as a shortfall.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -75,6 +79,9 @@ class PrecisionAudit:
     precision: str
     backend: str
     layers: dict[str, LayerPrecision] = field(default_factory=dict)
+    #: layers the config selected that stay float for a known, named reason (the quantizer could not
+    #: wrap them: ``nn.MultiheadAttention.out_proj``); reported, not counted in ``short`` (``strict`` passes)
+    exceptions: dict[str, str] = field(default_factory=dict)
 
     @property
     def requested(self) -> int:
@@ -97,15 +104,20 @@ class PrecisionAudit:
 
     def summary(self) -> str:
         opt = "not inspected" if self.in_optimized is None else f"{self.in_optimized}"
-        return (
+        text = (
             f"{self.precision} requested for {self.requested} weighted layers: {self.in_qdq} in the QDQ graph, "
             f"{opt} in {self.backend}'s optimized graph"
         )
+        if self.exceptions:
+            text += f"; {len(self.exceptions)} selected layer(s) left float by exception: " + "; ".join(
+                f"{n} ({why})" for n, why in self.exceptions.items())
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "precision": self.precision, "backend": self.backend, "requested": self.requested, "in_qdq": self.in_qdq,
-            "in_optimized": self.in_optimized, "short": self.short, "layers": {n: asdict(l) for n, l in self.layers.items()},
+            "in_optimized": self.in_optimized, "short": self.short, "exceptions": dict(self.exceptions),
+            "layers": {n: asdict(l) for n, l in self.layers.items()},
         }  # fmt: skip
 
 
@@ -148,11 +160,14 @@ def _zero_constant_pad(model: onnx.ModelProto, producer: dict[str, onnx.NodeProt
     return value is not None and not np.any(value)
 
 
-def audit_qdq(qdq_model: onnx.ModelProto, name_map: NameMap, layers: Iterable[str], *, backend: str = "onnxruntime") -> PrecisionAudit:
-    """Which of ``layers`` (module names whose weight the calibration quantizes) run in int8 in the QDQ graph."""
+def audit_qdq(qdq_model: onnx.ModelProto, name_map: NameMap, layers: Iterable[str], *, backend: str = "onnxruntime",
+              exceptions: Mapping[str, str] | None = None) -> PrecisionAudit:
+    """Which of ``layers`` (module names whose weight the calibration quantizes) run in int8 in the QDQ graph.
+    ``exceptions``: selected layers the quantizer left float, ``{module: reason}`` (the calibration's
+    ``provenance["left_float"]``), carried into the audit by name."""
     producer, _ = _index(qdq_model)
     nodes = {n.name: n for n in qdq_model.graph.node}
-    audit = PrecisionAudit("int8", backend)
+    audit = PrecisionAudit("int8", backend, exceptions=dict(exceptions or {}))
     for name in layers:
         m = name_map.get(name)
         node = nodes.get(m.weight_node or "") if m is not None else None
@@ -204,6 +219,8 @@ def check_precision(audit: PrecisionAudit, *, strict: bool = False) -> None:
     """Warn (:class:`PrecisionShortfallWarning`) or, with ``strict``, raise when layers run in less than asked."""
     short = audit.short
     log.info("precision audit: %s", audit.summary())
+    for name, why in audit.exceptions.items():
+        log.warning("%s stays float: %s", name, why)
     if not short:
         return
     listed = "\n  ".join(f"{n}: {why}" for n, why in list(short.items())[:20])

@@ -320,3 +320,50 @@ def test_fewer_int8_layers_than_asked_warns_and_strict_fails(tmp_path):
     with pytest.raises(PrecisionShortfallError, match="fc"):
         build_engine(net, out_dir=tmp_path / "strict", strict=True, **kw)
     assert not (tmp_path / "strict").exists()
+
+
+class _AttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+def test_multihead_attention_out_proj_is_a_named_exception_of_the_precision_audit(tmp_path):
+    """``nn.MultiheadAttention`` reads ``out_proj.weight`` itself (never calls out_proj), so the quantizer cannot
+    wrap it: the audit names it with the reason, and ``strict`` still builds the layers that can run in int8."""
+    import onnx
+    from onnx import numpy_helper
+
+    from deploycompress import build_engine
+    from deploycompress.quantization import CalibConfig
+    from deploycompress.quantization.quantizer import UncalledModuleWarning
+
+    torch.manual_seed(0)
+    net = _AttentionNet().eval()
+    x = torch.randn(2, 5, 8)
+    calib = [torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    kw = dict(example_inputs=x[:1], iterations=1, warmup=0, compare_fp32=False, progress=False, strict=True)
+    with pytest.warns(UncalledModuleWarning, match="attn.out_proj"):
+        art = build_engine(net, out_dir=tmp_path / "b", calib_data=calib, **kw)
+    audit = art.report.quantized_layers
+    assert list(audit["exceptions"]) == ["attn.out_proj"]
+    assert "MultiheadAttention" in audit["exceptions"]["attn.out_proj"]
+    assert audit["requested"] == 2 and audit["in_optimized"] == 2 and not audit["short"]
+    assert any("attn.out_proj (never called" in n for n in art.report.notes)
+    # the graph itself: two int8 weights (embed's, head's); out_proj's (16, 16) stays a float initializer
+    qdq = onnx.load(str(art.out_dir / "source" / "model.qdq.onnx"))
+    shapes = {dt: sorted(tuple(numpy_helper.to_array(i).shape) for i in qdq.graph.initializer if i.data_type == dt and len(i.dims) == 2)
+              for dt in (onnx.TensorProto.INT8, onnx.TensorProto.FLOAT)}
+    assert len(shapes[onnx.TensorProto.INT8]) == 2 and (16, 16) not in shapes[onnx.TensorProto.INT8]
+    assert (16, 16) in shapes[onnx.TensorProto.FLOAT]
+    # the exception travels with the calibration file
+    path = art.calib_config.save(tmp_path / "calib.json")
+    again = build_engine(net, calib_config=CalibConfig.load(path), out_dir=tmp_path / "c", **kw)
+    assert again.report.quantized_layers["exceptions"] == audit["exceptions"]

@@ -159,7 +159,8 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
                 stored = wv.dtype if gs_constant(wp.inputs[0]) is not None else (zp.dtype if zp is not None else None)
                 axis = weight_axis(node.op, node.attrs.get("transB", 0))
                 channels = wv.shape[axis] if wv is not None and wv.ndim > axis else None
-                if scale is not None and (scale.size == 1 or wp.attrs.get("axis", 1) != axis or scale.size != channels):
+                one_channel = channels == 1 and scale is not None and scale.size == 1  # per-tensor is per-channel there
+                if scale is not None and not one_channel and (scale.size == 1 or wp.attrs.get("axis", 1) != axis or scale.size != channels):
                     add(node.name, "weight-per-channel",
                         f"weight scale has {scale.size} value(s) on axis {wp.attrs.get('axis', 1)}; expected {channels} on axis {axis}")
                 if (stored is not None and stored != np.int8) or (zp is not None and np.any(zp != 0)):

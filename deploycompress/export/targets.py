@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from calibrators import QuantParams
 
+from ..suggest import did_you_mean
+
 __all__ = ["QDQTarget", "QDQ_TARGETS", "get_target", "register_target", "target_names"]
 
 
@@ -117,7 +119,7 @@ def get_target(name: str | QDQTarget) -> QDQTarget:
     try:
         return QDQ_TARGETS[name]
     except KeyError:
-        raise ValueError(f"target must be one of {target_names()}, got {name!r}") from None
+        raise ValueError(f"target must be one of {target_names()}, got {name!r}{did_you_mean(name, target_names())}") from None
 
 
 def target_names() -> list[str]:

@@ -15,7 +15,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -73,6 +73,7 @@ class Pruner:
         )
         modules = dict(model.named_modules())
         self._modules: dict[str, nn.Module] = {name: modules[name] for name in self.module_configs}
+        _refuse_linear_like(self._modules, type(self).__name__)
         for name, module in self._modules.items():
             if _weight(module) is None:
                 raise ConfigError(
@@ -242,3 +243,16 @@ class Pruner:
             tmp.unlink(missing_ok=True)
             self.model.train(was_training)
         log.info("ONNX model saved to %s", path)
+
+
+def _refuse_linear_like(modules: Mapping[str, nn.Module], algorithm: str) -> None:
+    """Linear-like layers stored ``(in, out)`` (transformers' Conv1D) are pruned in their nn.Linear form."""
+    from ..linear_like import is_linear_like
+
+    found = [f"{n} ({type(m).__name__})" for n, m in modules.items() if is_linear_like(m)]
+    if found:
+        raise ConfigError(
+            f"{algorithm}: {found[:4]}{' ...' if len(found) > 4 else ''} store their weight as (in, out) and compute "
+            "torch.addmm on a view, which the channel tracer does not follow; prune their exact nn.Linear form: "
+            "model = deploycompress.linear_like.to_linear(model) (a copy, same module names and outputs)"
+        )

@@ -33,6 +33,9 @@ def params_tensors(params: QuantParams, like: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _fq(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and x.requires_grad):  # in place on one temporary: calibration and evaluation
+        q = torch.div(x, scale)
+        return q.round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale)
     q = torch.clamp(torch.round(x / scale) + zp, qmin, qmax)
     return (q - zp) * scale
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from calibrators import QuantError, create_calibrator
 
+from ..batches import call_with_batch
 from .fake_quant import fake_quantize
 from .quantizer import Quantizer, QuantizerError
 from .wrapper import QuantWrapper
@@ -71,6 +73,7 @@ class PTQQuantizer(Quantizer):
         self.calibrator_kwargs = calibrator_kwargs
         self.observing = False
         self.calibrated = False
+        self._float = False
         try:
             self._reset()
         except QuantError as exc:
@@ -113,12 +116,7 @@ class PTQQuantizer(Quantizer):
                 for batch in tqdm(batches, total=total, desc=f"calibrating ({self.calibrator})", unit="batch", leave=False, disable=not progress):
                     if num_batches is not None and seen >= num_batches:
                         break
-                    if isinstance(batch, Mapping):
-                        self.model(**batch)  # inputs keyed by forward's parameter names
-                    elif isinstance(batch, (tuple, list)):
-                        self.model(*batch)
-                    else:
-                        self.model(batch)
+                    call_with_batch(self.model, batch, seen)  # a tensor, positional inputs, or inputs keyed by name
                     seen += 1
         except QuantError as exc:
             raise QuantizerError(f"calibration failed: {exc}") from None
@@ -137,7 +135,27 @@ class PTQQuantizer(Quantizer):
         self.calibrated = True
         log.info("%s: calibrated %d tensors on %d batches", self.algorithm, len(self.export_calib_config()), seen)
 
+    @contextmanager
+    def float_mode(self) -> Iterator[None]:
+        """Within the block the wrapped model computes in float (no fake quantization, no observation)."""
+        before = self._float
+        self._float = True
+        try:
+            yield
+        finally:
+            self._float = before
+
+    def correct_bias(self, batches: Iterable[Any], *, progress: bool = True) -> Any:
+        """Empirical bias correction of every weight-quantized layer (Nagel et al. 2019), after
+        :meth:`calibrate`: see :func:`deploycompress.quantization.bias_correction.correct_bias`. Changes the
+        wrapped modules' biases in place; returns the :class:`~.bias_correction.BiasCorrection` applied."""
+        from .bias_correction import correct_bias
+
+        return correct_bias(self, batches, progress=progress)
+
     def _activation(self, x: torch.Tensor, wrapper: QuantWrapper, kind: str) -> torch.Tensor:
+        if self._float:
+            return x
         if self.observing:
             wrapper.calibrators[kind].observe(x.detach().float().cpu().numpy())
             return x
@@ -151,6 +169,6 @@ class PTQQuantizer(Quantizer):
         return self._activation(x, wrapper, "output")
 
     def quantize_weight(self, weight: torch.Tensor, wrapper: QuantWrapper) -> torch.Tensor:
-        if self.observing or not self.calibrated:
+        if self.observing or not self.calibrated or self._float:
             return weight
         return fake_quantize(weight, wrapper.params["weight"])

@@ -25,7 +25,7 @@ from .calib_config import CalibConfig
 from .fake_quant import fake_quantize
 from .wrapper import QuantWrapper
 
-__all__ = ["Quantizer", "QuantizerError", "WEIGHTED_OP_TYPES", "ACTIVATION_OP_TYPES"]
+__all__ = ["LEFT_FLOAT_KEY", "Quantizer", "QuantizerError", "WEIGHTED_OP_TYPES", "ACTIVATION_OP_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ ACTIVATION_OP_TYPES = (
     "Flatten",
     "Identity",
 )
+
+
+#: the calibration provenance key listing the selected modules left float, ``{module: reason}``
+LEFT_FLOAT_KEY = "left_float"
 
 
 class QuantizerError(InputError, ValueError):
@@ -119,7 +123,10 @@ class Quantizer:
             algorithm=self.algorithm,
         )
         explicit = validate_config_list(config_list, kind="quantization")
-        configs = _drop_uncalled(model, configs)
+        #: modules the config selected that stay float, with the reason (recorded in the calibration's
+        #: provenance as ``left_float``, reported by the precision audit as named exceptions)
+        self.left_float: dict[str, str] = {}
+        configs = _drop_uncalled(model, configs, self.left_float)
         for name, cfg in configs.items():
             self._check(name, cfg, model.get_submodule(name))
             if "granularity" not in explicit[cfg.config_index]:
@@ -223,6 +230,8 @@ class Quantizer:
     def export_calib_config(self) -> CalibConfig:
         """One :class:`CalibConfig` entry per quantized tensor, keyed by the model's module names."""
         calib = CalibConfig(producer=f"deploycompress {self.algorithm}")
+        if self.left_float:
+            calib.provenance[LEFT_FLOAT_KEY] = dict(self.left_float)
         for name, wrapper in self.wrappers.items():
             for kind in wrapper.quant_types:
                 calib.set(name, kind, self.calibration(wrapper, kind))
@@ -275,8 +284,14 @@ def _uncalled_modules(model: nn.Module) -> set[str]:
     }
 
 
-def _drop_uncalled(model: nn.Module, configs: dict[str, ModuleConfig]) -> dict[str, ModuleConfig]:
+#: why a selected out_proj stays float (the precision audit's exception reason)
+UNCALLED_REASON = ("never called: nn.MultiheadAttention passes out_proj.weight/bias to F.multi_head_attention_forward, "
+                   "so no quantizer wrapper can see its input; it stays float in the simulation and the deployed graph")
+
+
+def _drop_uncalled(model: nn.Module, configs: dict[str, ModuleConfig], left_float: dict[str, str]) -> dict[str, ModuleConfig]:
     skipped = sorted(_uncalled_modules(model) & set(configs))
+    left_float.update({n: UNCALLED_REASON for n in skipped})
     if skipped:
         warnings.warn(
             f"{skipped}: never called (nn.MultiheadAttention reads out_proj's weight directly), so not "

@@ -19,7 +19,13 @@ __all__ = ["QuantWrapper", "weight_axis"]
 
 
 def weight_axis(module: nn.Module) -> int:
-    """Output-channel axis of a weight: 0 for Conv and Linear, 1 for ConvTranspose (``in, out/groups, ...``)."""
+    """Output-channel axis of a weight: 0 for Conv and Linear, 1 for ConvTranspose (``in, out/groups, ...``) and for
+    linear-like layers storing ``(in, out)`` (:mod:`deploycompress.linear_like`: transformers' Conv1D)."""
+    from ..linear_like import output_axis
+
+    linear_like = output_axis(module)
+    if linear_like is not None:
+        return linear_like
     return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
 
 
