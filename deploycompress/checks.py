@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, MaskError
+from .suggest import closest, did_you_mean
 
 __all__ = [
     "CheckError",
@@ -111,7 +112,7 @@ def _batch_tensors(batch: Any, names: list[str], where: str) -> list[tuple[str, 
     if isinstance(batch, Mapping):
         unknown = [k for k in batch if k not in names]
         if unknown:
-            raise CheckError(f"{where} names input(s) {unknown}; the model's inputs are {names}")
+            raise CheckError(f"{where} names input(s) {unknown}{did_you_mean(unknown[0], names)}; the model's inputs are {names}")
         missing = [n for n in names if n not in batch]
         if missing:
             raise CheckError(f"{where} lacks input(s) {missing}")
@@ -205,7 +206,6 @@ def check_masks_usable(masks: Mapping[str, Mapping[str, torch.Tensor]], what: st
 def check_backend_options(backend: Any, options: Mapping[str, Any]) -> None:
     """Option names the backend's ``build`` declares (keyword-only parameters), checked before any
     work with close matches named; a backend with a ``check_options`` checks names and values itself."""
-    import difflib
     import inspect
 
     checker = getattr(backend, "check_options", None)
@@ -219,7 +219,7 @@ def check_backend_options(backend: Any, options: Mapping[str, Any]) -> None:
     known = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "precision"]
     unknown = [k for k in options if k not in known]
     if unknown and known:  # a build taking only **options names none: the backend checks them itself
-        hints = {k: difflib.get_close_matches(k, known, n=2) for k in unknown}
+        hints = {k: closest(k, known, n=2) for k in unknown}
         raise CheckError(f"backend_options {unknown} are not options of backend {getattr(backend, 'name', backend)!r} "
                          f"(close matches: {hints}); known: {known}")
 

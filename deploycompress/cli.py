@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .cli_args import (check_recipe, cosine, fraction, non_negative_float, non_negative_int, parse_shape, positive_float,
+from .cli_args import (SuggestingParser, check_recipe, cosine, fraction, non_negative_float, non_negative_int, parse_shape, positive_float,
                        positive_int, shape_arg)
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, InputError, exit_code
+from .suggest import did_you_mean
 
 __all__ = ["main", "UsageError"]
 
@@ -106,7 +107,8 @@ def _import_object(spec: str, what: str) -> Any:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UsageError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise UsageError(f"{what} {spec!r}: {getattr(obj, '__name__', module_name)!r} has no attribute {part!r}"
+                             f"{did_you_mean(part, [n for n in dir(obj) if not n.startswith('_')])}")
         obj = getattr(obj, part)
     return obj
 
@@ -133,7 +135,8 @@ def _load_model(factory: str | None, torchvision_name: str | None, weights: str 
             model = torchvision.models.get_model(torchvision_name, weights=None, **(kwargs or {}))
         except ValueError:
             known = torchvision.models.list_models(module=torchvision.models)
-            raise UsageError(f"--torchvision {torchvision_name!r} is not a torchvision classification model; e.g. {known[:8]}") from None
+            raise UsageError(f"--torchvision {torchvision_name!r} is not a torchvision classification model"
+                             f"{did_you_mean(torchvision_name, known) or f'; e.g. {known[:8]}'}") from None
     else:
         fn = _import_object(factory, "--model")  # type: ignore[arg-type]
         if not callable(fn):
@@ -206,7 +209,8 @@ def _check_data_fits(runner: Any, data: Any, option: str) -> None:
     for spec in specs:
         if spec.name not in arrays:
             if isinstance(data, dict):
-                raise UsageError(f"{option} lacks the artifact's input {spec.name!r}; its arrays: {sorted(data)}")
+                raise UsageError(f"{option} lacks the artifact's input {spec.name!r}; its arrays: {sorted(data)}"
+                                 f"{did_you_mean(spec.name, data)}")
             continue
         shape = tuple(arrays[spec.name].shape)
         fits = len(shape) == len(spec.shape) and all(not isinstance(d, int) or d == s for d, s in zip(spec.shape[1:], shape[1:]))
@@ -282,11 +286,18 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 # -- build ----------------------------------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as cleanup:  # temporary files (the pruning report) go once the bundle is written
+        return _cmd_build(args, cleanup)
+
+
+def _cmd_build(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
+    import shutil
+    import tempfile
+
     import torch
 
     from . import pruning
     from .bundle import check_out_dir
-    from .cli_args import close_matches
     from .engine import build_engine
 
     recipe = _load_recipe(args.recipe) if args.recipe else {}
@@ -318,11 +329,15 @@ def cmd_build(args: argparse.Namespace) -> int:
         pruner_name = prune.get("pruner", "L1NormPruner")
         known = [n for n in pruning.__all__ if n.endswith("Pruner") and isinstance(getattr(pruning, n), type)]
         if pruner_name not in known:
-            raise UsageError(f"recipe prune.pruner {pruner_name!r} is not a pruner{close_matches(pruner_name, known)}; known: {known}")
+            raise UsageError(f"recipe prune.pruner {pruner_name!r} is not a pruner{did_you_mean(pruner_name, known)}; known: {known}")
         if "config_list" not in prune:
             raise UsageError("recipe section 'prune' needs a config_list")
         if prune.get("finetune"):
             _import_object(prune["finetune"], "recipe prune.finetune")  # found now, not after pruning
+    precision = args.precision or build.get("precision", "int8")
+    if precision == "int8" and not calib and not data_spec:  # found now, not after pruning and fine-tuning
+        raise UsageError("precision int8 needs a calibration: give --calib CALIB.json or --calib-data DATA (recipe: "
+                         "quantize.calibration or quantize.data), or build another precision (--precision fp32)")
     calib_data = None
     if data_spec:
         x, _ = _load_arrays(data_spec, "--calib-data" if args.calib_data else "recipe quantize.data")
@@ -340,6 +355,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         factory, tv_name = args.model, args.torchvision
     model = _load_model(factory, tv_name, args.weights or _resolve(m.get("weights"), base), m.get("kwargs"))
     example = _example_inputs(shapes)
+    attachments: dict[str, Path] = {}  # the pruning search's report, carried into the bundle
     if pruner_name is not None:  # any pruner by class name, scheduled and automatic ones included
         log.info("build: pruning with %s", pruner_name)
         try:
@@ -347,7 +363,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
         model, masks = pruning.run_prune_section(pruner, prune, _import_object)
-    precision = args.precision or build.get("precision", "int8")
+        report_dir = Path(tempfile.mkdtemp(prefix="dc-prune-report-"))
+        cleanup.callback(shutil.rmtree, report_dir, True)
+        attachments = {f"pruning/{p.name}": p for p in pruning.write_search_report(pruner, report_dir)}
     artifact = build_engine(
         model,
         masks,
@@ -371,6 +389,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         dynamic_axes=_dynamic_axes(args.dynamic_axis or []),
         progress=not args.quiet,
         strict=args.strict,
+        attachments=attachments,
     )
     from .report import report_summary
 
@@ -536,6 +555,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     p = Path(args.artifact)
     manifest = None
+    foreign: tuple[Path, Any] | None = None  # the model's own float graph, when the bundle was built for another backend
     if p.is_dir():
         from .bundle import read_verified
 
@@ -548,6 +568,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                               if g in verified), graph_rel)
         graph_path = p / graph_rel
         graph = _read_onnx(graph_path, data=verified[graph_rel])
+        fp32_rel = "source/model.fp32.onnx"
+        if manifest.backend != args.target and fp32_rel in verified:  # e.g. an onnxruntime bundle checked for TensorRT
+            foreign = (p / fp32_rel, _read_onnx(p / fp32_rel, data=verified[fp32_rel]))
         lint_path, lint_graph = (p / qdq_rel, _read_onnx(p / qdq_rel, data=verified[qdq_rel])) if qdq_rel in verified else (graph_path, graph)
     elif p.is_file() and p.suffix == ".onnx":
         graph_path = lint_path = p
@@ -575,6 +598,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     lines += [f"output {t.name}: {t.dtype} {list(t.shape)}" for t in outputs]
     lines.append(f"nodes: {sum(ops.values())}, Q/DQ nodes: {qdq}")
     lines += [f"  {op:<24}{count}" for op, count in ops.most_common()]
+    if manifest and manifest.backend != args.target:
+        data["note"] = (f"the bundle was built for {manifest.backend}: its Q/DQ graph is in {manifest.backend}'s flavour, so lint findings "
+                        f"for {args.target} describe it as it is" + (f"; the {args.target} checks read the model's float graph "
+                        f"({foreign[0].name})" if foreign and args.target == "tensorrt" else "")
+                        + f"; build with --backend {args.target} for a {args.target} graph")
+        lines.append(f"note: {data['note']}")
     if linted:
         lines.append(f"lint ({args.target}, {lint_path.name}): {len(findings)} finding(s)")
     else:
@@ -586,7 +615,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         static = None
         if args.dla_core is not None:  # DLA builds one shape: a dynamic batch is checked at 1
             static = {t.name: [1 if (j == 0 and not isinstance(d, int)) else d for j, d in enumerate(t.shape)] for t in inputs}
-        trt = check_tensorrt(graph, tensorrt_version=args.tensorrt_version, dla_core=args.dla_core, lint=False, static_shapes=static,
+        trt = check_tensorrt(foreign[1] if foreign else graph, tensorrt_version=args.tensorrt_version, dla_core=args.dla_core, lint=False, static_shapes=static,
                              precision=manifest.precision if manifest else ("int8" if qdq else "fp16"))
         data["tensorrt"] = trt.to_dict()
         shown = [f for f in trt.findings if f.severity != "info" or args.verbose]
@@ -618,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument("-v", "--verbose", action="store_true", help="log each step")
 
-    parser = argparse.ArgumentParser(prog="deploycompress", description="Build, profile, validate and inspect compressed engines.")
+    parser = SuggestingParser(prog="deploycompress", description="Build, profile, validate and inspect compressed engines.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{build,profile,validate,inspect,device-build}")
 
     b = sub.add_parser("build", parents=[common], help="masks -> speedup -> ONNX -> QDQ -> engine -> bundle with report")
@@ -698,6 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 on unknown options, like every argparse tool
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     func: Callable[[argparse.Namespace], int] = args.func
+    args.json = getattr(args, "json", False)  # device-build has its own parser (no --json): it prints its JSON itself
     args.document = None
     try:
         with _stdout_to_stderr() if args.json else contextlib.nullcontext():

@@ -14,12 +14,12 @@ carry ``recipe build.precision``). Errors are :class:`~deploycompress.errors.Inp
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import re
 from typing import Any, Callable, Mapping
 
 from .errors import InputError
+from .suggest import did_you_mean
 
 __all__ = [
     "RecipeError",
@@ -33,6 +33,7 @@ __all__ = [
     "fraction",
     "cosine",
     "close_matches",
+    "SuggestingParser",
     "check_recipe",
 ]
 
@@ -44,10 +45,33 @@ class RecipeError(InputError, ValueError):
     """A recipe value or key that cannot be used; the message names ``recipe <section>.<key>``."""
 
 
-def close_matches(word: str, candidates: Any, n: int = 3) -> str:
-    """`` (did you mean 'a' or 'b'?)`` from difflib, or an empty string."""
-    found = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=n, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(f) for f in found)}?)" if found else ""
+close_matches = did_you_mean  # the project's one suggestion helper (deploycompress.suggest)
+
+
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse with close matches: an invalid choice (a subcommand, ``--precision int9``) and an
+    unrecognized option (``--precison``) are named with :func:`~deploycompress.suggest.did_you_mean`.
+    Subcommand parsers made by :meth:`add_subparsers` are of this class too. Exit code 2, as argparse."""
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as exc:
+            if action.choices is None:
+                raise
+            raise argparse.ArgumentError(action, f"{exc.message}{did_you_mean(value, action.choices)}") from None
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            options = list(self._option_string_actions)
+            for action in self._subparsers._group_actions if self._subparsers else ():
+                chosen = action.choices.get(getattr(parsed, action.dest, None) or "") if isinstance(action.choices, dict) else None
+                if chosen is not None:
+                    options += list(chosen._option_string_actions)
+            named = [f"{e!s}{did_you_mean(e.partition('=')[0], options)}" if e.startswith("-") else str(e) for e in extras]
+            self.error(f"unrecognized arguments: {' '.join(named)}")
+        return parsed
 
 
 def parse_shape(value: Any, what: str = "shape") -> list[int]:

@@ -29,7 +29,6 @@ followed (docs/migrating-from-nni.md lists each):
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import re
@@ -41,6 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import InputError
+from .suggest import closest
 
 __all__ = [
     "ConfigConventionWarning",
@@ -170,7 +170,7 @@ class ModuleConfig:
 
 
 def _closest(word: str, choices: Iterable[str], n: int = 5) -> list[str]:
-    return difflib.get_close_matches(word, list(choices), n=n, cutoff=0.4)
+    return closest(word, choices, n=n, cutoff=0.4)
 
 
 def _where(index: int) -> str:

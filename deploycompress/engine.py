@@ -94,7 +94,9 @@ def _chain_ends(model: nn.Module, example_inputs: Any) -> dict[str, str]:
 
     candidates = set(CONV_OP_TYPES) | set(DEFAULT_OUTPUT_OP_TYPES)
     absorbers = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ReLU", "ReLU6"}
-    produced: dict[int, str] = {}
+    # (tensor id, its version counter when produced): an in-place op on a module's output (a residual
+    # ``out += identity``) keeps the id but bumps the version, so the ReLU after the sum reads another value
+    produced: dict[tuple[int, int], str] = {}
     absorbed: set[str] = set()
     keep_alive: list[torch.Tensor] = []  # ids stay unique while the forward runs
     handles = []
@@ -102,13 +104,14 @@ def _chain_ends(model: nn.Module, example_inputs: Any) -> dict[str, str]:
         def hook(mod, inputs, output) -> None:
             if isinstance(output, torch.Tensor):
                 keep_alive.append(output)
-                produced[id(output)] = name
+                produced[(id(output), output._version)] = name
 
         return hook
 
     def absorb(mod, inputs) -> None:
-        if inputs and id(inputs[0]) in produced:
-            absorbed.add(produced[id(inputs[0])])
+        key = (id(inputs[0]), inputs[0]._version) if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if key in produced:
+            absorbed.add(produced[key])
 
     for name, mod in model.named_modules():
         kind = _kind(mod, (*CONV_OP_TYPES, *DEFAULT_OUTPUT_OP_TYPES))
@@ -267,6 +270,23 @@ def _first_batch(data: Iterable | None) -> Any:
     return next(iter(data), None)  # type: ignore[arg-type]
 
 
+ATTACHMENT_FOLDERS = ("attachments", "pruning")
+
+
+def _check_attachments(attachments: Mapping[str, str | os.PathLike[str]] | None) -> dict[str, Path]:
+    """Bundle-relative path -> existing file; refused before any work when a path leaves the
+    attachment folders or a file is missing."""
+    out: dict[str, Path] = {}
+    for rel, src in (attachments or {}).items():
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or len(parts) < 2 or parts[0] not in ATTACHMENT_FOLDERS or ".." in parts:
+            raise EngineError(f"attachments: {rel!r} must be a relative path under one of {list(ATTACHMENT_FOLDERS)}/")
+        if not Path(src).is_file():
+            raise EngineError(f"attachments: {str(src)!r} (for {rel!r}) is not a file")
+        out[Path(rel).as_posix()] = Path(src)
+    return out
+
+
 def _check_calibration(calib: CalibConfig, model: nn.Module) -> None:
     """Before any work: the calibration names modules the model has, its per-channel weight lengths and
     axes fit, and its bit widths are ones int8 QDQ can express."""
@@ -420,6 +440,7 @@ def build_engine(
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     export_tolerance: float = 1e-3,
     strict: bool = False,
+    attachments: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> EngineArtifact:
     """Build a serving bundle in ``out_dir`` (written atomically: nothing is left there on failure).
 
@@ -446,6 +467,9 @@ def build_engine(
     are counted (:mod:`deploycompress.precision_audit`, recorded in ``report.quantized_layers``); fewer than
     the calibration selected gives a ``PrecisionShortfallWarning`` naming the layers, or with ``strict=True``
     a ``PrecisionShortfallError``.
+
+    ``attachments`` maps a relative path under ``attachments/`` or ``pruning/`` inside the bundle to a
+    file copied there and listed (with its sha256) in the manifest, e.g. a pruning search's report.
     """
     from tqdm.auto import tqdm
 
@@ -465,6 +489,12 @@ def build_engine(
         raise EngineError(f"precision must be one of {list(allowed)} for backend {backend!r}, got {precision!r}")
     if not isinstance(model, nn.Module):
         raise EngineError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .quantization.wrapper import QuantWrapper
+
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, QuantWrapper)]
+    if wrapped:
+        raise EngineError(f"model still holds quantizer wrappers ({', '.join(wrapped[:3])}{', ...' if len(wrapped) > 3 else ''}): "
+                          "pass quantizer.unwrap_model() as the model and quantizer.export_calib_config() as calib_config")
     name = name if name is not None else type(model).__name__.lower()
     try:
         check_model_name(name)
@@ -475,6 +505,7 @@ def build_engine(
             check_count(b, f"batch_sizes {list(batch_sizes)}", 1)
     except InputError as exc:
         raise EngineError(str(exc)) from exc
+    attached = _check_attachments(attachments)
     named = _named(model, example_inputs, "example_inputs")
     inputs = named.args
     try:
@@ -611,7 +642,7 @@ def build_engine(
                             golden_inputs=golden, exported=exported, fp32_path=fp32_path,
                             qdq_path=graph_path if precision == "int8" else None, options=trt_options, extra_options=trt_extra,  # type: ignore[arg-type]
                             max_batch_size=max_batch_size, calibration=calib, report=report, overwrite=overwrite,
-                            findings=trt_check.findings,
+                            findings=trt_check.findings, attachments=attached,
                             extra={"round_to": round_to, "norm_spans": norm_spans, "pruned": masks is not None})
                     return EngineArtifact(Path(out_dir), manifest, report, validation=None, calib_config=calib, model=deployed)
             build_options = dict(backend_options or {})
@@ -650,7 +681,7 @@ def build_engine(
                                            flops=report.sizes[-1].flops, size_bytes=Path(artifact).stat().st_size))
             report.steps = dict(steps.seconds)
             report.environment = collect_environment()
-            extra_files = {"source/model.fp32.onnx": fp32_path}
+            extra_files = {"source/model.fp32.onnx": fp32_path, **attached}
             if graph_path != fp32_path:
                 extra_files["source/model.qdq.onnx"] = graph_path
             manifest = write_bundle(

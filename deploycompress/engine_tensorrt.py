@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,7 +24,7 @@ from deploycompress_device.plan import BuildOptions, BuildPlan, make_profiles
 from .errors import InputError
 from .backends.base import TensorSpec
 
-__all__ = ["TensorRTCheckError", "GOLDEN_SAMPLES", "TENSORRT_OPTIONS", "check_before_build", "golden_data", "tolerances", "write_portable"]
+__all__ = ["MixedPrecisionWarning", "TensorRTCheckError", "GOLDEN_SAMPLES", "TENSORRT_OPTIONS", "check_before_build", "golden_data", "tolerances", "write_portable"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ GOLDEN_SAMPLES = 8
 #: build_engine backend_options that are not BuildOptions fields
 #: (``portable``: write the portable bundle even where TensorRT is installed, e.g. to build on a Jetson)
 TENSORRT_OPTIONS = ("tensorrt_version", "opt_batch_size", "portable")
+
+
+class MixedPrecisionWarning(UserWarning):
+    """The int8 graph could not be made mixed int8 + fp16: its unquantized layers stay fp32."""
 
 
 class TensorRTCheckError(InputError, ValueError):
@@ -134,6 +139,7 @@ def write_portable(
     extra: Mapping[str, Any],
     overwrite: bool,
     findings: Sequence[Any] = (),
+    attachments: Mapping[str, Path] | None = None,
 ):
     """Graphs (int8 QDQ + fp16 for an int8 build), plan, golden data and commands, as a portable bundle."""
     from .bundle.tensorrt_portable import write_portable_bundle
@@ -146,8 +152,17 @@ def write_portable(
     graphs: dict[str, str] = {}
     if precision == "int8":
         assert qdq_path is not None
+        # the mixed graph: int8 at the Q/DQ pairs, fp16 elsewhere (opset 19, fp16 scales); in a strongly typed
+        # build the fp32 QDQ graph would run every unquantized layer in fp32 (it stays in source/model.qdq.onnx)
         graphs["int8"] = "tensorrt/model.int8.onnx"
-        files[graphs["int8"]] = qdq_path
+        mixed_path = work / "model.int8.fp16.onnx"
+        try:
+            onnx.save(to_fp16(onnx.load(str(qdq_path))), str(mixed_path))
+            files[graphs["int8"]] = mixed_path
+        except ValueError as exc:
+            warnings.warn(f"the int8 graph stays fp32 between its Q/DQ pairs (TensorRT builds those layers in fp32): {exc}",
+                          MixedPrecisionWarning, stacklevel=2)
+            files[graphs["int8"]] = qdq_path
     if precision in ("int8", "fp16"):
         fp16_path = work / "model.fp16.onnx"
         onnx.save(to_fp16(exported.model), str(fp16_path))
@@ -182,7 +197,7 @@ def write_portable(
     if report is not None:
         report.notes.append(f"TensorRT is not installed on the build machine: this is a portable bundle; build model.plan on the "
                             f"device (python3 -B -m deploycompress_device BUNDLE with PYTHONPATH=BUNDLE/device). Graphs: {sorted(graphs)}.")
-    extra_files = {"source/model.fp32.onnx": fp32_path}
+    extra_files = {"source/model.fp32.onnx": fp32_path, **dict(attachments or {})}
     if qdq_path is not None:
         extra_files["source/model.qdq.onnx"] = qdq_path
     return write_portable_bundle(out_dir, plan=plan, graph_files=files, golden_inputs=g_in, golden_outputs=g_out,

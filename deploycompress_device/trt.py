@@ -41,7 +41,8 @@ def tensorrt_module() -> ModuleType:
     except ImportError as exc:
         raise DeviceBuildError("TensorRT is not installed here: pip install tensorrt (or use JetPack's python3-libnvinfer)") from exc
     if getattr(tensorrt, "Builder", None) is None:
-        raise DeviceBuildError("only TensorRT's type stubs are installed here, not TensorRT itself")
+        raise DeviceBuildError("only TensorRT's type stubs are installed here, not TensorRT itself: "
+                               "pip install tensorrt (or use JetPack's python3-libnvinfer)")
     return tensorrt
 
 

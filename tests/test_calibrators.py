@@ -232,6 +232,36 @@ def test_entropy_ignores_the_relu_spike_at_zero():
     assert b.compute().min[0] == 0.0
 
 
+#: counts of a ReLU6 output's positive values in 24 bins over [0, 6] (MobileNetV2 features.1, random weights,
+#: BatchNorm re-estimated, 64 photo crops): a long tail, and the clamped values piled up in the last bin
+_RELU6_HIST = (2612490, 1920967, 3104502, 2353971, 757364, 723659, 521722, 390122, 175622, 92576, 67798, 45867,
+               31783, 24478, 20053, 14317, 10867, 8255, 6863, 4889, 3688, 2846, 2332, 9663)
+
+
+def test_entropy_keeps_the_full_range_of_a_clamped_tensor():
+    """KL divergence compares shapes only: it clips the clamped values at the bound 6 (they move to the
+    threshold at no cost in KL, but each loses bound - threshold); the saturation rule keeps 6."""
+    rng = np.random.default_rng(7)
+    counts = np.array(_RELU6_HIST) // 64
+    parts = [rng.uniform(i * 0.25, (i + 1) * 0.25, c) for i, c in enumerate(counts[:-1])]
+    clamped = int(0.7 * counts[-1])
+    parts += [np.full(clamped, 6.0), rng.uniform(5.75, 6.0, counts[-1] - clamped), np.zeros(counts.sum())]
+    x = np.concatenate(parts).astype(np.float32)
+    sat, plain = EntropyCalibrator(), EntropyCalibrator(saturation_ratio=None)
+    sat.observe(x)
+    plain.observe(x)
+    assert sat.compute().max[0] == pytest.approx(6.0, rel=1e-4)
+    assert plain.compute().max[0] < 5.9
+    # an unclamped tensor is not affected: its largest bin holds one value
+    y = np.abs(rng.standard_normal(400_000)).astype(np.float32)
+    a, b = EntropyCalibrator(), EntropyCalibrator(saturation_ratio=None)
+    a.observe(y)
+    b.observe(y)
+    assert a.compute().max[0] == b.compute().max[0] < 0.99 * y.max()
+    with pytest.raises(QuantError, match="saturation_ratio"):
+        EntropyCalibrator(saturation_ratio=0.5)
+
+
 def test_mse_clips_heavy_tails_and_beats_minmax():
     rng = np.random.default_rng(5)
     x = rng.laplace(size=100_000).astype(np.float32)

@@ -63,3 +63,43 @@ def test_evaluator_trains_through_the_distillation_step() -> None:
     ev = distillation_evaluator(teacher, data, lr=3e-3)
     ev.training_func(student, ev._optimizers(student), ev.training_step, None, 40, None)
     assert mean_cos(student, teacher, data) > before + 0.01
+
+
+def test_hidden_state_matching_pulls_every_layer_towards_the_teacher() -> None:
+    teacher = Encoder(tiny_bert(), pooling="mean")
+    student = Encoder(tiny_bert(seed=1), pooling="mean")
+    layers = [f"model.encoder.layer.{i}" for i in range(2)]
+    data, held_out = batches(8, 1), batches(4, 99)
+
+    def layer_mse(model: torch.nn.Module) -> float:  # an independent read of the layers' outputs
+        with torch.no_grad():
+            errs = []
+            for ids, mask in held_out:
+                s = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+                t = teacher.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+                errs += [float(((a - b) ** 2).mean()) for a, b in zip(s[1:], t[1:])]
+        return sum(errs) / len(errs)
+
+    def hooks(model: torch.nn.Module) -> int:
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    before = layer_mse(student)  # (transformers installs its own output-recording hooks on first use)
+    plain, counts = copy.deepcopy(student), (hooks(student), hooks(teacher))
+    distill(plain, teacher, data, steps=40, lr=1e-3, progress=False)
+    result = distill(student, teacher, data, steps=40, lr=1e-3, hidden=layers, hidden_weight=1.0, schedule="linear", progress=False)
+    assert result.last_loss < result.first_loss
+    assert layer_mse(student) < 0.5 * before  # the layers themselves moved
+    assert layer_mse(student) < layer_mse(plain)  # more than by matching the pooled output alone
+    assert (hooks(student), hooks(teacher)) == counts  # ours removed
+    with pytest.raises(ValueError, match="no submodule"):
+        distill(copy.deepcopy(student), teacher, data, steps=1, hidden=["model.encoder.layer.9"])
+    with pytest.raises(ValueError, match="schedule"):
+        distill(copy.deepcopy(student), teacher, data, steps=1, schedule="cosine")
+
+
+def test_teacher_inside_a_wrapper_in_training_mode_stays_as_it_was() -> None:
+    bert = tiny_bert()  # eval mode, as from_pretrained leaves it
+    teacher = Encoder(bert)  # a new wrapper: training mode
+    student = copy.deepcopy(teacher)
+    distill(student, teacher, batches(2, 0), steps=2, progress=False)
+    assert teacher.training and not any(m.training for m in bert.modules())  # no dropout left switched on

@@ -131,7 +131,9 @@ def test_efficientnet_lite0_example_small(tmp_path):
     rows = res["rows"]
     assert rows["dense fp32"]["top1"] == 1.0 and rows["dense fp32"]["cosine"] > 0.9999  # ONNX fp32 = PyTorch
     assert rows["dense int8"]["top1"] >= 0.75 and rows["dense int8"]["cosine"] > 0.95
-    assert res["params"][1] < 0.7 * res["params"][0]
+    # the layers a sensitivity analysis on the calibration crops lets go; fewer parameters after speedup
+    assert res["config_list"] and all(c["sparsity"] == 0.25 for c in res["config_list"])
+    assert res["params"][1] < res["params"][0]
     assert rows["pruned int8"]["mb"] < 0.5 * rows["dense fp32"]["mb"]
 
 

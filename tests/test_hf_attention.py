@@ -165,3 +165,38 @@ def test_roberta_and_partial_head_masks_keep_the_head() -> None:
     assert small.encoder.layer[0].attention.self.num_attention_heads == HEADS - 1
     with torch.no_grad():
         assert rel_err(small(*x).last_hidden_state, user_masked(model, masks)(*x).last_hidden_state) < 1e-5
+
+
+def test_importance_masks_drop_the_heads_and_channels_that_write_least() -> None:
+    from deploycompress.hf.importance import encoder_importance, importance_masks
+    from deploycompress.speedup import speedup
+
+    bert = tiny_bert()
+    layer = bert.encoder.layer[0]
+    with torch.no_grad():  # head 2 of layer 0 writes nothing: its columns of the output projection are zero
+        layer.attention.output.dense.weight[:, 2 * HEAD : 3 * HEAD] = 0
+        bert.encoder.layer[1].output.dense.weight[:, 5] = 0  # FFN channel 5 of layer 1 likewise
+    model = Encoder(bert)
+    data = [inputs(), inputs()]
+    scores = encoder_importance(model, data)
+    assert scores.heads.shape == (2, HEADS) and scores.ffn.shape == (2, 64)
+    assert float(scores.heads[0, 2]) == 0.0 and float(scores.ffn[1, 5]) == 0.0 and float(scores.heads.min(1).values[1]) > 0
+    # an independent read of head 0's contribution in layer 1: context vectors through its output columns
+    ctx = []
+    h = bert.encoder.layer[1].attention.output.dense.register_forward_pre_hook(lambda m, i: ctx.append(i[0]))
+    with torch.no_grad():
+        for ids, mask in data:
+            model(ids, mask)
+    h.remove()
+    w_o = bert.encoder.layer[1].attention.output.dense.weight[:, :HEAD]
+    expected = torch.cat([(c[..., :HEAD] @ w_o.T).norm(dim=-1).reshape(-1) for c in ctx]).mean()
+    assert float(scores.heads[1, 0]) == pytest.approx(float(expected.detach()), rel=1e-5)
+    masks = importance_masks(model, scores, 0.25, 0.5)
+    assert set(masks) == {f"model.encoder.layer.{i}.{m}" for i in range(2) for m in ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense")}
+    q0 = masks["model.encoder.layer.0.attention.self.query"]["bias"].view(HEADS, HEAD)
+    assert q0[2].sum() == 0 and q0.sum() == (HEADS - 1) * HEAD  # the silent head is the one that goes
+    assert masks["model.encoder.layer.1.intermediate.dense"]["bias"][5] == 0 and masks["model.encoder.layer.1.intermediate.dense"]["bias"].sum() == 32
+    small = speedup(copy.deepcopy(model), masks, inputs())
+    assert small.model.encoder.layer[0].attention.self.num_attention_heads == HEADS - 1
+    with pytest.raises(ValueError, match="head_sparsity"):
+        importance_masks(model, scores, 1.0, 0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -40,22 +41,26 @@ def test_every_linear_int8_softmax_and_norms_float(exported) -> None:
     assert len(linears) == 2 * 6  # q, k, v, attention output, FFN in and out per layer
     assert len(after_gelu(fp32)) == 2
     result = quantize_transformer(fp32, feeds(4, 2, 8, 0), feeds(2, 2, 8, 1), float_after_gelu=False, min_cosine=0.9, repeats=1)
-    assert {c.name for c in result.candidates} == {"plain", "fused"}
+    assert {c.name for c in result.candidates} == {f"{s}/{f}" for s in ("plain", "fused") for f in ("qdq", "integer", "dynamic")}
     best = next(c for c in result.candidates if c.name == result.chosen)
     assert best.quantized == best.linears == 12
-    graph = result.model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    for n in graph.node:  # float ops read float tensors, never a DequantizeLinear output
-        if n.op_type in ("Softmax", "LayerNormalization", "SkipLayerNormalization", "Erf", "Gelu", "BiasGelu"):
-            assert all(producer[i].op_type != "DequantizeLinear" for i in n.input if i in producer), n.name
-    # dynamic batch and sequence; checked against PyTorch, not against the fp32 graph
-    sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for f in feeds(2, 3, 13, 2):
-        got = sess.run(None, f)[0]
-        with torch.no_grad():
-            ref = model(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])).numpy()
-        cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
-        assert cos.min() > 0.9
+    for c in result.candidates:
+        for n in c.model.graph.node:  # float ops read float tensors, never a DequantizeLinear output
+            if n.op_type in ("Softmax", "LayerNormalization", "SkipLayerNormalization", "Erf", "Gelu", "BiasGelu", "Add"):
+                assert all(producer_of(c.model, i) not in ("DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear") for i in n.input), (c.name, n.name)
+        assert c.quantized == 12, c.name
+        # dynamic batch and sequence; checked against PyTorch, not against the fp32 graph
+        sess = ort.InferenceSession(c.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        for f in feeds(2, 3, 13, 2):
+            got = sess.run(None, f)[0]
+            with torch.no_grad():
+                ref = model(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])).numpy()
+            cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+            assert cos.min() > 0.9, c.name
+
+
+def producer_of(model: onnx.ModelProto, tensor: str) -> str | None:
+    return next((n.op_type for n in model.graph.node if tensor in n.output), None)
 
 
 def test_bad_arguments_and_unreachable_accuracy(exported) -> None:
@@ -64,5 +69,66 @@ def test_bad_arguments_and_unreachable_accuracy(exported) -> None:
         quantize_transformer(fp32, feeds(1, 2, 8, 0), fuse="yes")
     with pytest.raises(ValueError, match="inputs"):
         quantize_transformer(fp32, [{"input_ids": np.zeros((1, 4), np.int64)}])
+    with pytest.raises(ValueError, match="flavour"):
+        quantize_transformer(fp32, feeds(1, 2, 8, 0), flavour="int4")
+    with pytest.raises(ValueError, match="keep_float"):
+        quantize_transformer(fp32, feeds(1, 2, 8, 0), keep_float=["no/such/MatMul"])
     with pytest.raises(Int8Error, match="cosine"):
         quantize_transformer(fp32, feeds(1, 2, 8, 0), fuse="plain", float_after_gelu=False, min_cosine=1.0, repeats=1)
+
+
+def one_linear(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
+    """x (batch, tokens, in) -> x @ w + b, then a residual Add that reads x again, in ONNX's own terms."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["mm"], name="lin/MatMul"),
+        helper.make_node("Add", ["b", "mm"], ["y"], name="lin/Add"),
+        helper.make_node("ReduceSum", ["x"], ["r"], name="residual_read", keepdims=1, noop_with_empty_axes=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", w.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("r", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("flavour", ["qdq", "integer", "dynamic"])
+@pytest.mark.parametrize("alpha", [None, 0.75])
+def test_linear_int8_matches_the_spec_arithmetic(flavour: str, alpha: float | None) -> None:
+    from deploycompress.hf.linear_int8 import collect_stats, linear_inputs, quantize_linears, smooth
+
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    x = rng.normal(size=(2, 5, 16)).astype(np.float32)
+    x[..., 3] *= 12  # an outlier channel, as in BERT's LayerNorm outputs
+    fp32 = one_linear(w, b)
+    groups = linear_inputs(fp32, ["lin/MatMul"])
+    assert groups == {"x": ["lin/MatMul"]}
+    stats = collect_stats(fp32, [{"x": x}], ["x"])
+    np.testing.assert_array_equal(stats["x"].hi, x.reshape(-1, 16).max(0))
+    src, s_stats, wt, xin = fp32, stats, w.astype(np.float64), x.astype(np.float64)
+    if alpha is not None:
+        src, s_stats = smooth(fp32, groups, stats, alpha)
+        a = np.abs(x.reshape(-1, 16)).max(0).astype(np.float64)  # SmoothQuant eq. 4, written here from the paper
+        s = a**alpha / np.abs(w).max(1).astype(np.float64) ** (1 - alpha)
+        wt, xin = wt * s[:, None], xin / s
+        smoothed = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        np.testing.assert_allclose(smoothed[0], x @ w + b, rtol=1e-4, atol=1e-4)  # smoothing alone changes nothing
+        groups = linear_inputs(src, ["lin/MatMul"])
+    q = quantize_linears(src, groups, s_stats, flavour=flavour)
+    # the arithmetic of onnxruntime's quantization spec: uint8 asymmetric activations, int8 symmetric per column
+    lo, hi = min(xin.min(), 0.0), max(xin.max(), 0.0)  # calibrated on x itself, so dynamic = static here
+    scale = (hi - lo) / 255
+    zp = np.clip(np.round(-lo / scale), 0, 255)
+    xq = (np.clip(np.round(xin / scale) + zp, 0, 255) - zp) * scale
+    ws = np.abs(wt).max(0) / 127
+    wq = np.clip(np.round(wt / ws), -127, 127) * ws
+    expected = xq @ wq + b
+    y, r = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=2e-3 * np.abs(expected).max())
+    np.testing.assert_allclose(r, x.sum(keepdims=True), rtol=1e-5)  # the other reader still reads float x
+    assert float(np.abs(y - (x @ w + b)).max()) > 0  # and it is int8: not the float result
+    ops = [n.op_type for n in q.graph.node]
+    assert ("MatMulIntegerToFloat" in ops) == (flavour != "qdq") and ("Add" in ops) == (flavour == "qdq")

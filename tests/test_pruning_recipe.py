@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -35,6 +36,12 @@ def test_agp_from_a_recipe_builds_a_smaller_bundle_and_writes_its_history(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads((tmp_path / "search" / "pruning_history.json").read_text())
     assert [r["task_id"] for r in history] == [1, 2, 3]
+    # the same history travels in the bundle, listed with its sha256 in the manifest
+    inside = tmp_path / "o" / "pruning" / "pruning_history.json"
+    assert json.loads(inside.read_text()) == history
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["files"]["pruning/pruning_history.json"] == hashlib.sha256(inside.read_bytes()).hexdigest()
+    dc.bundle.verify_bundle(tmp_path / "o")
     onnx_file = next((tmp_path / "o").rglob("model.onnx"))
     model = onnx.load(str(onnx_file))
     shapes = sorted(numpy_helper.to_array(t).shape for t in model.graph.initializer if numpy_helper.to_array(t).ndim == 4)
@@ -50,3 +57,37 @@ def test_recipe_options_are_checked_before_work():
                                                     "options": {"pruning_algorithm": "l1", "total_iteration": 2, "epochs": 3}}, None, None)  # fmt: skip
     with pytest.raises(ValueError, match="is not a pruner"):
         dc.pruning.make_recipe_pruner(DigitsNet(), {"pruner": "Nope", "config_list": []}, None, None)
+
+
+def test_search_report_goes_into_the_bundle(tmp_path):
+    """An automatic pruner from the recipe: its trajectory plot and history JSON are bundle files."""
+    (tmp_path / "recipe_funcs.py").write_text(
+        "import torch\n"
+        "def score(model):\n"
+        "    torch.manual_seed(0)\n"
+        "    x = torch.randn(16, 1, 8, 8)\n"
+        "    with torch.no_grad():\n"
+        "        return float(model(x).std())\n"
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {factory: 'deploycompress.zoo.digits:DigitsNet'}\n"
+        "input_shape: [1, 1, 8, 8]\n"
+        "prune:\n"
+        "  pruner: SimulatedAnnealingPruner\n"
+        "  config_list: [{op_names: [conv2, conv3], total_sparsity: 0.5}]\n"
+        "  options: {evaluator: 'recipe_funcs:score', cool_down_rate: 0.5, pruning_algorithm: l1}\n"
+        "build: {precision: fp32, iterations: 3}\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "deploycompress.cli", "build", "--recipe", str(recipe), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "o"
+    manifest = json.loads((out / "manifest.json").read_text())
+    for rel in ("pruning/pruning_history.json", "pruning/pruning_trajectory.png"):
+        assert manifest["files"][rel] == hashlib.sha256((out / rel).read_bytes()).hexdigest()
+    assert (out / "pruning/pruning_trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((out / "pruning/pruning_history.json").read_text())
+    assert history["metric"] == "sparsity" and len(history["candidates"]) == 3  # 100 -> 50 -> 25 -> (12.5 < 20)
+    dc.bundle.verify_bundle(out)

@@ -108,3 +108,93 @@ def test_bad_arguments_fail_before_work(dense):
         AGPPruner(model, [{"sparsity": 0.5, "op_types": ["Conv2d"]}], "nope", 2).compress()
     with pytest.raises(ValueError, match="dummy_input"):
         LinearPruner(model, [{"sparsity": 0.5, "op_types": ["Conv2d"]}], "l1", 2, speedup=True)
+
+
+def test_agp_driven_by_step_in_the_users_training_loop(dense, digits_data):
+    """NNI 1.x's use: the user's own loop calls ``pruner.step()`` after each optimizer step; the
+    masks in the user's model follow the cubic schedule at every step (formula written here)."""
+    import copy
+
+    trained, acc = dense
+    model = copy.deepcopy(trained)
+    n, s_i, s_f = 6, 0.1, 0.6
+    layers = ("conv_a", "fc1")
+    pruner = AGPPruner(model, [{"sparsity": s_f, "op_names": list(layers)}], "level", n, initial_sparsity=s_i)
+    params = {name: getattr(model, name).weight for name in layers}  # the optimizer's objects
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    pruner.update_epoch(0)
+    prev = None
+    g = torch.Generator().manual_seed(0)
+    for t in range(0, n + 3):
+        if t > 0:
+            idx = torch.randint(len(digits_data.train_x), (64,), generator=g)
+            loss = torch.nn.functional.cross_entropy(model(digits_data.train_x[idx]), digits_data.train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pruner.step()
+        s_t = s_f + (s_i - s_f) * (1 - min(t, n) / n) ** 3
+        assert pruner.schedule_point == min(t, n)
+        for name in layers:
+            mod = getattr(model, name)
+            mask = pruner.masks[name]["weight"]
+            assert int((~mask).sum()) == math.floor(s_t * mask.numel() + 1e-6), (t, name)
+            # the model's forward pass uses exactly these masks, on the parameter the optimizer holds
+            assert mod.parametrizations.weight.original is params[name]
+            assert float(mod.weight.detach()[~mask].abs().sum()) == 0.0
+            assert torch.equal(mod.weight.detach()[mask], params[name].detach()[mask])
+            if prev is not None:  # masks only grow
+                assert not bool((~prev[name] & mask).any())
+        prev = {name: pruner.masks[name]["weight"].clone() for name in layers}
+    assert accuracy(pruner.unwrap_model(), digits_data.test_x, digits_data.test_y) >= acc - 2 * ACC_DROP
+    with pytest.raises(RuntimeError, match="training loop"):
+        pruner.compress()
+
+
+def test_linear_and_lottery_ticket_by_update_epoch(dense, digits_data):
+    import copy
+
+    trained, _ = dense
+    model = copy.deepcopy(trained)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    lin = LinearPruner(copy.deepcopy(trained), [{"sparsity": 0.5, "op_names": ["conv3"]}], "l1", 4, dummy_input=digits_data.test_x[:2])
+    lt = LotteryTicketPruner(model, [{"sparsity": 0.75, "op_names": ["fc1"]}], "level", 3)
+    for epoch in range(4):
+        lin.update_epoch(epoch)
+        assert _pruned_channels(lin.masks["conv3"]["weight"]) == math.floor(epoch / 4 * 0.5 * 32 + 1e-6)
+        with torch.no_grad():  # stands for an epoch of training
+            model.fc1.parametrizations.weight.original.add_(0.05) if epoch else model.fc1.weight.add_(0.05)
+        lt.update_epoch(epoch + 1)
+        mask = lt.masks["fc1"]["weight"]
+        t = min(epoch + 1, 3)
+        assert int((~mask).sum()) == math.floor((1 - 0.25 ** (t / 3)) * mask.numel() + 1e-6)
+        if epoch + 1 <= 3:  # a new schedule point: every kept weight is rewound to its recorded value
+            assert torch.equal(model.fc1.weight.detach()[mask], start["fc1.weight"][mask])
+        else:  # past the schedule's end nothing changes: the training's update stays
+            assert torch.allclose(model.fc1.weight.detach()[mask], start["fc1.weight"][mask] + 0.05)
+
+
+def test_total_sparsity_with_speedup_between_rounds(dense, digits_data):
+    """A global budget carried over speedups: after the last round the selected layers keep half
+    their original weight elements (counted here on the physically smaller model)."""
+    model, acc = dense
+    layers = ("conv_a", "conv3", "fc1")
+    total = 0.5
+    pruner = LinearPruner(
+        model, [{"total_sparsity": total, "op_names": list(layers), "max_sparsity_per_layer": 0.8}], "l1", 2,
+        finetuner=finetuner(digits_data, 1), evaluator=evaluator(digits_data), speedup=True, dummy_input=digits_data.test_x[:2],
+    )  # fmt: skip
+    pruned_model, masks = pruner.compress()
+    w0 = sum(getattr(model, n).weight.numel() for n in layers)
+    w2 = sum(getattr(pruned_model, n).weight.numel() for n in layers)
+    # one output channel of the widest-costing layer is the allocation's granularity
+    channel_cost = max(getattr(model, n).weight[0].numel() for n in layers)
+    assert abs(w2 / w0 - (1 - total)) <= channel_cost / w0, w2 / w0
+    assert pruned_model.conv_b.in_channels == pruned_model.conv_a.out_channels < 16 or pruned_model.conv3.out_channels < 32
+    for n in layers:  # the cap holds against the original widths
+        dim0 = getattr(model, n).weight.shape[0]
+        assert getattr(pruned_model, n).weight.shape[0] >= dim0 - math.floor(0.8 * dim0)
+    assert "total_sparsity" in pruner.history[1].config_list[0]
+    assert pruner.history[1].sparsity == pytest.approx(1 - w2 / w0)
+    finetuner(digits_data, 2)(pruned_model)  # fc1 keeps 7 of 32 features: a stated, wider bound
+    assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - 2 * ACC_DROP

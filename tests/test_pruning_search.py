@@ -78,6 +78,27 @@ def test_simulated_annealing_meets_the_total_budget(dense, digits_data):
     assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - ACC_DROP
 
 
+def test_simulated_annealing_stops_at_a_measured_budget_not_below_it(dense, digits_data):
+    """Under a measured resource the final candidate lies within the meter's tolerance of the budget
+    (the parameters of the sped-up model, counted here), not far below it."""
+    from deploycompress.pruning import ResourceMeter
+
+    model, _ = dense
+    x = digits_data.test_x
+    budget, tol = 0.6, 0.05
+    meter = ResourceMeter("params", x[:2], tolerance=tol)
+    pruner = SimulatedAnnealingPruner(
+        model, [{"op_names": ["stem", "conv_a", "conv3", "fc1"]}], evaluator(digits_data), cool_down_rate=0.5,
+        pruning_algorithm="l1", resource=meter, budget=budget, dummy_input=x[:2], seed=1,
+    )  # fmt: skip
+    _, masks = pruner.compress()
+    small = _shrunk(pruner.unwrap_model(), masks, x)
+    ratio = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in model.parameters())
+    assert budget * (1 - tol) <= ratio <= budget * (1 + tol), ratio
+    final = pruner.trajectory.candidates[-1]
+    assert final.measured and final.resource == pytest.approx(ratio * pruner.lookup_table.dense, rel=1e-6)
+
+
 def test_netadapt_reaches_a_flops_budget(dense, digits_data, tmp_path):
     model, acc = dense
     x = digits_data.test_x
@@ -177,6 +198,7 @@ def test_sensitivity_curves_and_config_list(dense, digits_data, tmp_path):
 
 
 def test_executors_agree(dense, digits_data):
+    """Ray local mode (num_cpus=2) returns the same candidates and the same choice as in-process."""
     ray = pytest.importorskip("ray")
     from deploycompress.pruning import InProcessExecutor, RayExecutor
 
@@ -185,21 +207,24 @@ def test_executors_agree(dense, digits_data):
 
     def run(executor):
         p = NetAdaptPruner(
-            model, [{"op_names": ["conv_a", "conv3", "fc1"]}], finetuner(digits_data, 1), evaluator(digits_data),
-            resource="flops", budget=0.7, dummy_input=x[:2], sparsity_per_iteration=0.15, executor=executor,
+            model, [{"op_names": ["conv_a", "conv3"]}], finetuner(digits_data, 1), evaluator(digits_data),
+            resource="flops", budget=0.8, dummy_input=x[:2], sparsity_per_iteration=0.1, executor=executor,
         )  # fmt: skip
-        p.compress()
-        return [(c.sparsities, c.score, c.resource, c.accepted) for c in p.trajectory.candidates]
+        _, masks = p.compress()
+        return [(c.sparsities, c.score, c.resource, c.accepted) for c in p.trajectory.candidates], masks
 
-    local = run(InProcessExecutor(seed=0))
+    local, local_masks = run(InProcessExecutor(seed=0))
     here = os.path.dirname(os.path.abspath(__file__))  # workers import scheduled_helpers from here
     path = os.pathsep.join([here, *sys.path])
     remote_exec = RayExecutor(num_cpus=2, seed=0, runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:
-        remote = run(remote_exec)
+        remote, remote_masks = run(remote_exec)
     finally:
         ray.shutdown()
-    assert local == remote
+    assert local == remote and len(local) >= 3  # two layers' candidates per round
+    assert local_masks.keys() == remote_masks.keys()
+    for name, entry in local_masks.items():  # the same choice, mask for mask
+        assert all(torch.equal(m, remote_masks[name][k]) for k, m in entry.items())
 
 
 def test_amc_respects_a_flops_budget(dense, digits_data):

@@ -84,3 +84,29 @@ def test_autocompress_meets_the_total_budget(dense, digits_data):
     assert all(not bool((~first[n]["weight"] & masks[n]["weight"]).any()) for n in layers)
     finetuner(digits_data, 2)(pruned)
     assert accuracy(pruned, digits_data.test_x, digits_data.test_y) >= acc - ACC_DROP
+
+
+def test_movement_soft_mode_sparsity_emerges_from_the_regularisation(dense, digits_data):
+    """Soft movement pruning: no sparsity given; the final masks are exactly sigmoid(S) > threshold on
+    the learned scores, and a stronger regulariser prunes more."""
+    model, acc = dense
+    sparsities = {}
+    for scale in (0.0, 50.0):
+        m = copy.deepcopy(model)
+        pruner = MovementPruner(m, [{"op_names": ["fc1", "conv3"]}], torch_evaluator(digits_data), warm_up_step=5,
+                                cool_down_beginning_step=60, training_steps=80, regular_scale=scale, movement_mode="soft",
+                                sparse_threshold=0.3, score_lr=0.05)  # fmt: skip
+        pruned, masks = pruner.compress()
+        assert pruner.steps_run == 80
+        for n in ("fc1", "conv3"):
+            keep = torch.sigmoid(pruner.scores[n]) > 0.3  # the rule, applied here to the learned scores
+            assert torch.equal(masks[n]["weight"], keep)
+            w = getattr(pruned, n).weight.detach()
+            assert float(w[~keep].abs().sum()) == 0.0
+        sparsities[scale] = sum(int((~masks[n]["weight"]).sum()) for n in masks) / sum(masks[n]["weight"].numel() for n in masks)
+        if scale:
+            assert accuracy(pruned, digits_data.test_x, digits_data.test_y) >= acc - 2 * ACC_DROP
+    assert sparsities[50.0] > sparsities[0.0] + 0.1 and sparsities[50.0] > 0.2, sparsities
+    with pytest.raises(ValueError, match="soft"):
+        MovementPruner(model, [{"sparsity": 0.5, "op_names": ["fc1"]}], torch_evaluator(digits_data), 1, 5, training_steps=5,
+                       movement_mode="soft")  # fmt: skip

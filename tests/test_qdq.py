@@ -113,7 +113,9 @@ def test_tensorrt_flavour_is_s8_symmetric_with_per_channel_weights(setup):
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             zp = inits[n.input[2]]
             assert zp.dtype == np.int8 and not zp.any(), n.name
-    for op, axis in (("Conv", 0), ("ConvTranspose", 1), ("Gemm", 0)):
+    (gemm,) = [n for n in qdq.graph.node if n.op_type == "Gemm"]  # the classifier head: a GEMV, float for TensorRT
+    assert gemm.input[1] in inits and inits[gemm.input[1]].dtype == np.float32
+    for op, axis in (("Conv", 0), ("ConvTranspose", 1)):
         for dq, node in _dq_of(qdq, op):
             attrs = {a.name: a.i for a in dq.attribute}
             assert dq.op_type == "DequantizeLinear" and attrs["axis"] == axis, node.name

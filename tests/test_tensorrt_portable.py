@@ -104,7 +104,8 @@ def test_build_plan_profiles_options_tolerances_and_commands(portable):
     p = plan.profiles[name]
     assert (p.min, p.opt, p.max) == ((1, 1, 8, 8), (2, 1, 8, 8), (16, 1, 8, 8))
     assert plan.options.workspace_mib == 512 and plan.options.optimization_level == 4
-    assert plan.graph_types == {"int8": {"qdq": True, "fp16": False}, "fp16": {"qdq": False, "fp16": True}}
+    # the int8 graph is the mixed one (int8 Q/DQ, fp16 elsewhere): strongly typed builds take its types as given
+    assert plan.graph_types == {"int8": {"qdq": True, "fp16": True}, "fp16": {"qdq": False, "fp16": True}}
     assert plan.tensorrt["min"] == "10.0" and plan.tensorrt["below"] == "12.0"
     tol = plan.tolerances["int8"]
     assert 0 < tol["max_abs"] and 0.9 < tol["min_cosine"] <= 0.98 and "min_top1_agreement" in tol

@@ -6,7 +6,8 @@ latency (measured on onnxruntime CPU after speedup) or FLOPs. Every search gets 
 budget: ``--ft-steps`` steps of distillation towards the dense model's logits on random inputs per
 candidate. The accuracy proxy is top-1 agreement with the dense model on held-out random inputs.
 The final models are timed again interleaved with the dense model (more repeats); latency ratios
-are those paired measurements.
+are those paired measurements. By default the FLOPs-budget run of each algorithm gets the FLOPs ratio
+its latency-budget run reached (``--flops-budget match``), so each pair is compared at equal FLOPs.
 
     python tools/bench_auto_compress.py --budget 0.6
 """
@@ -43,9 +44,15 @@ def main() -> None:
     ap.add_argument("--cool-down", type=float, default=0.7, help="annealing: cool_down_rate (fewer candidates when lower)")
     ap.add_argument("--repeats", type=int, default=3, help="latency repeats per measurement inside the searches")
     ap.add_argument("--batch", type=int, default=1, help="batch size the latency is measured at")
+    ap.add_argument("--metrics", default="latency,flops", help="budget kinds to run, of latency,flops")
+    ap.add_argument("--flops-budget", default="match", help="FLOPs budget: 'match' (the FLOPs ratio the same algorithm's latency "
+                                                             "run reached, so the pair is at equal FLOPs) or 'same' (--budget)")
+    ap.add_argument("--verbose", action="store_true", help="log the searches' decisions (INFO)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.verbose:
+        logging.getLogger("deploycompress.pruning").setLevel(logging.INFO)
     warnings.simplefilter("ignore")
     from torchvision.models import resnet18
 
@@ -89,15 +96,19 @@ def main() -> None:
     print(f"CPU: {_cpu()}")
     print(f"dense resnet18 32x32 batch {args.batch}: {dense_ms:.3f} ms, {dense_flops / 1e6:.1f} MFLOPs, {dense_params / 1e6:.2f} M params")
     for algo in args.algos.split(","):
-        for metric in ("latency", "flops"):
+        reached: float | None = None  # the FLOPs ratio the latency-budget run reached
+        for metric in args.metrics.split(","):
+            budget = args.budget
+            if metric == "flops" and args.flops_budget == "match" and reached is not None:
+                budget = reached
             meter = ResourceMeter(metric, example, repeats=args.repeats, iterations=10)
             t0 = time.perf_counter()
             if algo == "netadapt":
-                pruner = NetAdaptPruner(dense, config, distil, agreement, resource=meter, budget=args.budget, dummy_input=example,
+                pruner = NetAdaptPruner(dense, config, distil, agreement, resource=meter, budget=budget, dummy_input=example,
                                         sparsity_per_iteration=args.step, max_sparsity_per_layer=0.9)  # fmt: skip
             elif algo == "sa":
                 pruner = SimulatedAnnealingPruner(dense, config, agreement, cool_down_rate=args.cool_down, pruning_algorithm="l1",
-                                                  finetuner=distil, resource=meter, budget=args.budget, dummy_input=example,
+                                                  finetuner=distil, resource=meter, budget=budget, dummy_input=example,
                                                   max_sparsity_per_layer=0.9, seed=0)  # fmt: skip
             else:
                 raise SystemExit(f"unknown algorithm {algo!r}")
@@ -109,11 +120,13 @@ def main() -> None:
             ratio = final_meter.relative(small, None, dense)  # timed interleaved with the dense model
             ms = ratio * dense_ms
             row = {
-                "algorithm": algo, "budget": f"{metric} x{args.budget}", "latency_ms": round(ms, 3), "latency_ratio": round(ratio, 3),
+                "algorithm": algo, "budget": f"{metric} x{budget:.3g}", "latency_ms": round(ms, 3), "latency_ratio": round(ratio, 3),
                 "mflops": round(flops / 1e6, 1), "flops_ratio": round(flops / dense_flops, 3), "mparams": round(params / 1e6, 2),
                 "agreement": round(agreement(copy.deepcopy(model)), 3), "search_s": round(seconds, 1), "measurements": meter.measurements,
             }  # fmt: skip
             rows.append(row)
+            if metric == "latency":
+                reached = flops / dense_flops
             print(json.dumps(row))
     header = ["algorithm", "budget", "latency_ms", "latency_ratio", "mflops", "flops_ratio", "mparams", "agreement", "search_s", "measurements"]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))

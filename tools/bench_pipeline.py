@@ -13,7 +13,8 @@ digits; the ImageNet-pretrained EfficientNet-Lite0 on real photos, see ``deployc
   x86 CPU, see ``tools/bench_ort_int8.py``), same calibration batches.
 
 Recovery (identical for both pipelines): MNIST fine-tunes ``--finetune-epochs`` on its training split;
-EfficientNet-Lite0 distils ``--distill-steps`` from the dense model on the calibration photos' crops; the random
+EfficientNet-Lite0 distils ``--distill-steps`` from the dense model on the calibration photos' crops (shuffled,
+the student in eval mode); the random
 torchvision models get none. Per row: median latency at each batch size (all variants of a model timed
 round-robin, so load hits them alike) as a ratio to dense fp32, top-1 accuracy (MNIST, 1,000 held-out digits)
 or top-1 agreement with the dense fp32 model (crops of the evaluation photos; random-weight models: only
@@ -21,6 +22,11 @@ whether the pipeline keeps the network's function), ONNX file size, and wall sec
 to int8 file, recovery included).
 
     PYTHONPATH=. python tools/bench_pipeline.py --out runs/bench_pipeline.json
+
+On a shared machine, build niced and time alone:
+
+    nice -n 15 python tools/bench_pipeline.py --stage build --workdir runs/pipeline
+    flock /tmp/bench.lock python tools/bench_pipeline.py --stage time --workdir runs/pipeline --out runs/bench_pipeline.json
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -83,7 +90,9 @@ def build_case(name: str, args: argparse.Namespace) -> Case:
         from deploycompress.zoo import load_efficientnet_lite0
 
         def recover(student: nn.Module, dense: nn.Module) -> None:
-            distill(student, dense, list(calib.split(8)), steps=args.distill_steps, lr=1e-4, loss="mse", progress=False)
+            # shuffled crops, BatchNorm on its running statistics (eight crops of one photo are no estimate of them)
+            shuffled = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))]
+            distill(student, dense, list(shuffled.split(8)), steps=args.distill_steps, lr=1e-4, loss="mse", progress=False, train_mode=False)
 
         return Case(load_efficientnet_lite0(), evaluation[:1], calib, evaluation, None, "_fc", recover if args.distill_steps else None)
     import torchvision
@@ -133,7 +142,8 @@ def score(path: Path, case: Case, reference: np.ndarray) -> float:
     return float((out.argmax(1) == target).mean())
 
 
-def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
+def build_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
+    """Run the pipelines of one model (no timing): ONNX files, scores, sizes and wall times under ``tmp``."""
     case = build_case(name, args)
     with torch.no_grad():
         reference = torch.cat([case.model(b) for b in case.evaluation.split(32)]).numpy()
@@ -156,18 +166,29 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         except Exception as exc:  # noqa: BLE001 - a pipeline's failure is a row, the others still run
             errors[label] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(f"{name} {label} failed: {errors[label]}", flush=True)
-    rows = {k: {"score": score(p, case, reference), "mb": p.stat().st_size / 2**20, "wall_s": wall.get(k)} for k, p in paths.items()}
-    sessions = {("fp32" if k == "dense fp32" else k): _session(p, args.threads) for k, p in paths.items()}
+    rows = {k: {"score": score(p, case, reference), "mb": p.stat().st_size / 2**20, "wall_s": wall.get(k), "path": str(p)}
+            for k, p in paths.items()}  # fmt: skip
+    feed = tmp / f"{name}_feed.npy"
+    np.save(feed, case.evaluation[: max(args.batch_sizes)].numpy())
+    metric = "accuracy" if case.labels is not None else "agreement"
+    return {"model": name, "metric": metric, "rows": rows, "errors": errors, "n_eval": len(case.evaluation),
+            "input_name": input_name, "feed": str(feed)}  # fmt: skip
+
+
+def time_model(built: dict, args: argparse.Namespace) -> dict:
+    """Median latency of every row of ``built`` at each batch size, round-robin, as a ratio to dense fp32."""
+    rows = built["rows"]
+    sessions = {("fp32" if k == "dense fp32" else k): _session(Path(v["path"]), args.threads) for k, v in rows.items()}
+    x = np.load(built["feed"])
     for bs in args.batch_sizes:
-        feed = {input_name: case.evaluation[:bs].numpy() if len(case.evaluation) >= bs else case.evaluation[:1].repeat(bs, *[1] * (case.evaluation.dim() - 1)).numpy()}
-        times = _time_round_robin(sessions, feed, args.budget)
+        batch = x[:bs] if len(x) >= bs else np.repeat(x[:1], bs, axis=0)
+        times = _time_round_robin(sessions, {built["input_name"]: batch}, args.budget)
         base = float(np.median(times["fp32"]))
         for k in rows:
             ms = float(np.median(times["fp32" if k == "dense fp32" else k]))
             rows[k][f"b{bs}_ms"], rows[k][f"b{bs}_x"] = ms, ms / base
-    metric = "accuracy" if case.labels is not None else "agreement"
-    print(f"{name}: {json.dumps(rows)}", flush=True)
-    return {"model": name, "metric": metric, "rows": rows, "errors": errors, "n_eval": len(case.evaluation)}
+    print(f"{built['model']}: {json.dumps(rows)}", flush=True)
+    return built
 
 
 def print_table(results: list[dict], batch_sizes: list[int]) -> None:
@@ -196,16 +217,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--distill-steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    ap.add_argument("--stage", choices=("all", "build", "time"), default="all",
+                    help="build: run the pipelines into --workdir (no timing; run it niced); time: time what --workdir holds "
+                         "(run it alone, e.g. under a lock); all: both")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the ONNX files here (required by --stage build/time)")
     args = ap.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     machine = cpu()
     print(json.dumps(machine), flush=True)
-    results = []
+    if args.stage != "all" and args.workdir is None:
+        ap.error("--stage build/time needs --workdir")
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmpdir:
-        for name in args.models.split(","):
-            results.append(run_model(name, args, Path(tmpdir)))
+        work = args.workdir or Path(tmpdir)
+        index = work / "built.json"
+        if args.stage == "time":
+            built = json.loads(index.read_text())["results"]
+        else:
+            built = []
+            for name in args.models.split(","):
+                sub = work / name
+                shutil.rmtree(sub, ignore_errors=True)
+                sub.mkdir(parents=True)
+                built.append(build_model(name, args, sub))
+            if args.workdir:
+                index.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "results": built}, indent=1))
+        if args.stage == "build":
+            for r in built:
+                print(f"{r['model']}: {json.dumps(r['rows'])}", flush=True)
+            return built
+        results = [time_model(r, args) for r in built]
     print_table(results, args.batch_sizes)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

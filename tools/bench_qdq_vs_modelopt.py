@@ -9,10 +9,15 @@ inputs: top-1 agreement and cosine similarity; plus Q/DQ counts, our lint (``lin
 and TensorRT pre-build check findings on both, and the placement TensorRT fuses: Adds with a dequantized
 input (and whether it is the shortcut, i.e. not a weighted op's output), Concats whose inputs share one scale.
 
-Data: no ImageNet here, so the inputs are 224x224 crops (random position, scale, flip) of the two
-photographs scikit-learn ships (``load_sample_images``), normalized with ImageNet's mean/std; the
-torchvision models have random weights whose BatchNorm statistics are first re-estimated on separate
-crops (so activations have realistic ranges). Calibration and evaluation crops are disjoint draws.
+Data: no ImageNet here, so the inputs are real photographs: the eight colour photos scikit-image and
+scikit-learn ship (:mod:`deploycompress.zoo.photos`), split into two disjoint halves of four photos;
+calibration uses the ImageNet-style crops (and mirror images) of one half, evaluation those of the other,
+so no evaluated photo was calibrated on. The torchvision models have random weights (no download here)
+whose BatchNorm statistics are first re-estimated on random crops of scikit-learn's two photos (so
+activations have realistic ranges); with random weights the logits are near-flat, so top-1 agreement is
+noisy and the cosine is the steadier figure. ``vit_small`` is a ViT-S/16 in timm's layout (12 blocks, 6
+heads, width 384, MLP 1536; qkv and proj as ``nn.Linear``, timm's initialization), written here since timm is
+not a dependency.
 
     python tools/bench_qdq_vs_modelopt.py --modelopt-python /tmp/movenv/bin/python --models resnet18 mobilenet_v2
 """
@@ -21,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -61,11 +68,72 @@ def crops(n: int, seed: int, size: int = 224) -> np.ndarray:
     return (out - MEAN) / STD
 
 
+class _Attention(torch.nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = torch.nn.LayerNorm(dim, eps=1e-6), _Attention(dim, heads)
+        self.norm2 = torch.nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, mlp), torch.nn.GELU(), torch.nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTSmall(torch.nn.Module):
+    """ViT-S/16 (Dosovitskiy et al. 2021) in timm's ``vit_small_patch16_224`` layout: (N, 3, 224, 224) -> (N, 1000)."""
+
+    def __init__(self, dim: int = 384, depth: int = 12, heads: int = 6, mlp: int = 1536, classes: int = 1000) -> None:
+        super().__init__()
+        self.patch_embed = torch.nn.Conv2d(3, dim, 16, 16)
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, 197, dim))
+        self.blocks = torch.nn.Sequential(*[_Block(dim, heads, mlp) for _ in range(depth)])
+        self.norm = torch.nn.LayerNorm(dim, eps=1e-6)
+        self.head = torch.nn.Linear(dim, classes)
+        for p in (self.cls_token, self.pos_embed):
+            torch.nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.trunc_normal_(m.weight, std=0.02)
+                torch.nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def photo_split() -> tuple[np.ndarray, np.ndarray]:
+    """Calibration and evaluation inputs: crops of two disjoint halves of the shipped photos."""
+    from deploycompress.zoo.photos import crops as photo_crops, photos, split_photos
+
+    calib, evaluation = split_photos(photos())
+    return photo_crops(calib).numpy(), photo_crops(evaluation).numpy()
+
+
 def model_for(name: str, bn_data: np.ndarray) -> torch.nn.Module:
     import torchvision
 
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None)
+    if name == "vit_small":
+        model = ViTSmall()
+    else:
+        model = getattr(torchvision.models, name)(weights=None)
     model.train()
     with torch.no_grad():  # re-estimate BatchNorm statistics on image crops (cumulative average)
         for m in model.modules():
@@ -166,20 +234,29 @@ def cpu_flags() -> dict:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
     except (OSError, StopIteration):
         flags = []
-    return {"cpu": platform.processor() or platform.machine(), "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags}
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), "") if Path("/proc/cpuinfo").is_file() else ""
+    return {"cpu": name or platform.processor() or platform.machine(), "cores": os.cpu_count(), "load_at_start": os.getloadavg()[0],
+            "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     ap.add_argument("--methods", nargs="+", default=["max"], choices=["max", "entropy"])
-    ap.add_argument("--calib", type=int, default=128, help="calibration crops")
-    ap.add_argument("--eval", type=int, default=256, help="evaluation crops")
+    ap.add_argument("--calib", type=int, default=0, help="first N calibration crops (0: all)")
+    ap.add_argument("--eval", type=int, default=0, help="first N evaluation crops (0: all)")
     ap.add_argument("--modelopt-python", default=os.environ.get("MODELOPT_PYTHON", "python"))
     ap.add_argument("--out", default="runs/bench_qdq_vs_modelopt.json")
+    ap.add_argument("--modelopt-cache", default=None,
+                    help="keep ModelOpt's graphs here, named by a hash of the fp32 graph, the calibration data and the "
+                         "method, and reuse them on a rerun with identical inputs (ModelOpt takes minutes per model)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    bn, calib, evalx = crops(256, 1), crops(args.calib, 2), crops(args.eval, 3)
+    bn = crops(256, 1)
+    calib, evalx = photo_split()
+    calib, evalx = calib[:args.calib or None], evalx[:args.eval or None]
+    log.info("calibration %s, evaluation %s (disjoint photos)", calib.shape, evalx.shape)
     results = {"machine": cpu_flags(), "args": vars(args), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -190,11 +267,22 @@ def main() -> None:
             fp32 = d / f"{name}.fp32.onnx"
             exported.save(fp32)
             ref = run(fp32, evalx)
+            key = hashlib.sha256(fp32.read_bytes() + calib.tobytes()).hexdigest()[:16]
             row: dict = {}
             for method in args.methods:
                 for who in ("ours", "modelopt"):
                     path = d / f"{name}.{who}.{method}.onnx"
-                    secs = ours(model, calib, exported, path, method) if who == "ours" else modelopt(args.modelopt_python, fp32, d / "calib.npy", path, method)
+                    cached = Path(args.modelopt_cache) / f"{name}.{method}.{key}.onnx" if args.modelopt_cache else None
+                    if who == "ours":
+                        secs = ours(model, calib, exported, path, method)
+                    elif cached is not None and cached.is_file():
+                        path, secs = cached, float("nan")
+                        log.info("ModelOpt's graph from %s (same fp32 graph and calibration data)", cached)
+                    else:
+                        secs = modelopt(args.modelopt_python, fp32, d / "calib.npy", path, method)
+                        if cached is not None:
+                            cached.parent.mkdir(parents=True, exist_ok=True)
+                            shutil.copyfile(path, cached)
                     row[f"{who} {method}"] = {**fidelity(run(path, evalx), ref), **describe(path), "quantize_s": round(secs, 1)}
                     log.info("%s %s %s: %s", name, who, method, json.dumps(row[f"{who} {method}"]))
             results["models"][name] = row

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InputError, StepError
 
-__all__ = ["TensorSpec", "LayerTime", "Runner", "Backend", "BackendError", "BackendInputError"]
+__all__ = ["TensorSpec", "LayerTime", "Runner", "Backend", "BackendError", "BackendInputError", "named_feeds"]
 
 
 class BackendError(StepError, RuntimeError):
@@ -51,6 +51,24 @@ class LayerTime:
     mean_ms: float
     calls: int = 1
     extra: dict = field(default_factory=dict)
+
+
+def named_feeds(feeds: object, inputs: Sequence[TensorSpec], who: str) -> Mapping[str, object]:
+    """``feeds`` as a mapping ``{input name: array}``: a mapping as given; one array or tensor (torch
+    tensors are detached to numpy) when the graph has exactly one input. Anything else raises
+    :class:`BackendInputError` naming the graph's inputs, before any run."""
+    names = [s.name for s in inputs]
+    if isinstance(feeds, Mapping):
+        return {k: _to_numpy(v) for k, v in feeds.items()}
+    if len(names) == 1 and (isinstance(feeds, np.ndarray) or hasattr(feeds, "detach")):
+        return {names[0]: _to_numpy(feeds)}
+    raise BackendInputError(f"{who}: run() takes a dict {{input name: array}} with the inputs {names}"
+                            + (" (or one array)" if len(names) == 1 else "") + f", got {type(feeds).__name__}")
+
+
+def _to_numpy(value: object) -> object:
+    detach = getattr(value, "detach", None)  # a torch tensor, without importing torch here
+    return detach().cpu().numpy() if callable(detach) else value
 
 
 @runtime_checkable

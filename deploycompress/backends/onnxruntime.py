@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .base import BackendError, BackendInputError, LayerTime, TensorSpec
+from .base import BackendError, BackendInputError, LayerTime, TensorSpec, named_feeds
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "OPTIMIZATION_LEVELS", "PRECISIONS"]
 
@@ -104,6 +104,7 @@ class OnnxRuntimeRunner:
             raise BackendError(f"onnxruntime could not load {self.path}: {exc}") from exc
 
     def _feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = named_feeds(feeds, self.inputs, "onnxruntime")
         names = [i.name for i in self.inputs]
         missing = [n for n in names if n not in feeds]
         extra = [n for n in feeds if n not in names]

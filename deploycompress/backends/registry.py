@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..suggest import did_you_mean
 from .base import Backend, BackendError, BackendInputError
 
 __all__ = ["BACKENDS", "get_backend", "register_backend"]
@@ -36,5 +37,5 @@ def get_backend(name: str) -> Backend:
     """The backend called ``name`` ('onnxruntime', 'tensorrt'); a clear error when it cannot run here."""
     factory = _FACTORIES.get(name)
     if factory is None:
-        raise BackendInputError(f"unknown backend {name!r}; known backends: {sorted(_FACTORIES)}")
+        raise BackendInputError(f"unknown backend {name!r}{did_you_mean(name, _FACTORIES)}; known backends: {sorted(_FACTORIES)}")
     return factory()

@@ -20,7 +20,7 @@ from deploycompress_device import DeviceBuildError
 from deploycompress_device.checks import check_dla, check_operators, errors
 from deploycompress_device.plan import BuildOptions, Profile, make_profiles
 
-from .base import BackendError, LayerTime, TensorSpec
+from .base import BackendError, LayerTime, TensorSpec, named_feeds
 
 __all__ = ["PRECISIONS", "TensorRTBackend", "TensorRTRunner", "tensorrt_available", "tensorrt_version"]
 
@@ -77,7 +77,7 @@ class TensorRTRunner:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            return self._runner.run(feeds)
+            return self._runner.run(named_feeds(feeds, self.inputs, "tensorrt"))
         except DeviceBuildError as exc:
             raise BackendError(f"tensorrt: {exc}") from exc
 

@@ -123,6 +123,7 @@ def write_portable_bundle(
         )
         manifest.files = hash_tree(root)
         manifest.save(root)
-    log.warning("TensorRT is not installed here: wrote a portable bundle to %s; build the engine on the device with `%s` "
-                "(run in the bundle directory)", out_dir, DEVICE_COMMAND)
+    log.warning("TensorRT is not installed here: wrote a portable bundle to %s; build the engine on the device with "
+                "`deploycompress device-build %s`, or without deploycompress installed `%s` (run in the bundle directory)",
+                out_dir, out_dir, DEVICE_COMMAND)
     return manifest

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["WEIGHTED_OPS", "weight_axis", "through_identity", "gs_constant", "has_weight", "pad_constant"]
+__all__ = ["WEIGHTED_OPS", "weight_axis", "through_identity", "gs_constant", "has_weight", "is_gemv", "pad_constant"]
 
 #: ops whose input 1 is a weight that int8 kernels take per output channel
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -59,15 +59,30 @@ def gs_constant(t) -> np.ndarray | None:
 
 
 def has_weight(node: gs.Node) -> bool:
-    """A weighted op whose input 1 is a weight (a constant, or a dequantized constant), not an
-    activation (attention's ``q @ k``)."""
+    """A weighted op whose input 1 is a weight (a constant, a dequantized constant, or a constant
+    quantized and dequantized in the graph), not an activation (attention's ``q @ k``)."""
     if node.op not in WEIGHTED_OPS or len(node.inputs) < 2:
         return False
     w = node.inputs[1]
-    p = w.inputs[0] if w.inputs else None
-    if p is not None and p.op == "DequantizeLinear":
-        return gs_constant(p.inputs[0]) is not None
+    for _ in range(2):  # DequantizeLinear, then QuantizeLinear (weights quantized in the graph)
+        p = w.inputs[0] if w.inputs else None
+        if p is None or p.op not in ("DequantizeLinear", "QuantizeLinear"):
+            break
+        w = p.inputs[0]
     return gs_constant(w) is not None
+
+
+def is_gemv(node: gs.Node) -> bool:
+    """A Gemm/MatMul with a weight whose data input holds one row per sample: ``(N, K)`` (a classifier
+    after global pooling), or ``(N, 1, ..., K)``; at batch 1 a matrix-vector product. Unknown shapes: False."""
+    if node.op not in ("Gemm", "MatMul") or not has_weight(node):
+        return False
+    if node.op == "Gemm":
+        return not node.attrs.get("transA", 0)  # A is (M, K): one row per sample
+    shape = node.inputs[0].shape
+    if shape is None or len(shape) < 2:
+        return False
+    return all(isinstance(d, int) and d == 1 for d in shape[1:-1])
 
 
 def pad_constant(node: gs.Node) -> float | None:

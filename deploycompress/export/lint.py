@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph_utils import WEIGHTED_OPS, gs_constant, has_weight, pad_constant, weight_axis
+from .graph_utils import WEIGHTED_OPS, gs_constant, has_weight, is_gemv, pad_constant, weight_axis
 from .onnx_export import MIN_OPSET, onnx_opset
 from .targets import QDQTarget, get_target
 
@@ -63,6 +63,17 @@ def _through(t, ops: tuple[str, ...]) -> list:
     return out
 
 
+def _weight_values(dq: gs.Node) -> np.ndarray | None:
+    """The weight a DequantizeLinear stands for: its constant input (int8, stored quantized), or the float
+    constant a QuantizeLinear quantizes in the graph (ModelOpt's form: TensorRT folds the pair into an
+    int8 weight, the same placement); None for an activation."""
+    v = gs_constant(dq.inputs[0])
+    if v is not None:
+        return v
+    q = _producer(dq.inputs[0])
+    return gs_constant(q.inputs[0]) if q is not None and q.op == "QuantizeLinear" else None
+
+
 def _dequantized(x, ops: tuple[str, ...], zero_pads: bool = False) -> bool:
     """``x`` comes from a DequantizeLinear, possibly through ops the target fuses through (and, with
     ``zero_pads``, zero constant Pads, which onnxruntime folds into the Conv)."""
@@ -105,7 +116,7 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
             continue
         if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
             add(n.name, "scale-positive", f"scale holds non-positive or non-finite values (min {float(np.min(scale)):g})")
-        is_weight = n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant)
+        is_weight = _weight_values(n) is not None if n.op == "DequantizeLinear" else gs_constant(n.inputs[0]) is not None
         is_bias = zp is not None and zp.dtype == np.int32  # int32 bias of an integer kernel (int32_bias targets)
         if spec.activation_symmetric and zp is not None and not (is_bias and spec.int32_bias) and (zp.dtype != np.int8 or np.any(zp != 0)):
             add(n.name, "tensorrt-symmetric", f"zero point is {zp.dtype} {np.unique(zp)[:4].tolist()}, {spec.name} needs int8 zero point 0")
@@ -136,19 +147,24 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
         if has_weight(node):
             x, w = node.inputs[0], node.inputs[1]
             wp = _producer(w)
+            if spec.float_gemv and is_gemv(node) and (wp is None or wp.op != "DequantizeLinear"):
+                continue  # a float GEMV (classifier head): what this target wants
             if wp is None or wp.op != "DequantizeLinear":
                 if gs_constant(w) is not None:
                     add(node.name, "weight-unquantized", f"weight {w.name!r} is float in a quantized graph")
             else:
                 scale, zp = _qparams(wp)
-                wv = gs_constant(wp.inputs[0])
+                wv = _weight_values(wp)
+                # stored int8 behind the DQ, or float quantized in the graph to the zero point's dtype
+                stored = wv.dtype if gs_constant(wp.inputs[0]) is not None else (zp.dtype if zp is not None else None)
                 axis = weight_axis(node.op, node.attrs.get("transB", 0))
                 channels = wv.shape[axis] if wv is not None and wv.ndim > axis else None
-                if scale is not None and (scale.size == 1 or wp.attrs.get("axis", 1) != axis or scale.size != channels):
+                one_channel = channels == 1 and scale is not None and scale.size == 1  # per-tensor is per-channel there
+                if scale is not None and not one_channel and (scale.size == 1 or wp.attrs.get("axis", 1) != axis or scale.size != channels):
                     add(node.name, "weight-per-channel",
                         f"weight scale has {scale.size} value(s) on axis {wp.attrs.get('axis', 1)}; expected {channels} on axis {axis}")
-                if (wv is not None and wv.dtype != np.int8) or (zp is not None and np.any(zp != 0)):
-                    add(node.name, "weight-symmetric", f"weight is {getattr(wv, 'dtype', '?')} with zero point(s) {np.unique(zp)[:4].tolist() if zp is not None else '?'}")
+                if (stored is not None and stored != np.int8) or (zp is not None and np.any(zp != 0)):
+                    add(node.name, "weight-symmetric", f"weight is {stored} with zero point(s) {np.unique(zp)[:4].tolist() if zp is not None else '?'}")
             if not _dequantized(x, spec.fuses_through, spec.quantized_pads):
                 add(node.name, "input-unquantized", f"input {x.name!r} is not dequantized: the op runs in float")
             out = node.outputs[0]
@@ -164,7 +180,7 @@ def lint_qdq(model: onnx.ModelProto, target: str | QDQTarget = "tensorrt") -> li
                     spec.float_output_severity)
         elif node.op == "Add" and spec.residual_add_branch:
             producers = [_producer(i) for i in node.inputs]
-            from_weighted = any(p is not None and p.op in WEIGHTED_OPS for p in producers)
+            from_weighted = any(p is not None and p.op in spec.residual_fusing_ops for p in producers)
             dequantized = any(p is not None and p.op == "DequantizeLinear" for p in producers)
             if from_weighted and not dequantized and not any(isinstance(i, gs.Constant) for i in node.inputs):
                 add(node.name, "residual-add", "no input is dequantized: quantize the residual branch")

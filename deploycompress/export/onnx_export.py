@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import StepError
 from ..backends.base import TensorSpec
+from ..quantization.wrapper import QuantWrapper
 from ..tensor_io import InputNamingError, flatten_outputs, name_inputs
 from .name_map import NameMap, build_name_map, record_calls
 
@@ -111,6 +112,11 @@ def to_onnx(
     """
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: QDQ per-channel weights need opset >= {MIN_OPSET}")
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, QuantWrapper)]
+    if wrapped:  # fake-quant wrappers do not export; the calibration goes into Q/DQ nodes instead
+        raise ExportError(f"the model still holds quantizer wrappers ({', '.join(wrapped[:3])}{', ...' if len(wrapped) > 3 else ''}): "
+                          "export quantizer.unwrap_model() and pass quantizer.export_calib_config() to insert_qdq "
+                          "(or to build_engine)")
     try:
         named = name_inputs(model, example_inputs)
     except InputNamingError as exc:

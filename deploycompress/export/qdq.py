@@ -34,7 +34,7 @@ from calibrators import QuantParams, params_from_range, qrange
 
 from ..errors import InputError
 from ..quantization.calib_config import CalibConfig
-from .graph_utils import WEIGHTED_OPS, gs_constant, pad_constant
+from .graph_utils import WEIGHTED_OPS, gs_constant, is_gemv, pad_constant
 from .name_map import NameMap, NameMapError
 from .onnx_export import MIN_OPSET, onnx_opset
 from .targets import QDQ_TARGETS, QDQTarget, get_target
@@ -74,6 +74,9 @@ class _Act:
     #: quantizes what that module reads, as the simulation does (its wrapper quantizes its own input):
     #: other readers of the tensor (a residual skip) keep the float value when the target says so
     readers: frozenset[str] | None = None
+    #: the range was observed on this tensor alone; False: a module called several times (one ReLU
+    #: module applied twice in a residual block) observed it, so the range is the union over its calls
+    exact: bool = True
 
 
 def _readers(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
@@ -121,10 +124,18 @@ def _collect(calib: CalibConfig, name_map: NameMap, graph_tensors: set[str]):
                 missing.append(f"tensor {t!r} ({module}.{kind}) is not in the graph")
                 continue
             readers = frozenset(m.nodes) if kind == "input" else None
+            exact = len(tensors) == 1
             if t in acts:
-                acts[t] = _Act(_union(acts[t].params, params), acts[t].sources + [f"{module}.{kind}"], _readers(acts[t].readers, readers))
+                old = acts[t]
+                if old.exact != exact:
+                    # a shared module's range spans all its calls: the range observed on this tensor alone
+                    # (the reading module's input) is the tensor's own; the union would widen its scale
+                    merged = old.params if old.exact else params
+                else:
+                    merged = _union(old.params, params)
+                acts[t] = _Act(merged, old.sources + [f"{module}.{kind}"], _readers(old.readers, readers), old.exact or exact)
             else:
-                acts[t] = _Act(params, [f"{module}.{kind}"], readers)
+                acts[t] = _Act(params, [f"{module}.{kind}"], readers, exact)
     if missing:
         raise QDQError("the calibration names modules or tensors the model lacks:\n  " + "\n  ".join(missing))
     for item in skipped:
@@ -201,6 +212,31 @@ def _pads_after_quantize(graph: gs.Graph, dq_source: dict[str, str]) -> None:
         dq_source[out.name] = dq_source[dq.outputs[0].name]
 
 
+def _depth_to_branch_point(node: gs.Node, limit: int = 256) -> dict[str, int]:
+    """Input tensor name -> number of nodes between it and the nearest node both inputs descend from
+    (the residual block's fork); inputs without a common ancestor are left out."""
+    def ancestors(t: gs.Tensor) -> dict[int, tuple[int, gs.Node]]:
+        seen: dict[int, tuple[int, gs.Node]] = {}
+        frontier = [(0, t.inputs[0])] if t.inputs else []
+        while frontier and len(seen) < limit:
+            d, n = frontier.pop(0)
+            if id(n) in seen:
+                continue
+            seen[id(n)] = (d, n)
+            frontier.extend((d + 1, i.inputs[0]) for i in n.inputs if i.inputs)
+        return seen
+
+    data = [i for i in node.inputs if gs_constant(i) is None]
+    if len(data) != 2:
+        return {}
+    a, b = ancestors(data[0]), ancestors(data[1])
+    common = set(a) & set(b)
+    if not common:
+        return {}
+    fork = min(common, key=lambda k: a[k][0] + b[k][0])
+    return {data[0].name: a[fork][0], data[1].name: b[fork][0]}
+
+
 def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[str, _Act]:
     """Apply ``target``'s placement rules to the calibrated tensors; returns tensor name -> range."""
     producers = {o.name: n for n in graph.nodes for o in n.outputs}
@@ -219,7 +255,13 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
             for node in graph.nodes:
                 if node.op != "Add" or any(i.name in keep for i in node.inputs):
                     continue
-                branch = sorted((i.name for i in node.inputs if i.name in chosen), key=lambda t: t in weighted_out)
+                if not any(i.inputs and i.inputs[0].op in target.residual_fusing_ops for i in node.inputs):
+                    continue  # no conv to fuse the Add into (a transformer's residual stream): it stays float
+                # the shortcut: not a weighted op's output, else the input nearer the branch point (a
+                # downsample conv); the longer main branch's last conv then fuses the Add (TensorRT's
+                # residual fusion; ModelOpt's non-residual input is the one farther from the common ancestor)
+                depth = _depth_to_branch_point(node)
+                branch = sorted((i.name for i in node.inputs if i.name in chosen), key=lambda t: (t in weighted_out, depth.get(t, 0)))
                 if branch:
                     keep[branch[0]] = chosen[branch[0]]
         chosen = keep
@@ -271,7 +313,26 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
     for _ in range(16):  # shared scales spread along chains (circular padding: Concat of Concats)
         if not _share_scales(graph, chosen, acts, target, graph_outputs):
             break
+    if target.float_gemv:
+        _drop_float_gemv_inputs(graph, chosen, target)
     return chosen
+
+
+def _drop_float_gemv_inputs(graph: gs.Graph, chosen: dict[str, _Act], target: QDQTarget) -> None:
+    """Tensors read only by float GEMVs (and the data-movement ops before them: Flatten, Reshape) lose their Q/DQ."""
+    float_readers = {n.name for n in graph.nodes if is_gemv(n)}
+    tensors = graph.tensors()
+    changed = True
+    while changed:
+        changed = False
+        for name in list(chosen):
+            t = tensors[name]
+            if t.outputs and all(r.name in float_readers for r in t.outputs):
+                del chosen[name]
+                changed = True
+                p = t.inputs[0] if t.inputs else None
+                if p is not None and (p.op in target.same_scale_ops or p.op in target.moves_past):
+                    float_readers.add(p.name)
 
 
 def _same(a: QuantParams, b: QuantParams) -> bool:
@@ -465,6 +526,11 @@ def insert_qdq(
             node = nodes_by_name.get(node_name or "")
             if node is None:
                 raise QDQError(f"module {module!r}: its node {node_name!r} is not in this graph")
+            if spec.float_gemv and is_gemv(node):
+                why = f"{node.op} {node.name} is a matrix-vector product at batch 1: {spec.name} keeps it float"
+                skipped.append({"module": module, "kind": "weight", "reason": why})
+                warnings.warn(f"calibration of {module}.weight is not used: {why}", CalibrationSkippedWarning, stacklevel=2)
+                continue
             axis = int(m.weight_axis or 0)
             if init_name in made:
                 node.inputs[1], scale = made[init_name]

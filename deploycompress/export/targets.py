@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from calibrators import QuantParams
 
+from ..suggest import did_you_mean
+
 __all__ = ["QDQTarget", "QDQ_TARGETS", "get_target", "register_target", "target_names"]
 
 
@@ -43,6 +45,9 @@ class QDQTarget:
     graph_outputs_float: bool = False
     #: the lint requires one dequantized input on an Add fed by a weighted op (residual fusion)
     residual_add_branch: bool = False
+    #: the ops that fuse a residual Add into themselves (TensorRT: convolutions; a Gemm/MatMul-fed Add in a
+    #: transformer is not such a fusion, as in ModelOpt's residual-Add rule, which looks for a Conv backbone)
+    residual_fusing_ops: tuple[str, ...] = ("Conv", "ConvTranspose")
     #: activations the runtime folds into the QuantizeLinear after them (their range clamps already):
     #: a Q/DQ on their input would block the producer's fusion, so it is dropped; the lint looks
     #: through them when asking whether a weighted op's output reaches a QuantizeLinear
@@ -73,6 +78,10 @@ class QDQTarget:
     #: quantized (onnxruntime: QLinearAdd): an input calibrated only as a module's input (a residual skip
     #: that skip_reads_float would leave float) is dequantized for them too, so they do not run in float
     integer_binary_ops: tuple[str, ...] = ()
+    #: Gemm/MatMul with one row per sample (:func:`~.graph_utils.is_gemv`: a classifier head) stay float: at
+    #: batch 1 a matrix-vector product, for which TensorRT's int8 kernels are no faster (ModelOpt's GEMV rule),
+    #: and the head is the layer whose rounding the logits feel most; the lint accepts them float
+    float_gemv: bool = False
     #: lint severity when a weighted op's output reaches no QuantizeLinear (the op runs in float);
     #: None: not a finding for this target
     float_output_severity: str | None = None
@@ -110,7 +119,7 @@ def get_target(name: str | QDQTarget) -> QDQTarget:
     try:
         return QDQ_TARGETS[name]
     except KeyError:
-        raise ValueError(f"target must be one of {target_names()}, got {name!r}") from None
+        raise ValueError(f"target must be one of {target_names()}, got {name!r}{did_you_mean(name, target_names())}") from None
 
 
 def target_names() -> list[str]:
@@ -138,7 +147,7 @@ register_target(QDQTarget(
 # parser's table: QuantizeLinear/DequantizeLinear zero point must be 0): quantize every input of a
 # weighted op, leave weighted-op outputs float unless another weighted op reads them, quantize the
 # residual (shortcut) input of an Add so the Add fuses into the conv before it, one scale across a
-# Concat. Checked on resnet18 and an Inception-style block by tests/test_tensorrt_qdq.py; the TensorRT
+# Concat; a GEMV-shaped Gemm/MatMul (the classifier head) stays float, as in NVIDIA ModelOpt. Checked on resnet18 and an Inception-style block by tests/test_tensorrt_qdq.py; the TensorRT
 # pre-build checks (export/tensorrt_checks.py) lint with this entry, no second rule set.
 register_target(QDQTarget(
     name="tensorrt",
@@ -147,6 +156,7 @@ register_target(QDQTarget(
     weighted_outputs_float=True,
     graph_outputs_float=True,
     residual_add_branch=True,
+    float_gemv=True,
     same_scale_ops=_SAME_SCALE,
     moves_past=_COPY_OPS,
     notes="S8S8 symmetric, zero point 0, per-channel weights only (TensorRT explicit quantization; strongly typed builds)",

@@ -343,6 +343,35 @@ def check_norm_spans(norm_spans: Any) -> str:
     return norm_spans
 
 
+def _pin_tied_parameters(model: nn.Module, tracer: Tracer) -> None:
+    """A parameter held by several modules (tied weights: an embedding shared with the output Linear)
+    is one tensor: cutting it for one holder would cut it for the others, whose channels are other
+    channel spaces. The channels of every layer and per-channel slice that holds one are kept whole."""
+    holders: dict[int, list[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append(f"{mname}.{attr}" if mname else attr)
+    tied = {k: sorted(set(v)) for k, v in holders.items() if len(set(v)) > 1}
+    if not tied:
+        return
+    modules = dict(model.named_modules())
+
+    def reason(module: nn.Module) -> str | None:
+        names = [" = ".join(tied[id(p)]) for p in module._parameters.values() if p is not None and id(p) in tied]
+        return f"tied weights ({'; '.join(names)}) are one tensor" if names else None
+
+    for name, rec in tracer.trace.producers.items():
+        why = reason(modules[name]) if name in modules else None
+        if why:
+            tracer.pin(rec.out_ids, why)
+            tracer.pin(rec.in_ids, why)
+    for (mname, attr), sl in tracer.trace.params.items():
+        p = getattr(modules.get(mname), attr, None)
+        if isinstance(p, torch.Tensor) and id(p) in tied:
+            tracer.pin(sl.ids, f"tied weights ({' = '.join(tied[id(p)])}) are one tensor")
+
+
 def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bool = False, norm_spans: str = "keep") -> ChannelTrace:
     """Run ``model`` once in eval mode and return its channel ids, couplings and pins.
 
@@ -375,6 +404,7 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bo
             m.train(flag)
     for t in rules.tensors(output):
         tracer.pin(tracer.info(t), "they reach the model output")
+    _pin_tied_parameters(model, tracer)
     tracer.trace.width_reads = tracer.read_norm_widths()
     tracer.trace.output = output
     if tracer.trace.unknown_ops:

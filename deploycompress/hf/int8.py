@@ -1,29 +1,33 @@
-"""int8 (QDQ) transformer encoders for onnxruntime: every Linear's MatMul/Gemm in int8, the rest float.
+"""int8 transformer encoders for onnxruntime: every Linear's MatMul in int8, the rest float.
 
-What is quantized: each MatMul/Gemm whose weight (input B) is a constant -- the Linears -- per output
-channel (symmetric int8 weights, uint8 activations, the U8S8 flavour onnxruntime's x86 kernels run
-fastest; 7-bit weights on x86 without VNNI, see ``export.qdq.needs_reduced_range``). Softmax,
-LayerNorm, GELU and the residual adds stay float. The attention-score MatMuls (``q @ k^T``,
-``p @ v``: both inputs activations) are quantized only with ``score_matmuls=True``.
+What is quantized: each MatMul whose weight (input B) is a constant -- the Linears -- with symmetric
+int8 weights per output channel and uint8 activations per tensor (the U8S8 flavour onnxruntime's x86
+kernels run fastest; 7-bit weights on x86 without VNNI, see ``export.qdq.needs_reduced_range``).
+Softmax, LayerNorm, GELU and the residual adds stay float and read float tensors. The graph is
+written by :mod:`.linear_int8` (calibration, SmoothQuant, the ``qdq``/``integer``/``dynamic`` flavours).
+
+Accuracy: BERT-family encoders have a few activation channels with outliers 10-15x the others in the
+LayerNorm outputs (the FFN's first Linear) and after GELU (the FFN's second Linear); one per-tensor
+uint8 scale then rounds every other channel coarsely. ``smooth_alpha`` applies SmoothQuant (Xiao et
+al., 2023) to every Linear input before quantizing; Linears named in ``keep_float`` stay float (named
+in the result).
 
 Which graph: onnxruntime's transformer optimizer (``onnxruntime.transformers.optimizer``) fuses
 LayerNorm/SkipLayerNorm, bias+GELU and the embedding; its attention fusion packs Q/K/V into one
-``Attention`` op whose weights the QDQ quantizer leaves float, so it is turned off. Both the plain
-exported graph and the fused one are quantized (onnxruntime's ``quantize_static``, QDQ format, on the
-caller's calibration batches) and timed on the same batches; the faster one whose outputs stay within
-``min_cosine`` of the fp32 graph's is kept, and the result says why (:class:`Int8Result`).
+``Attention`` op whose weights would be hidden, so it is turned off. The plain exported graph and the
+fused one, each in every flavour asked, are timed on the same batches; the fastest whose outputs keep
+mean cosine >= ``min_cosine`` to the fp32 graph's is kept, and the result says why (:class:`Int8Result`).
 
-The spec followed: onnxruntime's quantization guide (QDQ format, per-channel weights, U8S8 on x86).
+The spec followed: onnxruntime's quantization guide (QDQ format, per-channel weights, U8S8 on x86) and
+its ``com.microsoft`` ``MatMulIntegerToFloat``/``DynamicQuantizeLinear`` operators.
 Dynamic axes of the fp32 graph (batch, sequence) are kept.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -45,7 +49,8 @@ class Int8Error(StepError, RuntimeError):
 
 @dataclass
 class Int8Candidate:
-    """One int8 graph tried: its fp32 source (``"plain"`` or ``"fused"``), speed and accuracy."""
+    """One int8 graph tried, named ``<source>/<flavour>`` (source ``"plain"`` or ``"fused"``, flavour
+    of :data:`.linear_int8.FLAVOURS`, ``+float-ffn2`` when the FFN's second Linears stay float)."""
 
     name: str
     model: onnx.ModelProto = field(repr=False)
@@ -141,19 +146,6 @@ def fused_graph(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0
     return out
 
 
-class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over a list of feed dicts."""
-
-    def __init__(self, feeds: Sequence[Feeds]) -> None:
-        self._it = iter(list(feeds))
-
-    def get_next(self) -> dict | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:  # not needed by MinMax; part of the protocol
-        pass
-
-
 def _session(model: onnx.ModelProto, threads: int | None):  # noqa: ANN202
     import onnxruntime as ort
 
@@ -190,51 +182,20 @@ def mean_cosine(reference: Iterable[np.ndarray], actual: Iterable[np.ndarray]) -
     return float(np.concatenate(cos).mean())
 
 
-def _quantize(model: onnx.ModelProto, feeds: Sequence[Feeds], nodes: list[str], reduce_range: bool, score_matmuls: bool) -> onnx.ModelProto:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(model, str(src))
-        quantize_static(
-            str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.MinMax,
-            extra_options={
-                "MatMulConstBOnly": not score_matmuls, "WeightSymmetric": True, "ActivationSymmetric": False,
-                "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],  # their outputs feed float bias adds and norms
-            },
-        )  # fmt: skip
-        return _float_ops_read_float(onnx.load(str(dst)))
-
-
-def _float_ops_read_float(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewire every non-MatMul/Gemm reader of a quantize-dequantized activation to the float tensor.
-
-    onnxruntime's quantizer puts one Q/DQ pair on a tensor and lets all its readers share the
-    dequantized copy, so a residual add or LayerNorm reading the same hidden states as a quantized
-    Linear would see rounded values; here they read what the fp32 graph read.
-    """
-    producer = {o: n for n in model.graph.node for o in n.output}
-    float_of = {}
-    for n in model.graph.node:
-        q = producer.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
-        if q is not None and q.op_type == "QuantizeLinear":
-            float_of[n.output[0]] = q.input[0]
-    for n in model.graph.node:
-        if n.op_type in ("MatMul", "Gemm", "QuantizeLinear", "DequantizeLinear"):
-            continue
-        for i, name in enumerate(n.input):
-            if name in float_of:
-                n.input[i] = float_of[name]
-    return model
-
-
 def _count_quantized(model: onnx.ModelProto) -> int:
-    """MatMul/Gemm nodes whose weight input comes from a DequantizeLinear of a constant."""
+    """Linears in int8: MatMuls whose weight comes from a DequantizeLinear of a constant, and
+    MatMulIntegerToFloat nodes."""
     consts = _initializers(model)
     dq_const = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts}
-    return sum(1 for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in dq_const)
+    return sum(
+        1 for n in model.graph.node if (n.op_type in ("MatMul", "Gemm") and n.input[1] in dq_const) or n.op_type == "MatMulIntegerToFloat"
+    )  # fmt: skip
+
+
+def _writable(model: onnx.ModelProto) -> list[str]:
+    """The Linears :mod:`.linear_int8` writes: MatMuls with a constant 2-D weight."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
 
 
 def quantize_transformer(
@@ -243,34 +204,48 @@ def quantize_transformer(
     check: Sequence[Feeds] | None = None,
     *,
     fuse: str = "auto",
+    flavour: str = "auto",
+    smooth_alpha: float | None = 0.75,
+    keep_float: Sequence[str] = (),
     float_after_gelu: bool | str = "auto",
     min_cosine: float = 0.99,
-    score_matmuls: bool = False,
     num_heads: int = 0,
     hidden_size: int = 0,
     threads: int | None = None,
     repeats: int = 3,
 ) -> Int8Result:
-    """int8 QDQ graph of an fp32 encoder graph (see the module docstring).
+    """int8 graph of an fp32 encoder graph (see the module docstring).
 
     ``calibration``: feed dicts ``{input name: array}`` (e.g. ``input_ids``/``attention_mask``, int64,
     (batch, sequence)) of real text; ``check`` (default: ``calibration``) the batches that time the
     candidates and measure their mean cosine to fp32 outputs. ``fuse``: ``"auto"`` tries the plain and
-    the fused graph and keeps the faster one with cosine >= ``min_cosine``; ``"plain"``/``"fused"``
-    try one. ``float_after_gelu``: keep the Linears that read a GELU output (the FFN's second Linear,
-    whose input has outliers per-tensor uint8 cannot cover) in float: ``False`` never, ``True``
+    the fused graph; ``"plain"``/``"fused"`` one. ``flavour``: ``"auto"`` tries ``"qdq"``,
+    ``"integer"`` and ``"dynamic"`` (:data:`.linear_int8.FLAVOURS`), or name one. ``smooth_alpha``:
+    SmoothQuant migration strength (``None``: off; 0.75 measured best on all-MiniLM-L6-v2, where 0.5
+    loses accuracy). ``keep_float``: MatMul node names kept float. ``float_after_gelu``: keep the
+    Linears that read a GELU output (the FFN's second Linear) in float: ``False`` never, ``True``
     always, ``"auto"`` only for a graph whose all-int8 version misses ``min_cosine`` (said in the
-    result's notes and logged). ``num_heads``/``hidden_size`` help the optimizer (0: detected). Raises ``ValueError`` for
-    bad arguments (before any work) and :class:`Int8Error` when no candidate is accurate enough.
+    result's notes and logged). ``num_heads``/``hidden_size`` help the optimizer (0: detected).
+    Raises ``ValueError`` for bad arguments (before any work) and :class:`Int8Error` when no
+    candidate is accurate enough.
     """
+    from .linear_int8 import FLAVOURS, collect_stats, linear_inputs, quantize_linears, smooth
+
     if fuse not in ("auto", "plain", "fused"):
         raise ValueError(f"fuse must be 'auto', 'plain' or 'fused', got {fuse!r}")
+    if flavour != "auto" and flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be 'auto' or one of {FLAVOURS}, got {flavour!r}")
     if float_after_gelu not in (True, False, "auto"):
         raise ValueError(f"float_after_gelu must be True, False or 'auto', got {float_after_gelu!r}")
+    if smooth_alpha is not None and not 0.0 <= smooth_alpha <= 1.0:
+        raise ValueError(f"smooth_alpha must be in [0, 1] or None, got {smooth_alpha}")
     if not calibration:
         raise ValueError("calibration needs at least one feed dict of real inputs")
     if not 0.0 < min_cosine <= 1.0:
         raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine}")
+    unknown = sorted(set(keep_float) - set(linear_matmuls(model)))
+    if unknown:
+        raise ValueError(f"keep_float names {unknown[:3]}, not Linear MatMuls of this graph (see linear_matmuls(model))")
     inputs = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
     for i, f in enumerate(list(calibration) + list(check or [])):
         if set(f) != inputs:
@@ -290,26 +265,43 @@ def quantize_transformer(
             log.warning(result_notes[-1])
     if fuse == "auto":
         sources = {"plain": model, **sources}
+    if keep_float:
+        result_notes.append(f"kept float as asked: {', '.join(keep_float)}")
     reduce_range = needs_reduced_range()
+    flavours = FLAVOURS if flavour == "auto" else (flavour,)
     candidates = []
     for name, src in sources.items():
+        linears = linear_matmuls(src)
+        writable = set(_writable(src))
+        skipped = [n for n in linears if n not in writable]
+        if skipped:
+            result_notes.append(f"{name}: {len(skipped)} Linears are not MatMuls with a 2-D constant weight and stay float: {', '.join(skipped[:5])}")
+            log.warning(result_notes[-1])
         gelu = set(after_gelu(src))
+        chosen = [n for n in linears if n in writable and n not in keep_float]
+        groups = linear_inputs(src, chosen)
+        stats = collect_stats(src, calibration, list(groups), threads)
+        if smooth_alpha is not None:
+            src, stats = smooth(src, groups, stats, smooth_alpha)
         plans = {True: [True], False: [False], "auto": [False, True]}[float_after_gelu]
-        for keep_float in plans:
-            nodes = [n for n in linear_matmuls(src, score_matmuls=score_matmuls) if not (keep_float and n in gelu)]
-            label = f"{name}+float-ffn2" if keep_float else name
-            q = _quantize(src, calibration, nodes, reduce_range, score_matmuls)
-            sess = _session(q, threads)
-            cand = Int8Candidate(label, q, _count_quantized(q), len(linear_matmuls(src)), _latency_ms(sess, check, repeats), mean_cosine(reference, _outputs(sess, check)))
-            cand.accepted = cand.cosine >= min_cosine
-            log.info("int8 %s graph: %d/%d Linears int8, %.2f ms, cosine %.5f", label, cand.quantized, cand.linears, cand.latency_ms, cand.cosine)
-            candidates.append(cand)
-            if cand.accepted:
+        for keep_gelu in plans:
+            nodes = [n for n in chosen if not (keep_gelu and n in gelu)]
+            node_groups = linear_inputs(src, nodes)
+            missed = True
+            for fl in flavours:
+                label = f"{name}/{fl}" + ("+float-ffn2" if keep_gelu else "")
+                q = quantize_linears(src, node_groups, stats, flavour=fl, reduce_range=reduce_range)
+                sess = _session(q, threads)
+                cand = Int8Candidate(label, q, _count_quantized(q), len(linears), _latency_ms(sess, check, repeats), mean_cosine(reference, _outputs(sess, check)))
+                cand.accepted = cand.cosine >= min_cosine
+                missed = missed and not cand.accepted
+                log.info("int8 %s graph: %d/%d Linears int8, %.2f ms, cosine %.5f", label, cand.quantized, cand.linears, cand.latency_ms, cand.cosine)
+                candidates.append(cand)
+            if not missed:
                 break
-            if float_after_gelu == "auto" and not keep_float and gelu:
+            if float_after_gelu == "auto" and not keep_gelu and gelu:
                 result_notes.append(
-                    f"{name}: all {cand.linears} Linears in int8 reach cosine {cand.cosine:.4f} < {min_cosine}; "
-                    f"trying the {len(gelu)} Linears after GELU in float"
+                    f"{name}: with every Linear in int8 no flavour reaches cosine {min_cosine}; trying the {len(gelu)} Linears after GELU in float"
                 )
                 log.warning(result_notes[-1])
     fp32_ms = _latency_ms(fp32, check, repeats)

@@ -169,6 +169,17 @@ class SimulatedAnnealingPruner:
         traj = self.trajectory = Trajectory(metric, dense_value, self.evaluate(origin) if self.evaluate else None,
                                             self.budget * dense_value if self.meter else None)  # fmt: skip
         current = self._initial(rng)
+        if self.meter is not None and self.lookup_table is not None:
+            # one whole-model measurement puts the additive estimate onto the measured scale, so the
+            # walk explores candidates near the real budget (fit_measured closes what remains)
+            probe = make(origin, current)
+            self.lookup_table.calibrate(current, self.meter.relative(origin, probe, origin) * dense_value)
+            rescaled = self._onto_budget(current)
+            if rescaled is None:  # the calibrated table says the cap cannot meet the budget: trust the plain table
+                log.info("annealing: the calibrated table puts the budget out of reach; the plain additive estimate is kept")
+                self.lookup_table.scale = 1.0
+                rescaled = self._onto_budget(current)
+            current = rescaled or current
         current_score: float | None = None
         best: tuple[float, dict[str, float], nn.Module, Masks] | None = None
         temperature = self.t0
@@ -200,8 +211,10 @@ class SimulatedAnnealingPruner:
         assert best is not None
         score, sparsities, trained, masks = best
         if self.meter is not None:
-            fitted, fit_masks, measured = fit_measured(origin, sparsities, make, self.meter, self.budget * dense_value, self.cap, dense_value=dense_value)
-            if fitted != sparsities:  # the table was optimistic: the measured candidate is a sparser one
+            fitted, fit_masks, measured = fit_measured(
+                origin, sparsities, make, self.meter, self.budget * dense_value, self.cap, dense_value=dense_value, floor=self.floor
+            )
+            if fitted != sparsities:  # the table's estimate was off: the candidate on the measured budget
                 sparsities, masks = fitted, fit_masks
                 trained, score = train_and_score(origin, masks, self.finetune, self.evaluate)  # type: ignore[assignment]
             traj.add(origin, masks, sparsities=sparsities, score=score, resource=measured, measured=True, accepted=True)

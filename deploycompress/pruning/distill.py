@@ -3,7 +3,9 @@
 Knowledge distillation on outputs (Hinton et al., 2015, "Distilling the Knowledge in a Neural
 Network"; for sentence embedders, Reimers & Gurevych, 2020, "Making Monolingual Sentence Embeddings
 Multilingual using Knowledge Distillation": MSE or cosine between student and teacher embeddings) on
-unlabelled real inputs. Typical flow: prune heads/FFN channels -> ``speedup`` (a physically smaller
+unlabelled real inputs, optionally with intermediate-layer matching: the student's named submodules'
+outputs (e.g. every transformer layer's hidden states) learn the teacher's by MSE, as in TinyBERT
+(Jiao et al., 2020, hidden-state loss) and MiniLM (Wang et al., 2020, layer-wise transfer). Typical flow: prune heads/FFN channels -> ``speedup`` (a physically smaller
 model; no masks left to re-grow) -> :func:`distill` -> quantize.
 
 For :class:`~deploycompress.pruning.MovementPruner` (which trains through a ``TorchEvaluator``),
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,7 @@ from .evaluator import TorchEvaluator, _call  # one way to call a model with a b
 log = logging.getLogger(__name__)
 
 LOSSES = ("cosine", "mse")
+SCHEDULES = ("constant", "linear")
 
 __all__ = ["DistillResult", "distill", "distillation_evaluator", "distillation_loss"]
 
@@ -56,6 +60,19 @@ def _tensor(out: Any, where: str) -> torch.Tensor:
     raise TypeError(f"{where} returned {type(out).__name__}; distillation needs a tensor (wrap it, e.g. deploycompress.hf.Encoder)")
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside, every submodule's own training flag back afterwards (``train(was)``
+    would flip a wrapped Hugging Face model, left in eval mode under a wrapper in training mode, to training)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, loss: str = "cosine") -> torch.Tensor:
     """``"cosine"``: mean of 1 - cos over the rows of the last axis; ``"mse"``: mean squared error.
     Shapes must match (batch, ..., features)."""
@@ -68,22 +85,92 @@ def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, loss
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
-def distillation_step(teacher: nn.Module, loss: str = "cosine") -> Callable[[Any, nn.Module], torch.Tensor]:
-    """``training_step(batch, student) -> loss`` against ``teacher`` (run in eval mode, without grads)."""
+def _first_tensor(out: Any) -> Any:
+    if isinstance(out, (tuple, list)) and out:
+        return out[0]
+    return out
+
+
+class _Taps:
+    """Forward hooks keeping the latest output of named submodules (the first element of a tuple output)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], whose: str) -> None:
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"{whose} has no submodule {missing[0]!r} (hidden layers are named as in named_modules())")
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = [modules[n].register_forward_hook(self._keep(n)) for n in names]
+
+    def _keep(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            self.outputs[name] = _tensor(_first_tensor(output), f"submodule {name!r}")
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _hidden_pairs(hidden: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
+    """``{student submodule: teacher submodule}``; a plain list names the same submodule in both."""
+    if hidden is None:
+        return {}
+    if isinstance(hidden, str):
+        raise TypeError("hidden must be a list of submodule names or a {student name: teacher name} dict, not a str")
+    return dict(hidden) if isinstance(hidden, Mapping) else {n: n for n in hidden}
+
+
+def distillation_step(
+    teacher: nn.Module,
+    loss: str = "cosine",
+    *,
+    hidden: Sequence[str] | Mapping[str, str] | None = None,
+    hidden_weight: float = 1.0,
+    student: nn.Module | None = None,
+) -> Callable[[Any, nn.Module], torch.Tensor]:
+    """``training_step(batch, student) -> loss`` against ``teacher`` (run in eval mode, without grads).
+
+    With ``hidden`` (submodule names; a dict maps student names to teacher names) the loss adds
+    ``hidden_weight`` x the mean over those submodules of the MSE between their outputs (same shapes
+    needed: e.g. each encoder layer's hidden states, which head/FFN pruning leaves at full width);
+    ``student`` is then required to place the hooks (they stay for the life of the step function).
+    """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    pairs = _hidden_pairs(hidden)
+    if pairs and student is None:
+        raise ValueError("hidden-state matching needs the student module (distillation_step(..., student=model))")
+    if hidden_weight < 0:
+        raise ValueError(f"hidden_weight must be >= 0, got {hidden_weight}")
+    s_taps = _Taps(student, list(pairs), "the student") if pairs else None
+    t_taps = _Taps(teacher, list(pairs.values()), "the teacher") if pairs else None
 
-    def step(batch: Any, student: nn.Module) -> torch.Tensor:
-        was = teacher.training
-        teacher.eval()
-        try:
-            with torch.no_grad():
-                target = _tensor(_call(teacher, batch), "the teacher")
-        finally:
-            teacher.train(was)
-        return distillation_loss(_tensor(_call(student, batch), "the student"), target, loss)
+    def step(batch: Any, model: nn.Module) -> torch.Tensor:
+        with eval_mode(teacher), torch.no_grad():
+            target = _tensor(_call(teacher, batch), "the teacher")
+        value = distillation_loss(_tensor(_call(model, batch), "the student"), target, loss)
+        if s_taps is not None and t_taps is not None:
+            if model is not student:
+                raise ValueError("this step's hidden-state hooks sit on another student module")
+            terms = [
+                distillation_loss(s_taps.outputs[s], t_taps.outputs[t], "mse") for s, t in pairs.items()
+            ]  # fmt: skip
+            value = value + hidden_weight * sum(terms) / len(terms)
+        return value
 
+    step.remove_hooks = lambda: [t.remove() for t in (s_taps, t_taps) if t is not None]  # type: ignore[attr-defined]
     return step
+
+
+def _schedule(opt: torch.optim.Optimizer, name: str, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``"constant"``; ``"linear"``: linear warm-up over the first 6% of steps, then linear decay to zero
+    (BERT's fine-tuning schedule, Devlin et al., 2019)."""
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    warm = max(1, round(0.06 * steps))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
 
 
 def distill(
@@ -94,20 +181,35 @@ def distill(
     steps: int = 300,
     lr: float = 5e-5,
     loss: str = "cosine",
+    hidden: Sequence[str] | Mapping[str, str] | None = None,
+    hidden_weight: float = 1.0,
+    schedule: str = "constant",
     weight_decay: float = 0.0,
     grad_clip: float | None = 1.0,
     progress: bool = True,
+    train_mode: bool = True,
 ) -> DistillResult:
     """Fine-tune ``student`` in place to match ``teacher``'s outputs on ``batches`` (cycled for ``steps``).
 
     ``batches``: input batches as the models take them (a tensor, a tuple of positional inputs, or a
     dict of keyword inputs); both models return a tensor (or a Hugging Face output, whose
-    ``last_hidden_state`` is used) of the same shape. AdamW with ``lr`` and ``weight_decay``, gradient
+    ``last_hidden_state`` is used) of the same shape. ``hidden``: submodule names (or a
+    ``{student name: teacher name}`` dict) whose outputs are matched too, by MSE weighted
+    ``hidden_weight`` (see :func:`distillation_step`; for a Hugging Face encoder wrapped in
+    ``Encoder``: ``[f"model.encoder.layer.{i}" for i in range(n)]``). AdamW with ``lr`` and
+    ``weight_decay``, ``schedule`` ``"constant"`` or ``"linear"`` (warm-up then decay to zero), gradient
     norm clipped to ``grad_clip``. The teacher is not changed (eval mode, no grads); the student is
     left in eval mode. Raises ``ValueError`` on bad arguments before training.
+
+    ``train_mode=False`` keeps the student in eval mode while its weights learn: BatchNorm uses (and
+    keeps) its running statistics, dropout and stochastic depth stay off. Use it for small batches or
+    batches of correlated inputs (e.g. crops of one photo), whose batch statistics would otherwise
+    normalise each step and overwrite the running statistics the deployed model uses.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if lr <= 0:
@@ -121,9 +223,10 @@ def distill(
     if not params:
         raise ValueError("the student has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    step_fn = distillation_step(teacher, loss)
+    sched = _schedule(opt, schedule, steps)
+    step_fn = distillation_step(teacher, loss, hidden=hidden, hidden_weight=hidden_weight, student=student)
     result = DistillResult(steps)
-    student.train()
+    student.train(train_mode)
     try:
         for _, batch in zip(tqdm(range(steps), desc="distill", disable=not progress), itertools.cycle(batches)):
             value = step_fn(batch, student)
@@ -132,8 +235,10 @@ def distill(
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
+            sched.step()
             result.losses.append(float(value.detach()))
     finally:
+        step_fn.remove_hooks()  # type: ignore[attr-defined]
         student.eval()
     log.info("distill: %d steps, loss %.4g -> %.4g", steps, result.first_loss, result.last_loss)
     return result

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batches import call_with_batch
+
 __all__ = ["TorchEvaluator", "run_forward", "run_for_statistics"]
 
 log = logging.getLogger(__name__)
@@ -126,12 +128,7 @@ class TorchEvaluator:
         return self.evaluating_func(model)
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+_call = call_with_batch  # the project's one way to call a model with a batch (deploycompress.batches)
 
 
 @torch.no_grad()
@@ -144,16 +141,7 @@ def run_forward(model: nn.Module, batches: Iterable[Any], max_steps: int | None 
         for batch in tqdm(batches, desc="collecting", total=max_steps, leave=False, disable=None):
             if max_steps is not None and steps >= max_steps:
                 break
-            try:
-                _call(model, batch)
-            except TypeError as exc:
-                if steps or not isinstance(batch, (tuple, list)):
-                    raise
-                raise TypeError(
-                    f"calling the model with batch {steps} (a {type(batch).__name__} of {len(batch)}) failed: {exc}. "
-                    "Each item of the data is what the model is called with; for (input, target) pairs pass "
-                    "(x for x, _ in loader), or use a TorchEvaluator"
-                ) from exc
+            call_with_batch(model, batch, steps)
             steps += 1
     finally:
         model.train(was_training)

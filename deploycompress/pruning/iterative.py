@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .io import Masks, save_masks
-from .scheduler import PrunerSpec, PruningScheduler, TaskGenerator, TaskResult, plain_copy
-from .task_generator import AGPTaskGenerator, LinearTaskGenerator, LotteryTicketTaskGenerator
+from .scheduler import PrunerSpec, PruningScheduler, TaskGenerator, TaskResult, _pin, make_basic_pruner, plain_copy
+from .task_generator import AGPTaskGenerator, FunctionBasedTaskGenerator, LinearTaskGenerator, LotteryTicketTaskGenerator, scale_config_list
 
 __all__ = ["IterativePruner", "LinearPruner", "AGPPruner", "LotteryTicketPruner", "load_state_into"]
 
@@ -39,7 +39,18 @@ def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None
 
 
 class IterativePruner:
-    """What Linear, AGP and Lottery Ticket share: arguments, ``compress()``, results, intermediate files."""
+    """What Linear, AGP and Lottery Ticket share: arguments, ``compress()``, results, intermediate files.
+
+    Two ways to run the schedule (``s_t`` for ``t = 0..total_iteration``, cumulative):
+
+    * ``compress()``: NNI 2.x's scheduled rounds on a copy (prune, ``finetuner``, ``evaluator``);
+    * the user's own training loop, NNI 1.x's way: call ``update_epoch(epoch)`` (schedule point
+      ``t = epoch``) or ``step()`` (``t`` advances by one) and the masks in ``model`` itself are
+      refreshed to ``s_t`` at once (units pruned earlier stay pruned; ``t`` past ``total_iteration``
+      keeps the final sparsity). The masks are put into the caller's model in place, as the
+      user's optimizer trains its parameters (they stay the same objects). ``masks`` gives the
+      current masks, ``unwrap_model()`` a plain copy. A pruner runs one way or the other.
+    """
 
     def __init__(
         self,
@@ -69,14 +80,63 @@ class IterativePruner:
             pruning_params=pruning_params, finetune_epochs=finetune_epochs, finetune_steps=finetune_steps,
         )  # fmt: skip
         self._result: tuple[nn.Module, Masks] | None = None
+        self._loop_point: int | None = None  # the training-loop mode's schedule point, once started
+        self._loop_masks: Masks = {}
 
     def compress(self) -> tuple[nn.Module, Masks]:
         """Run every round; return the best model (a new one, masks in its forward pass) and its masks."""
+        if self._loop_point is not None:
+            raise RuntimeError(f"{type(self).__name__}: update_epoch()/step() drive this pruner in your training loop; do not call compress() too")
         model, masks = self.scheduler.compress(self.model, self.config_list)
         if self.keep_intermediate_result:
             self._write_history()
         self._result = (model, masks)
         return model, masks
+
+    # ------------------------------------------------------------------ the user's training loop
+    def update_epoch(self, epoch: int) -> None:
+        """Schedule point ``t = epoch`` (0-based; ``0`` is ``initial_sparsity``): masks in ``model`` now
+        prune ``s_t`` of each configured layer."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"update_epoch: epoch must be a non-negative integer, got {epoch!r}")
+        self._refresh(epoch)
+
+    def step(self) -> None:
+        """After each optimizer step: the schedule point advances by one and the masks follow."""
+        self._refresh(1 if self._loop_point is None else self._loop_point + 1)
+
+    @property
+    def schedule_point(self) -> int | None:
+        """The training-loop mode's current ``t`` (clipped to ``total_iteration``); None before it starts."""
+        return self._loop_point
+
+    def _refresh(self, t: int) -> None:
+        gen = self.scheduler.task_generator
+        if not isinstance(gen, FunctionBasedTaskGenerator):
+            raise TypeError(f"{type(self).__name__}: update_epoch()/step() need a schedule by formula, not {type(gen).__name__}")
+        t = min(t, gen.total_iteration)
+        if t == self._loop_point:
+            return
+        if self._loop_point is None:
+            gen.reset(self.model, self.config_list)  # validates the config_list before the model is touched
+        config_t = scale_config_list(gen.origin_config_list, lambda s: gen.sparsity_at(t, s))
+        modules = dict(self.model.named_modules())
+        for name, entry in self._loop_masks.items():  # the previous masks' values stay (pruned weights zero)
+            for pname in entry:
+                if parametrize.is_parametrized(modules[name], pname):
+                    parametrize.remove_parametrizations(modules[name], pname, leave_parametrized=True)
+        sc = self.scheduler
+        pruner = make_basic_pruner(sc.pruner_spec, self.model, config_t, sc.pruning_params, sc.dummy_input)
+        if self._loop_masks:
+            _pin(pruner, self._loop_masks)
+        wrapped, masks = pruner.compress()
+        self._loop_masks = {n: {p: m.clone() for p, m in e.items()} for n, e in masks.items()}
+        self._loop_point = t
+        if sc.rewind is not None and t > 0:
+            sc.rewind(wrapped, self._loop_masks)
+        self._result = (wrapped, self._loop_masks)
+        log.info("%s schedule point %d/%d: %s", type(self).__name__, t, gen.total_iteration,
+                 [round(c.get("sparsity", c.get("total_sparsity", 0.0)), 4) for c in config_t])  # fmt: skip
 
     def _write_history(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)

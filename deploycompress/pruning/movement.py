@@ -1,10 +1,21 @@
 """Movement pruning (Sanh et al., "Movement Pruning: Adaptive Sparsity by Fine-Tuning", NeurIPS
-2020), as NNI 2.x's ``MovementPruner`` with ``movement_mode='hard'``.
+2020), as NNI's ``MovementPruner`` with ``movement_mode='hard'`` or ``'soft'``.
 
-While the user's training runs, each weight's score accumulates ``-W * dL/dW`` (weights moving
-away from zero score high). Between ``warm_up_step`` and ``cool_down_beginning_step`` the sparsity
-rises on AGP's cubic schedule to the target and the masks (the lowest-scored units) are refreshed
-every step, so the network trains around them; afterwards they stay at the target.
+Hard mode: while the user's training runs, each weight's score accumulates ``-W * dL/dW``
+(weights moving away from zero score high). Between ``warm_up_step`` and
+``cool_down_beginning_step`` the sparsity rises on AGP's cubic schedule to the target and the masks
+(the lowest-scored units) are refreshed every step, so the network trains around them; afterwards
+they stay at the target.
+
+Soft mode (the paper's soft movement pruning, section 3): no sparsity is given. Each unit has a
+learned score ``S`` (starting at 0); a unit is kept while ``sigmoid(S) > sparse_threshold``; the
+masked weight is ``W * M`` with the straight-through gradient ``dL/dS = dL/dW' * W``, so ``S``
+accumulates the movement ``-lr * W * dL/dW'`` (Adam, ``score_lr``), and the loss gains
+``regular_scale_t * mean(sigmoid(S))`` per layer (averaged over layers), ``regular_scale_t`` rising
+linearly from 0 at ``warm_up_step`` to ``regular_scale`` at ``cool_down_beginning_step``. The
+sparsity is whatever the regularisation pushes below the threshold; masks are frozen from
+``cool_down_beginning_step`` on.
+
 ``sparse_granularity='finegrained'`` scores single weights; ``(rows, cols)`` scores blocks of a
 Linear weight (e.g. one attention head's rows: ``(head_dim, in_features)``).
 """
@@ -30,11 +41,44 @@ __all__ = ["MovementPruner"]
 log = logging.getLogger(__name__)
 
 
+class _SoftMask(nn.Module):
+    """Parametrization ``W * M`` with ``M = 1[sigmoid(S) > threshold]`` (units expanded to blocks)
+    and the straight-through gradient to ``S``; ``keep_all`` keeps every unit (warm-up, the
+    gradient still reaching ``S``); ``frozen`` fixes ``M``."""
+
+    def __init__(self, score: torch.Tensor, threshold: float, block: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.score, self.threshold, self.block = score, threshold, block
+        self.frozen: torch.Tensor | None = None
+        self.keep_all = False
+
+    def keep(self) -> torch.Tensor:
+        return torch.sigmoid(self.score.detach()) > self.threshold
+
+    def _expand(self, m: torch.Tensor) -> torch.Tensor:
+        if self.block is None:
+            return m
+        return m.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.frozen is not None:
+            return w * self.frozen
+        s = self.score
+        m = torch.ones_like(s, dtype=w.dtype) if self.keep_all else self.keep().to(w.dtype)
+        return w * self._expand(m + s - s.detach())
+
+
 class MovementPruner(Pruner):
     """``MovementPruner(model, config_list, evaluator, warm_up_step, cool_down_beginning_step,
     training_epochs=None, training_steps=None, regular_scale=None, movement_mode='hard',
     sparse_granularity='finegrained')``. ``compress()`` runs the training (it changes the model's
-    weights, by design) and returns the model with the final masks. Per-layer ``sparsity`` only."""
+    weights, by design) and returns the model with the final masks.
+
+    ``movement_mode='hard'``: per-layer ``sparsity`` in the config_list, reached exactly.
+    ``movement_mode='soft'``: no sparsity in the config_list (it selects layers); ``regular_scale``
+    (default 1.0, NNI's), ``sparse_threshold`` (on ``sigmoid(S)``, default 0.1, the paper's code)
+    and ``score_lr`` (default 1e-2) set how much is pruned; ``scores`` holds the learned ``S``.
+    """
 
     default_op_types = ("Linear",)
     supported_op_types = ("Linear", "Conv2d", "Conv1d")
@@ -51,17 +95,29 @@ class MovementPruner(Pruner):
         regular_scale: float | None = None,
         movement_mode: str = "hard",
         sparse_granularity: str | tuple[int, int] = "finegrained",
+        *,
+        sparse_threshold: float = 0.1,
+        score_lr: float = 1e-2,
     ) -> None:
         if not isinstance(evaluator, TorchEvaluator):
             raise TypeError(f"MovementPruner: evaluator must be a TorchEvaluator, got {type(evaluator).__name__}")
-        if movement_mode != "hard":
-            raise ValueError(f"MovementPruner: only movement_mode='hard' is implemented, got {movement_mode!r}")
-        if regular_scale is not None:
-            raise ValueError("MovementPruner: regular_scale belongs to the 'soft' mode, which is not implemented; leave it None")
+        if movement_mode not in ("hard", "soft"):
+            raise ValueError(f"MovementPruner: movement_mode must be 'hard' or 'soft', got {movement_mode!r}")
+        if movement_mode == "hard" and regular_scale is not None:
+            raise ValueError("MovementPruner: regular_scale belongs to movement_mode='soft'; leave it None in hard mode")
+        if not 0.0 < sparse_threshold < 1.0 or score_lr <= 0:
+            raise ValueError(f"MovementPruner: need 0 < sparse_threshold < 1 and score_lr > 0, got {sparse_threshold}, {score_lr}")
         if not 0 <= warm_up_step < cool_down_beginning_step:
             raise ValueError(f"need 0 <= warm_up_step < cool_down_beginning_step, got {warm_up_step}, {cool_down_beginning_step}")
         if training_epochs is None and training_steps is None:
             raise ValueError("MovementPruner: give training_epochs or training_steps")
+        self.movement_mode = movement_mode
+        self.regular_scale = 1.0 if regular_scale is None else float(regular_scale)
+        self.sparse_threshold, self.score_lr = float(sparse_threshold), float(score_lr)
+        if movement_mode == "soft":  # the config_list only selects: the sparsity emerges
+            if any(k in c for c in config_list for k in ("sparsity", "total_sparsity", "sparse_ratio", "sparsity_per_layer")):
+                raise ValueError("MovementPruner: movement_mode='soft' takes no sparsity in the config_list (it emerges from regular_scale)")
+            config_list = [dict(c) if c.get("exclude") else dict(c, sparsity=0.0) for c in config_list]
         super().__init__(model, config_list)
         for name, cfg in self.module_configs.items():
             if cfg.sparsity is None:
@@ -104,6 +160,9 @@ class MovementPruner(Pruner):
         return keep
 
     def _prepare(self) -> None:
+        if self.movement_mode == "soft":
+            self._prepare_soft()
+            return
         weights = {n: _weight(m) for n, m in self._modules.items()}
         self.scores = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}  # type: ignore[arg-type]
         masks = {n: _Mask(torch.ones_like(w, dtype=torch.bool)) for n, w in weights.items()}  # type: ignore[arg-type]
@@ -135,8 +194,69 @@ class MovementPruner(Pruner):
                 "to the target sparsity", self.steps_run, self.cool_down_beginning_step,
             )  # fmt: skip
 
+    def _prepare_soft(self) -> None:
+        """Train with learned scores (straight-through masks) and the sigmoid regulariser."""
+        units: dict[str, torch.Tensor] = {}
+        wrappers: dict[str, _SoftMask] = {}
+        for n, m in self._modules.items():
+            w = _weight(m)
+            assert w is not None
+            shape = w.shape if self.block is None else (w.shape[0] // self.block[0], w.shape[1] // self.block[1])
+            units[n] = torch.zeros(shape, device=w.device, requires_grad=True)
+            wrappers[n] = _SoftMask(units[n], self.sparse_threshold, self.block)
+            parametrize.register_parametrization(m, weight_attrs(m)[0], wrappers[n], unsafe=True)
+        opt = torch.optim.Adam(list(units.values()), lr=self.score_lr)
+        self.steps_run = 0
+        span = self.cool_down_beginning_step - self.warm_up_step
+
+        def scale_at(step: int) -> float:
+            return self.regular_scale * min(max(step - self.warm_up_step, 0), span) / span
+
+        def apply_grads() -> None:
+            if any(u.grad is not None for u in units.values()):
+                opt.step()  # the previous step's straight-through and regulariser gradients
+                opt.zero_grad(set_to_none=True)
+
+        def regularise(model: nn.Module) -> torch.Tensor:
+            apply_grads()
+            self.steps_run += 1
+            t = self.steps_run
+            for n, w in wrappers.items():
+                w.keep_all = t <= self.warm_up_step  # no pruning yet: the scores learn, the masks keep all
+                if t > self.cool_down_beginning_step and w.frozen is None:  # cool-down: masks and scores stay
+                    w.frozen = w._expand(w.keep())
+                    u = units[n]
+                    u.requires_grad_(False)
+            if t > self.cool_down_beginning_step:
+                return torch.zeros(())
+            reg = sum(torch.sigmoid(u).mean() for u in units.values()) / len(units)
+            return scale_at(t) * reg  # type: ignore[return-value]
+
+        try:
+            self.evaluator.train(self.model, max_steps=self.training_steps, max_epochs=self.training_epochs, loss_patch=regularise)
+            if self.steps_run <= self.cool_down_beginning_step:
+                apply_grads()
+        finally:
+            for m in self._modules.values():
+                parametrize.remove_parametrizations(m, weight_attrs(m)[0], leave_parametrized=False)
+        self.scores = {n: u.detach().clone() for n, u in units.items()}
+        log.info("MovementPruner (soft): %d steps, sparsity %s", self.steps_run,
+                 {n: round(1 - float(w.keep().float().mean()), 4) for n, w in wrappers.items()})  # fmt: skip
+
     def _score(self, name: str, module: nn.Module, config: ModuleConfig) -> torch.Tensor:
+        if self.movement_mode == "soft":
+            return self.scores[name]
         return self._unit_scores(name)
+
+    def _prune_counts(self, scores: dict[str, torch.Tensor]) -> dict[str, int]:
+        if self.movement_mode == "soft":  # the threshold decides, unit by unit
+            return {n: int((torch.sigmoid(s) <= self.sparse_threshold).sum()) for n, s in scores.items()}
+        return super()._prune_counts(scores)
+
+    def _select(self, scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+        if self.movement_mode == "soft":
+            return {n: torch.sigmoid(s) <= self.sparse_threshold for n, s in scores.items()}
+        return super()._select(scores, counts)
 
     def _expand(self, name: str, module: nn.Module, pruned: torch.Tensor) -> dict[str, torch.Tensor]:
         keep = ~pruned

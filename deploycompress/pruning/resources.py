@@ -4,7 +4,9 @@ A candidate (model + masks) is first shrunk with ``deploycompress.speedup``: mas
 cannot turn into smaller layers (a residual partner kept, fine-grained zeros) cost as much as the
 dense layer, which is what the deployment backend sees. Latency is then measured on a registered
 backend (onnxruntime on the CPU by default): exported to ONNX, built fp32, timed ``repeats`` times
-``iterations`` runs each after ``warmup``; the value is the median of the per-repeat medians, and
+``iterations`` runs each after ``warmup``; the value is the median over repeats of each repeat's
+fastest run (``statistic='min'``, the default: on a shared CPU preemption only ever adds time, so the
+fastest run is the model's own cost; ``'median'`` keeps the typical run, load included), and
 ``tolerance`` is the relative noise the searches allow when they compare against a budget.
 
 :class:`LookupTable` is NetAdapt's per-layer table (Yang et al., "NetAdapt", ECCV 2018): each layer
@@ -34,6 +36,7 @@ __all__ = ["RESOURCE_METRICS", "ResourceMeter", "LookupTable", "build_lookup_tab
 log = logging.getLogger(__name__)
 
 RESOURCE_METRICS = ("flops", "params", "latency")
+_STATISTICS = {"min": min, "median": statistics.median}
 
 
 def _inputs(dummy_input: Any) -> tuple:
@@ -46,8 +49,9 @@ class ResourceMeter:
 
     ``metric``: ``'flops'`` (multiply-accumulates per sample, ``count_flops_params``),
     ``'params'`` (parameter count) or ``'latency'`` (milliseconds per batch of ``dummy_input`` on
-    ``backend``, fp32, ``threads`` intra-op threads). ``tolerance`` is the relative measurement
-    noise a budget check allows (0 for the exact counts).
+    ``backend``, fp32, ``threads`` intra-op threads; ``statistic`` of each repeat's runs, ``'min'``
+    or ``'median'``, then the median over repeats). ``tolerance`` is the relative measurement noise a
+    budget check allows (0 for the exact counts).
     """
 
     metric: str
@@ -58,6 +62,7 @@ class ResourceMeter:
     warmup: int = 5
     threads: int | None = 1
     tolerance: float | None = None
+    statistic: str = "min"
     measurements: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -67,6 +72,8 @@ class ResourceMeter:
             raise ValueError("ResourceMeter needs dummy_input (an example input batch)")
         if self.repeats < 1 or self.iterations < 1 or self.warmup < 0:
             raise ValueError(f"repeats and iterations must be >= 1 and warmup >= 0, got {self.repeats}, {self.iterations}, {self.warmup}")
+        if self.statistic not in _STATISTICS:
+            raise ValueError(f"statistic must be one of {sorted(_STATISTICS)}, got {self.statistic!r}")
         if self.tolerance is None:
             self.tolerance = 0.05 if self.metric == "latency" else 0.0
         if self.metric == "latency":
@@ -101,12 +108,12 @@ class ResourceMeter:
         return compact.eval()
 
     def latency_ms(self, model: nn.Module) -> float:
-        """Median latency (ms) of ``model`` on the backend: median over repeats of each repeat's median."""
+        """Latency (ms) of ``model`` on the backend: median over repeats of each repeat's ``statistic``."""
         return self.paired_latency_ms([model])[0]
 
     def paired_latency_ms(self, models: Sequence[nn.Module]) -> list[float]:
-        """Latencies (ms) of several models measured interleaved: every repeat times each model in
-        turn, so load that comes and goes on a shared machine hits them alike."""
+        """Latencies (ms) of several models measured interleaved: each timed run of one model is
+        followed by one of the next, so load that comes and goes on a shared machine hits them alike."""
         from ..backends import get_backend
 
         backend = get_backend(self.backend)
@@ -127,13 +134,14 @@ class ResourceMeter:
                     runner.run(feeds)
             medians: list[list[float]] = [[] for _ in runners]
             for _ in range(self.repeats):
-                for k, runner in enumerate(runners):
-                    times = []
-                    for _ in range(self.iterations):
+                times: list[list[float]] = [[] for _ in runners]
+                for _ in range(self.iterations):  # run by run in turn: load that comes and goes hits all alike
+                    for k, runner in enumerate(runners):
                         t0 = time.perf_counter()
                         runner.run(feeds)
-                        times.append((time.perf_counter() - t0) * 1000.0)
-                    medians[k].append(statistics.median(times))
+                        times[k].append((time.perf_counter() - t0) * 1000.0)
+                for k in range(len(runners)):
+                    medians[k].append(_STATISTICS[self.statistic](times[k]))
         values = [statistics.median(m) for m in medians]
         log.debug("latency %s ms (repeat medians %s)", [round(v, 4) for v in values], medians)
         return values
@@ -156,11 +164,14 @@ class ResourceMeter:
 @dataclass
 class LookupTable:
     """Per-layer resource after pruning that layer alone: ``table[layer]`` maps a sparsity (fraction
-    of output channels) to the measured resource; ``dense`` is the unpruned model's value."""
+    of output channels) to the measured resource; ``dense`` is the unpruned model's value.
+    ``scale`` multiplies the summed per-layer changes (1: NetAdapt's plain additive estimate;
+    :meth:`calibrate` sets it from one measured candidate)."""
 
     metric: str
     dense: float
     table: dict[str, dict[float, float]]
+    scale: float = 1.0
 
     def layer_delta(self, layer: str, sparsity: float) -> float:
         """Change in resource from pruning ``layer`` to ``sparsity`` (linear between grid points)."""
@@ -171,7 +182,20 @@ class LookupTable:
 
     def estimate(self, sparsities: Mapping[str, float]) -> float:
         """NetAdapt's additive estimate for per-layer sparsities."""
-        return self.dense + sum(self.layer_delta(n, s) for n, s in sparsities.items() if s > 0 and n in self.table)
+        return self.dense + self.scale * sum(self.layer_delta(n, s) for n, s in sparsities.items() if s > 0 and n in self.table)
+
+    def calibrate(self, sparsities: Mapping[str, float], measured: float, bounds: tuple[float, float] = (0.25, 4.0)) -> float:
+        """Set :attr:`scale` so the estimate for ``sparsities`` equals ``measured`` (the same
+        candidate measured whole): the per-layer changes of a model pruned in many layers at once
+        add up to more (or less) than their sum. Kept within ``bounds``; returns the scale."""
+        saved, self.scale = self.scale, 1.0
+        change = self.estimate(sparsities) - self.dense
+        self.scale = saved
+        if abs(change) < 1e-12 * max(abs(self.dense), 1.0):
+            return self.scale
+        self.scale = float(min(max((measured - self.dense) / change, bounds[0]), bounds[1]))
+        log.info("%s lookup table calibrated: per-layer changes x%.3f (one candidate measured whole)", self.metric, self.scale)
+        return self.scale
 
 
 def build_lookup_table(

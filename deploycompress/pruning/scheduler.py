@@ -23,7 +23,8 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from ..model_copy import plain_copy as _plain_copy
-from ..config import ConfigError, select_modules, validate_config_list
+from ..config import select_modules, validate_config_list
+from ..suggest import did_you_mean
 from .allocate import prune_count
 from .base import Pruner, _Mask
 from .channel import ChannelPruner, channel_dim, channel_rows
@@ -393,7 +394,7 @@ class PruningScheduler:
 def _pruner_class(spec: PrunerSpec) -> type[Pruner]:
     if isinstance(spec, str):
         if spec.lower() not in BASIC_PRUNERS:
-            raise ValueError(f"pruning_algorithm {spec!r} is unknown; choose one of {sorted(BASIC_PRUNERS)} or pass a Pruner")
+            raise ValueError(f"pruning_algorithm {spec!r} is unknown{did_you_mean(spec, BASIC_PRUNERS)}; choose one of {sorted(BASIC_PRUNERS)} or pass a Pruner")
         return BASIC_PRUNERS[spec.lower()]
     if isinstance(spec, type):
         return spec
@@ -403,28 +404,56 @@ def _pruner_class(spec: PrunerSpec) -> type[Pruner]:
 
 
 def relative_config(config_list: list[dict[str, Any]], origin: nn.Module, current: nn.Module, spec: PrunerSpec) -> list[dict[str, Any]]:
-    """Per-layer configs for ``current`` (a sped-up ``origin``) that bring each selected layer to
-    the output-channel count ``config_list`` asks of ``origin``: ``floor(sparsity * n_origin)``
-    pruned channels in all. Only per-layer ``sparsity`` can be carried over a speedup."""
+    """The config_list for ``current`` (a sped-up ``origin``) that asks what ``config_list`` asks of
+    ``origin``, counted against ``origin``:
+
+    * per-layer ``sparsity``: ``floor(sparsity * n_origin)`` pruned output channels in all, so
+      ``k - (n_origin - n_current)`` more of the ``n_current`` left (one channel always stays);
+    * ``total_sparsity`` (NNI's global allocation): the selected layers keep ``(1 - s) * W_origin``
+      weight elements, so the next allocation runs on ``current`` with
+      ``1 - (1 - s) * W_origin / W_current`` (0 when the earlier rounds already removed enough; weights
+      that speedup dropped from a downstream layer's inputs count as pruned); a
+      ``max_sparsity_per_layer`` cap of ``c`` becomes, per layer, ``(c * n_origin - (n_origin -
+      n_current)) / n_current`` of the channels left.
+    """
     cls = _pruner_class(spec)
     selected = select_modules(
         origin, config_list, kind="pruning", default_op_types=cls.default_op_types,
         supported_op_types=cls.supported_op_types, algorithm=cls.__name__,
     )  # fmt: skip
     org, cur = dict(origin.named_modules()), dict(current.named_modules())
-    out: list[dict[str, Any]] = []
-    for name, mc in selected.items():
-        if mc.sparsity is None:
-            raise ConfigError(
-                f"config_list[{mc.config_index}] gives total_sparsity: with speedup between rounds give a "
-                "per-layer 'sparsity' instead (or set speedup=False)"
-            )
+
+    def channels(name: str) -> tuple[int, int]:
         dim = channel_dim(org[name])
         w0, w1 = _weight(org[name]), _weight(cur[name])
         assert w0 is not None and w1 is not None
-        n0, n1 = w0.shape[dim], w1.shape[dim]
+        return int(w0.shape[dim]), int(w1.shape[dim])
+
+    out: list[dict[str, Any]] = []
+    groups: dict[int, list[str]] = {}
+    for name, mc in selected.items():
+        if mc.sparsity is None:
+            groups.setdefault(mc.config_index, []).append(name)
+            continue
+        n0, n1 = channels(name)
         k = max(0, prune_count(mc.sparsity, n0, mc.sparse_rounding) - (n0 - n1))
         out.append({"op_names": [name], "sparsity": min(k, n1 - 1) / n1})
+    for names in groups.values():
+        mc = selected[names[0]]
+        assert mc.total_sparsity is not None
+        w0, w1 = _weight_total(origin, names), _weight_total(current, names)
+        rel = max(0.0, 1.0 - (1.0 - mc.total_sparsity) * w0 / w1) if w1 else 0.0
+        entry: dict[str, Any] = {"op_names": list(names), "total_sparsity": min(rel, 1.0 - 1e-9)}
+        caps = {n: selected[n].max_sparsity_per_layer for n in names}
+        if any(c is not None for c in caps.values()):
+            rel_caps = {}
+            for n, c in caps.items():
+                n0, n1 = channels(n)
+                cap = 1.0 if c is None else c
+                rel_caps[n] = min(1.0, max(0.0, (cap * n0 - (n0 - n1)) / n1))
+            entry["max_sparsity_per_layer"] = rel_caps
+        log.info("total_sparsity %.4f of the original layers -> %.4f of the %d weights left", mc.total_sparsity, rel, w1)
+        out.append(entry)
     return out
 
 

@@ -82,28 +82,72 @@ def fit_measured(
     cap: float,
     max_steps: int = 8,
     dense_value: float | None = None,
+    floor: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, float], Masks, float]:
-    """Measure the chosen candidate (as a fraction of ``model``, the dense one, times
-    ``dense_value``: latency is timed interleaved with the dense model); while it is above ``goal`` (beyond the meter's tolerance), move
-    every layer a quarter of the way to ``cap`` and measure again. The lookup table's additive
-    estimate is optimistic when neighbouring layers are both pruned; this closes that gap.
-    Returns (sparsities, masks, measured value); warns with ``BudgetNotReached`` if still above."""
-    current = {n: float(s) for n, s in sparsities.items()}
-    masks = make_masks(model, current)
-    dense = dense_value if dense_value is not None else meter(model, None)
-    measured = meter.relative(model, masks, model) * dense
-    for _ in range(max_steps):
-        if meter.within(measured, goal):
-            break
-        current = {n: s + (max(cap, s) - s) * 0.25 for n, s in current.items()}
-        masks = make_masks(model, current)
-        measured = meter.relative(model, masks, model) * dense
-        log.info("measured %s %.4g above the budget %.4g: every layer moved towards %.2f", meter.metric, measured, goal, cap)
-    if not meter.within(measured, goal):
-        from .netadapt import BudgetNotReached
+    """Bring the chosen candidate onto the *measured* budget ``goal``.
 
-        warnings.warn(f"measured {meter.metric} {measured:.4g} stays above the budget {goal:.4g}", BudgetNotReached, stacklevel=3)
-    return current, masks, measured
+    The lookup table's additive estimate is off both ways (optimistic when neighbouring layers are
+    both pruned, pessimistic when a width runs faster than its parts suggest), so the candidate is
+    measured (as a fraction of ``model``, the dense one, times ``dense_value``: latency is timed
+    interleaved with the dense model) and moved along one path: ``c`` in [0, 1] takes every layer
+    from ``floor`` (default 0: the dense model) to the chosen sparsity, ``c`` in [1, 2] on to
+    ``cap``. Bisection on ``c`` (at most ``max_steps`` measurements after the first) stops once a
+    measurement lies within the meter's tolerance of ``goal`` (``goal * (1 - tol) .. goal * (1 + tol)``)
+    and returns, of the candidates measured at or under ``goal * (1 + tol)``, the one measured
+    closest to ``goal`` (latency is not monotone in the widths).
+    Returns (sparsities, masks, measured value); warns with ``BudgetNotReached`` if even ``c = 2``
+    measures above the budget."""
+    chosen = {n: float(s) for n, s in sparsities.items()}
+    low = {n: float((floor or {}).get(n, 0.0)) for n in chosen}
+    dense = dense_value if dense_value is not None else meter(model, None)
+    tol = float(meter.tolerance or 0.0)
+
+    def at(c: float) -> dict[str, float]:
+        if c <= 1.0:
+            return {n: low[n] + c * (s - low[n]) for n, s in chosen.items()}
+        return {n: s + (c - 1.0) * (max(cap, s) - s) for n, s in chosen.items()}
+
+    def measure(c: float) -> tuple[dict[str, float], Masks, float]:
+        sp = at(c)
+        masks = make_masks(model, sp)
+        value = meter.relative(model, masks, model) * dense
+        log.info("fit to the measured budget: c=%.4f, %s %.4g (budget %.4g)", c, meter.metric, value, goal)
+        return sp, masks, value
+
+    def near(value: float) -> bool:
+        return goal * (1.0 - tol) <= value <= goal * (1.0 + tol)
+
+    first = measure(1.0)
+    if near(first[2]):
+        return first
+    fitting: list[tuple[dict[str, float], Masks, float]] = []  # every candidate measured within the budget
+    if meter.within(first[2], goal):
+        fitting.append(first)
+        lo, hi = 0.0, 1.0  # below the budget by more than the noise: give back some pruning
+    else:
+        lo, hi = 1.0, 2.0
+        top = measure(2.0)
+        if not meter.within(top[2], goal):
+            from .netadapt import BudgetNotReached
+
+            warnings.warn(f"measured {meter.metric} {top[2]:.4g} stays above the budget {goal:.4g} with every layer at {cap}",
+                          BudgetNotReached, stacklevel=3)  # fmt: skip
+            return top
+        fitting.append(top)
+    for _ in range(max_steps):
+        mid = (lo + hi) / 2
+        trial = measure(mid)
+        if meter.within(trial[2], goal):
+            fitting.append(trial)
+            hi = mid
+            if near(trial[2]):
+                break
+        else:
+            lo = mid
+    fits = max(fitting, key=lambda f: f[2])  # latency is not monotone in the widths: the closest to the budget
+    if not near(fits[2]):
+        log.info("fit to the measured budget: %s %.4g after %d steps, not within %.0f %% of %.4g", meter.metric, fits[2], max_steps, 100 * tol, goal)
+    return fits
 
 
 @dataclass

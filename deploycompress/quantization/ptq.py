@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from calibrators import QuantError, create_calibrator
 
+from ..batches import call_with_batch
 from .fake_quant import fake_quantize
 from .quantizer import Quantizer, QuantizerError
 from .wrapper import QuantWrapper
@@ -115,12 +116,7 @@ class PTQQuantizer(Quantizer):
                 for batch in tqdm(batches, total=total, desc=f"calibrating ({self.calibrator})", unit="batch", leave=False, disable=not progress):
                     if num_batches is not None and seen >= num_batches:
                         break
-                    if isinstance(batch, Mapping):
-                        self.model(**batch)  # inputs keyed by forward's parameter names
-                    elif isinstance(batch, (tuple, list)):
-                        self.model(*batch)
-                    else:
-                        self.model(batch)
+                    call_with_batch(self.model, batch, seen)  # a tensor, positional inputs, or inputs keyed by name
                     seen += 1
         except QuantError as exc:
             raise QuantizerError(f"calibration failed: {exc}") from None

@@ -149,9 +149,9 @@ def speedup_with_report(
     check_example_inputs(model, example_inputs)  # a wrong shape is named as the argument, before tracing
     inputs = as_input_tuple(example_inputs)
     start = time.perf_counter()
-    params_before = {n: _numel(m) for n, m in model.named_modules()}
     total_before = sum(p.numel() for p in model.parameters())
     work, checked = _user_masked(model, masks, inplace)
+    params_before = {n: _numel(m) for n, m in work.named_modules()}  # pruner parametrizations stripped: counted as plain weights
     follow_subclasses(work, inputs, warn=True)  # layer subclasses: followed, weights computed in forward baked, or refused
     drop = masked_constants == "prune"
     reference = None

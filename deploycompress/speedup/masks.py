@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import MaskError
+from ..suggest import did_you_mean
 
 Masks = Mapping[str, Mapping[str, torch.Tensor]]
 
@@ -25,7 +26,7 @@ def validate_masks(model: nn.Module, masks: Masks) -> dict[str, dict[str, torch.
     for name, per_param in masks.items():
         if name not in modules:
             close = [n for n in modules if n and (n.endswith(str(name)) or str(name).endswith(n))][:3]
-            hint = f" (did you mean {close}?)" if close else ""
+            hint = f" (did you mean {close}?)" if close else did_you_mean(name, [n for n in modules if n])
             raise MaskError(f"mask names module {name!r}, which the model does not have{hint}")
         if not isinstance(per_param, Mapping):
             raise MaskError(f"masks[{name!r}] must be a dict {{param_name: tensor}}, got {type(per_param).__name__}")

@@ -1,0 +1,34 @@
+"""Calling a model with one item of the user's data, written once.
+
+An item is what the model is called with: a tensor (``model(x)``), a tuple or list of positional inputs
+(``model(*item)``) or a dict keyed by forward's parameter names (``model(**item)``). Pruners' statistics,
+PTQ calibration and distillation all call through :func:`call_with_batch`, so a DataLoader of
+``(input, target)`` pairs gets the same message everywhere.
+
+This module imports nothing from the project, so every room may import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["call_with_batch", "PAIRS_HINT"]
+
+PAIRS_HINT = ("Each item of the data is what the model is called with; for (input, target) pairs pass "
+              "(x for x, _ in loader), or use a TorchEvaluator")
+
+
+def call_with_batch(model: Any, batch: Any, index: int = 0) -> Any:
+    """``model`` called with ``batch``; a TypeError on the first tuple/list batch (the usual sign of
+    ``(input, target)`` pairs) is raised again with :data:`PAIRS_HINT`."""
+    try:
+        if isinstance(batch, dict):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+    except TypeError as exc:
+        if index or not isinstance(batch, (tuple, list)):
+            raise
+        raise TypeError(f"calling the model with batch {index} (a {type(batch).__name__} of {len(batch)}) failed: {exc}. "
+                        f"{PAIRS_HINT}") from exc

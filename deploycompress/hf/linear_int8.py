@@ -1,0 +1,210 @@
+"""int8 Linears in an exported transformer graph, written by us: calibration, SmoothQuant, three flavours.
+
+A Linear in the exported graph is a ``MatMul`` whose input B is a constant ``(in, out)`` matrix,
+usually followed by an ``Add`` of a constant bias. The steps:
+
+1. :func:`collect_stats` runs the fp32 graph on calibration feeds and keeps, for every Linear input
+   tensor, the per-channel (last axis) minimum and maximum.
+2. :func:`smooth` (optional) migrates activation outliers into the weights -- SmoothQuant (Xiao et al.,
+   2023, "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language Models",
+   eq. 4): per input channel ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``, ``X' = X / s`` (a ``Mul``
+   inserted on the Linears' branch only: in BERT-style post-LN encoders the LayerNorm output also
+   feeds the residual, so the scale cannot fold into the LayerNorm), ``W' = diag(s) W``. Linears
+   sharing an input (query/key/value) share ``s``.
+3. :func:`quantize_linears` writes each chosen Linear in one of the :data:`FLAVOURS`:
+
+   - ``"qdq"``: ``QuantizeLinear -> DequantizeLinear -> MatMul`` with a ``DequantizeLinear`` of int8
+     weights (the portable ONNX form; onnxruntime fuses it to ``MatMulIntegerToFloat``);
+   - ``"integer"``: ``QuantizeLinear -> MatMulIntegerToFloat`` (onnxruntime's ``com.microsoft`` op)
+     with the bias folded in, static activation scale (fewer nodes than what onnxruntime makes of QDQ);
+   - ``"dynamic"``: ``DynamicQuantizeLinear -> MatMulIntegerToFloat`` with the bias: the activation
+     range measured per call, as onnxruntime's ``quantize_dynamic`` does, with our per-channel weights.
+
+Activations: uint8, asymmetric, per tensor (calibrated min/max widened to include 0); weights: int8,
+symmetric, per output channel (7-bit on x86 without VNNI: ``reduce_range``). Only the Linears read
+quantized tensors; everything else in the graph reads what it read before.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+FLAVOURS = ("qdq", "integer", "dynamic")
+MS_DOMAIN = "com.microsoft"
+
+__all__ = ["FLAVOURS", "InputStats", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
+
+
+@dataclass
+class InputStats:
+    """Per-channel (last axis) minimum and maximum of one Linear input over the calibration feeds."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @property
+    def absmax(self) -> np.ndarray:
+        return np.maximum(np.abs(self.lo), np.abs(self.hi))
+
+    def uint8(self) -> tuple[np.float32, np.uint8]:
+        """Per-tensor uint8 scale and zero point (range widened to include 0, as onnxruntime's MinMax)."""
+        lo, hi = min(float(self.lo.min()), 0.0), max(float(self.hi.max()), 0.0)
+        scale = (hi - lo) / 255.0 if hi > lo else 1.0
+        return np.float32(scale), np.uint8(np.clip(round(-lo / scale), 0, 255))
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {i.name: i for i in model.graph.initializer}
+
+
+def linear_inputs(model: onnx.ModelProto, nodes: Sequence[str]) -> dict[str, list[str]]:
+    """``{input tensor: [MatMul node names]}`` for the named MatMuls whose input B is an initializer
+    (Linears sharing an input, like query/key/value, are grouped). Raises ``ValueError`` for a name
+    that is not such a MatMul."""
+    inits = _inits(model)
+    by_name = {n.name: n for n in model.graph.node}
+    groups: dict[str, list[str]] = {}
+    for name in nodes:
+        n = by_name.get(name)
+        if n is None or n.op_type != "MatMul" or n.input[1] not in inits or len(inits[n.input[1]].dims) != 2:
+            raise ValueError(f"{name!r} is not a MatMul with a constant 2-D weight (a Linear) in this graph")
+        groups.setdefault(n.input[0], []).append(name)
+    return groups
+
+
+def collect_stats(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], tensors: Sequence[str], threads: int | None = None) -> dict[str, InputStats]:
+    """Per-channel min/max of ``tensors`` (float, channels on the last axis) over ``feeds`` with onnxruntime."""
+    import onnxruntime as ort
+
+    m = copy.deepcopy(model)
+    known = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in known:
+            m.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads is not None:
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    stats: dict[str, InputStats] = {}
+    for f in feeds:
+        for t, v in zip(tensors, sess.run(list(tensors), dict(f))):
+            v = v.reshape(-1, v.shape[-1])
+            lo, hi = v.min(0), v.max(0)
+            s = stats.get(t)
+            stats[t] = InputStats(lo, hi) if s is None else InputStats(np.minimum(s.lo, lo), np.maximum(s.hi, hi))
+    return stats
+
+
+def smooth(model: onnx.ModelProto, groups: Mapping[str, Sequence[str]], stats: Mapping[str, InputStats], alpha: float) -> tuple[onnx.ModelProto, dict[str, InputStats]]:
+    """SmoothQuant with migration strength ``alpha`` in [0, 1] on every group of ``groups``
+    (see the module docstring). Returns a new graph (the Linears read ``<input>_smoothed``) and the
+    stats of the smoothed inputs (exact: the calibrated per-channel range divided by ``s``)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    m = copy.deepcopy(model)
+    inits = _inits(m)
+    by_name = {n.name: n for n in m.graph.node}
+    new_stats: dict[str, InputStats] = {}
+    for tensor, names in groups.items():
+        weights = [numpy_helper.to_array(inits[by_name[n].input[1]]) for n in names]
+        w_max = np.max([np.abs(w).max(1) for w in weights], axis=0)
+        s = np.power(np.maximum(stats[tensor].absmax, 1e-5), alpha) / np.power(np.maximum(w_max, 1e-5), 1 - alpha)
+        s = np.maximum(s, 1e-5).astype(np.float32)
+        out = f"{tensor}_smoothed"
+        inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{tensor}_smooth_inv_scale")
+        m.graph.initializer.append(inv)
+        mul = helper.make_node("Mul", [tensor, inv.name], [out], name=f"{tensor}_SmoothQuant_Mul")
+        first = min(i for i, n in enumerate(m.graph.node) if n.name in names)
+        m.graph.node.insert(first, mul)
+        for n, w in zip(names, weights):
+            node = by_name[n]
+            scaled = numpy_helper.from_array((w * s[:, None]).astype(np.float32), f"{node.input[1]}_smoothed_{len(m.graph.initializer)}")
+            m.graph.initializer.append(scaled)  # a new tensor: a weight shared elsewhere keeps its value there
+            node.input[0], node.input[1] = out, scaled.name
+        new_stats[out] = InputStats(stats[tensor].lo / s, stats[tensor].hi / s)  # s > 0: the order holds
+    return m, new_stats
+
+
+def _bias_add(model: onnx.ModelProto, matmul: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], n_out: int) -> tuple[onnx.NodeProto, str] | None:
+    """The ``Add`` of a constant (n_out,) bias that alone reads ``matmul``'s output, and the bias name."""
+    readers = [n for n in model.graph.node if matmul.output[0] in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Add" or matmul.output[0] in (o.name for o in model.graph.output):
+        return None
+    add = readers[0]
+    other = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
+    if other not in inits or tuple(inits[other].dims) != (n_out,):
+        return None
+    return add, other
+
+
+def quantize_linears(
+    model: onnx.ModelProto, groups: Mapping[str, Sequence[str]], stats: Mapping[str, InputStats], *, flavour: str = "qdq", reduce_range: bool = False
+) -> onnx.ModelProto:
+    """A new graph whose Linears in ``groups`` (``{input tensor: [MatMul names]}``) are int8 in
+    ``flavour`` (one of :data:`FLAVOURS`); ``stats`` has each input tensor's calibrated range (not read
+    by ``"dynamic"``). Raises ``ValueError`` for an unknown flavour or a group without stats."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
+    missing = [t for t in groups if flavour != "dynamic" and t not in stats]
+    if missing:
+        raise ValueError(f"no calibration stats for the Linear input {missing[0]!r}")
+    m = copy.deepcopy(model)
+    inits = _inits(m)
+    by_name = {n.name: n for n in m.graph.node}
+    qmax = 63 if reduce_range else 127
+    drop: list[onnx.NodeProto] = []
+    for tensor, names in groups.items():
+        first = min(i for i, n in enumerate(m.graph.node) if n.name in names)
+        pre: list[onnx.NodeProto] = []
+        if flavour == "dynamic":
+            q, a_scale, a_zp = f"{tensor}_dq8", f"{tensor}_dq8_scale", f"{tensor}_dq8_zp"
+            pre.append(helper.make_node("DynamicQuantizeLinear", [tensor], [q, a_scale, a_zp], name=f"{tensor}_DynamicQuantizeLinear"))
+        else:
+            scale, zp = stats[tensor].uint8()
+            a_scale, a_zp, q = f"{tensor}_scale", f"{tensor}_zero_point", f"{tensor}_quantized"
+            m.graph.initializer.extend([numpy_helper.from_array(np.array(scale), a_scale), numpy_helper.from_array(np.array(zp), a_zp)])
+            pre.append(helper.make_node("QuantizeLinear", [tensor, a_scale, a_zp], [q], name=f"{tensor}_QuantizeLinear"))
+            if flavour == "qdq":
+                pre.append(helper.make_node("DequantizeLinear", [q, a_scale, a_zp], [f"{tensor}_dequantized"], name=f"{tensor}_DequantizeLinear"))
+        for node in pre[::-1]:
+            m.graph.node.insert(first, node)
+        for name in names:
+            node = by_name[name]
+            w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+            w_scale = np.maximum(np.abs(w).max(0), 1e-12) / qmax  # per output channel (axis 1 of (in, out))
+            wq = np.clip(np.round(w / w_scale), -qmax, qmax).astype(np.int8)
+            base = node.input[1]
+            m.graph.initializer.extend([
+                numpy_helper.from_array(wq, f"{base}_int8"), numpy_helper.from_array(w_scale.astype(np.float32), f"{base}_w_scale"),
+                numpy_helper.from_array(np.zeros(wq.shape[1], np.int8), f"{base}_w_zero_point"),
+            ])  # fmt: skip
+            if flavour == "qdq":
+                dq = helper.make_node("DequantizeLinear", [f"{base}_int8", f"{base}_w_scale", f"{base}_w_zero_point"], [f"{base}_dequantized"], name=f"{name}_weight_DequantizeLinear", axis=1)
+                m.graph.node.insert(list(m.graph.node).index(node), dq)
+                node.input[0], node.input[1] = f"{tensor}_dequantized", f"{base}_dequantized"
+                continue
+            ins = [q, f"{base}_int8", a_scale, f"{base}_w_scale", a_zp, f"{base}_w_zero_point"]
+            out, bias = node.output[0], _bias_add(m, node, inits, wq.shape[1])
+            if bias is not None:
+                ins.append(bias[1])
+                out = bias[0].output[0]
+                drop.append(bias[0])
+            mm = helper.make_node("MatMulIntegerToFloat", ins, [out], name=f"{name}_MatMulIntegerToFloat", domain=MS_DOMAIN)
+            m.graph.node.insert(list(m.graph.node).index(node), mm)
+            drop.append(node)
+    for n in drop:
+        m.graph.node.remove(n)
+    if flavour != "qdq" and MS_DOMAIN not in {o.domain for o in m.opset_import}:
+        m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    used = {i for n in m.graph.node for i in n.input}
+    keep = [i for i in m.graph.initializer if i.name in used or i.name in {x.name for x in m.graph.input}]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    return m

@@ -1,0 +1,285 @@
+"""What a new user met on models and inputs the project was not built around; each expected value
+comes from the user's own model run in the test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import deploycompress as dc
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(progress=False, iterations=1, warmup=0, compare_fp32=False)
+
+
+def _small_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+def test_runner_takes_one_tensor_for_a_one_input_graph(tmp_path):
+    model, x = _small_cnn(), torch.randn(2, 3, 8, 8)
+    dc.build_engine(model, None, None, example_inputs=x[:1], precision="fp32", out_dir=tmp_path / "b", **FAST)
+    runner = dc.load_bundle(tmp_path / "b")
+    with torch.no_grad():
+        expected = model(x).numpy()
+    by_tensor = runner.run(x)  # a torch tensor, as the user holds it
+    by_array = runner.run(x.numpy())
+    by_name = runner.run({runner.inputs[0].name: x.numpy()})
+    for got in (by_tensor, by_array, by_name):
+        np.testing.assert_allclose(got["output"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_runner_of_a_two_input_graph_names_its_inputs(tmp_path):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(5, 3)
+
+        def forward(self, left, right):
+            return self.a(left) + self.b(right)
+
+    dc.build_engine(Two().eval(), None, None, example_inputs=(torch.randn(1, 4), torch.randn(1, 5)), precision="fp32",
+                    out_dir=tmp_path / "b", **FAST)
+    runner = dc.load_bundle(tmp_path / "b")
+    with pytest.raises(dc.InputError, match=r"\['left', 'right'\]"):
+        runner.run(torch.randn(1, 4))
+
+
+def test_speedup_report_counts_the_weights_of_a_model_still_wrapped_by_its_pruner():
+    from deploycompress.zoo import DigitsNet
+
+    model = DigitsNet().eval()
+    conv2_params = model.conv2.weight.numel() + (model.conv2.bias.numel() if model.conv2.bias is not None else 0)
+    _, masks = dc.L1NormPruner(model, [{"sparsity": 0.5, "op_names": ["conv2"]}]).compress()  # parametrized in place
+    _, report = dc.speedup_with_report(model, masks, torch.randn(1, 1, 8, 8))
+    row = next(r for r in report.layers if r.name == "conv2")
+    assert row.params_before == conv2_params
+    assert row.params_after == conv2_params // 2
+
+
+def test_a_quantizer_wrapped_model_is_refused_with_the_fix_named(tmp_path):
+    from deploycompress.export import ExportError, to_onnx
+
+    model, x = _small_cnn(), torch.randn(4, 3, 8, 8)
+    quantizer = dc.PTQQuantizer(model, [{"quant_types": ["input", "weight"], "op_types": ["Conv2d", "Linear"]}])
+    quantizer.calibrate([x])
+    with pytest.raises(dc.EngineError, match="unwrap_model"):
+        dc.build_engine(model, None, quantizer.export_calib_config(), example_inputs=x[:1], out_dir=tmp_path / "b", **FAST)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ExportError, match="unwrap_model"):
+        to_onnx(model, x[:1])
+    plain = quantizer.unwrap_model()  # the fix the message names works
+    dc.build_engine(plain, None, quantizer.export_calib_config(), example_inputs=x[:1], out_dir=tmp_path / "b", **FAST)
+
+
+def _tensorrt_runs_here() -> bool:
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return getattr(tensorrt, "Builder", None) is not None
+
+
+@pytest.mark.skipif(_tensorrt_runs_here(), reason="TensorRT is installed: the device build would run")
+def test_portable_bundle_then_device_build_without_tensorrt_refuses_clearly(tmp_path, capsys, caplog):
+    from deploycompress.cli import main
+
+    model, x = _small_cnn(), torch.randn(8, 3, 8, 8)
+    art = dc.build_engine(model, None, None, example_inputs=x[:1], calib_data=[x[:4], x[4:]], backend="tensorrt",
+                          precision="int8", out_dir=tmp_path / "trt", progress=False)
+    assert (tmp_path / "trt" / "tensorrt").is_dir() and (tmp_path / "trt" / "device" / "deploycompress_device").is_dir()
+    import json
+
+    assert json.loads((tmp_path / "trt" / "manifest.json").read_text())["extra"]["tensorrt"]["status"] == "pending-device-build"
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "portable bundle" in said and f"deploycompress device-build {tmp_path / 'trt'}" in said
+    before = sorted(p.name for p in (tmp_path / "trt").rglob("*"))
+    capsys.readouterr()
+    code = main(["device-build", str(tmp_path / "trt")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "TensorRT" in err and "pip install tensorrt" in err
+    assert sorted(p.name for p in (tmp_path / "trt").rglob("*")) == before  # nothing written
+
+
+def test_device_package_names_a_missing_dependency():
+    code = ("import sys, runpy; sys.modules['onnx'] = None; "
+            "runpy.run_module('deploycompress_device', run_name='__main__')")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code, "somewhere"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1
+    assert "'onnx' is missing" in out.stderr and "pip install onnx" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+class _Tied(nn.Module):
+    """A language-model head tied to its embedding (``dec.weight is emb.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid, self.dec = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50, bias=False)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.dec(torch.relu(self.mid(self.emb(ids))))
+
+
+def test_speedup_of_a_model_with_tied_weights_reproduces_the_masked_model():
+    torch.manual_seed(0)
+    model, ids = _Tied().eval(), torch.randint(0, 50, (3, 7))
+    keep = torch.arange(16) % 2 == 0
+    masks = {"mid": {"weight": keep[:, None].expand(16, 16).clone(), "bias": keep.clone()}}
+    oracle = _Tied().eval()
+    oracle.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        oracle.mid.weight.mul_(masks["mid"]["weight"])
+        oracle.mid.bias.mul_(masks["mid"]["bias"])
+        expected = oracle(ids)
+    with pytest.warns(dc.SpeedupWarning, match="tied weights"):
+        small = dc.speedup(model, masks, ids)
+    with torch.no_grad():
+        got = small(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert small.dec.weight is small.emb.weight  # still one tensor
+    assert model.dec.weight is model.emb.weight and model.mid.weight.shape == (16, 16)  # the caller's model untouched
+
+
+def test_one_output_linear_is_not_a_per_channel_lint_finding():
+    from deploycompress.export import lint_qdq
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.cls, self.reg = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return {"cls": self.cls(h), "reg": self.reg(h)}
+
+    from deploycompress.export import insert_qdq, to_onnx
+
+    model, x = TwoHeads().eval(), torch.randn(16, 6)
+    q = dc.PTQQuantizer(model, [{"quant_types": ["input", "weight"], "op_types": ["Linear"]}])
+    q.calibrate([x])
+    calib, plain = q.export_calib_config(), q.unwrap_model()
+    exported = to_onnx(plain, x[:1])
+    for target in ("onnxruntime", "tensorrt"):
+        qdq = insert_qdq(exported.model, calib, exported.name_map, target=target)
+        assert [f for f in lint_qdq(qdq, target) if f.rule == "weight-per-channel"] == []
+        bad = onnx_with_per_tensor_weight(qdq)  # a real per-tensor weight on a 3-channel Linear still is one
+        assert any(f.rule == "weight-per-channel" for f in lint_qdq(bad, target))
+
+
+def onnx_with_per_tensor_weight(model):
+    """The QDQ graph with the 3-output Linear's weight scale collapsed to one value (written here, not by the code)."""
+    import copy
+
+    import onnx
+    from onnx import numpy_helper
+
+    model = copy.deepcopy(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        w = inits.get(node.input[0])
+        if w is None or numpy_helper.to_array(w).shape != (3, 8):
+            continue
+        for pos in (1, 2):
+            arr = numpy_helper.to_array(inits[node.input[pos]])
+            inits[node.input[pos]].CopyFrom(numpy_helper.from_array(arr.reshape(-1)[:1].reshape(()), node.input[pos]))
+        for a in list(node.attribute):
+            if a.name == "axis":
+                node.attribute.remove(a)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_cli_int8_without_calibration_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    from deploycompress.cli import main
+
+    (tmp_path / "slowmodel.py").write_text(
+        "import pathlib, torch\n"
+        "def make():\n"
+        "    pathlib.Path('built').write_text('x')\n"
+        "    return torch.nn.Linear(4, 2)\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {factory: 'slowmodel:make'}\ninput_shape: [1, 4]\n"
+                      "prune: {pruner: AGPPruner, config_list: [{sparsity: 0.5, op_types: [Linear]}], "
+                      "options: {pruning_algorithm: l1, total_iteration: 2}, report: search/}\n")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--calib" in err and "quantize.data" in err
+    assert not (tmp_path / "built").exists() and not (tmp_path / "search").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mode, memory_format", [("train", torch.contiguous_format), ("eval", torch.channels_last)])
+def test_train_mode_and_channels_last_build_the_eval_model_and_leave_the_caller_alone(tmp_path, mode, memory_format):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    getattr(model, mode)()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 3, 8, 8).to(memory_format=memory_format)
+    keep = torch.arange(8) % 2 == 0
+    masks = {"4": {"weight": keep.view(8, 1, 1, 1).expand(8, 8, 3, 3).clone(), "bias": keep.clone()}}
+    oracle = copy_eval(model)
+    with torch.no_grad():
+        oracle[4].weight.mul_(masks["4"]["weight"])
+        oracle[4].bias.mul_(masks["4"]["bias"])
+        expected = oracle(x.contiguous()).numpy()
+    dc.build_engine(model, masks, None, example_inputs=x[:1], precision="fp32", out_dir=tmp_path / "b", **FAST)
+    got = dc.load_bundle(tmp_path / "b").run(x.contiguous().numpy())["output"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert model.training == (mode == "train")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # BatchNorm statistics untouched
+
+
+def copy_eval(model):
+    import copy
+
+    return copy.deepcopy(model).eval()
+
+
+def test_calibration_dict_with_a_misspelt_input_suggests_the_name(tmp_path):
+    model, x = _small_cnn(), torch.randn(4, 3, 8, 8)
+    with pytest.raises(dc.InputError, match="did you mean 'input'"):
+        dc.build_engine(model, None, None, example_inputs=x[:1], calib_data=[{"inp": x}], out_dir=tmp_path / "b", **FAST)
+
+
+def test_inspect_for_tensorrt_of_an_onnxruntime_bundle_checks_the_models_float_graph(tmp_path, capsys):
+    import json
+
+    from deploycompress.cli import main
+
+    model, x = _small_cnn(), torch.randn(8, 3, 8, 8)
+    dc.build_engine(model, None, None, example_inputs=x[:1], calib_data=[x], precision="int8", out_dir=tmp_path / "b", **FAST)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "b"), "--target", "tensorrt", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "built for onnxruntime" in doc["note"] and "--backend tensorrt" in doc["note"]
+    # the optimized onnxruntime graph holds com.microsoft ops (QGemm ...); the model itself has none TensorRT lacks
+    assert any(op.startswith("QLinear") or op == "QGemm" for op in doc["ops"])
+    assert [f for f in doc["tensorrt"]["findings"] if f["rule"].startswith("op-")] == []
+
+
+def test_ptq_calibration_on_a_loader_of_pairs_says_what_to_pass():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    pairs = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 6), torch.randint(0, 2, (16,))), batch_size=8)
+    q = dc.PTQQuantizer(model, [{"quant_types": ["input", "weight"], "op_types": ["Linear"]}])
+    with pytest.raises(TypeError, match=r"\(input, target\) pairs pass \(x for x, _ in loader\)"):
+        q.calibrate(pairs, progress=False)
+    q.calibrate((x for x, _ in pairs), progress=False)  # the fix the message names
+    assert set(q.export_calib_config().modules) == {"0", "2"}
