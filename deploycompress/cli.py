@@ -522,10 +522,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for entry in data["latency"]:
         entry.pop("samples_ms", None)
     failures = []
-    if args.max_abs_error is not None and acc.max_abs_error > args.max_abs_error:
-        failures.append(f"max |diff| {acc.max_abs_error:.4g} > --max-abs-error {args.max_abs_error}")
-    if args.min_cosine is not None and acc.cosine_similarity < args.min_cosine:
-        failures.append(f"cosine similarity {acc.cosine_similarity:.6f} < --min-cosine {args.min_cosine}")
+    per_output = dict(result.outputs) or {result.primary_output: acc}  # the value tolerances hold for every output
+    for out_name, stats in per_output.items():
+        where = f" ({out_name})" if len(per_output) > 1 else ""
+        if args.max_abs_error is not None and stats.max_abs_error > args.max_abs_error:
+            failures.append(f"max |diff|{where} {stats.max_abs_error:.4g} > --max-abs-error {args.max_abs_error}")
+        if args.min_cosine is not None and stats.cosine_similarity < args.min_cosine:
+            failures.append(f"cosine similarity{where} {stats.cosine_similarity:.6f} < --min-cosine {args.min_cosine}")
     if args.min_top1_agreement is not None and (acc.top1_agreement or 0.0) < args.min_top1_agreement:
         failures.append(f"top-1 agreement {acc.top1_agreement} < --min-top1-agreement {args.min_top1_agreement}")
     if args.max_accuracy_drop is not None:
@@ -535,8 +538,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failures.append(f"accuracy drop {-metric.delta:.4f} > --max-accuracy-drop {args.max_accuracy_drop}")
     data.update(reference=ref_label, passed=not failures, failures=failures)
     lines = [f"reference: {ref_label}", f"max |diff| = {acc.max_abs_error:.4g}", f"cosine similarity = {acc.cosine_similarity:.6f}"]
+    if len(per_output) > 1:
+        lines[1:] = [f"[{n}] max |diff| = {s.max_abs_error:.4g}, cosine similarity = {s.cosine_similarity:.6f}"
+                     + (" (primary)" if n == result.primary_output else "") for n, s in per_output.items()]
     if acc.top1_agreement is not None:
-        lines.append(f"top-1 agreement = {100 * acc.top1_agreement:.2f}%")
+        lines.append(f"top-1 agreement{f' [{result.primary_output}]' if len(per_output) > 1 else ''} = {100 * acc.top1_agreement:.2f}%")
     if metric is not None:
         lines.append(f"{metric.name} = {100 * metric.value:.2f}% (reference {100 * metric.reference_value:.2f}%, {100 * metric.delta:+.2f} pt)")
     from .report import LatencyRecord, performance_summary

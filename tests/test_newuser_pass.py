@@ -151,10 +151,37 @@ def test_speedup_of_a_model_with_tied_weights_reproduces_the_masked_model():
     assert model.dec.weight is model.emb.weight and model.mid.weight.shape == (16, 16)  # the caller's model untouched
 
 
-def test_one_output_linear_is_not_a_per_channel_lint_finding():
+def test_one_output_channel_is_not_a_per_channel_lint_finding():
     from deploycompress.export import lint_qdq
 
     class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.cls, self.reg = nn.Conv2d(6, 8, 1), nn.Conv2d(8, 3, 1), nn.Conv2d(8, 1, 1)  # a 1-channel head
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return {"cls": self.cls(h), "reg": self.reg(h)}
+
+    from deploycompress.export import insert_qdq, to_onnx
+
+    model, x = TwoHeads().eval(), torch.randn(16, 6, 4, 4)
+    q = dc.PTQQuantizer(model, [{"quant_types": ["input", "weight"], "op_types": ["Conv2d"]}])
+    q.calibrate([x])
+    calib, plain = q.export_calib_config(), q.unwrap_model()
+    exported = to_onnx(plain, x[:1])
+    for target in ("onnxruntime", "tensorrt"):
+        qdq = insert_qdq(exported.model, calib, exported.name_map, target=target)
+        assert [f for f in lint_qdq(qdq, target) if f.rule == "weight-per-channel"] == []
+        assert any(n.op_type == "DequantizeLinear" for n in qdq.graph.node)
+        bad = onnx_with_per_tensor_weight(qdq)  # a real per-tensor weight on a 3-channel conv still is one
+        assert any(f.rule == "weight-per-channel" for f in lint_qdq(bad, target))
+
+
+def test_tensorrt_keeps_gemv_heads_float_and_names_them():
+    from deploycompress.export import insert_qdq, lint_qdq, to_onnx
+
+    class LinearHeads(nn.Module):
         def __init__(self):
             super().__init__()
             self.body, self.cls, self.reg = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 1)
@@ -163,17 +190,11 @@ def test_one_output_linear_is_not_a_per_channel_lint_finding():
             h = torch.relu(self.body(x))
             return {"cls": self.cls(h), "reg": self.reg(h)}
 
-    from deploycompress.export import insert_qdq, to_onnx
-
-    model, x = TwoHeads().eval(), torch.randn(16, 6)
+    model, x = LinearHeads().eval(), torch.randn(16, 6)
     q = dc.PTQQuantizer(model, [{"quant_types": ["input", "weight"], "op_types": ["Linear"]}])
     q.calibrate([x])
     calib, plain = q.export_calib_config(), q.unwrap_model()
     exported = to_onnx(plain, x[:1])
-    qdq = insert_qdq(exported.model, calib, exported.name_map, target="onnxruntime")
-    assert [f for f in lint_qdq(qdq, "onnxruntime") if f.rule == "weight-per-channel"] == []
-    bad = onnx_with_per_tensor_weight(qdq)  # a real per-tensor weight on a 3-channel Linear still is one
-    assert any(f.rule == "weight-per-channel" for f in lint_qdq(bad, "onnxruntime"))
     # TensorRT keeps one-row-per-sample Gemms (GEMV at batch 1) float, as ModelOpt does, and says so by name
     with pytest.warns(Warning, match="matrix-vector product") as caught:
         qdq = insert_qdq(exported.model, calib, exported.name_map, target="tensorrt")
@@ -182,7 +203,7 @@ def test_one_output_linear_is_not_a_per_channel_lint_finding():
 
 
 def onnx_with_per_tensor_weight(model):
-    """The QDQ graph with the 3-output Linear's weight scale collapsed to one value (written here, not by the code)."""
+    """The QDQ graph with the 3-output conv's weight scale collapsed to one value (written here, not by the code)."""
     import copy
 
     import onnx
@@ -194,7 +215,7 @@ def onnx_with_per_tensor_weight(model):
         if node.op_type != "DequantizeLinear":
             continue
         w = inits.get(node.input[0])
-        if w is None or numpy_helper.to_array(w).shape != (3, 8):
+        if w is None or numpy_helper.to_array(w).shape != (3, 8, 1, 1):
             continue
         for pos in (1, 2):
             arr = numpy_helper.to_array(inits[node.input[pos]])
@@ -287,3 +308,42 @@ def test_ptq_calibration_on_a_loader_of_pairs_says_what_to_pass():
         q.calibrate(pairs, progress=False)
     q.calibrate((x for x, _ in pairs), progress=False)  # the fix the message names
     assert set(q.export_calib_config().modules) == {"0", "2"}
+
+
+class _TwoInTwoOut(nn.Module):
+    """An image and a table in, a dict of a class head and a (large) regression head out."""
+
+    def __init__(self):
+        super().__init__()
+        self.img = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.tab = nn.Sequential(nn.Linear(5, 8), nn.ReLU())
+        self.cls, self.reg = nn.Linear(16, 4), nn.Linear(16, 1)
+
+    def forward(self, image, table):
+        h = torch.cat([self.img(image), self.tab(table)], 1)
+        return {"cls": self.cls(h), "reg": 100 * self.reg(h)}
+
+
+def test_cli_validate_holds_value_tolerances_on_every_output(tmp_path, capsys):
+    from deploycompress.cli import main
+
+    torch.manual_seed(0)
+    model = _TwoInTwoOut().eval()
+    image, table = torch.randn(32, 3, 8, 8), torch.randn(32, 5)
+    dc.build_engine(model, None, None, example_inputs=(image[:1], table[:1]), calib_data=[(image, table)], precision="int8",
+                    out_dir=tmp_path / "b", **FAST)
+    np.savez(tmp_path / "eval.npz", image=image.numpy(), table=table.numpy())
+    runner = dc.load_bundle(tmp_path / "b")
+    got = runner.run({"image": image.numpy(), "table": table.numpy()})
+    with torch.no_grad():
+        ref = {k: v.numpy() for k, v in model(image, table).items()}
+    err = {k: float(np.abs(got[k] - ref[k]).max()) for k in ref}
+    assert err["reg"] > 4 * err["cls"] > 0  # the regression head's error is the larger one
+    threshold = (err["reg"] + err["cls"]) / 2
+    capsys.readouterr()
+    code = main(["validate", str(tmp_path / "b"), "--data", str(tmp_path / "eval.npz"), "--iterations", "1",
+                 "--max-abs-error", f"{threshold:.6g}"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "max |diff| (reg)" in out and "max |diff| (cls)" not in out
+    assert "[reg] max |diff|" in out and "[cls] max |diff|" in out

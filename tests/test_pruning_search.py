@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import statistics
 import time
 import warnings
 
@@ -120,33 +119,42 @@ def test_netadapt_reaches_a_flops_budget(dense, digits_data, tmp_path):
     assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - ACC_DROP
 
 
-def _ort_latency_ms(model: nn.Module, x: torch.Tensor, tmp_path, name: str) -> float:
-    path = tmp_path / f"{name}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, input_names=["x"])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+def _paired_min_ms(models: list[nn.Module], x: torch.Tensor, tmp_path, repeats: int = 15, iterations: int = 20) -> np.ndarray:
+    """The test's own onnxruntime timing: one session per model (1 thread), timed run by run in turn
+    so load hits all alike; per repeat each model's fastest run (preemption only adds time).
+    Returns ms, shape (repeats, len(models))."""
+    sessions = []
+    for i, model in enumerate(models):
+        path = tmp_path / f"timed{i}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, input_names=["x"])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        sessions.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
     feed = {"x": x.numpy()}
-    for _ in range(10):
-        sess.run(None, feed)
-    medians = []
-    for _ in range(7):
-        ts = []
-        for _ in range(20):
-            t0 = time.perf_counter()
+    for sess in sessions:
+        for _ in range(5):
             sess.run(None, feed)
-            ts.append(time.perf_counter() - t0)
-        medians.append(statistics.median(ts))
-    return 1000 * statistics.median(medians)
+    out = np.empty((repeats, len(sessions)))
+    for r in range(repeats):
+        best = [math.inf] * len(sessions)
+        for _ in range(iterations):
+            for k, sess in enumerate(sessions):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                best[k] = min(best[k], time.perf_counter() - t0)
+        out[r] = best
+    return 1000 * out
 
 
 @pytest.mark.slow
 def test_netadapt_stops_at_a_latency_budget_measured_on_onnxruntime(dense, digits_data, tmp_path):
     model, _ = dense
     x = digits_data.test_x[:256]
-    budget, tolerance = 0.8, 0.25  # the test's own timing on a shared CPU: a wide tolerance, stated
+    # the tolerance comes from the noise measured below, at most 20 %: 0.8 * 1.2 < 1, so a search
+    # that did not make the model faster still fails
+    budget, max_tolerance = 0.8, 0.2
     pruner = NetAdaptPruner(
         model, [{"op_names": ["conv_a", "conv3"]}], finetuner(digits_data, 1), evaluator(digits_data),
         resource="latency", budget=budget, dummy_input=x, sparsity_per_iteration=0.1,
@@ -156,9 +164,17 @@ def test_netadapt_stops_at_a_latency_budget_measured_on_onnxruntime(dense, digit
     assert final.measured and final.resource <= budget * pruner.lookup_table.dense * (1 + pruner.meter.tolerance)
     small = _shrunk(pruner.unwrap_model(), masks, x)
     assert small.conv_a.out_channels < 16 or small.conv3.out_channels < 32
-    dense_ms = _ort_latency_ms(model, x, tmp_path, "dense")
-    small_ms = _ort_latency_ms(small, x, tmp_path, "small")
-    assert small_ms <= budget * dense_ms * (1 + tolerance)
+    # the test's own timing: the dense model twice (two sessions) measures this machine's noise now
+    for _ in range(3):
+        ms = _paired_min_ms([model, model, small], x, tmp_path)
+        noise = float(np.quantile(np.abs(ms[:, 1] / ms[:, 0] - 1), 0.9))
+        tolerance = max(0.05, 2 * noise)
+        if tolerance <= max_tolerance:
+            break
+    else:
+        pytest.skip(f"timing noise {noise:.0%} on this machine now: too large to check a {budget:.0%} budget")
+    ratio = float(np.median(ms[:, 2] / ms[:, 0]))
+    assert ratio <= budget * (1 + tolerance), (ratio, tolerance)
 
 
 def _l1_zeroed(model: nn.Module, layer: str, sparsity: float) -> nn.Module:

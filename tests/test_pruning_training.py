@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -107,6 +108,41 @@ def test_movement_soft_mode_sparsity_emerges_from_the_regularisation(dense, digi
         if scale:
             assert accuracy(pruned, digits_data.test_x, digits_data.test_y) >= acc - 2 * ACC_DROP
     assert sparsities[50.0] > sparsities[0.0] + 0.1 and sparsities[50.0] > 0.2, sparsities
+    from deploycompress.pruning.channel import PruningWarning
+
+    blocks = MovementPruner(copy.deepcopy(model), [{"op_names": ["fc1"]}], torch_evaluator(digits_data), 5, 40, training_steps=60,
+                            regular_scale=50.0, movement_mode="soft", sparse_granularity=(8, 32), sparse_threshold=0.3, score_lr=0.05)  # fmt: skip
+    with pytest.warns(PruningWarning, match="every unit of \\['fc1'\\]"):  # four blocks only: the regulariser empties the layer
+        _, masks = blocks.compress()
+    assert not bool(masks["fc1"]["weight"].any())
     with pytest.raises(ValueError, match="soft"):
         MovementPruner(model, [{"sparsity": 0.5, "op_names": ["fc1"]}], torch_evaluator(digits_data), 1, 5, training_steps=5,
                        movement_mode="soft")  # fmt: skip
+
+
+def test_autocompress_meets_a_measured_resource_budget(dense, digits_data):
+    """AutoCompress with a measured budget: the sped-up result's parameters (counted here) lie within
+    the meter's 5 % of the budget (coarse ADMM masks carry the joined BatchNorm entries, so speedup
+    removes the channels the search counted on)."""
+    from deploycompress.pruning import AutoCompressPruner, ResourceMeter
+
+    from scheduled_helpers import evaluator
+
+    model, _ = dense
+    x = digits_data.test_x[:2]
+    budget, tol = 0.6, 0.05
+    pruner = AutoCompressPruner(
+        model, [{"op_names": ["stem", "conv_a", "conv3", "fc1"]}], 2,
+        admm_params={"evaluator": torch_evaluator(digits_data), "iterations": 1, "training_steps": 5, "granularity": "coarse-grained"},
+        sa_params={"cool_down_rate": 0.5, "pruning_algorithm": "l1", "resource": ResourceMeter("params", x, tolerance=tol),
+                   "budget": budget},
+        evaluator=evaluator(digits_data),
+    )  # fmt: skip
+    _, masks = pruner.compress()
+    from deploycompress.speedup import speedup
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = speedup(pruner.unwrap_model(), masks, x)
+    ratio = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in model.parameters())
+    assert budget * (1 - tol) <= ratio <= budget * (1 + tol), ratio

@@ -25,6 +25,11 @@ def render() -> str:
         package = ".".join((module or "deploycompress").split(".")[:2])
         doc = inspect.getdoc(obj) if (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismethod(obj)) else None
         summary = (doc or "").strip().split("\n\n")[0].replace("\n", " ").replace("|", "\\|")
+        if not summary and callable(obj):  # no docstring: the signature (a repr would hold a memory address)
+            try:
+                summary = f"`{name}{inspect.signature(obj)}`".replace("|", "\\|")
+            except (TypeError, ValueError):
+                summary = type(obj).__name__
         if not summary:
             shown = repr(tuple(obj) if isinstance(obj, (tuple, list, frozenset, set)) else obj)
             summary = (f"`{shown}`" if len(shown) <= 100 and not isinstance(obj, dict)

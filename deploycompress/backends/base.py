@@ -53,7 +53,7 @@ class LayerTime:
     extra: dict = field(default_factory=dict)
 
 
-def named_feeds(feeds: object, inputs: Sequence[TensorSpec], who: str) -> Mapping[str, object]:
+def named_feeds(feeds: object, inputs: Sequence[TensorSpec], who: str) -> dict[str, np.ndarray]:
     """``feeds`` as a mapping ``{input name: array}``: a mapping as given; one array or tensor (torch
     tensors are detached to numpy) when the graph has exactly one input. Anything else raises
     :class:`BackendInputError` naming the graph's inputs, before any run."""
@@ -66,9 +66,9 @@ def named_feeds(feeds: object, inputs: Sequence[TensorSpec], who: str) -> Mappin
                             + (" (or one array)" if len(names) == 1 else "") + f", got {type(feeds).__name__}")
 
 
-def _to_numpy(value: object) -> object:
+def _to_numpy(value: object) -> np.ndarray:
     detach = getattr(value, "detach", None)  # a torch tensor, without importing torch here
-    return detach().cpu().numpy() if callable(detach) else value
+    return detach().cpu().numpy() if callable(detach) else np.asarray(value)
 
 
 @runtime_checkable

@@ -21,7 +21,8 @@ from .allocate import lowest, prune_count
 from .base import Pruner
 from .channel import channel_dim, channel_masks, channel_rows
 from .evaluator import TorchEvaluator
-from .io import _bias, _weight, weight_attrs
+from .io import _weight, weight_attrs
+from .level import element_masks
 
 __all__ = ["ADMMPruner"]
 
@@ -108,9 +109,4 @@ class ADMMPruner(Pruner):
     def _expand(self, name: str, module: nn.Module, pruned: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.granularity == "coarse-grained":
             return channel_masks(module, ~pruned)
-        w_attr, b_attr = weight_attrs(module)
-        masks = {w_attr: ~pruned}
-        bias = _bias(module)
-        if bias is not None:
-            masks[b_attr] = torch.ones_like(bias, dtype=torch.bool)
-        return masks
+        return element_masks(module, ~pruned)

@@ -24,7 +24,7 @@ from .executor import Executor, get_executor
 from .io import Masks, _weight
 from .netadapt import make_meter
 from .resources import LookupTable, ResourceMeter, build_lookup_table
-from .scheduler import PrunerSpec, _as_evaluate, _as_finetune, plain_copy, wrap_masks
+from .scheduler import CompressResult, PrunerSpec, _as_evaluate, _as_finetune, plain_copy, wrap_masks
 from .search import Trajectory, fit_measured, layer_masks, selected_layers
 
 __all__ = ["AMCPruner", "DDPG"]
@@ -114,7 +114,7 @@ class _Critic(nn.Module):
         return self.out(self.s(s) + self.a(a))
 
 
-class AMCPruner:
+class AMCPruner(CompressResult):
     """``AMCPruner(total_episode, model, config_list, dummy_input, evaluator, pruning_algorithm='l1',
     log_dir='.', keep_intermediate_result=False, finetuner=None, speedup=False, ddpg_params={},
     pruning_params={}, target='flops')`` as in NNI 2.x.
@@ -249,15 +249,3 @@ class AMCPruner:
         else:
             self._result = (model, masks)
         return self._result
-
-    @property
-    def masks(self) -> Masks:
-        if self._result is None:
-            raise RuntimeError("AMCPruner: call compress() first")
-        return self._result[1]
-
-    def unwrap_model(self) -> nn.Module:
-        if self._result is None:
-            raise RuntimeError("AMCPruner: call compress() first")
-        return plain_copy(self._result[0])
-

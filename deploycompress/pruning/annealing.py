@@ -26,7 +26,7 @@ from .executor import Executor, get_executor
 from .io import Masks, _weight
 from .netadapt import make_meter
 from .resources import LookupTable, ResourceMeter, build_lookup_table
-from .scheduler import PrunerSpec, _as_evaluate, _pruned_units, _as_finetune, _pruner_class, plain_copy, wrap_masks
+from .scheduler import CompressResult, PrunerSpec, _as_evaluate, _pruned_units, _as_finetune, _pruner_class, plain_copy, wrap_masks
 from .search import Trajectory, fit_measured, layer_masks, selected_layers, train_and_score
 
 __all__ = ["SimulatedAnnealingPruner"]
@@ -42,7 +42,7 @@ def _already_pruned(module: nn.Module, entry: Mapping[str, Any] | None, units: i
     return 0.0 if w is None else float(_pruned_units(module, w, units).sum()) / units
 
 
-class SimulatedAnnealingPruner:
+class SimulatedAnnealingPruner(CompressResult):
     """``SimulatedAnnealingPruner(model, config_list, evaluator, start_temperature=100,
     stop_temperature=20, cool_down_rate=0.9, perturbation_magnitude=0.35, pruning_algorithm='level',
     pruning_params={}, log_dir='.', keep_intermediate_result=False, finetuner=None, speedup=False,
@@ -82,7 +82,8 @@ class SimulatedAnnealingPruner:
         origin_masks: Masks | None = None,
     ) -> None:
         """``origin_masks``: units already pruned (kept pruned; every layer's sparsity stays at least
-        what they remove), as NNI's task generator takes them."""
+        what they remove), as NNI's task generator takes them. With ``resource`` and no
+        ``dummy_input``, the meter's example batch is the basic pruner's too."""
         if not (start_temperature > stop_temperature > 0 and 0 < cool_down_rate < 1):
             raise ValueError("need start_temperature > stop_temperature > 0 and 0 < cool_down_rate < 1")
         if evaluator is None:
@@ -110,6 +111,8 @@ class SimulatedAnnealingPruner:
         self.meter: ResourceMeter | None = None
         if resource is not None:
             self.meter = make_meter(resource, dummy_input)
+            if self.dummy_input is None:  # the basic pruner masks joined parameters with it, so speedup removes them
+                self.dummy_input = self.meter.dummy_input
             if budget is None or not 0 < budget < 1:
                 raise ValueError(f"SimulatedAnnealingPruner: with resource= give budget in (0, 1), got {budget!r}")
             self.budget = float(budget)
@@ -232,14 +235,3 @@ class SimulatedAnnealingPruner:
         else:
             self._result = (wrap_masks(model, masks), masks)
         return self._result
-
-    @property
-    def masks(self) -> Masks:
-        if self._result is None:
-            raise RuntimeError("SimulatedAnnealingPruner: call compress() first")
-        return self._result[1]
-
-    def unwrap_model(self) -> nn.Module:
-        if self._result is None:
-            raise RuntimeError("SimulatedAnnealingPruner: call compress() first")
-        return plain_copy(self._result[0])

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .admm import ADMMPruner
 from .annealing import SimulatedAnnealingPruner
 from .io import Masks
-from .scheduler import TaskResult, _as_evaluate, _as_finetune, _pin, masked_fraction, plain_copy, wrap_masks
+from .scheduler import CompressResult, TaskResult, _as_evaluate, _as_finetune, _pin, masked_fraction, plain_copy, wrap_masks
 from .task_generator import scale_config_list
 
 __all__ = ["AutoCompressPruner"]
@@ -23,7 +23,7 @@ __all__ = ["AutoCompressPruner"]
 log = logging.getLogger(__name__)
 
 
-class AutoCompressPruner:
+class AutoCompressPruner(CompressResult):
     """``AutoCompressPruner(model, config_list, total_iteration, admm_params, sa_params, log_dir='.',
     keep_intermediate_result=False, finetuner=None, speedup=False, dummy_input=None, evaluator=None)``.
 
@@ -74,6 +74,13 @@ class AutoCompressPruner:
                 _pin(admm, masks)
             wrapped, masks = admm.compress()
             masks = {k: {p: m.clone() for p, m in e.items()} for k, e in masks.items()}
+            example = sa.dummy_input  # the annealing's example batch (its meter's by default)
+            if example is not None and self.admm_params.get("granularity") == "coarse-grained":
+                from ..speedup.joined import joined_masks  # what speedup removes with the pruned channels (BatchNorm
+                # affine, downstream biases) is masked too, so the sped-up result meets the searched resource
+
+                masks = joined_masks(plain_copy(wrapped), masks, example)
+                wrapped = wrap_masks(plain_copy(wrapped), masks)
             if self.finetune is not None:
                 self.finetune(wrapped)
             score = self.evaluate(wrapped) if self.evaluate is not None else None
@@ -83,14 +90,3 @@ class AutoCompressPruner:
             log.info("AutoCompress round %d/%d: sparsity %.4f, score %s", t, n, result.sparsity, score)
         self._result = (wrap_masks(plain_copy(current), masks), masks)
         return self._result
-
-    @property
-    def masks(self) -> Masks:
-        if self._result is None:
-            raise RuntimeError("AutoCompressPruner: call compress() first")
-        return self._result[1]
-
-    def unwrap_model(self) -> nn.Module:
-        if self._result is None:
-            raise RuntimeError("AutoCompressPruner: call compress() first")
-        return plain_copy(self._result[0])

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .io import Masks, save_masks
-from .scheduler import PrunerSpec, PruningScheduler, TaskGenerator, TaskResult, _pin, make_basic_pruner, plain_copy
+from .scheduler import CompressResult, PrunerSpec, PruningScheduler, TaskGenerator, TaskResult, _pin, make_basic_pruner, plain_copy
 from .task_generator import AGPTaskGenerator, FunctionBasedTaskGenerator, LinearTaskGenerator, LotteryTicketTaskGenerator, scale_config_list
 
 __all__ = ["IterativePruner", "LinearPruner", "AGPPruner", "LotteryTicketPruner", "load_state_into"]
@@ -38,7 +38,7 @@ def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None
         target.copy_(value)
 
 
-class IterativePruner:
+class IterativePruner(CompressResult):
     """What Linear, AGP and Lottery Ticket share: arguments, ``compress()``, results, intermediate files.
 
     Two ways to run the schedule (``s_t`` for ``t = 0..total_iteration``, cumulative):
@@ -149,41 +149,13 @@ class IterativePruner:
     def history(self) -> list[TaskResult]:
         return self.scheduler.history
 
-    @property
-    def masks(self) -> Masks:
-        if self._result is None:
-            raise RuntimeError(f"{type(self).__name__}: call compress() first")
-        return self._result[1]
-
     def get_best_result(self) -> tuple[int, nn.Module, Masks, float | None, list[dict[str, Any]]]:
         """NNI's ``(task_id, model, masks, score, config_list)``; the model is plain (pruned weights zero)."""
         return self.scheduler.get_best_result()
 
-    def unwrap_model(self) -> nn.Module:
-        """The best model without the mask parametrizations (pruned weights zero)."""
-        if self._result is None:
-            raise RuntimeError(f"{type(self).__name__}: call compress() first")
-        return plain_copy(self._result[0])
 
-
-class LinearPruner(IterativePruner):
-    """Sparsity grows linearly over ``total_iteration`` rounds: ``s_t = t/n * s_f``."""
-
-    def __init__(
-        self, model: nn.Module, config_list: list[dict[str, Any]], pruning_algorithm: PrunerSpec, total_iteration: int,
-        log_dir: str | os.PathLike[str] = ".", keep_intermediate_result: bool = False, finetuner: Any = None,
-        speedup: bool = False, dummy_input: Any = None, evaluator: Any = None, pruning_params: Mapping[str, Any] | None = None,
-        **kw: Any,
-    ) -> None:  # fmt: skip
-        super().__init__(
-            model, config_list, pruning_algorithm, LinearTaskGenerator(total_iteration), log_dir, keep_intermediate_result,
-            finetuner, speedup, dummy_input, evaluator, pruning_params, **kw,
-        )  # fmt: skip
-
-
-class AGPPruner(IterativePruner):
-    """Automated gradual pruning (Zhu & Gupta 2017): ``s_t = s_f + (s_i - s_f)(1 - t/n)^3`` over
-    ``total_iteration`` rounds, fine-tuning between them; ``initial_sparsity`` is ``s_i`` (default 0)."""
+class _FormulaPruner(IterativePruner):
+    """Linear and AGP: NNI's arguments; ``_generator(total_iteration, initial_sparsity)`` is the schedule."""
 
     def __init__(
         self, model: nn.Module, config_list: list[dict[str, Any]], pruning_algorithm: PrunerSpec, total_iteration: int,
@@ -192,9 +164,30 @@ class AGPPruner(IterativePruner):
         *, initial_sparsity: float = 0.0, **kw: Any,
     ) -> None:  # fmt: skip
         super().__init__(
-            model, config_list, pruning_algorithm, AGPTaskGenerator(total_iteration, initial_sparsity), log_dir,
+            model, config_list, pruning_algorithm, self._generator(total_iteration, initial_sparsity), log_dir,
             keep_intermediate_result, finetuner, speedup, dummy_input, evaluator, pruning_params, **kw,
         )  # fmt: skip
+
+    @staticmethod
+    def _generator(total_iteration: int, initial_sparsity: float) -> FunctionBasedTaskGenerator:
+        raise NotImplementedError
+
+
+class LinearPruner(_FormulaPruner):
+    """Sparsity grows linearly over ``total_iteration`` rounds: ``s_t = t/n * s_f``."""
+
+    @staticmethod
+    def _generator(total_iteration: int, initial_sparsity: float) -> FunctionBasedTaskGenerator:
+        if initial_sparsity:
+            raise ValueError("LinearPruner has no initial_sparsity (s_t = t/n * s_f); use AGPPruner for a schedule from s_i")
+        return LinearTaskGenerator(total_iteration)
+
+
+class AGPPruner(_FormulaPruner):
+    """Automated gradual pruning (Zhu & Gupta 2017): ``s_t = s_f + (s_i - s_f)(1 - t/n)^3`` over
+    ``total_iteration`` rounds, fine-tuning between them; ``initial_sparsity`` is ``s_i`` (default 0)."""
+
+    _generator = staticmethod(AGPTaskGenerator)  # type: ignore[assignment]
 
 
 class LotteryTicketPruner(IterativePruner):

@@ -12,7 +12,7 @@ from .allocate import lowest, prune_count
 from .base import Pruner
 from .io import _bias, _weight, weight_attrs
 
-__all__ = ["ElementPruner", "LevelPruner"]
+__all__ = ["ElementPruner", "LevelPruner", "element_masks"]
 
 
 class ElementPruner(Pruner):
@@ -40,12 +40,17 @@ class ElementPruner(Pruner):
         return self.weight_score(weight.detach(), config, name=name, module=module)
 
     def _expand(self, name: str, module: nn.Module, pruned: torch.Tensor) -> dict[str, torch.Tensor]:
-        w_attr, b_attr = weight_attrs(module)
-        masks = {w_attr: ~pruned}
-        bias = _bias(module)
-        if bias is not None:
-            masks[b_attr] = torch.ones_like(bias, dtype=torch.bool)
-        return masks
+        return element_masks(module, ~pruned)
+
+
+def element_masks(module: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fine-grained masks: ``keep`` for the weight, the bias (if any) all kept, as NNI does."""
+    w_attr, b_attr = weight_attrs(module)
+    masks = {w_attr: keep}
+    bias = _bias(module)
+    if bias is not None:
+        masks[b_attr] = torch.ones_like(bias, dtype=torch.bool)
+    return masks
 
 
 class LevelPruner(ElementPruner):

@@ -23,6 +23,7 @@ Linear weight (e.g. one attention head's rows: ``(head_dim, in_features)``).
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -33,7 +34,8 @@ from ..config import ModuleConfig
 from .allocate import lowest, prune_count
 from .base import Pruner, _Mask
 from .evaluator import TorchEvaluator
-from .io import _bias, _weight, weight_attrs
+from .io import _weight, weight_attrs
+from .level import element_masks
 from .task_generator import agp_sparsity
 
 __all__ = ["MovementPruner"]
@@ -240,6 +242,12 @@ class MovementPruner(Pruner):
             for m in self._modules.values():
                 parametrize.remove_parametrizations(m, weight_attrs(m)[0], leave_parametrized=False)
         self.scores = {n: u.detach().clone() for n, u in units.items()}
+        emptied = [n for n, w in wrappers.items() if not bool(w.keep().any())]
+        if emptied:
+            from .channel import PruningWarning
+
+            warnings.warn(f"MovementPruner (soft): every unit of {emptied} fell under sparse_threshold={self.sparse_threshold}; "
+                          f"those layers now output only their bias: lower regular_scale (now {self.regular_scale})", PruningWarning, stacklevel=3)  # fmt: skip
         log.info("MovementPruner (soft): %d steps, sparsity %s", self.steps_run,
                  {n: round(1 - float(w.keep().float().mean()), 4) for n, w in wrappers.items()})  # fmt: skip
 
@@ -262,10 +270,5 @@ class MovementPruner(Pruner):
         keep = ~pruned
         if self.block is not None:
             keep = keep.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
-        w_attr, b_attr = weight_attrs(module)
-        masks = {w_attr: keep}
-        bias = _bias(module)
-        if bias is not None:
-            masks[b_attr] = torch.ones_like(bias, dtype=torch.bool)
-        return masks
+        return element_masks(module, keep)
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .executor import Executor, get_executor
 from .io import Masks
 from .resources import LookupTable, ResourceMeter, build_lookup_table
-from .scheduler import PrunerSpec, _as_evaluate, _as_finetune, plain_copy, wrap_masks
+from .scheduler import CompressResult, PrunerSpec, _as_evaluate, _as_finetune, plain_copy, wrap_masks
 from .search import Trajectory, layer_masks, selected_layers, train_and_score
 
 __all__ = ["NetAdaptPruner", "BudgetNotReached", "make_meter"]
@@ -57,7 +57,7 @@ class _Candidate:
         return trained, score, m
 
 
-class NetAdaptPruner:
+class NetAdaptPruner(CompressResult):
     """``NetAdaptPruner(model, config_list, short_term_fine_tuner, evaluator, optimize_mode='maximize',
     base_algo='l1', sparsity_per_iteration=0.05)`` (NNI 1.x's arguments) with a measured resource.
 
@@ -196,23 +196,3 @@ class NetAdaptPruner:
             self.long_term(final)
         self._result = (final, masks)
         return final, masks
-
-    @property
-    def masks(self) -> Masks:
-        if self._result is None:
-            raise RuntimeError("NetAdaptPruner: call compress() first")
-        return self._result[1]
-
-    def unwrap_model(self) -> nn.Module:
-        if self._result is None:
-            raise RuntimeError("NetAdaptPruner: call compress() first")
-        return plain_copy(self._result[0])
-
-    def export_model(self, model_path: Any, mask_path: Any = None) -> None:
-        """Save the plain state dict (pruned weights zero) and the masks."""
-        from .io import atomic_torch_save, save_masks
-
-        atomic_torch_save(self.unwrap_model().state_dict(), model_path)
-        if mask_path is not None:
-            save_masks(self.masks, mask_path)
-

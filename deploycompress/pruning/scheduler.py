@@ -34,6 +34,7 @@ from .level import ElementPruner
 
 __all__ = [
     "BASIC_PRUNERS",
+    "CompressResult",
     "Task",
     "TaskResult",
     "TaskGenerator",
@@ -170,6 +171,34 @@ def masked_fraction(model: nn.Module, masks: Masks, names: Sequence[str] | None 
         if wm is not None:
             pruned += int((~wm).sum())
     return pruned / total if total else 0.0
+
+
+class CompressResult:
+    """What the scheduled and automatic pruners share after ``compress()``: ``masks``,
+    ``unwrap_model()`` (a plain copy, pruned weights zero) and ``export_model()``."""
+
+    _result: tuple[nn.Module, Masks] | None = None
+
+    def _compressed(self) -> tuple[nn.Module, Masks]:
+        if self._result is None:
+            raise RuntimeError(f"{type(self).__name__}: call compress() first")
+        return self._result
+
+    @property
+    def masks(self) -> Masks:
+        return self._compressed()[1]
+
+    def unwrap_model(self) -> nn.Module:
+        """The result without the mask parametrizations (pruned weights zero), as a new model."""
+        return plain_copy(self._compressed()[0])
+
+    def export_model(self, model_path: Any, mask_path: Any = None) -> None:
+        """Save the plain state dict (pruned weights zero) and, with ``mask_path``, the masks."""
+        from .io import atomic_torch_save, save_masks
+
+        atomic_torch_save(self.unwrap_model().state_dict(), model_path)
+        if mask_path is not None:
+            save_masks(self.masks, mask_path)
 
 
 @dataclass

@@ -206,9 +206,15 @@ def trajectory_plot(trajectory: Trajectory, path: Any = None) -> bytes:
     if trajectory.budget is not None:
         ax.axvline(trajectory.budget, color="#C44E52", ls="--", lw=1, label="budget")
     ax.set_xlabel(f"{trajectory.metric} ({unit})")
+    return figure_png(fig, ax, path, legend_size=8)
+
+
+def figure_png(fig: Any, ax: Any, path: Any = None, *, legend_size: int = 8, legend_columns: int = 1) -> bytes:
+    """The pruning plots' common finish: score axis, grid, legend; PNG bytes, also written
+    (atomically) to ``path`` when given."""
     ax.set_ylabel("score")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size, ncols=legend_columns)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     data = buf.getvalue()

@@ -12,7 +12,7 @@ from torch import nn
 
 from .executor import Executor, get_executor
 from .scheduler import PrunerSpec, _as_evaluate, plain_copy
-from .search import _write_bytes, layer_masks, selected_layers, train_and_score
+from .search import figure_png, layer_masks, selected_layers, train_and_score
 
 __all__ = ["SensitivityAnalysis", "SensitivityResult", "sensitivity_analysis"]
 
@@ -53,8 +53,6 @@ class SensitivityResult:
 
     def plot(self, path: Any = None) -> bytes:
         """Score vs sparsity, one line per layer; PNG bytes, also written to ``path`` when given."""
-        import io
-
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(6.5, 4), dpi=100, layout="constrained")
@@ -64,15 +62,7 @@ class SensitivityResult:
             ax.plot([0.0, *xs], [self.baseline, *(curve[x] for x in xs)], "-o", ms=3, label=layer)
         ax.axhline(self.baseline, color="black", lw=0.8, ls=":")
         ax.set_xlabel("sparsity of the layer (pruned alone)")
-        ax.set_ylabel("score")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncols=2)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        data = buf.getvalue()
-        if path is not None:
-            _write_bytes(data, path)
-        return data
+        return figure_png(fig, ax, path, legend_size=7, legend_columns=2)
 
 
 def sensitivity_analysis(
