@@ -179,8 +179,10 @@ def build_engine(
     logger = _logger()
     builder = trt.Builder(logger)
     flags = 0
+    # TensorRT 10 opts in with STRONGLY_TYPED; 11 types every network strongly and keeps the flag only as a
+    # deprecated no-op (python/src/infer/pyCore.cpp, 11.1: "Deprecated: always enabled"), so 11 passes none
     st_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if strongly and st_flag is not None:
+    if strongly and major < 11 and st_flag is not None:
         flags |= 1 << int(st_flag)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)

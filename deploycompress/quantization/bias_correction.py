@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batches import call_with_batch
+
 if TYPE_CHECKING:
     from .ptq import PTQQuantizer
 
@@ -64,15 +66,6 @@ class BiasCorrection:
     def biases(self, quantizer: "PTQQuantizer") -> dict[str, torch.Tensor]:
         """The corrected bias of every corrected layer (copies)."""
         return {n: quantizer.wrappers[n].module.bias.detach().clone() for n in self.shifts}  # type: ignore[union-attr]
-
-
-def _run(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
 
 
 class _Means:
@@ -109,8 +102,8 @@ class _Means:
 def _pass(model: nn.Module, batches: Iterable[Any], means: _Means) -> None:
     try:
         with torch.no_grad():
-            for batch in batches:
-                _run(model, batch)
+            for i, batch in enumerate(batches):
+                call_with_batch(model, batch, i)
     finally:
         means.close()
 
@@ -163,7 +156,7 @@ def correct_bias(quantizer: "PTQQuantizer", batches: Iterable[Any], *, progress:
                    for n in reference.order if n not in result.skipped]
         try:
             with torch.no_grad():
-                _run(quantizer.model, _concat(batches))
+                call_with_batch(quantizer.model, _concat(batches))
         finally:
             for h in handles:
                 h.remove()
