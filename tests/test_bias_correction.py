@@ -196,3 +196,14 @@ def test_bias_correction_without_calibration_data_is_refused_before_work(tmp_pat
     with pytest.raises(EngineError, match="bias_correction"):
         build_engine(net, example_inputs=torch.randn(1, 3, 8, 8), out_dir=tmp_path / "b", precision="fp32", bias_correction=True, progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_bias_correction_on_the_tensorrt_backend_is_refused_before_work(tmp_path):
+    from deploycompress import build_engine
+    from deploycompress.engine import EngineError
+
+    net, x = _net(), torch.randn(4, 3, 8, 8)
+    with pytest.raises(EngineError, match="onnxruntime target's placement only"):
+        build_engine(net, example_inputs=x[:1], out_dir=tmp_path / "b", backend="tensorrt", calib_data=[x],
+                     bias_correction=True, progress=False)
+    assert not (tmp_path / "b").exists()

@@ -17,7 +17,9 @@ whose BatchNorm statistics are first re-estimated on random crops of scikit-lear
 activations have realistic ranges); with random weights the logits are near-flat, so top-1 agreement is
 noisy and the cosine is the steadier figure. ``vit_small`` is a ViT-S/16 in timm's layout (12 blocks, 6
 heads, width 384, MLP 1536; qkv and proj as ``nn.Linear``, timm's initialization), written here since timm is
-not a dependency.
+not a dependency. ``efficientnet_lite0`` is the ImageNet-pretrained EfficientNet-Lite0
+(:func:`deploycompress.zoo.photos.load_efficientnet_lite0`, its BatchNorm statistics as trained): the one
+model here with real weights, so its top-1 agreement means what it says.
 
     python tools/bench_qdq_vs_modelopt.py --modelopt-python /tmp/movenv/bin/python --models resnet18 mobilenet_v2
 """
@@ -130,6 +132,10 @@ def model_for(name: str, bn_data: np.ndarray) -> torch.nn.Module:
     import torchvision
 
     torch.manual_seed(0)
+    if name == "efficientnet_lite0":  # ImageNet-pretrained weights (the `evidence` extra): real logits
+        from deploycompress.zoo.photos import load_efficientnet_lite0
+
+        return load_efficientnet_lite0().eval()
     if name == "vit_small":
         model = ViTSmall()
     else:
