@@ -373,3 +373,46 @@ def test_constant_pads_run_in_int8_and_residual_add_fuses(stem_relu):
     ref = model(x).detach().numpy()
     err = np.abs(_run(qdq, x.numpy()) - ref).max() / np.abs(ref).max()
     assert 0 < err < 0.05, err
+
+
+class _PaddedViewHead(nn.Module):
+    """EfficientNet-Lite's tail: ``bs = x.size(0)`` read from the input, 'same' zero pads before strided convs
+    (asymmetric, so the exporter computes the Pad's pads), global pool, ``view(bs, -1)``, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad1, self.c1, self.act1 = nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 8, 3, stride=2), nn.ReLU()
+        self.pad2, self.c2, self.act2 = nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        bs = x.size(0)
+        y = self.act2(self.c2(self.pad2(self.act1(self.c1(self.pad1(x))))))
+        return self.fc(self.pool(y).view(bs, -1))
+
+
+def test_view_of_the_input_batch_folds_into_one_constant_reshape():
+    """onnxruntime's optimized graph runs ``x.view(x.size(0), -1)`` as one Reshape: no Shape/Gather/Unsqueeze/
+    Concat left at every inference. ONNX shape inference names the batch dim after a computed Pad ``unk__N``,
+    which keeps onnxruntime from proving it equal to the input's; the graph's symbolic shapes let it fold.
+    Expected counts from the model: 2 convs, 1 Linear, 1 view."""
+    torch.manual_seed(0)
+    model = _PaddedViewHead().eval()
+    batches = [torch.randn(8, 3, 16, 16)]
+    exported = to_onnx(model, batches[0][:2])
+    raw = [n.op_type for n in exported.model.graph.node]
+    assert raw.count("Shape") == 1 and raw.count("Pad") == 2, raw  # the view reads the input's batch at run time
+    calib = calibrate_by_hand(model, batches, {nn.Conv2d: ("input", "weight"), nn.Linear: ("input", "weight"), nn.ReLU: ("output",)})
+    qdq = insert_qdq(exported.model, calib, exported.name_map, target="onnxruntime")
+    ops = _ort_int8_ops(qdq)
+    assert [ops.count(o) for o in ("QLinearConv", "QGemm", "Reshape", "Shape", "Gather", "Unsqueeze", "Concat")] == [2, 1, 1, 0, 0, 0, 0], ops
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(qdq)
+    del stripped.graph.value_info[:]
+    assert "Shape" in _ort_int8_ops(onnx.shape_inference.infer_shapes(stripped))  # what ONNX's own shapes leave
+    x = batches[0][:3]  # a batch size other than the exported one: the folded Reshape copies it
+    ref = model(x).detach().numpy()
+    out = _run(qdq, x.numpy())
+    assert out.shape == (3, 5)
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.05, err

@@ -39,7 +39,7 @@ from .name_map import NameMap, NameMapError
 from .onnx_export import MIN_OPSET, onnx_opset
 from .targets import QDQ_TARGETS, QDQTarget, get_target
 
-__all__ = ["CalibrationSkippedWarning", "QDQError", "TARGETS", "insert_qdq", "needs_reduced_range", "skipped_calibration"]
+__all__ = ["CalibrationSkippedWarning", "QDQError", "TARGETS", "insert_qdq", "needs_reduced_range", "skipped_calibration", "symbolic_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -469,6 +469,24 @@ def _dq_constant(graph: gs.Graph, name: str, values: np.ndarray, scale: np.ndarr
     return out
 
 
+def symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with onnxruntime's symbolic shape inference written into its value_info (the nodes unchanged).
+
+    Dims keep the input's names (``batch``) through computed Pads, where ONNX shape inference makes up
+    ``unk__N``; onnxruntime's graph optimizer needs the names to match to fold a ``Shape`` of the
+    input into a constant ``Reshape`` (ReshapeFusion). A graph the inference cannot read is returned as
+    it was, with a logged warning (it runs the same, only those ops stay).
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as exc:  # noqa: BLE001 - the inference raises many types; the graph stays valid without it
+        log.warning("symbolic shape inference failed (%s: %s): value_info left as ONNX inferred it", type(exc).__name__, exc)
+        return model
+    return inferred if inferred is not None else model
+
+
 def insert_qdq(
     onnx_model: onnx.ModelProto,
     calib_config: CalibConfig,
@@ -569,5 +587,7 @@ def insert_qdq(
     if skipped:  # what the graph does not carry, for the report (read back with skipped_calibration)
         onnx.helper.set_model_props(out, {**{p.key: p.value for p in out.metadata_props}, SKIPPED_KEY: json.dumps(skipped)})
     onnx.checker.check_model(out)
+    if spec.symbolic_shapes:
+        out = symbolic_shapes(out)
     log.info("inserted Q/DQ for %s: %d activation tensors, %d weights", spec.name, len(act_params), len(weights))
     return out

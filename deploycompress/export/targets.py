@@ -88,6 +88,11 @@ class QDQTarget:
     #: the weighted ops whose integer kernel needs a quantized output (onnxruntime: QLinearConv;
     #: Gemm and MatMul have float-output kernels, QGemm and MatMulIntegerToFloat)
     needs_quantized_output: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    #: the graph carries the runtime's symbolic shapes (onnxruntime's ``SymbolicShapeInference``): ONNX shape
+    #: inference names a batch dim read back from a computed Pad ``unk__N``, and onnxruntime's ReshapeFusion
+    #: then cannot prove ``x.view(x.size(0), -1)``'s Shape->Gather->Unsqueeze->Concat equal to the data's own
+    #: dim 0; it stays five ops run at every inference instead of one constant Reshape
+    symbolic_shapes: bool = False
     notes: str = field(default="", compare=False)
 
     @property
@@ -140,6 +145,7 @@ register_target(QDQTarget(
     integer_binary_ops=("Add",),
     float_output_severity="warning",
     needs_quantized_output=("Conv", "ConvTranspose"),
+    symbolic_shapes=True,
     notes="U8S8: uint8 asymmetric activations, int8 per-channel weights, int32 bias; QLinearConv/QGemm/MatMulInteger",
 ))
 
