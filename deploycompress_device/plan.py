@@ -42,6 +42,13 @@ HARDWARE_COMPATIBILITY = {
     "ampere_plus": ("AMPERE_PLUS", "ampere+", "ampere_plus"),
     "same_compute_capability": ("SAME_COMPUTE_CAPABILITY", "sameComputeCapability", "same_compute_capability"),
 }
+#: on/off BuildOptions field -> (trtexec flag, polygraphy convert flag), the same switch for both tools
+SWITCH_FLAGS = {
+    "version_compatible": ("--versionCompatible", "--version-compatible"),
+    "exclude_lean_runtime": ("--excludeLeanRuntime", "--exclude-lean-runtime"),
+    "refit": ("--refit", "--refittable"),
+    "strip_weights": ("--stripWeights", "--strip-plan"),
+}
 
 
 @dataclass(frozen=True)
@@ -163,14 +170,7 @@ def trtexec_command(graph: str, plan: str, precision: str, trt_major: int, profi
             cmd.append("--allowGPUFallback")
     if options.hardware_compatibility != "none":
         cmd.append(f"--hardwareCompatibilityLevel={HARDWARE_COMPATIBILITY[options.hardware_compatibility][1]}")
-    if options.version_compatible:
-        cmd.append("--versionCompatible")
-    if options.exclude_lean_runtime:
-        cmd.append("--excludeLeanRuntime")
-    if options.refit:
-        cmd.append("--refit")
-    if options.strip_weights:
-        cmd.append("--stripWeights")
+    cmd += [flags[0] for option, flags in SWITCH_FLAGS.items() if getattr(options, option)]
     cmd += ["--profilingVerbosity=detailed", "--dumpLayerInfo", "--dumpProfile", "--separateProfileRun"]
     return cmd
 
@@ -201,14 +201,7 @@ def polygraphy_command(graph: str, plan: str, precision: str, trt_major: int, pr
             cmd.append("--allow-gpu-fallback")
     if options.hardware_compatibility != "none":
         cmd += ["--hardware-compatibility-level", HARDWARE_COMPATIBILITY[options.hardware_compatibility][2]]
-    if options.version_compatible:
-        cmd.append("--version-compatible")
-    if options.exclude_lean_runtime:
-        cmd.append("--exclude-lean-runtime")
-    if options.refit:
-        cmd.append("--refittable")
-    if options.strip_weights:
-        cmd.append("--strip-plan")
+    cmd += [flags[1] for option, flags in SWITCH_FLAGS.items() if getattr(options, option)]
     return cmd
 
 

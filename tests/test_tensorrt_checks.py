@@ -171,3 +171,17 @@ def test_build_engine_refuses_unknown_tensorrt_options(tmp_path):
     with pytest.raises(EngineError, match="precision must be one of"):
         dc.build_engine(_Det().eval(), example_inputs=torch.randn(2, 4), backend="onnxruntime", precision="fp16",
                         out_dir=tmp_path / "b", progress=False)
+
+
+def test_switch_options_map_to_each_tools_own_flag_spelling():
+    from deploycompress_device.plan import BuildOptions, Profile, polygraphy_command, trtexec_command
+
+    profiles = {"x": Profile((1, 3, 8, 8), (1, 3, 8, 8), (4, 3, 8, 8))}
+    on = BuildOptions(version_compatible=True, exclude_lean_runtime=True, refit=True, strip_weights=True)
+    trt = trtexec_command("m.onnx", "m.plan", "int8", 11, profiles, on, strongly_typed=True)
+    pg = polygraphy_command("m.onnx", "m.plan", "int8", 11, profiles, on, strongly_typed=True)
+    # spelled as trtexec --help and polygraphy convert --help write them
+    assert {"--versionCompatible", "--excludeLeanRuntime", "--refit", "--stripWeights"} <= set(trt)
+    assert {"--version-compatible", "--exclude-lean-runtime", "--refittable", "--strip-plan"} <= set(pg)
+    off_trt = trtexec_command("m.onnx", "m.plan", "int8", 11, profiles, BuildOptions(), strongly_typed=True)
+    assert not {"--versionCompatible", "--refit", "--stripWeights"} & set(off_trt)
