@@ -347,3 +347,29 @@ def test_cli_validate_holds_value_tolerances_on_every_output(tmp_path, capsys):
     assert code == 1, out
     assert "max |diff| (reg)" in out and "max |diff| (cls)" not in out
     assert "[reg] max |diff|" in out and "[cls] max |diff|" in out
+
+
+# --- second pass (2026-11-30, afternoon): models and inputs of the features that landed since ---------------------
+
+
+def test_int32_bias_of_a_layer_reading_small_unit_inputs_is_not_clipped(tmp_path):
+    """Inputs in small units (x ~ 1e-7) under a Linear with a bias of 0.5: ``x_scale * w_scale`` is ~1e-12,
+    so the int32 bias could hold at most ~0.004 and was clipped (the engine answered ~0.004 where the
+    model answers 0.5). Shufflenet_v2 pruned 50 % met the same through its tiny random-weight activations."""
+    from deploycompress.export.qdq import BiasRangeWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(0.5)
+        model[2].bias.copy_(torch.tensor([0.5, -0.25, 0.125]))
+    batches = [torch.randn(32, 16) * 1e-7 for _ in range(4)]
+    x = torch.randn(64, 16) * 1e-7
+    with pytest.warns(BiasRangeWarning, match=r"0\.weight: 8 of 8 channel\(s\) of Gemm"):
+        dc.build_engine(model, None, None, example_inputs=x[:1], calib_data=batches, precision="int8",
+                        out_dir=tmp_path / "b", **FAST)
+    got = dc.load_bundle(tmp_path / "b").run(x.numpy())["output"]
+    with torch.no_grad():
+        expected = model(x).numpy()  # ~ the biases through the ReLU: 0.5 * sum(W2 row) + b2
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(got, expected, atol=2e-3)
