@@ -317,9 +317,29 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
     for _ in range(16):  # shared scales spread along chains (circular padding: Concat of Concats)
         if not _share_scales(graph, chosen, acts, target, graph_outputs):
             break
+    if target.weighted_outputs_float:
+        _drop_float_concat_inputs(graph, chosen, target)
     if target.float_gemv:
         _drop_float_gemv_inputs(graph, chosen, target)
     return chosen
+
+
+def _drop_float_concat_inputs(graph: gs.Graph, chosen: dict[str, _Act], target: QDQTarget) -> None:
+    """Inputs read only by Concats that stay float lose their Q/DQ (targets whose weighted ops output float).
+
+    A Concat's calibrated inputs take one shared scale, but when its output is not quantized (a ReLU reads it, as
+    in a Fire block ``Conv -> Concat -> ReLU -> Conv``) the Concat runs in float and the Q/DQ pairs would only make
+    the convs before it output int8, which the target's rule (``weighted_outputs_float``) refuses; NVIDIA
+    ModelOpt leaves such a Concat's inputs float as well.
+    """
+    float_concats = {n.name for n in graph.nodes if n.op in target.shared_scale_ops and n.outputs[0].name not in chosen}
+    if not float_concats:
+        return
+    tensors = graph.tensors()
+    for name in list(chosen):
+        t = tensors.get(name)
+        if t is not None and t.outputs and all(r.name in float_concats for r in t.outputs):
+            del chosen[name]
 
 
 def _drop_float_gemv_inputs(graph: gs.Graph, chosen: dict[str, _Act], target: QDQTarget) -> None:
