@@ -421,3 +421,48 @@ def test_portable_tensorrt_bundle_of_a_fire_block_builds_with_measured_tolerance
     agreement = float((got.argmax(1) == expected.argmax(1)).mean())
     # docs/tensorrt.md: top-1 agreement >= onnxruntime's - 0.05 (stated only where onnxruntime measured it)
     assert plan["tolerances"]["int8"]["min_top1_agreement"] == pytest.approx(max(0.0, agreement - 0.05), abs=1e-6)
+
+
+def test_a_second_pruner_on_a_model_still_masked_by_the_first_is_refused():
+    """Trying another sparsity in the same session: the first pruner's masks stayed in force, the second's
+    masks said 2 of 8 filters of conv 0 where the model had 4 zero filters, and speedup of them kept the rest."""
+    from deploycompress.config import ConfigError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    first = dc.L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity": 0.5}], dummy_input=x)
+    first.compress()
+    with pytest.raises(ConfigError, match=r"still holds another pruner's masks .*unwrap_model\(\)"):
+        dc.L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity": 0.25}], dummy_input=x)
+    plain = first.unwrap_model()  # the fix the message names
+    _, masks = dc.L1NormPruner(plain, [{"op_types": ["Conv2d"], "sparsity": 0.75}], dummy_input=x).compress()
+    zero_filters = int((plain[0].weight.detach().flatten(1).abs().sum(1) == 0).sum())
+    assert int((~masks["0"]["weight"]).flatten(1).all(1).sum()) == 6 and zero_filters == 6  # the masks describe the model
+
+
+def test_recipe_report_of_a_one_shot_pruner_is_written_and_carried_in_the_bundle(tmp_path, monkeypatch):
+    """``prune: {pruner: L1NormPruner, report: prunerep/}`` left an empty folder and no ``pruning/`` in the bundle:
+    the report key was ignored for one-shot pruners."""
+    import json
+
+    from deploycompress.cli import main
+
+    (tmp_path / "tinymodel.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 3),\n"
+        "                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 2))\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {factory: 'tinymodel:make'}\ninput_shape: [1, 3, 8, 8]\n"
+                      "prune: {pruner: L1NormPruner, config_list: [{sparsity: 0.5, op_types: [Conv2d]}], report: prunerep/}\n"
+                      "build: {precision: fp32, iterations: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "-q"]) == 0
+    for where in (tmp_path / "prunerep", tmp_path / "o" / "pruning"):
+        rows = json.loads((where / "pruning_history.json").read_text())
+        assert rows[0]["pruner"] == "L1NormPruner"
+        assert rows[0]["layers"] == {"0": 0.5, "2": 0.5}  # 4 of 8 and 3 of 6 filters
+        assert rows[0]["sparsity"] == pytest.approx((4 * 27 + 3 * 72) / (8 * 27 + 6 * 72))
+    dc.load_bundle(tmp_path / "o")  # listed in the manifest with its checksum
