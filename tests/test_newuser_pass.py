@@ -466,3 +466,33 @@ def test_recipe_report_of_a_one_shot_pruner_is_written_and_carried_in_the_bundle
         assert rows[0]["layers"] == {"0": 0.5, "2": 0.5}  # 4 of 8 and 3 of 6 filters
         assert rows[0]["sparsity"] == pytest.approx((4 * 27 + 3 * 72) / (8 * 27 + 6 * 72))
     dc.load_bundle(tmp_path / "o")  # listed in the manifest with its checksum
+
+
+@pytest.mark.parametrize("quantize, build, named", [
+    ("{bias_correction: true, calibration: calib.json}", "{precision: int8}", "--calib-data"),
+    ("{bias_correction: true, data: 'slowmodel:batches'}", "{precision: fp32}", "--precision int8"),
+    ("{bias_correction: true, data: 'slowmodel:batches'}", "{precision: int8, backend: tensorrt}", "--backend tensorrt"),
+], ids=["calibration-json", "fp32", "tensorrt"])
+def test_cli_bias_correction_that_cannot_apply_is_refused_before_pruning(tmp_path, capsys, monkeypatch, quantize, build, named):
+    """Refused by build_engine, i.e. after the recipe's pruning rounds and fine-tuning, naming Python arguments."""
+    from deploycompress.cli import main
+
+    (tmp_path / "slowmodel.py").write_text(
+        "import pathlib, torch\n"
+        "def make():\n"
+        "    pathlib.Path('built').write_text('x')\n"
+        "    return torch.nn.Linear(4, 2)\n"
+        "def batches():\n"
+        "    return torch.randn(8, 4)\n")
+    (tmp_path / "calib.json").write_text("{}")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {factory: 'slowmodel:make'}\ninput_shape: [1, 4]\n"
+                      "prune: {pruner: AGPPruner, config_list: [{sparsity: 0.5, op_types: [Linear]}], "
+                      "options: {pruning_algorithm: l1, total_iteration: 2}}\n"
+                      f"quantize: {quantize}\nbuild: {build}\n")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--bias-correction" in err and named in err
+    assert not (tmp_path / "built").exists() and not (tmp_path / "o").exists()
