@@ -496,3 +496,34 @@ def test_cli_bias_correction_that_cannot_apply_is_refused_before_pruning(tmp_pat
     err = capsys.readouterr().err
     assert "--bias-correction" in err and named in err
     assert not (tmp_path / "built").exists() and not (tmp_path / "o").exists()
+
+
+def test_quantize_transformer_takes_the_path_of_a_distilbert_graph(tmp_path):
+    """docs/transformers.md's ``quantize_transformer(fp32_onnx, ...)`` given a path (as onnxruntime's quantizers
+    take one): ``AttributeError: 'str' object has no attribute 'graph'``."""
+    import onnx
+    import onnxruntime as ort
+    import transformers
+
+    from deploycompress.hf import Encoder
+    from deploycompress.hf.int8 import quantize_transformer
+
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+    encoder = Encoder(transformers.DistilBertModel(config).eval())
+    ids, mask = torch.randint(3, 100, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    exported = dc.to_onnx(encoder, (ids, mask))
+    path = tmp_path / "distilbert.onnx"
+    onnx.save(exported.model, str(path))
+    rng = np.random.RandomState(0)
+    feeds = [{"input_ids": rng.randint(3, 100, (2, 12)).astype(np.int64), "attention_mask": np.ones((2, 12), np.int64)}
+             for _ in range(4)]
+    result = quantize_transformer(str(path), feeds, fuse="plain", flavour="qdq")
+    fp32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a, b = fp32.run(None, feeds[0])[0], int8.run(None, feeds[0])[0]
+    assert any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for n in result.model.graph.node)
+    assert float(((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).min()) > 0.99
+    with pytest.raises(ValueError, match="not a file"):
+        quantize_transformer(str(tmp_path / "missing.onnx"), feeds)
