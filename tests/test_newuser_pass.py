@@ -527,3 +527,26 @@ def test_quantize_transformer_takes_the_path_of_a_distilbert_graph(tmp_path):
     assert float(((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).min()) > 0.99
     with pytest.raises(ValueError, match="not a file"):
         quantize_transformer(str(tmp_path / "missing.onnx"), feeds)
+
+
+def test_speedup_warning_names_each_layers_coupled_partners_once():
+    """shufflenet_v2 pruned dependency-aware: the SpeedupWarning said, for one layer, "coupled with unmasked
+    channels of 'a', 'b', 'c', coupled with unmasked channels of 'a', 'b', coupled with ..." (one reason per
+    distinct partner set)."""
+    import re
+
+    import torchvision
+
+    from deploycompress.speedup.report import SpeedupWarning
+
+    torch.manual_seed(0)
+    model, x = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+    pruner = dc.L1NormPruner(model, [{"sparsity": 0.5, "op_types": ["Conv2d"]}], dependency_aware=True, dummy_input=x)
+    _, masks = pruner.compress()
+    with pytest.warns(SpeedupWarning) as record:
+        dc.speedup(pruner.unwrap_model(), masks, x)
+    text = " ".join(str(w.message) for w in record if "keep" in str(w.message))
+    layers = re.findall(r"(\S+) keeps \d+ \((.*?)\)(?:; |$| and \d+ more layers)", text)
+    assert layers, text
+    for name, why in layers:
+        assert why.count("coupled with unmasked channels of") <= 1, (name, why)
