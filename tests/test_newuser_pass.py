@@ -550,3 +550,28 @@ def test_speedup_warning_names_each_layers_coupled_partners_once():
     assert layers, text
     for name, why in layers:
         assert why.count("coupled with unmasked channels of") <= 1, (name, why)
+
+
+def test_dependency_aware_pruning_and_speedup_take_a_dict_of_inputs_as_build_engine_does():
+    """``build_engine(example_inputs={"image": ..., "table": ...})`` works; the same dict as the pruner's
+    ``dummy_input`` raised ``TypeError: forward() missing 1 required positional argument: 'table'``, and
+    ``speedup`` refused it."""
+    torch.manual_seed(0)
+    model = _TwoInTwoOut().eval()
+    x = {"table": torch.randn(1, 5), "image": torch.randn(1, 3, 8, 8)}  # not in forward's order
+    reference = copy_eval(model)  # the user's model before pruning
+    pruner = dc.L1NormPruner(model, [{"sparsity": 0.5, "op_names": ["img.0", "tab.0"]}], dependency_aware=True, dummy_input=x)
+    _, masks = pruner.compress()
+    plain = pruner.unwrap_model()
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, entry in masks.items():  # the user's masked model: masks multiplied into the named tensors
+            for attr, mask in entry.items():
+                getattr(modules[name], attr).mul_(mask.to(torch.float32))
+    small = dc.speedup(plain, masks, x)
+    assert small.img[0].out_channels == 4 and small.tab[0].out_features == 4
+    ev = {"image": torch.randn(6, 3, 8, 8), "table": torch.randn(6, 5)}
+    with torch.no_grad():
+        got, expected = small(**ev), reference(**ev)
+    for key in ("cls", "reg"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
