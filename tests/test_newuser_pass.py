@@ -575,3 +575,23 @@ def test_dependency_aware_pruning_and_speedup_take_a_dict_of_inputs_as_build_eng
         got, expected = small(**ev), reference(**ev)
     for key in ("cls", "reg"):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+def test_a_copied_portable_tensorrt_bundle_names_its_own_device_build_command(tmp_path):
+    """Loading a portable bundle said ``build it on the device first: python -m deploycompress_device BUNDLE``:
+    neither the folder nor the PYTHONPATH the device package needs (docs/tensorrt.md)."""
+    import re
+    import shutil
+
+    torch.manual_seed(0)
+    model, x = _small_cnn(), torch.randn(4, 3, 8, 8)
+    dc.build_engine(model, None, None, example_inputs=x[:1], calib_data=[x], backend="tensorrt", precision="int8",
+                    out_dir=tmp_path / "b", backend_options={"portable": True}, **FAST)
+    copied = Path(shutil.copytree(tmp_path / "b", tmp_path / "elsewhere" / "b"))
+    with pytest.raises(dc.BackendError, match=re.escape(f"deploycompress device-build {copied} ")) as info:
+        dc.load_bundle(copied)
+    assert f"PYTHONPATH={copied}/device python3 -B -m deploycompress_device {copied}" in str(info.value)
+    runner = dc.load_bundle(copied, member="source/model.fp32.onnx", backend="onnxruntime")  # the alternative named
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(runner.run(x.numpy())["output"], expected, rtol=1e-4, atol=1e-5)
