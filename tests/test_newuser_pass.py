@@ -595,3 +595,28 @@ def test_a_copied_portable_tensorrt_bundle_names_its_own_device_build_command(tm
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(runner.run(x.numpy())["output"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_validate_reads_one_hot_labels_and_refuses_labels_outside_the_classes(tmp_path, capsys):
+    """One-hot ``y`` (N, classes) gave ``operands could not be broadcast together with shapes (16,) (64,)``
+    (exit 1); labels past the model's classes scored 0 % accuracy and PASSED."""
+    import json
+
+    from deploycompress.cli import main
+
+    torch.manual_seed(0)
+    model, x = _small_cnn(), torch.randn(16, 3, 8, 8)
+    dc.build_engine(model, None, None, example_inputs=x[:1], precision="fp32", out_dir=tmp_path / "b", **FAST)
+    with torch.no_grad():
+        predicted = model(x).argmax(1).numpy()
+    y = predicted.copy()
+    y[:5] = (y[:5] + 1) % 4  # 11 of 16 right
+    np.savez(tmp_path / "onehot.npz", x=x.numpy(), y=np.eye(4, dtype=np.float32)[y])
+    np.savez(tmp_path / "outside.npz", x=x.numpy(), y=y + 4)
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path / "b"), "--data", str(tmp_path / "onehot.npz"), "--json", "-q",
+                 "--iterations", "1"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert json.dumps(doc).count(str(11 / 16)) >= 1, doc  # the accuracy, as computed here
+    assert main(["validate", str(tmp_path / "b"), "--data", str(tmp_path / "outside.npz"), "-q"]) == 2
+    assert "4 classes (0 to 3)" in capsys.readouterr().err
