@@ -620,3 +620,29 @@ def test_cli_validate_reads_one_hot_labels_and_refuses_labels_outside_the_classe
     assert json.dumps(doc).count(str(11 / 16)) >= 1, doc  # the accuracy, as computed here
     assert main(["validate", str(tmp_path / "b"), "--data", str(tmp_path / "outside.npz"), "-q"]) == 2
     assert "4 classes (0 to 3)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", [{"quant_bits": 4}, {"quant_bits": {"weight": 8, "input": 6}}, {"quant_dtype": "int4"}],
+                         ids=["bits", "bits-dict", "nni3-dtype"])
+def test_build_engine_refuses_non_8_bit_quant_config_before_calibrating(tmp_path, entry):
+    """``quant_config_list`` with 4-bit weights was refused only at the Q/DQ step, after calibrating on every batch."""
+    seen = []
+
+    class Counting(nn.Module):  # counts the calibration's forward passes
+        def __init__(self):
+            super().__init__()
+            self.net = _small_cnn()
+
+        def forward(self, x):
+            seen.append(len(x))
+            return self.net(x)
+
+    model, x = Counting().eval(), torch.randn(8, 3, 8, 8)
+    config = [{"op_types": ["Conv2d"], "quant_types": ["input", "weight"], **entry}]
+    if "quant_dtype" in entry:
+        config[0]["quant_bits"] = 8
+    with pytest.raises(dc.EngineError, match=r"quant_config_list\[0\] asks for [46]-bit .*give quant_bits 8"):
+        dc.build_engine(model, None, None, example_inputs=x[:1], calib_data=[x[:4], x[4:]], quant_config_list=config,
+                        precision="int8", out_dir=tmp_path / "b", **FAST)
+    assert 4 not in seen  # no calibration batch went through the model
+    assert not (tmp_path / "b").exists()
