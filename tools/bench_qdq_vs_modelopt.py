@@ -120,12 +120,20 @@ class ViTSmall(torch.nn.Module):
         return self.head(self.norm(self.blocks(x))[:, 0])
 
 
-def photo_split() -> tuple[np.ndarray, np.ndarray]:
-    """Calibration and evaluation inputs: crops of two disjoint halves of the shipped photos."""
+def photo_split(extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration and evaluation inputs: crops of two disjoint halves of the shipped photos.
+
+    Evaluation: the 120 grid crops of the evaluation half and, with ``extra``, that many more seeded random crops
+    per evaluation photo and their mirror images (``bench_efficientnet_lite0.extra_crops``, seed 0)."""
+    from bench_efficientnet_lite0 import extra_crops  # tools/ is on sys.path when this runs as a script
+
     from deploycompress.zoo.photos import crops as photo_crops, photos, split_photos
 
     calib, evaluation = split_photos(photos())
-    return photo_crops(calib).numpy(), photo_crops(evaluation).numpy()
+    evalx = photo_crops(evaluation).numpy()
+    if extra:
+        evalx = np.concatenate([evalx, extra_crops(evaluation, extra).numpy()])
+    return photo_crops(calib).numpy(), evalx
 
 
 def model_for(name: str, bn_data: np.ndarray) -> torch.nn.Module:
@@ -163,7 +171,17 @@ def fidelity(y: np.ndarray, ref: np.ndarray) -> dict:
     a, b = y.reshape(len(y), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return {"top1_agreement": float((y.argmax(1) == ref.argmax(1)).mean()), "cosine_mean": float(cos.mean()),
-            "cosine_min": float(cos.min()), "max_abs": float(np.abs(y - ref).max())}
+            "cosine_min": float(cos.min()), "max_abs": float(np.abs(y - ref).max()), "agrees": (y.argmax(1) == ref.argmax(1))}
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Crops where only one graph agrees with fp32 (the discordant pairs), and the two-sided sign-test p-value of
+    that split (McNemar's exact test): a small p says the top-1 difference is more than evaluation noise."""
+    from scipy.stats import binomtest
+
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+    return {"only_ours": only_a, "only_modelopt": only_b, "sign_test_p": round(float(p), 3)}
 
 
 def placement(model: onnx.ModelProto) -> dict:
@@ -252,6 +270,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["max"], choices=["max", "entropy"])
     ap.add_argument("--calib", type=int, default=0, help="first N calibration crops (0: all)")
     ap.add_argument("--eval", type=int, default=0, help="first N evaluation crops (0: all)")
+    ap.add_argument("--extra-crops", type=int, default=60,
+                    help="seeded random crops per evaluation photo (and their mirrors) added to its 120 grid crops: "
+                         "60 gives 600 evaluation inputs (one crop 0.0017 of top-1)")
     ap.add_argument("--modelopt-python", default=os.environ.get("MODELOPT_PYTHON", "python"))
     ap.add_argument("--out", default="runs/bench_qdq_vs_modelopt.json")
     ap.add_argument("--modelopt-cache", default=None,
@@ -260,7 +281,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bn = crops(256, 1)
-    calib, evalx = photo_split()
+    calib, evalx = photo_split(args.extra_crops)
     calib, evalx = calib[:args.calib or None], evalx[:args.eval or None]
     log.info("calibration %s, evaluation %s (disjoint photos)", calib.shape, evalx.shape)
     results = {"machine": cpu_flags(), "args": vars(args), "models": {}}
@@ -275,6 +296,7 @@ def main() -> None:
             ref = run(fp32, evalx)
             key = hashlib.sha256(fp32.read_bytes() + calib.tobytes()).hexdigest()[:16]
             row: dict = {}
+            agrees: dict[str, np.ndarray] = {}
             for method in args.methods:
                 for who in ("ours", "modelopt"):
                     path = d / f"{name}.{who}.{method}.onnx"
@@ -290,16 +312,22 @@ def main() -> None:
                             cached.parent.mkdir(parents=True, exist_ok=True)
                             shutil.copyfile(path, cached)
                     row[f"{who} {method}"] = {**fidelity(run(path, evalx), ref), **describe(path), "quantize_s": round(secs, 1)}
+                    agrees[who] = row[f"{who} {method}"].pop("agrees")
                     log.info("%s %s %s: %s", name, who, method, json.dumps(row[f"{who} {method}"]))
+                row[f"ours {method}"]["top1_discordant"] = paired(agrees["ours"], agrees["modelopt"])
             results["models"][name] = row
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\nmachine: {results['machine']}")
-    print("| model | graph | top-1 agr. | cosine mean (min) | Q/DQ | lint errors | TRT check errors | Add with DQ (shortcut) / Adds | Concat shared / Concats |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | graph | top-1 agr. | only this graph agrees (sign-test p) | cosine mean (min) | Q/DQ | lint errors | TRT check errors | "
+          "Add with DQ (shortcut) / Adds | Concat shared / Concats |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, row in results["models"].items():
         for k, r in row.items():
-            print(f"| {name} | {k} | {r['top1_agreement']:.3f} | {r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) | {r['q']}/{r['dq']} | "
+            who, method = k.split()
+            d = row[f"ours {method}"]["top1_discordant"]
+            only = f"{d['only_ours']} ({d['sign_test_p']})" if who == "ours" else f"{d['only_modelopt']}"
+            print(f"| {name} | {k} | {r['top1_agreement']:.3f} | {only} | {r['cosine_mean']:.5f} ({r['cosine_min']:.4f}) | {r['q']}/{r['dq']} | "
                   f"{r['lint_error_count']} {r['lint_errors'] or ''} | {len(r['trt_check_errors'])} | "
                   f"{r['adds_with_dq_input']} ({r['adds_dq_on_shortcut']}) / {r['adds']} | {r['concats_shared_scale']} / {r['concats']} |")
 
