@@ -321,7 +321,43 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
         _drop_float_concat_inputs(graph, chosen, target)
     if target.float_gemv:
         _drop_float_gemv_inputs(graph, chosen, target)
+    if target.weighted_outputs_float:
+        _drop_copied_sources(graph, chosen, target)
     return chosen
+
+
+#: ops that read a tensor's shape, not its values
+_SHAPE_READERS = ("Shape", "Size")
+
+
+def _drop_copied_sources(graph: gs.Graph, chosen: dict[str, _Act], target: QDQTarget) -> None:
+    """A tensor whose every reader is a chain of value-copying ops ending at a quantized weighted-op input loses
+    its own Q/DQ pair.
+
+    The pair where the weighted op reads (moved past the copies, or that op's own input calibration) already
+    quantizes those values; a second pair before the Pad/Reshape only makes the copy run in int8 between two
+    conversions. On a target whose weighted ops need no quantized output that is all it does (TensorRT:
+    ``Clip -> Q/DQ -> Pad -> Q/DQ -> Conv`` becomes ``Clip -> Pad -> Q/DQ -> Conv``, ModelOpt's placement); a
+    target that fuses the producer into a quantized output (onnxruntime: Conv+Clip+Q) keeps it. A Concat is
+    followed only when all its inputs copy the one tensor (circular padding): branches joined by a Concat keep
+    their pairs (one shared scale, the Concat in int8).
+    """
+    tensors = graph.tensors()
+    outputs = {t.name for t in graph.outputs}
+    stops = {n.inputs[0].name for n in graph.nodes if n.op in WEIGHTED_OPS and n.inputs and n.inputs[0].name in chosen}
+
+    def copies_into_stops(t: gs.Tensor, src: str, depth: int = 0) -> bool:
+        if depth and t.name in stops:
+            return True
+        if t.name in outputs or not t.outputs or depth > 32:
+            return False
+        return all(n.op in _SHAPE_READERS or (
+            n.op in target.moves_past and (n.op != "Concat" or _copy_source(n.outputs[0], target.moves_past).name == src)
+            and all(copies_into_stops(o, src, depth + 1) for o in n.outputs)) for n in t.outputs)
+
+    for name in [t for t in chosen if t not in stops]:
+        if name in tensors and copies_into_stops(tensors[name], name):
+            del chosen[name]
 
 
 def _drop_float_concat_inputs(graph: gs.Graph, chosen: dict[str, _Act], target: QDQTarget) -> None:
