@@ -41,10 +41,10 @@ import torch
 
 import deploycompress as dc
 from deploycompress.hf import Encoder
-from deploycompress.hf.importance import encoder_importance, importance_masks
+from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import linear_matmuls, mean_cosine, quantize_transformer
 from deploycompress.hf.linear_int8 import collect_stats, linear_inputs, quantize_linears, smooth
-from deploycompress.hf.text import stdlib_sentences
+from deploycompress.hf.text import source_sentences, stdlib_sentences
 from deploycompress.pruning.distill import distill
 
 AXES = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}
@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--save-student", type=Path, help="save the distilled student's masks and weights here")
     p.add_argument("--student", type=Path, help="load masks and weights saved by --save-student instead of distilling")
     p.add_argument("--distill-only", action="store_true", help="stop after distillation (with --save-student)")
+    p.add_argument("--extra-text", type=int, default=0,
+                   help="also distil on this many docstring sentences of the stdlib's and the installed packages' sources (hf.text.source_sentences; the held-out sentences excluded)")
+    p.add_argument("--bias-compensation", action="store_true", help="add the removed heads'/FFN channels' mean output to the output projections' biases before distilling (FLAP)")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads for the distillation")
     p.add_argument("--rounds", type=int, default=5, help="latency rounds (round-robin over variants)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     longest = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, train, 16, None)]
     c_masks = importance_masks(teacher, encoder_importance(teacher, longest[:20]), 0.5, 0.5)
     pruned_student = dc.speedup(copy.deepcopy(teacher), c_masks, example)
+    if args.bias_compensation and not args.student:
+        apply_bias_compensation(pruned_student, bias_compensation(teacher, c_masks, longest[:20]))
     kept = {k: v["bias"].nonzero().flatten().tolist() for k, v in c_masks.items() if k.endswith("query")}
     t = time.perf_counter()
     if args.student:
@@ -177,9 +183,18 @@ def main(argv: list[str] | None = None) -> dict:
         results["c_distill"] = {**saved["distill"], "loaded_from": str(args.student)}
     else:
         layers = [f"model.encoder.layer.{i}" for i in range(n)] if args.hidden_weight else None
-        d = distill(pruned_student, teacher, longest, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers,
-                    hidden_weight=args.hidden_weight, progress=False)  # fmt: skip
-        results["c_distill"] = {"steps": args.steps, "lr": args.lr, "hidden_weight": args.hidden_weight, "loss_first": d.first_loss,
+        text = list(train)
+        if args.extra_text:
+            extra = source_sentences(args.extra_text, exclude=held)
+            text += [s for s in np.random.default_rng(0).permutation(np.array(extra, dtype=object)).tolist()]
+        torch.set_num_threads(args.torch_threads)
+        text = sorted(text, key=lambda s: len(tok.tokenize(s)))  # batches of similar length: little padding
+        d_batches = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, text, 16, None)]
+        d_batches = [d_batches[i] for i in np.random.default_rng(1).permutation(len(d_batches))]
+        d = distill(pruned_student, teacher, d_batches, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers,
+                    hidden_weight=args.hidden_weight, progress=True)  # fmt: skip
+        results["c_distill"] = {"steps": args.steps, "lr": args.lr, "hidden_weight": args.hidden_weight, "sentences": len(text),
+                                "bias_compensation": args.bias_compensation, "loss_first": d.first_loss,
                                 "loss_last": d.last_loss, "seconds": time.perf_counter() - t}  # fmt: skip
         if args.save_student:
             args.save_student.parent.mkdir(parents=True, exist_ok=True)
