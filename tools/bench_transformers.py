@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--distill-only", action="store_true", help="stop after distillation (with --save-student)")
     p.add_argument("--extra-text", type=int, default=0,
                    help="also distil on this many docstring sentences of the stdlib's and the installed packages' sources (hf.text.source_sentences; the held-out sentences excluded)")
+    p.add_argument("--extra-offset", type=int, default=0, help="skip this many of those sentences (the text an earlier run used)")
+    p.add_argument("--resume", type=Path, help="distil further a student saved by --save-student")
     p.add_argument("--bias-compensation", action="store_true", help="add the removed heads'/FFN channels' mean output to the output projections' biases before distilling (FLAP)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads for the distillation")
     p.add_argument("--budget", type=float, default=120, help="seconds of timing per shape (rounds over all variants, cycling orders)")
@@ -202,8 +204,14 @@ def main(argv: list[str] | None = None) -> dict:
         layers = [f"model.encoder.layer.{i}" for i in range(n)] if args.hidden_weight else None
         text = list(train)
         if args.extra_text:
-            extra = source_sentences(args.extra_text, exclude=held)
-            text += [s for s in np.random.default_rng(0).permutation(np.array(extra, dtype=object)).tolist()]
+            text += source_sentences(args.extra_offset + args.extra_text, exclude=held)[args.extra_offset :]
+        previous = None
+        if args.resume:  # go on distilling a saved student (on other text: --extra-offset)
+            saved = torch.load(args.resume, weights_only=True)
+            if saved["kept_heads"] != kept:
+                raise SystemExit(f"{args.resume} was distilled from other masks (heads {saved['kept_heads']} vs {kept})")
+            pruned_student.load_state_dict(saved["state"])
+            previous = saved["distill"]
         torch.set_num_threads(args.torch_threads)
         text = sorted(text, key=lambda s: len(tok.tokenize(s)))  # batches of similar length: little padding
         d_batches = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, text, 16, None)]
@@ -212,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
                     hidden_weight=args.hidden_weight, progress=True)  # fmt: skip
         results["c_distill"] = {"steps": args.steps, "lr": args.lr, "hidden_weight": args.hidden_weight, "sentences": len(text),
                                 "bias_compensation": args.bias_compensation, "loss_first": d.first_loss,
-                                "loss_last": d.last_loss, "seconds": time.perf_counter() - t}  # fmt: skip
+                                "loss_last": d.last_loss, "seconds": time.perf_counter() - t, "extra_offset": args.extra_offset,
+                                "resumed_from": previous}  # fmt: skip
         if args.save_student:
             args.save_student.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"kept_heads": kept, "state": pruned_student.state_dict(), "distill": results["c_distill"]}, args.save_student)
