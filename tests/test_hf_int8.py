@@ -231,3 +231,16 @@ def test_attention_context_with_another_reader_is_not_folded(exported) -> None:
     m.graph.node.append(onnx.helper.make_node("Identity", [value.output[0]], ["v_again"]))
     m.graph.output.append(onnx.helper.make_tensor_value_info("v_again", onnx.TensorProto.FLOAT, None))
     assert attention_context_source(m, ctx) is None
+
+
+def test_the_callers_graph_is_left_as_it_was(exported) -> None:
+    """onnxruntime's transformer optimizer rewrites the ModelProto it is given; the fused candidate must
+    come from a copy, or the caller's graph (and the "plain" candidates) would be the fused one."""
+    _, fp32 = exported
+    before = fp32.SerializeToString()
+    result = quantize_transformer(fp32, feeds(2, 2, 8, 0), feeds(1, 2, 8, 1), flavour="integer", min_cosine=0.5, repeats=1)
+    assert fp32.SerializeToString() == before
+    plain = next(c for c in result.candidates if c.name == "plain/integer")
+    fused = next(c for c in result.candidates if c.name == "fused/integer")
+    assert not any(n.op_type == "SkipLayerNormalization" for n in plain.model.graph.node)
+    assert any(n.op_type == "SkipLayerNormalization" for n in fused.model.graph.node)

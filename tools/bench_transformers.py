@@ -117,7 +117,7 @@ def ort_quantizers(fp32: onnx.ModelProto, calib, tmp: Path, heads: int, hidden: 
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    fused = optimize_model(fp32, "bert", heads, hidden, optimization_options=FusionOptions("bert"), opt_level=0).model  # Attention fused
+    fused = optimize_model(str(src), "bert", heads, hidden, optimization_options=FusionOptions("bert"), opt_level=0).model  # Attention fused
     if "com.microsoft" not in {o.domain for o in fused.opset_import}:
         fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save(fused, str(tmp / "fused.onnx"))
