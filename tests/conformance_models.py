@@ -202,3 +202,19 @@ FAMILIES = {
     "unet": (TinyUNet, _images, ["Conv2d"]),
     "encoder": (TinyEncoder, _tokens, ["Linear"]),
 }
+
+
+class MHANet(nn.Module):
+    """Linear embedding, torchvision-style ``nn.MultiheadAttention`` (which reads ``out_proj.weight`` itself and
+    never calls ``out_proj``) with a residual, mean pool, classifier. Input (N, 5, 8) -> (N, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(h.mean(1))

@@ -107,21 +107,10 @@ def test_int8_build_of_a_model_with_multihead_attention(tmp_path):
     import pytest
 
     from deploycompress.quantization.quantizer import UncalledModuleWarning
-
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Linear(8, 16)
-            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-            self.head = nn.Linear(16, 3)
-
-        def forward(self, x):
-            h = self.embed(x)
-            h = h + self.attn(h, h, h, need_weights=False)[0]
-            return self.head(h.mean(1))
+    from conformance_models import MHANet
 
     torch.manual_seed(0)
-    model = Tiny().eval()
+    model = MHANet().eval()
     x = torch.randn(1, 5, 8)
     with pytest.warns(UncalledModuleWarning, match="attn.out_proj"):
         art = dc.build_engine(model, None, None, example_inputs=x, precision="int8", out_dir=tmp_path / "b",

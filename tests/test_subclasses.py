@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deploycompress.config import ConfigError, register_op_type, select_modules
+from conformance_models import MHANet
 
 
 # ---------------------------------------------------------------------------------------------- subclasses
@@ -322,19 +323,6 @@ def test_fewer_int8_layers_than_asked_warns_and_strict_fails(tmp_path):
     assert not (tmp_path / "strict").exists()
 
 
-class _AttentionNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(8, 16)
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = self.embed(x)
-        h = h + self.attn(h, h, h, need_weights=False)[0]
-        return self.head(h.mean(1))
-
-
 def test_multihead_attention_out_proj_is_a_named_exception_of_the_precision_audit(tmp_path):
     """``nn.MultiheadAttention`` reads ``out_proj.weight`` itself (never calls out_proj), so the quantizer cannot
     wrap it: the audit names it with the reason, and ``strict`` still builds the layers that can run in int8."""
@@ -346,7 +334,7 @@ def test_multihead_attention_out_proj_is_a_named_exception_of_the_precision_audi
     from deploycompress.quantization.quantizer import UncalledModuleWarning
 
     torch.manual_seed(0)
-    net = _AttentionNet().eval()
+    net = MHANet().eval()
     x = torch.randn(2, 5, 8)
     calib = [torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     kw = dict(example_inputs=x[:1], iterations=1, warmup=0, compare_fp32=False, progress=False, strict=True)
