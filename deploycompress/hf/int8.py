@@ -25,6 +25,7 @@ Dynamic axes of the fp32 graph (batch, sequence) are kept.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -128,8 +129,9 @@ def after_gelu(model: onnx.ModelProto) -> list[str]:
 
 
 def fused_graph(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0) -> onnx.ModelProto:
-    """``model`` through onnxruntime's BERT optimizer: LayerNorm/SkipLayerNorm, bias+GELU and embedding
-    fusions on, attention fusion off (it would hide Q/K/V weights from the quantizer)."""
+    """A new graph: ``model`` through onnxruntime's BERT optimizer: LayerNorm/SkipLayerNorm, bias+GELU
+    and embedding fusions on, attention fusion off (it would hide Q/K/V weights from the quantizer).
+    ``model`` itself is left as it was."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -137,7 +139,8 @@ def fused_graph(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0
     options.enable_attention = False
     options.enable_skip_layer_norm = True
     options.enable_bias_skip_layer_norm = True
-    optimized = optimize_model(model, "bert", num_heads, hidden_size, optimization_options=options, opt_level=0)
+    # a copy: the optimizer rewrites the ModelProto it is given in place (the caller's graph would change)
+    optimized = optimize_model(copy.deepcopy(model), "bert", num_heads, hidden_size, optimization_options=options, opt_level=0)
     out = optimized.model
     domains = {n.domain for n in out.graph.node if n.domain} - {o.domain for o in out.opset_import}
     for d in sorted(domains):  # the contrib ops' domain, which the optimizer does not always declare
