@@ -1,0 +1,199 @@
+"""Least-squares reconstruction: refit the consumers of pruned channels so the pruned model's layer outputs match the dense model's.
+
+After ``speedup`` removed input channels of a consumer (a 1x1 ``nn.Conv2d`` or an ``nn.Linear``), its remaining
+weights are refitted in closed form so that, on calibration inputs, its output in the PRUNED model matches the
+same consumer's output in the DENSE model (He et al., 2017, "Channel Pruning for Accelerating Very Deep Neural
+Networks", the least-squares step; Luo et al., 2017, "ThiNet"):
+
+    W', b' = argmin_{W, b} || X_kept W^T + b - Y_dense ||^2 + ridge * (tr(X^T X) / C') * || W - W_0 ||^2
+
+with ``X_kept`` (M, C') the consumer's inputs in the pruned model (every spatial position of every image is one
+of the M rows, so a few images give many samples), ``Y_dense`` (M, C_out) the dense consumer's outputs, ``W_0``
+(C_out, C') the consumer's current weights (the kept columns of the dense weights), solved in float64 through the
+normal equations. Consumers are refitted one by one in network order; ``X`` comes from the pruned model with the
+earlier consumers already refitted and ``Y`` from the dense model, so errors do not accumulate (He et al.).
+
+The target is the consumer's own output (for a projection conv: before its BatchNorm), and the BatchNorm is left
+unchanged: least squares is separable over output channels and BatchNorm in eval mode is a per-channel affine map
+``a_c y + b_c``, so matching the post-BN output gives the same minimiser (every channel's error scaled by ``a_c``);
+fitting before the BN needs no folding and leaves the running statistics the user calibrated. The fitted intercept
+``b'`` goes into the consumer's bias (a bias is added when it had none: the mean contribution of the removed
+channels).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .evaluator import _call  # one way to call a model with a batch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LayerFit", "ReconstructionResult", "kept_inputs", "reconstruct"]
+
+
+@dataclass
+class LayerFit:
+    """One refitted consumer: relative reconstruction error ``||Y_pruned - Y_dense|| / ||Y_dense||`` over the
+    calibration inputs before and after the refit, the kept input channels (indices into the dense consumer's
+    inputs) and the number of rows (positions) fitted."""
+
+    dense: str
+    pruned: str
+    error_before: float
+    error_after: float
+    kept: list[int]
+    rows: int
+
+
+@dataclass
+class ReconstructionResult:
+    """The refitted copy of the pruned model and one :class:`LayerFit` per consumer, in network order."""
+
+    model: nn.Module
+    layers: list[LayerFit] = field(default_factory=list)
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: nothing after the captured layer needs to run."""
+
+
+def _check_consumer(m: nn.Module, name: str) -> None:
+    if isinstance(m, nn.Linear):
+        return
+    if isinstance(m, nn.Conv2d):
+        if m.kernel_size == (1, 1) and m.groups == 1 and m.dilation == (1, 1) and tuple(m.padding) in ((0, 0),) and m.padding_mode == "zeros":
+            return
+        raise ValueError(f"reconstruct: {name!r} is a Conv2d with kernel {m.kernel_size}, groups {m.groups}, padding {m.padding}; "
+                         "only 1x1 convolutions without groups or padding (pointwise) and Linear layers can be refitted: pass their names")
+    raise ValueError(f"reconstruct: {name!r} is a {type(m).__name__}; only 1x1 Conv2d and Linear consumers can be refitted")
+
+
+def _rows(m: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The consumer's input ``x`` and output ``y`` as (M, C_in) and (M, C_out) rows, one per position."""
+    if isinstance(m, nn.Linear):
+        return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    x = x[:, :, :: m.stride[0], :: m.stride[1]]
+    if x.shape[2:] != y.shape[2:]:
+        raise ValueError(f"reconstruct: {name!r} maps inputs of {tuple(x.shape[2:])} positions (after stride) to {tuple(y.shape[2:])}: "
+                         "it pads its input; only unpadded 1x1 convolutions can be refitted")
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+def kept_inputs(dense_w: torch.Tensor, pruned_w: torch.Tensor, name: str) -> list[int]:
+    """Which input channels of the dense consumer (weights (C_out, C)) the pruned one (C_out, C') still reads: each
+    pruned column is matched to the dense column it was sliced from (speedup keeps the order)."""
+    d, p = dense_w.reshape(dense_w.shape[0], dense_w.shape[1], -1), pruned_w.reshape(pruned_w.shape[0], pruned_w.shape[1], -1)
+    if d.shape[0] != p.shape[0] or p.shape[1] > d.shape[1]:
+        raise ValueError(f"reconstruct: {name!r} has weights {tuple(pruned_w.shape)} in the pruned model and {tuple(dense_w.shape)} in the "
+                         "dense one; the pruned consumer must keep every output and a subset of the inputs (is the pair right?)")
+    kept, i = [], 0
+    for j in range(p.shape[1]):
+        while i < d.shape[1] and not torch.equal(d[:, i], p[:, j]):
+            i += 1
+        if i == d.shape[1]:
+            raise ValueError(f"reconstruct: input channel {j} of the pruned {name!r} matches no remaining input channel of the dense one; "
+                             "pass the models as speedup left them (before any fine-tuning) or refit before training")
+        kept.append(i)
+        i += 1
+    return kept
+
+
+def _capture(model: nn.Module, name: str, batch, want: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` on ``batch`` up to module ``name``; its (input, output)."""
+    got = {}
+
+    def hook(_m, inp, out):  # noqa: ANN001, ANN202
+        got["x"], got["y"] = inp[0].detach(), out.detach()
+        raise _Stop
+
+    h = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        _call(model, batch)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if not got:
+        raise RuntimeError(f"reconstruct: the {want} model's forward never called {name!r}")
+    return got["x"], got["y"]
+
+
+def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tuple[str, str]], batches: Sequence,
+                ridge: float = 1e-4, progress: bool | None = None) -> ReconstructionResult:
+    """Refit ``layers`` of a copy of ``pruned`` so their outputs match ``dense``'s on ``batches``; see the module docstring.
+
+    ``layers``: consumer names, each a name present in both models or a pair ``(name in dense, name in pruned)``;
+    refitted in the pruned model's module order. ``batches``: model inputs (tensors, tuples or dicts, as a
+    ``TorchEvaluator`` passes them), e.g. calibration views; both models are run in eval mode without gradients.
+    ``ridge``: relative Tikhonov weight pulling ``W`` towards the current weights (0: plain least squares).
+    Returns a :class:`ReconstructionResult` with a new model; ``dense`` and ``pruned`` are not modified.
+
+    Raises ``ValueError`` for a consumer that is not a pointwise ``Conv2d``/``Linear``, a name missing from a model,
+    a pair whose pruned weights are not columns of the dense weights, or no batches — all before any fitting.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("reconstruct: no batches given; pass a few calibration inputs")
+    if ridge < 0:
+        raise ValueError(f"reconstruct: ridge must be >= 0, got {ridge}")
+    dense = copy.deepcopy(dense).eval()
+    model = copy.deepcopy(pruned).eval()
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    pairs = []
+    for item in layers:
+        d_name, p_name = (item, item) if isinstance(item, str) else item
+        for net, n, which in ((dense, d_name, "dense"), (model, p_name, "pruned")):
+            if n not in dict(net.named_modules()):
+                raise ValueError(f"reconstruct: no module {n!r} in the {which} model")
+            _check_consumer(net.get_submodule(n), f"{n} ({which})")
+        pairs.append((d_name, p_name, kept_inputs(dense.get_submodule(d_name).weight, model.get_submodule(p_name).weight, p_name)))
+    pairs.sort(key=lambda t: order[t[1]])
+    result = ReconstructionResult(model)
+    for d_name, p_name, kept in tqdm(pairs, desc="least-squares refit", unit="layer", leave=False, disable=None if progress is None else not progress):
+        m = model.get_submodule(p_name)
+        cin = m.weight.shape[1]
+        xtx = torch.zeros(cin + 1, cin + 1, dtype=torch.float64)
+        xty = torch.zeros(cin + 1, m.weight.shape[0], dtype=torch.float64)
+        yty = torch.zeros((), dtype=torch.float64)
+        ypp = torch.zeros((), dtype=torch.float64)  # ||Y_pruned - Y_dense||^2 before the refit
+        rows = 0
+        with torch.no_grad():
+            for b in batches:
+                x, yp = _capture(model, p_name, b, "pruned")
+                _, yd = _capture(dense, d_name, b, "dense")
+                x, yp = _rows(m, x, yp, p_name)
+                yd = yd.movedim(1, -1).reshape(-1, yd.shape[1]) if isinstance(m, nn.Conv2d) else yd.reshape(-1, yd.shape[-1])
+                x1 = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+                xtx += x1.T @ x1
+                xty += x1.T @ yd.double()
+                yty += yd.double().pow(2).sum()
+                ypp += (yp.double() - yd.double()).pow(2).sum()
+                rows += len(x)
+            w0 = m.weight.detach().reshape(m.weight.shape[0], cin).double()
+            b0 = m.bias.detach().double() if m.bias is not None else torch.zeros(m.weight.shape[0], dtype=torch.float64)
+            theta0 = torch.cat([w0.T, b0[None]], 0)  # (C'+1, C_out)
+            lam = ridge * torch.diagonal(xtx)[:cin].mean()
+            reg = torch.zeros_like(xtx)
+            reg.diagonal()[:cin] = lam  # the intercept is not pulled
+            theta = torch.linalg.solve(xtx + reg, xty + reg @ theta0)
+            # residual of the fit from the accumulated moments: ||X t - Y||^2 = t'X'Xt - 2 t'X'Y + Y'Y
+            res = lambda t: float(((t * (xtx @ t)).sum() - 2 * (t * xty).sum() + yty).clamp_min(0))  # noqa: E731
+            before = (float(ypp) / float(yty)) ** 0.5 if yty > 0 else 0.0
+            after = (res(theta) / float(yty)) ** 0.5 if yty > 0 else 0.0
+            m.weight.copy_(theta[:cin].T.reshape(m.weight.shape).to(m.weight.dtype))
+            if m.bias is None:
+                m.bias = nn.Parameter(theta[cin].to(m.weight.dtype))
+            else:
+                m.bias.copy_(theta[cin].to(m.bias.dtype))
+        log.info("reconstruct %s: relative error %.4f -> %.4f (%d of %d inputs kept, %d rows)", p_name, before, after, cin,
+                 dense.get_submodule(d_name).weight.shape[1], rows)
+        result.layers.append(LayerFit(d_name, p_name, before, after, kept, rows))
+    return result
