@@ -17,7 +17,11 @@ the other half, never seen before.
    ``total_sparsity`` budget over all blocks so the data choose each block's ratio (at most ``--max-per-layer``);
    ``--criterion l1`` instead takes ``--sparsity`` of every block by L1 norm. Dependency-aware (each depthwise
    conv loses its expansion's channels); ``speedup(round_to=16)`` keeps widths onnxruntime's NCHWc kernels
-   block. Recovery: :func:`deploycompress.pruning.distill.distill` from the dense model, logit KL plus the MSE
+   block. Recovery, first (``--refit``, default on): :func:`deploycompress.pruning.reconstruct.reconstruct`
+   refits every block's 1x1 projection conv by least squares (He et al., 2017; ThiNet) so its output on the
+   calibration crops and ``--refit-views`` random views of the training photos matches the dense model's, block
+   by block in network order (inputs from the refitted pruned model, targets from the dense one); then
+   :func:`deploycompress.pruning.distill.distill` from the dense model, logit KL plus the MSE
    of every block's output (``--feature-weight``), AdamW with linear warm-up/decay, ``--distill-steps`` batches
    of ``--batch`` fresh random views (random resized crop, flip, colour jitter:
    :func:`deploycompress.zoo.random_crops`) of the calibration photos and the other photos bundled in
@@ -48,6 +52,7 @@ import torch
 
 import deploycompress as dc
 from deploycompress.pruning.distill import distill
+from deploycompress.pruning.reconstruct import reconstruct
 from deploycompress.pruning import TaylorGatePruner, TorchEvaluator
 from deploycompress.zoo import crops, extra_photos, load_efficientnet_lite0, photos, random_crops, split_photos
 
@@ -124,7 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="taylor: TaylorGatePruner, global budget; l1: L1NormPruner, --sparsity in every block")
     parser.add_argument("--round-to", type=int, default=16, help="speedup keeps multiples of this many channels (fast kernels)")
     parser.add_argument("--score-batches", type=int, default=8, help="batches of 16 random views scored (taylor)")
-    parser.add_argument("--distill-steps", type=int, default=600)
+    parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
+                        help="least-squares refit of the projection convs against the dense model before distillation")
+    parser.add_argument("--refit-views", type=int, default=128, help="random views of the training photos added to the calibration crops (refit)")
+    parser.add_argument("--refit-ridge", type=float, default=1e-3, help="relative ridge of the refit")
+    parser.add_argument("--distill-steps", type=int, default=600, help="0: no distillation")
     parser.add_argument("--batch", type=int, default=16, help="random views per distillation step")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--temperature", type=float, default=1.0, help="of the logit KL")
@@ -160,15 +169,25 @@ def main(argv: list[str] | None = None) -> dict:
     small, config_list = prune(dense, pool, example, args)
     with torch.no_grad():
         before = agreement(small(evaluation).numpy(), reference)
+    refitted = None
+    if args.refit:
+        views = torch.cat([calib, random_crops(pool, args.refit_views, seed=2)]) if args.refit_views else calib
+        consumers = [n.replace("_expand_conv", "_project_conv") for c in config_list for n in c["op_names"]]
+        small = reconstruct(dense, small, consumers, list(views.split(16)), ridge=args.refit_ridge, progress=args.verbose).model
+        with torch.no_grad():
+            refitted = agreement(small(evaluation).numpy(), reference)
     blocks = [f"_blocks.{i}" for i in range(len(dense._blocks))]  # block outputs keep their widths: matched by MSE
     if args.student is not None:  # the same prune (seeded), then the distilled weights of an earlier run
         small.load_state_dict(torch.load(args.student, weights_only=True))
         losses = "loaded from " + str(args.student)
+    elif args.distill_steps == 0:
+        losses = "skipped (0 steps)"
     else:
         log = distill(small, dense, RandomViews(pool, args.distill_steps, args.batch), steps=args.distill_steps, lr=args.lr, loss="kl",
                       temperature=args.temperature, hidden=blocks, hidden_weight=args.feature_weight, schedule="linear",
                       progress=args.verbose, train_mode=False)
         losses = f"loss {log.first_loss:.4f} -> {log.last_loss:.4f} over {args.distill_steps} steps of {args.batch} random views"
+    if args.student is None:
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save(small.state_dict(), args.out / "student.pt")
     pruned_art = dc.build_engine(small, out_dir=args.out / "pruned", name="efficientnet_lite0_pruned", **build)
@@ -190,18 +209,19 @@ def main(argv: list[str] | None = None) -> dict:
         rows[k]["x_fp32"] = rows[k]["ms"] / base
         rows[k]["mb"] = paths[k].stat().st_size / 2**20
 
+    fmt = lambda r: f"{r['top1']:.3f}/{r['top5']:.3f}/{r['cosine']:.4f}"  # noqa: E731
     widths = {n: (dense.get_submodule(n).out_channels, small.get_submodule(n).out_channels) for c in config_list for n in c["op_names"]}
     print(f"distillation {losses} of {len(pool)} photos")
     print(f"EfficientNet-Lite0, {len(calib)} calibration crops ({', '.join(calib_photos)}), {len(evaluation)} evaluation crops "
           f"({', '.join(eval_photos)}); parameters {params[0]} -> {params[1]} ({params[1] / params[0]:.2f}x) at sparsity "
-          f"{args.sparsity} of {sum(d for d, _ in widths.values())} expansion channels ({args.criterion}); before distillation top-1 agreement {before['top1']:.3f}; wall s: dense int8 {t_dense:.0f}, "
-          f"prune+speedup+distill+int8 {t_pruned:.0f}")
+          f"{args.sparsity} of {sum(d for d, _ in widths.values())} expansion channels ({args.criterion}); top-1/top-5/cosine after speedup {fmt(before)}, after refit {fmt(refitted) if refitted else 'no refit'}; wall s: dense int8 {t_dense:.0f}, "
+          f"prune+speedup+refit+distill+int8 {t_pruned:.0f}")
     print("expansion channels kept per block:", ", ".join(f"{s}/{d}" for d, s in widths.values()))
     print("| variant (onnxruntime) | top-1 agreement | top-5 overlap | logit cosine | batch-1 ms | x dense fp32 | MB |")
     print("|---|---|---|---|---|---|---|")
     for k, r in rows.items():
         print(f"| {k} | {r['top1']:.3f} | {r['top5']:.3f} | {r['cosine']:.4f} | {r['ms']:.2f} | {r['x_fp32']:.2f}x | {r['mb']:.1f} |")
-    return {"rows": rows, "before": before, "params": params, "config_list": config_list, "widths": widths, "calib_photos": list(calib_photos), "eval_photos": list(eval_photos)}
+    return {"rows": rows, "before": before, "refitted": refitted, "params": params, "config_list": config_list, "widths": widths, "calib_photos": list(calib_photos), "eval_photos": list(eval_photos)}
 
 
 if __name__ == "__main__":

@@ -123,12 +123,13 @@ def test_mnist_example_small(tmp_path):
 
 @pytest.mark.slow
 def test_efficientnet_lite0_example_small(tmp_path):
-    """examples/efficientnet_lite0.py with one crop per photo, one scored batch and 3 distillation steps of 4 views:
+    """examples/efficientnet_lite0.py with one crop per photo, one scored batch, a refit on 16 views and 3 distillation steps of 4 views:
     the real pretrained model, int8 agrees with fp32 on photos it was not calibrated on; the pruned model is
     physically smaller, its blocks keep multiples of 16 channels, and the distilled weights load back."""
     ex = _import_example("efficientnet_lite0")
-    small = ["--crops-per-photo", "1", "--score-batches", "1", "--batch", "4", "--budget", "1"]
+    small = ["--crops-per-photo", "1", "--score-batches", "1", "--batch", "4", "--budget", "1", "--refit-views", "8"]
     res = ex.main(["--out", str(tmp_path / "eff"), "--distill-steps", "3", *small])
+    assert res["refitted"] is not None and 0.0 <= res["refitted"]["top1"] <= 1.0  # the least-squares refit ran (default on)
     assert not set(res["calib_photos"]) & set(res["eval_photos"]) and len(res["eval_photos"]) == 4
     rows = res["rows"]
     assert rows["dense fp32"]["top1"] == 1.0 and rows["dense fp32"]["cosine"] > 0.9999  # ONNX fp32 = PyTorch
