@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                         help="least-squares refit of the projection convs against the dense model before distillation")
     parser.add_argument("--refit-views", type=int, default=128, help="random views of the training photos added to the calibration crops (refit)")
-    parser.add_argument("--refit-ridge", type=float, default=1e-3, help="relative ridge of the refit")
+    parser.add_argument("--refit-ridge", type=float, default=1e-2, help="relative ridge of the refit")
     parser.add_argument("--distill-steps", type=int, default=600, help="0: no distillation")
     parser.add_argument("--batch", type=int, default=16, help="random views per distillation step")
     parser.add_argument("--lr", type=float, default=2e-4)
