@@ -199,3 +199,54 @@ def test_the_classifier_gemv_stays_float_and_says_so():
     ort_graph = gs.import_onnx(insert_qdq(exported.model, q.export_calib_config(), exported.name_map, target="onnxruntime"))
     (fc,) = [n for n in ort_graph.nodes if n.op == "Gemm"]
     assert _producer(fc.inputs[1]).op == "DequantizeLinear"
+
+
+class _PadThenConv(nn.Module):
+    """Conv -> ReLU6 -> F.pad -> depthwise Conv (EfficientNet-Lite's static "same" padding), the input padded too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.act = nn.ReLU6()
+        self.b = nn.Conv2d(8, 8, 3, groups=8)
+
+    def forward(self, x):
+        x = self.a(nn.functional.pad(x, (1, 1, 1, 1)))
+        return self.b(nn.functional.pad(self.act(x), (0, 1, 0, 1))).mean((2, 3))
+
+
+def test_a_tensor_only_padded_into_a_conv_is_quantized_once_after_the_pad():
+    """TensorRT target: ``ReLU6 -> Pad -> Conv`` carries one Q/DQ, on the Pad's output (the conv's own input), not a
+    second pair before the Pad; the graph input likewise. The values: the pair after the Pad uses the ReLU6 output's
+    own max / 127 (computed here in PyTorch), and onnxruntime's result equals the fake-quant computed here."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = _PadThenConv().eval()
+    x = torch.randn(8, 3, 12, 12)
+    g = gs.import_onnx(qdq := _qdq(model, x))
+    pads = [n for n in g.nodes if n.op == "Pad"]
+    assert len(pads) == 2
+    for pad in pads:
+        assert _producer(pad.inputs[0]) is None or _producer(pad.inputs[0]).op != "DequantizeLinear", pad.name
+        (q,) = pad.outputs[0].outputs
+        assert q.op == "QuantizeLinear"
+    assert sum(n.op == "QuantizeLinear" for n in g.nodes) == 2
+    assert lint_qdq(qdq, "tensorrt") == [] and check_tensorrt(qdq).errors == []
+
+    def fq(t: torch.Tensor, scale) -> torch.Tensor:
+        s = torch.as_tensor(scale, dtype=torch.float32)
+        return torch.clamp(torch.round(t / s), -128, 127) * s
+
+    def wq(w: torch.Tensor) -> torch.Tensor:
+        s = (w.abs().amax((1, 2, 3), keepdim=True) / 127).float()
+        return torch.clamp(torch.round(w / s), -127, 127) * s
+
+    with torch.no_grad():
+        h = model.act(model.a(nn.functional.pad(x, (1, 1, 1, 1))))  # calibration observes the float model
+        sx, sh = x.abs().max() / 127, h.abs().max() / 127
+        xin = fq(nn.functional.pad(x, (1, 1, 1, 1)), sx)
+        h = model.act(nn.functional.conv2d(xin, wq(model.a.weight), model.a.bias))
+        ref = nn.functional.conv2d(fq(nn.functional.pad(h, (0, 1, 0, 1)), sh), wq(model.b.weight), model.b.bias, groups=8).mean((2, 3))
+    out = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {qdq.graph.input[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, ref.numpy(), atol=2e-5)

@@ -120,12 +120,20 @@ class ViTSmall(torch.nn.Module):
         return self.head(self.norm(self.blocks(x))[:, 0])
 
 
-def photo_split() -> tuple[np.ndarray, np.ndarray]:
-    """Calibration and evaluation inputs: crops of two disjoint halves of the shipped photos."""
+def photo_split(extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration and evaluation inputs: crops of two disjoint halves of the shipped photos.
+
+    Evaluation: the 120 grid crops of the evaluation half and, with ``extra``, that many more seeded random crops
+    per evaluation photo and their mirror images (``bench_efficientnet_lite0.extra_crops``, seed 0)."""
+    from bench_efficientnet_lite0 import extra_crops  # tools/ is on sys.path when this runs as a script
+
     from deploycompress.zoo.photos import crops as photo_crops, photos, split_photos
 
     calib, evaluation = split_photos(photos())
-    return photo_crops(calib).numpy(), photo_crops(evaluation).numpy()
+    evalx = photo_crops(evaluation).numpy()
+    if extra:
+        evalx = np.concatenate([evalx, extra_crops(evaluation, extra).numpy()])
+    return photo_crops(calib).numpy(), evalx
 
 
 def model_for(name: str, bn_data: np.ndarray) -> torch.nn.Module:
@@ -151,10 +159,11 @@ def model_for(name: str, bn_data: np.ndarray) -> torch.nn.Module:
     return model.eval()
 
 
-def run(path: str | Path, x: np.ndarray) -> np.ndarray:
+def run(path: str | Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    source = path.SerializeToString() if isinstance(path, onnx.ModelProto) else str(path)
+    s = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     name = s.get_inputs()[0].name
     return np.concatenate([s.run(None, {name: x[i:i + 16]})[0] for i in range(0, len(x), 16)])
 
@@ -163,7 +172,17 @@ def fidelity(y: np.ndarray, ref: np.ndarray) -> dict:
     a, b = y.reshape(len(y), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return {"top1_agreement": float((y.argmax(1) == ref.argmax(1)).mean()), "cosine_mean": float(cos.mean()),
-            "cosine_min": float(cos.min()), "max_abs": float(np.abs(y - ref).max())}
+            "cosine_min": float(cos.min()), "max_abs": float(np.abs(y - ref).max()), "agrees": (y.argmax(1) == ref.argmax(1))}
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Crops where only one graph agrees with fp32 (the discordant pairs), and the two-sided sign-test p-value of
+    that split (McNemar's exact test): a small p says the top-1 difference is more than evaluation noise."""
+    from scipy.stats import binomtest
+
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+    return {"only_ours": only_a, "only_modelopt": only_b, "sign_test_p": round(float(p), 3)}
 
 
 def placement(model: onnx.ModelProto) -> dict:
@@ -202,6 +221,66 @@ def placement(model: onnx.ModelProto) -> dict:
             shared += len(set(scales)) == 1
     return {"adds": len(adds), "adds_with_dq_input": add_dq, "adds_dq_on_shortcut": add_shortcut, "adds_all_inputs_dq": add_both,
             "concats": len(concats), "concats_shared_scale": shared}
+
+
+def quantized_tensors(model: onnx.ModelProto) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Activation tensor -> its per-tensor scale; weight initializer -> (per-channel scales, int8 values), read
+    from either layout: ours (int8 initializer ``<w>_quantized`` -> DequantizeLinear) or ModelOpt's (float
+    initializer -> QuantizeLinear -> DequantizeLinear, the int8 values computed here as QuantizeLinear does)."""
+    from onnx import numpy_helper
+
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"})
+    acts: dict[str, float] = {}
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for n in model.graph.node:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        if n.op_type == "QuantizeLinear" and n.input[0] not in values:
+            acts[n.input[0]] = float(values[n.input[1]].reshape(-1)[0])
+        elif n.op_type == "QuantizeLinear":
+            w, scale = values[n.input[0]], values[n.input[1]]
+            shape = [1] * w.ndim
+            shape[axis % w.ndim] = -1
+            weights[n.input[0]] = (scale, np.clip(np.rint(w / scale.reshape(shape)), -128, 127).astype(np.int8))
+        elif n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized") and n.input[0] in values:
+            weights[n.input[0][: -len("_quantized")]] = (values[n.input[1]], values[n.input[0]])
+    return acts, weights
+
+
+def diff_graphs(ours: Path, peer: Path) -> dict:
+    """Tensor-by-tensor: activations quantized by one graph only, activation scales that differ (relative
+    difference > 1e-5: a calibration difference, not float rounding), weight scales' largest relative difference
+    and the int8 weight values that differ."""
+    (a_acts, a_w), (b_acts, b_w) = quantized_tensors(onnx.load(str(ours))), quantized_tensors(onnx.load(str(peer)))
+    common = set(a_acts) & set(b_acts)
+    ratio = {t: a_acts[t] / b_acts[t] for t in common}
+    differ = {t: r for t, r in ratio.items() if abs(r - 1) > 1e-5}
+    shared_w = [w for w in a_w if w in b_w and a_w[w][0].shape == b_w[w][0].shape]
+    rel = max((float(np.max(np.abs(a_w[w][0].astype(np.float64) / b_w[w][0] - 1))) for w in shared_w), default=0.0)
+    return {"acts_only_ours": len(set(a_acts) - set(b_acts)), "acts_only_peer": len(set(b_acts) - set(a_acts)),
+            "acts_scale_differs": len(differ), "acts_scale_ratio_range": [round(min(differ.values(), default=1.0), 3),
+                                                                       round(max(differ.values(), default=1.0), 3)],
+            "weights_only_ours": len(set(a_w) - set(b_w)), "weights_only_peer": len(set(b_w) - set(a_w)),
+            "weight_scale_max_rel_diff": float(f"{rel:.2g}"),
+            "weight_int8_values_differ": int(sum(int((a_w[w][1] != b_w[w][1]).sum()) for w in shared_w))}
+
+
+def nudged(path: Path, seed: int) -> onnx.ModelProto:
+    """The graph with every Q/DQ scale moved one float32 ulp up or down at random: how far results move when
+    nothing but the last bit of the scales changes (the size of the two graphs' scale differences under max
+    calibration, where both sides run the same rule)."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    m = onnx.load(str(path))
+    scales = {n.input[1] for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    for init in m.graph.initializer:
+        if init.name in scales:
+            a = numpy_helper.to_array(init)
+            if a.dtype == np.float32:
+                up = rng.random(a.shape) < 0.5
+                init.CopyFrom(numpy_helper.from_array(np.nextafter(a, np.where(up, np.inf, -np.inf).astype(np.float32)), init.name))
+    return m
 
 
 def describe(path: Path) -> dict:
@@ -252,6 +331,12 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["max"], choices=["max", "entropy"])
     ap.add_argument("--calib", type=int, default=0, help="first N calibration crops (0: all)")
     ap.add_argument("--eval", type=int, default=0, help="first N evaluation crops (0: all)")
+    ap.add_argument("--extra-crops", type=int, default=60,
+                    help="seeded random crops per evaluation photo (and their mirrors) added to its 120 grid crops: "
+                         "60 gives 600 evaluation inputs (one crop 0.0017 of top-1)")
+    ap.add_argument("--ulp-spread", type=int, default=0,
+                    help="also evaluate N copies of our graph with every scale nudged one ulp at random: the spread "
+                         "that last-bit differences alone cause")
     ap.add_argument("--modelopt-python", default=os.environ.get("MODELOPT_PYTHON", "python"))
     ap.add_argument("--out", default="runs/bench_qdq_vs_modelopt.json")
     ap.add_argument("--modelopt-cache", default=None,
@@ -260,7 +345,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bn = crops(256, 1)
-    calib, evalx = photo_split()
+    calib, evalx = photo_split(args.extra_crops)
     calib, evalx = calib[:args.calib or None], evalx[:args.eval or None]
     log.info("calibration %s, evaluation %s (disjoint photos)", calib.shape, evalx.shape)
     results = {"machine": cpu_flags(), "args": vars(args), "models": {}}
@@ -275,6 +360,8 @@ def main() -> None:
             ref = run(fp32, evalx)
             key = hashlib.sha256(fp32.read_bytes() + calib.tobytes()).hexdigest()[:16]
             row: dict = {}
+            agrees: dict[str, np.ndarray] = {}
+            paths: dict[str, Path] = {}
             for method in args.methods:
                 for who in ("ours", "modelopt"):
                     path = d / f"{name}.{who}.{method}.onnx"
@@ -289,19 +376,47 @@ def main() -> None:
                         if cached is not None:
                             cached.parent.mkdir(parents=True, exist_ok=True)
                             shutil.copyfile(path, cached)
+                    paths[who] = path
                     row[f"{who} {method}"] = {**fidelity(run(path, evalx), ref), **describe(path), "quantize_s": round(secs, 1)}
+                    agrees[who] = row[f"{who} {method}"].pop("agrees")
                     log.info("%s %s %s: %s", name, who, method, json.dumps(row[f"{who} {method}"]))
+                row[f"ours {method}"]["top1_discordant"] = paired(agrees["ours"], agrees["modelopt"])
+                if args.ulp_spread:
+                    spread = [fidelity(run(nudged(paths["ours"], k), evalx), ref) for k in range(args.ulp_spread)]
+                    row[f"ours {method}"]["ulp_spread"] = {
+                        key: [min(f[key] for f in spread), max(f[key] for f in spread)] for key in ("top1_agreement", "cosine_mean")}
+                row[f"ours {method}"]["vs_modelopt"] = diff_graphs(d / f"{name}.ours.{method}.onnx", paths["modelopt"])
+                log.info("%s %s ours vs ModelOpt, tensor by tensor: %s", name, method, json.dumps(row[f"ours {method}"]["vs_modelopt"]))
             results["models"][name] = row
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\nmachine: {results['machine']}")
-    print("| model | graph | top-1 agr. | cosine mean (min) | Q/DQ | lint errors | TRT check errors | Add with DQ (shortcut) / Adds | Concat shared / Concats |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | graph | top-1 agr. | only this graph agrees (sign-test p) | cosine mean (min) | Q/DQ | lint errors | TRT check errors | "
+          "Add with DQ (shortcut) / Adds | Concat shared / Concats |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, row in results["models"].items():
         for k, r in row.items():
-            print(f"| {name} | {k} | {r['top1_agreement']:.3f} | {r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) | {r['q']}/{r['dq']} | "
+            who, method = k.split()
+            d = row[f"ours {method}"]["top1_discordant"]
+            only = f"{d['only_ours']} ({d['sign_test_p']})" if who == "ours" else f"{d['only_modelopt']}"
+            print(f"| {name} | {k} | {r['top1_agreement']:.3f} | {only} | {r['cosine_mean']:.5f} ({r['cosine_min']:.4f}) | {r['q']}/{r['dq']} | "
                   f"{r['lint_error_count']} {r['lint_errors'] or ''} | {len(r['trt_check_errors'])} | "
                   f"{r['adds_with_dq_input']} ({r['adds_dq_on_shortcut']}) / {r['adds']} | {r['concats_shared_scale']} / {r['concats']} |")
+
+    print("\n| model | method | activations quantized only by ours / only by ModelOpt | activation scales differing (ours / ModelOpt) | "
+          "weight scales: largest relative difference | int8 weight values differing | ours, scales nudged 1 ulp: top-1, cosine range |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, row in results["models"].items():
+        for k, r in row.items():
+            if "vs_modelopt" in r:
+                v = r["vs_modelopt"]
+                lo, hi = v["acts_scale_ratio_range"]
+                u = r.get("ulp_spread")
+                spread = (f"{u['top1_agreement'][0]:.3f}-{u['top1_agreement'][1]:.3f}, {u['cosine_mean'][0]:.5f}-{u['cosine_mean'][1]:.5f}"
+                          if u else "-")
+                print(f"| {name} | {k.split()[1]} | {v['acts_only_ours']} / {v['acts_only_peer']} | {v['acts_scale_differs']}"
+                      f"{f' ({lo}-{hi})' if v['acts_scale_differs'] else ''} | {v['weight_scale_max_rel_diff']:.1e} | "
+                      f"{v['weight_int8_values_differ']} | {spread} |")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -208,7 +210,7 @@ def _writable(model: onnx.ModelProto) -> list[str]:
 
 
 def quantize_transformer(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | str | os.PathLike[str],
     calibration: Sequence[Feeds],
     check: Sequence[Feeds] | None = None,
     *,
@@ -223,7 +225,8 @@ def quantize_transformer(
     threads: int | None = None,
     repeats: int = 3,
 ) -> Int8Result:
-    """int8 graph of an fp32 encoder graph (see the module docstring).
+    """int8 graph of an fp32 encoder graph (see the module docstring): ``model`` is an ``onnx.ModelProto`` or
+    the path of an .onnx file.
 
     ``calibration``: feed dicts ``{input name: array}`` (e.g. ``input_ids``/``attention_mask``, int64,
     (batch, sequence)) of real text; ``check`` (default: ``calibration``) the batches that time the
@@ -240,6 +243,12 @@ def quantize_transformer(
     """
     from .linear_int8 import FLAVOURS, collect_stats, linear_inputs, quantize_linears, smooth
 
+    if isinstance(model, (str, os.PathLike)):  # a path, as onnxruntime's quantizers take it
+        if not Path(model).is_file():
+            raise ValueError(f"model: {str(model)!r} is not a file (give an .onnx path or an onnx.ModelProto)")
+        model = onnx.load(str(model))
+    elif not isinstance(model, onnx.ModelProto):
+        raise ValueError(f"model must be an onnx.ModelProto or the path of an .onnx file, got {type(model).__name__}")
     if fuse not in ("auto", "plain", "fused"):
         raise ValueError(f"fuse must be 'auto', 'plain' or 'fused', got {fuse!r}")
     if flavour != "auto" and flavour not in FLAVOURS:
