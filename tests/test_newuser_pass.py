@@ -550,3 +550,99 @@ def test_speedup_warning_names_each_layers_coupled_partners_once():
     assert layers, text
     for name, why in layers:
         assert why.count("coupled with unmasked channels of") <= 1, (name, why)
+
+
+def test_dependency_aware_pruning_and_speedup_take_a_dict_of_inputs_as_build_engine_does():
+    """``build_engine(example_inputs={"image": ..., "table": ...})`` works; the same dict as the pruner's
+    ``dummy_input`` raised ``TypeError: forward() missing 1 required positional argument: 'table'``, and
+    ``speedup`` refused it."""
+    torch.manual_seed(0)
+    model = _TwoInTwoOut().eval()
+    x = {"table": torch.randn(1, 5), "image": torch.randn(1, 3, 8, 8)}  # not in forward's order
+    reference = copy_eval(model)  # the user's model before pruning
+    pruner = dc.L1NormPruner(model, [{"sparsity": 0.5, "op_names": ["img.0", "tab.0"]}], dependency_aware=True, dummy_input=x)
+    _, masks = pruner.compress()
+    plain = pruner.unwrap_model()
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, entry in masks.items():  # the user's masked model: masks multiplied into the named tensors
+            for attr, mask in entry.items():
+                getattr(modules[name], attr).mul_(mask.to(torch.float32))
+    small = dc.speedup(plain, masks, x)
+    assert small.img[0].out_channels == 4 and small.tab[0].out_features == 4
+    ev = {"image": torch.randn(6, 3, 8, 8), "table": torch.randn(6, 5)}
+    with torch.no_grad():
+        got, expected = small(**ev), reference(**ev)
+    for key in ("cls", "reg"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+def test_a_copied_portable_tensorrt_bundle_names_its_own_device_build_command(tmp_path):
+    """Loading a portable bundle said ``build it on the device first: python -m deploycompress_device BUNDLE``:
+    neither the folder nor the PYTHONPATH the device package needs (docs/tensorrt.md)."""
+    import re
+    import shutil
+
+    torch.manual_seed(0)
+    model, x = _small_cnn(), torch.randn(4, 3, 8, 8)
+    dc.build_engine(model, None, None, example_inputs=x[:1], calib_data=[x], backend="tensorrt", precision="int8",
+                    out_dir=tmp_path / "b", backend_options={"portable": True}, **FAST)
+    copied = Path(shutil.copytree(tmp_path / "b", tmp_path / "elsewhere" / "b"))
+    with pytest.raises(dc.BackendError, match=re.escape(f"deploycompress device-build {copied} ")) as info:
+        dc.load_bundle(copied)
+    assert f"PYTHONPATH={copied}/device python3 -B -m deploycompress_device {copied}" in str(info.value)
+    runner = dc.load_bundle(copied, member="source/model.fp32.onnx", backend="onnxruntime")  # the alternative named
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(runner.run(x.numpy())["output"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_validate_reads_one_hot_labels_and_refuses_labels_outside_the_classes(tmp_path, capsys):
+    """One-hot ``y`` (N, classes) gave ``operands could not be broadcast together with shapes (16,) (64,)``
+    (exit 1); labels past the model's classes scored 0 % accuracy and PASSED."""
+    import json
+
+    from deploycompress.cli import main
+
+    torch.manual_seed(0)
+    model, x = _small_cnn(), torch.randn(16, 3, 8, 8)
+    dc.build_engine(model, None, None, example_inputs=x[:1], precision="fp32", out_dir=tmp_path / "b", **FAST)
+    with torch.no_grad():
+        predicted = model(x).argmax(1).numpy()
+    y = predicted.copy()
+    y[:5] = (y[:5] + 1) % 4  # 11 of 16 right
+    np.savez(tmp_path / "onehot.npz", x=x.numpy(), y=np.eye(4, dtype=np.float32)[y])
+    np.savez(tmp_path / "outside.npz", x=x.numpy(), y=y + 4)
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path / "b"), "--data", str(tmp_path / "onehot.npz"), "--json", "-q",
+                 "--iterations", "1"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert json.dumps(doc).count(str(11 / 16)) >= 1, doc  # the accuracy, as computed here
+    assert main(["validate", str(tmp_path / "b"), "--data", str(tmp_path / "outside.npz"), "-q"]) == 2
+    assert "4 classes (0 to 3)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", [{"quant_bits": 4}, {"quant_bits": {"weight": 8, "input": 6}}, {"quant_dtype": "int4"}],
+                         ids=["bits", "bits-dict", "nni3-dtype"])
+def test_build_engine_refuses_non_8_bit_quant_config_before_calibrating(tmp_path, entry):
+    """``quant_config_list`` with 4-bit weights was refused only at the Q/DQ step, after calibrating on every batch."""
+    seen = []
+
+    class Counting(nn.Module):  # counts the calibration's forward passes
+        def __init__(self):
+            super().__init__()
+            self.net = _small_cnn()
+
+        def forward(self, x):
+            seen.append(len(x))
+            return self.net(x)
+
+    model, x = Counting().eval(), torch.randn(8, 3, 8, 8)
+    config = [{"op_types": ["Conv2d"], "quant_types": ["input", "weight"], **entry}]
+    if "quant_dtype" in entry:
+        config[0]["quant_bits"] = 8
+    with pytest.raises(dc.EngineError, match=r"quant_config_list\[0\] asks for [46]-bit .*give quant_bits 8"):
+        dc.build_engine(model, None, None, example_inputs=x[:1], calib_data=[x[:4], x[4:]], quant_config_list=config,
+                        precision="int8", out_dir=tmp_path / "b", **FAST)
+    assert 4 not in seen  # no calibration batch went through the model
+    assert not (tmp_path / "b").exists()

@@ -245,7 +245,12 @@ class Pruner:
         if dummy_input is None:
             assert input_shape is not None
             dummy_input = torch.randn(*input_shape, device=device)
-        args = dummy_input if isinstance(dummy_input, tuple) else (dummy_input,)
+        if isinstance(dummy_input, Mapping):  # keyed by forward's parameter names
+            from ..graph.trace import as_input_tuple
+
+            args = as_input_tuple(dummy_input, self.model)
+        else:
+            args = dummy_input if isinstance(dummy_input, tuple) else (dummy_input,)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         was_training = self.model.training
