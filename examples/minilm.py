@@ -7,9 +7,11 @@
 Steps: 50% of the heads and of the FFN channels in every layer go -- by default those that write least
 into the residual stream on real text (``deploycompress.hf.importance``), with ``--criterion l1`` by
 dependency-aware L1 on query/key/value (whole heads: a head's q, k and v rows are one channel class) and
-the FFN input Linear; speedup (exact against the masked model: the relative error is printed);
+the FFN input Linear; speedup (exact against the masked model: the relative error is printed); the
+removed units' mean output goes into the output projections' biases (FLAP's bias compensation);
 distillation of the shrunk student towards the dense teacher's sentence embeddings and every layer's
-hidden states on real English text that ships with Python (standard-library docstrings, no download);
+hidden states on real English text that ships with Python (standard-library docstrings, no download;
+``--extra-text N`` adds N docstring sentences from the sources of the stdlib and the installed packages);
 ONNX export with dynamic batch and sequence; int8 (every Linear's MatMul in QDQ, plain or
 onnxruntime-fused graph, SmoothQuant, the fastest accurate flavour); a bundle (manifest, Triton repository).
 Figures printed: heads and parameters before/after, cosine of the int8 student's embeddings to the
@@ -35,9 +37,9 @@ from deploycompress.bundle.atomic import check_out_dir
 from deploycompress.bundle.writer import write_bundle
 from deploycompress.export.onnx_export import tensor_specs
 from deploycompress.hf import Encoder
-from deploycompress.hf.importance import encoder_importance, importance_masks
+from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import mean_cosine, quantize_transformer
-from deploycompress.hf.text import stdlib_sentences
+from deploycompress.hf.text import source_sentences, stdlib_sentences
 from deploycompress.pruning.distill import distill
 
 
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the layer-wise hidden-state loss (0: embeddings only)")
     p.add_argument("--criterion", choices=("importance", "l1"), default="importance", help="which heads/FFN channels go")
     p.add_argument("--sentences", type=int, default=1200, help="sentences used (80%% training/calibration, 20%% held out)")
+    p.add_argument("--extra-text", type=int, default=0, help="also distil on this many docstring sentences from the sources of the stdlib and installed packages")
+    p.add_argument("--no-bias-compensation", action="store_true", help="do not add the removed units' mean output to the output projections' biases")
     p.add_argument("--seq", type=int, default=64, help="tokens per sentence (padded/truncated)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--fuse", choices=("auto", "plain", "fused"), default="auto")
@@ -122,11 +126,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     else:
         masks = importance_masks(teacher, encoder_importance(teacher, train[:20]), args.sparsity, args.sparsity)
     student, report = dc.speedup_with_report(work, masks, train[0])
+    if not args.no_bias_compensation:  # FLAP: each removed unit leaves its mean output behind, not zero
+        apply_bias_compensation(student, bias_compensation(teacher, masks, train[:20]))
     print(f"speedup: heads {heads(teacher)} -> {heads(student)}, params {report.params_before:,} -> {report.params_after:,}, "
           f"rel. error vs masked model {report.relative_error:.1e}")  # fmt: skip
 
     layers = [f"model.encoder.layer.{i}" for i in range(n_layers)] if args.hidden_weight else None
-    result = distill(student, teacher, train, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers, hidden_weight=args.hidden_weight, progress=False)
+    text = train
+    if args.extra_text:  # more unlabelled text, the held-out sentences excluded
+        extra = sorted(source_sentences(args.extra_text, exclude=sentences), key=len)  # similar lengths batch together
+        text = train + tokenize(tok, extra, args.batch, args.seq)
+    result = distill(student, teacher, text, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers, hidden_weight=args.hidden_weight, progress=False)
     print(f"distill: {args.steps} steps, loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
 
     axes = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}

@@ -47,7 +47,7 @@ def test_bad_arguments_and_loss_values() -> None:
     with pytest.raises(ValueError, match="same module"):
         distill(t, t, batches(1, 0))
     with pytest.raises(ValueError, match="loss"):
-        distill(copy.deepcopy(t), t, batches(1, 0), loss="kl")
+        distill(copy.deepcopy(t), t, batches(1, 0), loss="kld")
     with pytest.raises(ValueError, match="empty"):
         distill(copy.deepcopy(t), t, [])
     a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])

@@ -209,3 +209,61 @@ def test_export_leaves_a_wrapped_eval_mode_model_in_eval_mode() -> None:
     wrapper = Encoder(bert)  # a new module: training mode
     to_onnx(wrapper, inputs())
     assert wrapper.training and not any(m.training for m in bert.modules())  # dropout stays off
+
+
+@pytest.mark.parametrize("what", ["heads", "ffn"])
+def test_bias_compensation_keeps_the_mean_output_of_the_first_layer(what: str) -> None:
+    """FLAP's bias compensation: in layer 0 (whose inputs pruning cannot change) the pruned model's
+    output projection, averaged over the calibration tokens, equals the dense model's (oracle: the
+    dense model's own mean, read here with a hook), and differs without the compensation."""
+    from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
+    from deploycompress.speedup import speedup
+
+    model = Encoder(tiny_bert())
+    data = [inputs(), inputs(3, 6)]
+    scores = encoder_importance(model, data)
+    masks = importance_masks(model, scores, 0.5 if what == "heads" else 0.0, 0.5 if what == "ffn" else 0.0)
+    name = "model.encoder.layer.0." + ("attention.output.dense" if what == "heads" else "output.dense")
+    masks = {k: v for k, v in masks.items() if ("query" in k or "key" in k or "value" in k) == (what == "heads") and ".0." in k}
+
+    def mean_out(m: torch.nn.Module) -> torch.Tensor:
+        outs = []
+        h = m.get_submodule(name).register_forward_hook(lambda mod, i, o: outs.append(o.reshape(-1, o.shape[-1])))
+        with torch.no_grad():
+            for b in data:
+                m(*b)
+        h.remove()
+        return torch.cat(outs).mean(0)
+
+    deltas = bias_compensation(model, masks, data)
+    assert set(deltas) == {name}
+    small = speedup(copy.deepcopy(model), masks, inputs())
+    before = mean_out(small)
+    apply_bias_compensation(small, deltas)
+    dense = mean_out(model)
+    torch.testing.assert_close(mean_out(small), dense, rtol=1e-4, atol=1e-5)
+    assert float((before - dense).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="no bias of shape"):
+        apply_bias_compensation(small, {name: torch.zeros(3)})
+    with pytest.raises(ValueError, match="nothing to compensate"):
+        bias_compensation(model, {}, data)
+
+
+def test_source_sentences_parse_without_importing(tmp_path) -> None:
+    from deploycompress.hf.text import source_sentences
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text(
+        'raise SystemExit("imported")\n'
+        'def f():\n    """Return the number of apples in the basket right now.\n\n    >>> f()\n    3\n    """\n'
+        'class C:\n    """A small class that holds several values together. Short one."""\n'
+    )
+    (tmp_path / "pkg" / "broken.py").write_text("def (:\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "t.py").write_text('"""A test module docstring that should never be read here."""\n')
+    got = source_sentences(roots=[tmp_path])
+    assert got == ["Return the number of apples in the basket right now.", "A small class that holds several values together."]
+    assert source_sentences(roots=[tmp_path], exclude=[got[0]]) == got[1:]
+    assert source_sentences(1, roots=[tmp_path]) == got[:1]
+    with pytest.raises(ValueError, match="directories"):
+        source_sentences(roots=[tmp_path / "missing"])

@@ -170,3 +170,77 @@ def test_real_minilm_int8_keeps_cosine_099_to_pytorch_on_held_out_sentences() ->
         got = np.concatenate([sess.run(None, f)[0] for f in held])
         cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
         assert cos.mean() >= 0.99 and cos.min() > 0.95, (c.name, cos.mean(), cos.min())
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in names:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_smoothquant_on_the_attention_context_folds_into_the_value_projection(exported) -> None:
+    """The output projection's input (the attention context) is smoothed without a node: 1/s goes into
+    the value Linear. Oracle: the unfolded smoothing computed here -- the fp32 graph's context tensor
+    divided by s from SmoothQuant's eq. 4 -- and the fp32 graph's outputs."""
+    from deploycompress.hf.linear_int8 import attention_context_source, collect_stats, linear_inputs, smooth
+
+    _, fp32 = exported
+    groups = linear_inputs(fp32, linear_matmuls(fp32))
+    contexts = [t for t in groups if attention_context_source(fp32, t) is not None]
+    dense = {n for n in linear_matmuls(fp32) if "attention/output/dense" in n}
+    assert {groups[t][0] for t in contexts} == dense and all(len(groups[t]) == 1 for t in contexts)  # both layers found
+    calib = feeds(3, 2, 8, 0)
+    stats = collect_stats(fp32, calib, list(groups))
+    src, s_stats = smooth(fp32, groups, stats, 0.75)
+    n_mul = sum(n.op_type == "Mul" for n in src.graph.node) - sum(n.op_type == "Mul" for n in fp32.graph.node)
+    assert n_mul == len(groups) - len(contexts) == 6  # query/key/value, FFN in, FFN out: a Mul each; contexts none
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    new_inits = {i.name: onnx.numpy_helper.to_array(i) for i in src.graph.initializer}
+    by_name = {n.name: n for n in src.graph.node}
+    before, after = _with_outputs(fp32, contexts), _with_outputs(src, contexts)
+    for f in feeds(2, 3, 11, 5):  # other shapes than the calibration's
+        ref, got = before.run(None, f), after.run(None, f)
+        np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-5)  # the model's output unchanged
+        for i, t in enumerate(contexts):
+            w = inits[next(n for n in fp32.graph.node if n.name == groups[t][0]).input[1]].astype(np.float64)
+            x_max = np.maximum(np.abs(stats[t].lo), np.abs(stats[t].hi)).astype(np.float64)
+            s = x_max**0.75 / np.abs(w).max(1) ** 0.25  # SmoothQuant eq. 4, written here from the paper
+            assert by_name[groups[t][0]].input[0] == t  # the Linear reads the context itself, no Mul between
+            np.testing.assert_allclose(got[1 + i], ref[1 + i] / s, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(new_inits[by_name[groups[t][0]].input[1]], w * s[:, None], rtol=1e-5)
+            np.testing.assert_allclose(s_stats[t].hi, stats[t].hi / s, rtol=1e-5)
+            assert float(np.abs(s - 1).max()) > 0.1  # a real scale, not the identity
+
+
+def test_attention_context_with_another_reader_is_not_folded(exported) -> None:
+    """A second reader of the value projection's output would see the scaled values: a Mul instead."""
+    from deploycompress.hf.linear_int8 import attention_context_source, linear_inputs
+
+    _, fp32 = exported
+    m = onnx.ModelProto()
+    m.CopyFrom(fp32)
+    groups = linear_inputs(m, linear_matmuls(m))
+    ctx = next(t for t in groups if attention_context_source(m, t) is not None)
+    value = attention_context_source(m, ctx)[0]
+    as_output = onnx.ModelProto()
+    as_output.CopyFrom(m)
+    as_output.graph.output.append(onnx.helper.make_tensor_value_info(value.output[0], onnx.TensorProto.FLOAT, None))
+    assert attention_context_source(as_output, ctx) is None
+    m.graph.node.append(onnx.helper.make_node("Identity", [value.output[0]], ["v_again"]))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("v_again", onnx.TensorProto.FLOAT, None))
+    assert attention_context_source(m, ctx) is None
+
+
+def test_the_callers_graph_is_left_as_it_was(exported) -> None:
+    """onnxruntime's transformer optimizer rewrites the ModelProto it is given; the fused candidate must
+    come from a copy, or the caller's graph (and the "plain" candidates) would be the fused one."""
+    _, fp32 = exported
+    before = fp32.SerializeToString()
+    result = quantize_transformer(fp32, feeds(2, 2, 8, 0), feeds(1, 2, 8, 1), flavour="integer", min_cosine=0.5, repeats=1)
+    assert fp32.SerializeToString() == before
+    plain = next(c for c in result.candidates if c.name == "plain/integer")
+    fused = next(c for c in result.candidates if c.name == "fused/integer")
+    assert not any(n.op_type == "SkipLayerNormalization" for n in plain.model.graph.node)
+    assert any(n.op_type == "SkipLayerNormalization" for n in fused.model.graph.node)

@@ -14,8 +14,12 @@ Pruning for (c) keeps the heads/FFN channels that write most into the residual s
 AdamW ``--lr`` with linear warm-up/decay, batches of 16 padded to the longest. ``--save-student`` keeps
 the distilled weights and masks; ``--student`` loads them instead of distilling (two stages: the
 distillation at low priority, the timing under the benchmark lock).
-Latency: batch 1 and 8, sequence 64 and 128 (padded), median over rounds run round-robin so that
-load from other processes hits every variant alike; ``--threads`` onnxruntime threads.
+Latency: batch 1 and 8, sequence 64 and 128 (padded), median (and quartiles) over rounds run
+round-robin in cycling orders, one untimed run per turn (``bench_ort_int8._time_round_robin``), so that
+load from other processes hits every variant alike; ``--budget`` seconds per shape; ``--threads``
+onnxruntime threads. Peers: onnxruntime's ``quantize_dynamic`` and ``quantize_static`` on the exported
+graph, and ``quantize_dynamic`` on the graph of ``onnxruntime.transformers.optimizer`` with its attention
+fusion (``QAttention``), onnxruntime's own BERT recipe.
 
     .venv/bin/python tools/bench_transformers.py --out runs/bench_transformers.json
     nice -n 15 .venv/bin/python tools/bench_transformers.py --steps 300 --save-student runs/minilm_student.pt --distill-only
@@ -29,6 +33,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -41,11 +46,14 @@ import torch
 
 import deploycompress as dc
 from deploycompress.hf import Encoder
-from deploycompress.hf.importance import encoder_importance, importance_masks
+from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import linear_matmuls, mean_cosine, quantize_transformer
 from deploycompress.hf.linear_int8 import collect_stats, linear_inputs, quantize_linears, smooth
-from deploycompress.hf.text import stdlib_sentences
+from deploycompress.hf.text import source_sentences, stdlib_sentences
 from deploycompress.pruning.distill import distill
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ort_int8 import _time_round_robin  # noqa: E402  (cycling orders, one untimed run per turn)
 
 AXES = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}
 
@@ -90,7 +98,7 @@ def nn_agreement(ref: np.ndarray, got: np.ndarray) -> float:
     return float((nearest(ref) == nearest(got)).mean())
 
 
-def ort_quantizers(fp32: onnx.ModelProto, calib, tmp: Path) -> dict[str, onnx.ModelProto]:  # noqa: ANN001
+def ort_quantizers(fp32: onnx.ModelProto, calib, tmp: Path, heads: int, hidden: int) -> dict[str, onnx.ModelProto]:  # noqa: ANN001
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     src = tmp / "fp32.onnx"
@@ -106,7 +114,16 @@ def ort_quantizers(fp32: onnx.ModelProto, calib, tmp: Path) -> dict[str, onnx.Mo
 
     quantize_static(str(src), str(tmp / "static.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
-    return {"ort quantize_dynamic": onnx.load(str(tmp / "dyn.onnx")), "ort quantize_static": onnx.load(str(tmp / "static.onnx"))}
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = optimize_model(str(src), "bert", heads, hidden, optimization_options=FusionOptions("bert"), opt_level=0).model  # Attention fused
+    if "com.microsoft" not in {o.domain for o in fused.opset_import}:
+        fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.save(fused, str(tmp / "fused.onnx"))
+    quantize_dynamic(str(tmp / "fused.onnx"), str(tmp / "fused_dyn.onnx"), weight_type=QuantType.QInt8)
+    return {"ort quantize_dynamic": onnx.load(str(tmp / "dyn.onnx")), "ort quantize_static": onnx.load(str(tmp / "static.onnx")),
+            "ort optimizer (Attention fused) + quantize_dynamic": onnx.load(str(tmp / "fused_dyn.onnx"))}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,7 +136,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--save-student", type=Path, help="save the distilled student's masks and weights here")
     p.add_argument("--student", type=Path, help="load masks and weights saved by --save-student instead of distilling")
     p.add_argument("--distill-only", action="store_true", help="stop after distillation (with --save-student)")
-    p.add_argument("--rounds", type=int, default=5, help="latency rounds (round-robin over variants)")
+    p.add_argument("--extra-text", type=int, default=0,
+                   help="also distil on this many docstring sentences of the stdlib's and the installed packages' sources (hf.text.source_sentences; the held-out sentences excluded)")
+    p.add_argument("--extra-offset", type=int, default=0, help="skip this many of those sentences (the text an earlier run used)")
+    p.add_argument("--resume", type=Path, help="distil further a student saved by --save-student")
+    p.add_argument("--bias-compensation", action="store_true", help="add the removed heads'/FFN channels' mean output to the output projections' biases before distilling (FLAP)")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads for the distillation")
+    p.add_argument("--budget", type=float, default=120, help="seconds of timing per shape (rounds over all variants, cycling orders)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -167,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     longest = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, train, 16, None)]
     c_masks = importance_masks(teacher, encoder_importance(teacher, longest[:20]), 0.5, 0.5)
     pruned_student = dc.speedup(copy.deepcopy(teacher), c_masks, example)
+    if args.bias_compensation and not args.student:
+        apply_bias_compensation(pruned_student, bias_compensation(teacher, c_masks, longest[:20]))
     kept = {k: v["bias"].nonzero().flatten().tolist() for k, v in c_masks.items() if k.endswith("query")}
     t = time.perf_counter()
     if args.student:
@@ -177,10 +202,26 @@ def main(argv: list[str] | None = None) -> dict:
         results["c_distill"] = {**saved["distill"], "loaded_from": str(args.student)}
     else:
         layers = [f"model.encoder.layer.{i}" for i in range(n)] if args.hidden_weight else None
-        d = distill(pruned_student, teacher, longest, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers,
-                    hidden_weight=args.hidden_weight, progress=False)  # fmt: skip
-        results["c_distill"] = {"steps": args.steps, "lr": args.lr, "hidden_weight": args.hidden_weight, "loss_first": d.first_loss,
-                                "loss_last": d.last_loss, "seconds": time.perf_counter() - t}  # fmt: skip
+        text = list(train)
+        if args.extra_text:
+            text += source_sentences(args.extra_offset + args.extra_text, exclude=held)[args.extra_offset :]
+        previous = None
+        if args.resume:  # go on distilling a saved student (on other text: --extra-offset)
+            saved = torch.load(args.resume, weights_only=True)
+            if saved["kept_heads"] != kept:
+                raise SystemExit(f"{args.resume} was distilled from other masks (heads {saved['kept_heads']} vs {kept})")
+            pruned_student.load_state_dict(saved["state"])
+            previous = saved["distill"]
+        torch.set_num_threads(args.torch_threads)
+        text = sorted(text, key=lambda s: len(tok.tokenize(s)))  # batches of similar length: little padding
+        d_batches = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, text, 16, None)]
+        d_batches = [d_batches[i] for i in np.random.default_rng(1).permutation(len(d_batches))]
+        d = distill(pruned_student, teacher, d_batches, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers,
+                    hidden_weight=args.hidden_weight, progress=True)  # fmt: skip
+        results["c_distill"] = {"steps": args.steps, "lr": args.lr, "hidden_weight": args.hidden_weight, "sentences": len(text),
+                                "bias_compensation": args.bias_compensation, "loss_first": d.first_loss,
+                                "loss_last": d.last_loss, "seconds": time.perf_counter() - t, "extra_offset": args.extra_offset,
+                                "resumed_from": previous}  # fmt: skip
         if args.save_student:
             args.save_student.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"kept_heads": kept, "state": pruned_student.state_dict(), "distill": results["c_distill"]}, args.save_student)
@@ -196,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     # int8 variants
     variants: dict[str, onnx.ModelProto] = {"fp32": fp32}
     with tempfile.TemporaryDirectory() as tmp:
-        variants.update(ort_quantizers(fp32, calib, Path(tmp)))
+        variants.update(ort_quantizers(fp32, calib, Path(tmp), hf.config.num_attention_heads, hf.config.hidden_size))
     ours = quantize_transformer(fp32, calib, calib[:4], threads=args.threads, repeats=1)
     variants[f"deploycompress int8 ({ours.chosen})"] = ours.model
     plain_linears = [n for n in linear_matmuls(fp32)]  # every flavour of the plain graph, SmoothQuant 0.75, for the per-shape table
@@ -221,22 +262,16 @@ def main(argv: list[str] | None = None) -> dict:
         print("accuracy", k, acc[k], flush=True)
     results["accuracy"] = {"sentences": len(held), **acc}
 
-    lat: dict = {}
+    lat: dict = {"loadavg_before": os.getloadavg()}
     for b in (1, 8):
         for seq in (64, 128):
-            feeds = batches(tok, train[: b * 4], b, seq)[:4]
-            times: dict[str, list[float]] = {k: [] for k in sessions}
-            for s in sessions.values():
-                s.run(None, feeds[0])
-            for _ in range(args.rounds):
-                for k, s in sessions.items():
-                    for f in feeds:
-                        t0 = time.perf_counter()
-                        s.run(None, f)
-                        times[k].append((time.perf_counter() - t0) * 1e3)
+            feed = batches(tok, train[:b], b, seq)[0]
+            times = _time_round_robin(sessions, feed, args.budget)
             med = {k: float(np.median(v)) for k, v in times.items()}
-            lat[f"b{b}_s{seq}"] = {k: {"ms": m, "x_fp32": m / med["fp32"]} for k, m in med.items()}
+            spread = {k: (float(np.percentile(v, 25)), float(np.percentile(v, 75))) for k, v in times.items()}
+            lat[f"b{b}_s{seq}"] = {k: {"ms": m, "x_fp32": m / med["fp32"], "iqr_ms": spread[k], "runs": len(times[k])} for k, m in med.items()}
             print("latency", f"b{b}_s{seq}", {k: f"{m:.1f} ms ({m / med['fp32']:.2f}x)" for k, m in med.items()}, flush=True)
+    lat["loadavg_after"] = os.getloadavg()
     results["latency"] = lat
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

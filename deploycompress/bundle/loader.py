@@ -198,8 +198,15 @@ def open_bundle(root: str | os.PathLike[str], *, verify: bool = True, member: st
         if verify:
             raise BundleError(f"bundle {str(root)!r} holds no file {rel!r}")
         data = _read_nofollow(path)
-    from ..backends import get_backend
+    from ..backends import BackendError, get_backend
 
+    status = (manifest.extra.get("tensorrt") or {}).get("status") if isinstance(manifest.extra, dict) else None
+    if member is None and status == "pending-device-build" and (backend or manifest.backend) == "tensorrt":
+        raise BackendError(
+            f"tensorrt: {Path(rel).name} is the graph of a portable bundle, not an engine; build it on the device first: "
+            f"deploycompress device-build {root} (where deploycompress is not installed: PYTHONPATH={root}/device python3 -B "
+            f"-m deploycompress_device {root}). Here its graphs run on onnxruntime: "
+            f"load_bundle({str(root)!r}, member='source/model.fp32.onnx', backend='onnxruntime')")
     engine = get_backend(backend or manifest.backend)
     if hasattr(engine, "load_bytes"):
         return manifest, engine.load_bytes(data, name=str(path), **options)

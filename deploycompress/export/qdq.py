@@ -39,7 +39,7 @@ from .name_map import NameMap, NameMapError
 from .onnx_export import MIN_OPSET, onnx_opset
 from .targets import QDQ_TARGETS, QDQTarget, get_target
 
-__all__ = ["CalibrationSkippedWarning", "QDQError", "TARGETS", "insert_qdq", "needs_reduced_range", "skipped_calibration", "symbolic_shapes"]
+__all__ = ["BiasRangeWarning", "CalibrationSkippedWarning", "QDQError", "TARGETS", "insert_qdq", "needs_reduced_range", "skipped_calibration", "symbolic_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ TARGETS = tuple(QDQ_TARGETS)
 
 
 SKIPPED_KEY = "deploycompress.qdq.skipped"
+
+
+class BiasRangeWarning(UserWarning):
+    """A Conv/Gemm's int32 bias did not fit ``x_scale * w_scale``: the named channels' weight scales were widened."""
 
 
 class CalibrationSkippedWarning(UserWarning):
@@ -313,6 +317,8 @@ def _place(graph: gs.Graph, acts: dict[str, _Act], target: QDQTarget) -> dict[st
     for _ in range(16):  # shared scales spread along chains (circular padding: Concat of Concats)
         if not _share_scales(graph, chosen, acts, target, graph_outputs):
             break
+    if target.weighted_outputs_float:
+        _drop_float_concat_inputs(graph, chosen, target)
     if target.float_gemv:
         _drop_float_gemv_inputs(graph, chosen, target)
     if target.weighted_outputs_float:
@@ -351,6 +357,24 @@ def _drop_copied_sources(graph: gs.Graph, chosen: dict[str, _Act], target: QDQTa
 
     for name in [t for t in chosen if t not in stops]:
         if name in tensors and copies_into_stops(tensors[name], name):
+            del chosen[name]
+
+
+def _drop_float_concat_inputs(graph: gs.Graph, chosen: dict[str, _Act], target: QDQTarget) -> None:
+    """Inputs read only by Concats that stay float lose their Q/DQ (targets whose weighted ops output float).
+
+    A Concat's calibrated inputs take one shared scale, but when its output is not quantized (a ReLU reads it, as
+    in a Fire block ``Conv -> Concat -> ReLU -> Conv``) the Concat runs in float and the Q/DQ pairs would only make
+    the convs before it output int8, which the target's rule (``weighted_outputs_float``) refuses; NVIDIA
+    ModelOpt leaves such a Concat's inputs float as well.
+    """
+    float_concats = {n.name for n in graph.nodes if n.op in target.shared_scale_ops and n.outputs[0].name not in chosen}
+    if not float_concats:
+        return
+    tensors = graph.tensors()
+    for name in list(chosen):
+        t = tensors.get(name)
+        if t is not None and t.outputs and all(r.name in float_concats for r in t.outputs):
             del chosen[name]
 
 
@@ -449,23 +473,34 @@ def _weight_scales(module: str, p: QuantParams, channels: int, fold: np.ndarray 
     return scale.astype(np.float32)
 
 
-def _fit_zero_rows(scale: np.ndarray, q: np.ndarray, axis: int, node: gs.Node, dq_source: dict, act_params: dict, int32_bias: bool) -> np.ndarray:
-    """Weight scales of all-zero int8 rows (masked channels speedup kept) sized to their bias.
+def _fit_int32_bias(scale: np.ndarray, q: np.ndarray, axis: int, node: gs.Node, dq_source: dict, act_params: dict,
+                    int32_bias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Weight scales that keep a Conv/Gemm's int32 bias (scale ``x_scale * w_scale``) within int32.
 
-    Such a channel outputs its bias alone and any weight scale represents its zero weights, but the
-    int32 bias uses ``x_scale * w_scale``: a calibrated near-zero weight scale would overflow it and a
-    placeholder scale of 1 would round it to whole activation steps. ``|bias| / (x_scale * 2**30)``
-    keeps it within int32 at full precision.
+    Returns ``(scale, widened)``, ``widened`` marking the channels with weights whose scale had to grow.
+    The smallest scale that holds a bias ``b`` is ``|b| / (x_scale * 2**30)`` (half of int32's range,
+    a factor 2 of headroom). A channel whose int8 row is all zero (masked channels speedup kept) takes
+    exactly that: it outputs its bias alone and any weight scale represents its zeros, while a
+    placeholder scale of 1 would round the bias to whole activation steps. A channel with weights whose
+    calibrated scale is smaller (a tiny input range, e.g. inputs in small units or a nearly dead
+    activation, under a large bias) is widened to it: otherwise the bias would be clipped at
+    ``2**31 * x_scale * w_scale``. onnxruntime's quantizer does the same
+    (``QDQQuantizer._adjust_weight_scale_for_int32_bias``, after TFLite's ``quantization_utils``).
     """
-    zero_rows = ~np.moveaxis(q != 0, axis, 0).reshape(q.shape[axis], -1).any(1)
+    widened = np.zeros(scale.shape, bool)
     x_name = dq_source.get(node.inputs[0].name) if node.inputs else None
-    if not int32_bias or not zero_rows.any() or len(node.inputs) < 3 or x_name not in act_params or axis != 0:
-        return scale
+    if not int32_bias or len(node.inputs) < 3 or x_name not in act_params or axis != 0 or node.op not in ("Conv", "Gemm"):
+        return scale, widened
     b = gs_constant(node.inputs[2])
     if b is None or b.ndim != 1 or b.size != scale.size:
-        return scale
+        return scale, widened
+    zero_rows = ~np.moveaxis(q != 0, axis, 0).reshape(q.shape[axis], -1).any(1)
     fit = np.abs(b.astype(np.float64)) / (np.float64(act_params[x_name].scale.reshape(())) * 2**30)
-    return np.where(zero_rows & (fit > 0), fit, scale).astype(scale.dtype)
+    widened = ~zero_rows & (fit > scale.astype(np.float64))
+    out = np.where(zero_rows & (fit > 0), fit, scale.astype(np.float64))
+    out = np.where(widened, fit, out).astype(scale.dtype)
+    widened &= out > scale  # float32 rounding of fit may land on the old scale
+    return out, widened
 
 
 def _qdq_pair(graph: gs.Graph, tensor: gs.Variable, scale, zero_point, *, axis: int | None = None,
@@ -602,7 +637,15 @@ def insert_qdq(
                     # calibrates to scale 1, which would round a folded BatchNorm's bias to x_scale)
                     scale = np.where(zero, np.float32(np.median(scale[~zero])), scale).astype(np.float32)
                 q = np.clip(np.round(w / scale.reshape(bshape)), *qrange(wbits, True)).astype(np.int8)
-                scale = _fit_zero_rows(scale, q, axis, node, dq_source, act_params, spec.int32_bias)
+                scale, widened = _fit_int32_bias(scale, q, axis, node, dq_source, act_params, spec.int32_bias)
+                if widened.any():
+                    q = np.clip(np.round(w / scale.reshape(bshape)), *qrange(wbits, True)).astype(np.int8)
+                    why = (f"{int(widened.sum())} of {widened.size} channel(s) of {node.op} {node.name}: its input's scale "
+                           f"{float(act_params[dq_source[node.inputs[0].name]].scale.reshape(())):.3g} times their weight "
+                           "scales cannot hold their bias in int32, so the weight scales were widened to fit the bias "
+                           "(coarser int8 weights there; onnxruntime's quantizer does the same)")
+                    log.info("%s: %s", module, why)
+                    warnings.warn(f"calibration of {module}.weight: {why}", BiasRangeWarning, stacklevel=2)
                 node.inputs[1] = _dq_constant(graph, init_name, q, scale, np.zeros(scale.shape, np.int8), axis)
                 made[init_name] = (node.inputs[1], scale)
             # int32 bias for onnxruntime: with it the Conv/Gemm and its Q/DQ fuse into one integer kernel

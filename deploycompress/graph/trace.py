@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -329,12 +329,20 @@ class Tracer(TorchFunctionMode):
 
 
 
-def as_input_tuple(example_inputs: Any) -> tuple:
+def as_input_tuple(example_inputs: Any, model: nn.Module | None = None) -> tuple:
+    """``example_inputs`` as forward's positional arguments: a tensor, a tuple/list of tensors, or (given
+    ``model``) a dict keyed by forward's parameter names, resolved as :func:`deploycompress.tensor_io.name_inputs`
+    resolves it for export (parameters left out before the last given one take their defaults)."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a Tensor or a tuple of Tensors, got {type(example_inputs).__name__}")
+    if isinstance(example_inputs, Mapping) and model is not None:
+        from ..tensor_io import name_inputs
+
+        return tuple(name_inputs(model, dict(example_inputs)).args)
+    raise TypeError(f"example_inputs must be a Tensor, a tuple of Tensors or a dict of Tensors keyed by forward's "
+                    f"parameter names, got {type(example_inputs).__name__}")
 
 
 def check_norm_spans(norm_spans: Any) -> str:
@@ -386,7 +394,7 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bo
     equal counts per group) and lists those norms in ``ChannelTrace.norms``.
     """
     check_norm_spans(norm_spans)
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs, model)
     training = {m: m.training for m in model.modules()}
     model.eval()
     tracer = Tracer(model, zero_dead_norms, norm_spans)

@@ -10,6 +10,10 @@ cosine 0.507 to the dense embeddings before distillation, these scores 0.587.
 
 :func:`importance_masks` turns the scores into the masks ``speedup`` takes (whole heads in
 query/key/value, FFN rows in ``intermediate.dense``), the same share in every layer.
+:func:`bias_compensation` measures what the removed heads and FFN channels wrote into the residual
+stream on average and :func:`apply_bias_compensation` adds it to the output projections' biases of
+the pruned model (the baseline bias compensation of FLAP: An et al., 2024, "Fluctuation-based
+Adaptive Structured Pruning for Large Language Models", eq. 6).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import nn
 from ..pruning.distill import eval_mode
 from ..pruning.evaluator import _call
 
-__all__ = ["EncoderImportance", "encoder_importance", "importance_masks"]
+__all__ = ["EncoderImportance", "apply_bias_compensation", "bias_compensation", "encoder_importance", "importance_masks"]
 
 
 @dataclass
@@ -106,3 +110,73 @@ def importance_masks(model: nn.Module, scores: EncoderImportance, head_sparsity:
         keep_f[scores.ffn[i, :m].topk(max(1, m - int(round(ffn_sparsity * m)))).indices] = 1.0
         masks[f"{prefix}.{i}.intermediate.dense"] = {"weight": keep_f.view(-1, 1).expand_as(dense.weight).clone(), "bias": keep_f.clone()}
     return masks
+
+
+def bias_compensation(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]], batches: Iterable[Any]) -> dict[str, torch.Tensor]:
+    """What the units ``masks`` removes (as :func:`importance_masks` writes them: rows of
+    ``attention.self.query``, of ``intermediate.dense``) add to each layer's output on average over
+    ``batches``: ``{output Linear name: (hidden,) bias delta}``, for ``attention.output.dense``
+    ``W_o[:, removed] @ mean(context[..., removed])`` and for ``output.dense``
+    ``W_2[:, removed] @ mean(GELU(x)[..., removed])`` (means over every token of every batch).
+    ``model`` is the dense model the masks were made for (only read). Adding the deltas to the
+    pruned model's biases (:func:`apply_bias_compensation`) replaces each removed unit by its mean
+    output instead of zero (FLAP's bias compensation). Raises ``ValueError`` for an empty ``batches``
+    or masks naming no known layer."""
+    prefix, layers = _layers(model)
+    removed: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+    for i in range(len(layers)):
+        q, f = masks.get(f"{prefix}.{i}.attention.self.query"), masks.get(f"{prefix}.{i}.intermediate.dense")
+        removed[i] = (None if q is None else q["bias"] == 0, None if f is None else f["bias"] == 0)
+    if all(q is None and f is None for q, f in removed.values()):
+        raise ValueError(f"masks name no {prefix}.<i>.attention.self.query or .intermediate.dense: nothing to compensate")
+    sums: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        for module, rm, name in ((layer.attention.output.dense, removed[i][0], "attention.output.dense"), (layer.output.dense, removed[i][1], "output.dense")):
+            if rm is None or not bool(rm.any()):
+                continue
+            key = f"{prefix}.{i}.{name}"
+
+            def keep(_m: nn.Module, inp: tuple, key: str = key) -> None:
+                x = inp[0].detach().reshape(-1, inp[0].shape[-1])
+                sums[key] = sums.get(key, 0) + x.double().sum(0)
+                count[key] = count.get(key, 0) + x.shape[0]
+
+            hooks.append(module.register_forward_pre_hook(keep))
+    n_batches = 0
+    try:
+        with eval_mode(model), torch.no_grad():
+            for b in batches:
+                _call(model, b)
+                n_batches += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if not n_batches:
+        raise ValueError("batches is empty: give at least one batch of real inputs")
+    deltas = {}
+    for key, total in sums.items():
+        i = int(key[len(prefix) + 1 :].split(".")[0])
+        rm = removed[i][0 if key.endswith("attention.output.dense") else 1]
+        mean = (total / count[key]).to(torch.float32) * rm.to(torch.float32)
+        deltas[key] = model.get_submodule(key).weight.detach() @ mean
+    return deltas
+
+
+def apply_bias_compensation(pruned: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
+    """Add ``deltas`` (from :func:`bias_compensation`) to the biases of ``pruned``'s Linears of those
+    names, in place (the pruned model is the caller's to change: e.g. the model ``speedup`` returned).
+    Raises ``ValueError`` for a name missing, without a bias, or of another width (nothing changed)."""
+    targets = {}
+    for key, delta in deltas.items():
+        try:
+            m = pruned.get_submodule(key)
+        except AttributeError:
+            raise ValueError(f"the pruned model has no module {key!r}") from None
+        if getattr(m, "bias", None) is None or m.bias.shape != delta.shape:
+            raise ValueError(f"{key!r} has no bias of shape {tuple(delta.shape)} to compensate")
+        targets[key] = m
+    with torch.no_grad():
+        for key, m in targets.items():
+            m.bias += deltas[key].to(m.bias.dtype)

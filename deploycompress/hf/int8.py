@@ -25,9 +25,12 @@ Dynamic axes of the fp32 graph (batch, sequence) are kept.
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -126,8 +129,9 @@ def after_gelu(model: onnx.ModelProto) -> list[str]:
 
 
 def fused_graph(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0) -> onnx.ModelProto:
-    """``model`` through onnxruntime's BERT optimizer: LayerNorm/SkipLayerNorm, bias+GELU and embedding
-    fusions on, attention fusion off (it would hide Q/K/V weights from the quantizer)."""
+    """A new graph: ``model`` through onnxruntime's BERT optimizer: LayerNorm/SkipLayerNorm, bias+GELU
+    and embedding fusions on, attention fusion off (it would hide Q/K/V weights from the quantizer).
+    ``model`` itself is left as it was."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -135,7 +139,8 @@ def fused_graph(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0
     options.enable_attention = False
     options.enable_skip_layer_norm = True
     options.enable_bias_skip_layer_norm = True
-    optimized = optimize_model(model, "bert", num_heads, hidden_size, optimization_options=options, opt_level=0)
+    # a copy: the optimizer rewrites the ModelProto it is given in place (the caller's graph would change)
+    optimized = optimize_model(copy.deepcopy(model), "bert", num_heads, hidden_size, optimization_options=options, opt_level=0)
     out = optimized.model
     domains = {n.domain for n in out.graph.node if n.domain} - {o.domain for o in out.opset_import}
     for d in sorted(domains):  # the contrib ops' domain, which the optimizer does not always declare
@@ -199,7 +204,7 @@ def _writable(model: onnx.ModelProto) -> list[str]:
 
 
 def quantize_transformer(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | str | os.PathLike[str],
     calibration: Sequence[Feeds],
     check: Sequence[Feeds] | None = None,
     *,
@@ -214,7 +219,8 @@ def quantize_transformer(
     threads: int | None = None,
     repeats: int = 3,
 ) -> Int8Result:
-    """int8 graph of an fp32 encoder graph (see the module docstring).
+    """int8 graph of an fp32 encoder graph (see the module docstring): ``model`` is an ``onnx.ModelProto`` or
+    the path of an .onnx file.
 
     ``calibration``: feed dicts ``{input name: array}`` (e.g. ``input_ids``/``attention_mask``, int64,
     (batch, sequence)) of real text; ``check`` (default: ``calibration``) the batches that time the
@@ -231,6 +237,12 @@ def quantize_transformer(
     """
     from .linear_int8 import FLAVOURS, collect_stats, linear_inputs, quantize_linears, smooth
 
+    if isinstance(model, (str, os.PathLike)):  # a path, as onnxruntime's quantizers take it
+        if not Path(model).is_file():
+            raise ValueError(f"model: {str(model)!r} is not a file (give an .onnx path or an onnx.ModelProto)")
+        model = onnx.load(str(model))
+    elif not isinstance(model, onnx.ModelProto):
+        raise ValueError(f"model must be an onnx.ModelProto or the path of an .onnx file, got {type(model).__name__}")
     if fuse not in ("auto", "plain", "fused"):
         raise ValueError(f"fuse must be 'auto', 'plain' or 'fused', got {fuse!r}")
     if flavour != "auto" and flavour not in FLAVOURS:

@@ -7,10 +7,17 @@ usually followed by an ``Add`` of a constant bias. The steps:
    tensor, the per-channel (last axis) minimum and maximum.
 2. :func:`smooth` (optional) migrates activation outliers into the weights -- SmoothQuant (Xiao et al.,
    2023, "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language Models",
-   eq. 4): per input channel ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``, ``X' = X / s`` (a ``Mul``
-   inserted on the Linears' branch only: in BERT-style post-LN encoders the LayerNorm output also
-   feeds the residual, so the scale cannot fold into the LayerNorm), ``W' = diag(s) W``. Linears
-   sharing an input (query/key/value) share ``s``.
+   eq. 4): per input channel ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``, ``X' = X / s``,
+   ``W' = diag(s) W``. Linears sharing an input (query/key/value) share ``s``. Where ``X / s`` is made:
+
+   - the attention context (the output projection's input, ``softmax(QK^T) V`` with its heads merged)
+     is linear in the value projection's output channel by channel, so ``1 / s`` folds exactly into
+     the value Linear's weight columns and bias (no node added; :func:`attention_context_source`);
+   - any other input (a LayerNorm output, a GELU output) gets a ``Mul`` on the Linears' branch only: in
+     BERT-style post-LN encoders the LayerNorm output also feeds the residual, which must keep ``X``
+     (folding ``1 / s`` into gamma/beta would need the same ``Mul`` by ``s`` on the residual branch,
+     no node saved), and GELU does not commute with a scale. ``only`` restricts smoothing to some
+     groups (e.g. the foldable ones, for a graph without any ``Mul`` added).
 3. :func:`quantize_linears` writes each chosen Linear in one of the :data:`FLAVOURS`:
 
    - ``"qdq"``: ``QuantizeLinear -> DequantizeLinear -> MatMul`` with a ``DequantizeLinear`` of int8
@@ -38,7 +45,7 @@ from onnx import helper, numpy_helper
 FLAVOURS = ("qdq", "integer", "dynamic")
 MS_DOMAIN = "com.microsoft"
 
-__all__ = ["FLAVOURS", "InputStats", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
+__all__ = ["FLAVOURS", "InputStats", "attention_context_source", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
 
 
 @dataclass
@@ -102,31 +109,120 @@ def collect_stats(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarra
     return stats
 
 
-def smooth(model: onnx.ModelProto, groups: Mapping[str, Sequence[str]], stats: Mapping[str, InputStats], alpha: float) -> tuple[onnx.ModelProto, dict[str, InputStats]]:
-    """SmoothQuant with migration strength ``alpha`` in [0, 1] on every group of ``groups``
-    (see the module docstring). Returns a new graph (the Linears read ``<input>_smoothed``) and the
-    stats of the smoothed inputs (exact: the calibrated per-channel range divided by ``s``)."""
+def _attr(node: onnx.NodeProto, name: str):  # noqa: ANN202
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def _constant(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """The value of an initializer, or of an ``Identity`` of one (how the exporter shares equal constants)."""
+    for i in model.graph.initializer:
+        if i.name == name:
+            return numpy_helper.to_array(i)
+    n = next((n for n in model.graph.node if name in n.output), None)
+    return _constant(model, n.input[0]) if n is not None and n.op_type == "Identity" else None
+
+
+def attention_context_source(model: onnx.ModelProto, tensor: str) -> tuple[onnx.NodeProto, str, str | None] | None:
+    """The value Linear whose output channels are ``tensor``'s channels one for one, when ``tensor``
+    is an attention context: ``Reshape(Transpose_{0,2,1,3}(MatMul(P, Transpose_{0,2,1,3}(Reshape(V)))))``
+    with ``V = X W (+ b)``, ``W`` a constant 2-D weight and ``b`` a constant bias of ``W``'s width,
+    each intermediate tensor read only along this path. Returns ``(MatMul node, weight name, bias name
+    or None)``, or ``None`` for anything else. The heads' split and merge are row-major reshapes of the
+    last axis, so channel ``j`` of ``V`` becomes channel ``j`` of the context, scaled per channel by
+    nothing but the attention weights ``P`` (a mix over tokens)."""
+    inits = _inits(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for i in [i for n in model.graph.node for i in n.input] + [o.name for o in model.graph.output]:
+        readers[i] = readers.get(i, 0) + 1  # a graph output reads its tensor too
+
+    def step(t: str, op: str) -> onnx.NodeProto | None:
+        n = producer.get(t)
+        if n is None or n.op_type != op:
+            return None
+        if op == "Transpose" and list(_attr(n, "perm") or []) != [0, 2, 1, 3]:
+            return None
+        return n
+
+    merge = step(tensor, "Reshape")
+    back = merge and step(merge.input[0], "Transpose")
+    mix = back and step(back.input[0], "MatMul")
+    split_t = mix and step(mix.input[1], "Transpose")
+    split = split_t and step(split_t.input[0], "Reshape")
+    if split is None:
+        return None
+    for t in (merge.input[0], back.input[0], mix.input[1], split_t.input[0], split.input[0]):
+        if readers.get(t, 0) != 1:
+            return None  # another reader would see the scaled values
+    v = producer.get(split.input[0])
+    bias = None
+    if v is not None and v.op_type == "Add":
+        consts = [i for i in v.input if _constant(model, i) is not None]
+        others = [i for i in v.input if i not in consts]
+        if len(consts) != 1 or len(others) != 1 or readers.get(others[0], 0) != 1:
+            return None
+        bias, v = consts[0], producer.get(others[0])
+    if v is None or v.op_type != "MatMul" or v.input[1] not in inits or len(inits[v.input[1]].dims) != 2:
+        return None
+    width = inits[v.input[1]].dims[1]
+    if bias is not None and _constant(model, bias).shape != (width,):
+        return None
+    return v, v.input[1], bias
+
+
+def smooth(
+    model: onnx.ModelProto, groups: Mapping[str, Sequence[str]], stats: Mapping[str, InputStats], alpha: float, *, only: Sequence[str] | None = None
+) -> tuple[onnx.ModelProto, dict[str, InputStats]]:
+    """SmoothQuant with migration strength ``alpha`` in [0, 1] on every group of ``groups`` (or the
+    input tensors named in ``only``), see the module docstring. Returns a new graph (a folded group's
+    Linears read their input as before, with ``W' = diag(s) W``; the others read ``<input>_smoothed``)
+    and the stats of the Linears' inputs as the new graph has them (exact: the calibrated per-channel
+    range divided by ``s``), keyed by the tensor the Linears now read."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    unknown = sorted(set(only or ()) - set(groups))
+    if unknown:
+        raise ValueError(f"only names {unknown[:3]}, not Linear inputs of groups")
     m = copy.deepcopy(model)
     inits = _inits(m)
     by_name = {n.name: n for n in m.graph.node}
     new_stats: dict[str, InputStats] = {}
     for tensor, names in groups.items():
+        if only is not None and tensor not in only:
+            if tensor in stats:
+                new_stats[tensor] = stats[tensor]
+            continue
         weights = [numpy_helper.to_array(inits[by_name[n].input[1]]) for n in names]
         w_max = np.max([np.abs(w).max(1) for w in weights], axis=0)
         s = np.power(np.maximum(stats[tensor].absmax, 1e-5), alpha) / np.power(np.maximum(w_max, 1e-5), 1 - alpha)
         s = np.maximum(s, 1e-5).astype(np.float32)
-        out = f"{tensor}_smoothed"
-        inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{tensor}_smooth_inv_scale")
-        m.graph.initializer.append(inv)
-        mul = helper.make_node("Mul", [tensor, inv.name], [out], name=f"{tensor}_SmoothQuant_Mul")
-        first = min(i for i, n in enumerate(m.graph.node) if n.name in names)
-        m.graph.node.insert(first, mul)
+        source = attention_context_source(m, tensor)
+        if source is not None:
+            v, w_name, b_name = source
+            n_init = len(m.graph.initializer)
+            w_v = numpy_helper.from_array((numpy_helper.to_array(inits[w_name]) / s[None, :]).astype(np.float32), f"{w_name}_smooth_folded_{n_init}")
+            m.graph.initializer.append(w_v)  # new tensors: a weight shared elsewhere keeps its value there
+            inits[w_v.name] = w_v
+            v.input[1] = w_v.name
+            if b_name is not None:
+                add = next(n for n in m.graph.node if v.output[0] in n.input and b_name in n.input)
+                b_v = numpy_helper.from_array((_constant(m, b_name) / s).astype(np.float32), f"{b_name}_smooth_folded_{n_init}")
+                m.graph.initializer.append(b_v)
+                inits[b_v.name] = b_v
+                add.input[list(add.input).index(b_name)] = b_v.name
+            out = tensor
+        else:
+            out = f"{tensor}_smoothed"
+            inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{tensor}_smooth_inv_scale")
+            m.graph.initializer.append(inv)
+            mul = helper.make_node("Mul", [tensor, inv.name], [out], name=f"{tensor}_SmoothQuant_Mul")
+            first = min(i for i, n in enumerate(m.graph.node) if n.name in names)
+            m.graph.node.insert(first, mul)
         for n, w in zip(names, weights):
             node = by_name[n]
             scaled = numpy_helper.from_array((w * s[:, None]).astype(np.float32), f"{node.input[1]}_smoothed_{len(m.graph.initializer)}")
             m.graph.initializer.append(scaled)  # a new tensor: a weight shared elsewhere keeps its value there
+            inits[scaled.name] = scaled
             node.input[0], node.input[1] = out, scaled.name
         new_stats[out] = InputStats(stats[tensor].lo / s, stats[tensor].hi / s)  # s > 0: the order holds
     return m, new_stats
@@ -145,7 +241,12 @@ def _bias_add(model: onnx.ModelProto, matmul: onnx.NodeProto, inits: Mapping[str
 
 
 def quantize_linears(
-    model: onnx.ModelProto, groups: Mapping[str, Sequence[str]], stats: Mapping[str, InputStats], *, flavour: str = "qdq", reduce_range: bool = False
+    model: onnx.ModelProto,
+    groups: Mapping[str, Sequence[str]],
+    stats: Mapping[str, InputStats],
+    *,
+    flavour: str = "qdq",
+    reduce_range: bool = False,
 ) -> onnx.ModelProto:
     """A new graph whose Linears in ``groups`` (``{input tensor: [MatMul names]}``) are int8 in
     ``flavour`` (one of :data:`FLAVOURS`); ``stats`` has each input tensor's calibrated range (not read

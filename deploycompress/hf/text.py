@@ -1,14 +1,23 @@
-"""Real English sentences that ship with Python: the standard library's documentation strings.
+"""Real English sentences that ship with Python: documentation strings.
 
-No download and no data package: the docstrings of ``MODULES`` (stable, hand-written English prose
-by the CPython developers) split into sentences. Deterministic for one Python version.
+No download and no data package. :func:`stdlib_sentences`: the docstrings of ``MODULES`` (stable,
+hand-written English prose by the CPython developers) split into sentences, deterministic for one
+Python version (the held-out evaluation text of the examples and benchmarks).
+:func:`source_sentences`: many more, from the docstrings in the ``.py`` files of the standard library
+and of the installed packages, read with :mod:`ast` (nothing is imported), for distillation; pass the
+evaluation sentences as ``exclude`` to keep the two disjoint.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import re
+import sysconfig
+import warnings
+from pathlib import Path
+from typing import Iterable
 
 MODULES = (
     "argparse", "collections", "json", "logging", "pathlib", "re", "subprocess", "threading", "unittest",
@@ -37,6 +46,17 @@ def _docstrings(module_name: str) -> list[str]:
     return found
 
 
+def _sentences(doc: str, min_words: int, max_words: int) -> Iterable[str]:
+    for para in re.split(r"\n\s*\n", doc):
+        if para.lstrip().startswith((">>>", "-", "*", "|")) or "::" in para:
+            continue
+        for sent in _SPLIT.split(" ".join(para.split())):
+            words = _WORD.findall(sent)
+            letters = sum(ch.isalpha() or ch == " " for ch in sent)
+            if min_words <= len(words) <= max_words and letters >= 0.85 * len(sent):
+                yield sent
+
+
 def stdlib_sentences(n: int | None = None, *, min_words: int = 6, max_words: int = 60) -> list[str]:
     """English sentences from the docstrings of Python's standard library, deduplicated, in a fixed order.
 
@@ -48,18 +68,66 @@ def stdlib_sentences(n: int | None = None, *, min_words: int = 6, max_words: int
     out: list[str] = []
     for name in MODULES:
         for doc in _docstrings(name):
-            for para in re.split(r"\n\s*\n", doc):
-                if para.lstrip().startswith((">>>", "-", "*", "|")) or "::" in para:
+            for sent in _sentences(doc, min_words, max_words):
+                if sent in seen:
                     continue
-                for sent in _SPLIT.split(" ".join(para.split())):
-                    words = _WORD.findall(sent)
-                    letters = sum(ch.isalpha() or ch == " " for ch in sent)
-                    if not (min_words <= len(words) <= max_words) or letters < 0.85 * len(sent) or sent in seen:
+                seen.add(sent)
+                out.append(sent)
+                if n is not None and len(out) >= n:
+                    return out
+    if n is not None:
+        raise ValueError(f"only {len(out)} sentences found in the standard library's docstrings, {n} asked (python -OO strips them)")
+    return out
+
+
+def _file_docstrings(path: Path) -> list[str]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)  # old escape sequences in some packages' sources
+            tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError, OSError):
+        return []
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    return [d for d in (ast.get_docstring(n) for n in nodes) if d]
+
+
+def default_source_roots() -> list[Path]:
+    """The standard library's directory and the environment's ``site-packages`` (purelib, platlib)."""
+    paths = sysconfig.get_paths()
+    return sorted({Path(paths[k]) for k in ("stdlib", "purelib", "platlib") if Path(paths[k]).is_dir()})
+
+
+def source_sentences(
+    n: int | None = None,
+    *,
+    roots: Iterable[str | Path] | None = None,
+    exclude: Iterable[str] = (),
+    min_words: int = 6,
+    max_words: int = 60,
+) -> list[str]:
+    """English sentences from the docstrings (module, class, function) of every ``.py`` file under
+    ``roots`` (default :func:`default_source_roots`), parsed with :mod:`ast` -- no module is imported,
+    so nothing runs. Same sentence rules as :func:`stdlib_sentences`; deduplicated; files in sorted
+    path order (deterministic for one environment). ``exclude``: sentences never returned (e.g. the
+    held-out evaluation sentences: they also occur in the standard library's sources). ``n`` caps the
+    count (fewer are returned when the sources hold fewer). Raises ``ValueError`` for a root that is
+    not a directory."""
+    roots = [Path(r) for r in (default_source_roots() if roots is None else roots)]
+    bad = [str(r) for r in roots if not r.is_dir()]
+    if bad:
+        raise ValueError(f"source roots must be directories: {bad}")
+    seen = set(exclude)
+    out: list[str] = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            if any(part in ("test", "tests", "idlelib", "lib2to3") for part in path.relative_to(root).parts):
+                continue  # test suites' docstrings are terse and repetitive
+            for doc in _file_docstrings(path):
+                for sent in _sentences(doc, min_words, max_words):
+                    if sent in seen:
                         continue
                     seen.add(sent)
                     out.append(sent)
                     if n is not None and len(out) >= n:
                         return out
-    if n is not None:
-        raise ValueError(f"only {len(out)} sentences found in the standard library's docstrings, {n} asked (python -OO strips them)")
     return out

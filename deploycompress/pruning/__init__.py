@@ -24,6 +24,7 @@ from .norm import FPGMPruner, L1NormPruner, L2NormPruner
 from .random_masks import group_keep, random_group_masks, random_layer_masks
 from .slim import SlimPruner
 from .taylor import TaylorFOWeightPruner
+from .taylor_gate import TaylorGatePruner
 
 __all__: list[str] = [
     "Pruner",
@@ -37,6 +38,7 @@ __all__: list[str] = [
     "ActivationAPoZRankPruner",
     "ActivationMeanRankPruner",
     "TaylorFOWeightPruner",
+    "TaylorGatePruner",
     "TorchEvaluator",
     "PruningScheduler",
     "TaskGenerator",

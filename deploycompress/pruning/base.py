@@ -43,6 +43,23 @@ class _Mask(nn.Module):
         return x * self.mask
 
 
+def _refuse_masked_model(model: nn.Module, algorithm: str) -> None:
+    """A model whose forward pass still holds another pruner's masks is refused before any work.
+
+    Its masks would stay in force under the new pruner's: the masks it returns (and the counts it reports) would not
+    describe the model, and speedup of them would keep the other pruner's zeroed channels.
+    """
+    held = [name for name, m in model.named_modules() if parametrize.is_parametrized(m)
+            and any(isinstance(p, _Mask) or type(p).__name__ == "_SoftMask" for ps in m.parametrizations.values() for p in ps)]
+    if held:
+        raise ConfigError(
+            f"{algorithm}: the model still holds another pruner's masks in its forward pass ({held[:4]}"
+            f"{' and %d more' % (len(held) - 4) if len(held) > 4 else ''}); they would stay in force under these masks. "
+            "Remove them first: model = other_pruner.unwrap_model() (pruned weights stay zero, so norm-based pruners rank "
+            "them lowest), or deploycompress.model_copy.plain_copy(model), or start from a fresh model"
+        )
+
+
 class Pruner:
     """``Pruner(model, config_list, **algo_args).compress() -> (model, masks)``.
 
@@ -61,6 +78,7 @@ class Pruner:
     def __init__(self, model: nn.Module, config_list: Sequence[dict[str, Any]]) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _refuse_masked_model(model, type(self).__name__)
         self.model = model
         self.config_list = config_list
         self.module_configs: dict[str, ModuleConfig] = select_modules(
@@ -227,7 +245,12 @@ class Pruner:
         if dummy_input is None:
             assert input_shape is not None
             dummy_input = torch.randn(*input_shape, device=device)
-        args = dummy_input if isinstance(dummy_input, tuple) else (dummy_input,)
+        if isinstance(dummy_input, Mapping):  # keyed by forward's parameter names
+            from ..graph.trace import as_input_tuple
+
+            args = as_input_tuple(dummy_input, self.model)
+        else:
+            args = dummy_input if isinstance(dummy_input, tuple) else (dummy_input,)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         was_training = self.model.training

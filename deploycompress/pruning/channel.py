@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -171,7 +171,7 @@ class ChannelPruner(Pruner):
         was_training = self.model.training
         self.model.eval()
         try:
-            inputs = self.dummy_input if isinstance(self.dummy_input, tuple) else (self.dummy_input,)
+            inputs = self.dummy_input if isinstance(self.dummy_input, (tuple, Mapping)) else (self.dummy_input,)
             groups = list(build_channel_groups(self.model, inputs))
         finally:
             self.model.train(was_training)

@@ -29,7 +29,7 @@ from .evaluator import TorchEvaluator, _call  # one way to call a model with a b
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("cosine", "mse")
+LOSSES = ("cosine", "mse", "kl")
 SCHEDULES = ("constant", "linear")
 
 __all__ = ["DistillResult", "distill", "distillation_evaluator", "distillation_loss"]
@@ -73,15 +73,21 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, loss: str = "cosine") -> torch.Tensor:
-    """``"cosine"``: mean of 1 - cos over the rows of the last axis; ``"mse"``: mean squared error.
-    Shapes must match (batch, ..., features)."""
+def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, loss: str = "cosine", temperature: float = 1.0) -> torch.Tensor:
+    """``"cosine"``: mean of 1 - cos over the rows of the last axis; ``"mse"``: mean squared error; ``"kl"``:
+    Hinton et al.'s ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` over the last axis (logits),
+    mean over the rows, ``T = temperature``. Shapes must match (batch, ..., features)."""
     if student_out.shape != teacher_out.shape:
         raise ValueError(f"student output {tuple(student_out.shape)} and teacher output {tuple(teacher_out.shape)} differ in shape")
     if loss == "cosine":
         return (1 - F.cosine_similarity(student_out, teacher_out.detach(), dim=-1)).mean()
     if loss == "mse":
         return F.mse_loss(student_out, teacher_out.detach())
+    if loss == "kl":
+        t = float(temperature)
+        log_p = F.log_softmax(student_out / t, dim=-1).flatten(0, -2)
+        log_q = F.log_softmax(teacher_out.detach() / t, dim=-1).flatten(0, -2)
+        return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * t * t
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
@@ -129,6 +135,7 @@ def distillation_step(
     hidden: Sequence[str] | Mapping[str, str] | None = None,
     hidden_weight: float = 1.0,
     student: nn.Module | None = None,
+    temperature: float = 1.0,
 ) -> Callable[[Any, nn.Module], torch.Tensor]:
     """``training_step(batch, student) -> loss`` against ``teacher`` (run in eval mode, without grads).
 
@@ -150,7 +157,7 @@ def distillation_step(
     def step(batch: Any, model: nn.Module) -> torch.Tensor:
         with eval_mode(teacher), torch.no_grad():
             target = _tensor(_call(teacher, batch), "the teacher")
-        value = distillation_loss(_tensor(_call(model, batch), "the student"), target, loss)
+        value = distillation_loss(_tensor(_call(model, batch), "the student"), target, loss, temperature)
         if s_taps is not None and t_taps is not None:
             if model is not student:
                 raise ValueError("this step's hidden-state hooks sit on another student module")
@@ -188,6 +195,7 @@ def distill(
     grad_clip: float | None = 1.0,
     progress: bool = True,
     train_mode: bool = True,
+    temperature: float = 1.0,
 ) -> DistillResult:
     """Fine-tune ``student`` in place to match ``teacher``'s outputs on ``batches`` (cycled for ``steps``).
 
@@ -205,6 +213,10 @@ def distill(
     keeps) its running statistics, dropout and stochastic depth stay off. Use it for small batches or
     batches of correlated inputs (e.g. crops of one photo), whose batch statistics would otherwise
     normalise each step and overwrite the running statistics the deployed model uses.
+
+    ``loss="kl"`` distils logits by Hinton et al.'s softened KL at ``temperature``. ``batches`` may be a
+    lazy ``Sequence`` (``__len__`` + ``__getitem__``, e.g. fresh random crops per index): batch ``i % len``
+    is fetched at step ``i`` and not kept.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -214,6 +226,8 @@ def distill(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if student is teacher:
         raise ValueError("student and teacher are the same module: distil a copy (e.g. the sped-up model)")
     batches = list(batches) if not isinstance(batches, Sequence) else batches
@@ -224,11 +238,12 @@ def distill(
         raise ValueError("the student has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = _schedule(opt, schedule, steps)
-    step_fn = distillation_step(teacher, loss, hidden=hidden, hidden_weight=hidden_weight, student=student)
+    step_fn = distillation_step(teacher, loss, hidden=hidden, hidden_weight=hidden_weight, student=student, temperature=temperature)
     result = DistillResult(steps)
     student.train(train_mode)
     try:
-        for _, batch in zip(tqdm(range(steps), desc="distill", disable=not progress), itertools.cycle(batches)):
+        for i in tqdm(range(steps), desc="distill", disable=not progress):
+            batch = batches[i % len(batches)]
             value = step_fn(batch, student)
             opt.zero_grad(set_to_none=True)
             value.backward()

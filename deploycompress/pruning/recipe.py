@@ -68,8 +68,9 @@ def make_recipe_pruner(model: nn.Module, section: Mapping[str, Any], example_inp
 
 
 def write_search_report(pruner: Any, out_dir: str | Path) -> list[Path]:
-    """Write what a scheduled or automatic pruner recorded: ``pruning_history.json`` (rounds or
-    candidates) and, for searches, ``pruning_trajectory.png`` (score vs resource). Returns the paths."""
+    """Write what a pruner recorded: ``pruning_history.json`` (a scheduled pruner's rounds, a search's
+    candidates, or a one-shot pruner's one round with each layer's sparsity) and, for searches,
+    ``pruning_trajectory.png`` (score vs resource). Returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -86,6 +87,18 @@ def write_search_report(pruner: Any, out_dir: str | Path) -> list[Path]:
 
         (out / "pruning_history.json").write_text(json.dumps(list(iter_history(history)), indent=2))
         written.append(out / "pruning_history.json")
+    elif isinstance(pruner, Pruner) and pruner.masks:
+        # a one-shot pruner has one round: its masks, as the scheduled pruners' rows count them (pruned weight
+        # elements / weight elements of the configured layers), with each layer's share
+        layers = {n: e["weight"] for n, e in pruner.masks.items() if n in pruner.module_configs and "weight" in e}
+        total = sum(m.numel() for m in layers.values())
+        row = {"task_id": 0, "pruner": type(pruner).__name__,
+               "sparsity": sum(int((~m).sum()) for m in layers.values()) / total if total else 0.0, "score": None,
+               "layers": {n: round(int((~m).sum()) / m.numel(), 6) for n, m in layers.items()}}
+        (out / "pruning_history.json").write_text(json.dumps([row], indent=2))
+        written.append(out / "pruning_history.json")
+    else:
+        log.warning("recipe prune.report: %s recorded nothing to write to %s", type(pruner).__name__, out)
     return written
 
 

@@ -39,7 +39,11 @@ RESOURCE_METRICS = ("flops", "params", "latency")
 _STATISTICS = {"min": min, "median": statistics.median}
 
 
-def _inputs(dummy_input: Any) -> tuple:
+def _inputs(dummy_input: Any, model: nn.Module) -> tuple:
+    if isinstance(dummy_input, Mapping):  # keyed by forward's parameter names, as build_engine takes them
+        from ..graph.trace import as_input_tuple
+
+        return as_input_tuple(dummy_input, model)
     return dummy_input if isinstance(dummy_input, tuple) else (dummy_input,)
 
 
@@ -117,7 +121,7 @@ class ResourceMeter:
         from ..backends import get_backend
 
         backend = get_backend(self.backend)
-        args = _inputs(self.dummy_input)
+        args = _inputs(self.dummy_input, models[0])
         names = ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
         feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
         with tempfile.TemporaryDirectory(prefix="dc-measure-") as tmp:

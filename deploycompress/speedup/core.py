@@ -60,7 +60,7 @@ def masked_model(
     """
     check_norm_spans(norm_spans)
     if example_inputs is not None:
-        as_input_tuple(example_inputs)
+        as_input_tuple(example_inputs, model)
     return _user_masked(model, masks, inplace)[0]
 
 
@@ -147,7 +147,7 @@ def speedup_with_report(
     check_masked_constants(masked_constants)
     validate_masks(model, masks)  # the cheap checks first, then one forward run:
     check_example_inputs(model, example_inputs)  # a wrong shape is named as the argument, before tracing
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs, model)
     start = time.perf_counter()
     total_before = sum(p.numel() for p in model.parameters())
     work, checked = _user_masked(model, masks, inplace)

@@ -50,7 +50,7 @@ def joined_masks(model: nn.Module, masks: Masks, example_inputs: Any, *, norm_sp
     Raises ``MaskError`` for masks that do not fit ``model``.
     """
     check_norm_spans(norm_spans)
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs, model)
     work, checked = _user_masked(model, masks, inplace=False)
     trace = trace_channels(work, inputs, zero_dead_norms=True, norm_spans=norm_spans)
     removal = decide_removals(trace)

@@ -69,13 +69,17 @@ def kept_reasons(
             continue
         stays = m & removal.keep(rec.out_ids)
         counts: dict[str, int] = {}
+        coupled: set[str] = set()  # one reason for every channel kept by a partner, naming the partners once
+        n_coupled = 0
         for i in torch.nonzero(stays).flatten().tolist():
             r = int(roots[rec.out_ids[i]])
             partners = sorted(unmasked.get(r, set()) - {name})
             if r in pinned:
                 why = pinned[r]
             elif partners:
-                why = f"coupled with unmasked channels of {', '.join(map(repr, partners[:3]))}"
+                coupled.update(partners)
+                n_coupled += 1
+                continue
             elif r in live and r in constants:
                 why = f"not zero in the masked model ({constants[r]} is non-zero there), {live[r]}"
             elif r in live:
@@ -85,6 +89,10 @@ def kept_reasons(
             else:
                 why = "kept by the channel analysis"
             counts[why] = counts.get(why, 0) + 1
+        if coupled:
+            names = sorted(coupled)
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            counts[f"coupled with unmasked channels of {', '.join(map(repr, names[:3]))}{more}"] = n_coupled
         if counts:
             result[name] = counts
     return result

@@ -9,11 +9,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..backends.base import Runner
+from ..errors import InputError
 from ..tensor_io import call_with, flatten_outputs
 from .accuracy import AccuracyStats, MetricFn, MetricResult, compare_outputs, top1_accuracy
 from .latency import LatencyStats, measure_latency
 
-__all__ = ["ValidationResult", "input_arrays", "primary_output", "run_batched", "validate"]
+__all__ = ["LabelError", "ValidationResult", "input_arrays", "primary_output", "run_batched", "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,31 @@ def primary_output(stats: Mapping[str, AccuracyStats]) -> str:
     return next((k for k, v in stats.items() if v.top1_agreement is not None), next(iter(stats)))
 
 
+class LabelError(InputError, ValueError):
+    """Labels that cannot score the outputs (count, shape, values); the message says what to give."""
+
+
+def _labels(labels: Any, n: int, *, classes_needed: bool) -> np.ndarray:
+    """``labels`` checked before any work: ``n`` of them; for top-1 accuracy integer class indices, shape
+    ``(n,)`` (exact one-hot rows ``(n, classes)`` are read as their index)."""
+    y = _numpy(labels)
+    if len(y) != n:
+        raise LabelError(f"validate: {len(y)} labels for {n} inputs")
+    if not classes_needed:
+        return y
+    if y.ndim == 2 and y.shape[1] == 1:  # a column of indices
+        y = y.reshape(-1)
+    if y.ndim == 2 and y.size and np.isin(y, (0, 1)).all() and (y.sum(1) == 1).all():
+        log.info("validate: one-hot labels %s read as class indices", y.shape)
+        y = y.argmax(1)
+    if y.ndim != 1:
+        raise LabelError(f"validate: labels of shape {tuple(y.shape)}; give one class index per input, shape ({n},) "
+                         "(one-hot rows are read as their index)")
+    if y.size and (not np.issubdtype(y.dtype, np.number) or np.any(y != np.round(y))):
+        raise LabelError(f"validate: labels must be integer class indices, got {y.dtype} values such as {y[:3].tolist()}")
+    return y.astype(np.int64)
+
+
 def validate(
     runner: Runner,
     reference_model: Callable,
@@ -144,6 +170,7 @@ def validate(
     arrays = input_arrays(runner, inputs)
     if metric is not None and labels is None:
         raise ValueError("validate: a metric needs labels")
+    y = None if labels is None else _labels(labels, len(next(iter(arrays.values()))), classes_needed=metric is None)
     deployed = run_batched(runner, arrays, eval_batch_size)
     reference = _match_outputs(runner, _reference_outputs(reference_model, arrays, eval_batch_size))
     per_output = {k: compare_outputs(deployed[k], reference[k]) for k in deployed}
@@ -151,11 +178,13 @@ def validate(
     if primary not in per_output:
         raise ValueError(f"validate: metric_output {primary!r} is not an output; outputs are {list(per_output)}")
     result = ValidationResult(runner.backend, per_output[primary], outputs=per_output, primary_output=primary)
-    if labels is not None:
-        y = _numpy(labels)
-        n = len(next(iter(arrays.values())))
-        if len(y) != n:
-            raise ValueError(f"validate: {len(y)} labels for {n} inputs")
+    if y is not None:
+        if metric is None:  # top-1 accuracy: every label must name one of the primary output's classes
+            out = deployed[primary]
+            classes = out.shape[-1] if out.ndim == 2 else None
+            if classes is not None and y.size and (int(y.min()) < 0 or int(y.max()) >= classes):
+                raise LabelError(f"validate: the labels run from {int(y.min())} to {int(y.max())}, but output {primary!r} "
+                                 f"has {classes} classes (0 to {classes - 1}): give class indices of this model's outputs")
         fn = metric or top1_accuracy
         value, ref_value = float(fn(deployed[primary], y)), float(fn(reference[primary], y))
         result.metric = MetricResult(metric_name or getattr(fn, "__name__", "metric"), value, ref_value, value - ref_value)

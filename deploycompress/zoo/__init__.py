@@ -2,7 +2,8 @@
 
 from .digits import DigitsData, DigitsNet, accuracy, load_digits_data, train
 from .mnist import MnistResNet, load_mnist_data
-from .photos import CROPS, IMAGENET_MEAN, IMAGENET_STD, crops, load_efficientnet_lite0, photos, split_photos
+from .photos import CROPS, IMAGENET_MEAN, IMAGENET_STD, crops, extra_photos, load_efficientnet_lite0, photos, random_crops, split_photos
 
 __all__ = ["DigitsData", "DigitsNet", "accuracy", "load_digits_data", "train", "MnistResNet", "load_mnist_data",
-           "CROPS", "IMAGENET_MEAN", "IMAGENET_STD", "crops", "load_efficientnet_lite0", "photos", "split_photos"]
+           "CROPS", "IMAGENET_MEAN", "IMAGENET_STD", "crops", "extra_photos", "load_efficientnet_lite0", "photos",
+           "random_crops", "split_photos"]

@@ -8,13 +8,17 @@ normalised with the ImageNet mean/std.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CROPS", "IMAGENET_MEAN", "IMAGENET_STD", "crops", "load_efficientnet_lite0", "photos", "split_photos"]
+__all__ = ["CROPS", "IMAGENET_MEAN", "IMAGENET_STD", "crops", "extra_photos", "load_efficientnet_lite0", "photos", "random_crops",
+           "split_photos"]
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 #: crop = (scale of the short side, vertical position, horizontal position), positions in [0, 1]: the whole
@@ -24,6 +28,12 @@ CROPS = [(1.0, 0.5, 0.5)] + [(0.8, y, x) for y, x in ((0, 0), (0, 1), (1, 0), (1
 ]
 #: scikit-image's colour photos used (grey or microscope images left out), then scikit-learn's two
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+#: the other photographs bundled in scikit-image (grey ones as three equal channels; ``cat`` is ``chelsea`` and
+#: left out), for unlabelled training inputs only: none of them is among :func:`photos`
+SKIMAGE_EXTRA = ("stereo_motorcycle", "retina", "colorwheel", "logo", "camera", "brick", "clock", "coins", "grass",
+                 "gravel", "moon", "page", "text")
+#: photographs in matplotlib's ``sample_data`` (present in most installs)
+MATPLOTLIB_EXTRA = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
 
 
 def photos() -> dict[str, np.ndarray]:
@@ -37,6 +47,56 @@ def photos() -> dict[str, np.ndarray]:
     sk = load_sample_images()
     out.update({Path(f).stem: im for f, im in zip(sk.filenames, sk.images)})
     return out
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """``(H, W)`` grey, ``(H, W, 3|4)`` colour, uint8 or float in [0, 1] -> ``(H, W, 3)`` uint8."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return np.ascontiguousarray(a[..., :3])
+
+
+def extra_photos() -> dict[str, np.ndarray]:
+    """More real photographs, disjoint from :func:`photos`: :data:`SKIMAGE_EXTRA` (``stereo_motorcycle``: its
+    left view) and, where matplotlib ships them, :data:`MATPLOTLIB_EXTRA`; name -> ``(H, W, 3)`` uint8 RGB.
+    Meant as unlabelled training inputs (distillation) next to the calibration half of :func:`photos`."""
+    import skimage.data as data
+
+    out = {}
+    for n in SKIMAGE_EXTRA:
+        im = getattr(data, n)()
+        out[n] = _rgb(im[0] if isinstance(im, tuple) else im)
+    try:
+        import matplotlib.cbook as cbook
+        import matplotlib.image as mpimg
+
+        for f in MATPLOTLIB_EXTRA:
+            out[Path(f).stem] = _rgb(mpimg.imread(cbook.get_sample_data(f, asfileobj=False)))
+    except (ImportError, OSError) as exc:  # optional extra images: say which are missing
+        log.warning("matplotlib's sample photos left out (%s: %s)", type(exc).__name__, exc)
+    return out
+
+
+def random_crops(images: dict[str, np.ndarray], n: int, *, size: int = 224, seed: int = 0, scale: tuple[float, float] = (0.1, 1.0),
+                 jitter: float = 0.3) -> torch.Tensor:
+    """``n`` random views of ``images`` (uniform over the images) for unlabelled training: torchvision's
+    ``RandomResizedCrop(size, scale)`` (Inception's crop: area share ``scale``, aspect 3/4-4/3), a random
+    horizontal flip and ``ColorJitter(jitter, jitter, jitter)``, then ImageNet normalisation as :func:`crops`;
+    seeded, ``(n, 3, size, size)`` float32. Never feed them views of the photos you evaluate on."""
+    from torchvision.transforms import v2
+
+    if n < 1 or not images:
+        raise ValueError(f"random_crops needs n >= 1 and at least one image, got n={n} and {len(images)} images")
+    rng = np.random.default_rng(seed)
+    augment = v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
+                          v2.ColorJitter(jitter, jitter, jitter), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    tensors = [torch.from_numpy(_rgb(im).copy()).permute(2, 0, 1).float() / 255 for im in images.values()]
+    with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from the global generator: not the caller's
+        torch.manual_seed(seed)
+        return torch.stack([augment(tensors[i]) for i in rng.integers(len(tensors), size=n)])
 
 
 def split_photos(images: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
