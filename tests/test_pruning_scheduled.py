@@ -174,9 +174,18 @@ def test_linear_and_lottery_ticket_by_update_epoch(dense, digits_data):
             assert torch.allclose(model.fc1.weight.detach()[mask], start["fc1.weight"][mask] + 0.05)
 
 
+def _channel_sparsity(origin, pruned, layers):
+    """NNI's total_sparsity count, from the widths: each removed output channel at its original weight elements."""
+    w0 = sum(getattr(origin, n).weight.numel() for n in layers)
+    return sum(
+        (getattr(origin, n).weight.shape[0] - getattr(pruned, n).weight.shape[0]) * getattr(origin, n).weight[0].numel()
+        for n in layers
+    ) / w0
+
+
 def test_total_sparsity_with_speedup_between_rounds(dense, digits_data):
-    """A global budget carried over speedups: after the last round the selected layers keep half
-    their original weight elements (counted here on the physically smaller model)."""
+    """A global budget carried over speedups: after the last round the selected layers have lost output channels
+    holding half their original weight elements, as one-shot masks count it (counted here from the widths)."""
     model, acc = dense
     layers = ("conv_a", "conv3", "fc1")
     total = 0.5
@@ -186,15 +195,35 @@ def test_total_sparsity_with_speedup_between_rounds(dense, digits_data):
     )  # fmt: skip
     pruned_model, masks = pruner.compress()
     w0 = sum(getattr(model, n).weight.numel() for n in layers)
-    w2 = sum(getattr(pruned_model, n).weight.numel() for n in layers)
     # one output channel of the widest-costing layer is the allocation's granularity
     channel_cost = max(getattr(model, n).weight[0].numel() for n in layers)
-    assert abs(w2 / w0 - (1 - total)) <= channel_cost / w0, w2 / w0
+    got = _channel_sparsity(model, pruned_model, layers)
+    assert abs(got - total) <= channel_cost / w0, got
     assert pruned_model.conv_b.in_channels == pruned_model.conv_a.out_channels < 16 or pruned_model.conv3.out_channels < 32
     for n in layers:  # the cap holds against the original widths
         dim0 = getattr(model, n).weight.shape[0]
         assert getattr(pruned_model, n).weight.shape[0] >= dim0 - math.floor(0.8 * dim0)
     assert "total_sparsity" in pruner.history[1].config_list[0]
-    assert pruner.history[1].sparsity == pytest.approx(1 - w2 / w0)
+    assert pruner.history[1].sparsity == pytest.approx(got)
     finetuner(digits_data, 2)(pruned_model)  # fc1 keeps 7 of 32 features: a stated, wider bound
     assert accuracy(pruned_model, digits_data.test_x, digits_data.test_y) >= acc - 2 * ACC_DROP
+
+
+def test_total_sparsity_over_speedups_does_not_count_the_inputs_a_chain_loses():
+    """Conv chain: pruning conv1's outputs also removes conv2's inputs at speedup. The budget counts output
+    channels only (as one-shot masks do), so three AGP rounds with speedup end at the asked 0.5, not beyond it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 10, 1),
+    ).eval()
+    layers = ("0", "2", "4")
+    x = torch.randn(2, 3, 8, 8)
+    pruner = AGPPruner(model, [{"total_sparsity": 0.5, "op_names": list(layers)}], "l1", 3, speedup=True, dummy_input=x)
+    pruned_model, _ = pruner.compress()
+    w0 = sum(model[int(n)].weight.numel() for n in layers)
+    channel_cost = max(model[int(n)].weight[0].numel() for n in layers)
+    got = sum((model[int(n)].weight.shape[0] - pruned_model[int(n)].weight.shape[0]) * model[int(n)].weight[0].numel() for n in layers) / w0
+    assert abs(got - 0.5) <= 2 * channel_cost / w0, got
+    physical = 1 - sum(pruned_model[int(n)].weight.numel() for n in layers) / w0
+    assert physical > 0.6  # what speedup removes beyond the masks: the inputs of the next layer

@@ -40,6 +40,7 @@ __all__ = [
     "TaskGenerator",
     "PruningScheduler",
     "make_basic_pruner",
+    "channel_sparsity",
     "masked_fraction",
     "plain_copy",
     "relative_config",
@@ -386,7 +387,7 @@ class PruningScheduler:
 
                     plain = _speedup(plain, result.masks, self.dummy_input)
                     result.model_masks = {}
-                    result.sparsity = 1 - _weight_total(plain, names) / _weight_total(origin, names)
+                    result.sparsity = channel_sparsity(origin, plain, names)
                     pinned = {}
                 else:
                     pinned = result.masks
@@ -438,12 +439,13 @@ def relative_config(config_list: list[dict[str, Any]], origin: nn.Module, curren
 
     * per-layer ``sparsity``: ``floor(sparsity * n_origin)`` pruned output channels in all, so
       ``k - (n_origin - n_current)`` more of the ``n_current`` left (one channel always stays);
-    * ``total_sparsity`` (NNI's global allocation): the selected layers keep ``(1 - s) * W_origin``
-      weight elements, so the next allocation runs on ``current`` with
-      ``1 - (1 - s) * W_origin / W_current`` (0 when the earlier rounds already removed enough; weights
-      that speedup dropped from a downstream layer's inputs count as pruned); a
-      ``max_sparsity_per_layer`` cap of ``c`` becomes, per layer, ``(c * n_origin - (n_origin -
-      n_current)) / n_current`` of the channels left.
+    * ``total_sparsity`` (NNI's global allocation): counted as a one-shot prune's masks count it, output
+      channels at their original cost ``c_l = W_origin_l / n_origin_l`` (what speedup also drops from a
+      downstream layer's inputs is not counted, or a chain of layers would overshoot the budget in the
+      first round). Of the budget ``s * W_origin`` the earlier rounds used ``sum_l (n_origin_l -
+      n_current_l) * c_l``; the rest is asked of ``current`` as a fraction of ``sum_l n_current_l * c_l``
+      (0 when the earlier rounds already removed enough); a ``max_sparsity_per_layer`` cap of ``c``
+      becomes, per layer, ``(c * n_origin - (n_origin - n_current)) / n_current`` of the channels left.
     """
     cls = _pruner_class(spec)
     selected = select_modules(
@@ -470,8 +472,9 @@ def relative_config(config_list: list[dict[str, Any]], origin: nn.Module, curren
     for names in groups.values():
         mc = selected[names[0]]
         assert mc.total_sparsity is not None
-        w0, w1 = _weight_total(origin, names), _weight_total(current, names)
-        rel = max(0.0, 1.0 - (1.0 - mc.total_sparsity) * w0 / w1) if w1 else 0.0
+        w0 = _weight_total(origin, names)
+        left = sum(channels(n)[1] * _channel_cost(org[n]) for n in names)  # channels left, at their original cost
+        rel = max(0.0, (mc.total_sparsity - channel_sparsity(origin, current, names)) * w0 / left) if left else 0.0
         entry: dict[str, Any] = {"op_names": list(names), "total_sparsity": min(rel, 1.0 - 1e-9)}
         caps = {n: selected[n].max_sparsity_per_layer for n in names}
         if any(c is not None for c in caps.values()):
@@ -481,9 +484,31 @@ def relative_config(config_list: list[dict[str, Any]], origin: nn.Module, curren
                 cap = 1.0 if c is None else c
                 rel_caps[n] = min(1.0, max(0.0, (cap * n0 - (n0 - n1)) / n1))
             entry["max_sparsity_per_layer"] = rel_caps
-        log.info("total_sparsity %.4f of the original layers -> %.4f of the %d weights left", mc.total_sparsity, rel, w1)
+        log.info("total_sparsity %.4f of the original layers -> %.4f of the channels left", mc.total_sparsity, rel)
         out.append(entry)
     return out
+
+
+def _channel_cost(module: nn.Module) -> int:
+    """Weight elements per output channel (what one pruned channel's mask zeroes)."""
+    w = _weight(module)
+    assert w is not None
+    return w.numel() // int(w.shape[channel_dim(module)])
+
+
+def channel_sparsity(origin: nn.Module, current: nn.Module, names: Sequence[str]) -> float:
+    """The fraction of ``origin``'s weight elements in ``names`` that a one-shot prune's masks would zero to
+    leave ``current``'s output channels: ``sum_l (n_origin_l - n_current_l) * c_l / W_origin`` with ``c_l`` the
+    original weight elements per channel (NNI's ``total_sparsity`` count; inputs speedup dropped are not counted)."""
+    org, cur = dict(origin.named_modules()), dict(current.named_modules())
+    w0 = _weight_total(origin, names)
+    pruned = 0
+    for n in names:
+        dim = channel_dim(org[n])
+        w_org, w_cur = _weight(org[n]), _weight(cur[n])
+        assert w_org is not None and w_cur is not None
+        pruned += (int(w_org.shape[dim]) - int(w_cur.shape[dim])) * _channel_cost(org[n])
+    return pruned / w0 if w0 else 0.0
 
 
 def _weight_total(model: nn.Module, names: Sequence[str] | None) -> int:
