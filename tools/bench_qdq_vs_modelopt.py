@@ -223,8 +223,8 @@ def placement(model: onnx.ModelProto) -> dict:
             "concats": len(concats), "concats_shared_scale": shared}
 
 
-def quantized_tensors(model: onnx.ModelProto) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Activation tensor -> its per-tensor scale; weight initializer -> (per-channel scales, int8 values), read
+def quantized_tensors(model: onnx.ModelProto) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray, int]]]:
+    """Activation tensor -> its per-tensor scale; weight initializer -> (per-channel scales, int8 values, axis), read
     from either layout: ours (int8 initializer ``<w>_quantized`` -> DequantizeLinear) or ModelOpt's (float
     initializer -> QuantizeLinear -> DequantizeLinear, the int8 values computed here as QuantizeLinear does)."""
     from onnx import numpy_helper
@@ -232,7 +232,7 @@ def quantized_tensors(model: onnx.ModelProto) -> tuple[dict[str, float], dict[st
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"})
     acts: dict[str, float] = {}
-    weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    weights: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
     for n in model.graph.node:
         axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
         if n.op_type == "QuantizeLinear" and n.input[0] not in values:
@@ -241,22 +241,29 @@ def quantized_tensors(model: onnx.ModelProto) -> tuple[dict[str, float], dict[st
             w, scale = values[n.input[0]], values[n.input[1]]
             shape = [1] * w.ndim
             shape[axis % w.ndim] = -1
-            weights[n.input[0]] = (scale, np.clip(np.rint(w / scale.reshape(shape)), -128, 127).astype(np.int8))
+            weights[n.input[0]] = (scale, np.clip(np.rint(w / scale.reshape(shape)), -128, 127).astype(np.int8), axis % w.ndim)
         elif n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized") and n.input[0] in values:
-            weights[n.input[0][: -len("_quantized")]] = (values[n.input[1]], values[n.input[0]])
+            weights[n.input[0][: -len("_quantized")]] = (values[n.input[1]], values[n.input[0]], axis % values[n.input[0]].ndim)
     return acts, weights
 
 
 def diff_graphs(ours: Path, peer: Path) -> dict:
     """Tensor-by-tensor: activations quantized by one graph only, activation scales that differ (relative
     difference > 1e-5: a calibration difference, not float rounding), weight scales' largest relative difference
-    and the int8 weight values that differ."""
+    (channels with a nonzero int8 weight) and the int8 weight values that differ."""
     (a_acts, a_w), (b_acts, b_w) = quantized_tensors(onnx.load(str(ours))), quantized_tensors(onnx.load(str(peer)))
     common = set(a_acts) & set(b_acts)
     ratio = {t: a_acts[t] / b_acts[t] for t in common}
     differ = {t: r for t, r in ratio.items() if abs(r - 1) > 1e-5}
     shared_w = [w for w in a_w if w in b_w and a_w[w][0].shape == b_w[w][0].shape]
-    rel = max((float(np.max(np.abs(a_w[w][0].astype(np.float64) / b_w[w][0] - 1))) for w in shared_w), default=0.0)
+
+    def rel_diff(w: str) -> float:  # an all-zero channel quantizes to 0 at any scale (ModelOpt writes 1, we a typical one)
+        scale, q, axis = a_w[w]
+        used = np.moveaxis(q != 0, axis, 0).reshape(scale.size, -1).any(1) if scale.size > 1 else np.ones(1, bool)
+        r = np.abs(a_w[w][0].astype(np.float64) / b_w[w][0] - 1).reshape(-1)
+        return float(r[used].max(initial=0.0))
+
+    rel = max((rel_diff(w) for w in shared_w), default=0.0)
     return {"acts_only_ours": len(set(a_acts) - set(b_acts)), "acts_only_peer": len(set(b_acts) - set(a_acts)),
             "acts_scale_differs": len(differ), "acts_scale_ratio_range": [round(min(differ.values(), default=1.0), 3),
                                                                        round(max(differ.values(), default=1.0), 3)],

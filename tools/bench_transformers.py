@@ -47,7 +47,7 @@ import torch
 import deploycompress as dc
 from deploycompress.hf import Encoder
 from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
-from deploycompress.hf.int8 import linear_matmuls, mean_cosine, quantize_transformer
+from deploycompress.hf.int8 import SMOOTH_ALPHA, linear_matmuls, mean_cosine, quantize_transformer
 from deploycompress.hf.linear_int8 import collect_stats, linear_inputs, quantize_linears, smooth
 from deploycompress.hf.text import source_sentences, stdlib_sentences
 from deploycompress.pruning.distill import distill
@@ -240,9 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
         variants.update(ort_quantizers(fp32, calib, Path(tmp), hf.config.num_attention_heads, hf.config.hidden_size))
     ours = quantize_transformer(fp32, calib, calib[:4], threads=args.threads, repeats=1)
     variants[f"deploycompress int8 ({ours.chosen})"] = ours.model
-    plain_linears = [n for n in linear_matmuls(fp32)]  # every flavour of the plain graph, SmoothQuant 0.75, for the per-shape table
+    plain_linears = [n for n in linear_matmuls(fp32)]  # every flavour of the plain graph, default SmoothQuant, for the per-shape table
     groups = linear_inputs(fp32, plain_linears)
-    smoothed, sstats = smooth(fp32, groups, collect_stats(fp32, calib, list(groups), args.threads), 0.75)
+    smoothed, sstats = smooth(fp32, groups, collect_stats(fp32, calib, list(groups), args.threads), SMOOTH_ALPHA)
     for fl in ("qdq", "integer", "dynamic"):
         if f"plain/{fl}" != ours.chosen:
             variants[f"deploycompress int8 (plain/{fl})"] = quantize_linears(smoothed, linear_inputs(smoothed, plain_linears), sstats, flavour=fl)
