@@ -455,10 +455,7 @@ def relative_config(config_list: list[dict[str, Any]], origin: nn.Module, curren
     org, cur = dict(origin.named_modules()), dict(current.named_modules())
 
     def channels(name: str) -> tuple[int, int]:
-        dim = channel_dim(org[name])
-        w0, w1 = _weight(org[name]), _weight(cur[name])
-        assert w0 is not None and w1 is not None
-        return int(w0.shape[dim]), int(w1.shape[dim])
+        return _widths(org[name], cur[name])
 
     out: list[dict[str, Any]] = []
     groups: dict[int, list[str]] = {}
@@ -504,11 +501,17 @@ def channel_sparsity(origin: nn.Module, current: nn.Module, names: Sequence[str]
     w0 = _weight_total(origin, names)
     pruned = 0
     for n in names:
-        dim = channel_dim(org[n])
-        w_org, w_cur = _weight(org[n]), _weight(cur[n])
-        assert w_org is not None and w_cur is not None
-        pruned += (int(w_org.shape[dim]) - int(w_cur.shape[dim])) * _channel_cost(org[n])
+        n0, n1 = _widths(org[n], cur[n])
+        pruned += (n0 - n1) * _channel_cost(org[n])
     return pruned / w0 if w0 else 0.0
+
+
+def _widths(origin: nn.Module, current: nn.Module) -> tuple[int, int]:
+    """Output channels of one layer in the original and in the sped-up model."""
+    dim = channel_dim(origin)
+    w0, w1 = _weight(origin), _weight(current)
+    assert w0 is not None and w1 is not None
+    return int(w0.shape[dim]), int(w1.shape[dim])
 
 
 def _weight_total(model: nn.Module, names: Sequence[str] | None) -> int:
