@@ -53,7 +53,7 @@ import torch
 import deploycompress as dc
 from deploycompress.pruning.distill import distill
 from deploycompress.pruning.reconstruct import reconstruct
-from deploycompress.pruning import TaylorGatePruner, TorchEvaluator
+from deploycompress.pruning import ReconstructionPruner, TaylorGatePruner, TorchEvaluator
 from deploycompress.zoo import crops, extra_photos, load_efficientnet_lite0, photos, random_crops, split_photos
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -91,13 +91,23 @@ class RandomViews(Sequence):
         return random_crops(self.images, self.batch, seed=self.seed + i)
 
 
-def prune(dense: torch.nn.Module, pool: dict, example: torch.Tensor, args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict]]:
+def refit_views(pool: dict, calib: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """The least-squares rows' images: the calibration crops and ``--refit-views`` random views of the training photos."""
+    return torch.cat([calib, random_crops(pool, args.refit_views, seed=2)]) if args.refit_views else calib
+
+
+def prune(dense: torch.nn.Module, pool: dict, calib: torch.Tensor, example: torch.Tensor, args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict]]:
     """The expansion convolutions' channels (see the module docstring), pruned and sped up: a new, smaller model."""
     expand = [n for n, _ in dense.named_modules() if n.endswith("_expand_conv")]
     model = copy.deepcopy(dense)
+    gates = {n: n.replace("_expand_conv", "_project_conv") for n in expand}  # where the channels leave the block
     if args.criterion == "l1":
         config_list = [{"op_names": expand, "sparsity": args.sparsity}]
         pruner = dc.L1NormPruner(model, config_list, dependency_aware=True, dummy_input=example)
+    elif args.criterion == "reconstruction":
+        config_list = [{"op_names": expand, "total_sparsity": args.sparsity, "max_sparsity_per_layer": args.max_per_layer}]
+        pruner = ReconstructionPruner(model, config_list, list(refit_views(pool, calib, args).split(16)), consumers=gates, ridge=args.refit_ridge,
+                                      round_to=args.round_to, dependency_aware=True, dummy_input=example, progress=args.verbose)
     else:
         views = random_crops(pool, 16 * args.score_batches, seed=1)
         with torch.no_grad():
@@ -114,7 +124,6 @@ def prune(dense: torch.nn.Module, pool: dict, example: torch.Tensor, args: argpa
         evaluator = TorchEvaluator(training_func, lambda p: torch.optim.SGD(p, lr=0.0),
                                    lambda b, m: torch.nn.functional.cross_entropy(m(b[0]), b[1]), dummy_input=example)
         config_list = [{"op_names": expand, "total_sparsity": args.sparsity, "max_sparsity_per_layer": args.max_per_layer}]
-        gates = {n: n.replace("_expand_conv", "_project_conv") for n in expand}  # where the channels leave the block
         pruner = TaylorGatePruner(model, config_list, evaluator, gates=gates, dependency_aware=True, dummy_input=example)
     _, masks = pruner.compress()
     return dc.speedup(pruner.unwrap_model(), masks, example, round_to=args.round_to), config_list
@@ -125,14 +134,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("runs/efficientnet_lite0"))
     parser.add_argument("--sparsity", type=float, default=0.25, help="share of the expansion channels removed (all blocks together)")
     parser.add_argument("--max-per-layer", type=float, default=0.6, help="largest share removed from one block (taylor)")
-    parser.add_argument("--criterion", choices=("taylor", "l1"), default="taylor",
-                        help="taylor: TaylorGatePruner, global budget; l1: L1NormPruner, --sparsity in every block")
+    parser.add_argument("--criterion", choices=("reconstruction", "taylor", "l1"), default="reconstruction",
+                        help="reconstruction: ReconstructionPruner (least-squares error of the projection conv), global budget; "
+                        "taylor: TaylorGatePruner, global budget; l1: L1NormPruner, --sparsity in every block")
     parser.add_argument("--round-to", type=int, default=16, help="speedup keeps multiples of this many channels (fast kernels)")
     parser.add_argument("--score-batches", type=int, default=8, help="batches of 16 random views scored (taylor)")
     parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                         help="least-squares refit of the projection convs against the dense model before distillation")
     parser.add_argument("--refit-views", type=int, default=128, help="random views of the training photos added to the calibration crops (refit)")
-    parser.add_argument("--refit-ridge", type=float, default=1e-2, help="relative ridge of the refit")
+    parser.add_argument("--refit-ridge", type=float, default=1e-2, help="relative ridge of the refit (and of the reconstruction selection)")
+    parser.add_argument("--refit-expand", action=argparse.BooleanOptionalAction, default=True,
+                        help="also refit the expansion convs of blocks 2-15 (their inputs are perturbed by earlier pruning)")
+    parser.add_argument("--refit-head", action=argparse.BooleanOptionalAction, default=True, help="also refit the 1x1 head conv")
     parser.add_argument("--distill-steps", type=int, default=600, help="0: no distillation")
     parser.add_argument("--batch", type=int, default=16, help="random views per distillation step")
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -166,13 +179,18 @@ def main(argv: list[str] | None = None) -> dict:
     t_dense = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    small, config_list = prune(dense, pool, example, args)
+    small, config_list = prune(dense, pool, calib, example, args)
     with torch.no_grad():
         before = agreement(small(evaluation).numpy(), reference)
     refitted = None
     if args.refit:
-        views = torch.cat([calib, random_crops(pool, args.refit_views, seed=2)]) if args.refit_views else calib
-        consumers = [n.replace("_expand_conv", "_project_conv") for c in config_list for n in c["op_names"]]
+        views = refit_views(pool, calib, args)
+        expand = [n for c in config_list for n in c["op_names"]]
+        consumers = [n.replace("_expand_conv", "_project_conv") for n in expand]
+        if args.refit_expand:  # inputs perturbed by the earlier blocks' pruning; the first block's are not
+            consumers += [n for n in expand if n != expand[0]]
+        if args.refit_head:
+            consumers.append("_conv_head")
         small = reconstruct(dense, small, consumers, list(views.split(16)), ridge=args.refit_ridge, progress=args.verbose).model
         with torch.no_grad():
             refitted = agreement(small(evaluation).numpy(), reference)

@@ -25,6 +25,7 @@ from .random_masks import group_keep, random_group_masks, random_layer_masks
 from .slim import SlimPruner
 from .taylor import TaylorFOWeightPruner
 from .taylor_gate import TaylorGatePruner
+from .reconstruction_select import ReconstructionPruner
 
 __all__: list[str] = [
     "Pruner",
@@ -39,6 +40,7 @@ __all__: list[str] = [
     "ActivationMeanRankPruner",
     "TaylorFOWeightPruner",
     "TaylorGatePruner",
+    "ReconstructionPruner",
     "TorchEvaluator",
     "PruningScheduler",
     "TaskGenerator",

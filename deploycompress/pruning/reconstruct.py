@@ -36,14 +36,15 @@ from .evaluator import _call  # one way to call a model with a batch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerFit", "ReconstructionResult", "kept_inputs", "reconstruct"]
+__all__ = ["LayerFit", "ReconstructionResult", "kept_inputs", "kept_outputs", "reconstruct"]
 
 
 @dataclass
 class LayerFit:
     """One refitted consumer: relative reconstruction error ``||Y_pruned - Y_dense|| / ||Y_dense||`` over the
     calibration inputs before and after the refit, the kept input channels (indices into the dense consumer's
-    inputs) and the number of rows (positions) fitted."""
+    inputs) and the number of rows (positions) fitted; for a consumer that lost output channels too, which dense
+    outputs its refitted rows are (``-1``: a zero, still-masked row left as it is)."""
 
     dense: str
     pruned: str
@@ -51,6 +52,7 @@ class LayerFit:
     error_after: float
     kept: list[int]
     rows: int
+    kept_outputs: list[int] | None = None  # dense output channels refitted (None: all); see :func:`kept_outputs`
 
 
 @dataclass
@@ -106,6 +108,28 @@ def kept_inputs(dense_w: torch.Tensor, pruned_w: torch.Tensor, name: str) -> lis
     return kept
 
 
+def kept_outputs(dense_w: torch.Tensor, pruned_w: torch.Tensor, name: str) -> list[int]:
+    """Which output channels of the dense layer (weights (C_out, C, ...)) the pruned one (C_out', C, ...) still
+    computes, matched row by row in order (speedup keeps the order); an all-zero pruned row (a masked channel
+    ``speedup(round_to=N)`` kept back) is ``-1``. The inputs must be the same."""
+    if pruned_w.shape[1:] != dense_w.shape[1:] or pruned_w.shape[0] > dense_w.shape[0]:
+        raise ValueError(f"reconstruct: {name!r} has weights {tuple(pruned_w.shape)} in the pruned model and {tuple(dense_w.shape)} in the "
+                         "dense one; a consumer that lost output channels must keep all its inputs")
+    kept, i = [], 0
+    for j in range(pruned_w.shape[0]):
+        if not pruned_w[j].any():
+            kept.append(-1)
+            continue
+        while i < dense_w.shape[0] and not torch.equal(dense_w[i], pruned_w[j]):
+            i += 1
+        if i == dense_w.shape[0]:
+            raise ValueError(f"reconstruct: output channel {j} of the pruned {name!r} matches no remaining output channel of the dense one; "
+                             "pass the models as speedup left them (before any fine-tuning) or refit before training")
+        kept.append(i)
+        i += 1
+    return kept
+
+
 def _capture(model: nn.Module, name: str, batch, want: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` on ``batch`` up to module ``name``; its (input, output)."""
     got = {}
@@ -131,7 +155,9 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
     """Refit ``layers`` of a copy of ``pruned`` so their outputs match ``dense``'s on ``batches``; see the module docstring.
 
     ``layers``: consumer names, each a name present in both models or a pair ``(name in dense, name in pruned)``;
-    refitted in the pruned model's module order. ``batches``: model inputs (tensors, tuples or dicts, as a
+    refitted in the pruned model's module order. A layer may also have lost output channels (an expansion conv
+    whose outputs were pruned, its inputs complete but perturbed by earlier pruning): each kept output row is
+    fitted to its dense channel (:func:`kept_outputs`). ``batches``: model inputs (tensors, tuples or dicts, as a
     ``TorchEvaluator`` passes them), e.g. calibration views; both models are run in eval mode without gradients.
     ``ridge``: relative Tikhonov weight pulling ``W`` towards the current weights (0: plain least squares).
     Returns a :class:`ReconstructionResult` with a new model; ``dense`` and ``pruned`` are not modified.
@@ -154,10 +180,12 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
             if n not in dict(net.named_modules()):
                 raise ValueError(f"reconstruct: no module {n!r} in the {which} model")
             _check_consumer(net.get_submodule(n), f"{n} ({which})")
-        pairs.append((d_name, p_name, kept_inputs(dense.get_submodule(d_name).weight, model.get_submodule(p_name).weight, p_name)))
+        dw, pw = dense.get_submodule(d_name).weight, model.get_submodule(p_name).weight
+        outs = kept_outputs(dw, pw, p_name) if pw.shape[0] != dw.shape[0] else None
+        pairs.append((d_name, p_name, kept_inputs(dw[[o for o in outs if o >= 0]] if outs else dw, pw[[j for j, o in enumerate(outs) if o >= 0]] if outs else pw, p_name), outs))
     pairs.sort(key=lambda t: order[t[1]])
     result = ReconstructionResult(model)
-    for d_name, p_name, kept in tqdm(pairs, desc="least-squares refit", unit="layer", leave=False, disable=None if progress is None else not progress):
+    for d_name, p_name, kept, outs in tqdm(pairs, desc="least-squares refit", unit="layer", leave=False, disable=None if progress is None else not progress):
         m = model.get_submodule(p_name)
         cin = m.weight.shape[1]
         xtx = torch.zeros(cin + 1, cin + 1, dtype=torch.float64)
@@ -171,6 +199,8 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
                 _, yd = _capture(dense, d_name, b, "dense")
                 x, yp = _rows(m, x, yp, p_name)
                 yd = yd.movedim(1, -1).reshape(-1, yd.shape[1]) if isinstance(m, nn.Conv2d) else yd.reshape(-1, yd.shape[-1])
+                if outs is not None:  # the pruned rows' dense targets; still-masked rows keep their own output
+                    yd = torch.where(torch.tensor(outs) >= 0, yd[:, torch.tensor(outs).clamp(min=0)], yp)
                 x1 = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
                 xtx += x1.T @ x1
                 xty += x1.T @ yd.double()
@@ -195,5 +225,5 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
                 m.bias.copy_(theta[cin].to(m.bias.dtype))
         log.info("reconstruct %s: relative error %.4f -> %.4f (%d of %d inputs kept, %d rows)", p_name, before, after, cin,
                  dense.get_submodule(d_name).weight.shape[1], rows)
-        result.layers.append(LayerFit(d_name, p_name, before, after, kept, rows))
+        result.layers.append(LayerFit(d_name, p_name, before, after, kept, rows, outs))
     return result

@@ -1,0 +1,304 @@
+"""Reconstruction-aware channel selection: prune the channels whose loss a least-squares refit of their consumer absorbs best.
+
+A producer's output channels (e.g. an inverted-residual block's expansion conv) reach the rest of the network only
+through one consumer (the block's 1x1 projection conv). Removing a set of them and refitting the consumer's
+remaining weights by least squares (:mod:`deploycompress.pruning.reconstruct`) leaves an error that depends on
+*which* channels went: channels that are (nearly) linear combinations of the kept ones cost (nearly) nothing.
+This pruner selects for that error, as ThiNet (Luo, Wu and Lin, "ThiNet: A Filter Level Pruning Method for Deep
+Neural Network Compression", ICCV 2017: greedy selection of the channels whose removal least changes the next
+layer's output) and He, Zhang and Sun ("Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017:
+channel selection, then least-squares reconstruction, layer by layer, inputs from the already-pruned model) do.
+The greedy step here scores each candidate by the error *after* the refit, which has a closed form: with
+``A = X^T X + ridge`` the consumer's input Gram matrix (rows: every position of every calibration input, plus an
+intercept column) and ``beta`` the current least-squares weights, removing input channel ``j`` raises the residual
+by ``||beta_j||^2 / (A^-1)_jj`` (the structured Optimal Brain Surgeon step of Frantar and Alistarh, "Optimal Brain
+Compression", NeurIPS 2022); ``A^-1`` and ``beta`` are updated by a rank-one downdate, so one backward-elimination
+pass gives the whole removal order, O(C^2) per removed channel.
+
+Two passes over ``batches``:
+
+1. **Allocation** (only for ``total_sparsity`` entries of ``config_list``): one forward pass of the dense model
+   gives every consumer's Gram matrix (the dense targets are the consumer's own outputs, ``Y = X W^T + b``); each
+   layer's backward elimination gives its curve of relative error ``||Y_refit - Y|| / ||Y||`` against channels
+   removed, and the budget takes the channels with the lowest error on that curve across layers (the layers end
+   near a common error; ``max_sparsity_per_layer`` and the weight-count budget as for every pruner).
+2. **Selection**, layer by layer in network order (He et al.): ``X`` from a working copy of the model in which
+   the earlier consumers are already pruned (removed columns zeroed) and refitted, ``Y`` from the dense model; the
+   layer's count (``sparsity``, or pass 1's) is removed by backward elimination, the consumer refitted, next layer.
+
+The masks are the usual output-channel masks of the producers (with ``dependency_aware=True`` and ``dummy_input``
+the joined BatchNorm/depthwise parameters too), for ``speedup``; the consumers' refit is not written into the
+model: run :func:`deploycompress.pruning.reconstruct.reconstruct` on the sped-up model with the same batches (it
+reaches the refit this selection assumed). ``round_to=N`` keeps every producer's kept width a multiple of N, so
+that ``speedup(round_to=N)`` removes exactly the selected channels.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import ModuleConfig
+from .allocate import global_prune_counts, prune_count
+from .channel import ChannelPruner, channel_dim
+from .evaluator import _call
+from .io import _weight
+from .reconstruct import LayerFit, _capture, _check_consumer, _rows
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReconstructionPruner", "backward_elimination"]
+
+
+def backward_elimination(gram: torch.Tensor, cross: torch.Tensor, yty: float, steps: int, fixed: int = 1) -> tuple[list[int], list[float]]:
+    """Greedy removal of ``steps`` of the first ``C`` regressors of a multi-output least-squares problem.
+
+    ``gram`` (C+K, C+K): ``X^T X`` (plus any ridge) of C removable regressors followed by ``fixed`` = K always-kept
+    ones (an intercept); ``cross`` (C+K, O): ``X^T Y``; ``yty``: ``||Y||^2``. Each step removes the regressor whose
+    removal raises the refitted residual ``min_beta ||X beta - Y||^2`` least (exactly, given the earlier removals).
+    Returns the removal order (indices into the C) and the residual after each removal (non-decreasing).
+    ``gram`` must be positive definite (add a ridge); ``ValueError`` for mismatched shapes or ``steps`` > C.
+    """
+    n = gram.shape[0]
+    if gram.shape != (n, n) or cross.dim() != 2 or cross.shape[0] != n or not 0 <= fixed <= n:
+        raise ValueError(f"backward_elimination: gram {tuple(gram.shape)}, cross {tuple(cross.shape)} and fixed={fixed} do not match")
+    ainv = torch.cholesky_inverse(torch.linalg.cholesky(gram.double()))
+    beta = ainv @ cross.double()
+    rss = float(yty) - float((cross.double() * beta).sum())
+    return _eliminate(ainv, beta, rss, steps, n - fixed)
+
+
+def _eliminate(ainv: torch.Tensor, beta: torch.Tensor, rss: float, steps: int, removable: int) -> tuple[list[int], list[float]]:
+    """Backward elimination from the inverse Gram matrix and solution of the full problem (both updated in place)."""
+    if not 0 <= steps <= removable:
+        raise ValueError(f"backward_elimination: cannot remove {steps} of {removable} regressors")
+    alive = torch.ones(removable, dtype=torch.bool)
+    order, curve = [], []
+    for _ in range(steps):
+        d = ainv.diagonal()[:removable]
+        cost = beta[:removable].pow(2).sum(1) / d.clamp_min(1e-300)
+        cost[~alive] = math.inf
+        j = int(torch.argmin(cost))
+        rss += float(cost[j])
+        col = ainv[:, j].clone()
+        ainv -= torch.outer(col, col) / col[j]
+        beta -= torch.outer(col, beta[j]) / col[j]
+        ainv[j], ainv[:, j], beta[j] = 0, 0, 0
+        alive[j] = False
+        order.append(j)
+        curve.append(max(rss, 0.0))
+    return order, curve
+
+
+def _moments(x: torch.Tensor, y: torch.Tensor | None, acc: dict) -> None:
+    x1 = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    acc["gram"] = acc.get("gram", 0) + x1.T @ x1
+    if y is not None:
+        acc["cross"] = acc.get("cross", 0) + x1.T @ y.double()
+        acc["yty"] = acc.get("yty", 0) + float(y.double().pow(2).sum())
+    acc["rows"] = acc.get("rows", 0) + len(x)
+
+
+def _theta(m: nn.Module) -> torch.Tensor:
+    """A consumer's weights and bias as one (C_in + 1, C_out) float64 matrix."""
+    w = m.weight.detach().reshape(m.weight.shape[0], -1).double()
+    b = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return torch.cat([w.T, b[None]], 0)
+
+
+def _ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The relative Tikhonov term of :func:`reconstruct` (intercept not pulled)."""
+    cin = gram.shape[0] - 1
+    reg = torch.zeros_like(gram)
+    reg.diagonal()[:cin] = ridge * torch.diagonal(gram)[:cin].mean() if cin else 0
+    if ridge == 0:  # keep the system solvable where a channel is constant or zero on the data
+        reg.diagonal()[:cin] = 1e-12 * max(float(torch.diagonal(gram)[:cin].mean()), 1e-30)
+    return reg
+
+
+class ReconstructionPruner(ChannelPruner):
+    """Output channels of the selected producers, chosen by the least-squares error of their consumer; see the
+    module docstring.
+
+    ``(model, config_list, batches, *, consumers, ridge=1e-2, round_to=1, dependency_aware=False,
+    dummy_input=None, progress=None)``. ``config_list``: NNI's spec (``sparsity`` per layer, or ``total_sparsity``
+    with ``max_sparsity_per_layer``); ``batches``: model inputs (tensors, tuples or dicts) — every spatial position
+    of every input is one least-squares row; ``consumers``: for each selected layer, the name of the one
+    pointwise module (1x1 ``Conv2d`` without groups or padding, or ``Linear``) that reads its channels, in the same
+    order (e.g. an expansion conv's projection conv); ``ridge``: relative Tikhonov weight of the refit (as
+    :func:`reconstruct`). After ``compress()``, ``layer_fits`` holds one :class:`LayerFit` per layer (relative
+    error of the consumer's output with all channels and after the selection's refit, the kept channels).
+
+    Raises ``ValueError`` (before any data runs) for a selected layer without a consumer, a consumer that is no
+    module, not pointwise, or reads a different number of channels than the layer has outputs; empty ``batches``;
+    ``ridge < 0`` or ``round_to < 1``. The model is only masked, as by every pruner.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config_list: Sequence[dict[str, Any]],
+        batches: Sequence[Any],
+        *,
+        consumers: Mapping[str, str],
+        ridge: float = 1e-2,
+        round_to: int = 1,
+        dependency_aware: bool = False,
+        dummy_input: Any = None,
+        progress: bool | None = None,
+    ) -> None:
+        super().__init__(model, config_list, dependency_aware=dependency_aware, dummy_input=dummy_input)
+        name = type(self).__name__
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError(f"{name}: no batches given; pass a few calibration inputs")
+        if ridge < 0:
+            raise ValueError(f"{name}: ridge must be >= 0, got {ridge}")
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"{name}: round_to must be a positive int, got {round_to!r}")
+        self.ridge, self.round_to, self.progress = ridge, round_to, progress
+        self.consumers = dict(consumers)
+        modules = dict(model.named_modules())
+        for layer, module in self._modules.items():
+            if layer not in self.consumers:
+                raise ValueError(f"{name}: no consumer given for {layer!r}; pass consumers={{{layer!r}: <the 1x1 conv or Linear reading it>}}")
+            consumer = self.consumers[layer]
+            if consumer not in modules:
+                raise ValueError(f"{name}: consumer {consumer!r} of {layer!r} is no submodule of the model")
+            _check_consumer(modules[consumer], consumer)
+            weight = _weight(module)
+            assert weight is not None
+            channels, reads = weight.shape[channel_dim(module)], modules[consumer].weight.shape[1]
+            if channels != reads:
+                raise ValueError(f"{name}: consumer {consumer!r} reads {reads} channels but {layer!r} has {channels}: name the module that reads them")
+        extra = sorted(set(self.consumers) - set(self._modules))
+        if extra:
+            raise ValueError(f"{name}: consumers names {extra}, which config_list does not select")
+        order = {n: i for i, n in enumerate(modules)}
+        self._order = sorted(self._modules, key=lambda n: order[self.consumers[n]])
+        self._counts: dict[str, int] = {}
+        self._scores: dict[str, torch.Tensor] = {}
+        self.layer_fits: list[LayerFit] = []
+
+    # ------------------------------------------------------------------ counts
+    def _rounded(self, n: int, count: int) -> int:
+        """Fewer removed channels so that the kept width is a multiple of ``round_to`` (or all)."""
+        kept = min(n, math.ceil((n - count) / self.round_to) * self.round_to)
+        return n - max(kept, 1)
+
+    def _allocate(self, dense: nn.Module) -> dict[str, int]:
+        counts, budgets = {}, {}
+        for layer in self._order:
+            cfg = self.module_configs[layer]
+            n = dense.get_submodule(self.consumers[layer]).weight.shape[1]
+            if cfg.sparsity is not None:
+                counts[layer] = prune_count(cfg.sparsity, n, cfg.sparse_rounding)
+            else:
+                key = ("group", cfg.global_group_id) if cfg.global_group_id is not None else ("config", cfg.config_index)
+                budgets.setdefault(key, []).append(layer)
+        if budgets:
+            acc: dict[str, dict] = {n: {} for names in budgets.values() for n in names}
+            handles = []
+            for layer in acc:
+                m = dense.get_submodule(self.consumers[layer])
+
+                def hook(mod, inp, out, a=acc[layer], name=self.consumers[layer]):  # noqa: ANN001, ANN202
+                    x, _ = _rows(mod, inp[0].detach(), out.detach(), name)
+                    _moments(x, None, a)
+
+                handles.append(m.register_forward_hook(hook))
+            try:
+                with torch.no_grad():
+                    for b in tqdm(self.batches, desc="reconstruction allocation", unit="batch", leave=False, disable=self._quiet()):
+                        _call(dense, b)
+            finally:
+                for h in handles:
+                    h.remove()
+            curves = {}
+            for layer, a in acc.items():
+                theta0 = _theta(dense.get_submodule(self.consumers[layer]))
+                gram = a["gram"]
+                reg = _ridge(gram, self.ridge)
+                yty = float((theta0 * (gram @ theta0)).sum())
+                cfg = self.module_configs[layer]
+                n = gram.shape[0] - 1
+                cap = prune_count(cfg.max_sparsity_per_layer if cfg.max_sparsity_per_layer is not None else 1.0, n)
+                ainv = torch.cholesky_inverse(torch.linalg.cholesky(gram + reg))
+                beta = theta0.clone()  # (gram + reg) theta0 = gram theta0 + reg theta0: the dense weights solve it
+                order, curve = _eliminate(ainv, beta, 0.0, cap, n)
+                score = torch.full((n,), math.inf)
+                score[order] = torch.tensor([(r / yty) ** 0.5 if yty > 0 else 0.0 for r in curve], dtype=torch.float32)
+                curves[layer] = score
+            for names in budgets.values():
+                cfg = self.module_configs[names[0]]
+                assert cfg.total_sparsity is not None
+                counts.update(global_prune_counts(
+                    {n: curves[n] for n in names}, {n: self._unit_cost(n, curves[n]) for n in names}, cfg.total_sparsity,
+                    {n: self.module_configs[n].max_sparsity_per_layer for n in names}, rounding=cfg.sparse_rounding))  # fmt: skip
+        return {layer: self._rounded(dense.get_submodule(self.consumers[layer]).weight.shape[1], c) for layer, c in counts.items()}
+
+    def _quiet(self) -> bool | None:
+        return None if self.progress is None else not self.progress
+
+    # ------------------------------------------------------------------ pipeline
+    def _prepare(self) -> None:
+        was_training = self.model.training
+        dense = copy.deepcopy(self.model).eval()
+        work = copy.deepcopy(self.model).eval()
+        self.model.train(was_training)
+        self._counts = self._allocate(dense)
+        self._scores, self.layer_fits = {}, []
+        for layer in tqdm(self._order, desc="reconstruction selection", unit="layer", leave=False, disable=self._quiet()):
+            cname = self.consumers[layer]
+            m = work.get_submodule(cname)
+            acc: dict = {}
+            err0 = 0.0
+            with torch.no_grad():
+                for b in self.batches:
+                    x, yp = _capture(work, cname, b, "pruned")
+                    _, yd = _capture(dense, cname, b, "dense")
+                    x, yp = _rows(m, x, yp, cname)
+                    yd = yd.movedim(1, -1).reshape(-1, yd.shape[1]) if isinstance(m, nn.Conv2d) else yd.reshape(-1, yd.shape[-1])
+                    _moments(x, yd, acc)
+                    err0 += float((yp.double() - yd.double()).pow(2).sum())
+            gram, n = acc["gram"], acc["gram"].shape[0] - 1
+            reg = _ridge(gram, self.ridge)
+            theta0 = _theta(m)
+            cross = acc["cross"] + reg @ theta0
+            ainv = torch.cholesky_inverse(torch.linalg.cholesky(gram + reg))
+            beta = ainv @ cross
+            count = self._counts[layer]
+            order, _ = _eliminate(ainv, beta, 0.0, count, n)
+            kept = torch.ones(n + 1, dtype=torch.bool)
+            kept[order] = False
+            with torch.no_grad():
+                theta = torch.zeros_like(theta0)
+                theta[kept] = torch.linalg.solve((gram + reg)[kept][:, kept], cross[kept])
+                res = float(((theta * (gram @ theta)).sum() - 2 * (theta * acc["cross"]).sum() + acc["yty"]))
+                m.weight.copy_(theta[:n].T.reshape(m.weight.shape).to(m.weight.dtype))
+                if m.bias is None:
+                    m.bias = nn.Parameter(theta[n].to(m.weight.dtype))
+                else:
+                    m.bias.copy_(theta[n].to(m.bias.dtype))
+            yty = acc["yty"]
+            before, after = ((err0 / yty) ** 0.5, (max(res, 0.0) / yty) ** 0.5) if yty > 0 else (0.0, 0.0)
+            score = torch.full((n,), float(count + 1))
+            score[order] = torch.arange(count, dtype=torch.float32)
+            self._scores[layer] = score
+            fit = LayerFit(layer, cname, before, after, torch.nonzero(kept[:n]).flatten().tolist(), acc["rows"])
+            self.layer_fits.append(fit)
+            log.info("%s %s: %d of %d channels removed; consumer %s relative error %.4f (inputs as pruned so far) -> %.4f after the refit",
+                     type(self).__name__, layer, count, n, cname, before, after)
+
+    def channel_score(self, name: str, module: nn.Module, config: ModuleConfig) -> torch.Tensor:
+        """Removal rank (removed channels ``0..count-1`` in the order chosen; kept channels ``count + 1``)."""
+        return self._scores[name]
+
+    def _prune_counts(self, scores: dict[str, torch.Tensor]) -> dict[str, int]:
+        return dict(self._counts)
