@@ -96,8 +96,31 @@ def refit_views(pool: dict, calib: torch.Tensor, args: argparse.Namespace) -> to
     return torch.cat([calib, random_crops(pool, args.refit_views, seed=2)]) if args.refit_views else calib
 
 
-def prune(dense: torch.nn.Module, pool: dict, calib: torch.Tensor, example: torch.Tensor, args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict]]:
-    """The expansion convolutions' channels (see the module docstring), pruned and sped up: a new, smaller model."""
+def taylor_pruner(dense: torch.nn.Module, model: torch.nn.Module, pool: dict, example: torch.Tensor, expand: list[str], gates: dict,
+                  args: argparse.Namespace) -> TaylorGatePruner:
+    """TaylorGatePruner over ``expand`` with one ``total_sparsity`` budget; loss: cross-entropy against the dense top-1."""
+    views = random_crops(pool, 16 * args.score_batches, seed=1)
+    with torch.no_grad():
+        labels = torch.cat([dense(b) for b in views.split(16)]).argmax(1)  # the dense model's top-1: pseudo-labels
+    batches = list(zip(views.split(16), labels.split(16)))
+
+    def training_func(m, optimizer, training_step, *_):  # noqa: ANN001, ANN202 - gradients only: eval mode
+        m.eval()
+        for b in batches:
+            optimizer.zero_grad()
+            training_step(b, m).backward()
+            optimizer.step()
+
+    evaluator = TorchEvaluator(training_func, lambda p: torch.optim.SGD(p, lr=0.0),
+                               lambda b, m: torch.nn.functional.cross_entropy(m(b[0]), b[1]), dummy_input=example)
+    config_list = [{"op_names": expand, "total_sparsity": args.sparsity, "max_sparsity_per_layer": args.max_per_layer}]
+    return TaylorGatePruner(model, config_list, evaluator, gates=gates, dependency_aware=True, dummy_input=example)
+
+
+def prune(dense: torch.nn.Module, pool: dict, calib: torch.Tensor, example: torch.Tensor,
+          args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module | None, list[dict]]:
+    """The expansion convolutions' channels (see the module docstring), pruned and sped up: new, smaller models, the
+    plain one (weights sliced) and, for ``--criterion reconstruction`` with ``--refit``, the refitted one (else None)."""
     expand = [n for n, _ in dense.named_modules() if n.endswith("_expand_conv")]
     model = copy.deepcopy(dense)
     gates = {n: n.replace("_expand_conv", "_project_conv") for n in expand}  # where the channels leave the block
@@ -105,28 +128,23 @@ def prune(dense: torch.nn.Module, pool: dict, calib: torch.Tensor, example: torc
         config_list = [{"op_names": expand, "sparsity": args.sparsity}]
         pruner = dc.L1NormPruner(model, config_list, dependency_aware=True, dummy_input=example)
     elif args.criterion == "reconstruction":
-        config_list = [{"op_names": expand, "total_sparsity": args.sparsity, "max_sparsity_per_layer": args.max_per_layer}]
+        if args.allocation == "taylor":  # each block's share from the Taylor budget, the channels by reconstruction
+            _, masks = taylor_pruner(dense, copy.deepcopy(dense), pool, example, expand, gates, args).compress()
+            config_list = [{"op_names": [n], "sparsity": float((~masks[n]["weight"].flatten(1).any(1)).float().mean())} for n in expand]
+        else:
+            config_list = [{"op_names": expand, "total_sparsity": args.sparsity, "max_sparsity_per_layer": args.max_per_layer}]
+        refit = ([n for n in expand[1:]] if args.refit_expand else []) + (["_conv_head"] if args.refit_head else [])
         pruner = ReconstructionPruner(model, config_list, list(refit_views(pool, calib, args).split(16)), consumers=gates, ridge=args.refit_ridge,
-                                      round_to=args.round_to, dependency_aware=True, dummy_input=example, progress=args.verbose)
+                                      round_to=args.round_to, refit=refit, dependency_aware=True, dummy_input=example, progress=args.verbose)
     else:
-        views = random_crops(pool, 16 * args.score_batches, seed=1)
-        with torch.no_grad():
-            labels = torch.cat([dense(b) for b in views.split(16)]).argmax(1)  # the dense model's top-1: pseudo-labels
-        batches = list(zip(views.split(16), labels.split(16)))
-
-        def training_func(m, optimizer, training_step, *_):  # noqa: ANN001, ANN202 - gradients only: eval mode
-            m.eval()
-            for b in batches:
-                optimizer.zero_grad()
-                training_step(b, m).backward()
-                optimizer.step()
-
-        evaluator = TorchEvaluator(training_func, lambda p: torch.optim.SGD(p, lr=0.0),
-                                   lambda b, m: torch.nn.functional.cross_entropy(m(b[0]), b[1]), dummy_input=example)
-        config_list = [{"op_names": expand, "total_sparsity": args.sparsity, "max_sparsity_per_layer": args.max_per_layer}]
-        pruner = TaylorGatePruner(model, config_list, evaluator, gates=gates, dependency_aware=True, dummy_input=example)
+        pruner = taylor_pruner(dense, model, pool, example, expand, gates, args)
+        config_list = pruner.config_list
     _, masks = pruner.compress()
-    return dc.speedup(pruner.unwrap_model(), masks, example, round_to=args.round_to), config_list
+    small = dc.speedup(pruner.unwrap_model(), masks, example, round_to=args.round_to)
+    refitted = None
+    if args.criterion == "reconstruction" and args.refit:
+        refitted = dc.speedup(pruner.refitted_model, masks, example, round_to=args.round_to)
+    return small, refitted, config_list
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -137,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--criterion", choices=("reconstruction", "taylor", "l1"), default="reconstruction",
                         help="reconstruction: ReconstructionPruner (least-squares error of the projection conv), global budget; "
                         "taylor: TaylorGatePruner, global budget; l1: L1NormPruner, --sparsity in every block")
+    parser.add_argument("--allocation", choices=("taylor", "reconstruction"), default="taylor",
+                        help="reconstruction criterion: each block's share from the Taylor budget, or from the projection convs' "
+                        "reconstruction errors (one threshold)")
     parser.add_argument("--round-to", type=int, default=16, help="speedup keeps multiples of this many channels (fast kernels)")
     parser.add_argument("--score-batches", type=int, default=8, help="batches of 16 random views scored (taylor)")
     parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
@@ -179,11 +200,15 @@ def main(argv: list[str] | None = None) -> dict:
     t_dense = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    small, config_list = prune(dense, pool, calib, example, args)
+    small, small_refitted, config_list = prune(dense, pool, calib, example, args)
     with torch.no_grad():
         before = agreement(small(evaluation).numpy(), reference)
     refitted = None
-    if args.refit:
+    if small_refitted is not None:  # refitted by the reconstruction pruner, in the same pass as the selection
+        small = small_refitted
+        with torch.no_grad():
+            refitted = agreement(small(evaluation).numpy(), reference)
+    elif args.refit:
         views = refit_views(pool, calib, args)
         expand = [n for c in config_list for n in c["op_names"]]
         consumers = [n.replace("_expand_conv", "_project_conv") for n in expand]

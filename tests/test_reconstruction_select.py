@@ -99,6 +99,9 @@ def test_removes_the_rebuildable_channels_and_the_refit_restores_the_dense_model
         assert torch.allclose(refit(x), dense(x), atol=1e-4, rtol=1e-5), (refit(x) - dense(x)).abs().max()
     assert all(torch.equal(dense.state_dict()[k], v) for k, v in saved.items())  # the caller's model untouched
     assert torch.equal(pruner.unwrap_model().p1.weight, dense.p1.weight)  # the selection's refit is not written into it
+    one_step = speedup(pruner.refitted_model, masks, example)  # the pruner's own refit, sped up
+    with torch.no_grad():
+        assert torch.allclose(one_step(x), dense(x), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore::deploycompress.pruning.channel.PruningWarning")  # no dummy_input: masks only
@@ -106,10 +109,11 @@ def test_total_budget_goes_where_the_refit_loses_nothing_and_round_to():
     dense = _net()
     total = 8 * 10 + 6 * 6  # weights of e1 and e2; two e1 channels cost 20
     cfg = [{"op_names": ["e1", "e2"], "total_sparsity": 20.5 / total}]
-    pruner = ReconstructionPruner(copy.deepcopy(dense), cfg, _batches(), consumers={"e1": "p1", "e2": "p2"}, ridge=0.0)
+    pruner = ReconstructionPruner(copy.deepcopy(dense), cfg, _batches(), consumers={"e1": "p1", "e2": "p2"}, ridge=0.0, refit=["fc"])
     _, masks = pruner.compress()
     assert int((~masks["e1"]["weight"][:, 0, 0, 0]).sum()) == 2 and bool(masks["e2"]["weight"].all())
-    assert [f.dense for f in pruner.layer_fits] == ["e1", "e2"] and pruner.layer_fits[0].error_after < 1e-4
+    assert [f.pruned for f in pruner.layer_fits] == ["p1", "p2", "fc"] and pruner.layer_fits[0].error_after < 1e-4
+    assert pruner.layer_fits[2].error_after < 1e-4 and pruner.layer_fits[2].kept == list(range(6))
     # round_to: kept widths a multiple of 4 (8 - 3 -> 4 kept would remove more: 5 kept rounds up to 8, nothing removed)
     p = ReconstructionPruner(copy.deepcopy(dense), [{"op_names": ["e1"], "sparsity": 0.5}], _batches(2), consumers={"e1": "p1"}, round_to=4)
     _, m = p.compress()
@@ -132,6 +136,8 @@ def test_refuses_bad_consumers_before_work():
         ReconstructionPruner(dense, cfg, _batches(1), consumers={"e1": "nope"})
     with pytest.raises(ValueError, match="no batches"):
         ReconstructionPruner(dense, cfg, [], consumers={"e1": "p1"})
+    with pytest.raises(ValueError, match="refit names 'nope'"):
+        ReconstructionPruner(dense, cfg, _batches(1), consumers={"e1": "p1"}, refit=["nope"])
     with pytest.raises(ValueError, match="round_to"):
         ReconstructionPruner(dense, cfg, _batches(1), consumers={"e1": "p1"}, round_to=0)
 

@@ -26,11 +26,16 @@ Two passes over ``batches``:
    the earlier consumers are already pruned (removed columns zeroed) and refitted, ``Y`` from the dense model; the
    layer's count (``sparsity``, or pass 1's) is removed by backward elimination, the consumer refitted, next layer.
 
+Layers named in ``refit`` (pointwise, e.g. the expansion convs of later blocks and a head conv, whose inputs
+earlier pruning perturbed) are refitted in the same network-order pass, all their outputs against the dense ones.
+
 The masks are the usual output-channel masks of the producers (with ``dependency_aware=True`` and ``dummy_input``
-the joined BatchNorm/depthwise parameters too), for ``speedup``; the consumers' refit is not written into the
-model: run :func:`deploycompress.pruning.reconstruct.reconstruct` on the sped-up model with the same batches (it
-reaches the refit this selection assumed). ``round_to=N`` keeps every producer's kept width a multiple of N, so
-that ``speedup(round_to=N)`` removes exactly the selected channels.
+the joined BatchNorm/depthwise parameters too), for ``speedup``. The refit is not written into the caller's model:
+``refitted_model`` is a separate copy in which every consumer is refitted on its kept inputs (the removed
+channels' weight columns zero) and every ``refit`` layer refitted; ``speedup(pruner.refitted_model, masks,
+example)`` gives the small, refitted model in one step (or run :func:`deploycompress.pruning.reconstruct.reconstruct`
+on a sped-up model). ``round_to=N`` keeps every producer's kept width a multiple of N, so that
+``speedup(round_to=N)`` removes exactly the selected channels.
 """
 
 from __future__ import annotations
@@ -126,14 +131,16 @@ class ReconstructionPruner(ChannelPruner):
     """Output channels of the selected producers, chosen by the least-squares error of their consumer; see the
     module docstring.
 
-    ``(model, config_list, batches, *, consumers, ridge=1e-2, round_to=1, dependency_aware=False,
+    ``(model, config_list, batches, *, consumers, ridge=1e-2, round_to=1, refit=(), dependency_aware=False,
     dummy_input=None, progress=None)``. ``config_list``: NNI's spec (``sparsity`` per layer, or ``total_sparsity``
     with ``max_sparsity_per_layer``); ``batches``: model inputs (tensors, tuples or dicts) — every spatial position
     of every input is one least-squares row; ``consumers``: for each selected layer, the name of the one
     pointwise module (1x1 ``Conv2d`` without groups or padding, or ``Linear``) that reads its channels, in the same
     order (e.g. an expansion conv's projection conv); ``ridge``: relative Tikhonov weight of the refit (as
-    :func:`reconstruct`). After ``compress()``, ``layer_fits`` holds one :class:`LayerFit` per layer (relative
-    error of the consumer's output with all channels and after the selection's refit, the kept channels).
+    :func:`reconstruct`); ``refit``: further pointwise layers refitted in the same pass. After ``compress()``,
+    ``layer_fits`` holds one :class:`LayerFit` per refitted layer in network order (relative error of its output
+    with the inputs as pruned so far and after the refit, the kept input channels) and ``refitted_model`` the
+    refitted copy (see the module docstring).
 
     Raises ``ValueError`` (before any data runs) for a selected layer without a consumer, a consumer that is no
     module, not pointwise, or reads a different number of channels than the layer has outputs; empty ``batches``;
@@ -149,6 +156,7 @@ class ReconstructionPruner(ChannelPruner):
         consumers: Mapping[str, str],
         ridge: float = 1e-2,
         round_to: int = 1,
+        refit: Sequence[str] = (),
         dependency_aware: bool = False,
         dummy_input: Any = None,
         progress: bool | None = None,
@@ -165,6 +173,13 @@ class ReconstructionPruner(ChannelPruner):
         self.ridge, self.round_to, self.progress = ridge, round_to, progress
         self.consumers = dict(consumers)
         modules = dict(model.named_modules())
+        self.refit = list(refit)
+        for r in self.refit:
+            if r not in modules:
+                raise ValueError(f"{name}: refit names {r!r}, which is no submodule of the model")
+            if r in self.consumers.values():
+                raise ValueError(f"{name}: {r!r} is in refit and a consumer (consumers are refitted anyway)")
+            _check_consumer(modules[r], r)
         for layer, module in self._modules.items():
             if layer not in self.consumers:
                 raise ValueError(f"{name}: no consumer given for {layer!r}; pass consumers={{{layer!r}: <the 1x1 conv or Linear reading it>}}")
@@ -185,6 +200,7 @@ class ReconstructionPruner(ChannelPruner):
         self._counts: dict[str, int] = {}
         self._scores: dict[str, torch.Tensor] = {}
         self.layer_fits: list[LayerFit] = []
+        self.refitted_model: nn.Module | None = None
 
     # ------------------------------------------------------------------ counts
     def _rounded(self, n: int, count: int) -> int:
@@ -254,47 +270,54 @@ class ReconstructionPruner(ChannelPruner):
         self.model.train(was_training)
         self._counts = self._allocate(dense)
         self._scores, self.layer_fits = {}, []
-        for layer in tqdm(self._order, desc="reconstruction selection", unit="layer", leave=False, disable=self._quiet()):
-            cname = self.consumers[layer]
-            m = work.get_submodule(cname)
-            acc: dict = {}
-            err0 = 0.0
-            with torch.no_grad():
-                for b in self.batches:
-                    x, yp = _capture(work, cname, b, "pruned")
-                    _, yd = _capture(dense, cname, b, "dense")
-                    x, yp = _rows(m, x, yp, cname)
-                    yd = yd.movedim(1, -1).reshape(-1, yd.shape[1]) if isinstance(m, nn.Conv2d) else yd.reshape(-1, yd.shape[-1])
-                    _moments(x, yd, acc)
-                    err0 += float((yp.double() - yd.double()).pow(2).sum())
-            gram, n = acc["gram"], acc["gram"].shape[0] - 1
-            reg = _ridge(gram, self.ridge)
-            theta0 = _theta(m)
-            cross = acc["cross"] + reg @ theta0
+        order = {n: i for i, n in enumerate(dict(work.named_modules()))}
+        steps = sorted([(self.consumers[n], n) for n in self._order] + [(n, None) for n in self.refit], key=lambda t: order[t[0]])
+        for cname, layer in tqdm(steps, desc="reconstruction selection", unit="layer", leave=False, disable=self._quiet()):
+            self._fit(work, dense, cname, layer)
+        self.refitted_model = work
+
+    def _fit(self, work: nn.Module, dense: nn.Module, cname: str, layer: str | None) -> None:
+        """Refit ``cname`` in ``work`` against ``dense`` on the batches, after removing ``layer``'s count of its inputs."""
+        m = work.get_submodule(cname)
+        acc: dict = {}
+        err0 = 0.0
+        with torch.no_grad():
+            for b in self.batches:
+                x, yp = _capture(work, cname, b, "pruned")
+                _, yd = _capture(dense, cname, b, "dense")
+                x, yp = _rows(m, x, yp, cname)
+                yd = yd.movedim(1, -1).reshape(-1, yd.shape[1]) if isinstance(m, nn.Conv2d) else yd.reshape(-1, yd.shape[-1])
+                _moments(x, yd, acc)
+                err0 += float((yp.double() - yd.double()).pow(2).sum())
+        gram, n = acc["gram"], acc["gram"].shape[0] - 1
+        reg = _ridge(gram, self.ridge)
+        theta0 = _theta(m)
+        cross = acc["cross"] + reg @ theta0
+        count = self._counts[layer] if layer is not None else 0
+        removed: list[int] = []
+        if count:
             ainv = torch.cholesky_inverse(torch.linalg.cholesky(gram + reg))
-            beta = ainv @ cross
-            count = self._counts[layer]
-            order, _ = _eliminate(ainv, beta, 0.0, count, n)
-            kept = torch.ones(n + 1, dtype=torch.bool)
-            kept[order] = False
-            with torch.no_grad():
-                theta = torch.zeros_like(theta0)
-                theta[kept] = torch.linalg.solve((gram + reg)[kept][:, kept], cross[kept])
-                res = float(((theta * (gram @ theta)).sum() - 2 * (theta * acc["cross"]).sum() + acc["yty"]))
-                m.weight.copy_(theta[:n].T.reshape(m.weight.shape).to(m.weight.dtype))
-                if m.bias is None:
-                    m.bias = nn.Parameter(theta[n].to(m.weight.dtype))
-                else:
-                    m.bias.copy_(theta[n].to(m.bias.dtype))
-            yty = acc["yty"]
-            before, after = ((err0 / yty) ** 0.5, (max(res, 0.0) / yty) ** 0.5) if yty > 0 else (0.0, 0.0)
+            removed, _ = _eliminate(ainv, ainv @ cross, 0.0, count, n)
+        kept = torch.ones(n + 1, dtype=torch.bool)
+        kept[removed] = False
+        with torch.no_grad():
+            theta = torch.zeros_like(theta0)
+            theta[kept] = torch.linalg.solve((gram + reg)[kept][:, kept], cross[kept])
+            res = float(((theta * (gram @ theta)).sum() - 2 * (theta * acc["cross"]).sum() + acc["yty"]))
+            m.weight.copy_(theta[:n].T.reshape(m.weight.shape).to(m.weight.dtype))
+            if m.bias is None:
+                m.bias = nn.Parameter(theta[n].to(m.weight.dtype))
+            else:
+                m.bias.copy_(theta[n].to(m.bias.dtype))
+        yty = acc["yty"]
+        before, after = ((err0 / yty) ** 0.5, (max(res, 0.0) / yty) ** 0.5) if yty > 0 else (0.0, 0.0)
+        if layer is not None:
             score = torch.full((n,), float(count + 1))
-            score[order] = torch.arange(count, dtype=torch.float32)
+            score[removed] = torch.arange(count, dtype=torch.float32)
             self._scores[layer] = score
-            fit = LayerFit(layer, cname, before, after, torch.nonzero(kept[:n]).flatten().tolist(), acc["rows"])
-            self.layer_fits.append(fit)
-            log.info("%s %s: %d of %d channels removed; consumer %s relative error %.4f (inputs as pruned so far) -> %.4f after the refit",
-                     type(self).__name__, layer, count, n, cname, before, after)
+        self.layer_fits.append(LayerFit(cname if layer is None else layer, cname, before, after, torch.nonzero(kept[:n]).flatten().tolist(), acc["rows"]))
+        log.info("%s %s: %d of %d input channels removed (%s); relative error %.4f (inputs as pruned so far) -> %.4f after the refit",
+                 type(self).__name__, cname, count, n, layer or "refit only", before, after)
 
     def channel_score(self, name: str, module: nn.Module, config: ModuleConfig) -> torch.Tensor:
         """Removal rank (removed channels ``0..count-1`` in the order chosen; kept channels ``count + 1``)."""
