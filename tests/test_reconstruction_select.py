@@ -102,6 +102,11 @@ def test_removes_the_rebuildable_channels_and_the_refit_restores_the_dense_model
     one_step = speedup(pruner.refitted_model, masks, example)  # the pruner's own refit, sped up
     with torch.no_grad():
         assert torch.allclose(one_step(x), dense(x), atol=1e-4, rtol=1e-5)
+    uncached = ReconstructionPruner(copy.deepcopy(dense), [{"op_names": ["e1"], "sparsity": 0.25}], _batches(), consumers={"e1": "p1"},
+                                    ridge=0.0, cache_mb=0, dependency_aware=True, dummy_input=example)  # dense outputs re-run per layer
+    _, masks2 = uncached.compress()
+    assert torch.equal(masks2["e1"]["weight"], masks["e1"]["weight"])
+    assert torch.allclose(uncached.refitted_model.p1.weight, pruner.refitted_model.p1.weight, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore::deploycompress.pruning.channel.PruningWarning")  # no dummy_input: masks only

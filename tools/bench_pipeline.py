@@ -3,6 +3,11 @@
 Rows per model (resnet50 and mobilenet_v2 at 224x224 with random weights; the MNIST residual CNN trained on real
 digits; the ImageNet-pretrained EfficientNet-Lite0 on real photos, see ``deploycompress.zoo``):
 
+``efficientnet_lite0_expand`` is the same model at ``examples/efficientnet_lite0.py``'s lighter prune (a quarter
+of the expansion channels, not ``--sparsity`` of every conv), where accuracy survives: both pipelines remove the
+same per-block widths and get the same least-squares recovery (see ``_expansion_case``); ours chooses the channels
+by reconstruction error, the peers by Torch-Pruning's L1 magnitude.
+
 * **dense fp32**: the model exported to ONNX (``to_onnx``), onnxruntime CPU;
 * **ours**: ``L1NormPruner(dependency_aware=True)`` at ``--sparsity`` on every Conv2d/Linear but the
   classifier -> ``speedup`` -> recovery -> ``build_engine`` (int8, onnxruntime, MinMax, its default quantization
@@ -63,6 +68,8 @@ class Case:
     labels: np.ndarray | None  # None: agreement with dense fp32
     classifier: str
     recover: Callable[[nn.Module, nn.Module], None] | None = None  # (student, dense) -> in place
+    prune_ours: Callable[[nn.Module], nn.Module] | None = None  # dense -> small, recovered (instead of L1 + recover)
+    prune_peers: Callable[[nn.Module], nn.Module] | None = None  # dense -> small, recovered (instead of MetaPruner + recover)
 
 
 def _photo_split(size: int, per_photo: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +90,8 @@ def build_case(name: str, args: argparse.Namespace) -> Case:
 
         return Case(model, data.test_x[:1], data.train_x[: 8 * args.calib_batches], data.test_x, data.test_y.numpy(), "fc",
                     recover if args.finetune_epochs else None)  # fmt: skip
+    if name == "efficientnet_lite0_expand":
+        return _expansion_case(args)
     # EfficientNet-Lite0's static "SAME" padding is computed for 224x224
     calib, evaluation = _photo_split(224 if name == "efficientnet_lite0" else args.image_size, args.crops_per_photo)
     if name == "efficientnet_lite0":
@@ -102,17 +111,75 @@ def build_case(name: str, args: argparse.Namespace) -> Case:
                 "fc" if name.startswith("resnet") else "classifier.1")  # fmt: skip
 
 
+def _expansion_case(args: argparse.Namespace) -> Case:
+    """EfficientNet-Lite0 at ``examples/efficientnet_lite0.py``'s lighter prune: ``--expand-sparsity`` of the 8,928
+    expansion channels, block outputs, stem and head kept. Ours: the example's recipe (each block's share from the
+    TaylorGatePruner budget, the channels by ReconstructionPruner, least-squares refit of the projection convs, the
+    later expansion convs and the head conv in the same pass). Peers: Torch-Pruning's ``MagnitudeImportance(p=1)``
+    on each expansion conv's dependency group (expansion, depthwise, their BatchNorms, the projection's inputs), the
+    same per-block widths as ours, then the same recovery: ``reconstruct`` of the same layers on the same views with
+    the same ridge. No distillation for either."""
+    import torch_pruning as tp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import efficientnet_lite0 as recipe
+
+    from deploycompress.pruning.reconstruct import reconstruct
+    from deploycompress.zoo import extra_photos, load_efficientnet_lite0
+
+    cal_photos, ev_photos = split_photos(photos())
+    calib, evaluation = crops(cal_photos, per_photo=args.crops_per_photo), crops(ev_photos, per_photo=args.crops_per_photo)
+    pool = {**cal_photos, **extra_photos()}
+    example = evaluation[:1]
+    opts = argparse.Namespace(sparsity=args.expand_sparsity, max_per_layer=0.6, criterion="reconstruction", allocation="taylor", round_to=16,
+                              score_batches=8, refit=True, refit_views=args.refit_views, refit_ridge=1e-2, refit_expand=True, refit_head=True,
+                              verbose=False)  # fmt: skip
+    widths: dict[str, int] = {}
+
+    def prune_ours(dense: nn.Module) -> nn.Module:
+        _, small, config_list = recipe.prune(dense, pool, calib, example, opts)
+        widths.update({n: small.get_submodule(n).out_channels for c in config_list for n in c["op_names"]})
+        return small
+
+    def prune_peers(dense: nn.Module) -> nn.Module:
+        if not widths:
+            raise RuntimeError("the peers' row takes its per-block widths from ours: run ours first")
+        model = copy.deepcopy(dense)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        importance = tp.importance.MagnitudeImportance(p=1)
+        for name, kept in widths.items():
+            conv = model.get_submodule(name)
+            n = conv.out_channels
+            if kept == n:
+                continue
+            scores = importance(graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(n))))
+            idxs = torch.argsort(scores)[: n - kept].tolist()
+            graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=idxs).prune()
+        got = {n: model.get_submodule(n).out_channels for n in widths}
+        if got != widths:
+            raise RuntimeError(f"Torch-Pruning left widths {got}, ours {widths}")
+        expand = list(widths)
+        layers = [n.replace("_expand_conv", "_project_conv") for n in expand] + expand[1:] + ["_conv_head"]
+        views = list(recipe.refit_views(pool, calib, opts).split(16))
+        return reconstruct(dense, model.eval(), layers, views, ridge=opts.refit_ridge).model
+
+    return Case(load_efficientnet_lite0(), example, calib, evaluation, None, "_fc", prune_ours=prune_ours, prune_peers=prune_peers)
+
+
 def ours(case: Case, sparsity: float, tmp: Path, input_name: str) -> Path:
     from deploycompress import build_engine
     from deploycompress.pruning import L1NormPruner
     from deploycompress.speedup import speedup
 
-    config_list = [{"op_types": ["Conv2d", "Linear"], "sparsity": sparsity}, {"exclude": True, "op_names": [case.classifier]}]
-    pruner = L1NormPruner(copy.deepcopy(case.model), config_list, dependency_aware=True, dummy_input=case.example)
-    _, masks = pruner.compress()
-    small = speedup(pruner.unwrap_model(), masks, case.example)
-    if case.recover:
-        case.recover(small, case.model)
+    if case.prune_ours:
+        small = case.prune_ours(case.model)
+    else:
+        config_list = [{"op_types": ["Conv2d", "Linear"], "sparsity": sparsity}, {"exclude": True, "op_names": [case.classifier]}]
+        pruner = L1NormPruner(copy.deepcopy(case.model), config_list, dependency_aware=True, dummy_input=case.example)
+        _, masks = pruner.compress()
+        small = speedup(pruner.unwrap_model(), masks, case.example)
+        if case.recover:
+            case.recover(small, case.model)
     art = build_engine(small.eval(), example_inputs=case.example, out_dir=tmp / "bundle", calib_data=list(case.calib.split(8)),
                        eval_inputs=case.example, iterations=1, warmup=0, compare_fp32=False, progress=False)  # fmt: skip
     return art.out_dir / "source" / "model.qdq.onnx"
@@ -121,13 +188,16 @@ def ours(case: Case, sparsity: float, tmp: Path, input_name: str) -> Path:
 def peers(case: Case, sparsity: float, tmp: Path, input_name: str) -> Path:
     import torch_pruning as tp
 
-    model = copy.deepcopy(case.model)
-    ignored = [model.get_submodule(case.classifier)]
-    pruner = tp.pruner.MetaPruner(model, case.example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=sparsity,
-                                  ignored_layers=ignored)  # fmt: skip
-    pruner.step()
-    if case.recover:
-        case.recover(model, case.model)
+    if case.prune_peers:
+        model = case.prune_peers(case.model)
+    else:
+        model = copy.deepcopy(case.model)
+        ignored = [model.get_submodule(case.classifier)]
+        pruner = tp.pruner.MetaPruner(model, case.example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=sparsity,
+                                      ignored_layers=ignored)  # fmt: skip
+        pruner.step()
+        if case.recover:
+            case.recover(model, case.model)
     fp32 = tmp / "tp_fp32.onnx"
     torch.onnx.export(model.eval(), (case.example,), str(fp32), input_names=[input_name], output_names=["output"], opset_version=17,
                       dynamic_axes={input_name: {0: "batch"}, "output": {0: "batch"}}, dynamo=False)  # fmt: skip
@@ -205,7 +275,7 @@ def print_table(results: list[dict], batch_sizes: list[int]) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="resnet50,mobilenet_v2,mnist,efficientnet_lite0")
+    ap.add_argument("--models", default="resnet50,mobilenet_v2,mnist,efficientnet_lite0,efficientnet_lite0_expand")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--threads", type=int, default=1)
@@ -216,6 +286,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--mnist-epochs", type=int, default=8)
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--distill-steps", type=int, default=300)
+    ap.add_argument("--expand-sparsity", type=float, default=0.25, help="efficientnet_lite0_expand: share of the expansion channels removed")
+    ap.add_argument("--refit-views", type=int, default=128, help="efficientnet_lite0_expand: random views added to the calibration crops (refit)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     ap.add_argument("--stage", choices=("all", "build", "time"), default="all",
                     help="build: run the pipelines into --workdir (no timing; run it niced); time: time what --workdir holds "

@@ -26,6 +26,7 @@ Two passes over ``batches``:
    the earlier consumers are already pruned (removed columns zeroed) and refitted, ``Y`` from the dense model; the
    layer's count (``sparsity``, or pass 1's) is removed by backward elimination, the consumer refitted, next layer.
 
+Layers before the first removal (in module order) are left as they are (their inputs are the dense ones).
 Layers named in ``refit`` (pointwise, e.g. the expansion convs of later blocks and a head conv, whose inputs
 earlier pruning perturbed) are refitted in the same network-order pass, all their outputs against the dense ones.
 
@@ -131,13 +132,14 @@ class ReconstructionPruner(ChannelPruner):
     """Output channels of the selected producers, chosen by the least-squares error of their consumer; see the
     module docstring.
 
-    ``(model, config_list, batches, *, consumers, ridge=1e-2, round_to=1, refit=(), dependency_aware=False,
+    ``(model, config_list, batches, *, consumers, ridge=1e-2, round_to=1, refit=(), cache_mb=1024, dependency_aware=False,
     dummy_input=None, progress=None)``. ``config_list``: NNI's spec (``sparsity`` per layer, or ``total_sparsity``
     with ``max_sparsity_per_layer``); ``batches``: model inputs (tensors, tuples or dicts) — every spatial position
     of every input is one least-squares row; ``consumers``: for each selected layer, the name of the one
     pointwise module (1x1 ``Conv2d`` without groups or padding, or ``Linear``) that reads its channels, in the same
     order (e.g. an expansion conv's projection conv); ``ridge``: relative Tikhonov weight of the refit (as
-    :func:`reconstruct`); ``refit``: further pointwise layers refitted in the same pass. After ``compress()``,
+    :func:`reconstruct`); ``refit``: further pointwise layers refitted in the same pass; ``cache_mb``: memory for
+    the dense model's outputs of those layers, taken in one pass (layers beyond it are re-run per layer). After ``compress()``,
     ``layer_fits`` holds one :class:`LayerFit` per refitted layer in network order (relative error of its output
     with the inputs as pruned so far and after the refit, the kept input channels) and ``refitted_model`` the
     refitted copy (see the module docstring).
@@ -157,6 +159,7 @@ class ReconstructionPruner(ChannelPruner):
         ridge: float = 1e-2,
         round_to: int = 1,
         refit: Sequence[str] = (),
+        cache_mb: float = 1024.0,
         dependency_aware: bool = False,
         dummy_input: Any = None,
         progress: bool | None = None,
@@ -170,7 +173,7 @@ class ReconstructionPruner(ChannelPruner):
             raise ValueError(f"{name}: ridge must be >= 0, got {ridge}")
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"{name}: round_to must be a positive int, got {round_to!r}")
-        self.ridge, self.round_to, self.progress = ridge, round_to, progress
+        self.ridge, self.round_to, self.progress, self.cache_mb = ridge, round_to, progress, cache_mb
         self.consumers = dict(consumers)
         modules = dict(model.named_modules())
         self.refit = list(refit)
@@ -272,19 +275,59 @@ class ReconstructionPruner(ChannelPruner):
         self._scores, self.layer_fits = {}, []
         order = {n: i for i, n in enumerate(dict(work.named_modules()))}
         steps = sorted([(self.consumers[n], n) for n in self._order] + [(n, None) for n in self.refit], key=lambda t: order[t[0]])
+        first = next((i for i, (_, layer) in enumerate(steps) if layer is not None and self._counts[layer] > 0), len(steps))
+        for cname, layer in steps[:first]:  # nothing removed before them (module order): their inputs are the dense ones
+            if layer is not None:
+                n = work.get_submodule(cname).weight.shape[1]
+                self._scores[layer] = torch.ones(n)
+        steps = steps[first:]
+        targets = self._dense_targets(dense, [c for c, _ in steps])
         for cname, layer in tqdm(steps, desc="reconstruction selection", unit="layer", leave=False, disable=self._quiet()):
-            self._fit(work, dense, cname, layer)
+            self._fit(work, dense, cname, layer, targets.pop(cname, None))
         self.refitted_model = work
 
-    def _fit(self, work: nn.Module, dense: nn.Module, cname: str, layer: str | None) -> None:
+    def _dense_targets(self, dense: nn.Module, names: list[str]) -> dict[str, list[torch.Tensor]]:
+        """The dense outputs of ``names`` on every batch, from one pass, for as many layers (in order) as fit in
+        ``cache_mb``; the others are captured layer by layer."""
+        sizes: dict[str, int] = {}
+        hooks = [dense.get_submodule(n).register_forward_hook(lambda _m, _i, out, n=n: sizes.__setitem__(n, out.numel() * out.element_size()))
+                 for n in names]  # fmt: skip
+        try:
+            with torch.no_grad():
+                _call(dense, self.batches[0])
+        finally:
+            for h in hooks:
+                h.remove()
+        keep, total = [], 0.0
+        for n in names:
+            total += sizes.get(n, 0) * len(self.batches) / 2**20
+            if total > self.cache_mb:
+                break
+            keep.append(n)
+        if not keep:
+            return {}
+        out: dict[str, list[torch.Tensor]] = {n: [] for n in keep}
+        hooks = [dense.get_submodule(n).register_forward_hook(lambda _m, _i, y, n=n: out[n].append(y.detach().clone())) for n in keep]
+        try:
+            with torch.no_grad():
+                for b in tqdm(self.batches, desc="dense targets", unit="batch", leave=False, disable=self._quiet()):
+                    _call(dense, b)
+        finally:
+            for h in hooks:
+                h.remove()
+        log.info("%s: dense outputs of %d of %d layers kept (%.0f MB)", type(self).__name__, len(keep), len(names),
+                 sum(t.numel() * t.element_size() for v in out.values() for t in v) / 2**20)
+        return out
+
+    def _fit(self, work: nn.Module, dense: nn.Module, cname: str, layer: str | None, targets: list[torch.Tensor] | None) -> None:
         """Refit ``cname`` in ``work`` against ``dense`` on the batches, after removing ``layer``'s count of its inputs."""
         m = work.get_submodule(cname)
         acc: dict = {}
         err0 = 0.0
         with torch.no_grad():
-            for b in self.batches:
+            for i, b in enumerate(self.batches):
                 x, yp = _capture(work, cname, b, "pruned")
-                _, yd = _capture(dense, cname, b, "dense")
+                yd = targets[i] if targets is not None else _capture(dense, cname, b, "dense")[1]
                 x, yp = _rows(m, x, yp, cname)
                 yd = yd.movedim(1, -1).reshape(-1, yd.shape[1]) if isinstance(m, nn.Conv2d) else yd.reshape(-1, yd.shape[-1])
                 _moments(x, yd, acc)
