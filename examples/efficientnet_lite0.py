@@ -9,26 +9,31 @@ distillation random views of that half and of other bundled photos; every figure
 the other half, never seen before.
 
 1. **int8**: :func:`deploycompress.build_engine` on the dense model (PTQ calibrated on the calibration crops);
-2. **pruned + distilled + int8**: ``--sparsity`` of the expansion channels of the inverted-residual blocks (the
-   wide, redundant ones; block outputs, the stem and the head keep their widths) go, ranked together by
-   :class:`deploycompress.pruning.TaylorGatePruner` (Molchanov et al., 2019: first-order Taylor estimate of the
-   loss change when a channel is removed, gated at the projection conv's input, where the channel leaves the
-   block; loss: cross-entropy against the dense model's top-1 on ``--score-batches`` x 16 random views), one
-   ``total_sparsity`` budget over all blocks so the data choose each block's ratio (at most ``--max-per-layer``);
-   ``--criterion l1`` instead takes ``--sparsity`` of every block by L1 norm. Dependency-aware (each depthwise
-   conv loses its expansion's channels); ``speedup(round_to=16)`` keeps widths onnxruntime's NCHWc kernels
-   block. Recovery, first (``--refit``, default on): :func:`deploycompress.pruning.reconstruct.reconstruct`
-   refits every block's 1x1 projection conv by least squares (He et al., 2017; ThiNet) so its output on the
-   calibration crops and ``--refit-views`` random views of the training photos matches the dense model's, block
-   by block in network order (inputs from the refitted pruned model, targets from the dense one); then
-   :func:`deploycompress.pruning.distill.distill` from the dense model, logit KL plus the MSE
-   of every block's output (``--feature-weight``), AdamW with linear warm-up/decay, ``--distill-steps`` batches
-   of ``--batch`` fresh random views (random resized crop, flip, colour jitter:
-   :func:`deploycompress.zoo.random_crops`) of the calibration photos and the other photos bundled in
-   scikit-image and matplotlib (:func:`deploycompress.zoo.extra_photos`; never an evaluation photo); the student
-   in eval mode, so BatchNorm keeps its running statistics. Then ``build_engine`` int8. The distilled weights go
-   to ``<out>/student.pt``; ``--student`` loads them instead of distilling (same pruning arguments), e.g. to
-   time the variants alone.
+2. **pruned + refitted (+ distilled) + int8**: ``--sparsity`` of the expansion channels of the inverted-residual
+   blocks (the wide, redundant ones; block outputs, the stem and the head keep their widths) go. Each block's share
+   comes from one ``total_sparsity`` budget ranked by :class:`deploycompress.pruning.TaylorGatePruner` (Molchanov et
+   al., 2019: first-order Taylor estimate of the loss change when a channel is removed, gated at the projection
+   conv's input, where the channel leaves the block; loss: cross-entropy against the dense model's top-1 on
+   ``--score-batches`` x 16 random views; at most ``--max-per-layer`` of a block), so the data choose each block's
+   ratio. Which channels of a block go is chosen by :class:`deploycompress.pruning.ReconstructionPruner`
+   (``--criterion reconstruction``, default: ThiNet / He et al. 2017: the channels whose loss a least-squares refit
+   of the projection conv absorbs best, block by block in network order, inputs from the already pruned and refitted
+   model, targets from the dense one), which refits in the same pass every projection conv on its kept inputs and
+   (``--refit-expand``, ``--refit-head``) the expansion convs of the later blocks and the 1x1 head conv, whose inputs
+   the earlier pruning perturbed; rows: the calibration crops and ``--refit-views`` random views of the training
+   photos, ridge ``--refit-ridge``. ``--allocation reconstruction`` takes the blocks' shares from the reconstruction
+   errors instead; ``--criterion taylor`` ranks the channels themselves by the Taylor score (then ``--refit`` runs
+   :func:`deploycompress.pruning.reconstruct.reconstruct` after speedup); ``--criterion l1`` takes ``--sparsity``
+   of every block by L1 norm. Dependency-aware (each depthwise conv loses its expansion's channels);
+   ``speedup(round_to=16)`` keeps widths onnxruntime's NCHWc kernels block. Optionally (``--distill-steps``, default
+   0: from the refitted start distillation on these few photos made agreement worse, BENCHMARKS.md)
+   :func:`deploycompress.pruning.distill.distill` from the dense model, logit KL plus the MSE of every block's output
+   (``--feature-weight``), AdamW with linear warm-up/decay, ``--distill-steps`` batches of ``--batch`` fresh random
+   views (random resized crop, flip, colour jitter: :func:`deploycompress.zoo.random_crops`) of the calibration
+   photos and the other photos bundled in scikit-image and matplotlib (:func:`deploycompress.zoo.extra_photos`;
+   never an evaluation photo); the student in eval mode, so BatchNorm keeps its running statistics. Then
+   ``build_engine`` int8. The student's weights go to ``<out>/student.pt``; ``--student`` loads them instead
+   (same pruning arguments), e.g. to time the variants alone.
 
 Reported against the dense fp32 PyTorch model on the evaluation crops: top-1 agreement, top-5 overlap (mean
 share of the dense model's five best classes among the variant's five), mean cosine of the logits; batch-1
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--refit-expand", action=argparse.BooleanOptionalAction, default=True,
                         help="also refit the expansion convs of blocks 2-15 (their inputs are perturbed by earlier pruning)")
     parser.add_argument("--refit-head", action=argparse.BooleanOptionalAction, default=True, help="also refit the 1x1 head conv")
-    parser.add_argument("--distill-steps", type=int, default=600, help="0: no distillation")
+    parser.add_argument("--distill-steps", type=int, default=0, help="0: no distillation (default: the refit alone did better)")
     parser.add_argument("--batch", type=int, default=16, help="random views per distillation step")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--temperature", type=float, default=1.0, help="of the logit KL")
