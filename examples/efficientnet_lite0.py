@@ -139,8 +139,14 @@ def prune(dense: torch.nn.Module, pool: dict, calib: torch.Tensor, example: torc
         else:
             config_list = [{"op_names": expand, "total_sparsity": args.sparsity, "max_sparsity_per_layer": args.max_per_layer}]
         refit = ([n for n in expand[1:]] if args.refit_expand else []) + (["_conv_head"] if args.refit_head else [])
+        weights = {}
+        if args.bn_weighted:  # the projection's error in units of its BatchNorm's output, which the block adds up
+            for p in gates.values():
+                bn = dense.get_submodule(p.replace("_project_conv", "_bn2"))
+                weights[p] = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach() ** 2
         pruner = ReconstructionPruner(model, config_list, list(refit_views(pool, calib, args).split(16)), consumers=gates, ridge=args.refit_ridge,
-                                      round_to=args.round_to, refit=refit, dependency_aware=True, dummy_input=example, progress=args.verbose)
+                                      round_to=args.round_to, refit=refit, output_weights=weights, dependency_aware=True, dummy_input=example,
+                                      progress=args.verbose)  # fmt: skip
     else:
         pruner = taylor_pruner(dense, model, pool, example, expand, gates, args)
         config_list = pruner.config_list
@@ -163,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--allocation", choices=("taylor", "reconstruction"), default="taylor",
                         help="reconstruction criterion: each block's share from the Taylor budget, or from the projection convs' "
                         "reconstruction errors (one threshold)")
+    parser.add_argument("--bn-weighted", action=argparse.BooleanOptionalAction, default=False,
+                        help="reconstruction criterion: weigh each projection output's error by its BatchNorm's gain squared")
     parser.add_argument("--round-to", type=int, default=16, help="speedup keeps multiples of this many channels (fast kernels)")
     parser.add_argument("--score-batches", type=int, default=8, help="batches of 16 random views scored (taylor)")
     parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,

@@ -40,6 +40,17 @@ def test_backward_elimination_matches_brute_force_greedy():
     assert order == want
     np.testing.assert_allclose(curve, want_curve, rtol=1e-8)
     assert all(b >= a - 1e-9 for a, b in zip(curve, curve[1:]))
+    # output weights: the greedy step on the weighted residual, by brute force again
+    w = np.array([4.0, 0.25, 1.0])
+    from deploycompress.pruning.reconstruction_select import _eliminate
+    a_inv = torch.linalg.inv(torch.tensor(x1.T @ x1))
+    got, _ = _eliminate(a_inv, a_inv @ torch.tensor(x1.T @ y), 0.0, 3, 7, torch.tensor(w))
+    kept, want = list(range(7)), []
+    for _ in range(3):
+        cost = {j: _residual(x, y * np.sqrt(w), [k for k in kept if k != j]) for j in kept}
+        want.append(min(cost, key=cost.get))
+        kept.remove(want[-1])
+    assert got == want
     with pytest.raises(ValueError, match="cannot remove 8 of 7"):
         backward_elimination(torch.tensor(x1.T @ x1), torch.tensor(x1.T @ y), 0.0, steps=8)
 
@@ -143,6 +154,8 @@ def test_refuses_bad_consumers_before_work():
         ReconstructionPruner(dense, cfg, [], consumers={"e1": "p1"})
     with pytest.raises(ValueError, match="refit names 'nope'"):
         ReconstructionPruner(dense, cfg, _batches(1), consumers={"e1": "p1"}, refit=["nope"])
+    with pytest.raises(ValueError, match="output_weights"):
+        ReconstructionPruner(dense, cfg, _batches(1), consumers={"e1": "p1"}, output_weights={"p1": torch.ones(5)})
     with pytest.raises(ValueError, match="round_to"):
         ReconstructionPruner(dense, cfg, _batches(1), consumers={"e1": "p1"}, round_to=0)
 

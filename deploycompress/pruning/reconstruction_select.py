@@ -80,15 +80,18 @@ def backward_elimination(gram: torch.Tensor, cross: torch.Tensor, yty: float, st
     return _eliminate(ainv, beta, rss, steps, n - fixed)
 
 
-def _eliminate(ainv: torch.Tensor, beta: torch.Tensor, rss: float, steps: int, removable: int) -> tuple[list[int], list[float]]:
-    """Backward elimination from the inverse Gram matrix and solution of the full problem (both updated in place)."""
+def _eliminate(ainv: torch.Tensor, beta: torch.Tensor, rss: float, steps: int, removable: int,
+               weights: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
+    """Backward elimination from the inverse Gram matrix and solution of the full problem (both updated in place);
+    ``weights`` (O,): each output's squared error counts that many times (the fit itself is separable per output)."""
     if not 0 <= steps <= removable:
         raise ValueError(f"backward_elimination: cannot remove {steps} of {removable} regressors")
     alive = torch.ones(removable, dtype=torch.bool)
     order, curve = [], []
     for _ in range(steps):
         d = ainv.diagonal()[:removable]
-        cost = beta[:removable].pow(2).sum(1) / d.clamp_min(1e-300)
+        sq = beta[:removable].pow(2)
+        cost = (sq if weights is None else sq * weights).sum(1) / d.clamp_min(1e-300)
         cost[~alive] = math.inf
         j = int(torch.argmin(cost))
         rss += float(cost[j])
@@ -132,14 +135,17 @@ class ReconstructionPruner(ChannelPruner):
     """Output channels of the selected producers, chosen by the least-squares error of their consumer; see the
     module docstring.
 
-    ``(model, config_list, batches, *, consumers, ridge=1e-2, round_to=1, refit=(), cache_mb=1024, dependency_aware=False,
-    dummy_input=None, progress=None)``. ``config_list``: NNI's spec (``sparsity`` per layer, or ``total_sparsity``
+    ``(model, config_list, batches, *, consumers, ridge=1e-2, round_to=1, refit=(), cache_mb=1024, output_weights=None,
+    dependency_aware=False, dummy_input=None, progress=None)``. ``config_list``: NNI's spec (``sparsity`` per layer, or ``total_sparsity``
     with ``max_sparsity_per_layer``); ``batches``: model inputs (tensors, tuples or dicts) — every spatial position
     of every input is one least-squares row; ``consumers``: for each selected layer, the name of the one
     pointwise module (1x1 ``Conv2d`` without groups or padding, or ``Linear``) that reads its channels, in the same
     order (e.g. an expansion conv's projection conv); ``ridge``: relative Tikhonov weight of the refit (as
     :func:`reconstruct`); ``refit``: further pointwise layers refitted in the same pass; ``cache_mb``: memory for
-    the dense model's outputs of those layers, taken in one pass (layers beyond it are re-run per layer). After ``compress()``,
+    the dense model's outputs of those layers, taken in one pass (layers beyond it are re-run per layer);
+    ``output_weights``: per consumer, (C_out,) weights of each output's squared error in the selection (e.g. a
+    following eval-mode BatchNorm's ``(gamma / sqrt(var + eps))^2``, so the error counts in its output's units;
+    the refit is separable per output and does not change). After ``compress()``,
     ``layer_fits`` holds one :class:`LayerFit` per refitted layer in network order (relative error of its output
     with the inputs as pruned so far and after the refit, the kept input channels) and ``refitted_model`` the
     refitted copy (see the module docstring).
@@ -160,6 +166,7 @@ class ReconstructionPruner(ChannelPruner):
         round_to: int = 1,
         refit: Sequence[str] = (),
         cache_mb: float = 1024.0,
+        output_weights: Mapping[str, torch.Tensor] | None = None,
         dependency_aware: bool = False,
         dummy_input: Any = None,
         progress: bool | None = None,
@@ -174,6 +181,7 @@ class ReconstructionPruner(ChannelPruner):
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"{name}: round_to must be a positive int, got {round_to!r}")
         self.ridge, self.round_to, self.progress, self.cache_mb = ridge, round_to, progress, cache_mb
+        self.output_weights = dict(output_weights or {})
         self.consumers = dict(consumers)
         modules = dict(model.named_modules())
         self.refit = list(refit)
@@ -195,6 +203,12 @@ class ReconstructionPruner(ChannelPruner):
             channels, reads = weight.shape[channel_dim(module)], modules[consumer].weight.shape[1]
             if channels != reads:
                 raise ValueError(f"{name}: consumer {consumer!r} reads {reads} channels but {layer!r} has {channels}: name the module that reads them")
+        for consumer, w in self.output_weights.items():
+            if consumer not in self.consumers.values():
+                raise ValueError(f"{name}: output_weights names {consumer!r}, which is no consumer")
+            outs = modules[consumer].weight.shape[0]
+            if w.numel() != outs or bool((w < 0).any()):
+                raise ValueError(f"{name}: output_weights[{consumer!r}] must be {outs} non-negative weights, one per output, got shape {tuple(w.shape)}")
         extra = sorted(set(self.consumers) - set(self._modules))
         if extra:
             raise ValueError(f"{name}: consumers names {extra}, which config_list does not select")
@@ -250,7 +264,7 @@ class ReconstructionPruner(ChannelPruner):
                 cap = prune_count(cfg.max_sparsity_per_layer if cfg.max_sparsity_per_layer is not None else 1.0, n)
                 ainv = torch.cholesky_inverse(torch.linalg.cholesky(gram + reg))
                 beta = theta0.clone()  # (gram + reg) theta0 = gram theta0 + reg theta0: the dense weights solve it
-                order, curve = _eliminate(ainv, beta, 0.0, cap, n)
+                order, curve = _eliminate(ainv, beta, 0.0, cap, n, self._weights(self.consumers[layer]))
                 score = torch.full((n,), math.inf)
                 score[order] = torch.tensor([(r / yty) ** 0.5 if yty > 0 else 0.0 for r in curve], dtype=torch.float32)
                 curves[layer] = score
@@ -261,6 +275,10 @@ class ReconstructionPruner(ChannelPruner):
                     {n: curves[n] for n in names}, {n: self._unit_cost(n, curves[n]) for n in names}, cfg.total_sparsity,
                     {n: self.module_configs[n].max_sparsity_per_layer for n in names}, rounding=cfg.sparse_rounding))  # fmt: skip
         return {layer: self._rounded(dense.get_submodule(self.consumers[layer]).weight.shape[1], c) for layer, c in counts.items()}
+
+    def _weights(self, consumer: str) -> torch.Tensor | None:
+        w = self.output_weights.get(consumer)
+        return None if w is None else w.detach().double().reshape(-1)
 
     def _quiet(self) -> bool | None:
         return None if self.progress is None else not self.progress
@@ -340,7 +358,7 @@ class ReconstructionPruner(ChannelPruner):
         removed: list[int] = []
         if count:
             ainv = torch.cholesky_inverse(torch.linalg.cholesky(gram + reg))
-            removed, _ = _eliminate(ainv, ainv @ cross, 0.0, count, n)
+            removed, _ = _eliminate(ainv, ainv @ cross, 0.0, count, n, self._weights(cname))
         kept = torch.ones(n + 1, dtype=torch.bool)
         kept[removed] = False
         with torch.no_grad():
