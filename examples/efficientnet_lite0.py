@@ -122,6 +122,22 @@ def taylor_pruner(dense: torch.nn.Module, model: torch.nn.Module, pool: dict, ex
     return TaylorGatePruner(model, config_list, evaluator, gates=gates, dependency_aware=True, dummy_input=example)
 
 
+def refit_layers(config_list: list[dict], args: argparse.Namespace) -> list[str]:
+    """The layers the least-squares refit covers: every projection conv, with ``--refit-expand`` the expansion convs
+    of blocks 2-15 (inputs perturbed by the earlier blocks' pruning; the first block's are not), with ``--refit-head``
+    the 1x1 head conv."""
+    expand = [n for c in config_list for n in c["op_names"]]
+    return ([n.replace("_expand_conv", "_project_conv") for n in expand] + (expand[1:] if args.refit_expand else [])
+            + (["_conv_head"] if args.refit_head else []))  # fmt: skip
+
+
+def refit(dense: torch.nn.Module, small: torch.nn.Module, config_list: list[dict], pool: dict, calib: torch.Tensor,
+          args: argparse.Namespace) -> torch.nn.Module:
+    """:func:`reconstruct` of :func:`refit_layers` of a sped-up ``small`` against ``dense`` (a new model)."""
+    views = list(refit_views(pool, calib, args).split(16))
+    return reconstruct(dense, small, refit_layers(config_list, args), views, ridge=args.refit_ridge, progress=args.verbose).model
+
+
 def prune(dense: torch.nn.Module, pool: dict, calib: torch.Tensor, example: torch.Tensor,
           args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module | None, list[dict]]:
     """The expansion convolutions' channels (see the module docstring), pruned and sped up: new, smaller models, the
@@ -138,7 +154,7 @@ def prune(dense: torch.nn.Module, pool: dict, calib: torch.Tensor, example: torc
             config_list = [{"op_names": [n], "sparsity": float((~masks[n]["weight"].flatten(1).any(1)).float().mean())} for n in expand]
         else:
             config_list = [{"op_names": expand, "total_sparsity": args.sparsity, "max_sparsity_per_layer": args.max_per_layer}]
-        refit = ([n for n in expand[1:]] if args.refit_expand else []) + (["_conv_head"] if args.refit_head else [])
+        refit = [n for n in refit_layers(config_list, args) if not n.endswith("_project_conv")]  # the consumers are refitted anyway
         weights = {}
         if args.bn_weighted:  # the projection's error in units of its BatchNorm's output, which the block adds up
             for p in gates.values():
@@ -158,7 +174,8 @@ def prune(dense: torch.nn.Module, pool: dict, calib: torch.Tensor, example: torc
     return small, refitted, config_list
 
 
-def main(argv: list[str] | None = None) -> dict:
+def make_parser() -> argparse.ArgumentParser:
+    """The example's options (its defaults are the recipe; ``tools/bench_pipeline.py`` reads them too)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/efficientnet_lite0"))
     parser.add_argument("--sparsity", type=float, default=0.25, help="share of the expansion channels removed (all blocks together)")
@@ -192,7 +209,11 @@ def main(argv: list[str] | None = None) -> dict:
                         "pruning arguments): skip distillation, e.g. to time the variants alone under a lock")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for pruning and distillation")
     parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.manual_seed(0)
 
@@ -222,14 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             refitted = agreement(small(evaluation).numpy(), reference)
     elif args.refit:
-        views = refit_views(pool, calib, args)
-        expand = [n for c in config_list for n in c["op_names"]]
-        consumers = [n.replace("_expand_conv", "_project_conv") for n in expand]
-        if args.refit_expand:  # inputs perturbed by the earlier blocks' pruning; the first block's are not
-            consumers += [n for n in expand if n != expand[0]]
-        if args.refit_head:
-            consumers.append("_conv_head")
-        small = reconstruct(dense, small, consumers, list(views.split(16)), ridge=args.refit_ridge, progress=args.verbose).model
+        small = refit(dense, small, config_list, pool, calib, args)
         with torch.no_grad():
             refitted = agreement(small(evaluation).numpy(), reference)
     blocks = [f"_blocks.{i}" for i in range(len(dense._blocks))]  # block outputs keep their widths: matched by MSE

@@ -113,9 +113,8 @@ def build_case(name: str, args: argparse.Namespace) -> Case:
 
 def _expansion_case(args: argparse.Namespace) -> Case:
     """EfficientNet-Lite0 at ``examples/efficientnet_lite0.py``'s lighter prune: ``--expand-sparsity`` of the 8,928
-    expansion channels, block outputs, stem and head kept. Ours: the example's recipe (each block's share from the
-    TaylorGatePruner budget, the channels by ReconstructionPruner, least-squares refit of the projection convs, the
-    later expansion convs and the head conv in the same pass). Peers: Torch-Pruning's ``MagnitudeImportance(p=1)``
+    expansion channels, block outputs, stem and head kept. Ours: the example's recipe at its defaults (``prune``
+    then its least-squares refit of the projection convs, the later expansion convs and the head conv). Peers: Torch-Pruning's ``MagnitudeImportance(p=1)``
     on each expansion conv's dependency group (expansion, depthwise, their BatchNorms, the projection's inputs), the
     same per-block widths as ours, then the same recovery: ``reconstruct`` of the same layers on the same views with
     the same ridge. No distillation for either."""
@@ -124,22 +123,19 @@ def _expansion_case(args: argparse.Namespace) -> Case:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import efficientnet_lite0 as recipe
 
-    from deploycompress.pruning.reconstruct import reconstruct
     from deploycompress.zoo import extra_photos, load_efficientnet_lite0
 
     cal_photos, ev_photos = split_photos(photos())
     calib, evaluation = crops(cal_photos, per_photo=args.crops_per_photo), crops(ev_photos, per_photo=args.crops_per_photo)
     pool = {**cal_photos, **extra_photos()}
     example = evaluation[:1]
-    opts = argparse.Namespace(sparsity=args.expand_sparsity, max_per_layer=0.6, criterion="reconstruction", allocation="taylor", round_to=16,
-                              score_batches=8, refit=True, refit_views=args.refit_views, refit_ridge=1e-2, refit_expand=True, refit_head=True,
-                              verbose=False)  # fmt: skip
+    opts = recipe.make_parser().parse_args(["--sparsity", str(args.expand_sparsity), "--refit-views", str(args.refit_views)])  # its defaults
     widths: dict[str, int] = {}
 
     def prune_ours(dense: nn.Module) -> nn.Module:
-        _, small, config_list = recipe.prune(dense, pool, calib, example, opts)
+        small, refitted, config_list = recipe.prune(dense, pool, calib, example, opts)
         widths.update({n: small.get_submodule(n).out_channels for c in config_list for n in c["op_names"]})
-        return small
+        return refitted if refitted is not None else recipe.refit(dense, small, config_list, pool, calib, opts)
 
     def prune_peers(dense: nn.Module) -> nn.Module:
         if not widths:
@@ -158,10 +154,7 @@ def _expansion_case(args: argparse.Namespace) -> Case:
         got = {n: model.get_submodule(n).out_channels for n in widths}
         if got != widths:
             raise RuntimeError(f"Torch-Pruning left widths {got}, ours {widths}")
-        expand = list(widths)
-        layers = [n.replace("_expand_conv", "_project_conv") for n in expand] + expand[1:] + ["_conv_head"]
-        views = list(recipe.refit_views(pool, calib, opts).split(16))
-        return reconstruct(dense, model.eval(), layers, views, ridge=opts.refit_ridge).model
+        return recipe.refit(dense, model.eval(), [{"op_names": list(widths)}], pool, calib, opts)
 
     return Case(load_efficientnet_lite0(), example, calib, evaluation, None, "_fc", prune_ours=prune_ours, prune_peers=prune_peers)
 
