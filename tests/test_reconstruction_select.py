@@ -6,7 +6,6 @@ numpy's ``lstsq``; (2) a model whose expansion conv has two channels that are ex
 refit reproduce the dense model to ~1e-5, and a budget over two blocks must go where removal costs nothing."""
 
 import copy
-import itertools
 
 import numpy as np
 import pytest
@@ -180,3 +179,14 @@ def test_reconstruct_refits_a_layer_that_lost_output_channels():
     assert res.layers[0].kept_outputs == kept and res.layers[0].kept == [0, 1, 2, 3]
     assert torch.allclose(res.model[1].weight[:, :, 0, 0], want, atol=1e-4)
     assert res.layers[0].error_before > 0.1 and res.layers[0].error_after < 1e-5
+    # a masked row speedup(round_to=N) kept back (zero weights) at full width: left zero, the others refitted
+    held = copy.deepcopy(pruned)
+    with torch.no_grad():
+        held[1] = nn.Conv2d(4, 6, 1, bias=False)
+        held[1].weight.copy_(dense[1].weight)
+        held[1].weight[1] = 0
+    res = reconstruct(dense, held, [("1", "1")], [torch.randn(3, 4, 5, 5, generator=g)], ridge=0.0)
+    assert res.layers[0].kept_outputs == [0, -1, 2, 3, 4, 5] and res.layers[0].kept == [0, 1, 2, 3]
+    assert not res.model[1].weight[1].any() and res.model[1].bias[1] == 0
+    want = dense[1].weight[:, :, 0, 0] @ torch.linalg.inv(mix)
+    assert torch.allclose(res.model[1].weight[[0, 2, 3, 4, 5], :, 0, 0], want[[0, 2, 3, 4, 5]], atol=1e-4)

@@ -130,6 +130,16 @@ def kept_outputs(dense_w: torch.Tensor, pruned_w: torch.Tensor, name: str) -> li
     return kept
 
 
+def _output_rows(dense_w: torch.Tensor, pruned_w: torch.Tensor, name: str) -> list[int] | None:
+    """:func:`kept_outputs` where the layer lost output channels or holds zeroed (still-masked) rows that are not zero
+    in the dense layer, else None (every output kept as it is)."""
+    if pruned_w.shape[0] == dense_w.shape[0]:
+        p, d = pruned_w.reshape(len(pruned_w), -1), dense_w.reshape(len(dense_w), -1)
+        if pruned_w.shape[1:] != dense_w.shape[1:] or not bool((~p.any(1) & d.any(1)).any()):
+            return None
+    return kept_outputs(dense_w, pruned_w, name)
+
+
 def _capture(model: nn.Module, name: str, batch, want: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` on ``batch`` up to module ``name``; its (input, output)."""
     got = {}
@@ -181,7 +191,7 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
                 raise ValueError(f"reconstruct: no module {n!r} in the {which} model")
             _check_consumer(net.get_submodule(n), f"{n} ({which})")
         dw, pw = dense.get_submodule(d_name).weight, model.get_submodule(p_name).weight
-        outs = kept_outputs(dw, pw, p_name) if pw.shape[0] != dw.shape[0] else None
+        outs = _output_rows(dw, pw, p_name)
         pairs.append((d_name, p_name, kept_inputs(dw[[o for o in outs if o >= 0]] if outs else dw, pw[[j for j, o in enumerate(outs) if o >= 0]] if outs else pw, p_name), outs))
     pairs.sort(key=lambda t: order[t[1]])
     result = ReconstructionResult(model)
