@@ -10,21 +10,21 @@ the other half, never seen before.
 
 1. **int8**: :func:`deploycompress.build_engine` on the dense model (PTQ calibrated on the calibration crops);
 2. **pruned + refitted (+ distilled) + int8**: ``--sparsity`` of the expansion channels of the inverted-residual
-   blocks (the wide, redundant ones; block outputs, the stem and the head keep their widths) go. Each block's share
-   comes from one ``total_sparsity`` budget ranked by :class:`deploycompress.pruning.TaylorGatePruner` (Molchanov et
-   al., 2019: first-order Taylor estimate of the loss change when a channel is removed, gated at the projection
-   conv's input, where the channel leaves the block; loss: cross-entropy against the dense model's top-1 on
-   ``--score-batches`` x 16 random views; at most ``--max-per-layer`` of a block), so the data choose each block's
-   ratio. Which channels of a block go is chosen by :class:`deploycompress.pruning.ReconstructionPruner`
-   (``--criterion reconstruction``, default: ThiNet / He et al. 2017: the channels whose loss a least-squares refit
-   of the projection conv absorbs best, block by block in network order, inputs from the already pruned and refitted
-   model, targets from the dense one), which refits in the same pass every projection conv on its kept inputs and
-   (``--refit-expand``, ``--refit-head``) the expansion convs of the later blocks and the 1x1 head conv, whose inputs
-   the earlier pruning perturbed; rows: the calibration crops and ``--refit-views`` random views of the training
-   photos, ridge ``--refit-ridge``. ``--allocation reconstruction`` takes the blocks' shares from the reconstruction
-   errors instead; ``--criterion taylor`` ranks the channels themselves by the Taylor score (then ``--refit`` runs
-   :func:`deploycompress.pruning.reconstruct.reconstruct` after speedup); ``--criterion l1`` takes ``--sparsity``
-   of every block by L1 norm. Dependency-aware (each depthwise conv loses its expansion's channels);
+   blocks (the wide, redundant ones; block outputs, the stem and the head keep their widths) go, ranked together by
+   :class:`deploycompress.pruning.TaylorGatePruner` (``--criterion taylor``, default; Molchanov et al., 2019:
+   first-order Taylor estimate of the loss change when a channel is removed, gated at the projection conv's input,
+   where the channel leaves the block; loss: cross-entropy against the dense model's top-1 on ``--score-batches``
+   x 16 random views), one ``total_sparsity`` budget over all blocks so the data choose each block's ratio (at most
+   ``--max-per-layer``). Recovery (``--refit``, default on): :func:`deploycompress.pruning.reconstruct.reconstruct`
+   refits by least squares (He et al., 2017; ThiNet), in network order against the dense model, every block's 1x1
+   projection conv on its kept inputs and (``--refit-expand``, ``--refit-head``) the expansion convs of blocks 2-15
+   and the 1x1 head conv, whose inputs the earlier pruning perturbed; rows: the calibration crops and
+   ``--refit-views`` random views of the training photos, ridge ``--refit-ridge``. ``--criterion reconstruction``
+   keeps each block's Taylor share (``--allocation reconstruction``: shares from the reconstruction errors) but
+   chooses the channels within a block by :class:`deploycompress.pruning.ReconstructionPruner` (the channels whose
+   loss the least-squares refit absorbs best; ``--bn-weighted`` counts the error after the projection's
+   BatchNorm), refitting in the same pass; on this model it did worse than the Taylor choice (BENCHMARKS.md).
+   ``--criterion l1`` takes ``--sparsity`` of every block by L1 norm. Dependency-aware (each depthwise conv loses its expansion's channels);
    ``speedup(round_to=16)`` keeps widths onnxruntime's NCHWc kernels block. Optionally (``--distill-steps``, default
    0: from the refitted start distillation on these few photos made agreement worse, BENCHMARKS.md)
    :func:`deploycompress.pruning.distill.distill` from the dense model, logit KL plus the MSE of every block's output
@@ -180,7 +180,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/efficientnet_lite0"))
     parser.add_argument("--sparsity", type=float, default=0.25, help="share of the expansion channels removed (all blocks together)")
     parser.add_argument("--max-per-layer", type=float, default=0.6, help="largest share removed from one block (taylor)")
-    parser.add_argument("--criterion", choices=("reconstruction", "taylor", "l1"), default="reconstruction",
+    parser.add_argument("--criterion", choices=("reconstruction", "taylor", "l1"), default="taylor",
                         help="reconstruction: ReconstructionPruner (least-squares error of the projection conv), global budget; "
                         "taylor: TaylorGatePruner, global budget; l1: L1NormPruner, --sparsity in every block")
     parser.add_argument("--allocation", choices=("taylor", "reconstruction"), default="taylor",
