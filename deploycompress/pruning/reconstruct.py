@@ -224,6 +224,9 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
             reg = torch.zeros_like(xtx)
             reg.diagonal()[:cin] = lam  # the intercept is not pulled
             theta = torch.linalg.solve(xtx + reg, xty + reg @ theta0)
+            if outs is not None:  # still-masked rows stay exactly as they were (zero), not a fit of their own zero output
+                held = torch.tensor(outs) < 0
+                theta[:, held] = theta0[:, held]
             # residual of the fit from the accumulated moments: ||X t - Y||^2 = t'X'Xt - 2 t'X'Y + Y'Y
             res = lambda t: float(((t * (xtx @ t)).sum() - 2 * (t * xty).sum() + yty).clamp_min(0))  # noqa: E731
             before = (float(ypp) / float(yty)) ** 0.5 if yty > 0 else 0.0
