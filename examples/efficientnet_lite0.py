@@ -23,7 +23,7 @@ the other half, never seen before.
    keeps each block's Taylor share (``--allocation reconstruction``: shares from the reconstruction errors) but
    chooses the channels within a block by :class:`deploycompress.pruning.ReconstructionPruner` (the channels whose
    loss the least-squares refit absorbs best; ``--bn-weighted`` counts the error after the projection's
-   BatchNorm), refitting in the same pass; on this model it did worse than the Taylor choice (BENCHMARKS.md).
+   BatchNorm), refitting in the same pass; on this model it was no better than the Taylor choice (BENCHMARKS.md).
    ``--criterion l1`` takes ``--sparsity`` of every block by L1 norm. Dependency-aware (each depthwise conv loses its expansion's channels);
    ``speedup(round_to=16)`` keeps widths onnxruntime's NCHWc kernels block. Optionally (``--distill-steps``, default
    0: from the refitted start distillation on these few photos made agreement worse, BENCHMARKS.md)
