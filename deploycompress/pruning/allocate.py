@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["prune_count", "global_prune_counts", "lowest", "lowest_slots", "UnreachableSparsityWarning"]
+__all__ = ["prune_count", "global_prune_counts", "CoupledUnits", "lowest", "lowest_slots", "UnreachableSparsityWarning"]
 
 _EPS = 1e-6
 
@@ -32,12 +33,24 @@ def prune_count(sparsity: float, n: int, rounding: str = "floor") -> int:
     return max(0, min(n - 1, raw))
 
 
+@dataclass
+class CoupledUnits:
+    """Layers whose units a global budget ranks and counts as one: slot ``s`` holds ``sizes[i, s]`` units
+    of ``names[i]`` and scores ``scores[s]`` (e.g. the summed channel scores of a residual group), so taking
+    it costs ``sum_i sizes[i, s] * unit_cost[names[i]]`` weight elements."""
+
+    names: list[str]
+    scores: torch.Tensor  # [slots]
+    sizes: torch.Tensor  # [len(names), slots], integer
+
+
 def global_prune_counts(
     scores: Mapping[str, torch.Tensor],
     unit_costs: Mapping[str, int],
     total_sparsity: float,
     max_sparsity_per_layer: float | Mapping[str, float | None] | None = None,
     rounding: str = "floor",
+    coupled: Sequence[CoupledUnits] = (),
 ) -> dict[str, int]:
     """One budget for all layers: prune the globally lowest-scored units until ``total_sparsity``
     of all weight elements is gone.
@@ -45,32 +58,64 @@ def global_prune_counts(
     ``unit_costs[name]`` is how many weight elements one unit of that layer holds (1 for
     fine-grained pruning, the elements of a filter for channel pruning): the budget counts weights,
     as NNI's global allocator does. Each layer offers at most its ``max_sparsity_per_layer`` share
-    (one value for all layers, or one per layer name).
+    (one value for all layers, or one per layer name), and keeps one unit.
+
+    Layers named in ``coupled`` are ranked by slot instead (:class:`CoupledUnits`): a slot is one
+    candidate at the summed cost of its units, taken whole while every member stays within its cap,
+    so the counts returned for coupled layers are always whole slots (what speedup can remove).
     """
     names = list(scores)
     total = sum(scores[n].numel() * unit_costs[n] for n in names)
     budget = int(total * total_sparsity) if rounding == "nni" else math.floor(total_sparsity * total + _EPS)
-    cand_scores, cand_costs, cand_layer = [], [], []
-    for i, name in enumerate(names):
-        flat = scores[name].detach().reshape(-1).float().cpu()
+    caps = {}
+    for name in names:
         cap_ratio = max_sparsity_per_layer.get(name) if isinstance(max_sparsity_per_layer, Mapping) else max_sparsity_per_layer
-        cap = prune_count(cap_ratio if cap_ratio is not None else 1.0, flat.numel())
-        lowest_scores = torch.sort(flat, stable=True).values[:cap]
-        cand_scores.append(lowest_scores)
-        cand_costs.append(torch.full((cap,), float(unit_costs[name]), dtype=torch.float64))
-        cand_layer.append(torch.full((cap,), i, dtype=torch.long))
+        caps[name] = prune_count(cap_ratio if cap_ratio is not None else 1.0, scores[name].numel())
+    block_of = {n: b for b, c in enumerate(coupled) for n in c.names}
+    blocks: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []  # (names, candidate slots in score order, sizes)
+    cand_scores, cand_costs, cand_block = [], [], []
+    done: set[int] = set()
+    for name in names:
+        b = block_of.get(name)
+        if b is None:
+            flat = scores[name].detach().reshape(-1).float().cpu()
+            s, idx = torch.sort(flat, stable=True)
+            ones = torch.ones(1, flat.numel(), dtype=torch.long)
+            blocks.append(([name], idx[: caps[name]], ones))
+            cand_scores.append(s[: caps[name]])
+            cand_costs.append(torch.full((caps[name],), float(unit_costs[name]), dtype=torch.float64))
+        elif b not in done:
+            done.add(b)
+            c = coupled[b]
+            flat, sizes = c.scores.detach().reshape(-1).float().cpu(), c.sizes.long().cpu()
+            fits = lowest_slots(flat, sizes, [caps[n] for n in c.names])
+            idx = torch.sort(flat, stable=True).indices
+            idx = idx[fits[idx]]
+            blocks.append((list(c.names), idx, sizes))
+            cand_scores.append(flat[idx])
+            slot_cost = (sizes.double() * torch.tensor([float(unit_costs[n]) for n in c.names], dtype=torch.float64)[:, None]).sum(0)
+            cand_costs.append(slot_cost[idx])
+        else:
+            continue
+        cand_block.append(torch.full((len(blocks[-1][1]),), len(blocks) - 1, dtype=torch.long))
     s = torch.cat(cand_scores)
     order = torch.sort(s, stable=True).indices
-    spent = torch.cumsum(torch.cat(cand_costs)[order], 0)
-    taken = torch.cat(cand_layer)[order][spent <= budget + _EPS]
-    counts = torch.bincount(taken, minlength=len(names))
-    reached = float(spent[len(taken) - 1]) if len(taken) else 0.0
-    if len(taken) == len(order) and budget - reached >= min(unit_costs[n] for n in names):  # every candidate taken, budget left
+    costs = torch.cat(cand_costs)[order]
+    spent = torch.cumsum(costs, 0)
+    n_taken = int((spent <= budget + _EPS).sum())
+    taken_block = torch.cat(cand_block)[order][:n_taken]
+    counts = {name: 0 for name in names}
+    for b, k in enumerate(torch.bincount(taken_block, minlength=len(blocks)).tolist()):
+        members, idx, sizes = blocks[b]
+        for i, n in enumerate(members):
+            counts[n] = int(sizes[i, idx[:k]].sum())
+    reached = float(spent[n_taken - 1]) if n_taken else 0.0
+    if n_taken == len(order) and budget - reached >= min(unit_costs[n] for n in names):  # every candidate taken, budget left
         warnings.warn(
             f"total_sparsity {total_sparsity} is not reachable: the per-layer caps (max_sparsity_per_layer, and one unit kept in "
             f"every layer) allow at most {reached / total:.4f} of the {total} weights of {names}; lower total_sparsity or raise the caps",
             UnreachableSparsityWarning, stacklevel=3)
-    return {name: int(counts[i]) for i, name in enumerate(names)}
+    return counts
 
 
 def lowest(scores: torch.Tensor, k: int, groups: int = 1, exclude: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModuleConfig
-from .allocate import lowest, lowest_slots
+from .allocate import CoupledUnits, lowest, lowest_slots
 from .base import Pruner
 from .io import Masks, _bias, _weight, weight_attrs
 
@@ -186,6 +186,18 @@ class ChannelPruner(Pruner):
                         raise RuntimeError(f"channel group {group.modules} gives {name!r} {expected} channels but it has {n}")
         return groups
 
+    def _coupled_units(self, names: list[str], scores: dict[str, torch.Tensor]) -> list[CoupledUnits]:
+        """Each dependency group's members in this budget, ranked by slot on the summed score (the score the
+        selection below prunes a group by) and counted at the weights of every member: the budget is then spent
+        on whole slots, which speedup removes, rather than on one member's channels that a partner keeps."""
+        coupled = []
+        for group in self._channel_groups:
+            members = [n for n in group.modules if n in names]
+            if len(members) > 1 or members and not torch.equal(group.slots[members[0]], torch.arange(group.num_slots)):
+                fused, sizes = _slot_scores(group, members, scores)
+                coupled.append(CoupledUnits(members, fused, sizes))
+        return coupled
+
     def _select(self, scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
         pruned: dict[str, torch.Tensor] = {}
         for group in self._channel_groups:
@@ -198,14 +210,21 @@ class ChannelPruner(Pruner):
         return pruned
 
 
+def _slot_scores(group: ChannelGroup, members: list[str], scores: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's slot scores (the members' channel scores summed per slot) and ``sizes[i, s]``, the channels
+    member ``members[i]`` has in slot ``s``."""
+    fused = torch.zeros(group.num_slots)
+    for n in members:
+        fused.index_add_(0, group.slots[n], scores[n].float())
+    sizes = torch.stack([torch.bincount(group.slots[n], minlength=group.num_slots) for n in members])
+    return fused, sizes
+
+
 def _select_group(group: ChannelGroup, members: list[str], scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
     """Whole slots on the summed score first, then each member's extra channels on its own score."""
     slots = {n: group.slots[n] for n in members}
     num_slots = group.num_slots
-    fused = torch.zeros(num_slots)
-    for n in members:
-        fused.index_add_(0, slots[n], scores[n].float())
-    sizes = torch.stack([torch.bincount(slots[n], minlength=num_slots) for n in members])
+    fused, sizes = _slot_scores(group, members, scores)
     shared = lowest_slots(fused, sizes, [counts[n] for n in members], group.balances)
     # Extra channels are not whole classes, so speedup keeps them whatever they are; only in an
     # aligned group (channel i is slot i) do they keep a grouped consumer's filter groups even.

@@ -42,6 +42,7 @@ __all__ = [
     "make_basic_pruner",
     "channel_sparsity",
     "masked_fraction",
+    "original_channel_costs",
     "plain_copy",
     "relative_config",
     "wrap_masks",
@@ -338,9 +339,14 @@ class PruningScheduler:
         self.rewind: Callable[[nn.Module, Masks], None] | None = None
 
     # ------------------------------------------------------------------ one round
-    def run_task(self, task: Task, model: nn.Module, pinned: Masks) -> tuple[nn.Module, TaskResult]:
-        """Prune ``model`` (a plain model, modified in place) by ``task``; return it (masks applied) and the result."""
+    def run_task(
+        self, task: Task, model: nn.Module, pinned: Masks, unit_costs: Mapping[str, int] | None = None
+    ) -> tuple[nn.Module, TaskResult]:
+        """Prune ``model`` (a plain model, modified in place) by ``task``; return it (masks applied) and the result.
+        ``unit_costs`` (weight elements per output channel by layer) is what a ``total_sparsity`` budget counts
+        (default: the model's own; after a speedup, the original model's)."""
         pruner = make_basic_pruner(self.pruner_spec, model, task.config_list, self.pruning_params, self.dummy_input)
+        pruner.budget_unit_costs = dict(unit_costs or {})
         self._layers = list(pruner.module_configs)
         if pinned:
             _pin(pruner, pinned)
@@ -375,9 +381,11 @@ class PruningScheduler:
         try:
             while (task := gen.next_task()) is not None:
                 speed = self.speedup if task.speedup is None else task.speedup
+                costs = None
                 if speed and self.history:
                     task.config_list = relative_config(task.config_list, origin, work, self.pruner_spec)
-                wrapped, result = self.run_task(task, work, {} if speed else pinned)
+                    costs = original_channel_costs(origin, work)
+                wrapped, result = self.run_task(task, work, {} if speed else pinned, costs)
                 if names is None:
                     names = self._layers  # the configured layers (masks also name joined BatchNorms)
                 plain = plain_copy(wrapped)
@@ -484,6 +492,19 @@ def relative_config(config_list: list[dict[str, Any]], origin: nn.Module, curren
         log.info("total_sparsity %.4f of the original layers -> %.4f of the channels left", mc.total_sparsity, rel)
         out.append(entry)
     return out
+
+
+def original_channel_costs(origin: nn.Module, current: nn.Module) -> dict[str, int]:
+    """Weight elements per output channel in ``origin`` of every layer ``current`` (a sped-up ``origin``) has
+    with a weight: what a later round's ``total_sparsity`` budget counts a channel of ``current`` at, so
+    its ranking spends the budget that :func:`relative_config` asks in the same unit (a channel of a shrunk
+    layer would otherwise look cheaper than its share of the original budget)."""
+    org = dict(origin.named_modules())
+    costs = {}
+    for name, module in current.named_modules():
+        if name in org and _weight(module) is not None and _weight(org[name]) is not None:
+            costs[name] = _channel_cost(org[name])
+    return costs
 
 
 def _channel_cost(module: nn.Module) -> int:
