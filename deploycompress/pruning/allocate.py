@@ -42,6 +42,9 @@ class CoupledUnits:
     names: list[str]
     scores: torch.Tensor  # [slots]
     sizes: torch.Tensor  # [len(names), slots], integer
+    #: False: speedup can remove none of these slots (they reach the model output, or a layer outside the
+    #: selection keeps them), so the budget takes none of them; the layers still count in its total
+    removable: bool = True
 
 
 def global_prune_counts(
@@ -62,7 +65,8 @@ def global_prune_counts(
 
     Layers named in ``coupled`` are ranked by slot instead (:class:`CoupledUnits`): a slot is one
     candidate at the summed cost of its units, taken whole while every member stays within its cap,
-    so the counts returned for coupled layers are always whole slots (what speedup can remove).
+    so the counts returned for coupled layers are always whole slots (what speedup can remove); a block that
+    is not ``removable`` offers none.
     """
     names = list(scores)
     total = sum(scores[n].numel() * unit_costs[n] for n in names)
@@ -88,7 +92,7 @@ def global_prune_counts(
             done.add(b)
             c = coupled[b]
             flat, sizes = c.scores.detach().reshape(-1).float().cpu(), c.sizes.long().cpu()
-            fits = lowest_slots(flat, sizes, [caps[n] for n in c.names])
+            fits = lowest_slots(flat, sizes, [caps[n] for n in c.names]) if c.removable else torch.zeros_like(flat, dtype=torch.bool)
             idx = torch.sort(flat, stable=True).indices
             idx = idx[fits[idx]]
             blocks.append((list(c.names), idx, sizes))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModuleConfig
+from ..errors import user_stacklevel
 from .allocate import CoupledUnits, lowest, lowest_slots
 from .base import Pruner
 from .io import Masks, _bias, _weight, weight_attrs
@@ -190,12 +191,28 @@ class ChannelPruner(Pruner):
         """Each dependency group's members in this budget, ranked by slot on the summed score (the score the
         selection below prunes a group by) and counted at the weights of every member: the budget is then spent
         on whole slots, which speedup removes, rather than on one member's channels that a partner keeps."""
-        coupled = []
+        coupled, kept = [], []
         for group in self._channel_groups:
             members = [n for n in group.modules if n in names]
-            if len(members) > 1 or members and not torch.equal(group.slots[members[0]], torch.arange(group.num_slots)):
-                fused, sizes = _slot_scores(group, members, scores)
-                coupled.append(CoupledUnits(members, fused, sizes))
+            if not members:
+                continue
+            outside = [n for n in group.modules if n not in self._modules]
+            removable = not group.pinned and not outside
+            if removable and len(members) == 1 and torch.equal(group.slots[members[0]], torch.arange(group.num_slots)):
+                continue  # a layer on its own: its channels are the units
+            fused, sizes = _slot_scores(group, members, scores)
+            coupled.append(CoupledUnits(members, fused, sizes, removable))
+            if not removable:
+                why = f"{outside[:3]} (not selected) keep them" if outside else "speedup keeps them (they reach the model output, or an op without a channel rule)"
+                kept.append(f"{members[:3]}{' ...' if len(members) > 3 else ''}: {why}")
+        if kept:
+            warnings.warn(
+                f"{type(self).__name__}: total_sparsity prunes no output channels of {'; '.join(kept)}; the budget is spent on "
+                "the other selected layers (these still count in its total). Leave them out of the config_list, or select "
+                "their coupled layers too",
+                PruningWarning,
+                stacklevel=user_stacklevel(),
+            )
         return coupled
 
     def _select(self, scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -24,10 +25,11 @@ from tqdm.auto import tqdm
 
 from ..model_copy import plain_copy as _plain_copy
 from ..config import select_modules, validate_config_list
+from ..errors import user_stacklevel
 from ..suggest import did_you_mean
 from .allocate import prune_count
 from .base import Pruner, _Mask
-from .channel import ChannelPruner, channel_dim, channel_rows
+from .channel import ChannelPruner, PruningWarning, channel_dim, channel_rows
 from .evaluator import TorchEvaluator
 from .io import Masks, _param, _weight
 from .level import ElementPruner
@@ -327,6 +329,8 @@ class PruningScheduler:
             )
         self.pruner_spec = pruner
         self.pruning_params = dict(pruning_params or {})
+        if speedup:
+            _dependency_aware_for_speedup(pruner, self.pruning_params)
         self.task_generator = task_generator
         self.finetune = _as_finetune(finetuner, finetune_steps, finetune_epochs)
         self.evaluate = _as_evaluate(evaluator)
@@ -427,6 +431,31 @@ class PruningScheduler:
             raise RuntimeError("call compress() first")
         masks = self.best.masks if self.best.model_masks is None else self.best.model_masks
         return self.best.task_id, plain_copy(self.best.model), masks, self.best.score, self.best.config_list
+
+
+def _dependency_aware_for_speedup(spec: PrunerSpec, params: dict[str, Any]) -> None:
+    """Speedup between rounds removes a coupled channel (a residual Add's) only when every layer sharing it
+    pruned it; a channel pruner that does not know the groups zeroes such channels in one member, the next
+    round ranks the zeroed channels lowest again and a ``total_sparsity`` budget stalls short of its target.
+    So a pruner named by class or name prunes dependency-aware unless ``params`` says otherwise (then a
+    ``PruningWarning`` names the consequence)."""
+    if isinstance(spec, Pruner):
+        explicit = not getattr(spec, "dependency_aware", True)
+    elif isinstance(spec, (str, type)) and issubclass(cls := _pruner_class(spec), ChannelPruner):
+        explicit = params.get("dependency_aware") is False or params.get("mode") == "normal"
+        if "dependency_aware" in inspect.signature(cls).parameters and "dependency_aware" not in params and "mode" not in params:
+            params["dependency_aware"] = True
+            log.info("speedup between rounds: %s prunes dependency-aware (coupled channels together, so speedup removes them)", cls.__name__)
+    else:
+        return
+    if explicit:
+        warnings.warn(
+            "PruningScheduler: speedup=True with dependency_aware=False: channels coupled across layers (residual adds) "
+            "that one layer prunes are zeroed, not removed, and a total_sparsity budget can stop short of its target; "
+            "leave dependency_aware at its default (True here) to prune coupled channels together",
+            PruningWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _pruner_class(spec: PrunerSpec) -> type[Pruner]:
