@@ -198,10 +198,11 @@ class ChannelPruner(Pruner):
                 continue
             outside = [n for n in group.modules if n not in self._modules]
             removable = not group.pinned and not outside
-            if removable and len(members) == 1 and torch.equal(group.slots[members[0]], torch.arange(group.num_slots)):
+            alone = len(members) == 1 and torch.equal(group.slots[members[0]], torch.arange(group.num_slots))
+            if removable and alone and not group.balances:
                 continue  # a layer on its own: its channels are the units
             fused, sizes = _slot_scores(group, members, scores)
-            coupled.append(CoupledUnits(members, fused, sizes, removable))
+            coupled.append(CoupledUnits(members, fused, sizes, group.balances, removable))
             if not removable:
                 why = f"{outside[:3]} (not selected) keep them" if outside else "speedup keeps them (they reach the model output, or an op without a channel rule)"
                 kept.append(f"{members[:3]}{' ...' if len(members) > 3 else ''}: {why}")
