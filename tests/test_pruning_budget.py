@@ -18,6 +18,7 @@ from deploycompress import pruning
 from deploycompress.pruning.allocate import CoupledUnits, global_prune_counts
 from deploycompress.pruning.channel import PruningWarning
 from deploycompress.speedup import speedup
+from scheduled_helpers import ResBlockNet
 
 
 def _convs(model: nn.Module) -> list[str]:
@@ -91,25 +92,11 @@ def test_one_shot_total_sparsity_masks_only_what_speedup_removes_on_resnet18(res
     assert 0.5 - _largest_slot(model, names) - 1e-9 <= by_widths <= 0.5, by_widths
 
 
-class _ResBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.c1, self.bn1 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
-        self.c2, self.bn2 = nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.c3, self.fc = nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 10)
-
-    def forward(self, x):
-        h = torch.relu(self.bn0(self.stem(x)))
-        h = torch.relu(h + self.bn2(self.c2(torch.relu(self.bn1(self.c1(h))))))
-        return self.fc(torch.relu(self.c3(h)).mean((2, 3)))
-
-
 def test_speedup_rounds_prune_dependency_aware_unless_told_otherwise():
     """With speedup between rounds a name-given channel pruner prunes coupled channels together by default (no
     pruning_params needed to reach the budget); dependency_aware=False is honoured with a PruningWarning."""
     torch.manual_seed(0)
-    model, x, names = _ResBlock().eval(), torch.randn(2, 3, 8, 8), ["stem", "c1", "c2", "c3"]
+    model, x, names = ResBlockNet().eval(), torch.randn(2, 3, 8, 8), ["stem", "c1", "c2", "c3"]
     p = pruning.AGPPruner(model, [{"total_sparsity": 0.5, "op_types": ["Conv2d"]}], "l1", total_iteration=3, speedup=True, dummy_input=x)
     out, _ = p.compress()
     slot = (model.stem.weight[0].numel() + model.c2.weight[0].numel()) / sum(model.get_submodule(n).weight.numel() for n in names)
@@ -124,7 +111,7 @@ def test_total_sparsity_leaves_model_outputs_alone_and_says_so():
     """op_types default selects the classifier, whose output channels are the model's outputs: speedup keeps them, so
     the budget is spent on the convs (the classifier still counts in its total), with a PruningWarning naming it."""
     torch.manual_seed(0)
-    model, x = _ResBlock().eval(), torch.randn(2, 3, 8, 8)
+    model, x = ResBlockNet().eval(), torch.randn(2, 3, 8, 8)
     names = ["stem", "c1", "c2", "c3", "fc"]
     with pytest.warns(PruningWarning, match=r"\['fc'\]: speedup keeps them"):
         p = pruning.L1NormPruner(model, [{"total_sparsity": 0.4, "op_types": ["default"]}], dependency_aware=True, dummy_input=x)
