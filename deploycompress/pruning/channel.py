@@ -196,21 +196,18 @@ class ChannelPruner(Pruner):
             members = [n for n in group.modules if n in names]
             if not members:
                 continue
-            outside = [n for n in group.modules if n not in self._modules]
-            removable = not group.pinned and not outside
             alone = len(members) == 1 and torch.equal(group.slots[members[0]], torch.arange(group.num_slots))
-            if removable and alone and not group.balances:
+            if not group.pinned and alone and not group.balances:
                 continue  # a layer on its own: its channels are the units
             fused, sizes = _slot_scores(group, members, scores)
-            coupled.append(CoupledUnits(members, fused, sizes, group.balances, removable))
-            if not removable:
-                why = f"{outside[:3]} (not selected) keep them" if outside else "speedup keeps them (they reach the model output, or an op without a channel rule)"
-                kept.append(f"{members[:3]}{' ...' if len(members) > 3 else ''}: {why}")
+            coupled.append(CoupledUnits(members, fused, sizes, group.balances, not group.pinned))
+            if group.pinned:
+                kept.append(f"{members[:3]}{' ...' if len(members) > 3 else ''}")
         if kept:
             warnings.warn(
-                f"{type(self).__name__}: total_sparsity prunes no output channels of {'; '.join(kept)}; the budget is spent on "
-                "the other selected layers (these still count in its total). Leave them out of the config_list, or select "
-                "their coupled layers too",
+                f"{type(self).__name__}: total_sparsity prunes no output channels of {'; '.join(kept)}: speedup keeps them (they "
+                "reach the model output, or an op without a channel rule); the budget is spent on the other selected layers "
+                "(these still count in its total). Leave them out of the config_list to silence this",
                 PruningWarning,
                 stacklevel=user_stacklevel(),
             )
