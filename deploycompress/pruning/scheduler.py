@@ -6,7 +6,10 @@ Masks always refer to the modules of the model being pruned. Without ``speedup``
 the same (masked) model with the *cumulative* sparsity of that round; units pruned in earlier rounds
 are pinned (their score is ``-inf``), so masks only grow and each round's per-layer count is exactly
 what its config_list asks. With ``speedup=True`` the model is physically shrunk after every round
-(``deploycompress.speedup``) and the next round's sparsity is rescaled to the smaller layers.
+(``deploycompress.speedup``) and the next round's sparsity is rescaled to the smaller layers: counted
+against the original widths, a ``total_sparsity`` budget at the original weight elements of each removed
+output channel (:func:`relative_config`, :func:`original_channel_costs`), and channel pruners named by
+string or class prune dependency-aware, so coupled channels go together and speedup removes them.
 """
 
 from __future__ import annotations
