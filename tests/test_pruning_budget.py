@@ -77,6 +77,20 @@ def test_scheduled_rounds_with_speedup_end_at_the_budget_on_resnet18(resnet18, c
         assert s - _largest_slot(model, names) - 1e-9 <= h.sparsity <= s + 1e-9, (h.sparsity, s)
 
 
+def test_speedup_rounds_keep_the_per_layer_cap_against_the_original_widths(resnet18):
+    """max_sparsity_per_layer 0.7 caps every layer (a residual slot: each of its members) at floor(0.7 * n_original)
+    removed channels over all rounds, and the budget is still met."""
+    model, x = resnet18
+    names = _convs(model)
+    p = pruning.AGPPruner(model, [{"total_sparsity": 0.5, "max_sparsity_per_layer": 0.7, "op_types": ["Conv2d"]}], "l1",
+                          total_iteration=3, speedup=True, dummy_input=x)  # fmt: skip
+    out, _ = p.compress()
+    for n in names:
+        n0 = model.get_submodule(n).weight.shape[0]
+        assert out.get_submodule(n).weight.shape[0] >= n0 - int(0.7 * n0), n
+    assert 0.5 - _largest_slot(model, names) <= _removed_by_widths(model, out, names) <= 0.5
+
+
 def test_one_shot_total_sparsity_masks_only_what_speedup_removes_on_resnet18(resnet18):
     """One-shot L1, dependency-aware, total_sparsity 0.5: the masks zero whole residual channel classes, so the count
     from the masks and the count from speedup's widths agree, and both land on the budget (before: masks 0.5,
