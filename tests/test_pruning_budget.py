@@ -91,6 +91,23 @@ def test_speedup_rounds_keep_the_per_layer_cap_against_the_original_widths(resne
     assert 0.5 - _largest_slot(model, names) <= _removed_by_widths(model, out, names) <= 0.5
 
 
+def test_a_residual_group_selected_in_part_is_left_out_of_the_budget(resnet18):
+    """Downsample convs excluded: layerN's conv2s add their channels to the downsample conv's, so speedup cannot remove
+    them; the budget skips them with a PruningWarning naming the partner and ends at 0.3 (before: 0.256, spent on
+    channels speedup kept)."""
+    model, x = resnet18
+    ds = ["layer2.0.downsample.0", "layer3.0.downsample.0", "layer4.0.downsample.0"]
+    names = [n for n in _convs(model) if n not in ds]
+    config = [{"total_sparsity": 0.3, "op_types": ["Conv2d"]}, {"exclude": True, "op_names": ds}]
+    with pytest.warns(PruningWarning, match=r"'layer2.0.conv2', 'layer2.1.conv2'\] \(they are added to the outputs of \['layer2.0.downsample.0'\]"):
+        p = pruning.AGPPruner(model, config, "l1", total_iteration=2, speedup=True, dummy_input=x)
+        out, _ = p.compress()
+    for n in ("layer2.0.conv2", "layer3.1.conv2", "layer4.0.conv2"):
+        assert out.get_submodule(n).weight.shape[0] == model.get_submodule(n).weight.shape[0]
+    channel = max(model.get_submodule(n).weight[0].numel() for n in names) / sum(model.get_submodule(n).weight.numel() for n in names)
+    assert 0.3 - channel <= _removed_by_widths(model, out, names) <= 0.3
+
+
 def test_one_shot_total_sparsity_masks_only_what_speedup_removes_on_resnet18(resnet18):
     """One-shot L1, dependency-aware, total_sparsity 0.5: the masks zero whole residual channel classes, so the count
     from the masks and the count from speedup's widths agree, and both land on the budget (before: masks 0.5,
@@ -127,7 +144,7 @@ def test_total_sparsity_leaves_model_outputs_alone_and_says_so():
     torch.manual_seed(0)
     model, x = ResBlockNet().eval(), torch.randn(2, 3, 8, 8)
     names = ["stem", "c1", "c2", "c3", "fc"]
-    with pytest.warns(PruningWarning, match=r"\[.fc.\]: speedup keeps them"):
+    with pytest.warns(PruningWarning, match=r"\[.fc.\] \(they reach the model output"):
         p = pruning.L1NormPruner(model, [{"total_sparsity": 0.4, "op_types": ["default"]}], dependency_aware=True, dummy_input=x)
         _, masks = p.compress()
     assert bool(masks["fc"]["weight"].all())

@@ -45,8 +45,9 @@ class CoupledUnits:
     #: pieces of slot indices that must lose equal counts (``ChannelGroup.balances``): a candidate is then a
     #: move of :func:`lowest_slots` (a slot with the slots that keep every piece even), scored by its first slot
     balances: Sequence[Sequence[torch.Tensor]] = ()
-    #: False: speedup can remove none of these slots (they reach the model output, or an op without a channel
-    #: rule), so the budget takes none of them; the layers still count in its total
+    #: False: speedup can remove none of these slots (they reach the model output or an op without a channel
+    #: rule, or are added to a layer outside the selection), so the budget takes none of them; the layers still
+    #: count in its total
     removable: bool = True
 
 

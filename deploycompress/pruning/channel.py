@@ -196,18 +196,24 @@ class ChannelPruner(Pruner):
             members = [n for n in group.modules if n in names]
             if not members:
                 continue
+            # channels summed from several sources (a residual add) go only when every source prunes them
+            sources = [n for n in group.modules if n not in group.followers]
+            outside = [n for n in sources if n not in self._modules] if len(sources) > 1 else []
+            removable = not group.pinned and not outside
             alone = len(members) == 1 and torch.equal(group.slots[members[0]], torch.arange(group.num_slots))
-            if not group.pinned and alone and not group.balances:
+            if removable and alone and not group.balances:
                 continue  # a layer on its own: its channels are the units
             fused, sizes = _slot_scores(group, members, scores)
-            coupled.append(CoupledUnits(members, fused, sizes, group.balances, not group.pinned))
-            if group.pinned:
-                kept.append(f"{members[:3]}{' ...' if len(members) > 3 else ''}")
+            coupled.append(CoupledUnits(members, fused, sizes, group.balances, removable))
+            if not removable:
+                why = (f"they are added to the outputs of {outside[:3]}, which the config_list does not select" if outside
+                       else "they reach the model output, or an op without a channel rule")
+                kept.append(f"{members[:3]}{' ...' if len(members) > 3 else ''} ({why})")
         if kept:
             warnings.warn(
-                f"{type(self).__name__}: total_sparsity prunes no output channels of {'; '.join(kept)}: speedup keeps them (they "
-                "reach the model output, or an op without a channel rule); the budget is spent on the other selected layers "
-                "(these still count in its total). Leave them out of the config_list to silence this",
+                f"{type(self).__name__}: total_sparsity prunes no output channels of {'; '.join(kept)}: speedup keeps them; the "
+                "budget is spent on the other selected layers (these still count in its total). Select the whole coupled "
+                "group, or leave these layers out of the config_list",
                 PruningWarning,
                 stacklevel=user_stacklevel(),
             )
