@@ -211,3 +211,20 @@ def test_hidden_masks_choose_by_l1_and_speed_up_exactly() -> None:
         hidden_masks(model, x)
     with pytest.raises(ValueError, match="keep has 31 entries, the hidden size is 32"):
         hidden_masks(model, x, keep=torch.ones(31, dtype=torch.bool))
+
+
+def test_hidden_masks_take_the_stream_most_norms_span_not_electras_embedding_size() -> None:
+    torch.manual_seed(0)
+    model = transformers.ElectraModel(transformers.ElectraConfig(
+        vocab_size=100, embedding_size=16, hidden_size=H, num_hidden_layers=2, num_attention_heads=HEADS,
+        intermediate_size=64, max_position_embeddings=32)).eval()
+    x = inputs()
+    masks = hidden_masks(model, x, sparsity=0.25)
+    assert "embeddings.word_embeddings" not in masks and "embeddings_project" in masks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small, _ = speedup_with_report(model, masks, x, norm_spans="prune")
+    assert small.embeddings.word_embeddings.weight.shape == (100, 16)  # the embedding size stays
+    assert small.embeddings_project.out_features == small.encoder.layer[0].attention.self.query.in_features == H - 8
+    with torch.no_grad():
+        assert rel_err(small(*x).last_hidden_state, user_masked(model, masks)(*x).last_hidden_state) < 1e-5

@@ -32,7 +32,8 @@ def hidden_masks(
 
     ``example_inputs``: the model's inputs, e.g. ``(input_ids, attention_mask)`` (batch, seq) or a dict.
     Exactly one of ``sparsity`` (share of the hidden channels to remove, by smallest L1 norm over the
-    stream's tensors) and ``keep`` ((hidden,) bool, True = keep, indexed like the first norm's channels).
+    stream's tensors) and ``keep`` ((hidden,) bool, True = keep, in the order of the stream's channels:
+    the channels most of the model's LayerNorms span, so ELECTRA's narrower embedding size is not taken).
     Raises ``ValueError`` when the model has no prunable norm-spanned stream (no LayerNorm owning its
     affine weight), when ``keep`` has the wrong length, or when nothing or everything would go.
     ``model`` is not modified. Pass the masks to ``speedup(..., norm_spans="prune")``.
@@ -44,8 +45,13 @@ def hidden_masks(
         raise ValueError("hidden_masks: the model has no LayerNorm spanning its hidden size that speedup can narrow "
                          "(a norm must own its affine weight and normalise the last axis)")
     roots = trace.roots()
-    first = next(iter(trace.norms.values()))
-    stream = roots[first]  # (hidden,) class of each hidden channel
+    spans: dict[tuple[int, ...], int] = {}  # the channel classes a norm spans -> how many norms span them
+    for ids in list(trace.norms.values()) + list(trace.widened_norms.values()):
+        key = tuple(roots[ids].tolist())
+        spans[key] = spans.get(key, 0) + 1
+    # the residual stream is what most norms span (ELECTRA/ALBERT: the embedding LayerNorm spans the
+    # narrower embedding size, projected to the hidden size by a Linear)
+    stream = torch.tensor(max(spans, key=lambda k: spans[k]))  # (hidden,) class of each hidden channel
     width = stream.numel()
     index = torch.full((len(roots),), -1, dtype=torch.long)
     index[stream] = torch.arange(width)  # class root -> hidden channel
