@@ -114,3 +114,30 @@ def test_real_minilm_through_build_engine_keeps_pooled_cosine_099(tmp_path) -> N
         cos.append((e[0] * e[1]).sum(-1))
     mean = float(torch.cat(cos).mean())
     assert 0.99 <= mean < 0.99999, mean  # int8, not a copy of fp32
+
+
+def test_build_engine_narrows_the_hidden_size_with_norm_spans_prune(tmp_path) -> None:  # noqa: ANN001
+    """hidden_masks + norm_spans='prune' through build_engine: smaller, int8, close to the user's masked model."""
+    import copy
+
+    from deploycompress.hf.hidden import hidden_masks
+
+    model = tiny_bert()
+    ids, mask = batch(2, 12, 1)
+    masks = hidden_masks(model, (ids, mask), sparsity=0.25)
+    art = dc.build_engine(model, masks, example_inputs={"input_ids": ids, "attention_mask": mask},
+                          calib_data=[batch(4, 16, 10 + i) for i in range(3)], norm_spans="prune", out_dir=tmp_path / "h",
+                          dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}},
+                          progress=False, iterations=2, warmup=1)  # fmt: skip
+    sizes = {s.stage: s.params for s in art.report.sizes}
+    assert sizes["speeded up"] < 0.8 * sizes["original"]
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, per in masks.items():
+            for attr, m in per.items():
+                getattr(masked.get_submodule(name), attr).mul_(m.float())
+        x = batch(3, 20, 7)
+        ref = masked(*x).last_hidden_state.numpy()
+    sess = ort.InferenceSession(str(art.out_dir / art.manifest.artifact), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input_ids": x[0].numpy(), "attention_mask": x[1].numpy()})[0]
+    assert got.shape == ref.shape and cosine(got, ref) > 0.999
