@@ -228,3 +228,15 @@ def test_hidden_masks_take_the_stream_most_norms_span_not_electras_embedding_siz
     assert small.embeddings_project.out_features == small.encoder.layer[0].attention.self.query.in_features == H - 8
     with torch.no_grad():
         assert rel_err(small(*x).last_hidden_state, user_masked(model, masks)(*x).last_hidden_state) < 1e-5
+
+
+def test_hidden_masks_refuse_channels_speedup_must_keep_and_say_why() -> None:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=H, num_hidden_layers=2, num_attention_heads=HEADS,
+                                  intermediate_size=64, max_position_embeddings=32)
+    mlm = transformers.BertForMaskedLM(cfg).eval()  # the decoder shares the word embeddings: one tensor
+    with pytest.raises(ValueError, match=r"32 of the 32 hidden channels cannot be removed exactly \(tied weights "
+                                         r"\(bert.embeddings.word_embeddings.weight = cls.predictions.decoder.weight\)"):
+        hidden_masks(mlm, inputs(), sparsity=0.25)
+    with pytest.raises(ValueError, match=r"hidden channels \[1, 5, 6, 20, 31\] cannot be removed exactly"):
+        hidden_masks(mlm, inputs(), keep=keep_mask())

@@ -34,8 +34,11 @@ def hidden_masks(
     Exactly one of ``sparsity`` (share of the hidden channels to remove, by smallest L1 norm over the
     stream's tensors) and ``keep`` ((hidden,) bool, True = keep, in the order of the stream's channels:
     the channels most of the model's LayerNorms span, so ELECTRA's narrower embedding size is not taken).
-    Raises ``ValueError`` when the model has no prunable norm-spanned stream (no LayerNorm owning its
-    affine weight), when ``keep`` has the wrong length, or when nothing or everything would go.
+    Channels speedup must keep whatever the masks say (pinned by the trace: tied weights such as a masked-LM
+    decoder sharing the word embeddings, layer outputs returned with ``output_hidden_states=True``) are never
+    chosen. Raises ``ValueError`` naming the reason when more channels are asked than can go, or ``keep``
+    drops such a channel; also when the model has no prunable norm-spanned stream (no LayerNorm owning
+    its affine weight), when ``keep`` has the wrong length, or when nothing or everything would go.
     ``model`` is not modified. Pass the masks to ``speedup(..., norm_spans="prune")``.
     """
     if (sparsity is None) == (keep is None):
@@ -53,6 +56,8 @@ def hidden_masks(
     # narrower embedding size, projected to the hidden size by a Linear)
     stream = torch.tensor(max(spans, key=lambda k: spans[k]))  # (hidden,) class of each hidden channel
     width = stream.numel()
+    pinned = trace.blocked_roots(roots, live=False)[stream]  # (hidden,) True where speedup must keep the channel
+    why = sorted({reason for ids, reason in zip(trace.pinned, trace.pin_reasons) if bool(torch.isin(roots[ids], stream).any())})
     index = torch.full((len(roots),), -1, dtype=torch.long)
     index[stream] = torch.arange(width)  # class root -> hidden channel
     modules = dict(model.named_modules())
@@ -84,6 +89,10 @@ def hidden_masks(
             t = getattr(modules[mname], attr).detach().abs().double().movedim(axis, 0).reshape(ch.numel(), -1).sum(1)
             score.index_add_(0, ch[ch >= 0], t[ch >= 0])
         n_drop = int(round(sparsity * width))
+        if n_drop > int((~pinned).sum()):
+            raise ValueError(f"hidden_masks: {int(pinned.sum())} of the {width} hidden channels cannot be removed exactly "
+                             f"({'; '.join(why[:3])}); asked to remove {n_drop}")
+        score[pinned] = float("inf")
         keep = torch.ones(width, dtype=torch.bool)
         keep[torch.argsort(score, stable=True)[:n_drop]] = False
     keep = torch.as_tensor(keep, dtype=torch.bool).flatten()
@@ -91,6 +100,9 @@ def hidden_masks(
         raise ValueError(f"hidden_masks: keep has {keep.numel()} entries, the hidden size is {width}")
     if bool(keep.all()) or not bool(keep.any()):
         raise ValueError("hidden_masks: the masks would remove no hidden channel or all of them")
+    if bool((~keep & pinned).any()):
+        raise ValueError(f"hidden_masks: hidden channels {torch.nonzero(~keep & pinned).flatten().tolist()[:8]} cannot be "
+                         f"removed exactly ({'; '.join(why[:3])}); keep them")
     masks: dict[str, dict[str, torch.Tensor]] = {}
     for mname, attr, axis, ch in tensors:
         t = getattr(modules[mname], attr)
