@@ -252,7 +252,11 @@ def speedup(
 
     ``norm_spans="keep"`` keeps every channel a LayerNorm/RMSNorm/GroupNorm normalises over, so outputs
     equal the masked model's. ``"prune"`` removes them like other channels (GroupNorm: equal counts per
-    group) and narrows the norm; its statistics then change, so outputs differ until fine-tuned.
+    group) and narrows the norm; its statistics then change, so outputs differ until fine-tuned --
+    except where the masks also zero the norm's weight and bias in the removed channels (an
+    ``nn.LayerNorm``/``nn.RMSNorm`` then becomes a :class:`~deploycompress.speedup.norms.ZeroPaddedNorm`,
+    exact) and for a norm whose output is a model output (it returns the full width, exact); see
+    :mod:`deploycompress.speedup.norms` and ``deploycompress.hf.hidden.hidden_masks`` for encoders.
     """
     return speedup_with_report(
         model, masks, example_inputs, round_to=round_to, norm_spans=norm_spans, masked_constants=masked_constants,
