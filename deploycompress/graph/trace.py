@@ -430,18 +430,14 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bo
     training = {m: m.training for m in model.modules()}
     model.eval()
     tracer = Tracer(model, zero_dead_norms, norm_spans)
-    if tracer.prune_norms:
-        try:
-            tracer.output_norms = output_norms(model, inputs)
-        finally:
-            for m, flag in training.items():
-                m.train(flag)
-            model.eval()
-    for t in inputs:
-        if isinstance(t, torch.Tensor):
-            tracer.set_info(t, TensorInfo.const(t.shape))
-    hooks = install_module_rules(model, tracer) + install_hf_rules(model, tracer)
+    hooks = []
     try:
+        if tracer.prune_norms:
+            tracer.output_norms = output_norms(model, inputs)
+        for t in inputs:
+            if isinstance(t, torch.Tensor):
+                tracer.set_info(t, TensorInfo.const(t.shape))
+        hooks = install_module_rules(model, tracer) + install_hf_rules(model, tracer)
         with torch.no_grad(), tracer:
             output = model(*inputs)
     finally:

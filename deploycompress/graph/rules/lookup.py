@@ -43,9 +43,7 @@ def embedding(tracer: "Tracer", call: Call) -> None:
     (rows renormalised across the columns) and weights that are no model parameter pin the output.
     """
     indices, weight = call.args[0], call.arg(1, "weight")
-    for info in call.before.values():
-        if info is not None and call.before.get(id(indices)) is info:
-            tracer.pin(info, "op 'embedding' reads them by value")
+    tracer.pin(call.before.get(id(indices)), "op 'embedding' reads them by value")
     owner = tracer.owner.get(id(weight)) if isinstance(weight, torch.Tensor) else None
     out = call.out
     if owner is None or weight.dim() != 2 or call.arg(3, "max_norm") is not None or not isinstance(out, torch.Tensor):
