@@ -130,10 +130,10 @@ def _passes_on_its_input(rec: Any, roots: torch.Tensor) -> bool:
 def groups_from_trace(trace: ChannelTrace) -> list[ChannelGroup]:
     roots = trace.roots()
     blocked = trace.blocked_roots(roots, live=False)[roots]
-    # the pins a norm makes only under norm_spans='keep' (graph/rules/norms.py names the setting in its reason)
+    # the pins a norm makes only under norm_spans='keep' (ChannelTrace.pin_by_norm) do not count here
     other_pins = torch.zeros(len(roots), dtype=torch.bool)
-    for ids, why in zip(trace.pinned, trace.pin_reasons):
-        if "(norm_spans='keep')" not in why and ids.numel():
+    for ids, by_norm in zip(trace.pinned, trace.pin_by_norm):
+        if not by_norm and ids.numel():
             other_pins[roots[ids]] = True
     blocked_not_by_norms = other_pins[roots]
     # balance pieces as class roots of their real (non-constant) channels
