@@ -1,0 +1,92 @@
+"""A third outside pass: Hugging Face hidden-size narrowing, build_engine on bare encoders, total_sparsity budgets.
+
+Oracles are computed here: the user's masked model (each mask multiplied into exactly the tensor it names), channel
+counts read from the masks and from the shapes, onnxruntime run against PyTorch.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from deploycompress.speedup import SpeedupWarning, speedup_with_report  # noqa: E402
+
+H = 32
+
+
+def _tiny_bert() -> nn.Module:
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    return model.eval()
+
+
+def _inputs(n: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (n, seq), generator=g)
+    mask = torch.ones(n, seq, dtype=torch.long)
+    mask[0, seq // 2 :] = 0
+    return ids, mask
+
+
+def _user_masked(model: nn.Module, masks: dict) -> nn.Module:
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for mname, per in masks.items():
+            module = ref.get_submodule(mname)
+            for attr, m in per.items():
+                getattr(module, attr).mul_(m.to(getattr(module, attr).dtype))
+    return ref
+
+
+def test_masked_embedding_columns_that_stay_are_named():
+    """Masks on the embedding columns alone (the user forgot the LayerNorms and the writing Linears): no hidden
+    channel can go, which is right, but speedup said nothing; now a SpeedupWarning names each tensor and the
+    report counts what stays."""
+    model = _tiny_bert()
+    drop = torch.arange(H) % 4 == 0
+    masks = {n: {"weight": (~drop).view(1, -1).expand_as(m.weight).clone()}
+             for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    expected = {f"{n}.weight": int((~per["weight"].any(0)).sum()) for n, per in masks.items()}  # wholly masked columns
+    ex = _inputs(2, 8, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small, report = speedup_with_report(model, masks, ex, norm_spans="prune")
+    said = [str(w.message) for w in caught if issubclass(w.category, SpeedupWarning)]
+    assert any("embeddings.word_embeddings.weight keeps 8" in s and "coupled with unmasked channels" in s for s in said), said
+    assert {t: sum(c.values()) for t, c in report.kept_tensor_masks.items()} == expected
+    x = _inputs(3, 11, 2)
+    with torch.no_grad():
+        want = _user_masked(model, masks)(*x).last_hidden_state
+        got = small(*x).last_hidden_state
+    assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_independent_layernorm_masks_are_named_with_their_partners():
+    """A different mask on every LayerNorm of the stream (not one hidden set): nothing can be removed; said."""
+    model = _tiny_bert()
+    g = torch.Generator().manual_seed(5)
+    masks = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.LayerNorm):
+            keep = torch.rand(H, generator=g) > 0.3
+            masks[n] = {"weight": keep, "bias": keep.clone()}
+    expected = sum(int((~per["weight"]).sum()) + int((~per["bias"]).sum()) for per in masks.values())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small, report = speedup_with_report(model, masks, _inputs(2, 8, 1), norm_spans="prune")
+    assert report.params_after == report.params_before
+    assert sum(sum(c.values()) for c in report.kept_tensor_masks.values()) == expected
+    assert any(issubclass(w.category, SpeedupWarning) and "masked tensors keep" in str(w.message) for w in caught)
