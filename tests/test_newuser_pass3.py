@@ -90,3 +90,34 @@ def test_independent_layernorm_masks_are_named_with_their_partners():
     assert report.params_after == report.params_before
     assert sum(sum(c.values()) for c in report.kept_tensor_masks.values()) == expected
     assert any(issubclass(w.category, SpeedupWarning) and "masked tensors keep" in str(w.message) for w in caught)
+
+
+def _tiny_bert_plain() -> nn.Module:
+    torch.manual_seed(0)
+    return transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=H, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40)).eval()
+
+
+def test_calibration_of_another_sequence_length_names_the_axis_and_dynamic_axes(tmp_path):
+    """Calibration batches 16 tokens long, the example 12, no dynamic_axes: refused before any work, naming the axis
+    that differs and the dynamic_axes entry that lets it vary (before: only 'every axis ... must match')."""
+    import deploycompress as dc
+    from deploycompress.checks import CheckError
+
+    model = _tiny_bert_plain()
+    ex = _inputs(2, 12, 1)
+    calib = [_inputs(4, 16, 2)]
+    with pytest.raises(CheckError, match=r"axis 1 differs.*dynamic_axes=\{'input_ids': \{1: 'sequence'\}\}"):
+        dc.build_engine(model, example_inputs=ex, calib_data=calib, out_dir=tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_misspelt_input_name_gets_the_closest_parameter(tmp_path):
+    import deploycompress as dc
+
+    model = _tiny_bert_plain()
+    ids, mask = _inputs(2, 12, 1)
+    with pytest.raises(Exception, match=r"\['input_id'\].*did you mean 'input_ids'"):
+        dc.build_engine(model, example_inputs={"input_id": ids, "attention_mask": mask}, calib_data=[(ids, mask)],
+                        out_dir=tmp_path / "b", progress=False)
