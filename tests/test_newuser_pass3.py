@@ -121,3 +121,27 @@ def test_a_misspelt_input_name_gets_the_closest_parameter(tmp_path):
     with pytest.raises(Exception, match=r"\['input_id'\].*did you mean 'input_ids'"):
         dc.build_engine(model, example_inputs={"input_id": ids, "attention_mask": mask}, calib_data=[(ids, mask)],
                         out_dir=tmp_path / "b", progress=False)
+
+
+def test_inexact_hidden_narrowing_warns_by_name():
+    """hidden_masks' masks with one LayerNorm bias left unmasked (a user editing them): the norm then normalises over
+    fewer channels and the result differs from the masked model. speedup() returns no report, so the difference
+    was silent; now a NormsChangedWarning carries the error, measured here against the masked model."""
+    from deploycompress.hf.hidden import hidden_masks
+    from deploycompress.speedup import NormsChangedWarning, speedup
+
+    model = _tiny_bert()
+    ex = _inputs(2, 8, 1)
+    masks = hidden_masks(model, ex, sparsity=0.25)
+    del masks["encoder.layer.0.attention.output.LayerNorm"]["bias"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = speedup(model, masks, ex, norm_spans="prune")
+    named = [str(w.message) for w in caught if issubclass(w.category, NormsChangedWarning)]
+    assert len(named) == 1 and "encoder.layer.0.attention.output.LayerNorm" in named[0]
+    with torch.no_grad():
+        want = _user_masked(model, masks)(*ex).last_hidden_state
+        got = small(*ex).last_hidden_state
+    rel = float((got - want).abs().max() / want.abs().max())
+    assert rel > 1e-3  # really different: the warning is not noise
+    assert f"by {rel:.3g} (relative)" in named[0]

@@ -22,7 +22,7 @@ from ..subclasses import follow_subclasses
 from .masks import Masks, apply_param_masks, masked_out_channels, validate_masks
 from .replace import shrink_model
 from .reasons import constant_sources, kept_reasons, kept_tensor_masks
-from .report import LayerReport, SpeedupReport, SpeedupWarning
+from .report import LayerReport, NormsChangedWarning, SpeedupReport, SpeedupWarning
 from .resolve import Removal, decide_removals
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,7 @@ def speedup_with_report(
     rel_err = None if err is None or ref_max is None else err / max(ref_max, 1e-12)
     if norms_changed:
         notes.append(_norms_note(norms_changed, rel_err))
+        warnings.warn(notes[-1], NormsChangedWarning, stacklevel=2)  # asked for, but not what the user validated
     if removal.norms_exact:
         shown = ", ".join(removal.norms_exact[:3]) + (", ..." if len(removal.norms_exact) > 3 else "")
         notes.append(f"{len(removal.norms_exact)} norms narrowed exactly ({shown}): their statistics still count the "

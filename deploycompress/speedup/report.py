@@ -76,3 +76,8 @@ class SpeedupReport:
 
 class SpeedupWarning(UserWarning):
     """Speedup kept masked channels, met ops without a channel rule, or does not reproduce the masked model."""
+
+
+class NormsChangedWarning(SpeedupWarning):
+    """``norm_spans="prune"`` narrowed norms inexactly: they normalise over fewer channels, so the shrunk model is
+    not the masked model (the measured relative error is in the message and ``report.relative_error``)."""
