@@ -145,3 +145,29 @@ def test_inexact_hidden_narrowing_warns_by_name():
     rel = float((got - want).abs().max() / want.abs().max())
     assert rel > 1e-3  # really different: the warning is not noise
     assert f"by {rel:.3g} (relative)" in named[0]
+
+
+def test_selected_depthwise_conv_names_the_unselected_conv_that_loses_filters():
+    """mobilenet_v2, only blocks 1-2 selected (block 1's depthwise conv reads the stem conv's channels one to one):
+    the masks remove the stem conv's filters too, which the user did not select and a budget does not count. It
+    was logged at INFO only; now a PruningWarning names the layer and how many of its filters go."""
+    import torchvision
+
+    from deploycompress import pruning
+    from deploycompress.pruning.channel import PruningWarning
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2().eval()
+    x = torch.randn(1, 3, 32, 32)
+    sel = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.startswith(("features.1.", "features.2."))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p = pruning.L1NormPruner(model, [{"sparsity": 0.5, "op_names": sel}], dependency_aware=True, dummy_input=x)
+        _, masks = p.compress()
+        p.unwrap_model()
+    dw = masks["features.1.conv.0.0"]["weight"]
+    gone = int((~dw.reshape(dw.shape[0], -1).any(1)).sum())  # the depthwise conv's removed channels
+    stem = masks["features.0.0"]["weight"]
+    assert gone == 16 and int((~stem.reshape(32, -1).any(1)).sum()) == gone
+    said = [str(w.message) for w in caught if issubclass(w.category, PruningWarning)]
+    assert any(f"features.0.0 ({gone} of 32)" in s for s in said), said
