@@ -163,3 +163,21 @@ def test_obs_remove_single_columns_match_brute_force() -> None:
         assert removed[step] == best
         assert costs[step] == pytest.approx(lstsq_residual(x, y, rest(best)) - before, rel=1e-6)
         gone.append(best)
+
+
+def test_layer_masks_rows_of_the_kept_heads_and_channels() -> None:
+    from deploycompress.hf.importance import layer_masks
+
+    model = duplicated_bert()
+    keep_h = torch.tensor([True, False, True, False])
+    keep_f = torch.arange(FFN) % 3 == 0
+    masks = layer_masks(model, "model.encoder.layer", 1, keep_h, keep_f)
+    rows = torch.zeros(HEADS * HEAD)
+    rows[0:HEAD] = 1
+    rows[2 * HEAD : 3 * HEAD] = 1
+    for p in ("query", "key", "value"):
+        m = masks[f"model.encoder.layer.1.attention.self.{p}"]
+        assert torch.equal(m["bias"], rows) and torch.equal(m["weight"], rows.view(-1, 1).expand(HEADS * HEAD, HIDDEN))
+    assert torch.equal(masks["model.encoder.layer.1.intermediate.dense"]["bias"], keep_f.float())
+    with pytest.raises(ValueError, match="keep_heads must be"):
+        layer_masks(model, "model.encoder.layer", 1, keep_h[:3], keep_f)
