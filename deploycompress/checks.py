@@ -124,11 +124,13 @@ def _batch_tensors(batch: Any, names: list[str], where: str) -> list[tuple[str, 
     return list(zip(names, tensors))
 
 
-def check_batches(batches: Any, reference: Any, what: str = "calib_data") -> list:
+def check_batches(batches: Any, reference: Any, what: str = "calib_data", dynamic_axes: Mapping[str, Any] | None = None) -> list:
     """Check input batches (an iterable of tensors, of tuples with one tensor per model input, or of
     dicts keyed by input name) against the model's example inputs ``reference`` (a sequence of tensors,
-    or a dict name -> tensor): count and names of tensors, every axis after the batch axis, dtype kind
-    (float/int/bool) and finite values, batch by batch. Returns the batches as a list, unchanged.
+    or a dict name -> tensor): count and names of tensors, every axis after the batch axis except the
+    axes ``dynamic_axes`` names for that input (``{"input_ids": {1: "sequence"}}``, keys of a dict
+    ``reference``), dtype kind (float/int/bool) and finite values, batch by batch. Returns the batches
+    as a list, unchanged.
 
     A single tensor instead of a list of batches is refused (iterating it would feed one sample at a
     time with the batch axis dropped).
@@ -142,6 +144,7 @@ def check_batches(batches: Any, reference: Any, what: str = "calib_data") -> lis
         raise CheckError(f"{what} is a single tensor {tuple(batches.shape)}; pass a list of batches, e.g. list({what}.split(32))")
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
         raise CheckError(f"{what} must be an iterable of input batches (tensors, tuples or dicts of tensors), got {type(batches).__name__}")
+    free = {name: {int(a) % max(ref.dim(), 1) for a in (dynamic_axes or {}).get(name, {})} for name, ref in zip(names, refs)}
     out = []
     for i, batch in enumerate(batches):
         where = f"{what} batch {i}"
@@ -149,9 +152,11 @@ def check_batches(batches: Any, reference: Any, what: str = "calib_data") -> lis
             label = where if len(refs) == 1 else f"{where} {name!r}"
             if not isinstance(t, torch.Tensor):
                 raise CheckError(f"{label} is {type(t).__name__}, not a tensor")
-            if t.dim() != ref.dim() or tuple(t.shape[1:]) != tuple(ref.shape[1:]):
+            fixed = [a for a in range(1, ref.dim()) if a not in free[name]]
+            if t.dim() != ref.dim() or any(t.shape[a] != ref.shape[a] for a in fixed):
+                also = f" and the dynamic axes {sorted(free[name])}" if free[name] else ""
                 raise CheckError(f"{label} has shape {tuple(t.shape)}; the example input is {tuple(ref.shape)} "
-                                 f"(every axis after the batch axis must match)")
+                                 f"(every axis after the batch axis{also} must match)")
             if t.dim() and t.shape[0] == 0:
                 raise CheckError(f"{label} is empty (batch axis 0)")
             if not _same_kind(t.dtype, ref.dtype):
@@ -164,11 +169,13 @@ def check_batches(batches: Any, reference: Any, what: str = "calib_data") -> lis
     return out
 
 
-def check_eval_data(inputs: Any, labels: Any, reference: Any, what: str = "eval_inputs") -> None:
+def check_eval_data(
+    inputs: Any, labels: Any, reference: Any, what: str = "eval_inputs", dynamic_axes: Mapping[str, Any] | None = None
+) -> None:
     """Evaluation inputs against the example inputs (see :func:`check_batches`), and labels:
     integers, one per sample."""
     if inputs is not None:
-        check_batches([inputs], reference, what)
+        check_batches([inputs], reference, what, dynamic_axes)
     if labels is None:
         return
     labels = torch.as_tensor(labels)

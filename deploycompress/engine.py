@@ -576,8 +576,8 @@ def build_engine(
         log.warning("precision %r: the calibration is ignored", precision)
         calib, calib_data = None, None
     if calib_data is not None:
-        calib_data = check_batches(calib_data, named.tensors(), "calib_data")  # every batch, before any work
-    check_eval_data(eval_inputs, eval_labels, named.tensors())
+        calib_data = check_batches(calib_data, named.tensors(), "calib_data", dynamic_axes)  # every batch, before any work
+    check_eval_data(eval_inputs, eval_labels, named.tensors(), dynamic_axes=dynamic_axes)
     eval_x = _named(model, eval_inputs, "eval_inputs").tensors() if eval_inputs is not None else named.tensors()
     second = _first_batch(calib_data)
     second_x = _named(model, second, "calib_data batch").tensors() if second is not None else eval_x

@@ -16,7 +16,10 @@ This module imports nothing from the project, so every room may import it.
 
 from __future__ import annotations
 
-__all__ = ["DeployCompressError", "InputError", "StepError", "MaskError", "exit_code", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
+import os
+import sys
+
+__all__ = ["DeployCompressError", "InputError", "StepError", "MaskError", "exit_code", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "user_stacklevel"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -41,3 +44,13 @@ class MaskError(InputError, ValueError):
 def exit_code(exc: BaseException) -> int:
     """2 for an :class:`InputError`, 1 for anything else (a failed step or an unexpected error)."""
     return EXIT_USAGE if isinstance(exc, InputError) else EXIT_FAILURE
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` in the calling function that points the warning at the first
+    frame outside this package (the user's line), however deep inside the package the call is made."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level

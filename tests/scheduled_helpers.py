@@ -34,6 +34,22 @@ class ResDigits(nn.Module):
         return self.fc2(self.relu(self.fc1(torch.flatten(self.gap(x), 1))))
 
 
+class ResBlockNet(nn.Module):
+    """stem -> c1 -> c2 added back onto the stem's output (stem and c2 coupled) -> c3 -> pool -> fc, for 3x8x8 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c1, self.bn1 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.c2, self.bn2 = nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c3, self.fc = nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(h + self.bn2(self.c2(torch.relu(self.bn1(self.c1(h))))))
+        return self.fc(torch.relu(self.c3(h)).mean((2, 3)))
+
+
 def trained_res_digits(data: DigitsData, epochs: int = 15) -> tuple[ResDigits, float]:
     torch.manual_seed(0)
     model = train(ResDigits(), data, epochs=epochs)

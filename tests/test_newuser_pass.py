@@ -648,33 +648,21 @@ def test_build_engine_refuses_non_8_bit_quant_config_before_calibrating(tmp_path
     assert not (tmp_path / "b").exists()
 
 
-class _ResBlockNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.c1, self.bn1 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
-        self.c2, self.bn2 = nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.c3, self.fc = nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 10)
-
-    def forward(self, x):
-        h = torch.relu(self.bn0(self.stem(x)))
-        h = torch.relu(h + self.bn2(self.c2(torch.relu(self.bn1(self.c1(h))))))
-        return self.fc(torch.relu(self.c3(h)).mean((2, 3)))
-
-
-@pytest.mark.xfail(strict=True, reason="open: later speedup rounds rank channels at their shrunk cost (AGP removes 0.745 for an "
-                   "asked 0.5, Linear 0.416); counting them at the original cost instead stalls resnet18 at 0.33, because the "
-                   "global allocation ignores residual groups and spends the budget on channels speedup cannot remove")
 @pytest.mark.parametrize("cls", ["AGPPruner", "LinearPruner"])
 def test_total_sparsity_with_speedup_rounds_ends_near_the_asked_budget(cls):
+    """Three rounds with speedup between them on a residual block end at the asked 0.5 counted from the widths, at
+    most one residual channel (the stem's and c2's filters: 0.024 of the weights) below it (before: AGP 0.745,
+    Linear 0.416: residual partners pruned apart, later rounds ranking channels at their shrunk cost)."""
     from deploycompress import pruning
+    from scheduled_helpers import ResBlockNet
 
     torch.manual_seed(0)
-    model, x, names = _ResBlockNet().eval(), torch.randn(2, 3, 8, 8), ["stem", "c1", "c2", "c3"]
+    model, x, names = ResBlockNet().eval(), torch.randn(2, 3, 8, 8), ["stem", "c1", "c2", "c3"]
     p = getattr(pruning, cls)(model, [{"total_sparsity": 0.5, "op_types": ["Conv2d"]}], "fpgm", total_iteration=3,
                               speedup=True, dummy_input=x, pruning_params={"dependency_aware": True})  # fmt: skip
     out, _ = p.compress()
     total = sum(model.get_submodule(n).weight.numel() for n in names)
     removed = sum((model.get_submodule(n).weight.shape[0] - out.get_submodule(n).weight.shape[0]) * model.get_submodule(n).weight[0].numel() for n in names)
-    assert abs(removed / total - 0.5) < 0.03, removed / total
+    slot = (model.stem.weight[0].numel() + model.c2.weight[0].numel()) / total
+    assert 0.5 - slot <= removed / total <= 0.5, removed / total
     assert abs(p.history[-1].sparsity - removed / total) < 1e-9

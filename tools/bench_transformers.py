@@ -127,6 +127,51 @@ def ort_quantizers(fp32: onnx.ModelProto, calib, tmp: Path, heads: int, hidden: 
             "ort optimizer (Attention fused) + quantize_dynamic": onnx.load(str(tmp / "fused_dyn.onnx"))}
 
 
+def int8_only(args: argparse.Namespace, tok, fp32: onnx.ModelProto, calib, acc_feeds, train, results: dict) -> dict:  # noqa: ANN001
+    """``--int8-only``: accuracy and latency of fp32, ``quantize_dynamic`` and ours (SmoothQuant at the default
+    alpha, plain graph, integer and dynamic flavours) at ``--shapes``, timed round-robin as in :func:`main`.
+    Each variant's run i and ``quantize_dynamic``'s run i come from the same round, so their ratio
+    (``paired_ratio_to_quantize_dynamic``: quartiles and median) cancels the load drift the medians carry."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    variants: dict[str, onnx.ModelProto] = {"fp32": fp32}
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(fp32, str(Path(tmp) / "fp32.onnx"))
+        quantize_dynamic(str(Path(tmp) / "fp32.onnx"), str(Path(tmp) / "dyn.onnx"), weight_type=QuantType.QInt8)
+        variants["ort quantize_dynamic"] = onnx.load(str(Path(tmp) / "dyn.onnx"))
+    linears = list(linear_matmuls(fp32))
+    groups = linear_inputs(fp32, linears)
+    smoothed, sstats = smooth(fp32, groups, collect_stats(fp32, calib, list(groups), args.threads), SMOOTH_ALPHA)
+    for fl in ("integer", "dynamic"):
+        variants[f"deploycompress int8 (plain/{fl})"] = quantize_linears(smoothed, linear_inputs(smoothed, linears), sstats, flavour=fl)
+    sessions = {k: session(v, args.threads) for k, v in variants.items()}
+    ref = embed(sessions["fp32"], acc_feeds)
+    results["accuracy"] = {"sentences": sum(len(f["input_ids"]) for f in acc_feeds)}
+    for k, s in sessions.items():
+        got = embed(s, acc_feeds)
+        results["accuracy"][k] = {"cosine": mean_cosine([ref], [got]), "nn_agreement": nn_agreement(ref, got)}
+        print("accuracy", k, results["accuracy"][k], flush=True)
+    lat: dict = {"loadavg_before": os.getloadavg()}
+    for shape in args.shapes or ["b1s64", "b1s128", "b8s64", "b8s128"]:
+        b, seq = (int(v) for v in shape[1:].split("s"))
+        times = _time_round_robin(sessions, batches(tok, train[:b], b, seq)[0], args.budget)
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        lat[shape] = {k: {"ms": m, "x_fp32": m / med["fp32"], "iqr_ms": (float(np.percentile(times[k], 25)), float(np.percentile(times[k], 75))),
+                          "runs": len(times[k])} for k, m in med.items()}  # fmt: skip
+        peer = np.asarray(times["ort quantize_dynamic"])
+        for k in lat[shape]:  # the same round's runs side by side: load drift cancels in the ratio
+            ratio = np.asarray(times[k]) / peer
+            lat[shape][k]["paired_ratio_to_quantize_dynamic"] = [float(np.percentile(ratio, q)) for q in (25, 50, 75)]
+        print("latency", shape, {k: f"{v['ms']:.1f} ms ({v['x_fp32']:.2f}x, IQR {v['iqr_ms'][0]:.1f}-{v['iqr_ms'][1]:.1f}; "
+                                    f"paired / quantize_dynamic {v['paired_ratio_to_quantize_dynamic'][1]:.3f})" for k, v in lat[shape].items()}, flush=True)
+    lat["loadavg_after"] = os.getloadavg()
+    results["latency"] = lat
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
@@ -150,6 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--refit-sentences", type=int, default=0, help="calibration sentences for selection/refit: 0 = the training sentences; more come from hf.text.source_sentences")
     p.add_argument("--budget", type=float, default=120, help="seconds of timing per shape (rounds over all variants, cycling orders)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--int8-only", action="store_true",
+                   help="(b) only: fp32, quantize_dynamic and ours (plain/integer, plain/dynamic), no pruning or distillation")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="bBsS",
+                   help="with --int8-only: the shapes to time, e.g. b8s128 (default: b1s64 b1s128 b8s64 b8s128)")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -168,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
     fp32 = dc.to_onnx(teacher, example, dynamic_axes=AXES).model
     results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags(), "threads": args.threads, "loadavg": os.getloadavg(),
                                  "onnxruntime": ort.__version__, "torch": torch.__version__}}  # fmt: skip
+
+    if args.int8_only:
+        return int8_only(args, tok, fp32, calib, acc_feeds, train, results)
 
     # (a) + (c): prune, speedup (exactness checked against our own masked model), distil
     n = len(hf.encoder.layer)

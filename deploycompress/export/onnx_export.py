@@ -11,12 +11,13 @@ the module's weight values, op type and tensor shapes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -92,6 +93,30 @@ def tensor_specs(values: Sequence[onnx.ValueInfoProto]) -> list[TensorSpec]:
     return specs
 
 
+@contextlib.contextmanager
+def _given_arguments_only(model: nn.Module, n_args: int) -> Iterator[None]:
+    """While exporting a Hugging Face ``transformers`` model, hide its forward's defaults from the exporter.
+
+    TorchScript's exporter appends the default of every parameter after the given ones as positional
+    arguments (``_decide_input_format``); ``transformers``' forward decorators then set ``use_cache`` (and
+    others) as keywords too, and the call fails with "got multiple values for argument 'use_cache'".
+    The instance gets a forward taking exactly the given positional arguments for the export; the class is
+    untouched and the attribute removed afterwards."""
+    if not any(c.__module__.startswith("transformers.") for c in type(model).__mro__[:-2]) or "forward" in vars(model):
+        yield
+        return
+    bound = model.forward
+
+    def forward(*args: Any) -> Any:
+        return bound(*args[:n_args])
+
+    model.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.forward
+
+
 def to_onnx(
     model: nn.Module,
     example_inputs,
@@ -147,7 +172,7 @@ def to_onnx(
         for n, extra in (dynamic_axes or {}).items():
             axes.setdefault(n, {}).update({int(k): str(v) for k, v in extra.items()})
         buf = io.BytesIO()
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _given_arguments_only(model, len(args)):
             warnings.simplefilter("always")
             try:
                 torch.onnx.export(

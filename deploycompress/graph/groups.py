@@ -32,7 +32,9 @@ class ChannelGroup:
     the same for the common case of an aligned group read by a grouped conv: ``groups`` equal
     contiguous chunks. ``pinned`` is True when speedup can never remove these channels (they reach
     the model output, a LayerNorm, attention or an op without a channel rule), so pruning them only
-    zeroes weights. ``num_channels`` is the first member's width.
+    zeroes weights. ``num_channels`` is the first member's width. ``followers`` are the members whose output
+    channels are their own input channels passed on (a depthwise conv): a zero input channel makes their output
+    channel removable too, so the others' masks suffice; every other member adds its own values to the channels.
     """
 
     modules: list[str]
@@ -42,6 +44,7 @@ class ChannelGroup:
     slots: dict[str, torch.Tensor] = field(default_factory=dict)
     num_slots: int = 0
     balances: list[list[torch.Tensor]] = field(default_factory=list)
+    followers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         """A group built the old way (modules, num_channels, groups) is aligned: fill in its slots."""
@@ -108,10 +111,17 @@ def _group(trace: ChannelTrace, comp: list[str], roots: torch.Tensor, balances: 
     first = seqs[comp[0]]
     g = math.lcm(*chunking.get(tuple(first.tolist()), [1]))
     pinned = all(bool(blocked[trace.producers[n].out_ids].all()) for n in comp)
-    group = ChannelGroup(list(comp), int(first.numel()), g, pinned, slots, len(slot_of), pieces)
+    followers = [n for n in comp if _passes_on_its_input(trace.producers[n], roots)]
+    group = ChannelGroup(list(comp), int(first.numel()), g, pinned, slots, len(slot_of), pieces, followers)
     if len(comp) > 1 and not group.aligned:
         log.debug("producers %s share %d channel classes in a permuted or partial way", comp, group.num_slots)
     return group
+
+
+def _passes_on_its_input(rec: Any, roots: torch.Tensor) -> bool:
+    """Whether every output channel class of a producer is one of its input channel classes (a depthwise conv)."""
+    ins = rec.in_ids[rec.in_ids >= 0]
+    return bool(ins.numel()) and set(roots[rec.out_ids].tolist()) <= set(roots[ins].tolist())
 
 
 def groups_from_trace(trace: ChannelTrace) -> list[ChannelGroup]:

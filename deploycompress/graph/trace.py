@@ -76,6 +76,7 @@ class ChannelTrace:
     output: Any = None
     unknown_ops: set[str] = field(default_factory=set)
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # norm_spans="prune": norm module -> channel ids
+    widened_norms: dict[str, torch.Tensor] = field(default_factory=dict)  # "prune": norms whose output is a model output -> input ids
     width_reads: list[torch.Tensor] = field(default_factory=list)  # normalised ids whose width Python code read
     pin_reasons: list[str] = field(default_factory=list)  # why pinned[i] is pinned (same length as pinned)
     live_reasons: list[str] = field(default_factory=list)  # who reads live[i] while it is non-zero
@@ -124,6 +125,7 @@ class Tracer(TorchFunctionMode):
         super().__init__()
         self.zero_dead_norms = zero_dead_norms
         self.prune_norms = norm_spans == "prune"
+        self.output_norms: set[str] = set()  # "prune": norm modules whose output is a model output (see output_norms)
         self.width_reads: list[torch.Tensor] = []  # ids of channel axes whose size Python code read
         self.uf = UnionFind()
         self.infos: dict[int, tuple[weakref.ref, TensorInfo]] = {}
@@ -380,6 +382,34 @@ def _pin_tied_parameters(model: nn.Module, tracer: Tracer) -> None:
             tracer.pin(sl.ids, f"tied weights ({' = '.join(tied[id(p)])}) are one tensor")
 
 
+OUTPUT_NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)  # norms over the last axis whose output speedup can widen back
+
+
+def output_norms(model: nn.Module, inputs: tuple) -> set[str]:
+    """Names of the LayerNorm/RMSNorm modules (exact types) whose output tensor is itself a model output.
+
+    Under ``norm_spans="prune"`` such a norm reads the narrowed stream and gives back the full width (the
+    removed channels as the masked model has them), so a model whose output is the normalised stream (a
+    Hugging Face encoder's ``last_hidden_state``) keeps its output shape. One extra forward pass with hooks.
+    """
+    made: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def hook(name: str) -> Callable:
+        def record(mod: nn.Module, args: Any, out: Any) -> None:
+            made.setdefault(id(out), (name, out))
+
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if type(m) in OUTPUT_NORM_TYPES]
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {made[id(t)][0] for t in rules.tensors(out) if id(t) in made and made[id(t)][1] is t}
+
+
 def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bool = False, norm_spans: str = "keep") -> ChannelTrace:
     """Run ``model`` once in eval mode and return its channel ids, couplings and pins.
 
@@ -391,18 +421,23 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, zero_dead_norms: bo
     lists what changed.
     ``norm_spans="keep"`` pins the channels a LayerNorm/RMSNorm/GroupNorm normalises over (removing
     one changes the statistics); ``"prune"`` lets them go with the norm's affine tensors (GroupNorm:
-    equal counts per group) and lists those norms in ``ChannelTrace.norms``.
+    equal counts per group) and lists those norms in ``ChannelTrace.norms``; a LayerNorm/RMSNorm whose
+    output is a model output reads the narrowed channels and keeps its output whole
+    (``ChannelTrace.widened_norms``, see :func:`output_norms`).
     """
     check_norm_spans(norm_spans)
     inputs = as_input_tuple(example_inputs, model)
     training = {m: m.training for m in model.modules()}
     model.eval()
     tracer = Tracer(model, zero_dead_norms, norm_spans)
-    for t in inputs:
-        if isinstance(t, torch.Tensor):
-            tracer.set_info(t, TensorInfo.const(t.shape))
-    hooks = install_module_rules(model, tracer) + install_hf_rules(model, tracer)
+    hooks = []
     try:
+        if tracer.prune_norms:
+            tracer.output_norms = output_norms(model, inputs)
+        for t in inputs:
+            if isinstance(t, torch.Tensor):
+                tracer.set_info(t, TensorInfo.const(t.shape))
+        hooks = install_module_rules(model, tracer) + install_hf_rules(model, tracer)
         with torch.no_grad(), tracer:
             output = model(*inputs)
     finally:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["prune_count", "global_prune_counts", "lowest", "lowest_slots", "UnreachableSparsityWarning"]
+__all__ = ["prune_count", "global_prune_counts", "CoupledUnits", "lowest", "lowest_slots", "UnreachableSparsityWarning"]
 
 _EPS = 1e-6
 
@@ -32,12 +33,31 @@ def prune_count(sparsity: float, n: int, rounding: str = "floor") -> int:
     return max(0, min(n - 1, raw))
 
 
+@dataclass
+class CoupledUnits:
+    """Layers whose units a global budget ranks and counts as one: slot ``s`` holds ``sizes[i, s]`` units
+    of ``names[i]`` and scores ``scores[s]`` (e.g. the summed channel scores of a residual group), so taking
+    it costs ``sum_i sizes[i, s] * unit_cost[names[i]]`` weight elements."""
+
+    names: list[str]
+    scores: torch.Tensor  # [slots]
+    sizes: torch.Tensor  # [len(names), slots], integer
+    #: pieces of slot indices that must lose equal counts (``ChannelGroup.balances``): a candidate is then a
+    #: move of :func:`lowest_slots` (a slot with the slots that keep every piece even), scored by its first slot
+    balances: Sequence[Sequence[torch.Tensor]] = ()
+    #: False: speedup can remove none of these slots (they reach the model output or an op without a channel
+    #: rule, or are added to a layer outside the selection), so the budget takes none of them; the layers still
+    #: count in its total
+    removable: bool = True
+
+
 def global_prune_counts(
     scores: Mapping[str, torch.Tensor],
     unit_costs: Mapping[str, int],
     total_sparsity: float,
     max_sparsity_per_layer: float | Mapping[str, float | None] | None = None,
     rounding: str = "floor",
+    coupled: Sequence[CoupledUnits] = (),
 ) -> dict[str, int]:
     """One budget for all layers: prune the globally lowest-scored units until ``total_sparsity``
     of all weight elements is gone.
@@ -45,32 +65,63 @@ def global_prune_counts(
     ``unit_costs[name]`` is how many weight elements one unit of that layer holds (1 for
     fine-grained pruning, the elements of a filter for channel pruning): the budget counts weights,
     as NNI's global allocator does. Each layer offers at most its ``max_sparsity_per_layer`` share
-    (one value for all layers, or one per layer name).
+    (one value for all layers, or one per layer name), and keeps one unit.
+
+    Layers named in ``coupled`` are ranked by slot instead (:class:`CoupledUnits`): a slot (with its balancing
+    partners, as :func:`lowest_slots` takes it) is one candidate at the summed cost of its units, taken whole
+    while every member stays within its cap, so the counts returned for coupled layers are exactly what
+    :func:`lowest_slots` then selects, in whole slots (what speedup can remove); a block that is not
+    ``removable`` offers none.
     """
     names = list(scores)
     total = sum(scores[n].numel() * unit_costs[n] for n in names)
     budget = int(total * total_sparsity) if rounding == "nni" else math.floor(total_sparsity * total + _EPS)
-    cand_scores, cand_costs, cand_layer = [], [], []
-    for i, name in enumerate(names):
-        flat = scores[name].detach().reshape(-1).float().cpu()
+    caps = {}
+    for name in names:
         cap_ratio = max_sparsity_per_layer.get(name) if isinstance(max_sparsity_per_layer, Mapping) else max_sparsity_per_layer
-        cap = prune_count(cap_ratio if cap_ratio is not None else 1.0, flat.numel())
-        lowest_scores = torch.sort(flat, stable=True).values[:cap]
-        cand_scores.append(lowest_scores)
-        cand_costs.append(torch.full((cap,), float(unit_costs[name]), dtype=torch.float64))
-        cand_layer.append(torch.full((cap,), i, dtype=torch.long))
-    s = torch.cat(cand_scores)
-    order = torch.sort(s, stable=True).indices
-    spent = torch.cumsum(torch.cat(cand_costs)[order], 0)
-    taken = torch.cat(cand_layer)[order][spent <= budget + _EPS]
-    counts = torch.bincount(taken, minlength=len(names))
-    reached = float(spent[len(taken) - 1]) if len(taken) else 0.0
-    if len(taken) == len(order) and budget - reached >= min(unit_costs[n] for n in names):  # every candidate taken, budget left
+        caps[name] = prune_count(cap_ratio if cap_ratio is not None else 1.0, scores[name].numel())
+    block_of = {n: b for b, c in enumerate(coupled) for n in c.names}
+    # one block per lone layer (its units, lowest first) or per CoupledUnits (its moves, in the order taken)
+    blocks: list[tuple[list[str], torch.Tensor | None]] = []  # (names, units per member and candidate; None: one each)
+    cand_scores, cand_costs, cand_block = [], [], []
+    done: set[int] = set()
+    for name in names:
+        b = block_of.get(name)
+        if b is None:
+            flat = scores[name].detach().reshape(-1).float().cpu()
+            blocks.append(([name], None))
+            cand_scores.append(torch.sort(flat, stable=True).values[: caps[name]])
+            cand_costs.append(torch.full((caps[name],), float(unit_costs[name]), dtype=torch.float64))
+        elif b not in done:
+            done.add(b)
+            c = coupled[b]
+            flat, sizes = c.scores.detach().reshape(-1).float().cpu(), c.sizes.long().cpu()
+            moves = _slot_moves(flat, sizes, [caps[n] for n in c.names], c.balances) if c.removable else []
+            contrib = torch.stack([sizes[:, m].sum(1) for m in moves], 1) if moves else torch.zeros(len(c.names), 0, dtype=torch.long)
+            blocks.append((list(c.names), contrib))
+            cand_scores.append(flat[[m[0] for m in moves]] if moves else torch.zeros(0))
+            member_costs = torch.tensor([float(unit_costs[n]) for n in c.names], dtype=torch.float64)
+            cand_costs.append((contrib.double() * member_costs[:, None]).sum(0))
+        else:
+            continue
+        cand_block.append(torch.full((cand_scores[-1].numel(),), len(blocks) - 1, dtype=torch.long))
+    order = torch.sort(torch.cat(cand_scores), stable=True).indices
+    costs = torch.cat(cand_costs)[order]
+    spent = torch.cumsum(costs, 0)
+    n_taken = int((spent <= budget + _EPS).sum())
+    taken_block = torch.cat(cand_block)[order][:n_taken]
+    counts = {name: 0 for name in names}
+    for b, k in enumerate(torch.bincount(taken_block, minlength=len(blocks)).tolist()):
+        members, contrib = blocks[b]
+        for i, n in enumerate(members):
+            counts[n] = k if contrib is None else int(contrib[i, :k].sum())
+    reached = float(spent[n_taken - 1]) if n_taken else 0.0
+    if n_taken == len(order) and budget - reached >= min(unit_costs[n] for n in names):  # every candidate taken, budget left
         warnings.warn(
             f"total_sparsity {total_sparsity} is not reachable: the per-layer caps (max_sparsity_per_layer, and one unit kept in "
             f"every layer) allow at most {reached / total:.4f} of the {total} weights of {names}; lower total_sparsity or raise the caps",
             UnreachableSparsityWarning, stacklevel=3)
-    return {name: int(counts[i]) for i, name in enumerate(names)}
+    return counts
 
 
 def lowest(scores: torch.Tensor, k: int, groups: int = 1, exclude: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,6 +227,21 @@ def lowest_slots(
     half of a ShuffleNetV2 chunk), or not at all. For one member and equal contiguous chunks this is
     exactly "the ``k // chunks`` lowest of each chunk".
     """
+    taken = torch.zeros(scores.numel(), dtype=torch.bool)
+    for move in _slot_moves(scores, sizes, budgets, balances, exclude):
+        taken[move] = True
+    return taken
+
+
+def _slot_moves(
+    scores: torch.Tensor,
+    sizes: torch.Tensor,
+    budgets: Sequence[int],
+    balances: Sequence[Sequence[torch.Tensor]] = (),
+    exclude: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """The moves :func:`lowest_slots` takes, in order: each a list of slots, the lowest free slot (its
+    first entry, so the moves' first scores never decrease) with the slots that keep every balance even."""
     flat = scores.detach().reshape(-1).float()
     n = flat.numel()
     order = torch.sort(flat, stable=True).indices.tolist()
@@ -184,7 +250,7 @@ def lowest_slots(
     cols = sizes.long().t().tolist()  # per unit: channels of each member
     left = [int(b) for b in budgets]
     members = range(len(left))
-    taken = torch.zeros(n, dtype=torch.bool)
+    moves: list[list[int]] = []
     for u in order:
         if not free[u] or any(cols[u][m] > left[m] for m in members):
             continue
@@ -196,7 +262,7 @@ def lowest_slots(
             continue
         for v in move:
             free[v] = False
-        taken[move] = True
+        moves.append(move)
         pieces.take(move)
         left = [left[m] - cost[m] for m in members]
-    return taken
+    return moves

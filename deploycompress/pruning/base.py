@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import ConfigError, ModuleConfig, select_modules
-from .allocate import global_prune_counts, lowest, prune_count
+from .allocate import CoupledUnits, global_prune_counts, lowest, prune_count
 from .io import Masks, _param, _weight, atomic_torch_save, save_masks
 
 __all__ = ["Pruner"]
@@ -106,6 +106,9 @@ class Pruner:
             )
         self._masks: Masks = {}
         self._wrapped = False
+        #: weight elements one unit of a layer counts in a ``total_sparsity`` budget, by layer name (default: its
+        #: own); a scheduler pruning a sped-up model sets the original model's, so the budget counts original cost
+        self.budget_unit_costs: dict[str, int] = {}
 
     # ------------------------------------------------------------------ pipeline
     def compress(self) -> tuple[nn.Module, Masks]:
@@ -137,7 +140,10 @@ class Pruner:
         raise NotImplementedError
 
     def _unit_cost(self, name: str, scores: torch.Tensor) -> int:
-        """Weight elements per scored unit: what a ``total_sparsity`` budget counts."""
+        """Weight elements per scored unit: what a ``total_sparsity`` budget counts (``budget_unit_costs``
+        when it names the layer, else the layer's own weight elements per unit)."""
+        if name in self.budget_unit_costs:
+            return int(self.budget_unit_costs[name])
         weight = _weight(self._modules[name])
         assert weight is not None
         return weight.numel() // scores.numel()
@@ -163,9 +169,15 @@ class Pruner:
                     total,
                     {n: self.module_configs[n].max_sparsity_per_layer for n in names},
                     rounding=self.module_configs[names[0]].sparse_rounding,
+                    coupled=self._coupled_units(names, scores),
                 )
             )
         return counts
+
+    def _coupled_units(self, names: list[str], scores: dict[str, torch.Tensor]) -> list[CoupledUnits]:
+        """Layers of one ``total_sparsity`` budget whose units are ranked and counted together (none here;
+        dependency-aware channel pruners: the coupled channels of each group)."""
+        return []
 
     def _select(self, scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
         """Which units to prune (True = prune): each layer's ``counts[name]`` lowest scores."""

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModuleConfig
-from .allocate import lowest, lowest_slots
+from ..errors import user_stacklevel
+from .allocate import CoupledUnits, lowest, lowest_slots
 from .base import Pruner
 from .io import Masks, _bias, _weight, weight_attrs
 
@@ -186,6 +187,38 @@ class ChannelPruner(Pruner):
                         raise RuntimeError(f"channel group {group.modules} gives {name!r} {expected} channels but it has {n}")
         return groups
 
+    def _coupled_units(self, names: list[str], scores: dict[str, torch.Tensor]) -> list[CoupledUnits]:
+        """Each dependency group's members in this budget, ranked by slot on the summed score (the score the
+        selection below prunes a group by) and counted at the weights of every member: the budget is then spent
+        on whole slots, which speedup removes, rather than on one member's channels that a partner keeps."""
+        coupled, kept = [], []
+        for group in self._channel_groups:
+            members = [n for n in group.modules if n in names]
+            if not members:
+                continue
+            # channels summed from several sources (a residual add) go only when every source prunes them
+            sources = [n for n in group.modules if n not in group.followers]
+            outside = [n for n in sources if n not in self._modules] if len(sources) > 1 else []
+            removable = not group.pinned and not outside
+            alone = len(members) == 1 and torch.equal(group.slots[members[0]], torch.arange(group.num_slots))
+            if removable and alone and not group.balances:
+                continue  # a layer on its own: its channels are the units
+            fused, sizes = _slot_scores(group, members, scores)
+            coupled.append(CoupledUnits(members, fused, sizes, group.balances, removable))
+            if not removable:
+                why = (f"they are added to the outputs of {outside[:3]}, which the config_list does not select" if outside
+                       else "they reach the model output, or an op without a channel rule")
+                kept.append(f"{members[:3]}{' ...' if len(members) > 3 else ''} ({why})")
+        if kept:
+            warnings.warn(
+                f"{type(self).__name__}: total_sparsity prunes no output channels of {'; '.join(kept)}: speedup keeps them; the "
+                "budget is spent on the other selected layers (these still count in its total). Select the whole coupled "
+                "group, or leave these layers out of the config_list",
+                PruningWarning,
+                stacklevel=user_stacklevel(),
+            )
+        return coupled
+
     def _select(self, scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
         pruned: dict[str, torch.Tensor] = {}
         for group in self._channel_groups:
@@ -198,14 +231,21 @@ class ChannelPruner(Pruner):
         return pruned
 
 
+def _slot_scores(group: ChannelGroup, members: list[str], scores: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's slot scores (the members' channel scores summed per slot) and ``sizes[i, s]``, the channels
+    member ``members[i]`` has in slot ``s``."""
+    fused = torch.zeros(group.num_slots)
+    for n in members:
+        fused.index_add_(0, group.slots[n], scores[n].float())
+    sizes = torch.stack([torch.bincount(group.slots[n], minlength=group.num_slots) for n in members])
+    return fused, sizes
+
+
 def _select_group(group: ChannelGroup, members: list[str], scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
     """Whole slots on the summed score first, then each member's extra channels on its own score."""
     slots = {n: group.slots[n] for n in members}
     num_slots = group.num_slots
-    fused = torch.zeros(num_slots)
-    for n in members:
-        fused.index_add_(0, slots[n], scores[n].float())
-    sizes = torch.stack([torch.bincount(slots[n], minlength=num_slots) for n in members])
+    fused, sizes = _slot_scores(group, members, scores)
     shared = lowest_slots(fused, sizes, [counts[n] for n in members], group.balances)
     # Extra channels are not whole classes, so speedup keeps them whatever they are; only in an
     # aligned group (channel i is slot i) do they keep a grouped consumer's filter groups even.

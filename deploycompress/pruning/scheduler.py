@@ -6,7 +6,10 @@ Masks always refer to the modules of the model being pruned. Without ``speedup``
 the same (masked) model with the *cumulative* sparsity of that round; units pruned in earlier rounds
 are pinned (their score is ``-inf``), so masks only grow and each round's per-layer count is exactly
 what its config_list asks. With ``speedup=True`` the model is physically shrunk after every round
-(``deploycompress.speedup``) and the next round's sparsity is rescaled to the smaller layers.
+(``deploycompress.speedup``) and the next round's sparsity is rescaled to the smaller layers: counted
+against the original widths, a ``total_sparsity`` budget at the original weight elements of each removed
+output channel (:func:`relative_config`, :func:`original_channel_costs`), and channel pruners named by
+string or class prune dependency-aware, so coupled channels go together and speedup removes them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -24,10 +28,11 @@ from tqdm.auto import tqdm
 
 from ..model_copy import plain_copy as _plain_copy
 from ..config import select_modules, validate_config_list
+from ..errors import user_stacklevel
 from ..suggest import did_you_mean
 from .allocate import prune_count
 from .base import Pruner, _Mask
-from .channel import ChannelPruner, channel_dim, channel_rows
+from .channel import ChannelPruner, PruningWarning, channel_dim, channel_rows
 from .evaluator import TorchEvaluator
 from .io import Masks, _param, _weight
 from .level import ElementPruner
@@ -42,6 +47,7 @@ __all__ = [
     "make_basic_pruner",
     "channel_sparsity",
     "masked_fraction",
+    "original_channel_costs",
     "plain_copy",
     "relative_config",
     "wrap_masks",
@@ -326,6 +332,8 @@ class PruningScheduler:
             )
         self.pruner_spec = pruner
         self.pruning_params = dict(pruning_params or {})
+        if speedup:
+            _dependency_aware_for_speedup(pruner, self.pruning_params)
         self.task_generator = task_generator
         self.finetune = _as_finetune(finetuner, finetune_steps, finetune_epochs)
         self.evaluate = _as_evaluate(evaluator)
@@ -338,9 +346,14 @@ class PruningScheduler:
         self.rewind: Callable[[nn.Module, Masks], None] | None = None
 
     # ------------------------------------------------------------------ one round
-    def run_task(self, task: Task, model: nn.Module, pinned: Masks) -> tuple[nn.Module, TaskResult]:
-        """Prune ``model`` (a plain model, modified in place) by ``task``; return it (masks applied) and the result."""
+    def run_task(
+        self, task: Task, model: nn.Module, pinned: Masks, unit_costs: Mapping[str, int] | None = None
+    ) -> tuple[nn.Module, TaskResult]:
+        """Prune ``model`` (a plain model, modified in place) by ``task``; return it (masks applied) and the result.
+        ``unit_costs`` (weight elements per output channel by layer) is what a ``total_sparsity`` budget counts
+        (default: the model's own; after a speedup, the original model's)."""
         pruner = make_basic_pruner(self.pruner_spec, model, task.config_list, self.pruning_params, self.dummy_input)
+        pruner.budget_unit_costs = dict(unit_costs or {})
         self._layers = list(pruner.module_configs)
         if pinned:
             _pin(pruner, pinned)
@@ -375,9 +388,11 @@ class PruningScheduler:
         try:
             while (task := gen.next_task()) is not None:
                 speed = self.speedup if task.speedup is None else task.speedup
+                costs = None
                 if speed and self.history:
                     task.config_list = relative_config(task.config_list, origin, work, self.pruner_spec)
-                wrapped, result = self.run_task(task, work, {} if speed else pinned)
+                    costs = original_channel_costs(origin, work)
+                wrapped, result = self.run_task(task, work, {} if speed else pinned, costs)
                 if names is None:
                     names = self._layers  # the configured layers (masks also name joined BatchNorms)
                 plain = plain_copy(wrapped)
@@ -419,6 +434,31 @@ class PruningScheduler:
             raise RuntimeError("call compress() first")
         masks = self.best.masks if self.best.model_masks is None else self.best.model_masks
         return self.best.task_id, plain_copy(self.best.model), masks, self.best.score, self.best.config_list
+
+
+def _dependency_aware_for_speedup(spec: PrunerSpec, params: dict[str, Any]) -> None:
+    """Speedup between rounds removes a coupled channel (a residual Add's) only when every layer sharing it
+    pruned it; a channel pruner that does not know the groups zeroes such channels in one member, the next
+    round ranks the zeroed channels lowest again and a ``total_sparsity`` budget stalls short of its target.
+    So a pruner named by class or name prunes dependency-aware unless ``params`` says otherwise (then a
+    ``PruningWarning`` names the consequence)."""
+    if isinstance(spec, Pruner):
+        explicit = not getattr(spec, "dependency_aware", True)
+    elif isinstance(spec, (str, type)) and issubclass(cls := _pruner_class(spec), ChannelPruner):
+        explicit = params.get("dependency_aware") is False or params.get("mode") == "normal"
+        if "dependency_aware" in inspect.signature(cls).parameters and "dependency_aware" not in params and "mode" not in params:
+            params["dependency_aware"] = True
+            log.info("speedup between rounds: %s prunes dependency-aware (coupled channels together, so speedup removes them)", cls.__name__)
+    else:
+        return
+    if explicit:
+        warnings.warn(
+            "PruningScheduler: speedup=True with dependency_aware=False: channels coupled across layers (residual adds) "
+            "that one layer prunes are zeroed, not removed, and a total_sparsity budget can stop short of its target; "
+            "leave dependency_aware at its default (True here) to prune coupled channels together",
+            PruningWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _pruner_class(spec: PrunerSpec) -> type[Pruner]:
@@ -484,6 +524,19 @@ def relative_config(config_list: list[dict[str, Any]], origin: nn.Module, curren
         log.info("total_sparsity %.4f of the original layers -> %.4f of the channels left", mc.total_sparsity, rel)
         out.append(entry)
     return out
+
+
+def original_channel_costs(origin: nn.Module, current: nn.Module) -> dict[str, int]:
+    """Weight elements per output channel in ``origin`` of every layer ``current`` (a sped-up ``origin``) has
+    with a weight: what a later round's ``total_sparsity`` budget counts a channel of ``current`` at, so
+    its ranking spends the budget that :func:`relative_config` asks in the same unit (a channel of a shrunk
+    layer would otherwise look cheaper than its share of the original budget)."""
+    org = dict(origin.named_modules())
+    costs = {}
+    for name, module in current.named_modules():
+        if name in org and _weight(module) is not None and _weight(org[name]) is not None:
+            costs[name] = _channel_cost(org[name])
+    return costs
 
 
 def _channel_cost(module: nn.Module) -> int:

@@ -165,7 +165,7 @@ def speedup_with_report(
     removal = decide_removals(trace, round_to)
     constants_dropped = restore_kept(trace.dropped, removal.keep)  # masked_constants="prune" changes removed channels only
     kept, removal = _shrink_or_keep_read_widths(work, trace, removal, inputs, round_to)
-    norms_changed = [name for name, ids in trace.norms.items() if not bool(removal.keep(ids).all())]
+    norms_changed = [name for name, ids in trace.norms.items() if not bool(removal.keep(ids).all()) and name not in removal.norms_exact]
     modules = dict(work.named_modules())
     masked_by_layer = {
         name: masked_out_channels(checked, name, rec.kind, rec.weight_attr, rec.bias_attr) for name, rec in trace.producers.items()
@@ -209,6 +209,10 @@ def speedup_with_report(
     rel_err = None if err is None or ref_max is None else err / max(ref_max, 1e-12)
     if norms_changed:
         notes.append(_norms_note(norms_changed, rel_err))
+    if removal.norms_exact:
+        shown = ", ".join(removal.norms_exact[:3]) + (", ..." if len(removal.norms_exact) > 3 else "")
+        notes.append(f"{len(removal.norms_exact)} norms narrowed exactly ({shown}): their statistics still count the "
+                     "removed channels, which are zero in the masked model (speedup.norms.ZeroPaddedNorm)")
     if constants_dropped:
         shown = ", ".join(constants_dropped[:3]) + (", ..." if len(constants_dropped) > 3 else "")
         by = f"by {rel_err:.3g} (relative)" if rel_err is not None else "(not measured: verify=False)"
@@ -248,7 +252,11 @@ def speedup(
 
     ``norm_spans="keep"`` keeps every channel a LayerNorm/RMSNorm/GroupNorm normalises over, so outputs
     equal the masked model's. ``"prune"`` removes them like other channels (GroupNorm: equal counts per
-    group) and narrows the norm; its statistics then change, so outputs differ until fine-tuned.
+    group) and narrows the norm; its statistics then change, so outputs differ until fine-tuned --
+    except where the masks also zero the norm's weight and bias in the removed channels (an
+    ``nn.LayerNorm``/``nn.RMSNorm`` then becomes a :class:`~deploycompress.speedup.norms.ZeroPaddedNorm`,
+    exact) and for a norm whose output is a model output (it returns the full width, exact); see
+    :mod:`deploycompress.speedup.norms` and ``deploycompress.hf.hidden.hidden_masks`` for encoders.
     """
     return speedup_with_report(
         model, masks, example_inputs, round_to=round_to, norm_spans=norm_spans, masked_constants=masked_constants,

@@ -8,6 +8,7 @@ from torch import nn
 from ..graph import ChannelTrace, ProducerRecord
 from .attention import fix_attention_modules
 from .hf_attention import fix_hf_attention
+from .norms import narrow_norms, plan_norms
 from .resolve import Removal
 
 # module attributes that mirror the length of a per-channel tensor, by the tensor that sets them
@@ -74,8 +75,11 @@ def shrink_producer(module: nn.Module, rec: ProducerRecord, in_keep: torch.Tenso
 
 
 def shrink_model(model: nn.Module, trace: ChannelTrace, removal: Removal) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Shrink every traced producer and per-channel tensor in place; returns (in_keep, out_keep) per producer."""
+    """Shrink every traced producer and per-channel tensor in place; returns (in_keep, out_keep) per producer.
+
+    Norms narrowed exactly (``speedup.norms``) are listed in ``removal.norms_exact``."""
     modules = dict(model.named_modules(remove_duplicate=False))
+    plans = plan_norms(model, trace, removal)  # full-width copies, taken before the slicing below
     kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, rec in trace.producers.items():
         in_keep, out_keep = removal.keep(rec.in_ids), removal.keep(rec.out_ids)
@@ -93,4 +97,5 @@ def shrink_model(model: nn.Module, trace: ChannelTrace, removal: Removal) -> dic
                 _set_width(module, width_attr, int(keep.sum()))
     fix_attention_modules(model, kept)
     fix_hf_attention(model, kept)
+    removal.norms_exact = narrow_norms(model, plans)
     return kept

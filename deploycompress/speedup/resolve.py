@@ -20,6 +20,7 @@ class Removal:
     removed: torch.Tensor
     notes: list[str] = field(default_factory=list)
     held: dict[int, str] = field(default_factory=dict)  # class root -> why decide_removals kept it back
+    norms_exact: list[str] = field(default_factory=list)  # set by shrink_model: norms narrowed exactly (speedup.norms)
 
     def keep(self, ids: torch.Tensor) -> torch.Tensor:
         """Keep flags for a vector of ids (constants, id < 0, are always kept)."""

@@ -53,6 +53,8 @@ def layernorm(tracer: "Tracer", call: Call) -> None:
     nd = len(info.shape)
     spans = info.axis is None or info.axis >= nd - k
     params = [call.arg(2, "weight")] + ([call.arg(3, "bias")] if call.name == "layer_norm" else [])
+    if spans and k == 1 and info.axis == nd - 1 and widened_norm(tracer, call, params, info):
+        return None
     if spans and k == 1 and info.axis == nd - 1 and prunable_norm(tracer, params, "normalized_shape", info.ids, 1):
         return tracer.set_info(call.out, TensorInfo(info.shape, info.axis, info.ids, info.zero.clone()))
     if spans:
@@ -121,4 +123,25 @@ def prunable_norm(tracer: "Tracer", params: list[Any], width_attr: str, ids: tor
     if groups > 1:
         tracer.trace.balances.append((f"groups:{module_name}", list(ids.chunk(groups))))
     tracer.trace.norms[module_name] = ids.clone()
+    return True
+
+
+def widened_norm(tracer: "Tracer", call: Call, params: list[Any], info: TensorInfo) -> bool:
+    """norm_spans="prune", a norm whose output is a model output (``Tracer.output_norms``): its input
+    channels may go, its output keeps the full width. The output gets channel ids of its own (the model
+    output pins them); a channel is zero there where the input is zero and weight and bias are too.
+    Speedup rebuilds the full-width input with zeros in the removed places before normalising, which
+    is the masked model's computation (``speedup.norms.ZeroPaddedNorm``)."""
+    weight = params[0]
+    owner = tracer.owner.get(id(weight)) if isinstance(weight, torch.Tensor) else None
+    if owner is None or owner[0] not in tracer.output_norms:
+        return False
+    out = call.out
+    zero = info.zero.clone()
+    for p in params:
+        zero &= (p.detach() == 0).cpu().reshape(-1).expand(zero.numel()) if isinstance(p, torch.Tensor) else True
+    ids = info.ids
+    tracer.trace.read_live(ids[(ids >= 0) & ~info.zero], f"read while non-zero by {owner[0]!r} (its output is a model output)")
+    tracer.trace.widened_norms[owner[0]] = ids.clone()
+    tracer.set_info(out, TensorInfo(out.shape, out.dim() - 1, tracer.uf.add(out.shape[-1]), zero))
     return True

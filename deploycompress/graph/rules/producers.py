@@ -18,8 +18,9 @@ PRODUCER_OPS = {
 
 
 def is_producer_call(tracer: "Tracer", name: str, args: tuple) -> bool:
-    """A producer op whose weight is a parameter of the model (traced even on untraced inputs)."""
-    return name in PRODUCER_OPS and len(args) > 1 and id(args[1]) in tracer.owner
+    """A producer op (or an ``embedding`` lookup) whose weight is a parameter of the model (traced even on
+    untraced inputs: position ids sliced from a buffer)."""
+    return (name in PRODUCER_OPS or name == "embedding") and len(args) > 1 and id(args[1]) in tracer.owner
 
 
 @rule(*PRODUCER_OPS)

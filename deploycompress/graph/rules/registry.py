@@ -110,7 +110,12 @@ def tensors(obj: Any) -> list[torch.Tensor]:
 
 
 def unknown(tracer: "Tracer", call: Call) -> None:
-    """No rule (or a rule that cannot follow this call): pin every traced input, outputs are constants."""
+    """No rule (or a rule that cannot follow this call): pin every traced input, outputs are constants.
+
+    A call whose traced inputs carry no channel ids (token ids, attention masks: RoBERTa's position ids are
+    ``cumsum`` of ``input_ids.ne(pad).int()``) cannot move channels: its outputs are constants, not named."""
+    if all(info is None or not bool((info.ids >= 0).any()) for info in call.before.values()):
+        return tracer.mark_outputs(call.out, lambda t: TensorInfo.const(t.shape))
     tracer.trace.unknown_ops.add(call.name)
     for info in call.before.values():
         tracer.pin(info, f"op {call.name!r} has no channel rule")
