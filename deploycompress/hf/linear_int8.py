@@ -45,7 +45,7 @@ from onnx import helper, numpy_helper
 FLAVOURS = ("qdq", "integer", "dynamic")
 MS_DOMAIN = "com.microsoft"
 
-__all__ = ["FLAVOURS", "InputStats", "attention_context_source", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
+__all__ = ["FLAVOURS", "INPUT_KINDS", "InputStats", "attention_context_source", "input_kinds", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
 
 
 @dataclass
@@ -168,6 +168,33 @@ def attention_context_source(model: onnx.ModelProto, tensor: str) -> tuple[onnx.
     if bias is not None and _constant(model, bias).shape != (width,):
         return None
     return v, v.input[1], bias
+
+
+INPUT_KINDS = ("qkv", "attention_output", "ffn_input", "ffn_output")
+"""What a Linear input tensor is in a BERT-style layer (:func:`input_kinds`): the query/key/value
+Linears' shared input, the attention context (the output projection's input), the FFN's first Linear's
+input, the FFN's second Linear's input (a GELU output)."""
+
+
+def input_kinds(model: onnx.ModelProto, groups: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """``{input tensor: kind}`` (one of :data:`INPUT_KINDS`) for the groups of :func:`linear_inputs`:
+    ``"attention_output"`` where :func:`attention_context_source` finds the value Linear, ``"ffn_output"``
+    where the input is a GELU output (``hf.int8.after_gelu``), ``"qkv"`` for an input read by three or
+    more Linears, ``"ffn_input"`` for the rest."""
+    from .int8 import after_gelu
+
+    gelu = set(after_gelu(model))
+    kinds = {}
+    for tensor, names in groups.items():
+        if attention_context_source(model, tensor) is not None:
+            kinds[tensor] = "attention_output"
+        elif any(n in gelu for n in names):
+            kinds[tensor] = "ffn_output"
+        elif len(names) >= 3:
+            kinds[tensor] = "qkv"
+        else:
+            kinds[tensor] = "ffn_input"
+    return kinds
 
 
 def smooth(
