@@ -48,7 +48,7 @@ import deploycompress as dc
 from deploycompress.hf import Encoder
 from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import SMOOTH_ALPHA, linear_matmuls, mean_cosine, quantize_transformer
-from deploycompress.hf.linear_int8 import collect_stats, input_kinds, linear_inputs, quantize_linears, smooth
+from deploycompress.hf.linear_int8 import collect_stats, input_kinds, quantize_attention_matmuls, linear_inputs, quantize_linears, smooth
 from deploycompress.hf.text import source_sentences, stdlib_sentences
 from deploycompress.pruning.distill import distill
 
@@ -144,6 +144,9 @@ def int8_only(args: argparse.Namespace, tok, fp32: onnx.ModelProto, calib, acc_f
     smoothed, sstats = smooth(fp32, groups, stats, SMOOTH_ALPHA)
     for fl in ("integer", "dynamic"):
         variants[f"deploycompress int8 (plain/{fl})"] = quantize_linears(smoothed, linear_inputs(smoothed, linears), sstats, flavour=fl)
+    for att in args.attention_int8 or ():  # ours (integer) with the attention MatMuls of these kinds in int8 too
+        base = variants["deploycompress int8 (plain/integer)"]
+        variants[f"deploycompress int8 (plain/integer, attention {att} int8)"] = quantize_attention_matmuls(base, att.split("+"))
     kinds = input_kinds(fp32, groups)
     for skip in args.smooth_skip or ():  # smoothing left off some Linear kinds (their Muls gone), e.g. qkv+ffn_input
         only = [t for t, k in kinds.items() if k not in skip.split("+")]
@@ -200,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smooth-skip", nargs="+", default=None, metavar="KINDS",
                    help="with --int8-only: also time ours (integer) without SmoothQuant on these Linear input kinds "
                         "(hf.linear_int8.INPUT_KINDS joined by '+', e.g. qkv ffn_input qkv+ffn_input)")
+    p.add_argument("--attention-int8", nargs="+", default=None, metavar="KINDS",
+                   help="with --int8-only: also time ours (integer) with attention MatMuls in int8 "
+                        "(hf.linear_int8.ATTENTION_MATMULS joined by '+', e.g. context scores+context)")
     p.add_argument("--accuracy-only", action="store_true", help="with --int8-only: skip the timing")
     p.add_argument("--shapes", nargs="+", default=None, metavar="bBsS",
                    help="with --int8-only: the shapes to time, e.g. b8s128 (default: b1s64 b1s128 b8s64 b8s128)")

@@ -27,6 +27,10 @@ usually followed by an ``Add`` of a constant bias. The steps:
    - ``"dynamic"``: ``DynamicQuantizeLinear -> MatMulIntegerToFloat`` with the bias: the activation
      range measured per call, as onnxruntime's ``quantize_dynamic`` does, with our per-channel weights.
 
+4. :func:`quantize_attention_matmuls` (optional) writes the attention MatMuls, whose both inputs are
+   activations -- the scores ``Q K^T`` and the context ``softmax(.) V`` -- as ``DynamicQuantizeLinear``
+   on each input ``-> MatMulIntegerToFloat``: uint8 per tensor, the range measured per call.
+
 Activations: uint8, asymmetric, per tensor (calibrated min/max widened to include 0); weights: int8,
 symmetric, per output channel (7-bit on x86 without VNNI: ``reduce_range``). Only the Linears read
 quantized tensors; everything else in the graph reads what it read before.
@@ -45,7 +49,7 @@ from onnx import helper, numpy_helper
 FLAVOURS = ("qdq", "integer", "dynamic")
 MS_DOMAIN = "com.microsoft"
 
-__all__ = ["FLAVOURS", "INPUT_KINDS", "InputStats", "attention_context_source", "input_kinds", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
+__all__ = ["FLAVOURS", "INPUT_KINDS", "InputStats", "attention_context_source", "input_kinds", "quantize_attention_matmuls", "attention_matmuls", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
 
 
 @dataclass
@@ -335,4 +339,59 @@ def quantize_linears(
     keep = [i for i in m.graph.initializer if i.name in used or i.name in {x.name for x in m.graph.input}]
     del m.graph.initializer[:]
     m.graph.initializer.extend(keep)
+    return m
+
+
+ATTENTION_MATMULS = ("scores", "context")
+"""The two attention MatMuls of a layer: ``"scores"`` (``Q K^T``) and ``"context"`` (the attention
+probabilities times ``V``, its input A a ``Softmax`` output)."""
+
+
+def attention_matmuls(model: onnx.ModelProto) -> dict[str, str]:
+    """``{MatMul node name: "scores" | "context"}`` for the MatMuls whose two inputs are activations (no
+    initializer, no Transpose of one): ``"context"`` when input A is a ``Softmax`` output, else ``"scores"``."""
+    consts = set(_inits(model)) | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def constant(t: str) -> bool:
+        p = producer.get(t)
+        return t in consts or (p is not None and p.op_type in ("Transpose", "Identity") and p.input[0] in consts)
+
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and not constant(n.input[0]) and not constant(n.input[1]):
+            p = producer.get(n.input[0])
+            out[n.name] = "context" if p is not None and p.op_type == "Softmax" else "scores"
+    return out
+
+
+def quantize_attention_matmuls(model: onnx.ModelProto, kinds: Sequence[str] = ("context",)) -> onnx.ModelProto:
+    """A new graph whose attention MatMuls of ``kinds`` (of :data:`ATTENTION_MATMULS`, see
+    :func:`attention_matmuls`) read uint8 inputs: ``DynamicQuantizeLinear`` on input A and on input B
+    (per tensor, asymmetric, the range measured per call as in the ONNX spec) ``->
+    MatMulIntegerToFloat`` (onnxruntime's ``com.microsoft`` op; batched N-D inputs), writing the MatMul's
+    output tensor. Raises ``ValueError`` for an unknown kind or a graph with no such MatMul."""
+    unknown = sorted(set(kinds) - set(ATTENTION_MATMULS))
+    if unknown:
+        raise ValueError(f"kinds must be among {ATTENTION_MATMULS}, got {unknown}")
+    m = copy.deepcopy(model)
+    chosen = [name for name, kind in attention_matmuls(m).items() if kind in kinds]
+    if not chosen:
+        raise ValueError(f"no attention MatMul of kinds {tuple(kinds)} in this graph (MatMuls with two activation inputs)")
+    by_name = {n.name: n for n in m.graph.node}
+    for name in chosen:
+        node = by_name[name]
+        idx = list(m.graph.node).index(node)
+        names = []
+        for side, t in zip("ab", node.input):
+            q = f"{name}_{side}_dq8"
+            names.append((q, f"{q}_scale", f"{q}_zp"))
+            m.graph.node.insert(idx, helper.make_node("DynamicQuantizeLinear", [t], list(names[-1]), name=f"{name}_{side}_DynamicQuantizeLinear"))
+            idx += 1
+        (qa, sa, za), (qb, sb, zb) = names
+        mm = helper.make_node("MatMulIntegerToFloat", [qa, qb, sa, sb, za, zb], [node.output[0]], name=f"{name}_MatMulIntegerToFloat", domain=MS_DOMAIN)
+        m.graph.node.insert(idx, mm)
+        m.graph.node.remove(node)
+    if MS_DOMAIN not in {o.domain for o in m.opset_import}:
+        m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return m
