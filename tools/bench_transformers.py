@@ -144,9 +144,10 @@ def int8_only(args: argparse.Namespace, tok, fp32: onnx.ModelProto, calib, acc_f
     smoothed, sstats = smooth(fp32, groups, stats, SMOOTH_ALPHA)
     for fl in ("integer", "dynamic"):
         variants[f"deploycompress int8 (plain/{fl})"] = quantize_linears(smoothed, linear_inputs(smoothed, linears), sstats, flavour=fl)
-    for att in args.attention_int8 or ():  # ours (integer) with the attention MatMuls of these kinds in int8 too
-        base = variants["deploycompress int8 (plain/integer)"]
-        variants[f"deploycompress int8 (plain/integer, attention {att} int8)"] = quantize_attention_matmuls(base, att.split("+"))
+    for att in args.attention_int8 or ():  # ours with the attention MatMuls of these kinds in int8 too
+        for fl in ("integer", "dynamic"):
+            base = variants[f"deploycompress int8 (plain/{fl})"]
+            variants[f"deploycompress int8 (plain/{fl}, attention {att} int8)"] = quantize_attention_matmuls(base, att.split("+"))
     kinds = input_kinds(fp32, groups)
     for skip in args.smooth_skip or ():  # smoothing left off some Linear kinds (their Muls gone), e.g. qkv+ffn_input
         only = [t for t, k in kinds.items() if k not in skip.split("+")]
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="with --int8-only: also time ours (integer) without SmoothQuant on these Linear input kinds "
                         "(hf.linear_int8.INPUT_KINDS joined by '+', e.g. qkv ffn_input qkv+ffn_input)")
     p.add_argument("--attention-int8", nargs="+", default=None, metavar="KINDS",
-                   help="with --int8-only: also time ours (integer) with attention MatMuls in int8 "
+                   help="with --int8-only: also time ours (integer, dynamic) with attention MatMuls in int8 "
                         "(hf.linear_int8.ATTENTION_MATMULS joined by '+', e.g. context scores+context)")
     p.add_argument("--accuracy-only", action="store_true", help="with --int8-only: skip the timing")
     p.add_argument("--shapes", nargs="+", default=None, metavar="bBsS",

@@ -24,8 +24,10 @@ usually followed by an ``Add`` of a constant bias. The steps:
      weights (the portable ONNX form; onnxruntime fuses it to ``MatMulIntegerToFloat``);
    - ``"integer"``: ``QuantizeLinear -> MatMulIntegerToFloat`` (onnxruntime's ``com.microsoft`` op)
      with the bias folded in, static activation scale (fewer nodes than what onnxruntime makes of QDQ);
-   - ``"dynamic"``: ``DynamicQuantizeLinear -> MatMulIntegerToFloat`` with the bias: the activation
-     range measured per call, as onnxruntime's ``quantize_dynamic`` does, with our per-channel weights.
+   - ``"dynamic"``: ``DynamicQuantizeLinear -> MatMulIntegerToFloat`` with the bias for an input read
+     by several Linears (query/key/value), ``DynamicQuantizeMatMul`` (the same arithmetic in one node)
+     for an input read by one: the activation range measured per call, as onnxruntime's
+     ``quantize_dynamic`` does, with our per-channel weights.
 
 4. :func:`quantize_attention_matmuls` (optional) writes the attention MatMuls, whose both inputs are
    activations -- the scores ``Q K^T`` and the context ``softmax(.) V`` -- as ``DynamicQuantizeLinear``
@@ -295,7 +297,10 @@ def quantize_linears(
     for tensor, names in groups.items():
         first = min(i for i, n in enumerate(m.graph.node) if n.name in names)
         pre: list[onnx.NodeProto] = []
-        if flavour == "dynamic":
+        fused_dynamic = flavour == "dynamic" and len(names) == 1  # one reader: onnxruntime's DynamicQuantizeMatMul
+        if fused_dynamic:
+            pass
+        elif flavour == "dynamic":
             q, a_scale, a_zp = f"{tensor}_dq8", f"{tensor}_dq8_scale", f"{tensor}_dq8_zp"
             pre.append(helper.make_node("DynamicQuantizeLinear", [tensor], [q, a_scale, a_zp], name=f"{tensor}_DynamicQuantizeLinear"))
         else:
@@ -322,13 +327,16 @@ def quantize_linears(
                 m.graph.node.insert(list(m.graph.node).index(node), dq)
                 node.input[0], node.input[1] = f"{tensor}_dequantized", f"{base}_dequantized"
                 continue
-            ins = [q, f"{base}_int8", a_scale, f"{base}_w_scale", a_zp, f"{base}_w_zero_point"]
+            if fused_dynamic:
+                ins, op = [tensor, f"{base}_int8", f"{base}_w_scale", f"{base}_w_zero_point"], "DynamicQuantizeMatMul"
+            else:
+                ins, op = [q, f"{base}_int8", a_scale, f"{base}_w_scale", a_zp, f"{base}_w_zero_point"], "MatMulIntegerToFloat"
             out, bias = node.output[0], _bias_add(m, node, inits, wq.shape[1])
             if bias is not None:
                 ins.append(bias[1])
                 out = bias[0].output[0]
                 drop.append(bias[0])
-            mm = helper.make_node("MatMulIntegerToFloat", ins, [out], name=f"{name}_MatMulIntegerToFloat", domain=MS_DOMAIN)
+            mm = helper.make_node(op, ins, [out], name=f"{name}_{op}", domain=MS_DOMAIN)
             m.graph.node.insert(list(m.graph.node).index(node), mm)
             drop.append(node)
     for n in drop:
