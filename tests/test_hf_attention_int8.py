@@ -89,3 +89,22 @@ def test_unknown_kind_and_graph_without_attention_are_refused(exported) -> None:
     lin = torch.nn.Sequential(torch.nn.Linear(4, 3))
     with pytest.raises(ValueError, match="no attention MatMul"):
         quantize_attention_matmuls(to_onnx(lin, torch.zeros(2, 4)).model)
+
+
+def test_quantize_transformer_attention_int8_true_false_and_bad_value(exported) -> None:
+    from deploycompress.hf.int8 import quantize_transformer
+    from test_hf_int8 import feeds
+
+    _, fp32 = exported
+    calib, check = feeds(3, 2, 8, 0), feeds(2, 2, 8, 1)
+    with pytest.raises(ValueError, match="attention_int8"):
+        quantize_transformer(fp32, calib, attention_int8="yes")
+    softmax_read = {}
+    for flag in (True, False):
+        r = quantize_transformer(fp32, calib, check, fuse="plain", flavour="integer", attention_int8=flag, min_cosine=0.9, repeats=1)
+        assert [c.name for c in r.candidates] == (["plain/integer+context-int8"] if flag else ["plain/integer"])
+        producer = {o: n for n in r.model.graph.node for o in n.output}
+        softmax = {n.output[0] for n in r.model.graph.node if n.op_type == "Softmax"}
+        softmax_read[flag] = sorted(n.op_type for n in r.model.graph.node if set(n.input) & softmax)
+        assert all(producer[t].op_type == "Softmax" for t in softmax)
+    assert softmax_read == {True: ["DynamicQuantizeLinear"] * 2, False: ["MatMul"] * 2}
