@@ -103,6 +103,7 @@ def test_quantize_transformer_attention_int8_true_false_and_bad_value(exported) 
     for flag in (True, False):
         r = quantize_transformer(fp32, calib, check, fuse="plain", flavour="integer", attention_int8=flag, min_cosine=0.9, repeats=1)
         assert [c.name for c in r.candidates] == (["plain/integer+context-int8"] if flag else ["plain/integer"])
+        assert r.candidates[0].quantized == r.candidates[0].linears == 12  # Linears only, not the attention MatMuls
         producer = {o: n for n in r.model.graph.node for o in n.output}
         softmax = {n.output[0] for n in r.model.graph.node if n.op_type == "Softmax"}
         softmax_read[flag] = sorted(n.op_type for n in r.model.graph.node if set(n.input) & softmax)

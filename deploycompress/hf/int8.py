@@ -197,11 +197,11 @@ def mean_cosine(reference: Iterable[np.ndarray], actual: Iterable[np.ndarray]) -
 
 def _count_quantized(model: onnx.ModelProto) -> int:
     """Linears in int8: MatMuls whose weight comes from a DequantizeLinear of a constant, and
-    MatMulIntegerToFloat nodes."""
+    MatMulIntegerToFloat/DynamicQuantizeMatMul nodes with a constant weight (not the attention MatMuls)."""
     consts = _initializers(model)
     dq_const = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts}
     return sum(
-        1 for n in model.graph.node if (n.op_type in ("MatMul", "Gemm") and n.input[1] in dq_const) or n.op_type == "MatMulIntegerToFloat"
+        1 for n in model.graph.node if (n.op_type in ("MatMul", "Gemm") and n.input[1] in dq_const) or (n.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul") and n.input[1] in consts)
     )  # fmt: skip
 
 
