@@ -211,3 +211,31 @@ def test_global_counts_rank_a_coupled_slot_as_one_unit_at_its_summed_cost():
     assert counts == {"p": 1, "q": 1, "r": 2}
     # uncoupled, q's zero scores go first one channel at a time (each layer keeps one): q0, q1 (6), p0 (8), r0 (12)
     assert global_prune_counts(scores, {"p": 2, "q": 3, "r": 4}, 0.5) == {"p": 1, "q": 2, "r": 1}
+
+
+class _NormedStream(nn.Module):
+    """inp and mlp2 add into a stream a LayerNorm normalises: speedup keeps it under norm_spans='keep' only."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mlp1, self.mlp2, self.head = nn.Linear(8, 16), nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 4)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(self.norm(h + self.mlp2(torch.relu(self.mlp1(h)))))
+
+
+def test_a_stream_under_a_layernorm_stays_in_the_budget_for_norm_spans_prune():
+    """A norm pins the stream only under speedup's default norm_spans='keep'; the budget still ranks its channels (one
+    unit: inp's and mlp2's rows, 8 + 32 elements), and speedup(norm_spans='prune') removes exactly what the masks zero."""
+    torch.manual_seed(0)
+    model, x, names = _NormedStream().eval(), torch.randn(4, 8), ["inp", "mlp2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PruningWarning)  # no layer is skipped
+        p = pruning.L1NormPruner(model, [{"total_sparsity": 0.4, "op_names": names}], dependency_aware=True, dummy_input=x)
+        _, masks = p.compress()
+    by_masks = _removed_by_masks(model, masks, names)
+    assert 0.4 - 40 / 640 <= by_masks <= 0.4
+    out = speedup(p.unwrap_model(), masks, x, norm_spans="prune")
+    assert _removed_by_widths(model, out, names) == pytest.approx(by_masks, abs=1e-12)

@@ -32,7 +32,8 @@ class ChannelGroup:
     the same for the common case of an aligned group read by a grouped conv: ``groups`` equal
     contiguous chunks. ``pinned`` is True when speedup can never remove these channels (they reach
     the model output, a LayerNorm, attention or an op without a channel rule), so pruning them only
-    zeroes weights. ``num_channels`` is the first member's width. ``followers`` are the members whose output
+    zeroes weights; ``norm_pinned`` says a norm pins them only under ``norm_spans='keep'`` (speedup with
+    ``norm_spans='prune'`` can remove them). ``num_channels`` is the first member's width. ``followers`` are the members whose output
     channels are their own input channels passed on (a depthwise conv): a zero input channel makes their output
     channel removable too, so the others' masks suffice; every other member adds its own values to the channels.
     """
@@ -45,6 +46,7 @@ class ChannelGroup:
     num_slots: int = 0
     balances: list[list[torch.Tensor]] = field(default_factory=list)
     followers: list[str] = field(default_factory=list)
+    norm_pinned: bool = False
 
     def __post_init__(self) -> None:
         """A group built the old way (modules, num_channels, groups) is aligned: fill in its slots."""
@@ -99,7 +101,7 @@ def _components(trace: ChannelTrace, roots: torch.Tensor, balances: list[torch.T
 
 
 def _group(trace: ChannelTrace, comp: list[str], roots: torch.Tensor, balances: list[list[torch.Tensor]],
-           chunking: dict[tuple[int, ...], list[int]], blocked: torch.Tensor) -> ChannelGroup:  # fmt: skip
+           chunking: dict[tuple[int, ...], list[int]], blocked: torch.Tensor, blocked_not_by_norms: torch.Tensor) -> ChannelGroup:  # fmt: skip
     """Slots numbered by first appearance in trace order, so an aligned group's slots are arange."""
     seqs = {n: roots[trace.producers[n].out_ids] for n in comp}
     slot_of: dict[int, int] = {}
@@ -112,7 +114,8 @@ def _group(trace: ChannelTrace, comp: list[str], roots: torch.Tensor, balances: 
     g = math.lcm(*chunking.get(tuple(first.tolist()), [1]))
     pinned = all(bool(blocked[trace.producers[n].out_ids].all()) for n in comp)
     followers = [n for n in comp if _passes_on_its_input(trace.producers[n], roots)]
-    group = ChannelGroup(list(comp), int(first.numel()), g, pinned, slots, len(slot_of), pieces, followers)
+    norm_pinned = pinned and not all(bool(blocked_not_by_norms[trace.producers[n].out_ids].all()) for n in comp)
+    group = ChannelGroup(list(comp), int(first.numel()), g, pinned, slots, len(slot_of), pieces, followers, norm_pinned)
     if len(comp) > 1 and not group.aligned:
         log.debug("producers %s share %d channel classes in a permuted or partial way", comp, group.num_slots)
     return group
@@ -127,6 +130,12 @@ def _passes_on_its_input(rec: Any, roots: torch.Tensor) -> bool:
 def groups_from_trace(trace: ChannelTrace) -> list[ChannelGroup]:
     roots = trace.roots()
     blocked = trace.blocked_roots(roots, live=False)[roots]
+    # the pins a norm makes only under norm_spans='keep' (ChannelTrace.pin_by_norm) do not count here
+    other_pins = torch.zeros(len(roots), dtype=torch.bool)
+    for ids, by_norm in zip(trace.pinned, trace.pin_by_norm):
+        if not by_norm and ids.numel():
+            other_pins[roots[ids]] = True
+    blocked_not_by_norms = other_pins[roots]
     # balance pieces as class roots of their real (non-constant) channels
     balances = [[roots[p[p >= 0]] for p in pieces] for _, pieces in trace.balances]
     balances = [b for b in balances if any(p.numel() for p in b)]
@@ -140,7 +149,7 @@ def groups_from_trace(trace: ChannelTrace) -> list[ChannelGroup]:
     per_comp: list[list[list[torch.Tensor]]] = [[] for _ in comps]
     for b in balances:
         per_comp[index[owner[int(torch.cat(b)[0])]]].append(b)
-    return [_group(trace, comp, roots, per_comp[i], chunking, blocked) for i, comp in enumerate(comps)]
+    return [_group(trace, comp, roots, per_comp[i], chunking, blocked, blocked_not_by_norms) for i, comp in enumerate(comps)]
 
 
 def build_channel_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:

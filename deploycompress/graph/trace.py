@@ -79,15 +79,20 @@ class ChannelTrace:
     widened_norms: dict[str, torch.Tensor] = field(default_factory=dict)  # "prune": norms whose output is a model output -> input ids
     width_reads: list[torch.Tensor] = field(default_factory=list)  # normalised ids whose width Python code read
     pin_reasons: list[str] = field(default_factory=list)  # why pinned[i] is pinned (same length as pinned)
+    pin_by_norm: list[bool] = field(default_factory=list)  # pinned[i] only because norm_spans='keep' keeps a norm whole
     live_reasons: list[str] = field(default_factory=list)  # who reads live[i] while it is non-zero
     dropped: list[Any] = field(default_factory=list)  # zero_dead_norms: rules.dead.DroppedConstant, non-zero slices it zeroed
     may_vanish: set[str] = field(default_factory=set)  # producers speedup may remove whole (a layer's last attention head)
 
-    def pin(self, ids: torch.Tensor, reason: str) -> None:
-        """Keep the classes of ``ids`` whole, for ``reason`` (named in the speedup report)."""
+    def pin(self, ids: torch.Tensor, reason: str, *, by_norm: bool = False) -> None:
+        """Keep the classes of ``ids`` whole, for ``reason`` (named in the speedup report).
+
+        ``by_norm``: the pin is a norm's under ``norm_spans='keep'`` (``norm_spans='prune'`` would lift it).
+        """
         if ids.numel():
             self.pinned.append(ids)
             self.pin_reasons.append(reason)
+            self.pin_by_norm.append(by_norm)
 
     def read_live(self, ids: torch.Tensor, reason: str) -> None:
         """``ids`` are read while non-zero (by ``reason``): they cannot be removed."""
@@ -164,12 +169,12 @@ class Tracer(TorchFunctionMode):
             return TensorInfo.const(t.shape, bool(t.detach().reshape(-1)[0] == 0))
         return TensorInfo.const(t.shape, bool((t.detach() == 0).all()))
 
-    def pin(self, info: TensorInfo | torch.Tensor | None, reason: str) -> None:
-        """Pin the channels of ``info`` (or a vector of ids) for ``reason``."""
+    def pin(self, info: TensorInfo | torch.Tensor | None, reason: str, *, by_norm: bool = False) -> None:
+        """Pin the channels of ``info`` (or a vector of ids) for ``reason`` (``by_norm``: see ``ChannelTrace.pin``)."""
         if isinstance(info, torch.Tensor):
-            self.trace.pin(info[info >= 0], reason)
+            self.trace.pin(info[info >= 0], reason, by_norm=by_norm)
         elif info is not None:
-            self.trace.pin(info.real_ids(), reason)
+            self.trace.pin(info.real_ids(), reason, by_norm=by_norm)
 
     def mark_outputs(self, out: Any, make: Callable[[torch.Tensor], TensorInfo]) -> None:
         for t in rules.tensors(out):

@@ -199,7 +199,8 @@ class ChannelPruner(Pruner):
             # channels summed from several sources (a residual add) go only when every source prunes them
             sources = [n for n in group.modules if n not in group.followers]
             outside = [n for n in sources if n not in self._modules] if len(sources) > 1 else []
-            removable = not group.pinned and not outside
+            # a norm's pin holds under speedup's default norm_spans='keep' only: such channels stay candidates
+            removable = (not group.pinned or group.norm_pinned) and not outside
             alone = len(members) == 1 and torch.equal(group.slots[members[0]], torch.arange(group.num_slots))
             if removable and alone and not group.balances:
                 continue  # a layer on its own: its channels are the units

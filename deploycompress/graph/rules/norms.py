@@ -58,7 +58,8 @@ def layernorm(tracer: "Tracer", call: Call) -> None:
     if spans and k == 1 and info.axis == nd - 1 and prunable_norm(tracer, params, "normalized_shape", info.ids, 1):
         return tracer.set_info(call.out, TensorInfo(info.shape, info.axis, info.ids, info.zero.clone()))
     if spans:
-        tracer.pin(info, f"{call.name} normalises over them{_norm_owner(tracer, params)} (norm_spans='keep')")
+        tracer.pin(info, f"{call.name} normalises over them{_norm_owner(tracer, params)} (norm_spans='keep')",
+                   by_norm=not tracer.prune_norms)
     tracer.set_info(call.out, TensorInfo(info.shape, info.axis, info.ids, torch.zeros_like(info.zero)))
 
 
@@ -69,7 +70,8 @@ def groupnorm(tracer: "Tracer", call: Call) -> None:
     groups = int(call.arg(1, "num_groups")) if tracer.prune_norms else 1
     if info.axis == 1 and prunable_norm(tracer, params, "num_channels", info.ids, groups):
         return tracer.set_info(call.out, TensorInfo(info.shape, info.axis, info.ids, info.zero.clone()))
-    tracer.pin(info, f"group_norm normalises over them{_norm_owner(tracer, params)} (norm_spans='keep')")
+    tracer.pin(info, f"group_norm normalises over them{_norm_owner(tracer, params)} (norm_spans='keep')",
+               by_norm=not tracer.prune_norms)
     tracer.set_info(call.out, TensorInfo(info.shape, info.axis, info.ids, torch.zeros_like(info.zero)))
 
 
