@@ -295,7 +295,16 @@ def quantize_transformer(
         result_notes.append(f"kept float as asked: {', '.join(keep_float)}")
     reduce_range = needs_reduced_range()
     flavours = FLAVOURS if flavour == "auto" else (flavour,)
-    candidates = []
+    candidates: list[Int8Candidate] = []
+
+    def measure(label: str, q: onnx.ModelProto, n_linears: int) -> Int8Candidate:  # time, check, log, keep
+        sess = _session(q, threads)
+        cand = Int8Candidate(label, q, _count_quantized(q), n_linears, _latency_ms(sess, check, repeats), mean_cosine(reference, _outputs(sess, check)))
+        cand.accepted = cand.cosine >= min_cosine
+        log.info("int8 %s graph: %d/%d Linears int8, %.2f ms, cosine %.5f", label, cand.quantized, cand.linears, cand.latency_ms, cand.cosine)
+        candidates.append(cand)
+        return cand
+
     for name, src in sources.items():
         linears = linear_matmuls(src)
         writable = set(_writable(src))
@@ -319,12 +328,8 @@ def quantize_transformer(
                 q = quantize_linears(src, node_groups, stats, flavour=fl, reduce_range=reduce_range)
                 if attention_int8 is True and "context" in attention_matmuls(q).values():
                     q, label = quantize_attention_matmuls(q, ("context",)), f"{label}+context-int8"
-                sess = _session(q, threads)
-                cand = Int8Candidate(label, q, _count_quantized(q), len(linears), _latency_ms(sess, check, repeats), mean_cosine(reference, _outputs(sess, check)))
-                cand.accepted = cand.cosine >= min_cosine
+                cand = measure(label, q, len(linears))
                 missed = missed and not cand.accepted
-                log.info("int8 %s graph: %d/%d Linears int8, %.2f ms, cosine %.5f", label, cand.quantized, cand.linears, cand.latency_ms, cand.cosine)
-                candidates.append(cand)
             if not missed:
                 break
             if float_after_gelu == "auto" and not keep_gelu and gelu:
@@ -336,12 +341,7 @@ def quantize_transformer(
     if attention_int8 == "auto" and ok:
         first = min(ok, key=lambda c: c.latency_ms)
         if "context" in attention_matmuls(first.model).values():
-            q = quantize_attention_matmuls(first.model, ("context",))
-            sess = _session(q, threads)
-            cand = Int8Candidate(f"{first.name}+context-int8", q, first.quantized, first.linears, _latency_ms(sess, check, repeats), mean_cosine(reference, _outputs(sess, check)))
-            cand.accepted = cand.cosine >= min_cosine
-            log.info("int8 %s graph: attention context MatMuls int8 too, %.2f ms, cosine %.5f", cand.name, cand.latency_ms, cand.cosine)
-            candidates.append(cand)
+            measure(f"{first.name}+context-int8", quantize_attention_matmuls(first.model, ("context",)), first.linears)
             ok = [c for c in candidates if c.accepted]
     fp32_ms = _latency_ms(fp32, check, repeats)
     if not ok:

@@ -51,7 +51,7 @@ from onnx import helper, numpy_helper
 FLAVOURS = ("qdq", "integer", "dynamic")
 MS_DOMAIN = "com.microsoft"
 
-__all__ = ["FLAVOURS", "INPUT_KINDS", "InputStats", "attention_context_source", "input_kinds", "quantize_attention_matmuls", "attention_matmuls", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
+__all__ = ["FLAVOURS", "INPUT_KINDS", "InputStats", "attention_context_source", "ATTENTION_MATMULS", "attention_matmuls", "input_kinds", "quantize_attention_matmuls", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
 
 
 @dataclass
