@@ -8,7 +8,9 @@ Steps: 50% of the heads and of the FFN channels in every layer go -- by default 
 into the residual stream on real text (``deploycompress.hf.importance``), with ``--criterion l1`` by
 dependency-aware L1 on query/key/value (whole heads: a head's q, k and v rows are one channel class) and
 the FFN input Linear; speedup (exact against the masked model: the relative error is printed); the
-removed units' mean output goes into the output projections' biases (FLAP's bias compensation);
+removed units' mean output goes into the output projections' biases (FLAP's bias compensation), or with
+``--refit`` the output Linears are refitted by least squares to the dense model's outputs (``hf.refit``;
+``--criterion reconstruction`` also chooses the units the refit rebuilds best);
 distillation of the shrunk student towards the dense teacher's sentence embeddings and every layer's
 hidden states on real English text that ships with Python (standard-library docstrings, no download;
 ``--extra-text N`` adds N docstring sentences from the sources of the stdlib and the installed packages);
@@ -39,6 +41,7 @@ from deploycompress.export.onnx_export import tensor_specs
 from deploycompress.hf import Encoder
 from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import mean_cosine, quantize_transformer
+from deploycompress.hf.refit import reconstruction_masks, refit_encoder
 from deploycompress.hf.text import source_sentences, stdlib_sentences
 from deploycompress.pruning.distill import distill
 
@@ -90,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--steps", type=int, default=300, help="distillation steps")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the layer-wise hidden-state loss (0: embeddings only)")
-    p.add_argument("--criterion", choices=("importance", "l1"), default="importance", help="which heads/FFN channels go")
+    p.add_argument("--criterion", choices=("importance", "l1", "reconstruction"), default="importance",
+                   help="which heads/FFN channels go; reconstruction: those a least-squares refit rebuilds best (hf.refit, refits too)")
+    p.add_argument("--refit", action="store_true", help="least-squares refit of the output Linears towards the dense model before distilling (hf.refit)")
     p.add_argument("--sentences", type=int, default=1200, help="sentences used (80%% training/calibration, 20%% held out)")
     p.add_argument("--extra-text", type=int, default=0, help="also distil on this many docstring sentences from the sources of the stdlib and installed packages")
     p.add_argument("--no-bias-compensation", action="store_true", help="do not add the removed units' mean output to the output projections' biases")
@@ -119,14 +124,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         {"op_names": [f"model.encoder.layer.{i}.intermediate.dense" for i in range(n_layers)], "sparse_ratio": args.sparsity},
     ]  # fmt: skip
     work = copy.deepcopy(teacher)  # the pruner zeroes what it prunes in place: the teacher must stay dense
-    if args.criterion == "l1":
+    refit_start = None
+    if args.criterion == "reconstruction":  # chosen and refitted layer by layer (minutes on a CPU)
+        selection = reconstruction_masks(teacher, train, args.sparsity, args.sparsity)
+        masks, refit_start = selection.masks, selection.model
+    elif args.criterion == "l1":
         pruner = dc.L1NormPruner(work, config_list, dependency_aware=True, dummy_input=train[0])
         _, masks = pruner.compress()
         work = pruner.unwrap_model()
     else:
         masks = importance_masks(teacher, encoder_importance(teacher, train[:20]), args.sparsity, args.sparsity)
     student, report = dc.speedup_with_report(work, masks, train[0])
-    if not args.no_bias_compensation:  # FLAP: each removed unit leaves its mean output behind, not zero
+    if refit_start is not None:
+        student.load_state_dict(refit_start.state_dict())  # the same masks: the refitted weights fit
+    elif args.refit:  # the intercept of the refit takes the removed units' mean output too
+        student = refit_encoder(teacher, student, train).model
+    elif not args.no_bias_compensation:  # FLAP: each removed unit leaves its mean output behind, not zero
         apply_bias_compensation(student, bias_compensation(teacher, masks, train[:20]))
     print(f"speedup: heads {heads(teacher)} -> {heads(student)}, params {report.params_before:,} -> {report.params_after:,}, "
           f"rel. error vs masked model {report.relative_error:.1e}")  # fmt: skip

@@ -48,7 +48,8 @@ import deploycompress as dc
 from deploycompress.hf import Encoder
 from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import SMOOTH_ALPHA, linear_matmuls, mean_cosine, quantize_transformer
-from deploycompress.hf.linear_int8 import collect_stats, input_kinds, quantize_attention_matmuls, linear_inputs, quantize_linears, smooth
+from deploycompress.hf.linear_int8 import collect_stats, input_kinds, linear_inputs, quantize_attention_matmuls, quantize_linears, smooth
+from deploycompress.hf.refit import reconstruction_masks, refit_encoder
 from deploycompress.hf.text import source_sentences, stdlib_sentences
 from deploycompress.pruning.distill import distill
 
@@ -197,6 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resume", type=Path, help="distil further a student saved by --save-student")
     p.add_argument("--bias-compensation", action="store_true", help="add the removed heads'/FFN channels' mean output to the output projections' biases before distilling (FLAP)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads for the distillation")
+    p.add_argument("--selection", choices=("importance", "reconstruction"), default="importance",
+                   help="which heads/FFN channels (c) removes: output-norm scores (hf.importance) or what a least-squares refit rebuilds best (hf.refit.reconstruction_masks, refits too)")
+    p.add_argument("--refit", action="store_true", help="least-squares refit of every output Linear towards the dense model before distilling (hf.refit.refit_encoder)")
+    p.add_argument("--refit-ridge", type=float, default=1e-3, help="ridge of the refit (relative, towards the sliced weights)")
+    p.add_argument("--refit-sentences", type=int, default=0, help="calibration sentences for selection/refit: 0 = the training sentences; more come from hf.text.source_sentences")
     p.add_argument("--budget", type=float, default=120, help="seconds of timing per shape (rounds over all variants, cycling orders)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--int8-only", action="store_true",
@@ -257,14 +263,42 @@ def main(argv: list[str] | None = None) -> dict:
                             "seconds": time.perf_counter() - t}  # fmt: skip
     print("(a)", results["a_speedup"], flush=True)
     longest = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, train, 16, None)]
-    c_masks = importance_masks(teacher, encoder_importance(teacher, longest[:20]), 0.5, 0.5)
+    def refit_batches() -> list:  # calibration text for selection/refit, batches of similar length: few padding rows
+        torch.set_num_threads(args.torch_threads)
+        text = train if not args.refit_sentences else source_sentences(args.refit_sentences, exclude=held)
+        text = sorted(text, key=lambda s: len(tok.tokenize(s)))
+        return [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, text, 16, None)]
+
+    saved = torch.load(args.student or args.resume, weights_only=True) if (args.student or args.resume) else None
+    t = time.perf_counter()
+    if saved is not None and "masks" in saved:  # the masks the student was made with (a reconstruction selection is not recomputed)
+        c_masks = saved["masks"]
+    elif args.selection == "reconstruction" and not args.student:
+        sel = reconstruction_masks(teacher, refit_batches(), 0.5, 0.5, ridge=args.refit_ridge, progress=True)
+        c_masks = sel.masks
+    else:
+        c_masks = importance_masks(teacher, encoder_importance(teacher, longest[:20]), 0.5, 0.5)
     pruned_student = dc.speedup(copy.deepcopy(teacher), c_masks, example)
     if args.bias_compensation and not args.student:
         apply_bias_compensation(pruned_student, bias_compensation(teacher, c_masks, longest[:20]))
     kept = {k: v["bias"].nonzero().flatten().tolist() for k, v in c_masks.items() if k.endswith("query")}
+    results["c_start"] = {"selection": "saved" if saved is not None and "masks" in saved else args.selection, "refit": args.refit, "refit_ridge": args.refit_ridge}
+    if not args.student and not args.resume:
+        if args.selection == "reconstruction":
+            pruned_student = sel.model  # already refitted, layer by layer
+            results["c_start"]["refit_errors"] = sel.errors
+        elif args.refit:
+            fit = refit_encoder(teacher, pruned_student, refit_batches(), ridge=args.refit_ridge, progress=True)
+            pruned_student = fit.model
+            results["c_start"]["refit_errors"] = {f.pruned: f.error_after for f in fit.layers}
+        with torch.no_grad():
+            ref_t = torch.cat([teacher(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in acc_feeds])
+            got_t = torch.cat([pruned_student(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in acc_feeds])
+        results["c_start"].update(cosine=mean_cosine([ref_t.numpy()], [got_t.numpy()]), nn_agreement=nn_agreement(ref_t.numpy(), got_t.numpy()),
+                                  seconds=time.perf_counter() - t)  # fmt: skip
+        print("(c) start (fp32, before distillation)", results["c_start"], flush=True)
     t = time.perf_counter()
     if args.student:
-        saved = torch.load(args.student, weights_only=True)
         if saved["kept_heads"] != kept:
             raise SystemExit(f"{args.student} was distilled from other masks (heads {saved['kept_heads']} vs {kept})")
         pruned_student.load_state_dict(saved["state"])
@@ -276,7 +310,6 @@ def main(argv: list[str] | None = None) -> dict:
             text += source_sentences(args.extra_offset + args.extra_text, exclude=held)[args.extra_offset :]
         previous = None
         if args.resume:  # go on distilling a saved student (on other text: --extra-offset)
-            saved = torch.load(args.resume, weights_only=True)
             if saved["kept_heads"] != kept:
                 raise SystemExit(f"{args.resume} was distilled from other masks (heads {saved['kept_heads']} vs {kept})")
             pruned_student.load_state_dict(saved["state"])
@@ -286,14 +319,14 @@ def main(argv: list[str] | None = None) -> dict:
         d_batches = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, text, 16, None)]
         d_batches = [d_batches[i] for i in np.random.default_rng(1).permutation(len(d_batches))]
         d = distill(pruned_student, teacher, d_batches, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers,
-                    hidden_weight=args.hidden_weight, progress=True)  # fmt: skip
+                    hidden_weight=args.hidden_weight, progress=True) if args.steps else None  # fmt: skip
         results["c_distill"] = {"steps": args.steps, "lr": args.lr, "hidden_weight": args.hidden_weight, "sentences": len(text),
-                                "bias_compensation": args.bias_compensation, "loss_first": d.first_loss,
-                                "loss_last": d.last_loss, "seconds": time.perf_counter() - t, "extra_offset": args.extra_offset,
-                                "resumed_from": previous}  # fmt: skip
+                                "bias_compensation": args.bias_compensation, "loss_first": d.first_loss if d else None,
+                                "loss_last": d.last_loss if d else None, "seconds": time.perf_counter() - t, "extra_offset": args.extra_offset,
+                                "resumed_from": previous, "start": results["c_start"]}  # fmt: skip
         if args.save_student:
             args.save_student.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"kept_heads": kept, "state": pruned_student.state_dict(), "distill": results["c_distill"]}, args.save_student)
+            torch.save({"kept_heads": kept, "masks": c_masks, "state": pruned_student.state_dict(), "distill": results["c_distill"]}, args.save_student)
     student = pruned_student
     print("(c) distill", results["c_distill"], flush=True)
     if args.distill_only:

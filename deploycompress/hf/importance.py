@@ -27,7 +27,7 @@ from torch import nn
 from ..pruning.distill import eval_mode
 from ..pruning.evaluator import _call
 
-__all__ = ["EncoderImportance", "apply_bias_compensation", "bias_compensation", "encoder_importance", "importance_masks"]
+__all__ = ["EncoderImportance", "apply_bias_compensation", "bias_compensation", "encoder_importance", "importance_masks", "layer_masks"]
 
 
 @dataclass
@@ -96,19 +96,34 @@ def importance_masks(model: nn.Module, scores: EncoderImportance, head_sparsity:
     prefix, layers = _layers(model)
     masks: dict[str, dict[str, torch.Tensor]] = {}
     for i, layer in enumerate(layers):
-        att = layer.attention.self
-        n, d = int(att.num_attention_heads), int(att.attention_head_size)
+        n = int(layer.attention.self.num_attention_heads)
         keep_h = torch.zeros(n, dtype=torch.bool)
         keep_h[scores.heads[i, :n].topk(max(1, n - int(round(head_sparsity * n)))).indices] = True
-        rows = keep_h.repeat_interleave(d).float()
-        for proj in ("query", "key", "value"):
-            w = getattr(att, proj).weight
-            masks[f"{prefix}.{i}.attention.self.{proj}"] = {"weight": rows.view(-1, 1).expand_as(w).clone(), "bias": rows.clone()}
-        dense = layer.intermediate.dense
-        m = dense.out_features
-        keep_f = torch.zeros(m)
-        keep_f[scores.ffn[i, :m].topk(max(1, m - int(round(ffn_sparsity * m)))).indices] = 1.0
-        masks[f"{prefix}.{i}.intermediate.dense"] = {"weight": keep_f.view(-1, 1).expand_as(dense.weight).clone(), "bias": keep_f.clone()}
+        m = layer.intermediate.dense.out_features
+        keep_f = torch.zeros(m, dtype=torch.bool)
+        keep_f[scores.ffn[i, :m].topk(max(1, m - int(round(ffn_sparsity * m)))).indices] = True
+        masks.update(layer_masks(model, prefix, i, keep_h, keep_f))
+    return masks
+
+
+def layer_masks(model: nn.Module, prefix: str, i: int, keep_heads: torch.Tensor, keep_ffn: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """``speedup`` masks of layer ``i`` of ``model`` (its layer list at ``prefix``) keeping the heads where
+    ``keep_heads`` (heads,) is true (whole heads: the same rows of query, key and value) and the FFN channels
+    where ``keep_ffn`` (intermediate,) is true (rows of ``intermediate.dense``): ``{name: {"weight", "bias"}}``."""
+    layer = model.get_submodule(f"{prefix}.{i}")
+    att = layer.attention.self
+    n, d = int(att.num_attention_heads), int(att.attention_head_size)
+    if keep_heads.shape != (n,) or keep_ffn.shape != (layer.intermediate.dense.out_features,):
+        raise ValueError(f"layer {i}: keep_heads must be ({n},) and keep_ffn ({layer.intermediate.dense.out_features},), "
+                         f"got {tuple(keep_heads.shape)} and {tuple(keep_ffn.shape)}")
+    masks = {}
+    rows = keep_heads.bool().repeat_interleave(d).float()
+    for proj in ("query", "key", "value"):
+        w = getattr(att, proj).weight
+        masks[f"{prefix}.{i}.attention.self.{proj}"] = {"weight": rows.view(-1, 1).expand_as(w).clone(), "bias": rows.clone()}
+    dense = layer.intermediate.dense
+    keep_f = keep_ffn.float()
+    masks[f"{prefix}.{i}.intermediate.dense"] = {"weight": keep_f.view(-1, 1).expand_as(dense.weight).clone(), "bias": keep_f.clone()}
     return masks
 
 
