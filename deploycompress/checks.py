@@ -153,10 +153,17 @@ def check_batches(batches: Any, reference: Any, what: str = "calib_data", dynami
             if not isinstance(t, torch.Tensor):
                 raise CheckError(f"{label} is {type(t).__name__}, not a tensor")
             fixed = [a for a in range(1, ref.dim()) if a not in free[name]]
-            if t.dim() != ref.dim() or any(t.shape[a] != ref.shape[a] for a in fixed):
-                also = f" and the dynamic axes {sorted(free[name])}" if free[name] else ""
-                raise CheckError(f"{label} has shape {tuple(t.shape)}; the example input is {tuple(ref.shape)} "
-                                 f"(every axis after the batch axis{also} must match)")
+            if t.dim() != ref.dim():
+                raise CheckError(f"{label} has shape {tuple(t.shape)}; the example input is {tuple(ref.shape)} (a different rank)")
+            differ = [a for a in fixed if t.shape[a] != ref.shape[a]]
+            if differ:
+                free_ = f" besides the dynamic axes {sorted(free[name])}" if free[name] else ""
+                axis_name = "sequence" if ref.dim() == 2 else f"dim{differ[0]}"  # (batch, tokens): a sequence axis
+                hint = (f"; to let it vary, name it in dynamic_axes, e.g. dynamic_axes={{{name!r}: {{{differ[0]}: {axis_name!r}}}}} "
+                        f"(command line: --dynamic-axis {name}={differ[0]}:{axis_name})"
+                        if isinstance(reference, Mapping) else "")
+                raise CheckError(f"{label} has shape {tuple(t.shape)}; the example input is {tuple(ref.shape)}: axis "
+                                 f"{', '.join(map(str, differ))} differs (every axis after the batch axis{free_} must match){hint}")
             if t.dim() and t.shape[0] == 0:
                 raise CheckError(f"{label} is empty (batch axis 0)")
             if not _same_kind(t.dtype, ref.dtype):

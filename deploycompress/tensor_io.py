@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .errors import InputError
+from .suggest import did_you_mean
 
 __all__ = ["OUTPUT_SEPARATOR", "NamedInputs", "InputNamingError", "name_inputs", "flatten_outputs", "call_with"]
 
@@ -71,7 +72,8 @@ def name_inputs(model: Callable, example_inputs: Any) -> NamedInputs:
         known = {p.name: p for p in positional}
         unknown = [k for k in example_inputs if k not in known]
         if unknown:
-            raise InputNamingError(f"example_inputs names {unknown}, which are not parameters of forward {[p.name for p in positional]}")
+            hint = "".join(did_you_mean(k, list(known)) for k in unknown[:1])
+            raise InputNamingError(f"example_inputs names {unknown}, which are not parameters of forward {[p.name for p in positional]}{hint}")
         last = max(i for i, p in enumerate(positional) if p.name in example_inputs) if example_inputs else -1
         args, names = [], []
         for p in positional[: last + 1]:

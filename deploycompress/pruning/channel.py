@@ -158,7 +158,33 @@ class ChannelPruner(Pruner):
         extra = sorted(f"{m}.{p}" for m, per in joined.items() for p in per if p not in masks.get(m, {}))
         if extra:
             log.info("%s: also masks %d joined tensors: %s", type(self).__name__, len(extra), ", ".join(extra[:10]))
+        self._warn_unselected_filters(joined)
         return joined
+
+    def _warn_unselected_filters(self, joined: Masks) -> None:
+        """Say when the joined masks remove filters of a layer the config_list does not select: the producer of a
+        selected depthwise conv's input channels (the conv passes them on, so they go from both), whose weights
+        a ``total_sparsity`` budget does not count."""
+        if not any(isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 for m in self._modules.values()):
+            return  # only a grouped conv passes its input channels on (a BatchNorm's conv, e.g. SlimPruner's, is meant)
+        hit = []
+        for name, per in joined.items():
+            w = per.get("weight")
+            module = self.model.get_submodule(name)
+            if name in self._modules or w is None or w.dim() < 2 or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                continue
+            rows = int((~w.reshape(w.shape[0], -1).any(1)).sum())
+            if rows:
+                hit.append(f"{name} ({rows} of {w.shape[0]})")
+        if hit:
+            warnings.warn(
+                f"{type(self).__name__}: the masks also remove output channels of layers the config_list does not select: "
+                f"{', '.join(hit[:5])}{' ...' if len(hit) > 5 else ''}; they feed the selected channels one to one (a depthwise "
+                "conv passes its input channels on), so the channels go from both. Their weights are not counted in a "
+                "total_sparsity budget; select these layers too to count them",
+                PruningWarning,
+                stacklevel=user_stacklevel(),
+            )
 
     # ------------------------------------------------------------------ dependency-aware selection
     def _build_channel_groups(self) -> list[ChannelGroup]:

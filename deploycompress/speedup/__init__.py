@@ -3,12 +3,13 @@
 from .core import SpeedupError, masked_model, speedup, speedup_with_report
 from .joined import joined_masks
 from .masks import MaskError, validate_masks
-from .report import LayerReport, SpeedupReport, SpeedupWarning
+from .report import LayerReport, NormsChangedWarning, SpeedupReport, SpeedupWarning
 
 __all__ = [
     "LayerReport",
     "MaskError",
     "joined_masks",
+    "NormsChangedWarning",
     "SpeedupError",
     "SpeedupReport",
     "SpeedupWarning",

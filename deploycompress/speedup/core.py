@@ -21,8 +21,8 @@ from ..model_copy import strip_parametrizations
 from ..subclasses import follow_subclasses
 from .masks import Masks, apply_param_masks, masked_out_channels, validate_masks
 from .replace import shrink_model
-from .reasons import constant_sources, kept_reasons
-from .report import LayerReport, SpeedupReport, SpeedupWarning
+from .reasons import constant_sources, kept_reasons, kept_tensor_masks
+from .report import LayerReport, NormsChangedWarning, SpeedupReport, SpeedupWarning
 from .resolve import Removal, decide_removals
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,13 @@ def speedup_with_report(
         more = f"; and {len(held) - 5} more layers (see the report)" if len(held) > 5 else ""
         notes.append(f"{len(held)} layers keep {sum(r.kept_masked for r in held)} masked output channels (zeroed): {shown}{more}")
         warnings.warn(notes[-1], SpeedupWarning, stacklevel=2)
+    tensors_kept = kept_tensor_masks(trace, removal, checked, masked_by_layer, constants)
+    if tensors_kept:  # a norm's or an embedding's masked channels that stay: said like a layer's
+        shown = "; ".join(f"{t} keeps {sum(c.values())} ({', '.join(c)})" for t, c in list(tensors_kept.items())[:5])
+        more = f"; and {len(tensors_kept) - 5} more tensors" if len(tensors_kept) > 5 else ""
+        notes.append(f"{len(tensors_kept)} masked tensors keep {sum(sum(c.values()) for c in tensors_kept.values())} "
+                     f"masked channels (zeroed, not removed): {shown}{more}")
+        warnings.warn(notes[-1], SpeedupWarning, stacklevel=2)
     unknown = sorted(trace.unknown_ops)
     if unknown:
         notes.append(f"ops without a channel rule kept the channels they read whole: {', '.join(unknown)}")
@@ -209,6 +216,7 @@ def speedup_with_report(
     rel_err = None if err is None or ref_max is None else err / max(ref_max, 1e-12)
     if norms_changed:
         notes.append(_norms_note(norms_changed, rel_err))
+        warnings.warn(notes[-1], NormsChangedWarning, stacklevel=2)  # asked for, but not what the user validated
     if removal.norms_exact:
         shown = ", ".join(removal.norms_exact[:3]) + (", ..." if len(removal.norms_exact) > 3 else "")
         notes.append(f"{len(removal.norms_exact)} norms narrowed exactly ({shown}): their statistics still count the "
@@ -222,7 +230,7 @@ def speedup_with_report(
         )
     report = SpeedupReport(
         layers, total_before, sum(p.numel() for p in work.parameters()), err, ref_max,
-        time.perf_counter() - start, round_to, notes, norms_changed, constants_dropped, unknown,
+        time.perf_counter() - start, round_to, notes, norms_changed, constants_dropped, unknown, tensors_kept,
     )  # fmt: skip
     log.info("speedup: params %d -> %d in %.2f s", report.params_before, report.params_after, report.seconds)
     return work, report

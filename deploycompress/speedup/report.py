@@ -38,6 +38,7 @@ class SpeedupReport:
     norms_changed: list[str] = field(default_factory=list)  # norm modules narrowed by norm_spans="prune"
     constants_dropped: list[str] = field(default_factory=list)  # tensors masked_constants="prune" changed
     unknown_ops: list[str] = field(default_factory=list)  # ops without a channel rule that pinned channels
+    kept_tensor_masks: dict[str, dict[str, int]] = field(default_factory=dict)  # "module.attr" of a norm/embedding -> why -> masked channels kept
 
     @property
     def params_ratio(self) -> float:
@@ -75,3 +76,8 @@ class SpeedupReport:
 
 class SpeedupWarning(UserWarning):
     """Speedup kept masked channels, met ops without a channel rule, or does not reproduce the masked model."""
+
+
+class NormsChangedWarning(SpeedupWarning):
+    """``norm_spans="prune"`` narrowed norms inexactly: they normalise over fewer channels, so the shrunk model is
+    not the masked model (the measured relative error is in the message and ``report.relative_error``)."""
