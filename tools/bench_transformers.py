@@ -48,7 +48,7 @@ import deploycompress as dc
 from deploycompress.hf import Encoder
 from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import SMOOTH_ALPHA, linear_matmuls, mean_cosine, quantize_transformer
-from deploycompress.hf.linear_int8 import collect_stats, linear_inputs, quantize_linears, smooth
+from deploycompress.hf.linear_int8 import collect_stats, input_kinds, linear_inputs, quantize_attention_matmuls, quantize_linears, smooth
 from deploycompress.hf.refit import reconstruction_masks, refit_encoder
 from deploycompress.hf.text import source_sentences, stdlib_sentences
 from deploycompress.pruning.distill import distill
@@ -141,9 +141,19 @@ def int8_only(args: argparse.Namespace, tok, fp32: onnx.ModelProto, calib, acc_f
         variants["ort quantize_dynamic"] = onnx.load(str(Path(tmp) / "dyn.onnx"))
     linears = list(linear_matmuls(fp32))
     groups = linear_inputs(fp32, linears)
-    smoothed, sstats = smooth(fp32, groups, collect_stats(fp32, calib, list(groups), args.threads), SMOOTH_ALPHA)
+    stats = collect_stats(fp32, calib, list(groups), args.threads)
+    smoothed, sstats = smooth(fp32, groups, stats, SMOOTH_ALPHA)
     for fl in ("integer", "dynamic"):
         variants[f"deploycompress int8 (plain/{fl})"] = quantize_linears(smoothed, linear_inputs(smoothed, linears), sstats, flavour=fl)
+    for att in args.attention_int8 or ():  # ours with the attention MatMuls of these kinds in int8 too
+        for fl in ("integer", "dynamic"):
+            base = variants[f"deploycompress int8 (plain/{fl})"]
+            variants[f"deploycompress int8 (plain/{fl}, attention {att} int8)"] = quantize_attention_matmuls(base, att.split("+"))
+    kinds = input_kinds(fp32, groups)
+    for skip in args.smooth_skip or ():  # smoothing left off some Linear kinds (their Muls gone), e.g. qkv+ffn_input
+        only = [t for t, k in kinds.items() if k not in skip.split("+")]
+        part, pstats = smooth(fp32, groups, stats, SMOOTH_ALPHA, only=only)
+        variants[f"deploycompress int8 (plain/integer, no {skip} smoothing)"] = quantize_linears(part, linear_inputs(part, linears), pstats, flavour="integer")
     sessions = {k: session(v, args.threads) for k, v in variants.items()}
     ref = embed(sessions["fp32"], acc_feeds)
     results["accuracy"] = {"sentences": sum(len(f["input_ids"]) for f in acc_feeds)}
@@ -152,7 +162,7 @@ def int8_only(args: argparse.Namespace, tok, fp32: onnx.ModelProto, calib, acc_f
         results["accuracy"][k] = {"cosine": mean_cosine([ref], [got]), "nn_agreement": nn_agreement(ref, got)}
         print("accuracy", k, results["accuracy"][k], flush=True)
     lat: dict = {"loadavg_before": os.getloadavg()}
-    for shape in args.shapes or ["b1s64", "b1s128", "b8s64", "b8s128"]:
+    for shape in [] if args.accuracy_only else args.shapes or ["b1s64", "b1s128", "b8s64", "b8s128"]:
         b, seq = (int(v) for v in shape[1:].split("s"))
         times = _time_round_robin(sessions, batches(tok, train[:b], b, seq)[0], args.budget)
         med = {k: float(np.median(v)) for k, v in times.items()}
@@ -197,6 +207,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--int8-only", action="store_true",
                    help="(b) only: fp32, quantize_dynamic and ours (plain/integer, plain/dynamic), no pruning or distillation")
+    p.add_argument("--smooth-skip", nargs="+", default=None, metavar="KINDS",
+                   help="with --int8-only: also time ours (integer) without SmoothQuant on these Linear input kinds "
+                        "(hf.linear_int8.INPUT_KINDS joined by '+', e.g. qkv ffn_input qkv+ffn_input)")
+    p.add_argument("--attention-int8", nargs="+", default=None, metavar="KINDS",
+                   help="with --int8-only: also time ours (integer, dynamic) with attention MatMuls in int8 "
+                        "(hf.linear_int8.ATTENTION_MATMULS joined by '+', e.g. context scores+context)")
+    p.add_argument("--accuracy-only", action="store_true", help="with --int8-only: skip the timing")
     p.add_argument("--shapes", nargs="+", default=None, metavar="bBsS",
                    help="with --int8-only: the shapes to time, e.g. b8s128 (default: b1s64 b1s128 b8s64 b8s128)")
     args = p.parse_args(argv)

@@ -3,7 +3,8 @@
 What is quantized: each MatMul whose weight (input B) is a constant -- the Linears -- with symmetric
 int8 weights per output channel and uint8 activations per tensor (the U8S8 flavour onnxruntime's x86
 kernels run fastest; 7-bit weights on x86 without VNNI, see ``export.qdq.needs_reduced_range``).
-Softmax, LayerNorm, GELU and the residual adds stay float and read float tensors. The graph is
+Softmax, LayerNorm, GELU and the residual adds stay float and read float tensors; the attention
+context MatMuls (softmax output times values) optionally int8 too (``attention_int8``). The graph is
 written by :mod:`.linear_int8` (calibration, SmoothQuant, the ``qdq``/``integer``/``dynamic`` flavours).
 
 Accuracy: BERT-family encoders have a few activation channels with outliers 10-15x the others in the
@@ -59,7 +60,8 @@ class Int8Error(StepError, RuntimeError):
 @dataclass
 class Int8Candidate:
     """One int8 graph tried, named ``<source>/<flavour>`` (source ``"plain"`` or ``"fused"``, flavour
-    of :data:`.linear_int8.FLAVOURS`, ``+float-ffn2`` when the FFN's second Linears stay float)."""
+    of :data:`.linear_int8.FLAVOURS`, ``+float-ffn2`` when the FFN's second Linears stay float,
+    ``+context-int8`` when the attention context MatMuls are int8 too)."""
 
     name: str
     model: onnx.ModelProto = field(repr=False)
@@ -195,11 +197,11 @@ def mean_cosine(reference: Iterable[np.ndarray], actual: Iterable[np.ndarray]) -
 
 def _count_quantized(model: onnx.ModelProto) -> int:
     """Linears in int8: MatMuls whose weight comes from a DequantizeLinear of a constant, and
-    MatMulIntegerToFloat nodes."""
+    MatMulIntegerToFloat/DynamicQuantizeMatMul nodes with a constant weight (not the attention MatMuls)."""
     consts = _initializers(model)
     dq_const = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts}
     return sum(
-        1 for n in model.graph.node if (n.op_type in ("MatMul", "Gemm") and n.input[1] in dq_const) or n.op_type == "MatMulIntegerToFloat"
+        1 for n in model.graph.node if (n.op_type in ("MatMul", "Gemm") and n.input[1] in dq_const) or (n.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul") and n.input[1] in consts)
     )  # fmt: skip
 
 
@@ -219,6 +221,7 @@ def quantize_transformer(
     smooth_alpha: float | None = SMOOTH_ALPHA,
     keep_float: Sequence[str] = (),
     float_after_gelu: bool | str = "auto",
+    attention_int8: bool | str = "auto",
     min_cosine: float = 0.99,
     num_heads: int = 0,
     hidden_size: int = 0,
@@ -237,11 +240,14 @@ def quantize_transformer(
     node names kept float. ``float_after_gelu``: keep the
     Linears that read a GELU output (the FFN's second Linear) in float: ``False`` never, ``True``
     always, ``"auto"`` only for a graph whose all-int8 version misses ``min_cosine`` (said in the
-    result's notes and logged). ``num_heads``/``hidden_size`` help the optimizer (0: detected).
+    result's notes and logged). ``attention_int8``: the attention context MatMuls (probabilities times
+    values, :func:`.linear_int8.quantize_attention_matmuls`) in int8 too: ``False`` never, ``True`` in
+    every candidate, ``"auto"`` as one more candidate, the fastest accurate one with them (on
+    all-MiniLM-L6-v2 it pays at batch 8 x 128 tokens only, see BENCHMARKS.md). ``num_heads``/``hidden_size`` help the optimizer (0: detected).
     Raises ``ValueError`` for bad arguments (before any work) and :class:`Int8Error` when no
     candidate is accurate enough.
     """
-    from .linear_int8 import FLAVOURS, collect_stats, linear_inputs, quantize_linears, smooth
+    from .linear_int8 import FLAVOURS, attention_matmuls, collect_stats, linear_inputs, quantize_attention_matmuls, quantize_linears, smooth
 
     if isinstance(model, (str, os.PathLike)):  # a path, as onnxruntime's quantizers take it
         if not Path(model).is_file():
@@ -255,6 +261,8 @@ def quantize_transformer(
         raise ValueError(f"flavour must be 'auto' or one of {FLAVOURS}, got {flavour!r}")
     if float_after_gelu not in (True, False, "auto"):
         raise ValueError(f"float_after_gelu must be True, False or 'auto', got {float_after_gelu!r}")
+    if attention_int8 not in (True, False, "auto"):
+        raise ValueError(f"attention_int8 must be True, False or 'auto', got {attention_int8!r}")
     if smooth_alpha is not None and not 0.0 <= smooth_alpha <= 1.0:
         raise ValueError(f"smooth_alpha must be in [0, 1] or None, got {smooth_alpha}")
     if not calibration:
@@ -287,7 +295,16 @@ def quantize_transformer(
         result_notes.append(f"kept float as asked: {', '.join(keep_float)}")
     reduce_range = needs_reduced_range()
     flavours = FLAVOURS if flavour == "auto" else (flavour,)
-    candidates = []
+    candidates: list[Int8Candidate] = []
+
+    def measure(label: str, q: onnx.ModelProto, n_linears: int) -> Int8Candidate:  # time, check, log, keep
+        sess = _session(q, threads)
+        cand = Int8Candidate(label, q, _count_quantized(q), n_linears, _latency_ms(sess, check, repeats), mean_cosine(reference, _outputs(sess, check)))
+        cand.accepted = cand.cosine >= min_cosine
+        log.info("int8 %s graph: %d/%d Linears int8, %.2f ms, cosine %.5f", label, cand.quantized, cand.linears, cand.latency_ms, cand.cosine)
+        candidates.append(cand)
+        return cand
+
     for name, src in sources.items():
         linears = linear_matmuls(src)
         writable = set(_writable(src))
@@ -309,12 +326,10 @@ def quantize_transformer(
             for fl in flavours:
                 label = f"{name}/{fl}" + ("+float-ffn2" if keep_gelu else "")
                 q = quantize_linears(src, node_groups, stats, flavour=fl, reduce_range=reduce_range)
-                sess = _session(q, threads)
-                cand = Int8Candidate(label, q, _count_quantized(q), len(linears), _latency_ms(sess, check, repeats), mean_cosine(reference, _outputs(sess, check)))
-                cand.accepted = cand.cosine >= min_cosine
+                if attention_int8 is True and "context" in attention_matmuls(q).values():
+                    q, label = quantize_attention_matmuls(q, ("context",)), f"{label}+context-int8"
+                cand = measure(label, q, len(linears))
                 missed = missed and not cand.accepted
-                log.info("int8 %s graph: %d/%d Linears int8, %.2f ms, cosine %.5f", label, cand.quantized, cand.linears, cand.latency_ms, cand.cosine)
-                candidates.append(cand)
             if not missed:
                 break
             if float_after_gelu == "auto" and not keep_gelu and gelu:
@@ -322,8 +337,13 @@ def quantize_transformer(
                     f"{name}: with every Linear in int8 no flavour reaches cosine {min_cosine}; trying the {len(gelu)} Linears after GELU in float"
                 )
                 log.warning(result_notes[-1])
-    fp32_ms = _latency_ms(fp32, check, repeats)
     ok = [c for c in candidates if c.accepted]
+    if attention_int8 == "auto" and ok:
+        first = min(ok, key=lambda c: c.latency_ms)
+        if "context" in attention_matmuls(first.model).values():
+            measure(f"{first.name}+context-int8", quantize_attention_matmuls(first.model, ("context",)), first.linears)
+            ok = [c for c in candidates if c.accepted]
+    fp32_ms = _latency_ms(fp32, check, repeats)
     if not ok:
         shown = "; ".join(f"{c.name}: cosine {c.cosine:.4f}" for c in candidates)
         raise Int8Error(f"no int8 graph keeps cosine >= {min_cosine} to fp32 ({shown}); calibrate on more representative text")

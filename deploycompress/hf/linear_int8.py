@@ -24,8 +24,14 @@ usually followed by an ``Add`` of a constant bias. The steps:
      weights (the portable ONNX form; onnxruntime fuses it to ``MatMulIntegerToFloat``);
    - ``"integer"``: ``QuantizeLinear -> MatMulIntegerToFloat`` (onnxruntime's ``com.microsoft`` op)
      with the bias folded in, static activation scale (fewer nodes than what onnxruntime makes of QDQ);
-   - ``"dynamic"``: ``DynamicQuantizeLinear -> MatMulIntegerToFloat`` with the bias: the activation
-     range measured per call, as onnxruntime's ``quantize_dynamic`` does, with our per-channel weights.
+   - ``"dynamic"``: ``DynamicQuantizeLinear -> MatMulIntegerToFloat`` with the bias for an input read
+     by several Linears (query/key/value), ``DynamicQuantizeMatMul`` (the same arithmetic in one node)
+     for an input read by one: the activation range measured per call, as onnxruntime's
+     ``quantize_dynamic`` does, with our per-channel weights.
+
+4. :func:`quantize_attention_matmuls` (optional) writes the attention MatMuls, whose both inputs are
+   activations -- the scores ``Q K^T`` and the context ``softmax(.) V`` -- as ``DynamicQuantizeLinear``
+   on each input ``-> MatMulIntegerToFloat``: uint8 per tensor, the range measured per call.
 
 Activations: uint8, asymmetric, per tensor (calibrated min/max widened to include 0); weights: int8,
 symmetric, per output channel (7-bit on x86 without VNNI: ``reduce_range``). Only the Linears read
@@ -45,7 +51,7 @@ from onnx import helper, numpy_helper
 FLAVOURS = ("qdq", "integer", "dynamic")
 MS_DOMAIN = "com.microsoft"
 
-__all__ = ["FLAVOURS", "InputStats", "attention_context_source", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
+__all__ = ["FLAVOURS", "INPUT_KINDS", "InputStats", "attention_context_source", "ATTENTION_MATMULS", "attention_matmuls", "input_kinds", "quantize_attention_matmuls", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
 
 
 @dataclass
@@ -170,6 +176,33 @@ def attention_context_source(model: onnx.ModelProto, tensor: str) -> tuple[onnx.
     return v, v.input[1], bias
 
 
+INPUT_KINDS = ("qkv", "attention_output", "ffn_input", "ffn_output")
+"""What a Linear input tensor is in a BERT-style layer (:func:`input_kinds`): the query/key/value
+Linears' shared input, the attention context (the output projection's input), the FFN's first Linear's
+input, the FFN's second Linear's input (a GELU output)."""
+
+
+def input_kinds(model: onnx.ModelProto, groups: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """``{input tensor: kind}`` (one of :data:`INPUT_KINDS`) for the groups of :func:`linear_inputs`:
+    ``"attention_output"`` where :func:`attention_context_source` finds the value Linear, ``"ffn_output"``
+    where the input is a GELU output (``hf.int8.after_gelu``), ``"qkv"`` for an input read by three or
+    more Linears, ``"ffn_input"`` for the rest."""
+    from .int8 import after_gelu
+
+    gelu = set(after_gelu(model))
+    kinds = {}
+    for tensor, names in groups.items():
+        if attention_context_source(model, tensor) is not None:
+            kinds[tensor] = "attention_output"
+        elif any(n in gelu for n in names):
+            kinds[tensor] = "ffn_output"
+        elif len(names) >= 3:
+            kinds[tensor] = "qkv"
+        else:
+            kinds[tensor] = "ffn_input"
+    return kinds
+
+
 def smooth(
     model: onnx.ModelProto, groups: Mapping[str, Sequence[str]], stats: Mapping[str, InputStats], alpha: float, *, only: Sequence[str] | None = None
 ) -> tuple[onnx.ModelProto, dict[str, InputStats]]:
@@ -264,7 +297,10 @@ def quantize_linears(
     for tensor, names in groups.items():
         first = min(i for i, n in enumerate(m.graph.node) if n.name in names)
         pre: list[onnx.NodeProto] = []
-        if flavour == "dynamic":
+        fused_dynamic = flavour == "dynamic" and len(names) == 1  # one reader: onnxruntime's DynamicQuantizeMatMul
+        if fused_dynamic:
+            pass
+        elif flavour == "dynamic":
             q, a_scale, a_zp = f"{tensor}_dq8", f"{tensor}_dq8_scale", f"{tensor}_dq8_zp"
             pre.append(helper.make_node("DynamicQuantizeLinear", [tensor], [q, a_scale, a_zp], name=f"{tensor}_DynamicQuantizeLinear"))
         else:
@@ -291,13 +327,16 @@ def quantize_linears(
                 m.graph.node.insert(list(m.graph.node).index(node), dq)
                 node.input[0], node.input[1] = f"{tensor}_dequantized", f"{base}_dequantized"
                 continue
-            ins = [q, f"{base}_int8", a_scale, f"{base}_w_scale", a_zp, f"{base}_w_zero_point"]
+            if fused_dynamic:
+                ins, op = [tensor, f"{base}_int8", f"{base}_w_scale", f"{base}_w_zero_point"], "DynamicQuantizeMatMul"
+            else:
+                ins, op = [q, f"{base}_int8", a_scale, f"{base}_w_scale", a_zp, f"{base}_w_zero_point"], "MatMulIntegerToFloat"
             out, bias = node.output[0], _bias_add(m, node, inits, wq.shape[1])
             if bias is not None:
                 ins.append(bias[1])
                 out = bias[0].output[0]
                 drop.append(bias[0])
-            mm = helper.make_node("MatMulIntegerToFloat", ins, [out], name=f"{name}_MatMulIntegerToFloat", domain=MS_DOMAIN)
+            mm = helper.make_node(op, ins, [out], name=f"{name}_{op}", domain=MS_DOMAIN)
             m.graph.node.insert(list(m.graph.node).index(node), mm)
             drop.append(node)
     for n in drop:
@@ -308,4 +347,59 @@ def quantize_linears(
     keep = [i for i in m.graph.initializer if i.name in used or i.name in {x.name for x in m.graph.input}]
     del m.graph.initializer[:]
     m.graph.initializer.extend(keep)
+    return m
+
+
+ATTENTION_MATMULS = ("scores", "context")
+"""The two attention MatMuls of a layer: ``"scores"`` (``Q K^T``) and ``"context"`` (the attention
+probabilities times ``V``, its input A a ``Softmax`` output)."""
+
+
+def attention_matmuls(model: onnx.ModelProto) -> dict[str, str]:
+    """``{MatMul node name: "scores" | "context"}`` for the MatMuls whose two inputs are activations (no
+    initializer, no Transpose of one): ``"context"`` when input A is a ``Softmax`` output, else ``"scores"``."""
+    consts = set(_inits(model)) | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def constant(t: str) -> bool:
+        p = producer.get(t)
+        return t in consts or (p is not None and p.op_type in ("Transpose", "Identity") and p.input[0] in consts)
+
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and not constant(n.input[0]) and not constant(n.input[1]):
+            p = producer.get(n.input[0])
+            out[n.name] = "context" if p is not None and p.op_type == "Softmax" else "scores"
+    return out
+
+
+def quantize_attention_matmuls(model: onnx.ModelProto, kinds: Sequence[str] = ("context",)) -> onnx.ModelProto:
+    """A new graph whose attention MatMuls of ``kinds`` (of :data:`ATTENTION_MATMULS`, see
+    :func:`attention_matmuls`) read uint8 inputs: ``DynamicQuantizeLinear`` on input A and on input B
+    (per tensor, asymmetric, the range measured per call as in the ONNX spec) ``->
+    MatMulIntegerToFloat`` (onnxruntime's ``com.microsoft`` op; batched N-D inputs), writing the MatMul's
+    output tensor. Raises ``ValueError`` for an unknown kind or a graph with no such MatMul."""
+    unknown = sorted(set(kinds) - set(ATTENTION_MATMULS))
+    if unknown:
+        raise ValueError(f"kinds must be among {ATTENTION_MATMULS}, got {unknown}")
+    m = copy.deepcopy(model)
+    chosen = [name for name, kind in attention_matmuls(m).items() if kind in kinds]
+    if not chosen:
+        raise ValueError(f"no attention MatMul of kinds {tuple(kinds)} in this graph (MatMuls with two activation inputs)")
+    by_name = {n.name: n for n in m.graph.node}
+    for name in chosen:
+        node = by_name[name]
+        idx = list(m.graph.node).index(node)
+        names = []
+        for side, t in zip("ab", node.input):
+            q = f"{name}_{side}_dq8"
+            names.append((q, f"{q}_scale", f"{q}_zp"))
+            m.graph.node.insert(idx, helper.make_node("DynamicQuantizeLinear", [t], list(names[-1]), name=f"{name}_{side}_DynamicQuantizeLinear"))
+            idx += 1
+        (qa, sa, za), (qb, sb, zb) = names
+        mm = helper.make_node("MatMulIntegerToFloat", [qa, qb, sa, sb, za, zb], [node.output[0]], name=f"{name}_MatMulIntegerToFloat", domain=MS_DOMAIN)
+        m.graph.node.insert(idx, mm)
+        m.graph.node.remove(node)
+    if MS_DOMAIN not in {o.domain for o in m.opset_import}:
+        m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return m
