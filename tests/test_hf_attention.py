@@ -18,6 +18,7 @@ from deploycompress.hf import Encoder  # noqa: E402
 from deploycompress.pruning import L1NormPruner  # noqa: E402
 from deploycompress.speedup import speedup_with_report  # noqa: E402
 from deploycompress.speedup.hf_attention import BiasOnly, NoHeads  # noqa: E402
+from test_speedup_cases import user_masked  # noqa: E402  (the shared oracle: masks multiplied into exactly the named tensors)
 
 HIDDEN, HEADS, HEAD = 32, 4, 8
 
@@ -38,16 +39,6 @@ def inputs(batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     mask[-1, seq // 2 :] = 0  # padding: the attention mask matters
     return ids, mask
 
-
-def user_masked(model: torch.nn.Module, masks: dict) -> torch.nn.Module:
-    """The oracle: each mask multiplied into exactly the tensor it names, nothing else."""
-    ref = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for mname, per in masks.items():
-            module = ref.get_submodule(mname)
-            for attr, m in per.items():
-                getattr(module, attr).mul_(m.to(getattr(module, attr).dtype))
-    return ref
 
 
 def head_masks(layer: int, drop: list[int], prefix: str = "encoder.layer", names=("query", "key", "value"), sub: str = "attention.self") -> dict:

@@ -6,7 +6,6 @@ the sped-up model must reproduce it in PyTorch and, exported, in onnxruntime.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import numpy as np
@@ -23,6 +22,7 @@ from deploycompress.hf.hidden import hidden_masks  # noqa: E402
 from deploycompress.speedup import speedup_with_report  # noqa: E402
 from deploycompress.speedup.hf_attention import BiasOnly, NoHeads  # noqa: E402
 from deploycompress.speedup.norms import ZeroPaddedNorm  # noqa: E402
+from test_speedup_cases import user_masked  # noqa: E402  (the shared oracle: masks multiplied into exactly the named tensors)
 
 H, HEADS = 32, 4
 DROP = [1, 5, 6, 20, 31]
@@ -70,15 +70,6 @@ def stream_masks(model: nn.Module, keep: torch.Tensor) -> dict:
             masks[name] = {"weight": keep.view(-1, 1).expand_as(m.weight).clone(), "bias": keep.clone()}
     return masks
 
-
-def user_masked(model: nn.Module, masks: dict) -> nn.Module:
-    ref = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for mname, per in masks.items():
-            module = ref.get_submodule(mname)
-            for attr, m in per.items():
-                getattr(module, attr).mul_(m.to(getattr(module, attr).dtype))
-    return ref
 
 
 def rel_err(a, b) -> float:  # noqa: ANN001

@@ -6,7 +6,6 @@ counts read from the masks and from the shapes, onnxruntime run against PyTorch.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -16,6 +15,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from deploycompress.speedup import SpeedupWarning, speedup_with_report  # noqa: E402
+from test_speedup_cases import user_masked  # noqa: E402  (the shared oracle: masks multiplied into exactly the named tensors)
 
 H = 32
 
@@ -41,16 +41,6 @@ def _inputs(n: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _user_masked(model: nn.Module, masks: dict) -> nn.Module:
-    ref = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for mname, per in masks.items():
-            module = ref.get_submodule(mname)
-            for attr, m in per.items():
-                getattr(module, attr).mul_(m.to(getattr(module, attr).dtype))
-    return ref
-
-
 def test_masked_embedding_columns_that_stay_are_named():
     """Masks on the embedding columns alone (the user forgot the LayerNorms and the writing Linears): no hidden
     channel can go, which is right, but speedup said nothing; now a SpeedupWarning names each tensor and the
@@ -69,7 +59,7 @@ def test_masked_embedding_columns_that_stay_are_named():
     assert {t: sum(c.values()) for t, c in report.kept_tensor_masks.items()} == expected
     x = _inputs(3, 11, 2)
     with torch.no_grad():
-        want = _user_masked(model, masks)(*x).last_hidden_state
+        want = user_masked(model, masks)(*x).last_hidden_state
         got = small(*x).last_hidden_state
     assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
@@ -140,7 +130,7 @@ def test_inexact_hidden_narrowing_warns_by_name():
     named = [str(w.message) for w in caught if issubclass(w.category, NormsChangedWarning)]
     assert len(named) == 1 and "encoder.layer.0.attention.output.LayerNorm" in named[0]
     with torch.no_grad():
-        want = _user_masked(model, masks)(*ex).last_hidden_state
+        want = user_masked(model, masks)(*ex).last_hidden_state
         got = small(*ex).last_hidden_state
     rel = float((got - want).abs().max() / want.abs().max())
     assert rel > 1e-3  # really different: the warning is not noise
