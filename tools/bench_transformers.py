@@ -174,11 +174,16 @@ def int8_only(args: argparse.Namespace, tok, fp32: onnx.ModelProto, calib, acc_f
             lat[shape][k]["paired_ratio_to_quantize_dynamic"] = [float(np.percentile(ratio, q)) for q in (25, 50, 75)]
         print("latency", shape, {k: f"{v['ms']:.1f} ms ({v['x_fp32']:.2f}x, IQR {v['iqr_ms'][0]:.1f}-{v['iqr_ms'][1]:.1f}; "
                                     f"paired / quantize_dynamic {v['paired_ratio_to_quantize_dynamic'][1]:.3f})" for k, v in lat[shape].items()}, flush=True)
+    return _finish(results, lat, args.out)
+
+
+def _finish(results: dict, lat: dict, out: "Path | None") -> dict:
+    """Store the latency table (with the load average after it) in ``results`` and write them to ``out``."""
     lat["loadavg_after"] = os.getloadavg()
     results["latency"] = lat
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -373,12 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
             spread = {k: (float(np.percentile(v, 25)), float(np.percentile(v, 75))) for k, v in times.items()}
             lat[f"b{b}_s{seq}"] = {k: {"ms": m, "x_fp32": m / med["fp32"], "iqr_ms": spread[k], "runs": len(times[k])} for k, m in med.items()}
             print("latency", f"b{b}_s{seq}", {k: f"{m:.1f} ms ({m / med['fp32']:.2f}x)" for k, m in med.items()}, flush=True)
-    lat["loadavg_after"] = os.getloadavg()
-    results["latency"] = lat
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-    return results
+    return _finish(results, lat, args.out)
 
 
 if __name__ == "__main__":
