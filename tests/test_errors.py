@@ -12,17 +12,34 @@ import deploycompress
 from deploycompress.errors import DeployCompressError, InputError, MaskError, StepError, exit_code
 
 
-def _project_exceptions():
+def _project_classes(warnings: bool = False):
+    """Every exception class (or, with ``warnings``, every Warning class) the deploycompress modules define."""
     found = {}
     for info in pkgutil.walk_packages(deploycompress.__path__, "deploycompress."):
         if info.name.endswith("__main__"):
             continue
         module = importlib.import_module(info.name)
         for obj in vars(module).values():
-            if isinstance(obj, type) and issubclass(obj, BaseException) and not issubclass(obj, Warning) and obj.__module__.split(".")[0] == "deploycompress":
+            if isinstance(obj, type) and issubclass(obj, BaseException) and issubclass(obj, Warning) == warnings and obj.__module__.split(".")[0] == "deploycompress":
                 # (deploycompress_device is the torch-free device package: its errors stay its own)
                 found[f"{obj.__module__}.{obj.__qualname__}"] = obj
     return found
+
+
+def _project_exceptions():
+    return _project_classes()
+
+
+def test_every_named_warning_is_in_the_errors_page():
+    """docs/errors.md's table of named warnings lists every Warning class the package defines, with its module."""
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "errors.md").read_text()
+    table = page[page.index("## Named warnings"):]
+    found = _project_classes(warnings=True)
+    assert len(found) >= 15, sorted(found)  # the walk really found the classes
+    missing = sorted(n for n, c in found.items() if f"| `{c.__name__}`" not in table or f"`{c.__module__}`" not in table)
+    assert missing == []
 
 
 def test_every_project_error_is_an_input_or_step_error():
