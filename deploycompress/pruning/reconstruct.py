@@ -89,6 +89,28 @@ def _rows(m: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> tuple[to
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
 
 
+def _match_in_order(dense: torch.Tensor, pruned: torch.Tensor, what: str, name: str, *, zero_kept_back: bool = False) -> list[int]:
+    """Index in ``dense`` (slices along dim 0) of each slice of ``pruned``, matched in order (speedup keeps the order);
+    with ``zero_kept_back`` an all-zero pruned slice (a masked channel ``speedup(round_to=N)`` kept back) is ``-1``.
+
+    Raises:
+        ValueError: a pruned slice equals no remaining dense one (the models were changed after speedup).
+    """
+    kept, i = [], 0
+    for j in range(pruned.shape[0]):
+        if zero_kept_back and not pruned[j].any():
+            kept.append(-1)
+            continue
+        while i < dense.shape[0] and not torch.equal(dense[i], pruned[j]):
+            i += 1
+        if i == dense.shape[0]:
+            raise ValueError(f"reconstruct: {what} channel {j} of the pruned {name!r} matches no remaining {what} channel of the dense one; "
+                             "pass the models as speedup left them (before any fine-tuning) or refit before training")
+        kept.append(i)
+        i += 1
+    return kept
+
+
 def kept_inputs(dense_w: torch.Tensor, pruned_w: torch.Tensor, name: str) -> list[int]:
     """Which input channels of the dense consumer (weights (C_out, C)) the pruned one (C_out, C') still reads: each
     pruned column is matched to the dense column it was sliced from (speedup keeps the order)."""
@@ -96,16 +118,7 @@ def kept_inputs(dense_w: torch.Tensor, pruned_w: torch.Tensor, name: str) -> lis
     if d.shape[0] != p.shape[0] or p.shape[1] > d.shape[1]:
         raise ValueError(f"reconstruct: {name!r} has weights {tuple(pruned_w.shape)} in the pruned model and {tuple(dense_w.shape)} in the "
                          "dense one; the pruned consumer must keep every output and a subset of the inputs (is the pair right?)")
-    kept, i = [], 0
-    for j in range(p.shape[1]):
-        while i < d.shape[1] and not torch.equal(d[:, i], p[:, j]):
-            i += 1
-        if i == d.shape[1]:
-            raise ValueError(f"reconstruct: input channel {j} of the pruned {name!r} matches no remaining input channel of the dense one; "
-                             "pass the models as speedup left them (before any fine-tuning) or refit before training")
-        kept.append(i)
-        i += 1
-    return kept
+    return _match_in_order(d.transpose(0, 1), p.transpose(0, 1), "input", name)
 
 
 def kept_outputs(dense_w: torch.Tensor, pruned_w: torch.Tensor, name: str) -> list[int]:
@@ -115,19 +128,7 @@ def kept_outputs(dense_w: torch.Tensor, pruned_w: torch.Tensor, name: str) -> li
     if pruned_w.shape[1:] != dense_w.shape[1:] or pruned_w.shape[0] > dense_w.shape[0]:
         raise ValueError(f"reconstruct: {name!r} has weights {tuple(pruned_w.shape)} in the pruned model and {tuple(dense_w.shape)} in the "
                          "dense one; a consumer that lost output channels must keep all its inputs")
-    kept, i = [], 0
-    for j in range(pruned_w.shape[0]):
-        if not pruned_w[j].any():
-            kept.append(-1)
-            continue
-        while i < dense_w.shape[0] and not torch.equal(dense_w[i], pruned_w[j]):
-            i += 1
-        if i == dense_w.shape[0]:
-            raise ValueError(f"reconstruct: output channel {j} of the pruned {name!r} matches no remaining output channel of the dense one; "
-                             "pass the models as speedup left them (before any fine-tuning) or refit before training")
-        kept.append(i)
-        i += 1
-    return kept
+    return _match_in_order(dense_w, pruned_w, "output", name, zero_kept_back=True)
 
 
 def _output_rows(dense_w: torch.Tensor, pruned_w: torch.Tensor, name: str) -> list[int] | None:
