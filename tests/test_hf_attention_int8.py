@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 from deploycompress.export import to_onnx  # noqa: E402
 from deploycompress.hf import Encoder  # noqa: E402
@@ -109,3 +109,25 @@ def test_quantize_transformer_attention_int8_true_false_and_bad_value(exported) 
         softmax_read[flag] = sorted(n.op_type for n in r.model.graph.node if set(n.input) & softmax)
         assert all(producer[t].op_type == "Softmax" for t in softmax)
     assert softmax_read == {True: ["DynamicQuantizeLinear"] * 2, False: ["MatMul"] * 2}
+
+
+
+def test_attention_int8_without_recognised_attention_matmuls_is_said_not_ignored() -> None:
+    """DistilBERT's attention MatMuls are not a pattern attention_matmuls knows: an explicit attention_int8=True
+    is named in the notes (and logged as a warning) instead of doing nothing; 'auto' says why it offered no candidate."""
+    from deploycompress.hf.int8 import quantize_transformer
+    from test_hf_int8 import feeds
+
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(vocab_size=100, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=32)
+    model = Encoder(transformers.DistilBertModel(cfg).eval())
+    ids = torch.randint(3, 100, (2, 8))
+    axes = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}
+    fp32 = to_onnx(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, dynamic_axes=axes).model
+    assert "context" not in attention_matmuls(fp32).values()
+    calib, check = feeds(3, 2, 8, 0), feeds(2, 2, 8, 1)
+    r = quantize_transformer(fp32, calib, check, fuse="plain", flavour="integer", attention_int8=True, min_cosine=0.9, repeats=1)
+    assert [c.name for c in r.candidates] == ["plain/integer"]
+    assert any("attention_int8=True" in n and "stays float" in n for n in r.notes), r.notes
+    auto = quantize_transformer(fp32, calib, check, fuse="plain", flavour="integer", attention_int8="auto", min_cosine=0.9, repeats=1)
+    assert any("no int8-attention candidate" in n for n in auto.notes), auto.notes

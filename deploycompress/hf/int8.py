@@ -326,8 +326,13 @@ def quantize_transformer(
             for fl in flavours:
                 label = f"{name}/{fl}" + ("+float-ffn2" if keep_gelu else "")
                 q = quantize_linears(src, node_groups, stats, flavour=fl, reduce_range=reduce_range)
-                if attention_int8 is True and "context" in attention_matmuls(q).values():
-                    q, label = quantize_attention_matmuls(q, ("context",)), f"{label}+context-int8"
+                if attention_int8 is True:
+                    if "context" in attention_matmuls(q).values():
+                        q, label = quantize_attention_matmuls(q, ("context",)), f"{label}+context-int8"
+                    else:
+                        result_notes.append(f"{label}: attention_int8=True, but no attention context MatMul is recognised in the graph "
+                                            "(a fused Attention op, or a pattern hf.linear_int8.attention_matmuls does not know): its attention stays float")
+                        log.warning(result_notes[-1])
                 cand = measure(label, q, len(linears))
                 missed = missed and not cand.accepted
             if not missed:
@@ -343,6 +348,10 @@ def quantize_transformer(
         if "context" in attention_matmuls(first.model).values():
             measure(f"{first.name}+context-int8", quantize_attention_matmuls(first.model, ("context",)), first.linears)
             ok = [c for c in candidates if c.accepted]
+        else:
+            result_notes.append(f"attention_int8='auto': no int8-attention candidate, the fastest accepted graph ({first.name}) "
+                                "has no attention context MatMul that hf.linear_int8.attention_matmuls recognises")
+            log.info(result_notes[-1])
     fp32_ms = _latency_ms(fp32, check, repeats)
     if not ok:
         shown = "; ".join(f"{c.name}: cosine {c.cosine:.4f}" for c in candidates)
