@@ -49,7 +49,6 @@ import copy
 import logging
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +58,7 @@ import deploycompress as dc
 from deploycompress.pruning.distill import distill
 from deploycompress.pruning.reconstruct import reconstruct
 from deploycompress.pruning import ReconstructionPruner, TaylorGatePruner, TorchEvaluator
-from deploycompress.zoo import crops, extra_photos, load_efficientnet_lite0, photos, random_crops, split_photos
+from deploycompress.zoo import MIXES, MixedViews, crops, extra_photos, load_efficientnet_lite0, photos, random_crops, split_photos
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from bench_ort_int8 import _session, _time_round_robin  # noqa: E402 - the benchmarks' round-robin timer
@@ -78,22 +77,6 @@ def onnx_logits(path: Path, x: torch.Tensor, threads: int = 1) -> np.ndarray:
     s = _session(path, threads)
     name = s.get_inputs()[0].name
     return np.concatenate([s.run(None, {name: x[i : i + 8].numpy()})[0] for i in range(0, len(x), 8)])
-
-
-class RandomViews(Sequence):
-    """``steps`` lazy batches of ``batch`` fresh random views (:func:`deploycompress.zoo.random_crops`) of ``images``:
-    batch ``i`` is drawn with seed ``seed + i`` when asked for, and not kept."""
-
-    def __init__(self, images: dict, steps: int, batch: int, seed: int = 1000) -> None:
-        self.images, self.steps, self.batch, self.seed = images, steps, batch, seed
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if not 0 <= i < self.steps:
-            raise IndexError(i)
-        return random_crops(self.images, self.batch, seed=self.seed + i)
 
 
 def refit_views(pool: dict, calib: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
@@ -199,6 +182,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refit-head", action=argparse.BooleanOptionalAction, default=True, help="also refit the 1x1 head conv")
     parser.add_argument("--distill-steps", type=int, default=0, help="0: no distillation (default: the refit alone did better)")
     parser.add_argument("--batch", type=int, default=16, help="random views per distillation step")
+    parser.add_argument("--mix", choices=MIXES, default="mixup", help="function matching: how each batch of views is mixed "
+                        "(torchvision MixUp / CutMix / one of the two per batch / none) before teacher and student see it")
+    parser.add_argument("--mix-alpha", type=float, default=1.0, help="Beta(alpha, alpha) of the mixing ratio")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--temperature", type=float, default=1.0, help="of the logit KL")
     parser.add_argument("--feature-weight", type=float, default=1.0, help="weight of the block-output MSE")
@@ -253,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.distill_steps == 0:
         losses = "skipped (0 steps)"
     else:
-        log = distill(small, dense, RandomViews(pool, args.distill_steps, args.batch), steps=args.distill_steps, lr=args.lr, loss="kl",
+        views = MixedViews(pool, args.distill_steps, args.batch, mix=args.mix, alpha=args.mix_alpha)  # function matching
+        log = distill(small, dense, views, steps=args.distill_steps, lr=args.lr, loss="kl",
                       temperature=args.temperature, hidden=blocks, hidden_weight=args.feature_weight, schedule="linear",
                       progress=args.verbose, train_mode=False)
         losses = f"loss {log.first_loss:.4f} -> {log.last_loss:.4f} over {args.distill_steps} steps of {args.batch} random views"
