@@ -79,6 +79,17 @@ def onnx_logits(path: Path, x: torch.Tensor, threads: int = 1) -> np.ndarray:
     return np.concatenate([s.run(None, {name: x[i : i + 8].numpy()})[0] for i in range(0, len(x), 8)])
 
 
+def load_weights(small: torch.nn.Module, path: Path) -> None:
+    """Load a ``student.pt`` into the sped-up ``small`` of the same prune (in place): convolutions the refit gave an
+    intercept get their ``bias`` parameter first. Raises on any other mismatch (``load_state_dict(strict=True)``)."""
+    state = torch.load(path, weights_only=True)
+    for key in set(state) - set(small.state_dict()):
+        module, _, leaf = key.rpartition(".")
+        if leaf == "bias" and isinstance(small.get_submodule(module), torch.nn.Conv2d) and small.get_submodule(module).bias is None:
+            small.get_submodule(module).bias = torch.nn.Parameter(torch.zeros_like(state[key]))
+    small.load_state_dict(state)
+
+
 def refit_views(pool: dict, calib: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
     """The least-squares rows' images: the calibration crops and ``--refit-views`` random views of the training photos."""
     return torch.cat([calib, random_crops(pool, args.refit_views, seed=2)]) if args.refit_views else calib
@@ -193,6 +204,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of round-robin latency timing")
     parser.add_argument("--student", type=Path, default=None, help="distilled weights (student.pt of an earlier run, same "
                         "pruning arguments): skip distillation, e.g. to time the variants alone under a lock")
+    parser.add_argument("--init-student", type=Path, default=None, help="student.pt of an earlier run (same pruning arguments): "
+                        "start from its weights instead of the refit, then distil (--distill-steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for pruning and distillation")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -228,13 +241,17 @@ def main(argv: list[str] | None = None) -> dict:
         small = small_refitted
         with torch.no_grad():
             refitted = agreement(small(evaluation).numpy(), reference)
+    elif args.init_student is not None:  # the refit (or an earlier distillation) of an earlier run, distilled further below
+        load_weights(small, args.init_student)
+        with torch.no_grad():
+            refitted = agreement(small(evaluation).numpy(), reference)
     elif args.refit:
         small = refit(dense, small, config_list, pool, calib, args)
         with torch.no_grad():
             refitted = agreement(small(evaluation).numpy(), reference)
     blocks = [f"_blocks.{i}" for i in range(len(dense._blocks))]  # block outputs keep their widths: matched by MSE
     if args.student is not None:  # the same prune (seeded), then the distilled weights of an earlier run
-        small.load_state_dict(torch.load(args.student, weights_only=True))
+        load_weights(small, args.student)
         losses = "loaded from " + str(args.student)
     elif args.distill_steps == 0:
         losses = "skipped (0 steps)"

@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t0 = time.perf_counter()
     small, refitted, config_list = recipe.prune(dense, pool, calib, calib[:1], opts)
     if args.cache is not None and args.cache.exists():
-        state = torch.load(args.cache, weights_only=True)
-        for key in set(state) - set(small.state_dict()):  # the refit gave these convs a bias
-            small.get_submodule(key.rsplit(".", 1)[0]).bias = torch.nn.Parameter(torch.zeros_like(state[key]))
-        small.load_state_dict(state)
+        recipe.load_weights(small, args.cache)
     else:
         small = refitted if refitted is not None else recipe.refit(dense, small, config_list, pool, calib, opts) if opts.refit else small
         if args.cache is not None:
