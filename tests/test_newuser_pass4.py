@@ -111,3 +111,25 @@ def test_every_output_is_held_to_min_cosine_not_the_first_alone():
             ref = model(*(torch.from_numpy(v) for v in f.values()))
         for k in ("good", "bad"):
             assert _cosines(ref[k].numpy(), got[k]).mean() >= 0.99
+
+
+def test_encoder_helpers_refuse_a_layer_layout_they_do_not_know_before_any_work():
+    """MPNet has an ``encoder.layer`` list but its layers hold ``attention.attn.{q,k,v,o}``: encoder_importance and
+    reconstruction_masks failed with ``AttributeError: MPNetAttention has no attribute `self``` (the latter after
+    copying the model), refit_encoder named a module missing from the dense model. Now one ValueError names the layer,
+    the missing submodule and the layout that is supported."""
+    from deploycompress.hf.importance import encoder_importance
+    from deploycompress.hf.refit import reconstruction_masks, refit_encoder
+
+    model = transformers.MPNetModel(transformers.MPNetConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=16,
+        max_position_embeddings=40)).eval()  # fmt: skip
+    batches = [tuple(_feeds(2, 8, s).values()) for s in range(2)]
+    for call in (lambda: encoder_importance(model, batches), lambda: reconstruction_masks(model, batches, 0.5, 0.5),
+                 lambda: refit_encoder(model, model, batches)):
+        with pytest.raises(ValueError, match=r"encoder\.layer\.0 \(MPNetLayer\) has no attention\.self.*not MPNet"):
+            call()
+    distil = transformers.DistilBertModel(transformers.DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=16, max_position_embeddings=40))  # fmt: skip
+    with pytest.raises(ValueError, match="DistilBERT's transformer.layer"):
+        reconstruction_masks(distil, batches, 0.5, 0.5)

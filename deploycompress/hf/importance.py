@@ -39,11 +39,25 @@ class EncoderImportance:
     prefix: str  # module path of the layer list inside the scored model, e.g. "model.encoder.layer"
 
 
+_LAYOUT = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense")
+"""The submodules every layer of a BERT-style ``encoder.layer`` list has (BertLayer, RobertaLayer, ElectraLayer, ...)."""
+
+
 def _layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(prefix, layers)`` of the model's BERT-style ``encoder.layer`` list; ``ValueError`` naming what is missing
+    when there is none or a layer lacks a submodule of :data:`_LAYOUT` (MPNet's ``attention.attn``), before any work."""
     for name, module in model.named_modules():
         if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList):
+            for i, layer in enumerate(module):
+                names = dict(layer.named_modules())
+                missing = [p for p in _LAYOUT if p not in names]
+                if missing or not hasattr(names["attention.self"], "num_attention_heads"):
+                    raise ValueError(f"{name}.{i} ({type(layer).__name__}) has no {(missing or ['attention.self.num_attention_heads'])[0]}: "
+                                     f"only the BERT layer layout ({', '.join(_LAYOUT)}) is supported (BERT, RoBERTa, XLM-R, ELECTRA, "
+                                     "MiniLM; not MPNet)")
             return name, module
-    raise ValueError("no BERT-style encoder.layer list found (BertModel, RobertaModel and MiniLM checkpoints have one)")
+    raise ValueError("no BERT-style encoder.layer list found (BertModel, RobertaModel, ELECTRA and MiniLM checkpoints have one; "
+                     "DistilBERT's transformer.layer and MPNet are not supported)")
 
 
 def encoder_importance(model: nn.Module, batches: Iterable[Any]) -> EncoderImportance:
