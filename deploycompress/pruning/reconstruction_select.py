@@ -55,7 +55,7 @@ from .allocate import global_prune_counts, prune_count
 from .channel import ChannelPruner, channel_dim
 from .evaluator import _call
 from .io import _weight
-from .reconstruct import LayerFit, _capture, _check_consumer, _rows
+from .reconstruct import LayerFit, _capture, _check_consumer, _rows, check_plain_layer
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,10 @@ class ReconstructionPruner(ChannelPruner):
     with the inputs as pruned so far and after the refit, the kept input channels) and ``refitted_model`` the
     refitted copy (see the module docstring).
 
-    Raises ``ValueError`` (before any data runs) for a selected layer without a consumer, a consumer that is no
-    module, not pointwise, or reads a different number of channels than the layer has outputs; empty ``batches``;
+    Raises ``ValueError`` (before any data runs but one batch through a layer subclass) for a selected layer without a
+    consumer, a consumer that is no module, not pointwise (or a layer subclass whose forward is not its base's:
+    :func:`~deploycompress.pruning.reconstruct.check_plain_layer`), or reads a different number of channels than the
+    layer has outputs; empty ``batches``;
     ``ridge < 0`` or ``round_to < 1``. The model is only masked, as by every pruner.
     """
 
@@ -212,6 +214,8 @@ class ReconstructionPruner(ChannelPruner):
         extra = sorted(set(self.consumers) - set(self._modules))
         if extra:
             raise ValueError(f"{name}: consumers names {extra}, which config_list does not select")
+        for consumer in list(self.consumers.values()) + self.refit:  # a subclass with another forward: refused by name
+            check_plain_layer(model, consumer, self.batches[0], "model")
         order = {n: i for i, n in enumerate(modules)}
         self._order = sorted(self._modules, key=lambda n: order[self.consumers[n]])
         self._counts: dict[str, int] = {}
