@@ -177,3 +177,29 @@ def test_refit_of_a_layer_subclass_with_another_forward_is_refused_not_misreport
     with torch.no_grad():
         dense_y, refit_y = same(x), fit.model(x)
     assert fit.layers[0].error_after == pytest.approx(float((refit_y - dense_y).norm() / dense_y.norm()), rel=1e-4)
+
+
+def test_calibration_as_a_generator_or_dataloader_calibrates_on_every_feed():
+    """A generator of feed dicts was consumed by quantize_transformer's input check, then calibrated on nothing:
+    ``KeyError: '/embeddings/LayerNorm/LayerNormalization_output_0'``; a DataLoader of torch tensors, one feed dict,
+    tuples: onnxruntime/TypeError messages. Now each is read once into feed dicts, and the int8 graph is the one the
+    same feeds give as a list (its outputs on a feed equal to the last bit)."""
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40), add_pooling_layer=False).eval()  # fmt: skip
+    x = _feeds(2, 9, 0)
+    fp32 = dc.to_onnx(model, x, dynamic_axes={k: {0: "batch", 1: "sequence"} for k in x}).model
+    feeds = [{k: v.numpy() for k, v in _feeds(4, 12, s, pad=3).items()} for s in range(3)]
+    kw = dict(fuse="plain", flavour="integer", attention_int8=False, repeats=1)
+
+    def run(q) -> np.ndarray:  # noqa: ANN001
+        return ort.InferenceSession(q.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+
+    want = run(quantize_transformer(fp32, feeds, **kw))
+    loader = torch.utils.data.DataLoader([{k: torch.from_numpy(v[j]) for k, v in f.items()} for f in feeds for j in range(4)], batch_size=4)
+    for label, calib in (("generator", (f for f in feeds)), ("DataLoader of torch tensors", loader),
+                         ("tuples in input order", [(f["input_ids"], f["attention_mask"]) for f in feeds])):
+        np.testing.assert_array_equal(run(quantize_transformer(fp32, calib, **kw)), want, err_msg=label)
+    with pytest.raises(ValueError, match=r"calibration item 0 is a tuple of 3; the graph reads \['input_ids', 'attention_mask'\]"):
+        quantize_transformer(fp32, [(feeds[0]["input_ids"],) * 3], **kw)
