@@ -203,3 +203,29 @@ def test_calibration_as_a_generator_or_dataloader_calibrates_on_every_feed():
         np.testing.assert_array_equal(run(quantize_transformer(fp32, calib, **kw)), want, err_msg=label)
     with pytest.raises(ValueError, match=r"calibration item 0 is a tuple of 3; the graph reads \['input_ids', 'attention_mask'\]"):
         quantize_transformer(fp32, [(feeds[0]["input_ids"],) * 3], **kw)
+
+
+def test_bias_compensation_of_a_float64_encoder():
+    """bias_compensation cast the measured means to float32 and failed on a float64 model (``addmv input tensors must
+    have the same dtype``). The delta is checked against W_o[:, removed] @ mean(context[..., removed]) taken here."""
+    from deploycompress.hf.importance import bias_compensation, encoder_importance, importance_masks
+
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=16,
+        max_position_embeddings=40)).double().eval()  # fmt: skip
+    batches = [tuple(_feeds(2, 8, s, pad=3).values()) for s in range(2)]
+    masks = importance_masks(model, encoder_importance(model, batches), 0.5, 0.5)
+    deltas = bias_compensation(model, masks, batches)
+    out = model.encoder.layer[0].attention.output.dense
+    seen = []
+    h = out.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].reshape(-1, 32)))
+    with torch.no_grad():
+        for b in batches:
+            model(*b)
+    h.remove()
+    removed = masks["encoder.layer.0.attention.self.query"]["bias"] == 0
+    want = out.weight.detach()[:, removed] @ torch.cat(seen).mean(0)[removed]
+    got = deltas["encoder.layer.0.attention.output.dense"]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

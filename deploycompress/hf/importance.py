@@ -188,8 +188,9 @@ def bias_compensation(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]
     for key, total in sums.items():
         i = int(key[len(prefix) + 1 :].split(".")[0])
         rm = removed[i][0 if key.endswith("attention.output.dense") else 1]
-        mean = (total / count[key]).to(torch.float32) * rm.to(torch.float32)
-        deltas[key] = model.get_submodule(key).weight.detach() @ mean
+        w = model.get_submodule(key).weight.detach()
+        mean = (total / count[key]).to(w.dtype) * rm.to(w.dtype)  # the model's dtype (float64 models too)
+        deltas[key] = w @ mean
     return deltas
 
 
