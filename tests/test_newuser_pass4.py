@@ -8,6 +8,8 @@ the user's masked model built by multiplying masks into exactly the named tensor
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -229,3 +231,31 @@ def test_bias_compensation_of_a_float64_encoder():
     got = deltas["encoder.layer.0.attention.output.dense"]
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_one_batch_given_as_the_batches_is_refused_by_name():
+    """One dict (a tokenizer's output) or one tensor passed where a list of batches goes: the HF helpers iterated the
+    dict's keys (``AttributeError: 'str' object has no attribute 'size'``), reconstruct and ReconstructionPruner fed
+    one sample at a time without its batch axis (``expected 4D input (got 3D input)``), distill trained on the keys.
+    Now one rule (deploycompress.batches.batch_list, also build_engine's) names the fix before any work."""
+    from deploycompress.hf.importance import encoder_importance
+    from deploycompress.hf.refit import reconstruction_masks, refit_encoder
+    from deploycompress.pruning import ReconstructionPruner
+    from deploycompress.pruning.distill import distill
+    from deploycompress.pruning.reconstruct import reconstruct
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=16,
+        max_position_embeddings=40)).eval()  # fmt: skip
+    one = _feeds(2, 8, 0)
+    for call in (lambda: encoder_importance(bert, one), lambda: reconstruction_masks(bert, one, 0.5, 0.5),
+                 lambda: refit_encoder(bert, bert, one), lambda: distill(copy.deepcopy(bert), bert, one, steps=1)):
+        with pytest.raises(ValueError, match=r"batches is one dict \(keys \['input_ids', 'attention_mask'\]\); pass a list of batches"):
+            call()
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(4, 3, 6, 6)
+    for call in (lambda: reconstruct(net, net, ["3"], x),
+                 lambda: ReconstructionPruner(net, [{"op_names": ["0"], "sparsity": 0.25}], x, consumers={"0": "3"})):
+        with pytest.raises(ValueError, match=r"batches is a single tensor \(4, 3, 6, 6\); pass a list of batches, e\.g\. list\(batches\.split\(32\)\)"):
+            call()

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ..batches import batch_list
 from ..pruning.distill import eval_mode
 from ..pruning.evaluator import _call
 
@@ -66,6 +67,7 @@ def encoder_importance(model: nn.Module, batches: Iterable[Any]) -> EncoderImpor
     Padding tokens count too (their share is small when batches are padded to the longest).
     The model is only read (eval mode, no grads; every module's training flag is restored)."""
     prefix, layers = _layers(model)
+    batches = batch_list(batches, "batches")  # a single tensor or dict is refused by name
     n_heads = [int(layer.attention.self.num_attention_heads) for layer in layers]
     width = [int(layer.attention.self.attention_head_size) for layer in layers]
     heads = torch.zeros(len(layers), max(n_heads))
@@ -152,6 +154,7 @@ def bias_compensation(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]
     output instead of zero (FLAP's bias compensation). Raises ``ValueError`` for an empty ``batches``
     or masks naming no known layer."""
     prefix, layers = _layers(model)
+    batches = batch_list(batches, "batches")  # a single tensor or dict is refused by name
     removed: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     for i in range(len(layers)):
         q, f = masks.get(f"{prefix}.{i}.attention.self.query"), masks.get(f"{prefix}.{i}.intermediate.dense")

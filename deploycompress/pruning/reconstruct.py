@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batches import batch_list
 from .evaluator import _call  # one way to call a model with a batch
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
     forward: :func:`check_plain_layer`), a name missing from a model, a pair whose pruned weights are not columns of the
     dense weights, or no batches — all before any fitting.
     """
-    batches = list(batches)
+    batches = batch_list(batches, "batches")
     if not batches:
         raise ValueError("reconstruct: no batches given; pass a few calibration inputs")
     if ridge < 0:

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batches import batch_list
 from ..config import ModuleConfig
 from .allocate import global_prune_counts, prune_count
 from .channel import ChannelPruner, channel_dim
@@ -175,7 +176,7 @@ class ReconstructionPruner(ChannelPruner):
     ) -> None:
         super().__init__(model, config_list, dependency_aware=dependency_aware, dummy_input=dummy_input)
         name = type(self).__name__
-        self.batches = list(batches)
+        self.batches = batch_list(batches, "batches")
         if not self.batches:
             raise ValueError(f"{name}: no batches given; pass a few calibration inputs")
         if ridge < 0:
