@@ -259,3 +259,33 @@ def test_one_batch_given_as_the_batches_is_refused_by_name():
                  lambda: ReconstructionPruner(net, [{"op_names": ["0"], "sparsity": 0.25}], x, consumers={"0": "3"})):
         with pytest.raises(ValueError, match=r"batches is a single tensor \(4, 3, 6, 6\); pass a list of batches, e\.g\. list\(batches\.split\(32\)\)"):
             call()
+
+
+def test_plain_least_squares_with_a_dead_channel():
+    """``reconstruct(..., ridge=0)`` ("plain least squares", as documented) on a layer with a dead ReLU channel failed
+    with ``LinAlgError: ... singular`` after the data was collected; ReconstructionPruner had a floor for this, reconstruct
+    not. Now both use one ridge term, and the fit reaches the least-squares optimum computed here (rank-deficient
+    lstsq)."""
+    from deploycompress.pruning.reconstruct import reconstruct
+    from deploycompress.speedup import speedup
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 5)).eval()
+    with torch.no_grad():
+        net[0].weight[3] = 0
+        net[0].bias[3] = -1.0  # channel 3 is dead: ReLU(-1) = 0 on every input
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[[0, 7]] = False
+    small = speedup(net, {"0": {"weight": keep.view(-1, 1).expand(12, 6).clone(), "bias": keep.clone()}}, torch.randn(2, 6))
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(32, 6, generator=g) for _ in range(2)]
+    fit = reconstruct(net, small, ["2"], batches, ridge=0)
+    x = torch.cat(batches)
+    with torch.no_grad():
+        h, y = small[1](small[0](x)).double(), net(x).double()
+    h1 = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
+    best = (h1 @ torch.linalg.lstsq(h1, y, driver="gelsd").solution - y).norm() / y.norm()
+    with torch.no_grad():
+        got = (fit.model(x).double() - y).norm() / y.norm()
+    assert float(got) == pytest.approx(float(best), rel=1e-5, abs=1e-7)
+    assert fit.layers[0].error_after == pytest.approx(float(best), rel=1e-4, abs=1e-6)

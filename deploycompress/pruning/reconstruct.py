@@ -171,6 +171,19 @@ def _output_rows(dense_w: torch.Tensor, pruned_w: torch.Tensor, name: str) -> li
     return kept_outputs(dense_w, pruned_w, name)
 
 
+def ridge_term(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The relative Tikhonov term added to ``gram`` ((C+1, C+1) with the intercept last, not pulled):
+    ``ridge * mean(diag)`` on the C weights; at ``ridge=0`` a floor of ``1e-12 * mean(diag)`` keeps the system
+    solvable where a channel is constant or zero on the data (a dead ReLU channel made ``ridge=0`` fail with
+    ``LinAlgError: ... singular`` after the data had been collected)."""
+    cin = gram.shape[0] - 1
+    reg = torch.zeros_like(gram)
+    if cin:
+        mean = float(torch.diagonal(gram)[:cin].mean())
+        reg.diagonal()[:cin] = ridge * mean if ridge > 0 else 1e-12 * max(mean, 1e-30)
+    return reg
+
+
 def _capture(model: nn.Module, name: str, batch, want: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` on ``batch`` up to module ``name``; its (input, output)."""
     got = {}
@@ -200,7 +213,8 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
     whose outputs were pruned, its inputs complete but perturbed by earlier pruning): each kept output row is
     fitted to its dense channel (:func:`kept_outputs`). ``batches``: model inputs (tensors, tuples or dicts, as a
     ``TorchEvaluator`` passes them), e.g. calibration views; both models are run in eval mode without gradients.
-    ``ridge``: relative Tikhonov weight pulling ``W`` towards the current weights (0: plain least squares).
+    ``ridge``: relative Tikhonov weight pulling ``W`` towards the current weights (0: plain least squares, with a
+    floor of 1e-12 so that dead channels leave it solvable: :func:`ridge_term`).
     Returns a :class:`ReconstructionResult` with a new model; ``dense`` and ``pruned`` are not modified.
 
     Raises ``ValueError`` for a consumer that is not a pointwise ``Conv2d``/``Linear`` (or subclasses one with another
@@ -253,9 +267,7 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
             w0 = m.weight.detach().reshape(m.weight.shape[0], cin).double()
             b0 = m.bias.detach().double() if m.bias is not None else torch.zeros(m.weight.shape[0], dtype=torch.float64)
             theta0 = torch.cat([w0.T, b0[None]], 0)  # (C'+1, C_out)
-            lam = ridge * torch.diagonal(xtx)[:cin].mean()
-            reg = torch.zeros_like(xtx)
-            reg.diagonal()[:cin] = lam  # the intercept is not pulled
+            reg = ridge_term(xtx, ridge)
             theta = torch.linalg.solve(xtx + reg, xty + reg @ theta0)
             if outs is not None:  # still-masked rows stay exactly as they were (zero), not a fit of their own zero output
                 held = torch.tensor(outs) < 0

@@ -56,7 +56,7 @@ from .allocate import global_prune_counts, prune_count
 from .channel import ChannelPruner, channel_dim
 from .evaluator import _call
 from .io import _weight
-from .reconstruct import LayerFit, _capture, _check_consumer, _rows, check_plain_layer
+from .reconstruct import LayerFit, _capture, _check_consumer, _rows, check_plain_layer, ridge_term
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +120,6 @@ def _theta(m: nn.Module) -> torch.Tensor:
     w = m.weight.detach().reshape(m.weight.shape[0], -1).double()
     b = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     return torch.cat([w.T, b[None]], 0)
-
-
-def _ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
-    """The relative Tikhonov term of :func:`reconstruct` (intercept not pulled)."""
-    cin = gram.shape[0] - 1
-    reg = torch.zeros_like(gram)
-    reg.diagonal()[:cin] = ridge * torch.diagonal(gram)[:cin].mean() if cin else 0
-    if ridge == 0:  # keep the system solvable where a channel is constant or zero on the data
-        reg.diagonal()[:cin] = 1e-12 * max(float(torch.diagonal(gram)[:cin].mean()), 1e-30)
-    return reg
 
 
 class ReconstructionPruner(ChannelPruner):
@@ -262,7 +252,7 @@ class ReconstructionPruner(ChannelPruner):
             for layer, a in acc.items():
                 theta0 = _theta(dense.get_submodule(self.consumers[layer]))
                 gram = a["gram"]
-                reg = _ridge(gram, self.ridge)
+                reg = ridge_term(gram, self.ridge)
                 yty = float((theta0 * (gram @ theta0)).sum())
                 cfg = self.module_configs[layer]
                 n = gram.shape[0] - 1
@@ -356,7 +346,7 @@ class ReconstructionPruner(ChannelPruner):
                 _moments(x, yd, acc)
                 err0 += float((yp.double() - yd.double()).pow(2).sum())
         gram, n = acc["gram"], acc["gram"].shape[0] - 1
-        reg = _ridge(gram, self.ridge)
+        reg = ridge_term(gram, self.ridge)
         theta0 = _theta(m)
         cross = acc["cross"] + reg @ theta0
         count = self._counts[layer] if layer is not None else 0
