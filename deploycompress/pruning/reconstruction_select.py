@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -53,7 +54,7 @@ from tqdm.auto import tqdm
 from ..batches import batch_list
 from ..config import ModuleConfig
 from .allocate import global_prune_counts, prune_count
-from .channel import ChannelPruner, channel_dim
+from .channel import ChannelPruner, PruningWarning, channel_dim
 from .evaluator import _call
 from .io import _weight
 from .reconstruct import LayerFit, _capture, _check_consumer, _rows, check_plain_layer, ridge_term
@@ -269,7 +270,15 @@ class ReconstructionPruner(ChannelPruner):
                 counts.update(global_prune_counts(
                     {n: curves[n] for n in names}, {n: self._unit_cost(n, curves[n]) for n in names}, cfg.total_sparsity,
                     {n: self.module_configs[n].max_sparsity_per_layer for n in names}, rounding=cfg.sparse_rounding))  # fmt: skip
-        return {layer: self._rounded(dense.get_submodule(self.consumers[layer]).weight.shape[1], c) for layer, c in counts.items()}
+        rounded = {layer: self._rounded(dense.get_submodule(self.consumers[layer]).weight.shape[1], c) for layer, c in counts.items()}
+        for names in budgets.values():  # a total_sparsity budget that round_to cuts short is said, not met silently
+            per = {n: _weight(self._modules[n]).numel() / _weight(self._modules[n]).shape[channel_dim(self._modules[n])] for n in names}  # type: ignore[union-attr]
+            total = sum(_weight(self._modules[n]).numel() for n in names)  # type: ignore[union-attr]
+            asked, got = (sum(c[n] * per[n] for n in names) / total for c in (counts, rounded))
+            if got < asked:
+                warnings.warn(f"{type(self).__name__}: round_to={self.round_to} keeps every kept width a multiple of {self.round_to}, so the "
+                              f"total_sparsity budget removes {got:.4f} of the selected layers' weights instead of {asked:.4f}", PruningWarning, stacklevel=2)
+        return rounded
 
     def _weights(self, consumer: str) -> torch.Tensor | None:
         w = self.output_weights.get(consumer)
