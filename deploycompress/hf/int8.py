@@ -279,7 +279,7 @@ def quantize_transformer(
     from .linear_int8 import FLAVOURS, attention_matmuls, collect_stats, linear_inputs, quantize_attention_matmuls, quantize_linears, smooth
 
     if isinstance(getattr(model, "model", None), onnx.ModelProto):  # what deploycompress.to_onnx returns
-        model = model.model  # type: ignore[union-attr]
+        model = model.model
     if isinstance(model, (str, os.PathLike)):  # a path, as onnxruntime's quantizers take it
         if not Path(model).is_file():
             raise ValueError(f"model: {str(model)!r} is not a file (give an .onnx path or an onnx.ModelProto)")

@@ -85,14 +85,13 @@ def check_plain_layer(model: nn.Module, name: str, batch, which: str) -> None:  
     ``batch``): the refit writes the weights of the plain base layer, so its reported error would be the base
     layer's while the subclass computes something else. ``ValueError`` naming the layer and the form."""
     from ..subclasses import SubclassError, analyse_layer, is_subclass_layer
+    from .distill import eval_mode  # the caller's model (a pruner's) keeps every module's training flag
 
     m = model.get_submodule(name)
     if not is_subclass_layer(m):
         return
-    got = {}
+    got: dict[str, tuple] = {}
     h = m.register_forward_pre_hook(lambda _m, args: got.setdefault("args", tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)))
-    from .distill import eval_mode  # the caller's model (a pruner's) keeps every module's training flag
-
     try:
         with torch.no_grad(), eval_mode(model):
             _capture(model, name, batch, which)

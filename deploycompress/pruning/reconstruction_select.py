@@ -272,8 +272,9 @@ class ReconstructionPruner(ChannelPruner):
                     {n: self.module_configs[n].max_sparsity_per_layer for n in names}, rounding=cfg.sparse_rounding))  # fmt: skip
         rounded = {layer: self._rounded(dense.get_submodule(self.consumers[layer]).weight.shape[1], c) for layer, c in counts.items()}
         for names in budgets.values():  # a total_sparsity budget that round_to cuts short is said, not met silently
-            per = {n: _weight(self._modules[n]).numel() / _weight(self._modules[n]).shape[channel_dim(self._modules[n])] for n in names}  # type: ignore[union-attr]
-            total = sum(_weight(self._modules[n]).numel() for n in names)  # type: ignore[union-attr]
+            weights = {n: _weight(self._modules[n]) for n in names}
+            per = {n: w.numel() / w.shape[channel_dim(self._modules[n])] for n, w in weights.items() if w is not None}
+            total = sum(w.numel() for w in weights.values() if w is not None)
             asked, got = (sum(c[n] * per[n] for n in names) / total for c in (counts, rounded))
             if got < asked:
                 warnings.warn(f"{type(self).__name__}: round_to={self.round_to} keeps every kept width a multiple of {self.round_to}, so the "
