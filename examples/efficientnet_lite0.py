@@ -26,12 +26,15 @@ the other half, never seen before.
    BatchNorm), refitting in the same pass; on this model it was no better than the Taylor choice (BENCHMARKS.md).
    ``--criterion l1`` takes ``--sparsity`` of every block by L1 norm. Dependency-aware (each depthwise conv loses its expansion's channels);
    ``speedup(round_to=16)`` keeps widths onnxruntime's NCHWc kernels block. Optionally (``--distill-steps``, default
-   0: from the refitted start distillation on these few photos made agreement worse, BENCHMARKS.md)
+   0: chosen on an inner split of the calibration photos by ``tools/tune_lite0_recovery.py``, where 300 steps of
+   function matching left the refitted student's figures unchanged, BENCHMARKS.md)
    :func:`deploycompress.pruning.distill.distill` from the dense model, logit KL plus the MSE of every block's output
-   (``--feature-weight``), AdamW with linear warm-up/decay, ``--distill-steps`` batches of ``--batch`` fresh random
-   views (random resized crop, flip, colour jitter: :func:`deploycompress.zoo.random_crops`) of the calibration
-   photos and the other photos bundled in scikit-image and matplotlib (:func:`deploycompress.zoo.extra_photos`;
-   never an evaluation photo); the student in eval mode, so BatchNorm keeps its running statistics. Then
+   (``--feature-weight``), AdamW with linear warm-up/decay, ``--distill-steps`` batches of ``--batch`` fresh views
+   by function matching (Beyer et al. 2022; :class:`deploycompress.zoo.MixedViews`: random resized crop, flip, colour
+   jitter, then torchvision MixUp/CutMix across the batch, ``--mix``; teacher and student see the same view) of the
+   calibration photos and the other photos bundled in scikit-image and matplotlib
+   (:func:`deploycompress.zoo.extra_photos`; never an evaluation photo); the student in eval mode, so BatchNorm
+   keeps its running statistics. ``--init-student`` starts it from an earlier run's ``student.pt`` (no refit). Then
    ``build_engine`` int8. The student's weights go to ``<out>/student.pt``; ``--student`` loads them instead
    (same pruning arguments), e.g. to time the variants alone.
 
