@@ -48,6 +48,7 @@ import deploycompress as dc
 from deploycompress.hf import Encoder
 from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import SMOOTH_ALPHA, linear_matmuls, mean_cosine, quantize_transformer
+from deploycompress.hf.int8 import nn_agreement as rows_nn_agreement
 from deploycompress.hf.linear_int8 import collect_stats, input_kinds, linear_inputs, quantize_attention_matmuls, quantize_linears, smooth
 from deploycompress.hf.refit import reconstruction_masks, refit_encoder
 from deploycompress.hf.text import source_sentences, stdlib_sentences
@@ -88,15 +89,9 @@ def embed(sess: ort.InferenceSession, feeds) -> np.ndarray:  # noqa: ANN001
 
 
 def nn_agreement(ref: np.ndarray, got: np.ndarray) -> float:
-    """Fraction of sentences whose nearest neighbour (cosine, itself excluded) is the same as with fp32."""
-
-    def nearest(e: np.ndarray) -> np.ndarray:
-        e = e / np.linalg.norm(e, axis=1, keepdims=True)
-        sim = e @ e.T
-        np.fill_diagonal(sim, -np.inf)
-        return sim.argmax(1)
-
-    return float((nearest(ref) == nearest(got)).mean())
+    """Fraction of sentences whose nearest neighbour (cosine, itself excluded) is the same as with fp32
+    (``deploycompress.hf.int8.nn_agreement``, the rule ``quantize_transformer`` checks)."""
+    return rows_nn_agreement([ref], [got])
 
 
 def ort_quantizers(fp32: onnx.ModelProto, calib, tmp: Path, heads: int, hidden: int) -> dict[str, onnx.ModelProto]:  # noqa: ANN001
