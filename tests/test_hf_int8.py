@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -302,11 +304,11 @@ def test_retrieval_agreement_is_warned_or_required() -> None:
     from deploycompress.hf.int8 import RetrievalAgreementWarning
 
     model = Encoder(tiny_bert(seed=3))
-    with torch.no_grad():  # 4x the init's weights: int8 noise the size of the near-duplicates' differences
+    with torch.no_grad():  # 5x the init's weights: int8 noise the size of the near-duplicates' differences
         for p in model.parameters():
-            p.mul_(4.0)
+            p.mul_(5.0)
     fp32 = to_onnx(model, inputs(), dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}).model
-    calib, check = feeds(3, 2, 8, 0), near_duplicate_feeds(4, 16, 8)
+    calib, check = feeds(3, 2, 8, 0), near_duplicate_feeds(7, 16, 8)  # 112 rows >= NN_MIN_ROWS
     kw = dict(fuse="plain", flavour="integer", attention_int8=False, repeats=1)  # min_cosine: the default 0.99
     with pytest.warns(RetrievalAgreementWarning, match="nearest neighbour") as caught:
         r = quantize_transformer(fp32, calib, check, **kw)
@@ -321,3 +323,23 @@ def test_retrieval_agreement_is_warned_or_required() -> None:
         quantize_transformer(fp32, calib, check, min_nn_agreement=1.5, **kw)
     ok = quantize_transformer(fp32, calib, check, min_nn_agreement=want - 1e-9, **kw)  # the bound met: no warning needed
     assert ok.candidates[0].accepted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RetrievalAgreementWarning)  # too few rows to judge: a note, no warning
+        few = quantize_transformer(fp32, calib, check[:2], **kw)
+    assert few.candidates[0].nn_agreement < 0.95 and any("too few to judge" in n for n in few.notes), few.notes
+
+
+def test_min_nn_agreement_needs_a_2d_output() -> None:
+    class Tokens(torch.nn.Module):  # token-level output (batch, sequence, features): not a retrieval
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.lin = torch.nn.Embedding(100, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.emb(input_ids)) * attention_mask.unsqueeze(-1)
+
+    fp32 = to_onnx(Tokens().eval(), inputs(), dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}).model
+    with pytest.raises(ValueError, match="min_nn_agreement needs a 2-D graph output"):
+        quantize_transformer(fp32, feeds(2, 2, 8, 0), min_nn_agreement=0.95)
+    r = quantize_transformer(fp32, feeds(2, 2, 8, 0), fuse="plain", flavour="integer", attention_int8=False, min_cosine=0.5, repeats=1)
+    assert np.isnan(r.candidates[0].nn_agreement)  # not measured on token rows, and no warning about it

@@ -57,10 +57,14 @@ sentences; cosine / nearest-neighbour agreement to fp32, static flavour): 0.5 0.
 
 NN_AGREEMENT_WARN = 0.95
 """Nearest-neighbour agreement (:func:`nn_agreement`) under which a kept int8 graph is named in a
-:class:`RetrievalAgreementWarning` (issue 16's retrieval bound)."""
+:class:`RetrievalAgreementWarning` (issue 16's retrieval bound), on at least :data:`NN_MIN_ROWS` rows."""
+
+NN_MIN_ROWS = 100
+"""Check rows (examples) under which the agreement is too coarse to warn about (one changed neighbour in
+16 rows is 94 %): the result's notes give the figure instead."""
 
 __all__ = [
-    "NN_AGREEMENT_WARN", "SMOOTH_ALPHA", "Int8Candidate", "Int8Error", "Int8Result", "RetrievalAgreementWarning", "after_gelu", "fused_graph",
+    "NN_AGREEMENT_WARN", "NN_MIN_ROWS", "SMOOTH_ALPHA", "Int8Candidate", "Int8Error", "Int8Result", "RetrievalAgreementWarning", "after_gelu", "fused_graph",
     "linear_matmuls", "mean_cosine", "nn_agreement", "quantize_transformer",
 ]  # fmt: skip
 
@@ -85,8 +89,8 @@ class Int8Candidate:
     quantized: int  # MatMul/Gemm nodes with int8 weights
     linears: int  # MatMul/Gemm nodes with constant weights in its fp32 source
     latency_ms: float  # median over the timing batches, one batch at a time
-    cosine: float  # mean cosine of its outputs to the fp32 graph's, over the check batches (rows of the last axis)
-    nn_agreement: float = float("nan")  # nn_agreement of its output rows with the fp32 graph's, over the check batches
+    cosine: float  # mean cosine to the fp32 graph's over the check batches (rows of the last axis), its lowest output's
+    nn_agreement: float = float("nan")  # nn_agreement with the fp32 graph over the check batches, its lowest 2-D output's (NaN: none)
     accepted: bool = False
 
 
@@ -187,8 +191,22 @@ def _session(model: onnx.ModelProto, threads: int | None):  # noqa: ANN202
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _outputs(sess, feeds: Sequence[Feeds]) -> list[np.ndarray]:  # noqa: ANN001
-    return [sess.run(None, dict(f))[0] for f in feeds]
+def _outputs(sess, feeds: Sequence[Feeds]) -> list[list[np.ndarray]]:  # noqa: ANN001
+    """Every graph output on every feed: one list per output (graph order), one array per feed."""
+    return [list(o) for o in zip(*(sess.run(None, dict(f)) for f in feeds))]
+
+
+def _worst_cosine(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> float:
+    """The lowest :func:`mean_cosine` over the graph's outputs: each output (e.g. ``pooler_output`` next to
+    ``last_hidden_state``) is held to ``min_cosine``, not the first one alone."""
+    return min(mean_cosine(r, a) for r, a in zip(reference, actual))
+
+
+def _worst_nn_agreement(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> float:
+    """The lowest :func:`nn_agreement` over the graph's 2-D outputs (one row per example: a pooled embedding,
+    logits); NaN when there is none (token-level outputs are not a retrieval)."""
+    figures = [nn_agreement(r, a) for r, a in zip(reference, actual) if r and r[0].ndim == 2]
+    return min(figures) if figures else float("nan")
 
 
 def _latency_ms(sess, feeds: Sequence[Feeds], repeats: int) -> float:  # noqa: ANN001
@@ -267,12 +285,12 @@ def quantize_transformer(
     threads: int | None = None,
     repeats: int = 3,
 ) -> Int8Result:
-    """int8 graph of an fp32 encoder graph (see the module docstring): ``model`` is an ``onnx.ModelProto`` or
-    the path of an .onnx file.
+    """int8 graph of an fp32 encoder graph (see the module docstring): ``model`` is an ``onnx.ModelProto``,
+    the path of an .onnx file or what :func:`deploycompress.to_onnx` returns.
 
     ``calibration``: feed dicts ``{input name: array}`` (e.g. ``input_ids``/``attention_mask``, int64,
     (batch, sequence)) of real text; ``check`` (default: ``calibration``) the batches that time the
-    candidates and measure their mean cosine to fp32 outputs. ``fuse``: ``"auto"`` tries the plain and
+    candidates and measure their mean cosine to the fp32 outputs (every output: the lowest counts). ``fuse``: ``"auto"`` tries the plain and
     the fused graph; ``"plain"``/``"fused"`` one. ``flavour``: ``"auto"`` tries ``"qdq"``,
     ``"integer"`` and ``"dynamic"`` (:data:`.linear_int8.FLAVOURS`), or name one. ``smooth_alpha``:
     SmoothQuant migration strength (``None``: off; default :data:`SMOOTH_ALPHA`). ``keep_float``: MatMul
@@ -283,14 +301,17 @@ def quantize_transformer(
     values, :func:`.linear_int8.quantize_attention_matmuls`) in int8 too: ``False`` never, ``True`` in
     every candidate, ``"auto"`` as one more candidate, the fastest accurate one with them (on
     all-MiniLM-L6-v2 it pays at batch 8 x 128 tokens only, see BENCHMARKS.md). ``min_nn_agreement``: also
-    require :func:`nn_agreement` of the check outputs' rows with fp32 >= this (``None``: not required, but a
-    kept graph under :data:`NN_AGREEMENT_WARN` raises a :class:`RetrievalAgreementWarning`; give check
-    batches of many rows, e.g. >= 100 sentences, for a figure that means something). ``num_heads``/``hidden_size`` help the optimizer (0: detected).
+    require :func:`nn_agreement` of the check outputs' rows with fp32 >= this (every 2-D output, one row
+    per example; ``ValueError`` for a graph without one) (``None``: not required, but a
+    kept graph under :data:`NN_AGREEMENT_WARN` raises a :class:`RetrievalAgreementWarning` when the check
+    batches hold >= :data:`NN_MIN_ROWS` rows, a note otherwise). ``num_heads``/``hidden_size`` help the optimizer (0: detected).
     Raises ``ValueError`` for bad arguments (before any work) and :class:`Int8Error` when no
     candidate is accurate enough.
     """
     from .linear_int8 import FLAVOURS, attention_matmuls, collect_stats, linear_inputs, quantize_attention_matmuls, quantize_linears, smooth
 
+    if isinstance(getattr(model, "model", None), onnx.ModelProto):  # what deploycompress.to_onnx returns
+        model = model.model  # type: ignore[union-attr]
     if isinstance(model, (str, os.PathLike)):  # a path, as onnxruntime's quantizers take it
         if not Path(model).is_file():
             raise ValueError(f"model: {str(model)!r} is not a file (give an .onnx path or an onnx.ModelProto)")
@@ -323,6 +344,8 @@ def quantize_transformer(
     check = list(check or calibration)
     fp32 = _session(model, threads)
     reference = _outputs(fp32, check)
+    if min_nn_agreement is not None and not any(r[0].ndim == 2 for r in reference):
+        raise ValueError(f"min_nn_agreement needs a 2-D graph output (batch, features), e.g. a pooled embedding; the outputs have shapes {[r[0].shape for r in reference]}")
     result_notes: list[str] = []
     sources = {"plain": model} if fuse == "plain" else {}
     if fuse in ("auto", "fused"):
@@ -344,7 +367,7 @@ def quantize_transformer(
     def measure(label: str, q: onnx.ModelProto, n_linears: int) -> Int8Candidate:  # time, check, log, keep
         sess = _session(q, threads)
         got = _outputs(sess, check)
-        cand = Int8Candidate(label, q, _count_quantized(q), n_linears, _latency_ms(sess, check, repeats), mean_cosine(reference, got), nn_agreement(reference, got))
+        cand = Int8Candidate(label, q, _count_quantized(q), n_linears, _latency_ms(sess, check, repeats), _worst_cosine(reference, got), _worst_nn_agreement(reference, got))
         cand.accepted = cand.cosine >= min_cosine and (min_nn_agreement is None or cand.nn_agreement >= min_nn_agreement)
         log.info("int8 %s graph: %d/%d Linears int8, %.2f ms, cosine %.5f, NN agreement %.3f", label, cand.quantized, cand.linears, cand.latency_ms, cand.cosine, cand.nn_agreement)
         candidates.append(cand)
@@ -406,7 +429,11 @@ def quantize_transformer(
     if best.quantized < best.linears:
         result_notes.append(f"{best.name}: {best.linears - best.quantized} of {best.linears} Linears stay float")
     result_notes.append(f"kept the {best.name} graph: {best.latency_ms:.2f} ms vs fp32 {fp32_ms:.2f} ms, cosine {best.cosine:.5f}, NN agreement {best.nn_agreement:.3f}")
-    if min_nn_agreement is None and best.nn_agreement < NN_AGREEMENT_WARN:  # NaN (too few rows) compares False
+    rows = min((sum(len(x) for x in r) for r in reference if r and r[0].ndim == 2), default=0)
+    if min_nn_agreement is None and best.nn_agreement < NN_AGREEMENT_WARN and rows < NN_MIN_ROWS:  # NaN compares False
+        result_notes.append(f"{best.name}: NN agreement {best.nn_agreement:.1%} on {rows} check rows, too few to judge retrieval (>= {NN_MIN_ROWS} give a figure)")
+        log.info(result_notes[-1])
+    elif min_nn_agreement is None and best.nn_agreement < NN_AGREEMENT_WARN:
         better = [c for c in ok if c.nn_agreement >= NN_AGREEMENT_WARN]
         msg = (f"the kept int8 graph {best.name} keeps cosine {best.cosine:.4f} but only {best.nn_agreement:.1%} of the check rows keep their "
                f"nearest neighbour (< {NN_AGREEMENT_WARN:.0%})"

@@ -357,17 +357,22 @@ probabilities times ``V``, its input A a ``Softmax`` output, see :func:`attentio
 
 def attention_probabilities(model: onnx.ModelProto, tensor: str) -> bool:
     """Whether ``tensor`` is a ``Softmax`` output, directly or through what leaves its values as they are:
-    ``Identity``, ``Dropout`` (inference), or the NaN guard ``Where(IsNaN(p), c, p)`` that DistilBERT's
-    attention writes (``p`` the ``Softmax`` output, ``c`` a constant; it changes nothing but NaNs)."""
+    ``Identity``, ``Cast``, ``Dropout`` (inference), or the NaN guard ``Where(IsNaN(p), c, p)`` that the
+    export of ``scaled_dot_product_attention`` writes (``transformers``' default ``attn_implementation="sdpa"``,
+    DistilBERT's; ``p`` the ``Softmax`` output, ``c`` a constant: it changes nothing but NaNs)."""
     producer = {o: n for n in model.graph.node for o in n.output}
     consts = set(_inits(model)) | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return _probabilities(producer, consts, tensor)
+
+
+def _probabilities(producer: Mapping[str, onnx.NodeProto], consts: set[str], tensor: str) -> bool:
     for _ in range(4):
         p = producer.get(tensor)
         if p is None:
             return False
         if p.op_type == "Softmax":
             return True
-        if p.op_type in ("Identity", "Dropout"):
+        if p.op_type in ("Identity", "Cast", "Dropout"):
             tensor = p.input[0]
             continue
         if p.op_type == "Where" and len(p.input) == 3:
@@ -382,8 +387,9 @@ def attention_probabilities(model: onnx.ModelProto, tensor: str) -> bool:
 def attention_matmuls(model: onnx.ModelProto) -> dict[str, str]:
     """``{MatMul node name: "scores" | "context"}`` for the MatMuls whose two inputs are activations (no
     initializer, no Transpose of one): ``"context"`` when input A holds attention probabilities
-    (:func:`attention_probabilities`: BERT's, RoBERTa's, MiniLM's ``Softmax`` output, DistilBERT's
-    NaN-guarded one), else ``"scores"``."""
+    (:func:`attention_probabilities`: a ``Softmax`` output, directly or through the ``Where(IsNaN(p), 0, p)``
+    that the export of ``scaled_dot_product_attention`` -- ``transformers``' default
+    ``attn_implementation="sdpa"``, DistilBERT's -- puts after it, or a ``Cast``/``Identity``/``Dropout``), else ``"scores"``."""
     consts = set(_inits(model)) | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     producer = {o: n for n in model.graph.node for o in n.output}
 
@@ -394,7 +400,7 @@ def attention_matmuls(model: onnx.ModelProto) -> dict[str, str]:
     out = {}
     for n in model.graph.node:
         if n.op_type == "MatMul" and not constant(n.input[0]) and not constant(n.input[1]):
-            out[n.name] = "context" if attention_probabilities(model, n.input[0]) else "scores"
+            out[n.name] = "context" if _probabilities(producer, consts, n.input[0]) else "scores"
     return out
 
 
