@@ -37,7 +37,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -64,7 +64,7 @@ NN_MIN_ROWS = 100
 16 rows is 94 %): the result's notes give the figure instead."""
 
 __all__ = [
-    "NN_AGREEMENT_WARN", "NN_MIN_ROWS", "SMOOTH_ALPHA", "Int8Candidate", "Int8Error", "Int8Result", "RetrievalAgreementWarning", "after_gelu", "fused_graph",
+    "NN_AGREEMENT_WARN", "NN_MIN_ROWS", "SMOOTH_ALPHA", "Int8Candidate", "Int8Error", "Int8Result", "RetrievalAgreementWarning", "after_gelu", "feed_list", "fused_graph",
     "linear_matmuls", "mean_cosine", "nn_agreement", "quantize_transformer",
 ]  # fmt: skip
 
@@ -181,6 +181,26 @@ def fused_graph(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0
     return out
 
 
+def feed_list(feeds: Any, what: str, names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """``feeds`` as a list of ``{input name: numpy array}``, read once: a list, generator or DataLoader of dicts
+    (torch tensors become arrays) or of tuples in the graph's input order ``names``; one dict is one feed.
+    ``ValueError`` naming the item and what to pass otherwise (a generator used to be consumed by the input check
+    and calibrate on nothing: ``KeyError`` of a tensor name)."""
+    if isinstance(feeds, Mapping):
+        feeds = [feeds]
+    out = []
+    for i, f in enumerate(feeds):
+        if isinstance(f, (tuple, list)):
+            if len(f) != len(names):
+                raise ValueError(f"{what} item {i} is a {type(f).__name__} of {len(f)}; the graph reads {list(names)} (in this order): "
+                                 "pass that many arrays or dicts keyed by input name")
+            f = dict(zip(names, f))
+        if not isinstance(f, Mapping):
+            raise ValueError(f"{what} item {i} is a {type(f).__name__}; pass dicts {{input name: array}} (e.g. {list(names)})")
+        out.append({k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in f.items()})
+    return out
+
+
 def _session(model: onnx.ModelProto, threads: int | None):  # noqa: ANN202
     import onnxruntime as ort
 
@@ -289,7 +309,8 @@ def quantize_transformer(
     the path of an .onnx file or what :func:`deploycompress.to_onnx` returns.
 
     ``calibration``: feed dicts ``{input name: array}`` (e.g. ``input_ids``/``attention_mask``, int64,
-    (batch, sequence)) of real text; ``check`` (default: ``calibration``) the batches that time the
+    (batch, sequence)) of real text, as a list, generator or DataLoader (read once, :func:`feed_list`; torch tensors
+    and tuples in the graph's input order are taken too); ``check`` (default: ``calibration``) the batches that time the
     candidates and measure their mean cosine to the fp32 outputs (every output: the lowest counts). ``fuse``: ``"auto"`` tries the plain and
     the fused graph; ``"plain"``/``"fused"`` one. ``flavour``: ``"auto"`` tries ``"qdq"``,
     ``"integer"`` and ``"dynamic"`` (:data:`.linear_int8.FLAVOURS`), or name one. ``smooth_alpha``:
@@ -311,7 +332,7 @@ def quantize_transformer(
     from .linear_int8 import FLAVOURS, attention_matmuls, collect_stats, linear_inputs, quantize_attention_matmuls, quantize_linears, smooth
 
     if isinstance(getattr(model, "model", None), onnx.ModelProto):  # what deploycompress.to_onnx returns
-        model = model.model  # type: ignore[union-attr]
+        model = model.model
     if isinstance(model, (str, os.PathLike)):  # a path, as onnxruntime's quantizers take it
         if not Path(model).is_file():
             raise ValueError(f"model: {str(model)!r} is not a file (give an .onnx path or an onnx.ModelProto)")
@@ -328,6 +349,10 @@ def quantize_transformer(
         raise ValueError(f"attention_int8 must be True, False or 'auto', got {attention_int8!r}")
     if smooth_alpha is not None and not 0.0 <= smooth_alpha <= 1.0:
         raise ValueError(f"smooth_alpha must be in [0, 1] or None, got {smooth_alpha}")
+    initializers = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in initializers]
+    calibration = feed_list(calibration, "calibration", names)
+    check = None if check is None else feed_list(check, "check", names)
     if not calibration:
         raise ValueError("calibration needs at least one feed dict of real inputs")
     if not 0.0 < min_cosine <= 1.0:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batches import batch_list
 from ..pruning.reconstruct import ReconstructionResult, _capture, reconstruct
 from .importance import _layers, layer_masks
 
@@ -170,7 +171,7 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
     for what, v in (("head_sparsity", head_sparsity), ("ffn_sparsity", ffn_sparsity)):
         if not 0.0 <= v < 1.0:
             raise ValueError(f"reconstruction_masks: {what} must be in [0, 1), got {v}")
-    batches = list(batches)
+    batches = batch_list(batches, "batches")
     if not batches:
         raise ValueError("reconstruction_masks: no batches given; pass a few calibration inputs")
     prefix, layers = _layers(dense)
