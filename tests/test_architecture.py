@@ -13,8 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-importlinter_cli = pytest.importorskip("importlinter.cli")
+from importlinter import cli as importlinter_cli  # the `test` extra installs import-linter
 
 ROOT = Path(__file__).resolve().parents[1]
 
