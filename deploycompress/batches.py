@@ -21,11 +21,16 @@ PAIRS_HINT = ("Each item of the data is what the model is called with; for (inpu
 def batch_list(batches: Any, what: str = "batches") -> list:
     """``batches`` (a list, generator or DataLoader of items) as a list, read once. A single tensor or a single dict is
     refused with a ``ValueError`` naming the fix: iterating it would feed one sample at a time without its batch
-    axis, or the dict's keys."""
+    axis, or the dict's keys. A tuple of tensors is refused too: it could be one batch of several
+    inputs or several batches of one, and guessing would be silent when wrong."""
     if hasattr(batches, "dim") and hasattr(batches, "shape"):  # a torch.Tensor (nothing is imported here)
         raise ValueError(f"{what} is a single tensor {tuple(batches.shape)}; pass a list of batches, e.g. list({what}.split(32))")
     if isinstance(batches, Mapping):
         raise ValueError(f"{what} is one dict (keys {list(batches)[:3]}); pass a list of batches, e.g. [{what}]")
+    if isinstance(batches, tuple) and batches and all(hasattr(b, "dim") and hasattr(b, "shape") for b in batches):
+        raise ValueError(f"{what} is a tuple of {len(batches)} tensors, which reads as {len(batches)} batches of one input "
+                         f"each but looks like one batch of {len(batches)} inputs (e.g. (input_ids, attention_mask)); "
+                         f"pass [{what}] for one batch of several inputs, or a list for several batches")
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
         raise ValueError(f"{what} must be an iterable of input batches (tensors, tuples or dicts of tensors), got {type(batches).__name__}")
     return list(batches)

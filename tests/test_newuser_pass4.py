@@ -262,6 +262,26 @@ def test_one_batch_given_as_the_batches_is_refused_by_name():
             call()
 
 
+def test_a_tuple_of_tensors_as_the_batches_is_refused_by_name():
+    """``(input_ids, attention_mask)`` passed where a list of batches goes was read as two batches: the ids alone,
+    then the mask as ids, and the fit or the distillation ran on that without a word. A tuple of tensors is now
+    refused with both readings named; ``[(ids, mask)]`` and a list of tensors still work."""
+    from deploycompress.batches import batch_list
+    from deploycompress.hf.importance import encoder_importance
+    from deploycompress.pruning.distill import distill
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=16,
+        max_position_embeddings=40)).eval()  # fmt: skip
+    f = _feeds(2, 8, 0)
+    pair = (torch.as_tensor(f["input_ids"]), torch.as_tensor(f["attention_mask"]))
+    for call in (lambda: encoder_importance(bert, pair), lambda: distill(copy.deepcopy(bert), bert, pair, steps=1)):
+        with pytest.raises(ValueError, match=r"batches is a tuple of 2 tensors.*pass \[batches\] for one batch of several inputs"):
+            call()
+    assert len(batch_list([pair])) == 1 and len(batch_list([pair[0], pair[0]])) == 2
+
+
 def test_plain_least_squares_with_a_dead_channel():
     """``reconstruct(..., ridge=0)`` ("plain least squares", as documented) on a layer with a dead ReLU channel failed
     with ``LinAlgError: ... singular`` after the data was collected; ReconstructionPruner had a floor for this, reconstruct

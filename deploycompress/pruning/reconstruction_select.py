@@ -233,22 +233,12 @@ class ReconstructionPruner(ChannelPruner):
                 budgets.setdefault(key, []).append(layer)
         if budgets:
             acc: dict[str, dict] = {n: {} for names in budgets.values() for n in names}
-            handles = []
-            for layer in acc:
-                m = dense.get_submodule(self.consumers[layer])
 
-                def hook(mod, inp, out, a=acc[layer], name=self.consumers[layer]):  # noqa: ANN001, ANN202
-                    x, _ = _rows(mod, inp[0].detach(), out.detach(), name)
-                    _moments(x, None, a)
+            def hook(a: dict, name: str):  # noqa: ANN202
+                return lambda mod, inp, out: _moments(_rows(mod, inp[0].detach(), out.detach(), name)[0], None, a)
 
-                handles.append(m.register_forward_hook(hook))
-            try:
-                with torch.no_grad():
-                    for b in tqdm(self.batches, desc="reconstruction allocation", unit="batch", leave=False, disable=self._quiet()):
-                        _call(dense, b)
-            finally:
-                for h in handles:
-                    h.remove()
+            self._run_hooked(dense, [(self.consumers[layer], hook(a, self.consumers[layer])) for layer, a in acc.items()],
+                             self.batches, "reconstruction allocation")
             curves = {}
             for layer, a in acc.items():
                 theta0 = _theta(dense.get_submodule(self.consumers[layer]))
@@ -288,6 +278,18 @@ class ReconstructionPruner(ChannelPruner):
     def _quiet(self) -> bool | None:
         return None if self.progress is None else not self.progress
 
+    def _run_hooked(self, model: nn.Module, hooks: Sequence[tuple[str, Any]], batches: Sequence, desc: str) -> None:
+        """Run ``model`` on ``batches`` without gradients (a progress bar named ``desc``) with each ``(module name,
+        forward hook)`` of ``hooks`` registered; the hooks are removed afterwards, also when a batch fails."""
+        handles = [model.get_submodule(name).register_forward_hook(fn) for name, fn in hooks]
+        try:
+            with torch.no_grad():
+                for b in tqdm(batches, desc=desc, unit="batch", leave=False, disable=self._quiet()):
+                    _call(model, b)
+        finally:
+            for h in handles:
+                h.remove()
+
     # ------------------------------------------------------------------ pipeline
     def _prepare(self) -> None:
         was_training = self.model.training
@@ -313,14 +315,8 @@ class ReconstructionPruner(ChannelPruner):
         """The dense outputs of ``names`` on every batch, from one pass, for as many layers (in order) as fit in
         ``cache_mb``; the others are captured layer by layer."""
         sizes: dict[str, int] = {}
-        hooks = [dense.get_submodule(n).register_forward_hook(lambda _m, _i, out, n=n: sizes.__setitem__(n, out.numel() * out.element_size()))
-                 for n in names]  # fmt: skip
-        try:
-            with torch.no_grad():
-                _call(dense, self.batches[0])
-        finally:
-            for h in hooks:
-                h.remove()
+        self._run_hooked(dense, [(n, lambda _m, _i, out, n=n: sizes.__setitem__(n, out.numel() * out.element_size())) for n in names],
+                         self.batches[:1], "dense output sizes")
         keep, total = [], 0.0
         for n in names:
             total += sizes.get(n, 0) * len(self.batches) / 2**20
@@ -330,14 +326,7 @@ class ReconstructionPruner(ChannelPruner):
         if not keep:
             return {}
         out: dict[str, list[torch.Tensor]] = {n: [] for n in keep}
-        hooks = [dense.get_submodule(n).register_forward_hook(lambda _m, _i, y, n=n: out[n].append(y.detach().clone())) for n in keep]
-        try:
-            with torch.no_grad():
-                for b in tqdm(self.batches, desc="dense targets", unit="batch", leave=False, disable=self._quiet()):
-                    _call(dense, b)
-        finally:
-            for h in hooks:
-                h.remove()
+        self._run_hooked(dense, [(n, lambda _m, _i, y, n=n: out[n].append(y.detach().clone())) for n in keep], self.batches, "dense targets")
         log.info("%s: dense outputs of %d of %d layers kept (%.0f MB)", type(self).__name__, len(keep), len(names),
                  sum(t.numel() * t.element_size() for v in out.values() for t in v) / 2**20)
         return out
