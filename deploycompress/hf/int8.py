@@ -347,6 +347,8 @@ def quantize_transformer(
         raise ValueError(f"float_after_gelu must be True, False or 'auto', got {float_after_gelu!r}")
     if attention_int8 not in (True, False, "auto"):
         raise ValueError(f"attention_int8 must be True, False or 'auto', got {attention_int8!r}")
+    if isinstance(smooth_alpha, bool):  # False would read as alpha 0, which still smooths
+        raise ValueError(f"smooth_alpha must be a number in [0, 1] or None (None: no SmoothQuant), got {smooth_alpha!r}")
     if smooth_alpha is not None and not 0.0 <= smooth_alpha <= 1.0:
         raise ValueError(f"smooth_alpha must be in [0, 1] or None, got {smooth_alpha}")
     initializers = {i.name for i in model.graph.initializer}
@@ -355,10 +357,10 @@ def quantize_transformer(
     check = None if check is None else feed_list(check, "check", names)
     if not calibration:
         raise ValueError("calibration needs at least one feed dict of real inputs")
-    if not 0.0 < min_cosine <= 1.0:
-        raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine}")
-    if min_nn_agreement is not None and not 0.0 < min_nn_agreement <= 1.0:
-        raise ValueError(f"min_nn_agreement must be in (0, 1] or None, got {min_nn_agreement}")
+    if isinstance(min_cosine, bool) or not 0.0 < min_cosine <= 1.0:
+        raise ValueError(f"min_cosine must be a number in (0, 1], got {min_cosine!r}")
+    if min_nn_agreement is not None and (isinstance(min_nn_agreement, bool) or not 0.0 < min_nn_agreement <= 1.0):
+        raise ValueError(f"min_nn_agreement must be a number in (0, 1] or None, got {min_nn_agreement!r}")
     unknown = sorted(set(keep_float) - set(linear_matmuls(model)))
     if unknown:
         raise ValueError(f"keep_float names {unknown[:3]}, not Linear MatMuls of this graph (see linear_matmuls(model))")
@@ -371,6 +373,10 @@ def quantize_transformer(
     reference = _outputs(fp32, check)
     if min_nn_agreement is not None and not any(r[0].ndim == 2 for r in reference):
         raise ValueError(f"min_nn_agreement needs a 2-D graph output (batch, features), e.g. a pooled embedding; the outputs have shapes {[r[0].shape for r in reference]}")
+    rows = min((sum(len(x) for x in r) for r in reference if r and r[0].ndim == 2), default=0)  # examples in the check batches
+    if min_nn_agreement is not None and rows < 3:  # nn_agreement is NaN: every candidate would fail, late and unexplained
+        raise ValueError(f"min_nn_agreement needs at least 3 rows (examples) in the check batches to find nearest neighbours, got "
+                         f"{rows}: pass more check batches (>= {NN_MIN_ROWS} rows give a figure)")
     result_notes: list[str] = []
     sources = {"plain": model} if fuse == "plain" else {}
     if fuse in ("auto", "fused"):
@@ -432,7 +438,9 @@ def quantize_transformer(
                 break
             if float_after_gelu == "auto" and not keep_gelu and gelu:
                 result_notes.append(
-                    f"{name}: with every Linear in int8 no flavour reaches cosine {min_cosine}; trying the {len(gelu)} Linears after GELU in float"
+                    f"{name}: with every Linear in int8 no flavour reaches cosine {min_cosine}"
+                    + (f" and NN agreement {min_nn_agreement}" if min_nn_agreement is not None else "")
+                    + f"; trying the {len(gelu)} Linears after GELU in float"
                 )
                 log.warning(result_notes[-1])
     ok = [c for c in candidates if c.accepted]
@@ -454,7 +462,6 @@ def quantize_transformer(
     if best.quantized < best.linears:
         result_notes.append(f"{best.name}: {best.linears - best.quantized} of {best.linears} Linears stay float")
     result_notes.append(f"kept the {best.name} graph: {best.latency_ms:.2f} ms vs fp32 {fp32_ms:.2f} ms, cosine {best.cosine:.5f}, NN agreement {best.nn_agreement:.3f}")
-    rows = min((sum(len(x) for x in r) for r in reference if r and r[0].ndim == 2), default=0)
     if min_nn_agreement is None and best.nn_agreement < NN_AGREEMENT_WARN and rows < NN_MIN_ROWS:  # NaN compares False
         result_notes.append(f"{best.name}: NN agreement {best.nn_agreement:.1%} on {rows} check rows, too few to judge retrieval (>= {NN_MIN_ROWS} give a figure)")
         log.info(result_notes[-1])
