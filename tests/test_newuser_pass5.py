@@ -119,6 +119,8 @@ def test_mixed_views_index_like_a_list() -> None:
         mv[3]
     with pytest.raises(IndexError):
         mv[-4]
+    with pytest.raises(ValueError, match="int steps"):
+        MixedViews([_rgb_image()], steps=2.0, batch=2)  # len() would raise TypeError in the middle of distill
 
 
 # --- examples/efficientnet_lite0.py: flags that would fail or be ignored after minutes are refused at once ------

@@ -108,7 +108,9 @@ def random_crops(images: dict[str, np.ndarray], n: int, *, size: int = 224, seed
     """``n`` random views of ``images`` (uniform over the images) for unlabelled training: torchvision's
     ``RandomResizedCrop(size, scale)`` (Inception's crop: area share ``scale``, aspect 3/4-4/3), a random
     horizontal flip and ``ColorJitter(jitter, jitter, jitter)``, then ImageNet normalisation as :func:`crops`;
-    seeded, ``(n, 3, size, size)`` float32. Never feed them views of the photos you evaluate on."""
+    seeded, ``(n, 3, size, size)`` float32. ``images``: name -> image or a list, each as :func:`_rgb` reads it (grey,
+    RGBA, channels-first tensors, float in [0, 1], PIL; ``ValueError`` naming the image otherwise). Never feed them
+    views of the photos you evaluate on."""
     if n < 1 or not images:
         raise ValueError(f"random_crops needs n >= 1 and at least one image, got n={n} and {len(images)} images")
     return views_of(image_tensors(images), n, size=size, seed=seed, scale=scale, jitter=jitter)
@@ -159,7 +161,8 @@ def split_photos(images: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], 
 
 def crops(images: dict[str, np.ndarray], size: int = 224, mirror: bool = True, per_photo: int | None = None) -> torch.Tensor:
     """Every :data:`CROPS` entry (the first ``per_photo`` of them) of every photo and, with ``mirror``, its mirror
-    image, resized (bilinear, antialiased) and ImageNet-normalised: ``(N, 3, size, size)`` float32."""
+    image, resized (bilinear, antialiased) and ImageNet-normalised: ``(N, 3, size, size)`` float32. ``images`` as
+    :func:`random_crops` takes them."""
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     out = []
     for im in _image_list(images):  # grey, RGBA, float, PIL: as random_crops reads them

@@ -37,13 +37,16 @@ class MixedViews(Sequence):
     per batch; ``"none"``: the views unmixed. No labels are involved: function matching distils the teacher's
     output on whatever it is shown. Never give it the photos you evaluate on.
 
-    Raises ``ValueError`` for an unknown ``mix``, ``steps``/``batch`` < 1 (``batch`` < 2 with mixing) or no images.
+    Raises ``ValueError`` for an unknown ``mix``, ``steps``/``batch`` not ints >= 1 (``batch`` < 2 with mixing), no
+    images or an image it cannot read safely (e.g. float in [0, 255]), at construction.
     """
 
     def __init__(self, images: dict[str, np.ndarray], steps: int, batch: int, *, seed: int = 1000, mix: str = "mixup", alpha: float = 1.0,
                  size: int = 224, scale: tuple[float, float] = (0.1, 1.0), jitter: float = 0.3) -> None:  # fmt: skip
         if mix not in MIXES:
             raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (steps, batch)):
+            raise ValueError(f"MixedViews needs int steps and batch, got steps={steps!r}, batch={batch!r}")
         if steps < 1 or batch < (2 if mix != "none" else 1):
             raise ValueError(f"MixedViews needs steps >= 1 and batch >= {2 if mix != 'none' else 1} (mix={mix!r}), got steps={steps}, batch={batch}")
         if not images:
