@@ -51,6 +51,19 @@ def test_min_nn_agreement_with_a_batch_1_check_set_is_refused_up_front() -> None
             quantize_transformer(fp32, feeds(2, 2, 8, 0), **kw, **bad)
 
 
+def test_nn_agreement_counts_a_tie_in_the_reference_as_the_same_neighbour() -> None:
+    """One sentence three times (rows 0-2): in fp32 they are equally near each other; int8 noise that picks row 2 instead
+    of row 1 keeps the neighbour (it was counted as changed: 0.5 here). Row 4 really changes (its neighbour 3 -> 5)."""
+    from deploycompress.hf.int8 import nn_agreement
+
+    ref = np.array([[1.0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0.9, 0.1], [0, 0, 1]])
+    act = ref.copy()
+    act[1], act[2], act[4] = [1, 0, 1e-3], [1, 0, 1e-4], [0, 0.1, 0.9]
+    # by hand: reference neighbour sets {1,2} {0,2} {0,1} {4} {3} {4}; actual picks 2, 2, 0, 4, 5, 4
+    assert nn_agreement([ref], [act]) == pytest.approx(5 / 6)
+    assert nn_agreement([ref[:3], ref[3:]], [act[:3], act[3:]]) == pytest.approx(5 / 6)  # rows of the batches together
+
+
 # --- batches.batch_list: numpy arrays and Datasets are read sample by sample; refused by name -------------------
 
 
