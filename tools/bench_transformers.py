@@ -46,6 +46,7 @@ import torch
 
 import deploycompress as dc
 from deploycompress.hf import Encoder
+from deploycompress.hf.distill_losses import AttentionRelationLoss
 from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import SMOOTH_ALPHA, linear_matmuls, mean_cosine, quantize_transformer
 from deploycompress.hf.linear_int8 import collect_stats, input_kinds, linear_inputs, quantize_attention_matmuls, quantize_linears, smooth
@@ -194,6 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=300, help="distillation steps for (c)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the layer-wise hidden-state MSE (0: pooled output only)")
+    p.add_argument("--relation-weight", type=float, default=0.0,
+                   help="weight of MiniLMv2's Q-Q/K-K/V-V self-attention relation KL (hf.distill_losses; 0: off)")
+    p.add_argument("--relation-layers", default="all", help="layers whose relations are transferred: all, last, or indices joined by ',' (e.g. 3,5)")
+    p.add_argument("--relation-heads", type=int, default=12, help="relation heads (divides 384 and the pruned 192)")
     p.add_argument("--save-student", type=Path, help="save the distilled student's masks and weights here")
     p.add_argument("--student", type=Path, help="load masks and weights saved by --save-student instead of distilling")
     p.add_argument("--distill-only", action="store_true", help="stop after distillation (with --save-student)")
@@ -323,9 +328,14 @@ def main(argv: list[str] | None = None) -> dict:
         text = sorted(text, key=lambda s: len(tok.tokenize(s)))  # batches of similar length: little padding
         d_batches = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, text, 16, None)]
         d_batches = [d_batches[i] for i in np.random.default_rng(1).permutation(len(d_batches))]
+        rel_layers = None if args.relation_layers == "all" else [n - 1] if args.relation_layers == "last" else [int(i) for i in args.relation_layers.split(",")]
+        rel = AttentionRelationLoss(pruned_student, teacher, layers=rel_layers, heads=args.relation_heads) if args.relation_weight and args.steps else None
         d = distill(pruned_student, teacher, d_batches, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers,
-                    hidden_weight=args.hidden_weight, progress=True) if args.steps else None  # fmt: skip
+                    hidden_weight=args.hidden_weight, progress=True, extra_loss=rel, extra_weight=args.relation_weight) if args.steps else None  # fmt: skip
+        if rel is not None:
+            rel.remove()
         results["c_distill"] = {"steps": args.steps, "lr": args.lr, "hidden_weight": args.hidden_weight, "sentences": len(text),
+                                "relation_weight": args.relation_weight, "relation_layers": args.relation_layers, "relation_heads": args.relation_heads,
                                 "bias_compensation": args.bias_compensation, "loss_first": d.first_loss if d else None,
                                 "loss_last": d.last_loss if d else None, "seconds": time.perf_counter() - t, "extra_offset": args.extra_offset,
                                 "resumed_from": previous, "start": results["c_start"]}  # fmt: skip

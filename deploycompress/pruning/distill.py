@@ -136,6 +136,8 @@ def distillation_step(
     hidden_weight: float = 1.0,
     student: nn.Module | None = None,
     temperature: float = 1.0,
+    extra_loss: Callable[[Any], torch.Tensor] | None = None,
+    extra_weight: float = 1.0,
 ) -> Callable[[Any, nn.Module], torch.Tensor]:
     """``training_step(batch, student) -> loss`` against ``teacher`` (run in eval mode, without grads).
 
@@ -143,6 +145,8 @@ def distillation_step(
     ``hidden_weight`` x the mean over those submodules of the MSE between their outputs (same shapes
     needed: e.g. each encoder layer's hidden states, which head/FFN pruning leaves at full width);
     ``student`` is then required to place the hooks (they stay for the life of the step function).
+    ``extra_loss(batch)``, called after both models ran on ``batch``, adds ``extra_weight`` x its value (a term
+    that reads its own hooks, e.g. :class:`deploycompress.hf.distill_losses.AttentionRelationLoss`).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -151,6 +155,8 @@ def distillation_step(
         raise ValueError("hidden-state matching needs the student module (distillation_step(..., student=model))")
     if hidden_weight < 0:
         raise ValueError(f"hidden_weight must be >= 0, got {hidden_weight}")
+    if extra_weight < 0:
+        raise ValueError(f"extra_weight must be >= 0, got {extra_weight}")
     s_taps = _Taps(student, list(pairs), "the student") if pairs else None
     t_taps = _Taps(teacher, list(pairs.values()), "the teacher") if pairs else None
 
@@ -165,6 +171,8 @@ def distillation_step(
                 distillation_loss(s_taps.outputs[s], t_taps.outputs[t], "mse") for s, t in pairs.items()
             ]  # fmt: skip
             value = value + hidden_weight * sum(terms) / len(terms)
+        if extra_loss is not None and extra_weight:
+            value = value + extra_weight * extra_loss(batch)
         return value
 
     step.remove_hooks = lambda: [t.remove() for t in (s_taps, t_taps) if t is not None]  # type: ignore[attr-defined]
@@ -196,6 +204,8 @@ def distill(
     progress: bool = True,
     train_mode: bool = True,
     temperature: float = 1.0,
+    extra_loss: Callable[[Any], torch.Tensor] | None = None,
+    extra_weight: float = 1.0,
 ) -> DistillResult:
     """Fine-tune ``student`` in place to match ``teacher``'s outputs on ``batches`` (cycled for ``steps``).
 
@@ -217,6 +227,10 @@ def distill(
     ``loss="kl"`` distils logits by Hinton et al.'s softened KL at ``temperature``. ``batches`` may be a
     lazy ``Sequence`` (``__len__`` + ``__getitem__``, e.g. fresh random crops per index): batch ``i % len``
     is fetched at step ``i`` and not kept.
+
+    ``extra_loss``/``extra_weight``: a further term computed from the batch after both forward passes
+    (:func:`distillation_step`), e.g. MiniLMv2's attention relations
+    (:class:`deploycompress.hf.distill_losses.AttentionRelationLoss`).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -238,7 +252,8 @@ def distill(
         raise ValueError("the student has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = _schedule(opt, schedule, steps)
-    step_fn = distillation_step(teacher, loss, hidden=hidden, hidden_weight=hidden_weight, student=student, temperature=temperature)
+    step_fn = distillation_step(teacher, loss, hidden=hidden, hidden_weight=hidden_weight, student=student, temperature=temperature,
+                                extra_loss=extra_loss, extra_weight=extra_weight)
     result = DistillResult(steps)
     student.train(train_mode)
     try:
