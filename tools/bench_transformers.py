@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="which heads/FFN channels (c) removes: output-norm scores (hf.importance) or what a least-squares refit rebuilds best (hf.refit.reconstruction_masks, refits too)")
     p.add_argument("--refit", action="store_true", help="least-squares refit of every output Linear towards the dense model before distilling (hf.refit.refit_encoder)")
     p.add_argument("--refit-ridge", type=float, default=1e-3, help="ridge of the refit (relative, towards the sliced weights)")
+    p.add_argument("--absorb-residual", action="store_true",
+                   help="selection/refit target the dense pre-LayerNorm sum Y_dense + r_dense - r_student (each output Linear absorbs upstream drift)")
     p.add_argument("--refit-sentences", type=int, default=0, help="calibration sentences for selection/refit: 0 = the training sentences; more come from hf.text.source_sentences")
     p.add_argument("--budget", type=float, default=120, help="seconds of timing per shape (rounds over all variants, cycling orders)")
     p.add_argument("--threads", type=int, default=1)
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     if saved is not None and "masks" in saved:  # the masks the student was made with (a reconstruction selection is not recomputed)
         c_masks = saved["masks"]
     elif args.selection == "reconstruction" and not args.student:
-        sel = reconstruction_masks(teacher, refit_batches(), 0.5, 0.5, ridge=args.refit_ridge, progress=True)
+        sel = reconstruction_masks(teacher, refit_batches(), 0.5, 0.5, ridge=args.refit_ridge, progress=True, absorb_residual=args.absorb_residual)
         c_masks = sel.masks
     else:
         c_masks = importance_masks(teacher, encoder_importance(teacher, longest[:20]), 0.5, 0.5)
@@ -292,13 +294,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.bias_compensation and not args.student:
         apply_bias_compensation(pruned_student, bias_compensation(teacher, c_masks, longest[:20]))
     kept = {k: v["bias"].nonzero().flatten().tolist() for k, v in c_masks.items() if k.endswith("query")}
-    results["c_start"] = {"selection": "saved" if saved is not None and "masks" in saved else args.selection, "refit": args.refit, "refit_ridge": args.refit_ridge}
+    results["c_start"] = {"selection": "saved" if saved is not None and "masks" in saved else args.selection, "refit": args.refit, "refit_ridge": args.refit_ridge, "absorb_residual": args.absorb_residual}
     if not args.student and not args.resume:
         if args.selection == "reconstruction":
             pruned_student = sel.model  # already refitted, layer by layer
             results["c_start"]["refit_errors"] = sel.errors
         elif args.refit:
-            fit = refit_encoder(teacher, pruned_student, refit_batches(), ridge=args.refit_ridge, progress=True)
+            fit = refit_encoder(teacher, pruned_student, refit_batches(), ridge=args.refit_ridge, progress=True, absorb_residual=args.absorb_residual)
             pruned_student = fit.model
             results["c_start"]["refit_errors"] = {f.pruned: f.error_after for f in fit.layers}
         with torch.no_grad():

@@ -33,12 +33,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..pruning.reconstruct import ReconstructionResult, _capture, reconstruct
+from ..pruning.reconstruct import ReconstructionResult, _capture, _capture_residual, reconstruct
 from .importance import _layers, layer_masks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SelectionResult", "obs_remove", "output_linears", "reconstruction_masks", "refit_encoder"]
+__all__ = ["SelectionResult", "obs_remove", "output_linears", "reconstruction_masks", "refit_encoder", "residual_inputs"]
 
 
 def output_linears(model: nn.Module) -> list[str]:
@@ -49,8 +49,15 @@ def output_linears(model: nn.Module) -> list[str]:
     return [f"{prefix}.{i}.{n}" for i in range(len(layers)) for n in ("attention.output.dense", "output.dense")]
 
 
+def residual_inputs(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """``{output Linear: (its parent module, 1)}`` for :func:`output_linears`: in BERT-family layers the parent
+    (``attention.output`` / ``output``) is called as ``(hidden_states, input_tensor)`` and adds the residual
+    ``input_tensor`` before its LayerNorm (``reconstruct(..., residuals=)`` takes this)."""
+    return {n: (n.rsplit(".", 1)[0], 1) for n in output_linears(model)}
+
+
 def refit_encoder(dense: nn.Module, pruned: nn.Module, batches: Sequence[Any], ridge: float = 1e-3,
-                  progress: bool | None = None) -> ReconstructionResult:
+                  progress: bool | None = None, absorb_residual: bool = False) -> ReconstructionResult:
     """Least-squares refit of ``pruned``'s output Linears (:func:`output_linears`) towards ``dense`` (module docstring).
 
     ``dense``: the unpruned model (e.g. :class:`~deploycompress.hf.Encoder` of a ``BertModel``); ``pruned``: the
@@ -60,6 +67,8 @@ def refit_encoder(dense: nn.Module, pruned: nn.Module, batches: Sequence[Any], r
     sentences of similar length). ``ridge``: relative weight pulling each refitted ``W`` (hidden, kept) towards the
     sliced weights. Returns a :class:`~deploycompress.pruning.reconstruct.ReconstructionResult` holding a new
     model; ``dense`` and ``pruned`` are not modified. Bias compensation is part of the fit (the intercept).
+    ``absorb_residual``: fit each output Linear to the dense pre-LayerNorm sum ``Y_dense + r_dense - r_student``
+    instead of ``Y_dense`` (:func:`residual_inputs`), so it also absorbs the residual drift of earlier layers.
 
     Raises ``ValueError`` (before any fitting) when a model has no ``encoder.layer`` list, the two lists differ in
     length, a pruned Linear's columns are not a subset of the dense one's, or ``batches`` is empty.
@@ -68,7 +77,8 @@ def refit_encoder(dense: nn.Module, pruned: nn.Module, batches: Sequence[Any], r
     if len(names) != len(p_names):
         raise ValueError(f"refit_encoder: the dense model has {len(names) // 2} layers and the pruned one {len(p_names) // 2}; "
                          "pass the model speedup returned for the same dense model")
-    return reconstruct(dense, pruned, list(zip(names, p_names)), batches, ridge=ridge, progress=progress)
+    return reconstruct(dense, pruned, list(zip(names, p_names)), batches, ridge=ridge, progress=progress,
+                       residuals=residual_inputs(pruned) if absorb_residual else None)
 
 
 def obs_remove(xtx: torch.Tensor, xty: torch.Tensor, groups: Sequence[Sequence[int]], remove: int,
@@ -135,13 +145,20 @@ class SelectionResult:
     kept_ffn: list[list[int]] = field(default_factory=list)
 
 
-def _moments(student: nn.Module, dense: nn.Module, name: str, batches: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[X 1]^T [X 1]`` and ``[X 1]^T Y`` (float64) of module ``name``: inputs X in ``student``, outputs Y in ``dense``."""
+def _moments(student: nn.Module, dense: nn.Module, name: str, batches: Sequence[Any],
+             residual: tuple[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[X 1]^T [X 1]`` and ``[X 1]^T Y`` (float64) of module ``name``: inputs X in ``student``, outputs Y in ``dense``
+    (with ``residual``: ``Y + r_dense - r_student``, the residual being that module input, as in ``reconstruct``)."""
     xtx = xty = None
     with torch.no_grad():
         for b in batches:
-            x, _ = _capture(student, name, b, "pruned")
-            _, y = _capture(dense, name, b, "dense")
+            if residual is None:
+                x, _ = _capture(student, name, b, "pruned")
+                _, y = _capture(dense, name, b, "dense")
+            else:
+                x, _, rs = _capture_residual(student, name, b, "pruned", residual)
+                _, y, rd = _capture_residual(dense, name, b, "dense", residual)
+                y = y + rd - rs
             x = x.reshape(-1, x.shape[-1]).double()
             x1 = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
             y = y.reshape(-1, y.shape[-1]).double()
@@ -151,7 +168,8 @@ def _moments(student: nn.Module, dense: nn.Module, name: str, batches: Sequence[
 
 
 def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity: float, ffn_sparsity: float,
-                         ridge: float = 1e-3, damp: float = 1e-6, progress: bool | None = None) -> SelectionResult:
+                         ridge: float = 1e-3, damp: float = 1e-6, progress: bool | None = None,
+                         absorb_residual: bool = False) -> SelectionResult:
     """Choose heads and FFN channels by what a least-squares refit can rebuild, layer by layer (module docstring).
 
     ``dense``: a BERT-family model with an ``encoder.layer`` list (e.g. :class:`~deploycompress.hf.Encoder`),
@@ -160,7 +178,8 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
     ``head_sparsity``/``ffn_sparsity``: the share of heads / FFN channels removed in every layer (rounded, at
     least one head and one channel stay); ``ridge``: the refit's ridge (:func:`refit_encoder`); ``damp``: the
     selection's own conditioning (:func:`obs_remove`). Cost: two partial forward passes of both models per output
-    Linear and batch for the moments, as many again for the refit.
+    Linear and batch for the moments, as many again for the refit. ``absorb_residual``: selection and refit target
+    the dense pre-LayerNorm sum (:func:`refit_encoder`).
 
     Returns a :class:`SelectionResult` (masks for ``dense``, the pruned and refitted model). Raises ``ValueError``
     for sparsities outside ``[0, 1)``, empty ``batches`` or a model without ``encoder.layer`` (before any work).
@@ -182,7 +201,8 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
         att = dense.get_submodule(f"{prefix}.{i}.attention.self")
         n, d = int(att.num_attention_heads), int(att.attention_head_size)
         name = f"{prefix}.{i}.attention.output.dense"
-        xtx, xty = _moments(student, dense, name, batches)
+        res = residual_inputs(dense) if absorb_residual else {}
+        xtx, xty = _moments(student, dense, name, batches, res.get(name))
         drop, _ = obs_remove(xtx, xty, [range(h * d, (h + 1) * d) for h in range(n)], min(n - 1, int(round(head_sparsity * n))), damp)
         keep_h = torch.ones(n, dtype=torch.bool)
         keep_h[drop] = False
@@ -192,17 +212,17 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
         att_m = {k: v for k, v in layer_m.items() if ".attention.self." in k}
         if not keep_h.all():
             student = speedup(student, att_m, example)
-        fit = reconstruct(dense, student, [name], batches, ridge=ridge, progress=False)
+        fit = reconstruct(dense, student, [name], batches, ridge=ridge, progress=False, residuals={name: res[name]} if res else None)
         student, result.errors[name] = fit.model, fit.layers[0].error_after
         name_f = f"{prefix}.{i}.output.dense"
-        xtx, xty = _moments(student, dense, name_f, batches)
+        xtx, xty = _moments(student, dense, name_f, batches, res.get(name_f))
         drop, _ = obs_remove(xtx, xty, [[j] for j in range(m)], min(m - 1, int(round(ffn_sparsity * m))), damp)
         keep_f[drop] = False
         layer_m = layer_masks(dense, prefix, i, keep_h, keep_f)
         ffn_m = {k: v for k, v in layer_m.items() if k.endswith("intermediate.dense")}
         if not keep_f.all():
             student = speedup(student, ffn_m, example)
-        fit = reconstruct(dense, student, [name_f], batches, ridge=ridge, progress=False)
+        fit = reconstruct(dense, student, [name_f], batches, ridge=ridge, progress=False, residuals={name_f: res[name_f]} if res else None)
         student, result.errors[name_f] = fit.model, fit.layers[0].error_after
         result.masks.update(layer_m)
         result.kept_heads.append(keep_h.nonzero().flatten().tolist())
