@@ -223,3 +223,40 @@ def test_refit_towards_the_dense_pre_layernorm_sum() -> None:
         from deploycompress.pruning.reconstruct import reconstruct
 
         reconstruct(dense, pruned, ["model.encoder.layer.0.output.dense"], data, residuals={"model.encoder.layer.1.output.dense": ("model.encoder.layer.1.output", 1)})
+
+
+def test_allocate_takes_the_cheapest_next_removals() -> None:
+    from deploycompress.hf.refit import allocate
+
+    curves = [[0.1, 0.2, 5.0], [0.15, 0.3], [1.0]]
+    # cheapest four steps: 0.1 (l0), 0.15 (l1), 0.2 (l0), 0.3 (l1)
+    assert allocate(curves, 4) == [2, 2, 0]
+    assert allocate(curves, 5) == [2, 2, 1]
+    assert allocate(curves, 0) == [0, 0, 0]
+    with pytest.raises(ValueError, match="allow 0..6"):
+        allocate(curves, 7)
+
+
+def test_global_allocation_takes_more_from_the_layer_of_copies() -> None:
+    """Layer 0: heads 1-3 copy head 0 (three removals are free); layer 1: four distinct heads. At 50% (4 of 8 heads)
+    the uniform rule takes 2 + 2, the global one 3 + 1 (layer 0 down to its one distinct head, cap 0.75)."""
+    dense = duplicated_bert()
+    with torch.no_grad():
+        att0 = dense.model.encoder.layer[0].attention.self
+        for lin in (att0.query, att0.key, att0.value):
+            for h in (1, 2, 3):
+                lin.weight[h * HEAD : (h + 1) * HEAD] = lin.weight[:HEAD]
+                lin.bias[h * HEAD : (h + 1) * HEAD] = lin.bias[:HEAD]
+        att1 = dense.model.encoder.layer[1].attention.self
+        g = torch.Generator().manual_seed(5)
+        for lin in (att1.query, att1.key, att1.value):
+            lin.weight[2 * HEAD :] = torch.randn(2 * HEAD, HIDDEN, generator=g) * 0.3
+    data = batches()
+    uni = reconstruction_masks(dense, data, 0.5, 0.5, ridge=1e-6)  # (two kept copies: singular without a ridge)
+    glo = reconstruction_masks(dense, data, 0.5, 0.5, ridge=1e-6, allocation="global")
+    assert [len(h) for h in uni.kept_heads] == [2, 2]
+    assert [len(h) for h in glo.kept_heads] == [1, 3]
+    assert sum(len(f) for f in glo.kept_ffn) == FFN  # the FFN total is kept too (half of 2 x 16)
+    assert glo.errors["model.encoder.layer.0.attention.output.dense"] < 1e-4
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        reconstruction_masks(dense, data, 0.5, 0.5, allocation="layerwise")

@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--refit-ridge", type=float, default=1e-3, help="ridge of the refit (relative, towards the sliced weights)")
     p.add_argument("--absorb-residual", action="store_true",
                    help="selection/refit target the dense pre-LayerNorm sum Y_dense + r_dense - r_student (each output Linear absorbs upstream drift)")
+    p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+                   help="with --selection reconstruction: the same share per layer, or the totals spread by each layer's OBS cost curve (hf.refit.allocate)")
     p.add_argument("--refit-sentences", type=int, default=0, help="calibration sentences for selection/refit: 0 = the training sentences; more come from hf.text.source_sentences")
     p.add_argument("--budget", type=float, default=120, help="seconds of timing per shape (rounds over all variants, cycling orders)")
     p.add_argument("--threads", type=int, default=1)
@@ -286,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
     if saved is not None and "masks" in saved:  # the masks the student was made with (a reconstruction selection is not recomputed)
         c_masks = saved["masks"]
     elif args.selection == "reconstruction" and not args.student:
-        sel = reconstruction_masks(teacher, refit_batches(), 0.5, 0.5, ridge=args.refit_ridge, progress=True, absorb_residual=args.absorb_residual)
+        sel = reconstruction_masks(teacher, refit_batches(), 0.5, 0.5, ridge=args.refit_ridge, progress=True, absorb_residual=args.absorb_residual,
+                                   allocation=args.allocation)
         c_masks = sel.masks
     else:
         c_masks = importance_masks(teacher, encoder_importance(teacher, longest[:20]), 0.5, 0.5)
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.bias_compensation and not args.student:
         apply_bias_compensation(pruned_student, bias_compensation(teacher, c_masks, longest[:20]))
     kept = {k: v["bias"].nonzero().flatten().tolist() for k, v in c_masks.items() if k.endswith("query")}
-    results["c_start"] = {"selection": "saved" if saved is not None and "masks" in saved else args.selection, "refit": args.refit, "refit_ridge": args.refit_ridge, "absorb_residual": args.absorb_residual}
+    results["c_start"] = {"selection": "saved" if saved is not None and "masks" in saved else args.selection, "refit": args.refit, "refit_ridge": args.refit_ridge, "absorb_residual": args.absorb_residual, "allocation": args.allocation}
     if not args.student and not args.resume:
         if args.selection == "reconstruction":
             pruned_student = sel.model  # already refitted, layer by layer

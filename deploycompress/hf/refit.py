@@ -18,7 +18,8 @@ Two steps that need no training, only forward passes on unlabelled calibration t
   solution ``W`` raises the residual by exactly ``tr(W_B^T (H^-1)_BB^-1 W_B)`` with ``H = X^T X``, and the
   solution and ``H^-1`` are updated in closed form. The chosen units are masked, ``speedup`` removes them and
   the output Linear is refitted before the next layer is measured. The same share of heads and channels goes in
-  every layer. Compare :func:`deploycompress.hf.importance.importance_masks`, which scores each unit alone by its
+  every layer, or (``allocation="global"``) each layer's share follows its cost curve, measured on the dense
+  model, with the same totals (:func:`allocate`). Compare :func:`deploycompress.hf.importance.importance_masks`, which scores each unit alone by its
   output norm and ignores what the kept units can take over.
 """
 
@@ -38,7 +39,7 @@ from .importance import _layers, layer_masks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SelectionResult", "obs_remove", "output_linears", "reconstruction_masks", "refit_encoder", "residual_inputs"]
+__all__ = ["ALLOCATIONS", "SelectionResult", "allocate", "obs_remove", "output_linears", "reconstruction_masks", "refit_encoder", "residual_inputs"]
 
 
 def output_linears(model: nn.Module) -> list[str]:
@@ -167,9 +168,55 @@ def _moments(student: nn.Module, dense: nn.Module, name: str, batches: Sequence[
     return xtx, xty
 
 
+ALLOCATIONS = ("uniform", "global")
+
+
+def allocate(curves: Sequence[Sequence[float]], total: int) -> list[int]:
+    """How many units each layer gives up so that ``total`` go in all and the summed cost is least, greedily.
+
+    ``curves[l][k]``: the cost of removing the ``(k+1)``-th unit of layer ``l`` (e.g. the normalised residual increase
+    of each :func:`obs_remove` step; ``len(curves[l])`` is the most layer ``l`` may lose). Each step takes the
+    cheapest next removal over the layers (optimal when every curve is non-decreasing). Returns the count per layer.
+    Raises ``ValueError`` when ``total`` exceeds what the curves allow or is negative.
+    """
+    if not 0 <= total <= sum(len(c) for c in curves):
+        raise ValueError(f"allocate: {total} removals asked, the curves allow 0..{sum(len(c) for c in curves)}")
+    counts = [0] * len(curves)
+    for _ in range(total):
+        best = min((l for l in range(len(curves)) if counts[l] < len(curves[l])), key=lambda l: curves[l][counts[l]])
+        counts[best] += 1
+    return counts
+
+
+def _removal_curves(dense: nn.Module, prefix: str, n_layers: int, batches: Sequence[Any], head_sparsity: float,
+                    ffn_sparsity: float, damp: float, cap: float) -> tuple[list[list[float]], list[list[float]]]:
+    """Per layer, the OBS cost of each successive head / FFN-channel removal in the dense model (inputs and targets
+    both dense), divided by the energy of that layer's centred pre-LayerNorm sum ``Y + r`` (what the LayerNorm after
+    it normalises), up to ``cap`` of the units (at least the uniform share, at most all but one)."""
+    heads, ffn = [], []
+    res = residual_inputs(dense)
+    for i in range(n_layers):
+        att = dense.get_submodule(f"{prefix}.{i}.attention.self")
+        n, d = int(att.num_attention_heads), int(att.attention_head_size)
+        m = dense.get_submodule(f"{prefix}.{i}.intermediate.dense").out_features
+        for name, groups, share, out in ((f"{prefix}.{i}.attention.output.dense", [range(h * d, (h + 1) * d) for h in range(n)], head_sparsity, heads),
+                                         (f"{prefix}.{i}.output.dense", [[j] for j in range(m)], ffn_sparsity, ffn)):
+            energy = 0.0
+            with torch.no_grad():
+                for b in batches:
+                    _, y, r = _capture_residual(dense, name, b, "dense", res[name])
+                    z = (y + r).double()
+                    energy += float((z - z.mean(-1, keepdim=True)).pow(2).sum())
+            xtx, xty = _moments(dense, dense, name, batches)
+            most = min(len(groups) - 1, max(int(round(share * len(groups))), int(round(cap * len(groups)))))
+            _, costs = obs_remove(xtx, xty, groups, most, damp)
+            out.append([c / energy for c in costs])
+    return heads, ffn
+
+
 def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity: float, ffn_sparsity: float,
                          ridge: float = 1e-3, damp: float = 1e-6, progress: bool | None = None,
-                         absorb_residual: bool = False) -> SelectionResult:
+                         absorb_residual: bool = False, allocation: str = "uniform", cap: float = 0.75) -> SelectionResult:
     """Choose heads and FFN channels by what a least-squares refit can rebuild, layer by layer (module docstring).
 
     ``dense``: a BERT-family model with an ``encoder.layer`` list (e.g. :class:`~deploycompress.hf.Encoder`),
@@ -179,7 +226,11 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
     least one head and one channel stay); ``ridge``: the refit's ridge (:func:`refit_encoder`); ``damp``: the
     selection's own conditioning (:func:`obs_remove`). Cost: two partial forward passes of both models per output
     Linear and batch for the moments, as many again for the refit. ``absorb_residual``: selection and refit target
-    the dense pre-LayerNorm sum (:func:`refit_encoder`).
+    the dense pre-LayerNorm sum (:func:`refit_encoder`). ``allocation``: ``"uniform"`` removes the same share in
+    every layer; ``"global"`` keeps the totals (``round(share * units)`` summed over the layers) but lets each layer
+    give up between none and ``cap`` of its units: a first pass over the dense model records each layer's OBS cost
+    curve (residual increase per removal, divided by the energy of the layer's centred pre-LayerNorm sum) and
+    :func:`allocate` spreads the removals where they cost least; the layer-by-layer selection then removes that many.
 
     Returns a :class:`SelectionResult` (masks for ``dense``, the pruned and refitted model). Raises ``ValueError``
     for sparsities outside ``[0, 1)``, empty ``batches`` or a model without ``encoder.layer`` (before any work).
@@ -189,11 +240,25 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
     for what, v in (("head_sparsity", head_sparsity), ("ffn_sparsity", ffn_sparsity)):
         if not 0.0 <= v < 1.0:
             raise ValueError(f"reconstruction_masks: {what} must be in [0, 1), got {v}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"reconstruction_masks: allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if not 0.0 < cap < 1.0:
+        raise ValueError(f"reconstruction_masks: cap must be in (0, 1), got {cap}")
     batches = list(batches)
     if not batches:
         raise ValueError("reconstruction_masks: no batches given; pass a few calibration inputs")
     prefix, layers = _layers(dense)
     dense = copy.deepcopy(dense).eval()
+    n_heads, n_ffn = [], []
+    for i in range(len(layers)):
+        n_heads.append(int(dense.get_submodule(f"{prefix}.{i}.attention.self").num_attention_heads))
+        n_ffn.append(dense.get_submodule(f"{prefix}.{i}.intermediate.dense").out_features)
+    drop_heads = [min(n - 1, int(round(head_sparsity * n))) for n in n_heads]
+    drop_ffn = [min(m - 1, int(round(ffn_sparsity * m))) for m in n_ffn]
+    if allocation == "global":
+        h_curves, f_curves = _removal_curves(dense, prefix, len(layers), batches, head_sparsity, ffn_sparsity, damp, cap)
+        drop_heads, drop_ffn = allocate(h_curves, sum(drop_heads)), allocate(f_curves, sum(drop_ffn))
+        log.info("global allocation: heads removed per layer %s, FFN channels %s", drop_heads, drop_ffn)
     student = copy.deepcopy(dense)
     result = SelectionResult({}, student)
     example = batches[0]
@@ -203,7 +268,7 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
         name = f"{prefix}.{i}.attention.output.dense"
         res = residual_inputs(dense) if absorb_residual else {}
         xtx, xty = _moments(student, dense, name, batches, res.get(name))
-        drop, _ = obs_remove(xtx, xty, [range(h * d, (h + 1) * d) for h in range(n)], min(n - 1, int(round(head_sparsity * n))), damp)
+        drop, _ = obs_remove(xtx, xty, [range(h * d, (h + 1) * d) for h in range(n)], drop_heads[i], damp)
         keep_h = torch.ones(n, dtype=torch.bool)
         keep_h[drop] = False
         m = dense.get_submodule(f"{prefix}.{i}.intermediate.dense").out_features
@@ -216,7 +281,7 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
         student, result.errors[name] = fit.model, fit.layers[0].error_after
         name_f = f"{prefix}.{i}.output.dense"
         xtx, xty = _moments(student, dense, name_f, batches, res.get(name_f))
-        drop, _ = obs_remove(xtx, xty, [[j] for j in range(m)], min(m - 1, int(round(ffn_sparsity * m))), damp)
+        drop, _ = obs_remove(xtx, xty, [[j] for j in range(m)], drop_ffn[i], damp)
         keep_f[drop] = False
         layer_m = layer_masks(dense, prefix, i, keep_h, keep_f)
         ffn_m = {k: v for k, v in layer_m.items() if k.endswith("intermediate.dense")}
