@@ -39,6 +39,7 @@ from deploycompress.bundle.atomic import check_out_dir
 from deploycompress.bundle.writer import write_bundle
 from deploycompress.export.onnx_export import tensor_specs
 from deploycompress.hf import Encoder
+from deploycompress.hf.distill_losses import AttentionRelationLoss
 from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import mean_cosine, quantize_transformer
 from deploycompress.hf.refit import reconstruction_masks, refit_encoder
@@ -96,6 +97,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--criterion", choices=("importance", "l1", "reconstruction"), default="importance",
                    help="which heads/FFN channels go; reconstruction: those a least-squares refit rebuilds best (hf.refit, refits too)")
     p.add_argument("--refit", action="store_true", help="least-squares refit of the output Linears towards the dense model before distilling (hf.refit)")
+    p.add_argument("--absorb-residual", action="store_true",
+                   help="refit towards the dense pre-LayerNorm sum (each output Linear absorbs the earlier layers' drift)")
+    p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+                   help="with --criterion reconstruction: the same share per layer, or spread by each layer's cost curve (same totals)")
+    p.add_argument("--relation-weight", type=float, default=0.0,
+                   help="add MiniLMv2's Q-Q/K-K/V-V self-attention relation loss of every layer at this weight (hf.distill_losses)")
     p.add_argument("--sentences", type=int, default=1200, help="sentences used (80%% training/calibration, 20%% held out)")
     p.add_argument("--extra-text", type=int, default=0, help="also distil on this many docstring sentences from the sources of the stdlib and installed packages")
     p.add_argument("--no-bias-compensation", action="store_true", help="do not add the removed units' mean output to the output projections' biases")
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     work = copy.deepcopy(teacher)  # the pruner zeroes what it prunes in place: the teacher must stay dense
     refit_start = None
     if args.criterion == "reconstruction":  # chosen and refitted layer by layer (minutes on a CPU)
-        selection = reconstruction_masks(teacher, train, args.sparsity, args.sparsity)
+        selection = reconstruction_masks(teacher, train, args.sparsity, args.sparsity, absorb_residual=args.absorb_residual, allocation=args.allocation)
         masks, refit_start = selection.masks, selection.model
     elif args.criterion == "l1":
         pruner = dc.L1NormPruner(work, config_list, dependency_aware=True, dummy_input=train[0])
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if refit_start is not None:
         student.load_state_dict(refit_start.state_dict())  # the same masks: the refitted weights fit
     elif args.refit:  # the intercept of the refit takes the removed units' mean output too
-        student = refit_encoder(teacher, student, train).model
+        student = refit_encoder(teacher, student, train, absorb_residual=args.absorb_residual).model
     elif not args.no_bias_compensation:  # FLAP: each removed unit leaves its mean output behind, not zero
         apply_bias_compensation(student, bias_compensation(teacher, masks, train[:20]))
     print(f"speedup: heads {heads(teacher)} -> {heads(student)}, params {report.params_before:,} -> {report.params_after:,}, "
@@ -149,7 +156,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.extra_text:  # more unlabelled text, the held-out sentences excluded
         extra = sorted(source_sentences(args.extra_text, exclude=sentences), key=len)  # similar lengths batch together
         text = train + tokenize(tok, extra, args.batch, args.seq)
-    result = distill(student, teacher, text, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers, hidden_weight=args.hidden_weight, progress=False)
+    relations = AttentionRelationLoss(student, teacher, heads=12) if args.relation_weight else None  # 12 divides 384 and 192
+    result = distill(student, teacher, text, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers, hidden_weight=args.hidden_weight,
+                     progress=False, extra_loss=relations, extra_weight=args.relation_weight)  # fmt: skip
+    if relations is not None:
+        relations.remove()
     print(f"distill: {args.steps} steps, loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
 
     axes = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}

@@ -115,8 +115,14 @@ def test_module_errors() -> None:
     teacher, student = _tiny(4), _tiny(2, seed=1)
     with pytest.raises(ValueError, match="relations"):
         AttentionRelationLoss(student, teacher, relations=("attention",))
-    with pytest.raises(ValueError, match="not a multiple"):
-        AttentionRelationLoss(student, teacher, heads=3)
+    with pytest.raises(ValueError, match="heads must be >= 1"):
+        AttentionRelationLoss(student, teacher, heads=0)
+    odd = AttentionRelationLoss(student, teacher, heads=3)  # 3 does not divide 16: gcd(3, 16, 16) = 1 relation head
+    assert set(odd.layer_heads.values()) == {1}
+    odd.remove()
+    six = AttentionRelationLoss(student, teacher, heads=6)  # gcd(6, 16) = 2
+    assert set(six.layer_heads.values()) == {2}
+    six.remove()
     with pytest.raises(ValueError, match="no module"):
         AttentionRelationLoss(student, teacher, layers=[5])
     # nothing left hooked after a failed construction

@@ -21,12 +21,15 @@ returns the loss of the latest forward passes; pass it to :func:`deploycompress.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RELATIONS", "AttentionRelationLoss", "relation_kl", "relation_log_probs"]
 
@@ -87,14 +90,15 @@ class AttentionRelationLoss:
     ``student``, ``teacher``: BERT-family models (e.g. :class:`~deploycompress.hf.Encoder`) whose modules
     ``<prefix>.<i>.attention.self.{query,key,value}`` exist in both; ``layers``: the layer indices to transfer
     (default: every layer); ``relations``: a subset of :data:`RELATIONS` (``("query", "key", "value")``: Q-Q,
-    K-K and V-V as in MiniLMv2); ``heads``: relation heads ``A`` (must divide every transferred Linear's width
-    in both models, e.g. 12 for MiniLM's 384 and a half-pruned 192).
+    K-K and V-V as in MiniLMv2); ``heads``: relation heads ``A``; where it does not divide a layer's width in both
+    models (a layer that kept 5 heads of 32 columns: 160), that layer uses the greatest common divisor of the
+    two widths and ``heads`` (logged), e.g. 12 for MiniLM's 384 against a half-pruned 192, 4 against 160.
 
     ``loss(batch)`` returns the sum over relation types of the mean over layers of :func:`relation_kl` for the
     latest forward passes of both models (the attention mask is taken from ``batch``: ``(input_ids,
     attention_mask)`` or a dict); call it after running both on ``batch``, as ``distill(..., extra_loss=...)``
     does. :meth:`remove` takes the hooks off. Raises ``ValueError`` (at construction) for an unknown relation,
-    a missing module, or a width that ``heads`` does not divide.
+    a missing module, or ``heads < 1``.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, layers: Sequence[int] | None = None,
@@ -104,6 +108,8 @@ class AttentionRelationLoss:
         bad = [r for r in relations if r not in RELATIONS]
         if bad or not relations:
             raise ValueError(f"AttentionRelationLoss: relations must be a non-empty subset of {RELATIONS}, got {list(relations)}")
+        if heads < 1:
+            raise ValueError(f"AttentionRelationLoss: heads must be >= 1, got {heads}")
         prefix, all_layers = _layers(teacher)
         layers = list(range(len(all_layers))) if layers is None else list(layers)
         self.heads, self.relations = int(heads), tuple(relations)
@@ -111,19 +117,21 @@ class AttentionRelationLoss:
         self.student_out: dict[str, torch.Tensor] = {}
         self.teacher_out: dict[str, torch.Tensor] = {}
         self._handles = []
+        self.layer_heads = {n: self.heads for n in self.names}  # relation heads per transferred Linear
         try:
             for model, store, whose in ((student, self.student_out, "student"), (teacher, self.teacher_out, "teacher")):
                 modules = dict(model.named_modules())
                 for n in self.names:
                     if n not in modules:
                         raise ValueError(f"AttentionRelationLoss: the {whose} has no module {n!r}")
-                    width = modules[n].out_features
-                    if width % self.heads:
-                        raise ValueError(f"AttentionRelationLoss: {n!r} of the {whose} has {width} outputs, not a multiple of heads={self.heads}")
+                    self.layer_heads[n] = math.gcd(self.layer_heads[n], modules[n].out_features)
                     self._handles.append(modules[n].register_forward_hook(self._keep(store, n)))
         except ValueError:
             self.remove()
             raise
+        for n, a in self.layer_heads.items():
+            if a != self.heads:
+                log.info("AttentionRelationLoss: %s uses %d relation heads (%d does not divide both widths)", n, a, self.heads)
 
     @staticmethod
     def _keep(store: dict[str, torch.Tensor], name: str):  # noqa: ANN205
@@ -137,7 +145,7 @@ class AttentionRelationLoss:
         total = 0.0
         for r in self.relations:
             names = [n for n in self.names if n.endswith("." + r)]
-            terms = [relation_kl(self.student_out[n], self.teacher_out[n], self.heads, mask) for n in names]
+            terms = [relation_kl(self.student_out[n], self.teacher_out[n], self.layer_heads[n], mask) for n in names]
             total = total + sum(terms) / len(terms)
         return total  # type: ignore[return-value]
 
