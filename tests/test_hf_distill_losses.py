@@ -128,3 +128,19 @@ def test_module_errors() -> None:
     # nothing left hooked after a failed construction
     assert all(not m._forward_hooks for m in student.modules())
     assert all(not m._forward_hooks for m in teacher.modules())
+
+
+def test_distill_autocast_bf16_runs_the_student_in_bf16_and_learns() -> None:
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    student = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    data = [torch.randn(32, 8) for _ in range(4)]
+    seen: list[torch.dtype] = []
+    h = student[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    d = distill(student, teacher, data, steps=150, lr=1e-2, loss="mse", progress=False, autocast=torch.bfloat16)
+    h.remove()
+    assert set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert d.last_loss < 0.2 * d.first_loss
+    with pytest.raises(ValueError, match="autocast must be"):
+        distill(student, teacher, data, steps=1, autocast=torch.float32, progress=False)

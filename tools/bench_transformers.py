@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="weight of MiniLMv2's Q-Q/K-K/V-V self-attention relation KL (hf.distill_losses; 0: off)")
     p.add_argument("--relation-layers", default="all", help="layers whose relations are transferred: all, last, or indices joined by ',' (e.g. 3,5)")
     p.add_argument("--relation-heads", type=int, default=12, help="relation heads (divides 384 and the pruned 192)")
+    p.add_argument("--bf16", action="store_true", help="distil with the student's forward pass under bfloat16 autocast (distill(autocast=torch.bfloat16))")
     p.add_argument("--save-student", type=Path, help="save the distilled student's masks and weights here")
     p.add_argument("--student", type=Path, help="load masks and weights saved by --save-student instead of distilling")
     p.add_argument("--distill-only", action="store_true", help="stop after distillation (with --save-student)")
@@ -336,11 +337,12 @@ def main(argv: list[str] | None = None) -> dict:
         rel_layers = None if args.relation_layers == "all" else [n - 1] if args.relation_layers == "last" else [int(i) for i in args.relation_layers.split(",")]
         rel = AttentionRelationLoss(pruned_student, teacher, layers=rel_layers, heads=args.relation_heads) if args.relation_weight and args.steps else None
         d = distill(pruned_student, teacher, d_batches, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers,
-                    hidden_weight=args.hidden_weight, progress=True, extra_loss=rel, extra_weight=args.relation_weight) if args.steps else None  # fmt: skip
+                    hidden_weight=args.hidden_weight, progress=True, extra_loss=rel, extra_weight=args.relation_weight,
+                    autocast=torch.bfloat16 if args.bf16 else None) if args.steps else None  # fmt: skip
         if rel is not None:
             rel.remove()
         results["c_distill"] = {"steps": args.steps, "lr": args.lr, "hidden_weight": args.hidden_weight, "sentences": len(text),
-                                "relation_weight": args.relation_weight, "relation_layers": args.relation_layers, "relation_heads": args.relation_heads,
+                                "relation_weight": args.relation_weight, "bf16": args.bf16, "relation_layers": args.relation_layers, "relation_heads": args.relation_heads,
                                 "bias_compensation": args.bias_compensation, "loss_first": d.first_loss if d else None,
                                 "loss_last": d.last_loss if d else None, "seconds": time.perf_counter() - t, "extra_offset": args.extra_offset,
                                 "resumed_from": previous, "start": results["c_start"]}  # fmt: skip

@@ -62,10 +62,11 @@ def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, attent
     ``student`` (B, T, C_s) and ``teacher`` (B, T, C_t): the same layer's queries (or keys, or values) in both
     models; ``C_s`` and ``C_t`` may differ (fewer heads), both divisible by ``heads``. ``attention_mask`` (B, T):
     padding keys get no probability and padding query rows are not counted. Returns a scalar (nats); the
-    teacher is detached. Raises ``ValueError`` when the batch/sequence shapes differ.
+    teacher is detached; half-precision inputs (autocast outputs) are computed in float32. Raises ``ValueError`` when the batch/sequence shapes differ.
     """
     if student.shape[:2] != teacher.shape[:2]:
         raise ValueError(f"relation_kl: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in batch or sequence")
+    student, teacher = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t for t in (student, teacher))  # autocast outputs
     log_s = relation_log_probs(student, heads, attention_mask)
     log_t = relation_log_probs(teacher.detach(), heads, attention_mask)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (B, A, T); padding keys: 0 * (finite) = 0

@@ -91,6 +91,11 @@ def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, loss
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """A reduced-precision floating tensor (an autocast output) as float32; others as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def _first_tensor(out: Any) -> Any:
     if isinstance(out, (tuple, list)) and out:
         return out[0]
@@ -138,6 +143,7 @@ def distillation_step(
     temperature: float = 1.0,
     extra_loss: Callable[[Any], torch.Tensor] | None = None,
     extra_weight: float = 1.0,
+    autocast: torch.dtype | None = None,
 ) -> Callable[[Any, nn.Module], torch.Tensor]:
     """``training_step(batch, student) -> loss`` against ``teacher`` (run in eval mode, without grads).
 
@@ -147,6 +153,9 @@ def distillation_step(
     ``student`` is then required to place the hooks (they stay for the life of the step function).
     ``extra_loss(batch)``, called after both models ran on ``batch``, adds ``extra_weight`` x its value (a term
     that reads its own hooks, e.g. :class:`deploycompress.hf.distill_losses.AttentionRelationLoss`).
+    ``autocast`` (e.g. ``torch.bfloat16``): the student's forward pass runs under ``torch.autocast`` of the
+    student's device type at that dtype (mixed precision; the weights and optimiser stay float32); the teacher
+    runs in full precision and every loss is computed in float32 from the student's outputs.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -163,12 +172,18 @@ def distillation_step(
     def step(batch: Any, model: nn.Module) -> torch.Tensor:
         with eval_mode(teacher), torch.no_grad():
             target = _tensor(_call(teacher, batch), "the teacher")
-        value = distillation_loss(_tensor(_call(model, batch), "the student"), target, loss, temperature)
+        if autocast is None:
+            out = _tensor(_call(model, batch), "the student")
+        else:
+            device = next(model.parameters()).device.type
+            with torch.autocast(device, dtype=autocast):
+                out = _tensor(_call(model, batch), "the student")
+        value = distillation_loss(_float(out), target, loss, temperature)
         if s_taps is not None and t_taps is not None:
             if model is not student:
                 raise ValueError("this step's hidden-state hooks sit on another student module")
             terms = [
-                distillation_loss(s_taps.outputs[s], t_taps.outputs[t], "mse") for s, t in pairs.items()
+                distillation_loss(_float(s_taps.outputs[s]), t_taps.outputs[t], "mse") for s, t in pairs.items()
             ]  # fmt: skip
             value = value + hidden_weight * sum(terms) / len(terms)
         if extra_loss is not None and extra_weight:
@@ -206,6 +221,7 @@ def distill(
     temperature: float = 1.0,
     extra_loss: Callable[[Any], torch.Tensor] | None = None,
     extra_weight: float = 1.0,
+    autocast: torch.dtype | None = None,
 ) -> DistillResult:
     """Fine-tune ``student`` in place to match ``teacher``'s outputs on ``batches`` (cycled for ``steps``).
 
@@ -230,8 +246,12 @@ def distill(
 
     ``extra_loss``/``extra_weight``: a further term computed from the batch after both forward passes
     (:func:`distillation_step`), e.g. MiniLMv2's attention relations
-    (:class:`deploycompress.hf.distill_losses.AttentionRelationLoss`).
+    (:class:`deploycompress.hf.distill_losses.AttentionRelationLoss`). ``autocast``: mixed precision for the
+    student's forward pass (``torch.bfloat16`` on a CPU with AVX512-BF16 or AMX: fewer seconds per step), see
+    :func:`distillation_step`.
     """
+    if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if schedule not in SCHEDULES:
@@ -253,7 +273,7 @@ def distill(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = _schedule(opt, schedule, steps)
     step_fn = distillation_step(teacher, loss, hidden=hidden, hidden_weight=hidden_weight, student=student, temperature=temperature,
-                                extra_loss=extra_loss, extra_weight=extra_weight)
+                                extra_loss=extra_loss, extra_weight=extra_weight, autocast=autocast)
     result = DistillResult(steps)
     student.train(train_mode)
     try:
