@@ -357,7 +357,9 @@ probabilities times ``V``, its input A a ``Softmax`` output)."""
 
 def attention_matmuls(model: onnx.ModelProto) -> dict[str, str]:
     """``{MatMul node name: "scores" | "context"}`` for the MatMuls whose two inputs are activations (no
-    initializer, no Transpose of one): ``"context"`` when input A is a ``Softmax`` output, else ``"scores"``."""
+    initializer, no Transpose of one): ``"context"`` when input A is a ``Softmax`` output, directly or through
+    the ``Where(IsNaN(p), 0, p)`` that the export of ``scaled_dot_product_attention`` (``transformers``' default
+    ``attn_implementation="sdpa"``) puts after it, or a ``Cast``/``Identity``; else ``"scores"``."""
     consts = set(_inits(model)) | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     producer = {o: n for n in model.graph.node for o in n.output}
 
@@ -365,11 +367,23 @@ def attention_matmuls(model: onnx.ModelProto) -> dict[str, str]:
         p = producer.get(t)
         return t in consts or (p is not None and p.op_type in ("Transpose", "Identity") and p.input[0] in consts)
 
+    def softmax_behind(t: str) -> bool:
+        for _ in range(3):
+            p = producer.get(t)
+            if p is None or p.op_type == "Softmax":
+                return p is not None
+            if p.op_type == "Where" and producer.get(p.input[0]) is not None and producer[p.input[0]].op_type == "IsNaN":
+                t = p.input[2]  # where(isnan(p), 0, p): the probabilities pass where they are numbers
+            elif p.op_type in ("Cast", "Identity"):
+                t = p.input[0]
+            else:
+                return False
+        return False
+
     out = {}
     for n in model.graph.node:
         if n.op_type == "MatMul" and not constant(n.input[0]) and not constant(n.input[1]):
-            p = producer.get(n.input[0])
-            out[n.name] = "context" if p is not None and p.op_type == "Softmax" else "scores"
+            out[n.name] = "context" if softmax_behind(n.input[0]) else "scores"
     return out
 
 
