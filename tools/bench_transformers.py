@@ -52,7 +52,7 @@ from deploycompress.hf.int8 import SMOOTH_ALPHA, linear_matmuls, mean_cosine, qu
 from deploycompress.hf.linear_int8 import collect_stats, input_kinds, linear_inputs, quantize_attention_matmuls, quantize_linears, smooth
 from deploycompress.hf.refit import reconstruction_masks, refit_encoder
 from deploycompress.hf.text import source_sentences, stdlib_sentences
-from deploycompress.pruning.distill import distill
+from deploycompress.pruning.distill import distill, eval_mode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ort_int8 import _time_round_robin  # noqa: E402  (cycling orders, one untimed run per turn)
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--relation-layers", default="all", help="layers whose relations are transferred: all, last, or indices joined by ',' (e.g. 3,5)")
     p.add_argument("--relation-heads", type=int, default=12, help="relation heads (divides 384 and the pruned 192)")
     p.add_argument("--bf16", action="store_true", help="distil with the student's forward pass under bfloat16 autocast (distill(autocast=torch.bfloat16))")
+    p.add_argument("--eval-every", type=int, default=0, help="print the fp32 student's held-out cosine every N distillation steps (the curve)")
     p.add_argument("--save-student", type=Path, help="save the distilled student's masks and weights here")
     p.add_argument("--student", type=Path, help="load masks and weights saved by --save-student instead of distilling")
     p.add_argument("--distill-only", action="store_true", help="stop after distillation (with --save-student)")
@@ -336,13 +337,27 @@ def main(argv: list[str] | None = None) -> dict:
         d_batches = [d_batches[i] for i in np.random.default_rng(1).permutation(len(d_batches))]
         rel_layers = None if args.relation_layers == "all" else [n - 1] if args.relation_layers == "last" else [int(i) for i in args.relation_layers.split(",")]
         rel = AttentionRelationLoss(pruned_student, teacher, layers=rel_layers, heads=args.relation_heads) if args.relation_weight and args.steps else None
-        d = distill(pruned_student, teacher, d_batches, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers,
+        curve: list[dict] = []
+        ref_eval = None
+
+        def on_step(i: int, model: torch.nn.Module) -> None:  # the curve: held-out cosine every --eval-every steps
+            nonlocal ref_eval
+            if not args.eval_every or (i + 1) % args.eval_every:
+                return
+            with eval_mode(model), torch.no_grad():
+                if ref_eval is None:
+                    ref_eval = torch.cat([teacher(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in acc_feeds]).numpy()
+                got = torch.cat([model(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in acc_feeds]).numpy()
+            curve.append({"step": i + 1, "cosine": mean_cosine([ref_eval], [got]), "nn_agreement": nn_agreement(ref_eval, got)})
+            print("(c) curve", curve[-1], flush=True)
+
+        d = distill(pruned_student, teacher, d_batches, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers, on_step=on_step,
                     hidden_weight=args.hidden_weight, progress=True, extra_loss=rel, extra_weight=args.relation_weight,
                     autocast=torch.bfloat16 if args.bf16 else None) if args.steps else None  # fmt: skip
         if rel is not None:
             rel.remove()
         results["c_distill"] = {"steps": args.steps, "lr": args.lr, "hidden_weight": args.hidden_weight, "sentences": len(text),
-                                "relation_weight": args.relation_weight, "bf16": args.bf16, "relation_layers": args.relation_layers, "relation_heads": args.relation_heads,
+                                "relation_weight": args.relation_weight, "bf16": args.bf16, "curve": curve, "relation_layers": args.relation_layers, "relation_heads": args.relation_heads,
                                 "bias_compensation": args.bias_compensation, "loss_first": d.first_loss if d else None,
                                 "loss_last": d.last_loss if d else None, "seconds": time.perf_counter() - t, "extra_offset": args.extra_offset,
                                 "resumed_from": previous, "start": results["c_start"]}  # fmt: skip

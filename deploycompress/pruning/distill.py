@@ -222,6 +222,7 @@ def distill(
     extra_loss: Callable[[Any], torch.Tensor] | None = None,
     extra_weight: float = 1.0,
     autocast: torch.dtype | None = None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> DistillResult:
     """Fine-tune ``student`` in place to match ``teacher``'s outputs on ``batches`` (cycled for ``steps``).
 
@@ -248,7 +249,8 @@ def distill(
     (:func:`distillation_step`), e.g. MiniLMv2's attention relations
     (:class:`deploycompress.hf.distill_losses.AttentionRelationLoss`). ``autocast``: mixed precision for the
     student's forward pass (``torch.bfloat16`` on a CPU with AVX512-BF16 or AMX: fewer seconds per step), see
-    :func:`distillation_step`.
+    :func:`distillation_step`. ``on_step(i, student)`` is called after optimiser step ``i`` (0-based), e.g. to
+    measure the student on held-out data every N steps (wrap such a measurement in :func:`eval_mode`).
     """
     if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
@@ -287,6 +289,8 @@ def distill(
             opt.step()
             sched.step()
             result.losses.append(float(value.detach()))
+            if on_step is not None:
+                on_step(i, student)
     finally:
         step_fn.remove_hooks()  # type: ignore[attr-defined]
         student.eval()
