@@ -144,3 +144,12 @@ def test_distill_autocast_bf16_runs_the_student_in_bf16_and_learns() -> None:
     assert d.last_loss < 0.2 * d.first_loss
     with pytest.raises(ValueError, match="autocast must be"):
         distill(student, teacher, data, steps=1, autocast=torch.float32, progress=False)
+
+
+def test_distill_on_step_sees_every_step_and_the_student() -> None:
+    torch.manual_seed(0)
+    teacher, student = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    calls: list[tuple[int, bool]] = []
+    distill(student, teacher, [torch.randn(8, 4)], steps=5, lr=1e-2, loss="mse", progress=False,
+            on_step=lambda i, m: calls.append((i, m is student)))
+    assert calls == [(i, True) for i in range(5)]
