@@ -10,12 +10,30 @@ This module imports nothing from the project, so every room may import it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Mapping
 
-__all__ = ["call_with_batch", "PAIRS_HINT"]
+__all__ = ["batch_list", "call_with_batch", "PAIRS_HINT"]
 
 PAIRS_HINT = ("Each item of the data is what the model is called with; for (input, target) pairs pass "
               "(x for x, _ in loader), or use a TorchEvaluator")
+
+
+def batch_list(batches: Any, what: str = "batches") -> list:
+    """``batches`` (a list, generator or DataLoader of items) as a list, read once. A single tensor or a single dict is
+    refused with a ``ValueError`` naming the fix: iterating it would feed one sample at a time without its batch
+    axis, or the dict's keys. A tuple of tensors is refused too: it could be one batch of several
+    inputs or several batches of one, and guessing would be silent when wrong."""
+    if hasattr(batches, "dim") and hasattr(batches, "shape"):  # a torch.Tensor (nothing is imported here)
+        raise ValueError(f"{what} is a single tensor {tuple(batches.shape)}; pass a list of batches, e.g. list({what}.split(32))")
+    if isinstance(batches, Mapping):
+        raise ValueError(f"{what} is one dict (keys {list(batches)[:3]}); pass a list of batches, e.g. [{what}]")
+    if isinstance(batches, tuple) and batches and all(hasattr(b, "dim") and hasattr(b, "shape") for b in batches):
+        raise ValueError(f"{what} is a tuple of {len(batches)} tensors, which reads as {len(batches)} batches of one input "
+                         f"each but looks like one batch of {len(batches)} inputs (e.g. (input_ids, attention_mask)); "
+                         f"pass [{what}] for one batch of several inputs, or a list for several batches")
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise ValueError(f"{what} must be an iterable of input batches (tensors, tuples or dicts of tensors), got {type(batches).__name__}")
+    return list(batches)
 
 
 def call_with_batch(model: Any, batch: Any, index: int = 0) -> Any:

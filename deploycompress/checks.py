@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .batches import batch_list
 from .errors import InputError, MaskError
 from .suggest import closest, did_you_mean
 
@@ -140,10 +141,10 @@ def check_batches(batches: Any, reference: Any, what: str = "calib_data", dynami
     else:
         refs = list(reference)
         names = [f"input {k}" for k in range(len(refs))] if len(refs) > 1 else ["input"]
-    if isinstance(batches, torch.Tensor):
-        raise CheckError(f"{what} is a single tensor {tuple(batches.shape)}; pass a list of batches, e.g. list({what}.split(32))")
-    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
-        raise CheckError(f"{what} must be an iterable of input batches (tensors, tuples or dicts of tensors), got {type(batches).__name__}")
+    try:
+        batches = batch_list(batches, what)  # the rule for a single tensor or dict, shared with the pruning steps
+    except ValueError as exc:
+        raise CheckError(str(exc)) from None
     free = {name: {int(a) % max(ref.dim(), 1) for a in (dynamic_axes or {}).get(name, {})} for name, ref in zip(names, refs)}
     out = []
     for i, batch in enumerate(batches):

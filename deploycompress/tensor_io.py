@@ -24,10 +24,26 @@ from typing import Any, Callable, Mapping
 from .errors import InputError
 from .suggest import did_you_mean
 
-__all__ = ["OUTPUT_SEPARATOR", "NamedInputs", "InputNamingError", "name_inputs", "flatten_outputs", "call_with"]
+__all__ = ["TensorSpec", "OUTPUT_SEPARATOR", "NamedInputs", "InputNamingError", "name_inputs", "flatten_outputs", "call_with"]
 
 OUTPUT_SEPARATOR = "."
 _SINGLE_OUTPUT = "output"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. A dimension is an int, or a string for a dynamic axis ("batch")."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str  # numpy dtype name: "float32", "int64", ...
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "TensorSpec":
+        return cls(name=str(data["name"]), shape=tuple(data["shape"]), dtype=str(data["dtype"]))
 
 
 class InputNamingError(InputError, ValueError):

@@ -26,12 +26,15 @@ the other half, never seen before.
    BatchNorm), refitting in the same pass; on this model it was no better than the Taylor choice (BENCHMARKS.md).
    ``--criterion l1`` takes ``--sparsity`` of every block by L1 norm. Dependency-aware (each depthwise conv loses its expansion's channels);
    ``speedup(round_to=16)`` keeps widths onnxruntime's NCHWc kernels block. Optionally (``--distill-steps``, default
-   0: from the refitted start distillation on these few photos made agreement worse, BENCHMARKS.md)
+   0: chosen on an inner split of the calibration photos by ``tools/tune_lite0_recovery.py``, where 300 steps of
+   function matching left the refitted student's figures unchanged, BENCHMARKS.md)
    :func:`deploycompress.pruning.distill.distill` from the dense model, logit KL plus the MSE of every block's output
-   (``--feature-weight``), AdamW with linear warm-up/decay, ``--distill-steps`` batches of ``--batch`` fresh random
-   views (random resized crop, flip, colour jitter: :func:`deploycompress.zoo.random_crops`) of the calibration
-   photos and the other photos bundled in scikit-image and matplotlib (:func:`deploycompress.zoo.extra_photos`;
-   never an evaluation photo); the student in eval mode, so BatchNorm keeps its running statistics. Then
+   (``--feature-weight``), AdamW with linear warm-up/decay, ``--distill-steps`` batches of ``--batch`` fresh views
+   by function matching (Beyer et al. 2022; :class:`deploycompress.zoo.MixedViews`: random resized crop, flip, colour
+   jitter, then torchvision MixUp/CutMix across the batch, ``--mix``; teacher and student see the same view) of the
+   calibration photos and the other photos bundled in scikit-image and matplotlib
+   (:func:`deploycompress.zoo.extra_photos`; never an evaluation photo); the student in eval mode, so BatchNorm
+   keeps its running statistics. ``--init-student`` starts it from an earlier run's ``student.pt`` (no refit). Then
    ``build_engine`` int8. The student's weights go to ``<out>/student.pt``; ``--student`` loads them instead
    (same pruning arguments), e.g. to time the variants alone.
 
@@ -49,7 +52,6 @@ import copy
 import logging
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +61,7 @@ import deploycompress as dc
 from deploycompress.pruning.distill import distill
 from deploycompress.pruning.reconstruct import reconstruct
 from deploycompress.pruning import ReconstructionPruner, TaylorGatePruner, TorchEvaluator
-from deploycompress.zoo import crops, extra_photos, load_efficientnet_lite0, photos, random_crops, split_photos
+from deploycompress.zoo import MIXES, MixedViews, crops, extra_photos, load_efficientnet_lite0, photos, random_crops, split_photos
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from bench_ort_int8 import _session, _time_round_robin  # noqa: E402 - the benchmarks' round-robin timer
@@ -80,20 +82,15 @@ def onnx_logits(path: Path, x: torch.Tensor, threads: int = 1) -> np.ndarray:
     return np.concatenate([s.run(None, {name: x[i : i + 8].numpy()})[0] for i in range(0, len(x), 8)])
 
 
-class RandomViews(Sequence):
-    """``steps`` lazy batches of ``batch`` fresh random views (:func:`deploycompress.zoo.random_crops`) of ``images``:
-    batch ``i`` is drawn with seed ``seed + i`` when asked for, and not kept."""
-
-    def __init__(self, images: dict, steps: int, batch: int, seed: int = 1000) -> None:
-        self.images, self.steps, self.batch, self.seed = images, steps, batch, seed
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if not 0 <= i < self.steps:
-            raise IndexError(i)
-        return random_crops(self.images, self.batch, seed=self.seed + i)
+def load_weights(small: torch.nn.Module, path: Path) -> None:
+    """Load a ``student.pt`` into the sped-up ``small`` of the same prune (in place): convolutions the refit gave an
+    intercept get their ``bias`` parameter first. Raises on any other mismatch (``load_state_dict(strict=True)``)."""
+    state = torch.load(path, weights_only=True)
+    for key in set(state) - set(small.state_dict()):
+        module, _, leaf = key.rpartition(".")
+        if leaf == "bias" and isinstance(small.get_submodule(module), torch.nn.Conv2d) and small.get_submodule(module).bias is None:
+            small.get_submodule(module).bias = torch.nn.Parameter(torch.zeros_like(state[key]))
+    small.load_state_dict(state)
 
 
 def refit_views(pool: dict, calib: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
@@ -199,6 +196,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refit-head", action=argparse.BooleanOptionalAction, default=True, help="also refit the 1x1 head conv")
     parser.add_argument("--distill-steps", type=int, default=0, help="0: no distillation (default: the refit alone did better)")
     parser.add_argument("--batch", type=int, default=16, help="random views per distillation step")
+    parser.add_argument("--mix", choices=MIXES, default="mixup", help="function matching: how each batch of views is mixed "
+                        "(torchvision MixUp / CutMix / one of the two per batch / none) before teacher and student see it")
+    parser.add_argument("--mix-alpha", type=float, default=1.0, help="Beta(alpha, alpha) of the mixing ratio")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--temperature", type=float, default=1.0, help="of the logit KL")
     parser.add_argument("--feature-weight", type=float, default=1.0, help="weight of the block-output MSE")
@@ -207,6 +207,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of round-robin latency timing")
     parser.add_argument("--student", type=Path, default=None, help="distilled weights (student.pt of an earlier run, same "
                         "pruning arguments): skip distillation, e.g. to time the variants alone under a lock")
+    parser.add_argument("--init-student", type=Path, default=None, help="student.pt of an earlier run (same pruning arguments): "
+                        "start from its weights instead of the refit, then distil (--distill-steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for pruning and distillation")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -242,18 +244,23 @@ def main(argv: list[str] | None = None) -> dict:
         small = small_refitted
         with torch.no_grad():
             refitted = agreement(small(evaluation).numpy(), reference)
+    elif args.init_student is not None:  # the refit (or an earlier distillation) of an earlier run, distilled further below
+        load_weights(small, args.init_student)
+        with torch.no_grad():
+            refitted = agreement(small(evaluation).numpy(), reference)
     elif args.refit:
         small = refit(dense, small, config_list, pool, calib, args)
         with torch.no_grad():
             refitted = agreement(small(evaluation).numpy(), reference)
     blocks = [f"_blocks.{i}" for i in range(len(dense._blocks))]  # block outputs keep their widths: matched by MSE
     if args.student is not None:  # the same prune (seeded), then the distilled weights of an earlier run
-        small.load_state_dict(torch.load(args.student, weights_only=True))
+        load_weights(small, args.student)
         losses = "loaded from " + str(args.student)
     elif args.distill_steps == 0:
         losses = "skipped (0 steps)"
     else:
-        log = distill(small, dense, RandomViews(pool, args.distill_steps, args.batch), steps=args.distill_steps, lr=args.lr, loss="kl",
+        views = MixedViews(pool, args.distill_steps, args.batch, mix=args.mix, alpha=args.mix_alpha)  # function matching
+        log = distill(small, dense, views, steps=args.distill_steps, lr=args.lr, loss="kl",
                       temperature=args.temperature, hidden=blocks, hidden_weight=args.feature_weight, schedule="linear",
                       progress=args.verbose, train_mode=False)
         losses = f"loss {log.first_loss:.4f} -> {log.last_loss:.4f} over {args.distill_steps} steps of {args.batch} random views"

@@ -4,6 +4,7 @@ inputs quantized by the ONNX ``DynamicQuantizeLinear`` spec, written here."""
 
 from __future__ import annotations
 
+import copy
 from unittest import mock
 
 import numpy as np
@@ -110,6 +111,52 @@ def test_quantize_transformer_attention_int8_true_false_and_bad_value(exported) 
         assert all(producer[t].op_type == "Softmax" for t in softmax)
     assert softmax_read == {True: ["DynamicQuantizeLinear"] * 2, False: ["MatMul"] * 2}
 
+
+
+def tiny_distilbert(seed: int = 0, scale: float = 1.0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.DistilBertConfig(vocab_size=100, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=32)
+    model = transformers.DistilBertModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return Encoder(model)
+
+
+def spec_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):  # noqa: ANN001, ANN201
+    """``scaled_dot_product_attention`` written here (softmax(Q K^T scale + mask), fully masked rows 0) with the
+    probabilities and V read through the ONNX ``DynamicQuantizeLinear`` spec: what an int8 context MatMul computes."""
+    assert not is_causal and dropout_p == 0.0
+    s = _matmul(query, key.transpose(-2, -1)) * (scale if scale is not None else query.shape[-1] ** -0.5)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    return _matmul(dynamic_quantize(p), dynamic_quantize(value))
+
+
+def test_distilbert_context_matmuls_recognised_and_int8_match_pytorch_with_spec_quantization() -> None:
+    """DistilBERT's attention probabilities reach the context MatMul through a NaN guard (Where(IsNaN(p), 0, p)):
+    recognised as "context", and the int8 graph matches the model with spec-quantized probabilities and values
+    (the oracle: PyTorch with its attention written in this test) on batch/length the export never saw."""
+    axes = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}
+    for scale in (1.0, 3.0):  # 3x weights: peaked attention, so the quantization shows
+        model = tiny_distilbert(seed=2, scale=scale)
+        ids, mask = inputs(2, 8)
+        fp32 = to_onnx(model, {"input_ids": ids, "attention_mask": mask}, dynamic_axes=axes).model
+        assert sorted(attention_matmuls(fp32).values()) == ["context", "context", "scores", "scores"]
+        q = quantize_attention_matmuls(fp32, ("context",))
+        assert [n.op_type for n in q.graph.node].count("MatMulIntegerToFloat") == 2
+        sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+        for b, s in ((3, 11), (1, 5)):
+            ids, mask = inputs(b, s)
+            got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+            with torch.no_grad():
+                ref_fp32 = model(ids, mask).numpy()
+                with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spec_sdpa):
+                    ref = model(ids, mask).numpy()
+            np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
+        if scale > 1:  # the oracle is not the float model: the quantization is really there
+            assert np.abs(ref - ref_fp32).max() > 10 * (np.abs(got - ref).max() + 1e-6)
 
 
 class _NoAttention(torch.nn.Module):

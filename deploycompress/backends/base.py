@@ -13,6 +13,7 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from ..errors import InputError, StepError
+from ..tensor_io import TensorSpec  # defined with the naming convention it carries; named here too
 
 __all__ = ["TensorSpec", "LayerTime", "Runner", "Backend", "BackendError", "BackendInputError", "named_feeds"]
 
@@ -24,22 +25,6 @@ class BackendError(StepError, RuntimeError):
 class BackendInputError(InputError, BackendError):
     """A backend was given unusable input (an unknown option, a missing file, a wrong precision):
     still a :class:`BackendError`, but an :class:`InputError` (CLI exit 2)."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output. A dimension is an int, or a string for a dynamic axis ("batch")."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: str  # numpy dtype name: "float32", "int64", ...
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "TensorSpec":
-        return cls(name=str(data["name"]), shape=tuple(data["shape"]), dtype=str(data["dtype"]))
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,8 @@ from onnx import helper
 from torch import nn
 
 from ..errors import StepError
-from ..backends.base import TensorSpec
 from ..quantization.wrapper import QuantWrapper
-from ..tensor_io import InputNamingError, flatten_outputs, name_inputs
+from ..tensor_io import InputNamingError, TensorSpec, flatten_outputs, name_inputs
 from .name_map import NameMap, build_name_map, record_calls
 
 __all__ = ["ExportError", "ExportResult", "TracerWarning", "to_onnx", "tensor_specs"]

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ..batches import batch_list
 from ..pruning.distill import eval_mode
 from ..pruning.evaluator import _call
 
@@ -39,11 +40,25 @@ class EncoderImportance:
     prefix: str  # module path of the layer list inside the scored model, e.g. "model.encoder.layer"
 
 
+_LAYOUT = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense")
+"""The submodules every layer of a BERT-style ``encoder.layer`` list has (BertLayer, RobertaLayer, ElectraLayer, ...)."""
+
+
 def _layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(prefix, layers)`` of the model's BERT-style ``encoder.layer`` list; ``ValueError`` naming what is missing
+    when there is none or a layer lacks a submodule of :data:`_LAYOUT` (MPNet's ``attention.attn``), before any work."""
     for name, module in model.named_modules():
         if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList):
+            for i, layer in enumerate(module):
+                names = dict(layer.named_modules())
+                missing = [p for p in _LAYOUT if p not in names]
+                if missing or not hasattr(names["attention.self"], "num_attention_heads"):
+                    raise ValueError(f"{name}.{i} ({type(layer).__name__}) has no {(missing or ['attention.self.num_attention_heads'])[0]}: "
+                                     f"only the BERT layer layout ({', '.join(_LAYOUT)}) is supported (BERT, RoBERTa, XLM-R, ELECTRA, "
+                                     "MiniLM; not MPNet)")
             return name, module
-    raise ValueError("no BERT-style encoder.layer list found (BertModel, RobertaModel and MiniLM checkpoints have one)")
+    raise ValueError("no BERT-style encoder.layer list found (BertModel, RobertaModel, ELECTRA and MiniLM checkpoints have one; "
+                     "DistilBERT's transformer.layer and MPNet are not supported)")
 
 
 def encoder_importance(model: nn.Module, batches: Iterable[Any]) -> EncoderImportance:
@@ -52,6 +67,7 @@ def encoder_importance(model: nn.Module, batches: Iterable[Any]) -> EncoderImpor
     Padding tokens count too (their share is small when batches are padded to the longest).
     The model is only read (eval mode, no grads; every module's training flag is restored)."""
     prefix, layers = _layers(model)
+    batches = batch_list(batches, "batches")  # a single tensor or dict is refused by name
     n_heads = [int(layer.attention.self.num_attention_heads) for layer in layers]
     width = [int(layer.attention.self.attention_head_size) for layer in layers]
     heads = torch.zeros(len(layers), max(n_heads))
@@ -138,6 +154,7 @@ def bias_compensation(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]
     output instead of zero (FLAP's bias compensation). Raises ``ValueError`` for an empty ``batches``
     or masks naming no known layer."""
     prefix, layers = _layers(model)
+    batches = batch_list(batches, "batches")  # a single tensor or dict is refused by name
     removed: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     for i in range(len(layers)):
         q, f = masks.get(f"{prefix}.{i}.attention.self.query"), masks.get(f"{prefix}.{i}.intermediate.dense")
@@ -174,8 +191,9 @@ def bias_compensation(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]
     for key, total in sums.items():
         i = int(key[len(prefix) + 1 :].split(".")[0])
         rm = removed[i][0 if key.endswith("attention.output.dense") else 1]
-        mean = (total / count[key]).to(torch.float32) * rm.to(torch.float32)
-        deltas[key] = model.get_submodule(key).weight.detach() @ mean
+        w = model.get_submodule(key).weight.detach()
+        mean = (total / count[key]).to(w.dtype) * rm.to(w.dtype)  # the model's dtype (float64 models too)
+        deltas[key] = w @ mean
     return deltas
 
 

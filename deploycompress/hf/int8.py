@@ -17,7 +17,11 @@ Which graph: onnxruntime's transformer optimizer (``onnxruntime.transformers.opt
 LayerNorm/SkipLayerNorm, bias+GELU and the embedding; its attention fusion packs Q/K/V into one
 ``Attention`` op whose weights would be hidden, so it is turned off. The plain exported graph and the
 fused one, each in every flavour asked, are timed on the same batches; the fastest whose outputs keep
-mean cosine >= ``min_cosine`` to the fp32 graph's is kept, and the result says why (:class:`Int8Result`).
+mean cosine >= ``min_cosine`` to the fp32 graph's (and, when asked, nearest-neighbour agreement >=
+``min_nn_agreement``) is kept, and the result says why (:class:`Int8Result`). Cosine alone can hide a
+retrieval loss (on all-MiniLM-L6-v2, cosine 0.997 went with NN agreement 94-95 %): a kept graph whose
+nearest-neighbour agreement on the check batches is under :data:`NN_AGREEMENT_WARN` raises a
+:class:`RetrievalAgreementWarning` when no ``min_nn_agreement`` was given.
 
 The spec followed: onnxruntime's quantization guide (QDQ format, per-channel weights, U8S8 on x86) and
 its ``com.microsoft`` ``MatMulIntegerToFloat``/``DynamicQuantizeLinear`` operators.
@@ -30,9 +34,10 @@ import copy
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -50,11 +55,27 @@ sentences; cosine / nearest-neighbour agreement to fp32, static flavour): 0.5 0.
 0.9979 / 94.7%, 0.8 0.9983 / 95.9%, 0.85 0.9982 / 96.5%, 0.9 0.9982 / 95.5%; on another 512 sentences
 0.75 / 0.8 / 0.85: 93.8% / 93.6% / 94.9% (cosine 0.998 throughout)."""
 
-__all__ = ["SMOOTH_ALPHA", "Int8Candidate", "Int8Error", "Int8Result", "after_gelu", "fused_graph", "linear_matmuls", "mean_cosine", "quantize_transformer"]
+NN_AGREEMENT_WARN = 0.95
+"""Nearest-neighbour agreement (:func:`nn_agreement`) under which a kept int8 graph is named in a
+:class:`RetrievalAgreementWarning` (issue 16's retrieval bound), on at least :data:`NN_MIN_ROWS` rows."""
+
+NN_MIN_ROWS = 100
+"""Check rows (examples) under which the agreement is too coarse to warn about (one changed neighbour in
+16 rows is 94 %): the result's notes give the figure instead."""
+
+__all__ = [
+    "NN_AGREEMENT_WARN", "NN_MIN_ROWS", "SMOOTH_ALPHA", "Int8Candidate", "Int8Error", "Int8Result", "RetrievalAgreementWarning", "after_gelu", "feed_list", "fused_graph",
+    "linear_matmuls", "mean_cosine", "nn_agreement", "quantize_transformer",
+]  # fmt: skip
 
 
 class Int8Error(StepError, RuntimeError):
     """No int8 graph met the accuracy bound (the candidates are named with their figures)."""
+
+
+class RetrievalAgreementWarning(UserWarning):
+    """The kept int8 graph keeps mean cosine but changes the nearest neighbour of more than
+    ``1 - NN_AGREEMENT_WARN`` of the check rows (pass ``min_nn_agreement`` to make it a bound)."""
 
 
 @dataclass
@@ -69,6 +90,7 @@ class Int8Candidate:
     linears: int  # MatMul/Gemm nodes with constant weights in its fp32 source
     latency_ms: float  # median over the timing batches, one batch at a time
     cosine: float  # mean cosine to the fp32 graph's over the check batches (rows of the last axis), its lowest output's
+    nn_agreement: float = float("nan")  # nn_agreement with the fp32 graph over the check batches, its lowest 2-D output's (NaN: none)
     accepted: bool = False
 
 
@@ -159,6 +181,26 @@ def fused_graph(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0
     return out
 
 
+def feed_list(feeds: Any, what: str, names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """``feeds`` as a list of ``{input name: numpy array}``, read once: a list, generator or DataLoader of dicts
+    (torch tensors become arrays) or of tuples in the graph's input order ``names``; one dict is one feed.
+    ``ValueError`` naming the item and what to pass otherwise (a generator used to be consumed by the input check
+    and calibrate on nothing: ``KeyError`` of a tensor name)."""
+    if isinstance(feeds, Mapping):
+        feeds = [feeds]
+    out = []
+    for i, f in enumerate(feeds):
+        if isinstance(f, (tuple, list)):
+            if len(f) != len(names):
+                raise ValueError(f"{what} item {i} is a {type(f).__name__} of {len(f)}; the graph reads {list(names)} (in this order): "
+                                 "pass that many arrays or dicts keyed by input name")
+            f = dict(zip(names, f))
+        if not isinstance(f, Mapping):
+            raise ValueError(f"{what} item {i} is a {type(f).__name__}; pass dicts {{input name: array}} (e.g. {list(names)})")
+        out.append({k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in f.items()})
+    return out
+
+
 def _session(model: onnx.ModelProto, threads: int | None):  # noqa: ANN202
     import onnxruntime as ort
 
@@ -178,6 +220,13 @@ def _worst_cosine(reference: list[list[np.ndarray]], actual: list[list[np.ndarra
     """The lowest :func:`mean_cosine` over the graph's outputs: each output (e.g. ``pooler_output`` next to
     ``last_hidden_state``) is held to ``min_cosine``, not the first one alone."""
     return min(mean_cosine(r, a) for r, a in zip(reference, actual))
+
+
+def _worst_nn_agreement(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> float:
+    """The lowest :func:`nn_agreement` over the graph's 2-D outputs (one row per example: a pooled embedding,
+    logits); NaN when there is none (token-level outputs are not a retrieval)."""
+    figures = [nn_agreement(r, a) for r, a in zip(reference, actual) if r and r[0].ndim == 2]
+    return min(figures) if figures else float("nan")
 
 
 def _latency_ms(sess, feeds: Sequence[Feeds], repeats: int) -> float:  # noqa: ANN001
@@ -200,6 +249,26 @@ def mean_cosine(reference: Iterable[np.ndarray], actual: Iterable[np.ndarray]) -
         denom = np.linalg.norm(r2, axis=1) * np.linalg.norm(a2, axis=1)
         cos.append((r2 * a2).sum(1) / np.maximum(denom, 1e-12))
     return float(np.concatenate(cos).mean())
+
+
+def nn_agreement(reference: Iterable[np.ndarray], actual: Iterable[np.ndarray]) -> float:
+    """Fraction of output rows (last axis; the rows of all arrays together, e.g. one pooled embedding per
+    sentence) whose nearest neighbour by cosine among the other rows is the same row in ``actual`` as in
+    ``reference``: the retrieval agreement of issue 16's target (b). NaN for fewer than 3 rows."""
+
+    def rows(xs: Iterable[np.ndarray]) -> np.ndarray:
+        return np.concatenate([x.reshape(-1, x.shape[-1]).astype(np.float64) for x in xs])
+
+    def nearest(e: np.ndarray) -> np.ndarray:
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(1)
+
+    r, a = rows(reference), rows(actual)
+    if len(r) < 3:
+        return float("nan")
+    return float((nearest(r) == nearest(a)).mean())
 
 
 def _count_quantized(model: onnx.ModelProto) -> int:
@@ -230,6 +299,7 @@ def quantize_transformer(
     float_after_gelu: bool | str = "auto",
     attention_int8: bool | str = "auto",
     min_cosine: float = 0.99,
+    min_nn_agreement: float | None = None,
     num_heads: int = 0,
     hidden_size: int = 0,
     threads: int | None = None,
@@ -239,7 +309,8 @@ def quantize_transformer(
     the path of an .onnx file or what :func:`deploycompress.to_onnx` returns.
 
     ``calibration``: feed dicts ``{input name: array}`` (e.g. ``input_ids``/``attention_mask``, int64,
-    (batch, sequence)) of real text; ``check`` (default: ``calibration``) the batches that time the
+    (batch, sequence)) of real text, as a list, generator or DataLoader (read once, :func:`feed_list`; torch tensors
+    and tuples in the graph's input order are taken too); ``check`` (default: ``calibration``) the batches that time the
     candidates and measure their mean cosine to the fp32 outputs (every output: the lowest counts). ``fuse``: ``"auto"`` tries the plain and
     the fused graph; ``"plain"``/``"fused"`` one. ``flavour``: ``"auto"`` tries ``"qdq"``,
     ``"integer"`` and ``"dynamic"`` (:data:`.linear_int8.FLAVOURS`), or name one. ``smooth_alpha``:
@@ -250,14 +321,18 @@ def quantize_transformer(
     result's notes and logged). ``attention_int8``: the attention context MatMuls (probabilities times
     values, :func:`.linear_int8.quantize_attention_matmuls`) in int8 too: ``False`` never, ``True`` in
     every candidate, ``"auto"`` as one more candidate, the fastest accurate one with them (on
-    all-MiniLM-L6-v2 it pays at batch 8 x 128 tokens only, see BENCHMARKS.md). ``num_heads``/``hidden_size`` help the optimizer (0: detected).
+    all-MiniLM-L6-v2 it pays at batch 8 x 128 tokens only, see BENCHMARKS.md). ``min_nn_agreement``: also
+    require :func:`nn_agreement` of the check outputs' rows with fp32 >= this (every 2-D output, one row
+    per example; ``ValueError`` for a graph without one) (``None``: not required, but a
+    kept graph under :data:`NN_AGREEMENT_WARN` raises a :class:`RetrievalAgreementWarning` when the check
+    batches hold >= :data:`NN_MIN_ROWS` rows, a note otherwise). ``num_heads``/``hidden_size`` help the optimizer (0: detected).
     Raises ``ValueError`` for bad arguments (before any work) and :class:`Int8Error` when no
     candidate is accurate enough.
     """
     from .linear_int8 import FLAVOURS, attention_matmuls, collect_stats, linear_inputs, quantize_attention_matmuls, quantize_linears, smooth
 
     if isinstance(getattr(model, "model", None), onnx.ModelProto):  # what deploycompress.to_onnx returns
-        model = model.model  # type: ignore[union-attr]
+        model = model.model
     if isinstance(model, (str, os.PathLike)):  # a path, as onnxruntime's quantizers take it
         if not Path(model).is_file():
             raise ValueError(f"model: {str(model)!r} is not a file (give an .onnx path or an onnx.ModelProto)")
@@ -274,10 +349,16 @@ def quantize_transformer(
         raise ValueError(f"attention_int8 must be True, False or 'auto', got {attention_int8!r}")
     if smooth_alpha is not None and not 0.0 <= smooth_alpha <= 1.0:
         raise ValueError(f"smooth_alpha must be in [0, 1] or None, got {smooth_alpha}")
+    initializers = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in initializers]
+    calibration = feed_list(calibration, "calibration", names)
+    check = None if check is None else feed_list(check, "check", names)
     if not calibration:
         raise ValueError("calibration needs at least one feed dict of real inputs")
     if not 0.0 < min_cosine <= 1.0:
         raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine}")
+    if min_nn_agreement is not None and not 0.0 < min_nn_agreement <= 1.0:
+        raise ValueError(f"min_nn_agreement must be in (0, 1] or None, got {min_nn_agreement}")
     unknown = sorted(set(keep_float) - set(linear_matmuls(model)))
     if unknown:
         raise ValueError(f"keep_float names {unknown[:3]}, not Linear MatMuls of this graph (see linear_matmuls(model))")
@@ -288,6 +369,8 @@ def quantize_transformer(
     check = list(check or calibration)
     fp32 = _session(model, threads)
     reference = _outputs(fp32, check)
+    if min_nn_agreement is not None and not any(r[0].ndim == 2 for r in reference):
+        raise ValueError(f"min_nn_agreement needs a 2-D graph output (batch, features), e.g. a pooled embedding; the outputs have shapes {[r[0].shape for r in reference]}")
     result_notes: list[str] = []
     sources = {"plain": model} if fuse == "plain" else {}
     if fuse in ("auto", "fused"):
@@ -308,9 +391,10 @@ def quantize_transformer(
 
     def measure(label: str, q: onnx.ModelProto, n_linears: int) -> Int8Candidate:  # time, check, log, keep
         sess = _session(q, threads)
-        cand = Int8Candidate(label, q, _count_quantized(q), n_linears, _latency_ms(sess, check, repeats), _worst_cosine(reference, _outputs(sess, check)))
-        cand.accepted = cand.cosine >= min_cosine
-        log.info("int8 %s graph: %d/%d Linears int8, %.2f ms, cosine %.5f", label, cand.quantized, cand.linears, cand.latency_ms, cand.cosine)
+        got = _outputs(sess, check)
+        cand = Int8Candidate(label, q, _count_quantized(q), n_linears, _latency_ms(sess, check, repeats), _worst_cosine(reference, got), _worst_nn_agreement(reference, got))
+        cand.accepted = cand.cosine >= min_cosine and (min_nn_agreement is None or cand.nn_agreement >= min_nn_agreement)
+        log.info("int8 %s graph: %d/%d Linears int8, %.2f ms, cosine %.5f, NN agreement %.3f", label, cand.quantized, cand.linears, cand.latency_ms, cand.cosine, cand.nn_agreement)
         candidates.append(cand)
         return cand
 
@@ -363,10 +447,23 @@ def quantize_transformer(
             log.info(result_notes[-1])
     fp32_ms = _latency_ms(fp32, check, repeats)
     if not ok:
-        shown = "; ".join(f"{c.name}: cosine {c.cosine:.4f}" for c in candidates)
-        raise Int8Error(f"no int8 graph keeps cosine >= {min_cosine} to fp32 ({shown}); calibrate on more representative text")
+        shown = "; ".join(f"{c.name}: cosine {c.cosine:.4f}, NN agreement {c.nn_agreement:.3f}" for c in candidates)
+        bound = f"cosine >= {min_cosine}" + (f" and NN agreement >= {min_nn_agreement}" if min_nn_agreement is not None else "")
+        raise Int8Error(f"no int8 graph keeps {bound} to fp32 ({shown}); calibrate on more representative text")
     best = min(ok, key=lambda c: c.latency_ms)
     if best.quantized < best.linears:
         result_notes.append(f"{best.name}: {best.linears - best.quantized} of {best.linears} Linears stay float")
-    result_notes.append(f"kept the {best.name} graph: {best.latency_ms:.2f} ms vs fp32 {fp32_ms:.2f} ms, cosine {best.cosine:.5f}")
+    result_notes.append(f"kept the {best.name} graph: {best.latency_ms:.2f} ms vs fp32 {fp32_ms:.2f} ms, cosine {best.cosine:.5f}, NN agreement {best.nn_agreement:.3f}")
+    rows = min((sum(len(x) for x in r) for r in reference if r and r[0].ndim == 2), default=0)
+    if min_nn_agreement is None and best.nn_agreement < NN_AGREEMENT_WARN and rows < NN_MIN_ROWS:  # NaN compares False
+        result_notes.append(f"{best.name}: NN agreement {best.nn_agreement:.1%} on {rows} check rows, too few to judge retrieval (>= {NN_MIN_ROWS} give a figure)")
+        log.info(result_notes[-1])
+    elif min_nn_agreement is None and best.nn_agreement < NN_AGREEMENT_WARN:
+        better = [c for c in ok if c.nn_agreement >= NN_AGREEMENT_WARN]
+        msg = (f"the kept int8 graph {best.name} keeps cosine {best.cosine:.4f} but only {best.nn_agreement:.1%} of the check rows keep their "
+               f"nearest neighbour (< {NN_AGREEMENT_WARN:.0%})"
+               + (f"; {', '.join(c.name for c in better)} would keep >= {NN_AGREEMENT_WARN:.0%}" if better else "")
+               + f"; pass min_nn_agreement={NN_AGREEMENT_WARN} to require it")
+        result_notes.append(msg)
+        warnings.warn(msg, RetrievalAgreementWarning, stacklevel=2)
     return Int8Result(best.model, best.name, candidates, fp32_ms, result_notes)

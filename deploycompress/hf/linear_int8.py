@@ -51,7 +51,7 @@ from onnx import helper, numpy_helper
 FLAVOURS = ("qdq", "integer", "dynamic")
 MS_DOMAIN = "com.microsoft"
 
-__all__ = ["FLAVOURS", "INPUT_KINDS", "InputStats", "attention_context_source", "ATTENTION_MATMULS", "attention_matmuls", "input_kinds", "quantize_attention_matmuls", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
+__all__ = ["FLAVOURS", "INPUT_KINDS", "InputStats", "attention_context_source", "ATTENTION_MATMULS", "attention_matmuls", "attention_probabilities", "input_kinds", "quantize_attention_matmuls", "collect_stats", "linear_inputs", "quantize_linears", "smooth"]
 
 
 @dataclass
@@ -352,14 +352,44 @@ def quantize_linears(
 
 ATTENTION_MATMULS = ("scores", "context")
 """The two attention MatMuls of a layer: ``"scores"`` (``Q K^T``) and ``"context"`` (the attention
-probabilities times ``V``, its input A a ``Softmax`` output)."""
+probabilities times ``V``, its input A a ``Softmax`` output, see :func:`attention_probabilities`)."""
+
+
+def attention_probabilities(model: onnx.ModelProto, tensor: str) -> bool:
+    """Whether ``tensor`` is a ``Softmax`` output, directly or through what leaves its values as they are:
+    ``Identity``, ``Cast``, ``Dropout`` (inference), or the NaN guard ``Where(IsNaN(p), c, p)`` that the
+    export of ``scaled_dot_product_attention`` writes (``transformers``' default ``attn_implementation="sdpa"``,
+    DistilBERT's; ``p`` the ``Softmax`` output, ``c`` a constant: it changes nothing but NaNs)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consts = set(_inits(model)) | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return _probabilities(producer, consts, tensor)
+
+
+def _probabilities(producer: Mapping[str, onnx.NodeProto], consts: set[str], tensor: str) -> bool:
+    for _ in range(4):
+        p = producer.get(tensor)
+        if p is None:
+            return False
+        if p.op_type == "Softmax":
+            return True
+        if p.op_type in ("Identity", "Cast", "Dropout"):
+            tensor = p.input[0]
+            continue
+        if p.op_type == "Where" and len(p.input) == 3:
+            cond = producer.get(p.input[0])
+            if cond is not None and cond.op_type == "IsNaN" and p.input[1] in consts and cond.input[0] == p.input[2]:
+                tensor = p.input[2]
+                continue
+        return False
+    return False
 
 
 def attention_matmuls(model: onnx.ModelProto) -> dict[str, str]:
     """``{MatMul node name: "scores" | "context"}`` for the MatMuls whose two inputs are activations (no
-    initializer, no Transpose of one): ``"context"`` when input A is a ``Softmax`` output, directly or through
-    the ``Where(IsNaN(p), 0, p)`` that the export of ``scaled_dot_product_attention`` (``transformers``' default
-    ``attn_implementation="sdpa"``) puts after it, or a ``Cast``/``Identity``; else ``"scores"``."""
+    initializer, no Transpose of one): ``"context"`` when input A holds attention probabilities
+    (:func:`attention_probabilities`: a ``Softmax`` output, directly or through the ``Where(IsNaN(p), 0, p)``
+    that the export of ``scaled_dot_product_attention`` -- ``transformers``' default
+    ``attn_implementation="sdpa"``, DistilBERT's -- puts after it, or a ``Cast``/``Identity``/``Dropout``), else ``"scores"``."""
     consts = set(_inits(model)) | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     producer = {o: n for n in model.graph.node for o in n.output}
 
@@ -367,23 +397,10 @@ def attention_matmuls(model: onnx.ModelProto) -> dict[str, str]:
         p = producer.get(t)
         return t in consts or (p is not None and p.op_type in ("Transpose", "Identity") and p.input[0] in consts)
 
-    def softmax_behind(t: str) -> bool:
-        for _ in range(3):
-            p = producer.get(t)
-            if p is None or p.op_type == "Softmax":
-                return p is not None
-            if p.op_type == "Where" and producer.get(p.input[0]) is not None and producer[p.input[0]].op_type == "IsNaN":
-                t = p.input[2]  # where(isnan(p), 0, p): the probabilities pass where they are numbers
-            elif p.op_type in ("Cast", "Identity"):
-                t = p.input[0]
-            else:
-                return False
-        return False
-
     out = {}
     for n in model.graph.node:
         if n.op_type == "MatMul" and not constant(n.input[0]) and not constant(n.input[1]):
-            out[n.name] = "context" if softmax_behind(n.input[0]) else "scores"
+            out[n.name] = "context" if _probabilities(producer, consts, n.input[0]) else "scores"
     return out
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batches import batch_list
 from ..pruning.reconstruct import ReconstructionResult, _capture, _capture_residual, reconstruct
 from .importance import _layers, layer_masks
 
@@ -244,7 +245,7 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
         raise ValueError(f"reconstruction_masks: allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if not 0.0 < cap < 1.0:
         raise ValueError(f"reconstruction_masks: cap must be in (0, 1), got {cap}")
-    batches = list(batches)
+    batches = batch_list(batches, "batches")
     if not batches:
         raise ValueError("reconstruction_masks: no batches given; pass a few calibration inputs")
     prefix, layers = _layers(dense)

@@ -57,6 +57,20 @@ def _sentences(doc: str, min_words: int, max_words: int) -> Iterable[str]:
                 yield sent
 
 
+def _unique_sentences(docs: Iterable[str], n: int | None, min_words: int, max_words: int, exclude: Iterable[str] = ()) -> list[str]:
+    """The sentences of ``docs`` (read lazily, in order) that are not in ``exclude``, each once, the first ``n``."""
+    seen = set(exclude)
+    out: list[str] = []
+    for doc in docs:
+        for sent in _sentences(doc, min_words, max_words):
+            if sent not in seen:
+                seen.add(sent)
+                out.append(sent)
+                if n is not None and len(out) >= n:
+                    return out
+    return out
+
+
 def stdlib_sentences(n: int | None = None, *, min_words: int = 6, max_words: int = 60) -> list[str]:
     """English sentences from the docstrings of Python's standard library, deduplicated, in a fixed order.
 
@@ -64,18 +78,8 @@ def stdlib_sentences(n: int | None = None, *, min_words: int = 6, max_words: int
     samples and tables are skipped). ``n`` caps the count. Raises ``ValueError`` when fewer than
     ``n`` are found (a stripped Python without docstrings, e.g. ``python -OO``).
     """
-    seen: set[str] = set()
-    out: list[str] = []
-    for name in MODULES:
-        for doc in _docstrings(name):
-            for sent in _sentences(doc, min_words, max_words):
-                if sent in seen:
-                    continue
-                seen.add(sent)
-                out.append(sent)
-                if n is not None and len(out) >= n:
-                    return out
-    if n is not None:
+    out = _unique_sentences((doc for name in MODULES for doc in _docstrings(name)), n, min_words, max_words)
+    if n is not None and len(out) < n:
         raise ValueError(f"only {len(out)} sentences found in the standard library's docstrings, {n} asked (python -OO strips them)")
     return out
 
@@ -116,18 +120,7 @@ def source_sentences(
     bad = [str(r) for r in roots if not r.is_dir()]
     if bad:
         raise ValueError(f"source roots must be directories: {bad}")
-    seen = set(exclude)
-    out: list[str] = []
-    for root in roots:
-        for path in sorted(root.rglob("*.py")):
-            if any(part in ("test", "tests", "idlelib", "lib2to3") for part in path.relative_to(root).parts):
-                continue  # test suites' docstrings are terse and repetitive
-            for doc in _file_docstrings(path):
-                for sent in _sentences(doc, min_words, max_words):
-                    if sent in seen:
-                        continue
-                    seen.add(sent)
-                    out.append(sent)
-                    if n is not None and len(out) >= n:
-                        return out
-    return out
+    paths = (path for root in roots for path in sorted(root.rglob("*.py"))
+             # test suites' docstrings are terse and repetitive
+             if not any(part in ("test", "tests", "idlelib", "lib2to3") for part in path.relative_to(root).parts))
+    return _unique_sentences((doc for path in paths for doc in _file_docstrings(path)), n, min_words, max_words, exclude)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batches import batch_list
 from .evaluator import TorchEvaluator, _call  # one way to call a model with a batch
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ def distill(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if student is teacher:
         raise ValueError("student and teacher are the same module: distil a copy (e.g. the sped-up model)")
-    batches = list(batches) if not isinstance(batches, Sequence) else batches
+    batches = batch_list(batches, "batches") if not isinstance(batches, Sequence) or isinstance(batches, tuple) else batches
     if not batches:
         raise ValueError("batches is empty: give at least one batch of real inputs")
     params = [p for p in student.parameters() if p.requires_grad]

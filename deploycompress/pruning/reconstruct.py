@@ -32,11 +32,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batches import batch_list
 from .evaluator import _call  # one way to call a model with a batch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerFit", "ReconstructionResult", "kept_inputs", "kept_outputs", "reconstruct"]
+__all__ = ["LayerFit", "ReconstructionResult", "check_plain_layer", "kept_inputs", "kept_outputs", "reconstruct"]
 
 
 @dataclass
@@ -76,6 +77,34 @@ def _check_consumer(m: nn.Module, name: str) -> None:
         raise ValueError(f"reconstruct: {name!r} is a Conv2d with kernel {m.kernel_size}, groups {m.groups}, padding {m.padding}; "
                          "only 1x1 convolutions without groups or padding (pointwise) and Linear layers can be refitted: pass their names")
     raise ValueError(f"reconstruct: {name!r} is a {type(m).__name__}; only 1x1 Conv2d and Linear consumers can be refitted")
+
+
+def check_plain_layer(model: nn.Module, name: str, batch, which: str) -> None:  # noqa: ANN001
+    """Refuse a consumer whose class subclasses ``nn.Linear``/``nn.Conv2d`` with a forward that is not its base's
+    (an output scale, a weight transform, padding: :mod:`deploycompress.subclasses`, checked on its input from
+    ``batch``): the refit writes the weights of the plain base layer, so its reported error would be the base
+    layer's while the subclass computes something else. ``ValueError`` naming the layer and the form."""
+    from ..subclasses import SubclassError, analyse_layer, is_subclass_layer
+    from .distill import eval_mode  # the caller's model (a pruner's) keeps every module's training flag
+
+    m = model.get_submodule(name)
+    if not is_subclass_layer(m):
+        return
+    got: dict[str, tuple] = {}
+    h = m.register_forward_pre_hook(lambda _m, args: got.setdefault("args", tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            _capture(model, name, batch, which)
+    finally:
+        h.remove()
+    try:
+        kind = analyse_layer(name, m, got["args"]).kind
+    except SubclassError as exc:
+        kind = str(exc)
+    if kind != "base":
+        raise ValueError(f"reconstruct: {name!r} ({which}) is a {type(m).__name__} whose forward is not its base layer's ({kind}); "
+                         "the refit writes a plain layer's weights: bake it first (deploycompress.subclasses.lower_layers) "
+                         "or leave it out of the layers refitted")
 
 
 def _rows(m: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +170,19 @@ def _output_rows(dense_w: torch.Tensor, pruned_w: torch.Tensor, name: str) -> li
     return kept_outputs(dense_w, pruned_w, name)
 
 
+def ridge_term(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The relative Tikhonov term added to ``gram`` ((C+1, C+1) with the intercept last, not pulled):
+    ``ridge * mean(diag)`` on the C weights; at ``ridge=0`` a floor of ``1e-12 * mean(diag)`` keeps the system
+    solvable where a channel is constant or zero on the data (a dead ReLU channel made ``ridge=0`` fail with
+    ``LinAlgError: ... singular`` after the data had been collected)."""
+    cin = gram.shape[0] - 1
+    reg = torch.zeros_like(gram)
+    if cin:
+        mean = float(torch.diagonal(gram)[:cin].mean())
+        reg.diagonal()[:cin] = ridge * mean if ridge > 0 else 1e-12 * max(mean, 1e-30)
+    return reg
+
+
 def _capture(model: nn.Module, name: str, batch, want: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` on ``batch`` up to module ``name``; its (input, output)."""
     got = {}
@@ -192,7 +234,8 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
     whose outputs were pruned, its inputs complete but perturbed by earlier pruning): each kept output row is
     fitted to its dense channel (:func:`kept_outputs`). ``batches``: model inputs (tensors, tuples or dicts, as a
     ``TorchEvaluator`` passes them), e.g. calibration views; both models are run in eval mode without gradients.
-    ``ridge``: relative Tikhonov weight pulling ``W`` towards the current weights (0: plain least squares).
+    ``ridge``: relative Tikhonov weight pulling ``W`` towards the current weights (0: plain least squares, with a
+    floor of 1e-12 so that dead channels leave it solvable: :func:`ridge_term`).
     Returns a :class:`ReconstructionResult` with a new model; ``dense`` and ``pruned`` are not modified.
 
     ``residuals``: ``{pruned consumer name: (module name, input index)}`` for consumers whose output is added to a
@@ -203,11 +246,11 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
     residual (what the following LayerNorm sees is then matched, not only this consumer's share). Its
     :class:`LayerFit` errors are measured against that target.
 
-    Raises ``ValueError`` for a consumer that is not a pointwise ``Conv2d``/``Linear``, a name missing from a model,
-    a pair whose pruned weights are not columns of the dense weights, a ``residuals`` entry naming no consumer
-    or no module, or no batches — all before any fitting.
+    Raises ``ValueError`` for a consumer that is not a pointwise ``Conv2d``/``Linear`` (or subclasses one with another
+    forward: :func:`check_plain_layer`), a name missing from a model, a pair whose pruned weights are not columns of the
+    dense weights, a ``residuals`` entry naming no consumer or no module, or no batches — all before any fitting.
     """
-    batches = list(batches)
+    batches = batch_list(batches, "batches")
     if not batches:
         raise ValueError("reconstruct: no batches given; pass a few calibration inputs")
     if ridge < 0:
@@ -222,6 +265,7 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
             if n not in dict(net.named_modules()):
                 raise ValueError(f"reconstruct: no module {n!r} in the {which} model")
             _check_consumer(net.get_submodule(n), f"{n} ({which})")
+            check_plain_layer(net, n, batches[0], which)
         dw, pw = dense.get_submodule(d_name).weight, model.get_submodule(p_name).weight
         outs = _output_rows(dw, pw, p_name)
         pairs.append((d_name, p_name, kept_inputs(dw[[o for o in outs if o >= 0]] if outs else dw, pw[[j for j, o in enumerate(outs) if o >= 0]] if outs else pw, p_name), outs))
@@ -264,9 +308,7 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
             w0 = m.weight.detach().reshape(m.weight.shape[0], cin).double()
             b0 = m.bias.detach().double() if m.bias is not None else torch.zeros(m.weight.shape[0], dtype=torch.float64)
             theta0 = torch.cat([w0.T, b0[None]], 0)  # (C'+1, C_out)
-            lam = ridge * torch.diagonal(xtx)[:cin].mean()
-            reg = torch.zeros_like(xtx)
-            reg.diagonal()[:cin] = lam  # the intercept is not pulled
+            reg = ridge_term(xtx, ridge)
             theta = torch.linalg.solve(xtx + reg, xty + reg @ theta0)
             if outs is not None:  # still-masked rows stay exactly as they were (zero), not a fit of their own zero output
                 held = torch.tensor(outs) < 0

@@ -44,18 +44,20 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batches import batch_list
 from ..config import ModuleConfig
 from .allocate import global_prune_counts, prune_count
-from .channel import ChannelPruner, channel_dim
+from .channel import ChannelPruner, PruningWarning, channel_dim
 from .evaluator import _call
 from .io import _weight
-from .reconstruct import LayerFit, _capture, _check_consumer, _rows
+from .reconstruct import LayerFit, _capture, _check_consumer, _rows, check_plain_layer, ridge_term
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +123,6 @@ def _theta(m: nn.Module) -> torch.Tensor:
     return torch.cat([w.T, b[None]], 0)
 
 
-def _ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
-    """The relative Tikhonov term of :func:`reconstruct` (intercept not pulled)."""
-    cin = gram.shape[0] - 1
-    reg = torch.zeros_like(gram)
-    reg.diagonal()[:cin] = ridge * torch.diagonal(gram)[:cin].mean() if cin else 0
-    if ridge == 0:  # keep the system solvable where a channel is constant or zero on the data
-        reg.diagonal()[:cin] = 1e-12 * max(float(torch.diagonal(gram)[:cin].mean()), 1e-30)
-    return reg
-
-
 class ReconstructionPruner(ChannelPruner):
     """Output channels of the selected producers, chosen by the least-squares error of their consumer; see the
     module docstring.
@@ -150,8 +142,10 @@ class ReconstructionPruner(ChannelPruner):
     with the inputs as pruned so far and after the refit, the kept input channels) and ``refitted_model`` the
     refitted copy (see the module docstring).
 
-    Raises ``ValueError`` (before any data runs) for a selected layer without a consumer, a consumer that is no
-    module, not pointwise, or reads a different number of channels than the layer has outputs; empty ``batches``;
+    Raises ``ValueError`` (before any data runs but one batch through a layer subclass) for a selected layer without a
+    consumer, a consumer that is no module, not pointwise (or a layer subclass whose forward is not its base's:
+    :func:`~deploycompress.pruning.reconstruct.check_plain_layer`), or reads a different number of channels than the
+    layer has outputs; empty ``batches``;
     ``ridge < 0`` or ``round_to < 1``. The model is only masked, as by every pruner.
     """
 
@@ -173,7 +167,7 @@ class ReconstructionPruner(ChannelPruner):
     ) -> None:
         super().__init__(model, config_list, dependency_aware=dependency_aware, dummy_input=dummy_input)
         name = type(self).__name__
-        self.batches = list(batches)
+        self.batches = batch_list(batches, "batches")
         if not self.batches:
             raise ValueError(f"{name}: no batches given; pass a few calibration inputs")
         if ridge < 0:
@@ -212,6 +206,8 @@ class ReconstructionPruner(ChannelPruner):
         extra = sorted(set(self.consumers) - set(self._modules))
         if extra:
             raise ValueError(f"{name}: consumers names {extra}, which config_list does not select")
+        for consumer in list(self.consumers.values()) + self.refit:  # a subclass with another forward: refused by name
+            check_plain_layer(model, consumer, self.batches[0], "model")
         order = {n: i for i, n in enumerate(modules)}
         self._order = sorted(self._modules, key=lambda n: order[self.consumers[n]])
         self._counts: dict[str, int] = {}
@@ -237,27 +233,17 @@ class ReconstructionPruner(ChannelPruner):
                 budgets.setdefault(key, []).append(layer)
         if budgets:
             acc: dict[str, dict] = {n: {} for names in budgets.values() for n in names}
-            handles = []
-            for layer in acc:
-                m = dense.get_submodule(self.consumers[layer])
 
-                def hook(mod, inp, out, a=acc[layer], name=self.consumers[layer]):  # noqa: ANN001, ANN202
-                    x, _ = _rows(mod, inp[0].detach(), out.detach(), name)
-                    _moments(x, None, a)
+            def hook(a: dict, name: str):  # noqa: ANN202
+                return lambda mod, inp, out: _moments(_rows(mod, inp[0].detach(), out.detach(), name)[0], None, a)
 
-                handles.append(m.register_forward_hook(hook))
-            try:
-                with torch.no_grad():
-                    for b in tqdm(self.batches, desc="reconstruction allocation", unit="batch", leave=False, disable=self._quiet()):
-                        _call(dense, b)
-            finally:
-                for h in handles:
-                    h.remove()
+            self._run_hooked(dense, [(self.consumers[layer], hook(a, self.consumers[layer])) for layer, a in acc.items()],
+                             self.batches, "reconstruction allocation")
             curves = {}
             for layer, a in acc.items():
                 theta0 = _theta(dense.get_submodule(self.consumers[layer]))
                 gram = a["gram"]
-                reg = _ridge(gram, self.ridge)
+                reg = ridge_term(gram, self.ridge)
                 yty = float((theta0 * (gram @ theta0)).sum())
                 cfg = self.module_configs[layer]
                 n = gram.shape[0] - 1
@@ -274,7 +260,16 @@ class ReconstructionPruner(ChannelPruner):
                 counts.update(global_prune_counts(
                     {n: curves[n] for n in names}, {n: self._unit_cost(n, curves[n]) for n in names}, cfg.total_sparsity,
                     {n: self.module_configs[n].max_sparsity_per_layer for n in names}, rounding=cfg.sparse_rounding))  # fmt: skip
-        return {layer: self._rounded(dense.get_submodule(self.consumers[layer]).weight.shape[1], c) for layer, c in counts.items()}
+        rounded = {layer: self._rounded(dense.get_submodule(self.consumers[layer]).weight.shape[1], c) for layer, c in counts.items()}
+        for names in budgets.values():  # a total_sparsity budget that round_to cuts short is said, not met silently
+            weights = {n: _weight(self._modules[n]) for n in names}
+            per = {n: w.numel() / w.shape[channel_dim(self._modules[n])] for n, w in weights.items() if w is not None}
+            total = sum(w.numel() for w in weights.values() if w is not None)
+            asked, got = (sum(c[n] * per[n] for n in names) / total for c in (counts, rounded))
+            if got < asked:
+                warnings.warn(f"{type(self).__name__}: round_to={self.round_to} keeps every kept width a multiple of {self.round_to}, so the "
+                              f"total_sparsity budget removes {got:.4f} of the selected layers' weights instead of {asked:.4f}", PruningWarning, stacklevel=2)
+        return rounded
 
     def _weights(self, consumer: str) -> torch.Tensor | None:
         w = self.output_weights.get(consumer)
@@ -282,6 +277,18 @@ class ReconstructionPruner(ChannelPruner):
 
     def _quiet(self) -> bool | None:
         return None if self.progress is None else not self.progress
+
+    def _run_hooked(self, model: nn.Module, hooks: Sequence[tuple[str, Any]], batches: Sequence, desc: str) -> None:
+        """Run ``model`` on ``batches`` without gradients (a progress bar named ``desc``) with each ``(module name,
+        forward hook)`` of ``hooks`` registered; the hooks are removed afterwards, also when a batch fails."""
+        handles = [model.get_submodule(name).register_forward_hook(fn) for name, fn in hooks]
+        try:
+            with torch.no_grad():
+                for b in tqdm(batches, desc=desc, unit="batch", leave=False, disable=self._quiet()):
+                    _call(model, b)
+        finally:
+            for h in handles:
+                h.remove()
 
     # ------------------------------------------------------------------ pipeline
     def _prepare(self) -> None:
@@ -308,14 +315,8 @@ class ReconstructionPruner(ChannelPruner):
         """The dense outputs of ``names`` on every batch, from one pass, for as many layers (in order) as fit in
         ``cache_mb``; the others are captured layer by layer."""
         sizes: dict[str, int] = {}
-        hooks = [dense.get_submodule(n).register_forward_hook(lambda _m, _i, out, n=n: sizes.__setitem__(n, out.numel() * out.element_size()))
-                 for n in names]  # fmt: skip
-        try:
-            with torch.no_grad():
-                _call(dense, self.batches[0])
-        finally:
-            for h in hooks:
-                h.remove()
+        self._run_hooked(dense, [(n, lambda _m, _i, out, n=n: sizes.__setitem__(n, out.numel() * out.element_size())) for n in names],
+                         self.batches[:1], "dense output sizes")
         keep, total = [], 0.0
         for n in names:
             total += sizes.get(n, 0) * len(self.batches) / 2**20
@@ -325,14 +326,7 @@ class ReconstructionPruner(ChannelPruner):
         if not keep:
             return {}
         out: dict[str, list[torch.Tensor]] = {n: [] for n in keep}
-        hooks = [dense.get_submodule(n).register_forward_hook(lambda _m, _i, y, n=n: out[n].append(y.detach().clone())) for n in keep]
-        try:
-            with torch.no_grad():
-                for b in tqdm(self.batches, desc="dense targets", unit="batch", leave=False, disable=self._quiet()):
-                    _call(dense, b)
-        finally:
-            for h in hooks:
-                h.remove()
+        self._run_hooked(dense, [(n, lambda _m, _i, y, n=n: out[n].append(y.detach().clone())) for n in keep], self.batches, "dense targets")
         log.info("%s: dense outputs of %d of %d layers kept (%.0f MB)", type(self).__name__, len(keep), len(names),
                  sum(t.numel() * t.element_size() for v in out.values() for t in v) / 2**20)
         return out
@@ -351,7 +345,7 @@ class ReconstructionPruner(ChannelPruner):
                 _moments(x, yd, acc)
                 err0 += float((yp.double() - yd.double()).pow(2).sum())
         gram, n = acc["gram"], acc["gram"].shape[0] - 1
-        reg = _ridge(gram, self.ridge)
+        reg = ridge_term(gram, self.ridge)
         theta0 = _theta(m)
         cross = acc["cross"] + reg @ theta0
         count = self._counts[layer] if layer is not None else 0

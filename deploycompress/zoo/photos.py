@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["CROPS", "IMAGENET_MEAN", "IMAGENET_STD", "crops", "extra_photos", "load_efficientnet_lite0", "photos", "random_crops",
-           "split_photos"]
+           "split_photos", "image_tensors", "views_of"]
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,25 @@ def random_crops(images: dict[str, np.ndarray], n: int, *, size: int = 224, seed
     ``RandomResizedCrop(size, scale)`` (Inception's crop: area share ``scale``, aspect 3/4-4/3), a random
     horizontal flip and ``ColorJitter(jitter, jitter, jitter)``, then ImageNet normalisation as :func:`crops`;
     seeded, ``(n, 3, size, size)`` float32. Never feed them views of the photos you evaluate on."""
-    from torchvision.transforms import v2
-
     if n < 1 or not images:
         raise ValueError(f"random_crops needs n >= 1 and at least one image, got n={n} and {len(images)} images")
+    return views_of(image_tensors(images), n, size=size, seed=seed, scale=scale, jitter=jitter)
+
+
+def image_tensors(images: dict[str, np.ndarray]) -> list[torch.Tensor]:
+    """``images`` (as :func:`random_crops` takes them) as ``(3, H, W)`` float32 tensors in [0, 1]: convert once, draw
+    many views with :func:`views_of`."""
+    return [torch.from_numpy(_rgb(im).copy()).permute(2, 0, 1).float() / 255 for im in images.values()]
+
+
+def views_of(tensors: list[torch.Tensor], n: int, *, size: int = 224, seed: int = 0, scale: tuple[float, float] = (0.1, 1.0),
+             jitter: float = 0.3) -> torch.Tensor:
+    """:func:`random_crops` of already converted images (:func:`image_tensors`): ``(n, 3, size, size)`` float32."""
+    from torchvision.transforms import v2
+
     rng = np.random.default_rng(seed)
     augment = v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
                           v2.ColorJitter(jitter, jitter, jitter), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    tensors = [torch.from_numpy(_rgb(im).copy()).permute(2, 0, 1).float() / 255 for im in images.values()]
     with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from the global generator: not the caller's
         torch.manual_seed(seed)
         return torch.stack([augment(tensors[i]) for i in rng.integers(len(tensors), size=n)])
