@@ -19,21 +19,31 @@ PAIRS_HINT = ("Each item of the data is what the model is called with; for (inpu
 
 
 def batch_list(batches: Any, what: str = "batches") -> list:
-    """``batches`` (a list, generator or DataLoader of items) as a list, read once. A single tensor or a single dict is
-    refused with a ``ValueError`` naming the fix: iterating it would feed one sample at a time without its batch
-    axis, or the dict's keys. A tuple of tensors is refused too: it could be one batch of several
-    inputs or several batches of one, and guessing would be silent when wrong."""
-    if hasattr(batches, "dim") and hasattr(batches, "shape"):  # a torch.Tensor (nothing is imported here)
-        raise ValueError(f"{what} is a single tensor {tuple(batches.shape)}; pass a list of batches, e.g. list({what}.split(32))")
+    """``batches`` (a list, generator or DataLoader of items) as a list, read once. A single tensor or numpy array, a
+    single dict or a torch ``Dataset`` is refused with a ``ValueError`` naming the fix: iterating it would feed one
+    sample at a time without its batch axis, or the dict's keys. A tuple of tensors (or arrays) is refused too: it
+    could be one batch of several inputs or several batches of one, and guessing would be silent when wrong."""
+    if _is_array(batches):  # a torch.Tensor or a numpy array (nothing is imported here)
+        kind = "tensor" if hasattr(batches, "dim") else "numpy array"
+        fix = f"list({what}.split(32))" if hasattr(batches, "dim") else f"list(torch.from_numpy({what}).split(32))"
+        raise ValueError(f"{what} is a single {kind} {tuple(batches.shape)}; pass a list of batches, e.g. {fix}")
     if isinstance(batches, Mapping):
         raise ValueError(f"{what} is one dict (keys {list(batches)[:3]}); pass a list of batches, e.g. [{what}]")
-    if isinstance(batches, tuple) and batches and all(hasattr(b, "dim") and hasattr(b, "shape") for b in batches):
+    if isinstance(batches, tuple) and batches and all(_is_array(b) for b in batches):
         raise ValueError(f"{what} is a tuple of {len(batches)} tensors, which reads as {len(batches)} batches of one input "
                          f"each but looks like one batch of {len(batches)} inputs (e.g. (input_ids, attention_mask)); "
                          f"pass [{what}] for one batch of several inputs, or a list for several batches")
+    if any(c.__name__ == "Dataset" and c.__module__.startswith("torch.utils.data") for c in type(batches).__mro__):
+        raise ValueError(f"{what} is a {type(batches).__name__}, whose items are single samples (no batch axis); "
+                         f"pass DataLoader({what}, batch_size=32) (of the inputs only, no labels)")
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
         raise ValueError(f"{what} must be an iterable of input batches (tensors, tuples or dicts of tensors), got {type(batches).__name__}")
     return list(batches)
+
+
+def _is_array(x: Any) -> bool:
+    """A torch.Tensor or a numpy array (duck-typed: this module imports nothing)."""
+    return hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim")
 
 
 def call_with_batch(model: Any, batch: Any, index: int = 0) -> Any:

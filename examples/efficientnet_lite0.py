@@ -61,7 +61,7 @@ import deploycompress as dc
 from deploycompress.pruning.distill import distill
 from deploycompress.pruning.reconstruct import reconstruct
 from deploycompress.pruning import ReconstructionPruner, TaylorGatePruner, TorchEvaluator
-from deploycompress.zoo import MIXES, MixedViews, crops, extra_photos, load_efficientnet_lite0, photos, random_crops, split_photos
+from deploycompress.zoo import CROPS, MIXES, MixedViews, crops, extra_photos, load_efficientnet_lite0, photos, random_crops, split_photos
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from bench_ort_int8 import _session, _time_round_robin  # noqa: E402 - the benchmarks' round-robin timer
@@ -214,8 +214,32 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse option values and combinations that would fail or be ignored later (after minutes of pruning), naming the fix."""
+    if args.distill_steps < 0 or args.batch < 1 or args.threads < 1 or args.refit_views < 0 or args.score_batches < 1:
+        parser.error("--distill-steps and --refit-views must be >= 0; --batch, --threads and --score-batches >= 1")
+    if not 1 <= args.crops_per_photo <= len(CROPS):
+        parser.error(f"--crops-per-photo must be in 1..{len(CROPS)} (the crop positions there are), got {args.crops_per_photo}")
+    if not 0.0 < args.sparsity < 1.0:
+        parser.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    if args.distill_steps and args.mix != "none" and args.batch < 2:
+        parser.error(f"--mix {args.mix} mixes the views of a batch: --batch must be >= 2 (or --mix none), got {args.batch}")
+    if args.mix_alpha <= 0:
+        parser.error(f"--mix-alpha must be > 0, got {args.mix_alpha}")
+    if args.student is not None and (args.init_student is not None or args.distill_steps):
+        parser.error("--student loads final weights and skips distillation: drop --init-student/--distill-steps, "
+                     "or use --init-student to distil further from them")
+    if args.init_student is not None and args.criterion == "reconstruction" and args.refit:
+        parser.error("--init-student would be ignored: --criterion reconstruction refits in its own pass (add --no-refit)")
+    for flag, path in (("--student", args.student), ("--init-student", args.init_student)):
+        if path is not None and not path.is_file():
+            parser.error(f"{flag} {path}: no such file (the student.pt an earlier run wrote to its --out)")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.manual_seed(0)
 

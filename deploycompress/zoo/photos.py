@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -49,11 +50,33 @@ def photos() -> dict[str, np.ndarray]:
     return out
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
-    """``(H, W)`` grey, ``(H, W, 3|4)`` colour, uint8 or float in [0, 1] -> ``(H, W, 3)`` uint8."""
-    a = np.asarray(image)
-    if a.dtype != np.uint8:
-        a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+def _rgb(image: Any) -> np.ndarray:
+    """One image as ``(H, W, 3)`` uint8 RGB. Taken: a numpy array or torch tensor ``(H, W)`` grey, ``(H, W, C)`` or
+    channels-first ``(C, H, W)`` (torchvision's layout; read as such when ``C`` is 1-4 and the last axis is not) with
+    ``C`` 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA; alpha dropped); uint8, another integer type with values in
+    [0, 255], or float/bool in [0, 1]; a PIL image (any mode, converted to RGB). ``ValueError`` naming the fix for
+    anything else (float in [0, 255], 16-bit values, another rank): scaling those by guess would be silent when wrong."""
+    if hasattr(image, "convert") and hasattr(image, "mode"):  # a PIL image: its own conversion (palette, CMYK, 16-bit grey)
+        image = image.convert("RGB")
+    a = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if a.ndim == 3 and a.shape[0] in (1, 2, 3, 4) and a.shape[-1] not in (1, 2, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # channels first
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 2, 3, 4))):
+        raise ValueError(f"an image must be (H, W), (H, W, C) or (C, H, W) with C in 1-4, got shape {a.shape}")
+    if a.dtype == np.bool_ or np.issubdtype(a.dtype, np.floating):
+        if a.size and (np.nanmin(a) < -1e-3 or np.nanmax(a) > 1 + 1e-3 or np.isnan(a).any()):  # resampling's overshoot is clipped
+            raise ValueError(f"a {a.dtype} image must hold values in [0, 1], got [{np.nanmin(a):g}, {np.nanmax(a):g}]"
+                             + (" with NaN" if np.isnan(a).any() else "") + ": divide by 255 (or pass uint8)")
+        a = (np.clip(a.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.integer) and a.dtype != np.uint8:
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise ValueError(f"a {a.dtype} image must hold values in [0, 255] (8-bit), got [{a.min()}, {a.max()}]: "
+                             "scale it to uint8 first (e.g. (a >> 8).astype(np.uint8) for 16-bit)")
+        a = a.astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ValueError(f"an image must be uint8, integer in [0, 255] or float in [0, 1], got dtype {a.dtype}")
+    if a.ndim == 3 and a.shape[-1] <= 2:
+        a = a[..., 0]  # grey (+ alpha)
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=2)
     return np.ascontiguousarray(a[..., :3])
@@ -85,16 +108,35 @@ def random_crops(images: dict[str, np.ndarray], n: int, *, size: int = 224, seed
     """``n`` random views of ``images`` (uniform over the images) for unlabelled training: torchvision's
     ``RandomResizedCrop(size, scale)`` (Inception's crop: area share ``scale``, aspect 3/4-4/3), a random
     horizontal flip and ``ColorJitter(jitter, jitter, jitter)``, then ImageNet normalisation as :func:`crops`;
-    seeded, ``(n, 3, size, size)`` float32. Never feed them views of the photos you evaluate on."""
+    seeded, ``(n, 3, size, size)`` float32. ``images``: name -> image or a list, each as :func:`_rgb` reads it (grey,
+    RGBA, channels-first tensors, float in [0, 1], PIL; ``ValueError`` naming the image otherwise). Never feed them
+    views of the photos you evaluate on."""
     if n < 1 or not images:
         raise ValueError(f"random_crops needs n >= 1 and at least one image, got n={n} and {len(images)} images")
     return views_of(image_tensors(images), n, size=size, seed=seed, scale=scale, jitter=jitter)
 
 
+def _image_list(images: Any) -> list[np.ndarray]:
+    """``images`` (name -> image, or a list of images; each as :func:`_rgb` takes it) as ``(H, W, 3)`` uint8 copies."""
+    if isinstance(images, Mapping):
+        images = dict(images)
+    elif isinstance(images, (list, tuple)):
+        images = dict(enumerate(images))
+    else:
+        raise ValueError(f"images must be a dict name -> image or a list of images, got {type(images).__name__}")
+    out = []
+    for name, im in images.items():
+        try:
+            out.append(_rgb(im).copy())
+        except ValueError as exc:
+            raise ValueError(f"image {name!r}: {exc}") from None
+    return out
+
+
 def image_tensors(images: dict[str, np.ndarray]) -> list[torch.Tensor]:
-    """``images`` (as :func:`random_crops` takes them) as ``(3, H, W)`` float32 tensors in [0, 1]: convert once, draw
-    many views with :func:`views_of`."""
-    return [torch.from_numpy(_rgb(im).copy()).permute(2, 0, 1).float() / 255 for im in images.values()]
+    """``images`` (as :func:`random_crops` takes them: name -> image or a list; each as :func:`_rgb` reads it) as
+    ``(3, H, W)`` float32 tensors in [0, 1]: convert once, draw many views with :func:`views_of`."""
+    return [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in _image_list(images)]
 
 
 def views_of(tensors: list[torch.Tensor], n: int, *, size: int = 224, seed: int = 0, scale: tuple[float, float] = (0.1, 1.0),
@@ -119,11 +161,12 @@ def split_photos(images: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], 
 
 def crops(images: dict[str, np.ndarray], size: int = 224, mirror: bool = True, per_photo: int | None = None) -> torch.Tensor:
     """Every :data:`CROPS` entry (the first ``per_photo`` of them) of every photo and, with ``mirror``, its mirror
-    image, resized (bilinear, antialiased) and ImageNet-normalised: ``(N, 3, size, size)`` float32."""
+    image, resized (bilinear, antialiased) and ImageNet-normalised: ``(N, 3, size, size)`` float32. ``images`` as
+    :func:`random_crops` takes them."""
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     out = []
-    for im in images.values():
-        t = torch.from_numpy(np.array(im[..., :3])).permute(2, 0, 1).float()[None] / 255
+    for im in _image_list(images):  # grey, RGBA, float, PIL: as random_crops reads them
+        t = torch.from_numpy(im).permute(2, 0, 1).float()[None] / 255
         h, w = t.shape[-2:]
         for scale, py, px in CROPS[:per_photo]:
             s = int(min(h, w) * scale)

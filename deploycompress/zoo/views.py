@@ -26,22 +26,27 @@ MIXES = ("none", "mixup", "cutmix", "both")
 
 class MixedViews(Sequence):
     """``steps`` lazy batches of ``batch`` fresh random views of ``images`` (name -> ``(H, W, 3)`` uint8 or ``(H, W)``
-    grey), each ``(batch, 3, size, size)`` float32, ImageNet-normalised.
+    grey, or a list; RGBA, channels-first tensors, float in [0, 1] and PIL images are read too, anything else is refused:
+    :func:`deploycompress.zoo.image_tensors`), each ``(batch, 3, size, size)`` float32, ImageNet-normalised.
 
-    Batch ``i`` is drawn with seed ``seed + i`` when asked for (the same ``i`` gives the same batch; nothing is kept):
+    Batch ``i`` is drawn with seed ``seed + i`` when asked for (the same ``i`` gives the same batch, ``-1`` the last, as
+    for a list; nothing is kept):
     :func:`random_crops` (``RandomResizedCrop(size, scale)``, flip, ``ColorJitter(jitter)``), then ``mix``:
     ``"mixup"``: ``v2.MixUp(alpha)`` blends the batch with itself rolled by one (one ratio per batch, drawn from
     Beta(alpha, alpha)); ``"cutmix"``: ``v2.CutMix(alpha)`` pastes a box of the rolled batch; ``"both"``: one of the two
     per batch; ``"none"``: the views unmixed. No labels are involved: function matching distils the teacher's
     output on whatever it is shown. Never give it the photos you evaluate on.
 
-    Raises ``ValueError`` for an unknown ``mix``, ``steps``/``batch`` < 1 (``batch`` < 2 with mixing) or no images.
+    Raises ``ValueError`` for an unknown ``mix``, ``steps``/``batch`` not ints >= 1 (``batch`` < 2 with mixing), no
+    images or an image it cannot read safely (e.g. float in [0, 255]), at construction.
     """
 
     def __init__(self, images: dict[str, np.ndarray], steps: int, batch: int, *, seed: int = 1000, mix: str = "mixup", alpha: float = 1.0,
                  size: int = 224, scale: tuple[float, float] = (0.1, 1.0), jitter: float = 0.3) -> None:  # fmt: skip
         if mix not in MIXES:
             raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (steps, batch)):
+            raise ValueError(f"MixedViews needs int steps and batch, got steps={steps!r}, batch={batch!r}")
         if steps < 1 or batch < (2 if mix != "none" else 1):
             raise ValueError(f"MixedViews needs steps >= 1 and batch >= {2 if mix != 'none' else 1} (mix={mix!r}), got steps={steps}, batch={batch}")
         if not images:
@@ -61,9 +66,12 @@ class MixedViews(Sequence):
         mixes = {"mixup": v2.MixUp(alpha=self.alpha, num_classes=1), "cutmix": v2.CutMix(alpha=self.alpha, num_classes=1)}
         return v2.RandomChoice(list(mixes.values())) if self.mix == "both" else mixes[self.mix]
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if not 0 <= i < self.steps:
-            raise IndexError(i)
+    def __getitem__(self, i: int | slice) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.steps))]
+        if not -self.steps <= i < self.steps:
+            raise IndexError(f"MixedViews index {i} out of range for {self.steps} batches")
+        i %= self.steps  # a negative index counts from the end, as for a list
         views = views_of(self._tensors, self.batch, size=self.size, seed=self.seed + i, scale=self.scale, jitter=self.jitter)
         if self.mix == "none":
             return views
