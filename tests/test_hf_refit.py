@@ -181,3 +181,82 @@ def test_layer_masks_rows_of_the_kept_heads_and_channels() -> None:
     assert torch.equal(masks["model.encoder.layer.1.intermediate.dense"]["bias"], keep_f.float())
     with pytest.raises(ValueError, match="keep_heads must be"):
         layer_masks(model, "model.encoder.layer", 1, keep_h[:3], keep_f)
+
+
+def test_refit_towards_the_dense_pre_layernorm_sum() -> None:
+    """absorb_residual=True: each output Linear is the least-squares fit to Y_dense + r_dense - r_student (checked
+    here on the last one, whose inputs the refit does not change, by torch.linalg.lstsq on hooks set by the test)."""
+    dense = duplicated_bert()
+    with torch.no_grad():  # break the copies: removing units now loses something no refit rebuilds exactly
+        g = torch.Generator().manual_seed(3)
+        for p in dense.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    data = batches()
+    pruned = speedup(copy.deepcopy(dense), masks_dropping_copies(dense), data[0])
+    fit = refit_encoder(dense, pruned, data, ridge=0.0, absorb_residual=True)
+    plain = refit_encoder(dense, pruned, data, ridge=0.0)
+
+    def grab(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        layer = model.model.encoder.layer[1]
+        got: dict = {}
+        def keep_x_y(m, inp, out) -> None:  # noqa: ANN001
+            got.setdefault("x", []).append(inp[0].reshape(-1, inp[0].shape[-1]))
+            got.setdefault("y", []).append(out.reshape(-1, HIDDEN))
+
+        h1 = layer.output.register_forward_pre_hook(lambda m, inp: got.setdefault("r", []).append(inp[1].reshape(-1, HIDDEN)))
+        h2 = layer.output.dense.register_forward_hook(keep_x_y)
+        with torch.no_grad():
+            for b in data:
+                model(*b)
+        h1.remove(), h2.remove()
+        return torch.cat(got["x"]), torch.cat(got["y"]), torch.cat(got["r"])
+
+    x_s, _, r_s = grab(fit.model)
+    _, y_d, r_d = grab(dense)
+    x1 = torch.cat([x_s, torch.ones(len(x_s), 1)], 1).double()
+    sol = torch.linalg.lstsq(x1, (y_d + r_d - r_s).double()).solution
+    last = fit.model.model.encoder.layer[1].output.dense
+    torch.testing.assert_close(last.weight.double(), sol[:-1].T, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(last.bias.double(), sol[-1], atol=1e-4, rtol=1e-3)
+    assert not torch.allclose(last.weight, plain.model.model.encoder.layer[1].output.dense.weight, atol=1e-3)  # the target differs
+    with pytest.raises(ValueError, match="not one of the layers refitted"):
+        from deploycompress.pruning.reconstruct import reconstruct
+
+        reconstruct(dense, pruned, ["model.encoder.layer.0.output.dense"], data, residuals={"model.encoder.layer.1.output.dense": ("model.encoder.layer.1.output", 1)})
+
+
+def test_allocate_takes_the_cheapest_next_removals() -> None:
+    from deploycompress.hf.refit import allocate
+
+    curves = [[0.1, 0.2, 5.0], [0.15, 0.3], [1.0]]
+    # cheapest four steps: 0.1 (l0), 0.15 (l1), 0.2 (l0), 0.3 (l1)
+    assert allocate(curves, 4) == [2, 2, 0]
+    assert allocate(curves, 5) == [2, 2, 1]
+    assert allocate(curves, 0) == [0, 0, 0]
+    with pytest.raises(ValueError, match="allow 0..6"):
+        allocate(curves, 7)
+
+
+def test_global_allocation_takes_more_from_the_layer_of_copies() -> None:
+    """Layer 0: heads 1-3 copy head 0 (three removals are free); layer 1: four distinct heads. At 50% (4 of 8 heads)
+    the uniform rule takes 2 + 2, the global one 3 + 1 (layer 0 down to its one distinct head, cap 0.75)."""
+    dense = duplicated_bert()
+    with torch.no_grad():
+        att0 = dense.model.encoder.layer[0].attention.self
+        for lin in (att0.query, att0.key, att0.value):
+            for h in (1, 2, 3):
+                lin.weight[h * HEAD : (h + 1) * HEAD] = lin.weight[:HEAD]
+                lin.bias[h * HEAD : (h + 1) * HEAD] = lin.bias[:HEAD]
+        att1 = dense.model.encoder.layer[1].attention.self
+        g = torch.Generator().manual_seed(5)
+        for lin in (att1.query, att1.key, att1.value):
+            lin.weight[2 * HEAD :] = torch.randn(2 * HEAD, HIDDEN, generator=g) * 0.3
+    data = batches()
+    uni = reconstruction_masks(dense, data, 0.5, 0.5, ridge=1e-6)  # (two kept copies: singular without a ridge)
+    glo = reconstruction_masks(dense, data, 0.5, 0.5, ridge=1e-6, allocation="global")
+    assert [len(h) for h in uni.kept_heads] == [2, 2]
+    assert [len(h) for h in glo.kept_heads] == [1, 3]
+    assert sum(len(f) for f in glo.kept_ffn) == FFN  # the FFN total is kept too (half of 2 x 16)
+    assert glo.errors["model.encoder.layer.0.attention.output.dense"] < 1e-4
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        reconstruction_masks(dense, data, 0.5, 0.5, allocation="layerwise")

@@ -46,13 +46,14 @@ import torch
 
 import deploycompress as dc
 from deploycompress.hf import Encoder
+from deploycompress.hf.distill_losses import AttentionRelationLoss
 from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import SMOOTH_ALPHA, linear_matmuls, mean_cosine, quantize_transformer
 from deploycompress.hf.int8 import nn_agreement as rows_nn_agreement
 from deploycompress.hf.linear_int8 import collect_stats, input_kinds, linear_inputs, quantize_attention_matmuls, quantize_linears, smooth
 from deploycompress.hf.refit import reconstruction_masks, refit_encoder
 from deploycompress.hf.text import source_sentences, stdlib_sentences
-from deploycompress.pruning.distill import distill
+from deploycompress.pruning.distill import distill, eval_mode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ort_int8 import _time_round_robin  # noqa: E402  (cycling orders, one untimed run per turn)
@@ -197,6 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=300, help="distillation steps for (c)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the layer-wise hidden-state MSE (0: pooled output only)")
+    p.add_argument("--relation-weight", type=float, default=0.0,
+                   help="weight of MiniLMv2's Q-Q/K-K/V-V self-attention relation KL (hf.distill_losses; 0: off)")
+    p.add_argument("--relation-layers", default="all", help="layers whose relations are transferred: all, last, or indices joined by ',' (e.g. 3,5)")
+    p.add_argument("--relation-heads", type=int, default=12, help="relation heads (divides 384 and the pruned 192)")
+    p.add_argument("--bf16", action="store_true", help="distil with the student's forward pass under bfloat16 autocast (distill(autocast=torch.bfloat16))")
+    p.add_argument("--eval-every", type=int, default=0, help="print the fp32 student's held-out cosine every N distillation steps (the curve)")
     p.add_argument("--save-student", type=Path, help="save the distilled student's masks and weights here")
     p.add_argument("--student", type=Path, help="load masks and weights saved by --save-student instead of distilling")
     p.add_argument("--distill-only", action="store_true", help="stop after distillation (with --save-student)")
@@ -210,6 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="which heads/FFN channels (c) removes: output-norm scores (hf.importance) or what a least-squares refit rebuilds best (hf.refit.reconstruction_masks, refits too)")
     p.add_argument("--refit", action="store_true", help="least-squares refit of every output Linear towards the dense model before distilling (hf.refit.refit_encoder)")
     p.add_argument("--refit-ridge", type=float, default=1e-3, help="ridge of the refit (relative, towards the sliced weights)")
+    p.add_argument("--absorb-residual", action="store_true",
+                   help="selection/refit target the dense pre-LayerNorm sum Y_dense + r_dense - r_student (each output Linear absorbs upstream drift)")
+    p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+                   help="with --selection reconstruction: the same share per layer, or the totals spread by each layer's OBS cost curve (hf.refit.allocate)")
     p.add_argument("--refit-sentences", type=int, default=0, help="calibration sentences for selection/refit: 0 = the training sentences; more come from hf.text.source_sentences")
     p.add_argument("--budget", type=float, default=120, help="seconds of timing per shape (rounds over all variants, cycling orders)")
     p.add_argument("--threads", type=int, default=1)
@@ -228,6 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shapes", nargs="+", default=None, metavar="bBsS",
                    help="with --int8-only: the shapes to time, e.g. b8s128 (default: b1s64 b1s128 b8s64 b8s128)")
     args = p.parse_args(argv)
+    if args.allocation != "uniform" and args.selection != "reconstruction":
+        p.error("--allocation global needs --selection reconstruction")
+    if args.absorb_residual and args.selection != "reconstruction" and not args.refit:
+        p.error("--absorb-residual changes the refit: add --refit or --selection reconstruction")
     if args.smooth_drop and not (args.smooth_order and args.smooth_order.is_file()):
         p.error("--smooth-drop needs --smooth-order FILE (written by tools/smooth_greedy_transformers.py)")
     warnings.simplefilter("ignore")
@@ -287,7 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
     if saved is not None and "masks" in saved:  # the masks the student was made with (a reconstruction selection is not recomputed)
         c_masks = saved["masks"]
     elif args.selection == "reconstruction" and not args.student:
-        sel = reconstruction_masks(teacher, refit_batches(), 0.5, 0.5, ridge=args.refit_ridge, progress=True)
+        sel = reconstruction_masks(teacher, refit_batches(), 0.5, 0.5, ridge=args.refit_ridge, progress=True, absorb_residual=args.absorb_residual,
+                                   allocation=args.allocation)
         c_masks = sel.masks
     else:
         c_masks = importance_masks(teacher, encoder_importance(teacher, longest[:20]), 0.5, 0.5)
@@ -295,13 +311,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.bias_compensation and not args.student:
         apply_bias_compensation(pruned_student, bias_compensation(teacher, c_masks, longest[:20]))
     kept = {k: v["bias"].nonzero().flatten().tolist() for k, v in c_masks.items() if k.endswith("query")}
-    results["c_start"] = {"selection": "saved" if saved is not None and "masks" in saved else args.selection, "refit": args.refit, "refit_ridge": args.refit_ridge}
+    results["c_start"] = {"selection": "saved" if saved is not None and "masks" in saved else args.selection, "refit": args.refit, "refit_ridge": args.refit_ridge, "absorb_residual": args.absorb_residual, "allocation": args.allocation}
     if not args.student and not args.resume:
         if args.selection == "reconstruction":
             pruned_student = sel.model  # already refitted, layer by layer
             results["c_start"]["refit_errors"] = sel.errors
         elif args.refit:
-            fit = refit_encoder(teacher, pruned_student, refit_batches(), ridge=args.refit_ridge, progress=True)
+            fit = refit_encoder(teacher, pruned_student, refit_batches(), ridge=args.refit_ridge, progress=True, absorb_residual=args.absorb_residual)
             pruned_student = fit.model
             results["c_start"]["refit_errors"] = {f.pruned: f.error_after for f in fit.layers}
         with torch.no_grad():
@@ -331,9 +347,29 @@ def main(argv: list[str] | None = None) -> dict:
         text = sorted(text, key=lambda s: len(tok.tokenize(s)))  # batches of similar length: little padding
         d_batches = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, text, 16, None)]
         d_batches = [d_batches[i] for i in np.random.default_rng(1).permutation(len(d_batches))]
-        d = distill(pruned_student, teacher, d_batches, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers,
-                    hidden_weight=args.hidden_weight, progress=True) if args.steps else None  # fmt: skip
+        rel_layers = None if args.relation_layers == "all" else [n - 1] if args.relation_layers == "last" else [int(i) for i in args.relation_layers.split(",")]
+        rel = AttentionRelationLoss(pruned_student, teacher, layers=rel_layers, heads=args.relation_heads) if args.relation_weight and args.steps else None
+        curve: list[dict] = []
+        ref_eval = None
+
+        def on_step(i: int, model: torch.nn.Module) -> None:  # the curve: held-out cosine every --eval-every steps
+            nonlocal ref_eval
+            if not args.eval_every or (i + 1) % args.eval_every:
+                return
+            with eval_mode(model), torch.no_grad():
+                if ref_eval is None:
+                    ref_eval = torch.cat([teacher(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in acc_feeds]).numpy()
+                got = torch.cat([model(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in acc_feeds]).numpy()
+            curve.append({"step": i + 1, "cosine": mean_cosine([ref_eval], [got]), "nn_agreement": nn_agreement(ref_eval, got)})
+            print("(c) curve", curve[-1], flush=True)
+
+        d = distill(pruned_student, teacher, d_batches, steps=args.steps, lr=args.lr, schedule="linear", hidden=layers, on_step=on_step,
+                    hidden_weight=args.hidden_weight, progress=True, extra_loss=rel, extra_weight=args.relation_weight,
+                    autocast=torch.bfloat16 if args.bf16 else None) if args.steps else None  # fmt: skip
+        if rel is not None:
+            rel.remove()
         results["c_distill"] = {"steps": args.steps, "lr": args.lr, "hidden_weight": args.hidden_weight, "sentences": len(text),
+                                "relation_weight": args.relation_weight, "bf16": args.bf16, "curve": curve, "relation_layers": args.relation_layers, "relation_heads": args.relation_heads,
                                 "bias_compensation": args.bias_compensation, "loss_first": d.first_loss if d else None,
                                 "loss_last": d.last_loss if d else None, "seconds": time.perf_counter() - t, "extra_offset": args.extra_offset,
                                 "resumed_from": previous, "start": results["c_start"]}  # fmt: skip

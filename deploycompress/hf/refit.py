@@ -18,7 +18,8 @@ Two steps that need no training, only forward passes on unlabelled calibration t
   solution ``W`` raises the residual by exactly ``tr(W_B^T (H^-1)_BB^-1 W_B)`` with ``H = X^T X``, and the
   solution and ``H^-1`` are updated in closed form. The chosen units are masked, ``speedup`` removes them and
   the output Linear is refitted before the next layer is measured. The same share of heads and channels goes in
-  every layer. Compare :func:`deploycompress.hf.importance.importance_masks`, which scores each unit alone by its
+  every layer, or (``allocation="global"``) each layer's share follows its cost curve, measured on the dense
+  model, with the same totals (:func:`allocate`). Compare :func:`deploycompress.hf.importance.importance_masks`, which scores each unit alone by its
   output norm and ignores what the kept units can take over.
 """
 
@@ -34,12 +35,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..batches import batch_list
-from ..pruning.reconstruct import ReconstructionResult, _capture, reconstruct
+from ..pruning.reconstruct import ReconstructionResult, _capture, _capture_residual, reconstruct
 from .importance import _layers, layer_masks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SelectionResult", "obs_remove", "output_linears", "reconstruction_masks", "refit_encoder"]
+__all__ = ["ALLOCATIONS", "SelectionResult", "allocate", "obs_remove", "output_linears", "reconstruction_masks", "refit_encoder", "residual_inputs"]
 
 
 def output_linears(model: nn.Module) -> list[str]:
@@ -50,8 +51,15 @@ def output_linears(model: nn.Module) -> list[str]:
     return [f"{prefix}.{i}.{n}" for i in range(len(layers)) for n in ("attention.output.dense", "output.dense")]
 
 
+def residual_inputs(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """``{output Linear: (its parent module, 1)}`` for :func:`output_linears`: in BERT-family layers the parent
+    (``attention.output`` / ``output``) is called as ``(hidden_states, input_tensor)`` and adds the residual
+    ``input_tensor`` before its LayerNorm (``reconstruct(..., residuals=)`` takes this)."""
+    return {n: (n.rsplit(".", 1)[0], 1) for n in output_linears(model)}
+
+
 def refit_encoder(dense: nn.Module, pruned: nn.Module, batches: Sequence[Any], ridge: float = 1e-3,
-                  progress: bool | None = None) -> ReconstructionResult:
+                  progress: bool | None = None, absorb_residual: bool = False) -> ReconstructionResult:
     """Least-squares refit of ``pruned``'s output Linears (:func:`output_linears`) towards ``dense`` (module docstring).
 
     ``dense``: the unpruned model (e.g. :class:`~deploycompress.hf.Encoder` of a ``BertModel``); ``pruned``: the
@@ -61,6 +69,8 @@ def refit_encoder(dense: nn.Module, pruned: nn.Module, batches: Sequence[Any], r
     sentences of similar length). ``ridge``: relative weight pulling each refitted ``W`` (hidden, kept) towards the
     sliced weights. Returns a :class:`~deploycompress.pruning.reconstruct.ReconstructionResult` holding a new
     model; ``dense`` and ``pruned`` are not modified. Bias compensation is part of the fit (the intercept).
+    ``absorb_residual``: fit each output Linear to the dense pre-LayerNorm sum ``Y_dense + r_dense - r_student``
+    instead of ``Y_dense`` (:func:`residual_inputs`), so it also absorbs the residual drift of earlier layers.
 
     Raises ``ValueError`` (before any fitting) when a model has no ``encoder.layer`` list, the two lists differ in
     length, a pruned Linear's columns are not a subset of the dense one's, or ``batches`` is empty.
@@ -69,7 +79,8 @@ def refit_encoder(dense: nn.Module, pruned: nn.Module, batches: Sequence[Any], r
     if len(names) != len(p_names):
         raise ValueError(f"refit_encoder: the dense model has {len(names) // 2} layers and the pruned one {len(p_names) // 2}; "
                          "pass the model speedup returned for the same dense model")
-    return reconstruct(dense, pruned, list(zip(names, p_names)), batches, ridge=ridge, progress=progress)
+    return reconstruct(dense, pruned, list(zip(names, p_names)), batches, ridge=ridge, progress=progress,
+                       residuals=residual_inputs(pruned) if absorb_residual else None)
 
 
 def obs_remove(xtx: torch.Tensor, xty: torch.Tensor, groups: Sequence[Sequence[int]], remove: int,
@@ -136,13 +147,20 @@ class SelectionResult:
     kept_ffn: list[list[int]] = field(default_factory=list)
 
 
-def _moments(student: nn.Module, dense: nn.Module, name: str, batches: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[X 1]^T [X 1]`` and ``[X 1]^T Y`` (float64) of module ``name``: inputs X in ``student``, outputs Y in ``dense``."""
+def _moments(student: nn.Module, dense: nn.Module, name: str, batches: Sequence[Any],
+             residual: tuple[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[X 1]^T [X 1]`` and ``[X 1]^T Y`` (float64) of module ``name``: inputs X in ``student``, outputs Y in ``dense``
+    (with ``residual``: ``Y + r_dense - r_student``, the residual being that module input, as in ``reconstruct``)."""
     xtx = xty = None
     with torch.no_grad():
         for b in batches:
-            x, _ = _capture(student, name, b, "pruned")
-            _, y = _capture(dense, name, b, "dense")
+            if residual is None:
+                x, _ = _capture(student, name, b, "pruned")
+                _, y = _capture(dense, name, b, "dense")
+            else:
+                x, _, rs = _capture_residual(student, name, b, "pruned", residual)
+                _, y, rd = _capture_residual(dense, name, b, "dense", residual)
+                y = y + rd - rs
             x = x.reshape(-1, x.shape[-1]).double()
             x1 = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
             y = y.reshape(-1, y.shape[-1]).double()
@@ -151,8 +169,55 @@ def _moments(student: nn.Module, dense: nn.Module, name: str, batches: Sequence[
     return xtx, xty
 
 
+ALLOCATIONS = ("uniform", "global")
+
+
+def allocate(curves: Sequence[Sequence[float]], total: int) -> list[int]:
+    """How many units each layer gives up so that ``total`` go in all and the summed cost is least, greedily.
+
+    ``curves[l][k]``: the cost of removing the ``(k+1)``-th unit of layer ``l`` (e.g. the normalised residual increase
+    of each :func:`obs_remove` step; ``len(curves[l])`` is the most layer ``l`` may lose). Each step takes the
+    cheapest next removal over the layers (optimal when every curve is non-decreasing). Returns the count per layer.
+    Raises ``ValueError`` when ``total`` exceeds what the curves allow or is negative.
+    """
+    if not 0 <= total <= sum(len(c) for c in curves):
+        raise ValueError(f"allocate: {total} removals asked, the curves allow 0..{sum(len(c) for c in curves)}")
+    counts = [0] * len(curves)
+    for _ in range(total):
+        best = min((l for l in range(len(curves)) if counts[l] < len(curves[l])), key=lambda l: curves[l][counts[l]])
+        counts[best] += 1
+    return counts
+
+
+def _removal_curves(dense: nn.Module, prefix: str, n_layers: int, batches: Sequence[Any], head_sparsity: float,
+                    ffn_sparsity: float, damp: float, cap: float) -> tuple[list[list[float]], list[list[float]]]:
+    """Per layer, the OBS cost of each successive head / FFN-channel removal in the dense model (inputs and targets
+    both dense), divided by the energy of that layer's centred pre-LayerNorm sum ``Y + r`` (what the LayerNorm after
+    it normalises), up to ``cap`` of the units (at least the uniform share, at most all but one)."""
+    heads, ffn = [], []
+    res = residual_inputs(dense)
+    for i in range(n_layers):
+        att = dense.get_submodule(f"{prefix}.{i}.attention.self")
+        n, d = int(att.num_attention_heads), int(att.attention_head_size)
+        m = dense.get_submodule(f"{prefix}.{i}.intermediate.dense").out_features
+        for name, groups, share, out in ((f"{prefix}.{i}.attention.output.dense", [range(h * d, (h + 1) * d) for h in range(n)], head_sparsity, heads),
+                                         (f"{prefix}.{i}.output.dense", [[j] for j in range(m)], ffn_sparsity, ffn)):
+            energy = 0.0
+            with torch.no_grad():
+                for b in batches:
+                    _, y, r = _capture_residual(dense, name, b, "dense", res[name])
+                    z = (y + r).double()
+                    energy += float((z - z.mean(-1, keepdim=True)).pow(2).sum())
+            xtx, xty = _moments(dense, dense, name, batches)
+            most = min(len(groups) - 1, max(int(round(share * len(groups))), int(round(cap * len(groups)))))
+            _, costs = obs_remove(xtx, xty, groups, most, damp)
+            out.append([c / energy for c in costs])
+    return heads, ffn
+
+
 def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity: float, ffn_sparsity: float,
-                         ridge: float = 1e-3, damp: float = 1e-6, progress: bool | None = None) -> SelectionResult:
+                         ridge: float = 1e-3, damp: float = 1e-6, progress: bool | None = None,
+                         absorb_residual: bool = False, allocation: str = "uniform", cap: float = 0.75) -> SelectionResult:
     """Choose heads and FFN channels by what a least-squares refit can rebuild, layer by layer (module docstring).
 
     ``dense``: a BERT-family model with an ``encoder.layer`` list (e.g. :class:`~deploycompress.hf.Encoder`),
@@ -161,7 +226,12 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
     ``head_sparsity``/``ffn_sparsity``: the share of heads / FFN channels removed in every layer (rounded, at
     least one head and one channel stay); ``ridge``: the refit's ridge (:func:`refit_encoder`); ``damp``: the
     selection's own conditioning (:func:`obs_remove`). Cost: two partial forward passes of both models per output
-    Linear and batch for the moments, as many again for the refit.
+    Linear and batch for the moments, as many again for the refit. ``absorb_residual``: selection and refit target
+    the dense pre-LayerNorm sum (:func:`refit_encoder`). ``allocation``: ``"uniform"`` removes the same share in
+    every layer; ``"global"`` keeps the totals (``round(share * units)`` summed over the layers) but lets each layer
+    give up between none and ``cap`` of its units: a first pass over the dense model records each layer's OBS cost
+    curve (residual increase per removal, divided by the energy of the layer's centred pre-LayerNorm sum) and
+    :func:`allocate` spreads the removals where they cost least; the layer-by-layer selection then removes that many.
 
     Returns a :class:`SelectionResult` (masks for ``dense``, the pruned and refitted model). Raises ``ValueError``
     for sparsities outside ``[0, 1)``, empty ``batches`` or a model without ``encoder.layer`` (before any work).
@@ -171,11 +241,25 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
     for what, v in (("head_sparsity", head_sparsity), ("ffn_sparsity", ffn_sparsity)):
         if not 0.0 <= v < 1.0:
             raise ValueError(f"reconstruction_masks: {what} must be in [0, 1), got {v}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"reconstruction_masks: allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if not 0.0 < cap < 1.0:
+        raise ValueError(f"reconstruction_masks: cap must be in (0, 1), got {cap}")
     batches = batch_list(batches, "batches")
     if not batches:
         raise ValueError("reconstruction_masks: no batches given; pass a few calibration inputs")
     prefix, layers = _layers(dense)
     dense = copy.deepcopy(dense).eval()
+    n_heads, n_ffn = [], []
+    for i in range(len(layers)):
+        n_heads.append(int(dense.get_submodule(f"{prefix}.{i}.attention.self").num_attention_heads))
+        n_ffn.append(dense.get_submodule(f"{prefix}.{i}.intermediate.dense").out_features)
+    drop_heads = [min(n - 1, int(round(head_sparsity * n))) for n in n_heads]
+    drop_ffn = [min(m - 1, int(round(ffn_sparsity * m))) for m in n_ffn]
+    if allocation == "global":
+        h_curves, f_curves = _removal_curves(dense, prefix, len(layers), batches, head_sparsity, ffn_sparsity, damp, cap)
+        drop_heads, drop_ffn = allocate(h_curves, sum(drop_heads)), allocate(f_curves, sum(drop_ffn))
+        log.info("global allocation: heads removed per layer %s, FFN channels %s", drop_heads, drop_ffn)
     student = copy.deepcopy(dense)
     result = SelectionResult({}, student)
     example = batches[0]
@@ -183,8 +267,9 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
         att = dense.get_submodule(f"{prefix}.{i}.attention.self")
         n, d = int(att.num_attention_heads), int(att.attention_head_size)
         name = f"{prefix}.{i}.attention.output.dense"
-        xtx, xty = _moments(student, dense, name, batches)
-        drop, _ = obs_remove(xtx, xty, [range(h * d, (h + 1) * d) for h in range(n)], min(n - 1, int(round(head_sparsity * n))), damp)
+        res = residual_inputs(dense) if absorb_residual else {}
+        xtx, xty = _moments(student, dense, name, batches, res.get(name))
+        drop, _ = obs_remove(xtx, xty, [range(h * d, (h + 1) * d) for h in range(n)], drop_heads[i], damp)
         keep_h = torch.ones(n, dtype=torch.bool)
         keep_h[drop] = False
         m = dense.get_submodule(f"{prefix}.{i}.intermediate.dense").out_features
@@ -193,17 +278,17 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
         att_m = {k: v for k, v in layer_m.items() if ".attention.self." in k}
         if not keep_h.all():
             student = speedup(student, att_m, example)
-        fit = reconstruct(dense, student, [name], batches, ridge=ridge, progress=False)
+        fit = reconstruct(dense, student, [name], batches, ridge=ridge, progress=False, residuals={name: res[name]} if res else None)
         student, result.errors[name] = fit.model, fit.layers[0].error_after
         name_f = f"{prefix}.{i}.output.dense"
-        xtx, xty = _moments(student, dense, name_f, batches)
-        drop, _ = obs_remove(xtx, xty, [[j] for j in range(m)], min(m - 1, int(round(ffn_sparsity * m))), damp)
+        xtx, xty = _moments(student, dense, name_f, batches, res.get(name_f))
+        drop, _ = obs_remove(xtx, xty, [[j] for j in range(m)], drop_ffn[i], damp)
         keep_f[drop] = False
         layer_m = layer_masks(dense, prefix, i, keep_h, keep_f)
         ffn_m = {k: v for k, v in layer_m.items() if k.endswith("intermediate.dense")}
         if not keep_f.all():
             student = speedup(student, ffn_m, example)
-        fit = reconstruct(dense, student, [name_f], batches, ridge=ridge, progress=False)
+        fit = reconstruct(dense, student, [name_f], batches, ridge=ridge, progress=False, residuals={name_f: res[name_f]} if res else None)
         student, result.errors[name_f] = fit.model, fit.layers[0].error_after
         result.masks.update(layer_m)
         result.kept_heads.append(keep_h.nonzero().flatten().tolist())

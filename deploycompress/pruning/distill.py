@@ -92,6 +92,11 @@ def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, loss
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """A reduced-precision floating tensor (an autocast output) as float32; others as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def _first_tensor(out: Any) -> Any:
     if isinstance(out, (tuple, list)) and out:
         return out[0]
@@ -137,6 +142,9 @@ def distillation_step(
     hidden_weight: float = 1.0,
     student: nn.Module | None = None,
     temperature: float = 1.0,
+    extra_loss: Callable[[Any], torch.Tensor] | None = None,
+    extra_weight: float = 1.0,
+    autocast: torch.dtype | None = None,
 ) -> Callable[[Any, nn.Module], torch.Tensor]:
     """``training_step(batch, student) -> loss`` against ``teacher`` (run in eval mode, without grads).
 
@@ -144,6 +152,11 @@ def distillation_step(
     ``hidden_weight`` x the mean over those submodules of the MSE between their outputs (same shapes
     needed: e.g. each encoder layer's hidden states, which head/FFN pruning leaves at full width);
     ``student`` is then required to place the hooks (they stay for the life of the step function).
+    ``extra_loss(batch)``, called after both models ran on ``batch``, adds ``extra_weight`` x its value (a term
+    that reads its own hooks, e.g. :class:`deploycompress.hf.distill_losses.AttentionRelationLoss`).
+    ``autocast`` (e.g. ``torch.bfloat16``): the student's forward pass runs under ``torch.autocast`` of the
+    student's device type at that dtype (mixed precision; the weights and optimiser stay float32); the teacher
+    runs in full precision and every loss is computed in float32 from the student's outputs.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -152,20 +165,30 @@ def distillation_step(
         raise ValueError("hidden-state matching needs the student module (distillation_step(..., student=model))")
     if hidden_weight < 0:
         raise ValueError(f"hidden_weight must be >= 0, got {hidden_weight}")
+    if extra_weight < 0:
+        raise ValueError(f"extra_weight must be >= 0, got {extra_weight}")
     s_taps = _Taps(student, list(pairs), "the student") if pairs else None
     t_taps = _Taps(teacher, list(pairs.values()), "the teacher") if pairs else None
 
     def step(batch: Any, model: nn.Module) -> torch.Tensor:
         with eval_mode(teacher), torch.no_grad():
             target = _tensor(_call(teacher, batch), "the teacher")
-        value = distillation_loss(_tensor(_call(model, batch), "the student"), target, loss, temperature)
+        if autocast is None:
+            out = _tensor(_call(model, batch), "the student")
+        else:
+            device = next(model.parameters()).device.type
+            with torch.autocast(device, dtype=autocast):
+                out = _tensor(_call(model, batch), "the student")
+        value = distillation_loss(_float(out), target, loss, temperature)
         if s_taps is not None and t_taps is not None:
             if model is not student:
                 raise ValueError("this step's hidden-state hooks sit on another student module")
             terms = [
-                distillation_loss(s_taps.outputs[s], t_taps.outputs[t], "mse") for s, t in pairs.items()
+                distillation_loss(_float(s_taps.outputs[s]), t_taps.outputs[t], "mse") for s, t in pairs.items()
             ]  # fmt: skip
             value = value + hidden_weight * sum(terms) / len(terms)
+        if extra_loss is not None and extra_weight:
+            value = value + extra_weight * extra_loss(batch)
         return value
 
     step.remove_hooks = lambda: [t.remove() for t in (s_taps, t_taps) if t is not None]  # type: ignore[attr-defined]
@@ -197,6 +220,10 @@ def distill(
     progress: bool = True,
     train_mode: bool = True,
     temperature: float = 1.0,
+    extra_loss: Callable[[Any], torch.Tensor] | None = None,
+    extra_weight: float = 1.0,
+    autocast: torch.dtype | None = None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> DistillResult:
     """Fine-tune ``student`` in place to match ``teacher``'s outputs on ``batches`` (cycled for ``steps``).
 
@@ -218,7 +245,16 @@ def distill(
     ``loss="kl"`` distils logits by Hinton et al.'s softened KL at ``temperature``. ``batches`` may be a
     lazy ``Sequence`` (``__len__`` + ``__getitem__``, e.g. fresh random crops per index): batch ``i % len``
     is fetched at step ``i`` and not kept.
+
+    ``extra_loss``/``extra_weight``: a further term computed from the batch after both forward passes
+    (:func:`distillation_step`), e.g. MiniLMv2's attention relations
+    (:class:`deploycompress.hf.distill_losses.AttentionRelationLoss`). ``autocast``: mixed precision for the
+    student's forward pass (``torch.bfloat16`` on a CPU with AVX512-BF16 or AMX: fewer seconds per step), see
+    :func:`distillation_step`. ``on_step(i, student)`` is called after optimiser step ``i`` (0-based), e.g. to
+    measure the student on held-out data every N steps (wrap such a measurement in :func:`eval_mode`).
     """
+    if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if schedule not in SCHEDULES:
@@ -239,7 +275,8 @@ def distill(
         raise ValueError("the student has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = _schedule(opt, schedule, steps)
-    step_fn = distillation_step(teacher, loss, hidden=hidden, hidden_weight=hidden_weight, student=student, temperature=temperature)
+    step_fn = distillation_step(teacher, loss, hidden=hidden, hidden_weight=hidden_weight, student=student, temperature=temperature,
+                                extra_loss=extra_loss, extra_weight=extra_weight, autocast=autocast)
     result = DistillResult(steps)
     student.train(train_mode)
     try:
@@ -253,6 +290,8 @@ def distill(
             opt.step()
             sched.step()
             result.losses.append(float(value.detach()))
+            if on_step is not None:
+                on_step(i, student)
     finally:
         step_fn.remove_hooks()  # type: ignore[attr-defined]
         student.eval()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -203,8 +203,30 @@ def _capture(model: nn.Module, name: str, batch, want: str) -> tuple[torch.Tenso
     return got["x"], got["y"]
 
 
+def _capture_residual(model: nn.Module, name: str, batch, want: str, residual: tuple[str, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_capture` plus input ``residual[1]`` (positional) of module ``residual[0]``, recorded when that module is
+    called (before the consumer runs inside it, or earlier)."""
+    got = {}
+    owner, index = residual
+
+    def pre(_m, inp):  # noqa: ANN001, ANN202
+        if len(inp) <= index:
+            raise ValueError(f"reconstruct: {owner!r} was called with {len(inp)} positional inputs; the residual is its input {index}")
+        got["r"] = inp[index].detach()
+
+    h = model.get_submodule(owner).register_forward_pre_hook(pre)
+    try:
+        x, y = _capture(model, name, batch, want)
+    finally:
+        h.remove()
+    if "r" not in got:
+        raise RuntimeError(f"reconstruct: the {want} model did not call {owner!r} before {name!r}; it cannot hold the residual {name!r} is added to")
+    return x, y, got["r"]
+
+
 def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tuple[str, str]], batches: Sequence,
-                ridge: float = 1e-4, progress: bool | None = None) -> ReconstructionResult:
+                ridge: float = 1e-4, progress: bool | None = None,
+                residuals: Mapping[str, tuple[str, int]] | None = None) -> ReconstructionResult:
     """Refit ``layers`` of a copy of ``pruned`` so their outputs match ``dense``'s on ``batches``; see the module docstring.
 
     ``layers``: consumer names, each a name present in both models or a pair ``(name in dense, name in pruned)``;
@@ -216,9 +238,17 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
     floor of 1e-12 so that dead channels leave it solvable: :func:`ridge_term`).
     Returns a :class:`ReconstructionResult` with a new model; ``dense`` and ``pruned`` are not modified.
 
+    ``residuals``: ``{pruned consumer name: (module name, input index)}`` for consumers whose output is added to a
+    residual stream (e.g. a transformer's attention output projection, added to the layer input inside
+    ``attention.output``: ``("<layer>.attention.output", 1)``); the module, named alike in both models, receives
+    that residual as positional input ``index``. The target of such a consumer becomes the dense model's *sum*:
+    ``Y_dense + r_dense - r_pruned``, so that the consumer also absorbs the drift the earlier layers left in the
+    residual (what the following LayerNorm sees is then matched, not only this consumer's share). Its
+    :class:`LayerFit` errors are measured against that target.
+
     Raises ``ValueError`` for a consumer that is not a pointwise ``Conv2d``/``Linear`` (or subclasses one with another
     forward: :func:`check_plain_layer`), a name missing from a model, a pair whose pruned weights are not columns of the
-    dense weights, or no batches — all before any fitting.
+    dense weights, a ``residuals`` entry naming no consumer or no module, or no batches — all before any fitting.
     """
     batches = batch_list(batches, "batches")
     if not batches:
@@ -239,6 +269,13 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
         dw, pw = dense.get_submodule(d_name).weight, model.get_submodule(p_name).weight
         outs = _output_rows(dw, pw, p_name)
         pairs.append((d_name, p_name, kept_inputs(dw[[o for o in outs if o >= 0]] if outs else dw, pw[[j for j, o in enumerate(outs) if o >= 0]] if outs else pw, p_name), outs))
+    residuals = dict(residuals or {})
+    for p_name, (owner, _) in residuals.items():
+        if p_name not in {p for _, p, _, _ in pairs}:
+            raise ValueError(f"reconstruct: residuals names {p_name!r}, which is not one of the layers refitted")
+        for net, which in ((dense, "dense"), (model, "pruned")):
+            if owner not in dict(net.named_modules()):
+                raise ValueError(f"reconstruct: residuals names module {owner!r}, absent from the {which} model")
     pairs.sort(key=lambda t: order[t[1]])
     result = ReconstructionResult(model)
     for d_name, p_name, kept, outs in tqdm(pairs, desc="least-squares refit", unit="layer", leave=False, disable=None if progress is None else not progress):
@@ -251,8 +288,13 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
         rows = 0
         with torch.no_grad():
             for b in batches:
-                x, yp = _capture(model, p_name, b, "pruned")
-                _, yd = _capture(dense, d_name, b, "dense")
+                if p_name in residuals:  # the dense sum: Y_dense + r_dense - r_pruned
+                    x, yp, rp = _capture_residual(model, p_name, b, "pruned", residuals[p_name])
+                    _, yd, rd = _capture_residual(dense, d_name, b, "dense", residuals[p_name])
+                    yd = yd + rd - rp
+                else:
+                    x, yp = _capture(model, p_name, b, "pruned")
+                    _, yd = _capture(dense, d_name, b, "dense")
                 x, yp = _rows(m, x, yp, p_name)
                 yd = yd.movedim(1, -1).reshape(-1, yd.shape[1]) if isinstance(m, nn.Conv2d) else yd.reshape(-1, yd.shape[-1])
                 if outs is not None:  # the pruned rows' dense targets; still-masked rows keep their own output
