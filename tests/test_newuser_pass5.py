@@ -167,3 +167,17 @@ def test_efficientnet_example_refuses_bad_flags_before_loading_the_model(tmp_pat
         ex.main(["--out", str(tmp_path / "out"), *(a.replace("{pt}", str(pt)) for a in argv)])
     assert exc.value.code == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_mean_cosine_of_a_scalar_output_compares_its_values_over_the_batches():
+    """A graph output of shape () (a score, one per batch) made ``mean_cosine`` fail with ``IndexError``; its
+    values over the check batches are now one row, so a scaled-down int8 score is seen (cosine computed here)."""
+    from deploycompress.hf.int8 import mean_cosine
+
+    ref = [np.array(1.0, np.float32), np.array(2.0, np.float32), np.array(-1.0, np.float32)]
+    got = [np.array(1.0, np.float32), np.array(-2.0, np.float32), np.array(-1.0, np.float32)]
+    want = float(np.dot([1, 2, -1], [1, -2, -1]) / (np.linalg.norm([1, 2, -1]) * np.linalg.norm([1, -2, -1])))
+    assert mean_cosine(ref, got) == pytest.approx(want) and want < 0
+    assert mean_cosine(ref, ref) == pytest.approx(1.0)
+    rows = [np.array([[3.0, 4.0]]), np.array([[1.0, 0.0]])]
+    assert mean_cosine(rows, [np.array([[4.0, 3.0]]), np.array([[1.0, 0.0]])]) == pytest.approx((24 / 25 + 1) / 2)

@@ -246,13 +246,23 @@ def _latency_ms(sess, feeds: Sequence[Feeds], repeats: int) -> float:  # noqa: A
 
 
 def mean_cosine(reference: Iterable[np.ndarray], actual: Iterable[np.ndarray]) -> float:
-    """Mean cosine similarity between matching rows (last axis) of two output lists."""
-    cos = []
+    """Mean cosine similarity between matching rows (last axis) of two output lists. 0-d arrays (a scalar
+    output, one per batch) are gathered into one row over the batches: a scalar's own cosine would be its sign."""
+    cos, scalars = [], ([], [])
     for r, a in zip(reference, actual):
-        r2, a2 = r.reshape(-1, r.shape[-1]).astype(np.float64), a.reshape(-1, a.shape[-1]).astype(np.float64)
-        denom = np.linalg.norm(r2, axis=1) * np.linalg.norm(a2, axis=1)
-        cos.append((r2 * a2).sum(1) / np.maximum(denom, 1e-12))
+        if np.ndim(r) == 0:
+            scalars[0].append(float(r))
+            scalars[1].append(float(a))
+            continue
+        cos.append(_row_cosines(r.reshape(-1, r.shape[-1]), a.reshape(-1, a.shape[-1])))
+    if scalars[0]:
+        cos.append(_row_cosines(np.asarray([scalars[0]]), np.asarray([scalars[1]])))
     return float(np.concatenate(cos).mean())
+
+
+def _row_cosines(r: np.ndarray, a: np.ndarray) -> np.ndarray:
+    r, a = r.astype(np.float64), a.astype(np.float64)
+    return (r * a).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(a, axis=1), 1e-12)
 
 
 def nn_agreement(reference: Iterable[np.ndarray], actual: Iterable[np.ndarray]) -> float:
