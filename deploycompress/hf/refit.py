@@ -260,6 +260,7 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
         h_curves, f_curves = _removal_curves(dense, prefix, len(layers), batches, head_sparsity, ffn_sparsity, damp, cap)
         drop_heads, drop_ffn = allocate(h_curves, sum(drop_heads)), allocate(f_curves, sum(drop_ffn))
         log.info("global allocation: heads removed per layer %s, FFN channels %s", drop_heads, drop_ffn)
+    res = residual_inputs(dense) if absorb_residual else {}  # {output Linear: its residual input}, the same for every layer
     student = copy.deepcopy(dense)
     result = SelectionResult({}, student)
     example = batches[0]
@@ -267,7 +268,6 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
         att = dense.get_submodule(f"{prefix}.{i}.attention.self")
         n, d = int(att.num_attention_heads), int(att.attention_head_size)
         name = f"{prefix}.{i}.attention.output.dense"
-        res = residual_inputs(dense) if absorb_residual else {}
         xtx, xty = _moments(student, dense, name, batches, res.get(name))
         drop, _ = obs_remove(xtx, xty, [range(h * d, (h + 1) * d) for h in range(n)], drop_heads[i], damp)
         keep_h = torch.ones(n, dtype=torch.bool)
