@@ -46,6 +46,7 @@ import torch
 
 import deploycompress as dc
 from deploycompress.hf import Encoder
+from deploycompress.hf.block_reconstruct import block_reconstruct
 from deploycompress.hf.distill_losses import AttentionRelationLoss
 from deploycompress.hf.importance import apply_bias_compensation, bias_compensation, encoder_importance, importance_masks
 from deploycompress.hf.int8 import SMOOTH_ALPHA, linear_matmuls, mean_cosine, quantize_transformer
@@ -222,6 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
                    help="with --selection reconstruction: the same share per layer, or the totals spread by each layer's OBS cost curve (hf.refit.allocate)")
     p.add_argument("--refit-sentences", type=int, default=0, help="calibration sentences for selection/refit: 0 = the training sentences; more come from hf.text.source_sentences")
+    p.add_argument("--block-steps", type=int, default=0,
+                   help="before distilling (after selection/refit or --resume): block reconstruction, this many Adam steps per layer mapping "
+                        "the student's own layer inputs to the dense layer outputs (hf.block_reconstruct; 0: off; calibration text as the refit's)")
+    p.add_argument("--block-lr", type=float, default=1e-4, help="peak learning rate of --block-steps (linear warm-up/decay per layer)")
     p.add_argument("--budget", type=float, default=120, help="seconds of timing per shape (rounds over all variants, cycling orders)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--int8-only", action="store_true",
@@ -343,6 +348,18 @@ def main(argv: list[str] | None = None) -> dict:
                 raise SystemExit(f"{args.resume} was distilled from other masks (heads {saved['kept_heads']} vs {kept})")
             pruned_student.load_state_dict(saved["state"])
             previous = saved["distill"]
+        if args.block_steps:  # layer-wise reconstruction of the start, before any distillation
+            tb = time.perf_counter()
+            blk = block_reconstruct(teacher, pruned_student, refit_batches(), steps=args.block_steps, lr=args.block_lr,
+                                    autocast=torch.bfloat16 if args.bf16 else None, progress=True)
+            pruned_student = blk.model
+            with torch.no_grad():
+                ref_b = torch.cat([teacher(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in acc_feeds]).numpy()
+                got_b = torch.cat([pruned_student(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in acc_feeds]).numpy()
+            results["c_block"] = {"steps": args.block_steps, "lr": args.block_lr, "bf16": args.bf16, "seconds": time.perf_counter() - tb,
+                                  "errors": {f.layer: (f.error_before, f.error_after) for f in blk.layers},
+                                  "cosine": mean_cosine([ref_b], [got_b]), "nn_agreement": nn_agreement(ref_b, got_b)}  # fmt: skip
+            print("(c) after block reconstruction (fp32)", results["c_block"], flush=True)
         torch.set_num_threads(args.torch_threads)
         text = sorted(text, key=lambda s: len(tok.tokenize(s)))  # batches of similar length: little padding
         d_batches = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])) for f in batches(tok, text, 16, None)]
@@ -372,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "relation_weight": args.relation_weight, "bf16": args.bf16, "curve": curve, "relation_layers": args.relation_layers, "relation_heads": args.relation_heads,
                                 "bias_compensation": args.bias_compensation, "loss_first": d.first_loss if d else None,
                                 "loss_last": d.last_loss if d else None, "seconds": time.perf_counter() - t, "extra_offset": args.extra_offset,
-                                "resumed_from": previous, "start": results["c_start"]}  # fmt: skip
+                                "resumed_from": previous, "start": results["c_start"], "block": results.get("c_block")}  # fmt: skip
         if args.save_student:
             args.save_student.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"kept_heads": kept, "masks": c_masks, "state": pruned_student.state_dict(), "distill": results["c_distill"]}, args.save_student)

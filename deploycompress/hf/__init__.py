@@ -6,6 +6,8 @@
 - :mod:`~deploycompress.hf.importance`: which heads and FFN channels matter on real text, as masks;
 - :mod:`~deploycompress.hf.refit`: closed-form recovery after head/FFN pruning (least-squares refit of the
   output Linears, heads/channels chosen by what that refit rebuilds);
+- :mod:`~deploycompress.hf.block_reconstruct`: each pruned layer trained to map its own inputs to the dense
+  layer's outputs, one layer at a time (block reconstruction, before distillation);
 - :mod:`~deploycompress.pruning.distill`: distillation fine-tuning of a pruned student on unlabelled text;
 - :mod:`~deploycompress.hf.int8`: int8 graphs for onnxruntime (fused or plain, qdq/integer/dynamic
   flavours, SmoothQuant), the fastest that stays accurate; :mod:`~deploycompress.hf.linear_int8` writes them.
