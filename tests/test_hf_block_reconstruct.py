@@ -128,6 +128,8 @@ def test_token_mask_reads_the_attention_mask_or_counts_every_token() -> None:
     assert torch.equal(token_mask((ids, mask), torch.Size((4, 12, HIDDEN))), mask.float())
     assert torch.equal(token_mask({"input_ids": ids, "attention_mask": mask}, torch.Size((4, 12, HIDDEN))), mask.float())
     assert torch.equal(token_mask(ids, torch.Size((4, 12, HIDDEN))), torch.ones(4, 12))
+    assert torch.equal(token_mask((ids, mask), torch.Size((4, 12, HIDDEN)), ("input_ids", "token_type_ids")), torch.ones(4, 12))
+    assert torch.equal(token_mask((ids, ids, mask), torch.Size((4, 12, HIDDEN)), ("input_ids", "token_type_ids", "attention_mask")), mask.float())
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"steps": -1}, "steps"), ({"steps": 1.5}, "steps"), ({"lr": 0.0}, "lr"),

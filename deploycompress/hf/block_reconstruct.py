@@ -25,6 +25,7 @@ batch's ``attention_mask`` is 0) are left out of the loss and of the reported er
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -67,11 +68,16 @@ class _Stop(Exception):
     """Raised by the capture hook: nothing after layer 0's input is needed."""
 
 
-def token_mask(batch: Any, shape: torch.Size) -> torch.Tensor:
+def token_mask(batch: Any, shape: torch.Size, names: Sequence[str] = ("input_ids", "attention_mask")) -> torch.Tensor:
     """Which tokens count, as a float (batch, tokens) tensor: the batch's ``attention_mask`` -- a dict's
-    ``"attention_mask"`` or a tuple/list's second element, ``(input_ids, attention_mask)`` -- when it has the
-    hidden states' leading ``(batch, tokens)`` shape ``shape[:2]``; otherwise every token (ones)."""
-    m = batch.get("attention_mask") if isinstance(batch, dict) else batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+    ``"attention_mask"``, or in a tuple/list the element at the position of ``"attention_mask"`` in ``names`` (the
+    model's forward parameters in order) -- when it has the hidden states' leading ``(batch, tokens)`` shape
+    ``shape[:2]``; otherwise every token (ones)."""
+    m = None
+    if isinstance(batch, dict):
+        m = batch.get("attention_mask")
+    elif isinstance(batch, (tuple, list)) and "attention_mask" in names and list(names).index("attention_mask") < len(batch):
+        m = batch[list(names).index("attention_mask")]
     if isinstance(m, torch.Tensor) and tuple(m.shape) == tuple(shape[:2]):
         return m.to(torch.float32)
     return torch.ones(tuple(shape[:2]))
@@ -96,7 +102,8 @@ def block_reconstruct(dense: nn.Module, student: nn.Module, batches: Sequence[An
     ``dense``: the unpruned model; ``student``: the same model after head/FFN pruning and ``speedup`` (and a refit),
     with as many layers (both with a BERT-style ``encoder.layer`` list, e.g. :class:`~deploycompress.hf.Encoder`);
     ``batches``: calibration inputs as the models take them, e.g. ``(input_ids (B, T), attention_mask (B, T))``
-    tuples or dicts (:func:`token_mask` says which tokens count). ``steps``: Adam steps per layer, one cached batch
+    tuples or dicts (:func:`token_mask` says which tokens count, from the student's forward parameter names).
+    ``steps``: Adam steps per layer, one cached batch
     each (cycled in a shuffled order from ``seed``), ``lr`` with linear warm-up over 6 % of the steps then linear
     decay to zero, ``weight_decay`` (AdamW), gradient norm clipped to 1; ``autocast``: ``torch.bfloat16`` runs the
     layer's forward in bfloat16 (the loss in float32). Loss: mean squared error per hidden unit over the counted
@@ -125,6 +132,7 @@ def block_reconstruct(dense: nn.Module, student: nn.Module, batches: Sequence[An
         raise ValueError(f"block_reconstruct: the dense model has {len(d_layers)} layers and the student {len(s_layers)}; "
                          "pass the model speedup returned for the same dense model")
     student = copy.deepcopy(student).eval()
+    names = list(inspect.signature(student.forward).parameters)
     s_layers = student.get_submodule(s_prefix)
     n = len(s_layers)
 
@@ -139,7 +147,7 @@ def block_reconstruct(dense: nn.Module, student: nn.Module, batches: Sequence[An
         raise _Stop
 
     with torch.no_grad(), eval_mode(dense):
-        for b in batches:
+        for j, b in enumerate(batches):
             h = s_layers[0].register_forward_pre_hook(pre, with_kwargs=True)
             try:
                 call_with_batch(student, b)
@@ -164,7 +172,9 @@ def block_reconstruct(dense: nn.Module, student: nn.Module, batches: Sequence[An
                 raise RuntimeError(f"block_reconstruct: the dense model's forward called {len(got)} of its {n} layers once each")
             for i, y in enumerate(got):
                 targets[i].append(y)
-            masks.append(token_mask(b, x.shape))
+            masks.append(token_mask(b, x.shape, names))
+            if not j and masks[0].all() and not (isinstance(b, dict) and "attention_mask" in b):
+                log.info("block_reconstruct: no attention_mask found in the batches (forward parameters %s): every token counts", names)
 
     def run(layer: nn.Module, j: int, x: torch.Tensor) -> torch.Tensor:
         args, kwargs = calls[j]
