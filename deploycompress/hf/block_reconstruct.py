@@ -103,9 +103,8 @@ def block_reconstruct(dense: nn.Module, student: nn.Module, batches: Sequence[An
     with as many layers (both with a BERT-style ``encoder.layer`` list, e.g. :class:`~deploycompress.hf.Encoder`);
     ``batches``: calibration inputs as the models take them, e.g. ``(input_ids (B, T), attention_mask (B, T))``
     tuples or dicts (:func:`token_mask` says which tokens count, from the student's forward parameter names).
-    ``steps``: Adam steps per layer, one cached batch
-    each (cycled in a shuffled order from ``seed``), ``lr`` with linear warm-up over 6 % of the steps then linear
-    decay to zero, ``weight_decay`` (AdamW), gradient norm clipped to 1; ``autocast``: ``torch.bfloat16`` runs the
+    ``steps``: Adam steps per layer, one cached batch each (cycled in a shuffled order from ``seed``), ``lr`` with
+    linear warm-up over 6 % of the steps then linear decay to zero, ``weight_decay`` (AdamW), gradient norm clipped to 1; ``autocast``: ``torch.bfloat16`` runs the
     layer's forward in bfloat16 (the loss in float32). Loss: mean squared error per hidden unit over the counted
     tokens. ``steps=0`` only measures the errors. Dropout is off throughout (eval mode).
 
