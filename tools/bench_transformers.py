@@ -146,7 +146,7 @@ def ort_peer(fp32: onnx.ModelProto, calib, spec: dict, tmp: Path, cache: "Path |
     if spec["tool"] == "dynamic":
         quantize_dynamic(str(src), str(dst), **kw)
     elif spec["tool"] == "static":
-        feeds = iter(calib)
+        feeds = iter(calib if calib is not None else ())  # none needed when the cache holds the ranges
 
         class Reader:
             def get_next(self):  # noqa: ANN202
