@@ -19,7 +19,9 @@ round-robin in cycling orders, one untimed run per turn (``bench_ort_int8._time_
 load from other processes hits every variant alike; ``--budget`` seconds per shape; ``--threads``
 onnxruntime threads. Peers: onnxruntime's ``quantize_dynamic`` and ``quantize_static`` on the exported
 graph, and ``quantize_dynamic`` on the graph of ``onnxruntime.transformers.optimizer`` with its attention
-fusion (``QAttention``), onnxruntime's own BERT recipe.
+fusion (``QAttention``), onnxruntime's own BERT recipe. ``--int8-only --matched-peers FILE ...`` adds onnxruntime's
+quantizers configured to reach (b)'s accuracy (``tools/matched_peers_transformers.py`` writes FILE) and the paired
+ratio of ours to each of them.
 
     .venv/bin/python tools/bench_transformers.py --out runs/bench_transformers.json
     nice -n 15 .venv/bin/python tools/bench_transformers.py --steps 300 --save-student runs/minilm_student.pt --distill-only
