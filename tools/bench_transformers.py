@@ -197,6 +197,8 @@ def int8_only(args: argparse.Namespace, tok, fp32: onnx.ModelProto, calib, acc_f
             variants[f"deploycompress int8 (plain/integer, {n_muls - k} of {n_muls} smoothing Muls)"] = quantize_linears(part, linear_inputs(part, linears), pstats, flavour="integer")
     if args.matched_peers:  # onnxruntime's quantizers at their defaults and as tools/matched_peers_transformers.py configured them
         matched = {f"{i}:{t}": spec for i, f in enumerate(args.matched_peers) for t, spec in json.loads(f.read_text())["matched"].items()}
+        if not matched:
+            raise SystemExit(f"--matched-peers {[str(f) for f in args.matched_peers]}: no matched configuration in them (see their 'greedy' paths)")
         with tempfile.TemporaryDirectory() as tmp:
             variants["ort quantize_static"] = ort_peer(fp32, calib, {"tool": "static", **PEER_DEFAULTS["static"]}, Path(tmp))
             for spec in matched.values():
