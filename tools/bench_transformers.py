@@ -98,21 +98,11 @@ def nn_agreement(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def ort_quantizers(fp32: onnx.ModelProto, calib, tmp: Path, heads: int, hidden: int) -> dict[str, onnx.ModelProto]:  # noqa: ANN001
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src = tmp / "fp32.onnx"
     onnx.save(fp32, str(src))
-    quantize_dynamic(str(src), str(tmp / "dyn.onnx"), weight_type=QuantType.QInt8)
-
-    class Reader:
-        def __init__(self) -> None:
-            self.it = iter(calib)
-
-        def get_next(self):  # noqa: ANN202
-            return next(self.it, None)
-
-    quantize_static(str(src), str(tmp / "static.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+    peers = {f"ort quantize_{tool}": ort_peer(fp32, calib, {"tool": tool, **PEER_DEFAULTS[tool]}, tmp) for tool in ("dynamic", "static")}
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -121,8 +111,7 @@ def ort_quantizers(fp32: onnx.ModelProto, calib, tmp: Path, heads: int, hidden: 
         fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save(fused, str(tmp / "fused.onnx"))
     quantize_dynamic(str(tmp / "fused.onnx"), str(tmp / "fused_dyn.onnx"), weight_type=QuantType.QInt8)
-    return {"ort quantize_dynamic": onnx.load(str(tmp / "dyn.onnx")), "ort quantize_static": onnx.load(str(tmp / "static.onnx")),
-            "ort optimizer (Attention fused) + quantize_dynamic": onnx.load(str(tmp / "fused_dyn.onnx"))}
+    return {**peers, "ort optimizer (Attention fused) + quantize_dynamic": onnx.load(str(tmp / "fused_dyn.onnx"))}
 
 
 PEER_DEFAULTS = {"dynamic": {}, "static": {"quant_format": "QDQ", "per_channel": True, "activation_type": "QUInt8", "weight_type": "QInt8",
