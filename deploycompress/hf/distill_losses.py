@@ -98,7 +98,7 @@ class AttentionRelationLoss:
     ``loss(batch)`` returns the sum over relation types of the mean over layers of :func:`relation_kl` for the
     latest forward passes of both models (the attention mask is taken from ``batch``: ``(input_ids,
     attention_mask)`` or a dict); call it after running both on ``batch``, as ``distill(..., extra_loss=...)``
-    does. :meth:`remove` takes the hooks off. Raises ``ValueError`` (at construction) for an unknown relation,
+    does: each pass's outputs serve one call (``RuntimeError`` when a hooked model did not run since the last one). :meth:`remove` takes the hooks off. Raises ``ValueError`` (at construction) for an unknown relation,
     a missing module, or ``heads < 1``.
     """
 
@@ -143,10 +143,18 @@ class AttentionRelationLoss:
 
     def loss(self, batch: Any) -> torch.Tensor:
         mask = _mask_of(batch)
+        # each forward pass's outputs are used once: a model the hooks are not on (e.g. the new model refit_encoder
+        # returned, or a copy) used to be compared through the outputs of an earlier pass, a constant without gradient
+        for store, whose in ((self.student_out, "student"), (self.teacher_out, "teacher")):
+            missing = [n for n in self.names if n not in store]
+            if missing:
+                raise RuntimeError(f"AttentionRelationLoss: the {whose}'s {missing[0]!r} did not run since the last loss: run both models on "
+                                   "the batch first, and build the loss on the very modules being trained and distilled from (not a copy)")
+        outs = {n: (self.student_out.pop(n), self.teacher_out.pop(n)) for n in self.names}
         total = 0.0
         for r in self.relations:
             names = [n for n in self.names if n.endswith("." + r)]
-            terms = [relation_kl(self.student_out[n], self.teacher_out[n], self.layer_heads[n], mask) for n in names]
+            terms = [relation_kl(*outs[n], self.layer_heads[n], mask) for n in names]
             total = total + sum(terms) / len(terms)
         return total  # type: ignore[return-value]
 
