@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -35,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..batches import batch_list
+from ..pruning.channel import PruningWarning
 from ..pruning.reconstruct import ReconstructionResult, _capture, _capture_residual, reconstruct
 from .distill_losses import _mask_of
 from .importance import _layers, layer_masks
@@ -259,10 +261,13 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
     selection's own conditioning (:func:`obs_remove`). Cost: two partial forward passes of both models per output
     Linear and batch for the moments, as many again for the refit. ``absorb_residual``: selection and refit target
     the dense pre-LayerNorm sum (:func:`refit_encoder`). ``allocation``: ``"uniform"`` removes the same share in
-    every layer; ``"global"`` keeps the totals (``round(share * units)`` summed over the layers) but lets each layer
-    give up between none and ``cap`` of its units: a first pass over the dense model records each layer's OBS cost
+    every layer (``round(share * units)`` per layer); ``"global"`` removes ``round(share * all units)`` in total
+    (the nearest total to the share asked) but lets each layer give up between none and ``cap`` of its units: a first pass over the dense model records each layer's OBS cost
     curve (residual increase per removal, divided by the energy of the layer's centred pre-LayerNorm sum) and
     :func:`allocate` spreads the removals where they cost least; the layer-by-layer selection then removes that many.
+
+    At least one head and one FFN channel stay in every layer (no layer is removed whole); where that (or ``cap``)
+    leaves fewer removals than asked, a ``PruningWarning`` gives the counts.
 
     Returns a :class:`SelectionResult` (masks for ``dense``, the pruned and refitted model). Raises ``ValueError``
     for sparsities outside ``[0, 1)``, empty ``batches`` or a model without ``encoder.layer`` (before any work).
@@ -290,8 +295,16 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
     row_mask = _row_mask(count_padding)
     if allocation == "global":
         h_curves, f_curves = _removal_curves(dense, prefix, len(layers), batches, head_sparsity, ffn_sparsity, damp, cap, row_mask)
-        drop_heads, drop_ffn = allocate(h_curves, sum(drop_heads)), allocate(f_curves, sum(drop_ffn))
+        # the total nearest the share of all units (per-layer rounding summed removed 4 of 2 x 3 heads at 0.5), within the caps
+        drop_heads = allocate(h_curves, min(int(round(head_sparsity * sum(n_heads))), sum(map(len, h_curves))))
+        drop_ffn = allocate(f_curves, min(int(round(ffn_sparsity * sum(n_ffn))), sum(map(len, f_curves))))
         log.info("global allocation: heads removed per layer %s, FFN channels %s", drop_heads, drop_ffn)
+    for share, units, dropped, what in ((head_sparsity, n_heads, drop_heads, "heads"), (ffn_sparsity, n_ffn, drop_ffn, "FFN channels")):
+        wanted = int(round(share * sum(units))) if allocation == "global" else sum(int(round(share * n)) for n in units)
+        if sum(dropped) < wanted:  # at least one unit stays per layer (global: at most cap of a layer goes)
+            warnings.warn(f"reconstruction_masks: {sum(dropped)} of {sum(units)} {what} removed, {wanted} asked ({what} sparsity {share}): at "
+                          f"least one stays in every layer" + (f" and at most cap={cap} of a layer's go" if allocation == "global" else "")
+                          + f"; per layer {list(dropped)} of {list(units)}", PruningWarning, stacklevel=2)
     res = residual_inputs(dense) if absorb_residual else {}  # {output Linear: its residual input}, the same for every layer
     student = copy.deepcopy(dense)
     result = SelectionResult({}, student)
