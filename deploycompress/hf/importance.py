@@ -51,6 +51,10 @@ def _layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList):
             for i, layer in enumerate(module):
                 names = dict(layer.named_modules())
+                if type(names.get("attention.self")).__name__ == "NoHeads":  # speedup's whole-attention removal
+                    raise ValueError(f"{name}.{i}: every head of this layer was removed (speedup replaced its self-attention by NoHeads); "
+                                     "these encoder helpers need at least one head per layer: keep one (importance_masks and "
+                                     "reconstruction_masks always do)")
                 missing = [p for p in _LAYOUT if p not in names]
                 if missing or not hasattr(names["attention.self"], "num_attention_heads"):
                     raise ValueError(f"{name}.{i} ({type(layer).__name__}) has no {(missing or ['attention.self.num_attention_heads'])[0]}: "

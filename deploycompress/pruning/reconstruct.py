@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -334,6 +335,12 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
                 m.bias = nn.Parameter(theta[cin].to(m.weight.dtype))
             else:
                 m.bias.copy_(theta[cin].to(m.bias.dtype))
+        if rows <= cin:  # underdetermined: the reported error (often 0) says nothing about other inputs
+            from .channel import PruningWarning
+
+            warnings.warn(f"reconstruct {p_name}: fitted on {rows} rows for {cin + 1} unknowns per output (its inputs and the bias): "
+                          f"the fit matches these rows exactly and little else (error {after:.3f}); give more calibration inputs/tokens",
+                          PruningWarning, stacklevel=2)
         log.info("reconstruct %s: relative error %.4f -> %.4f (%d of %d inputs kept, %d rows)", p_name, before, after, cin,
                  dense.get_submodule(d_name).weight.shape[1], rows)
         result.layers.append(LayerFit(d_name, p_name, before, after, kept, rows, outs))
