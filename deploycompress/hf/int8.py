@@ -44,6 +44,7 @@ import onnx
 
 from ..errors import StepError
 from ..export.qdq import needs_reduced_range
+from ..similarity import row_cosines
 
 log = logging.getLogger(__name__)
 
@@ -275,15 +276,10 @@ def mean_cosine(reference: Iterable[np.ndarray], actual: Iterable[np.ndarray]) -
             scalars[0].append(float(r))
             scalars[1].append(float(a))
             continue
-        cos.append(_row_cosines(r.reshape(-1, r.shape[-1]), a.reshape(-1, a.shape[-1])))
+        cos.append(row_cosines(r.reshape(-1, r.shape[-1]), a.reshape(-1, a.shape[-1])))
     if scalars[0]:
-        cos.append(_row_cosines(np.asarray([scalars[0]]), np.asarray([scalars[1]])))
+        cos.append(row_cosines(np.asarray([scalars[0]]), np.asarray([scalars[1]])))
     return float(np.concatenate(cos).mean())
-
-
-def _row_cosines(r: np.ndarray, a: np.ndarray) -> np.ndarray:
-    r, a = r.astype(np.float64), a.astype(np.float64)
-    return (r * a).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(a, axis=1), 1e-12)
 
 
 def nn_agreement(reference: Iterable[np.ndarray], actual: Iterable[np.ndarray]) -> float:
