@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from deploycompress.hf import Encoder  # noqa: E402
 from deploycompress.hf.distill_losses import AttentionRelationLoss  # noqa: E402
-from deploycompress.hf.importance import layer_masks  # noqa: E402
+from deploycompress.hf.importance import encoder_importance, importance_masks, layer_masks  # noqa: E402
 from deploycompress.hf.refit import reconstruction_masks, refit_encoder  # noqa: E402
 from deploycompress.pruning.channel import PruningWarning  # noqa: E402
 from deploycompress.pruning.distill import distill  # noqa: E402
@@ -105,12 +105,11 @@ def test_refit_fits_the_real_tokens_only_unless_asked(count_padding: bool) -> No
 
 def test_refit_on_padding_heavy_batches_does_better_than_none_on_the_real_tokens() -> None:
     """The measured failure: 2-5 real tokens in 16, 3 layers, 6 heads, half the heads and FFN channels removed by
-    hand. The relative error on the real tokens of held-out batches (computed here) must drop with the refit."""
+    their importance. The relative error on the real tokens of held-out batches (computed here) was 0.928 without a
+    refit and 0.951 with it (padding fitted); it must drop with the refit (0.855 now)."""
     dense = encoder(layers=3)
     data, held = padded(6, 2, seed=2), padded(4, 2, seed=3)
-    masks = {}
-    for i in range(3):
-        masks.update(layer_masks(dense, PREFIX, i, torch.arange(6) % 2 == 0, torch.arange(FFN) % 2 == 0))
+    masks = importance_masks(dense, encoder_importance(dense, data), 0.5, 0.5)
     pruned = speedup(copy.deepcopy(dense), masks, data[0])
 
     def error(model: nn.Module) -> float:
@@ -237,6 +236,7 @@ def test_distill_refuses_bad_hooks_and_leaves_the_student_as_it_was(kwargs: dict
 
 
 def test_distill_in_bfloat16_leaves_the_teacher_and_batches_alone() -> None:
+    """Tried and correct (no fix): a BatchNorm teacher passed in train mode keeps its statistics, weights and mode."""
     torch.manual_seed(0)
     teacher = _Net().train()
     student = copy.deepcopy(teacher)
