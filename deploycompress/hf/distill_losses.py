@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tokens import attention_mask_of
+
 log = logging.getLogger(__name__)
 
 __all__ = ["RELATIONS", "AttentionRelationLoss", "relation_kl", "relation_log_probs"]
@@ -74,15 +76,6 @@ def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, attent
         return kl.mean()
     rows = attention_mask.to(kl.dtype)[:, None, :].expand_as(kl)
     return (kl * rows).sum() / rows.sum().clamp_min(1.0)
-
-
-def _mask_of(batch: Any) -> torch.Tensor | None:
-    """The attention mask of a batch ``(input_ids, attention_mask)`` or ``{"attention_mask": ...}``; None otherwise."""
-    if isinstance(batch, dict):
-        return batch.get("attention_mask")
-    if isinstance(batch, (tuple, list)) and len(batch) > 1:
-        return batch[1]
-    return None
 
 
 class AttentionRelationLoss:
@@ -142,7 +135,7 @@ class AttentionRelationLoss:
         return hook
 
     def loss(self, batch: Any) -> torch.Tensor:
-        mask = _mask_of(batch)
+        mask = attention_mask_of(batch)
         # each forward pass's outputs are used once: a model the hooks are not on (e.g. the new model refit_encoder
         # returned, or a copy) used to be compared through the outputs of an earlier pass, a constant without gradient
         for store, whose in ((self.student_out, "student"), (self.teacher_out, "teacher")):

@@ -38,13 +38,12 @@ from tqdm.auto import tqdm
 from ..batches import batch_list
 from ..pruning.channel import PruningWarning
 from ..pruning.reconstruct import ReconstructionResult, _capture, _capture_residual, reconstruct
-from .distill_losses import _mask_of
 from .importance import _layers, layer_masks
+from .tokens import token_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALLOCATIONS", "SelectionResult", "allocate", "obs_remove", "output_linears", "reconstruction_masks", "refit_encoder", "residual_inputs",
-           "token_rows"]
+__all__ = ["ALLOCATIONS", "SelectionResult", "allocate", "obs_remove", "output_linears", "reconstruction_masks", "refit_encoder", "residual_inputs"]
 
 
 def output_linears(model: nn.Module) -> list[str]:
@@ -62,18 +61,6 @@ def residual_inputs(model: nn.Module) -> dict[str, tuple[str, int]]:
     return {n: (n.rsplit(".", 1)[0], 1) for n in output_linears(model)}
 
 
-def token_rows(batch: Any) -> torch.Tensor | None:
-    """The real (non-padding) tokens of a text batch, (B, T) bool: its attention mask, read from ``(input_ids,
-    attention_mask, ...)`` or ``{"attention_mask": ...}``; None for a batch without one (every token counts)."""
-    mask = _mask_of(batch)
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
-        raise ValueError(f"the batch's attention mask (its second item or 'attention_mask') must be a (batch, sequence) tensor, got "
-                         f"{type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}; pass count_padding=True to fit every token")
-    return mask != 0
-
-
 def _row_mask(count_padding: bool):  # noqa: ANN202
     """``reconstruct``'s ``row_mask``: padding left out unless ``count_padding``."""
     return None if count_padding else token_rows
@@ -87,7 +74,7 @@ def refit_encoder(dense: nn.Module, pruned: nn.Module, batches: Sequence[Any], r
     same model after head/FFN pruning and ``speedup``, before any fine-tuning (each Linear's kept input columns
     are found by matching them to the dense ones); ``batches``: inputs as the models take them, e.g.
     ``(input_ids (B, T), attention_mask (B, T))`` tuples; every real token is one row of the fit (padding tokens,
-    where the attention mask is 0 (:func:`token_rows`), are left out unless ``count_padding``: on batches of 2-5 real
+    where the attention mask is 0 (:func:`deploycompress.hf.tokens.token_rows`), are left out unless ``count_padding``: on batches of 2-5 real
     tokens in 16 they made the refit worse than none on the real tokens). ``ridge``: relative weight pulling each refitted ``W`` (hidden, kept) towards the
     sliced weights. Returns a :class:`~deploycompress.pruning.reconstruct.ReconstructionResult` holding a new
     model; ``dense`` and ``pruned`` are not modified. Bias compensation is part of the fit (the intercept).
