@@ -20,7 +20,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from deploycompress.hf import Encoder  # noqa: E402
-from deploycompress.hf.distill_losses import AttentionRelationLoss  # noqa: E402
+from deploycompress.hf.distill_losses import AttentionRelationLoss, RelationHeadsWarning  # noqa: E402
 from deploycompress.hf.importance import bias_compensation, encoder_importance, importance_masks, layer_masks  # noqa: E402
 from deploycompress.hf.refit import reconstruction_masks, refit_encoder  # noqa: E402
 from deploycompress.pruning.channel import PruningWarning  # noqa: E402
@@ -206,7 +206,11 @@ def test_relation_loss_is_zero_for_the_teacher_and_uses_each_pass_once() -> None
     data = padded(2, 3, seed=4)
     for heads in (12, 5):
         student = copy.deepcopy(teacher)
-        loss = AttentionRelationLoss(student, teacher, heads=heads)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            loss = AttentionRelationLoss(student, teacher, heads=heads)  # 5 does not divide 48: 1 relation head, said
+        assert [str(w.message) for w in seen if w.category is RelationHeadsWarning] == (
+            [] if heads == 12 else ["AttentionRelationLoss: heads=5 does not divide the teacher's width [48]: those layers use [1] relation heads; pick a divisor of 48"])
         with torch.no_grad():
             teacher(*data[0]), student(*data[0])
         assert float(loss(data[0])) == 0.0

@@ -33,9 +33,14 @@ from .tokens import attention_mask_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RELATIONS", "AttentionRelationLoss", "relation_kl", "relation_log_probs"]
+__all__ = ["RELATIONS", "AttentionRelationLoss", "RelationHeadsWarning", "relation_kl", "relation_log_probs"]
 
 RELATIONS = ("query", "key", "value")
+
+
+class RelationHeadsWarning(UserWarning):
+    """``heads`` does not divide a transferred layer's width in the teacher: that layer uses fewer relation heads
+    (the greatest common divisor) than asked. (A pruned student's narrower layers falling back is expected.)"""
 
 
 def relation_log_probs(x: torch.Tensor, heads: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,6 +131,14 @@ class AttentionRelationLoss:
         for n, a in self.layer_heads.items():
             if a != self.heads:
                 log.info("AttentionRelationLoss: %s uses %d relation heads (%d does not divide both widths)", n, a, self.heads)
+        t_modules = dict(teacher.named_modules())
+        odd = sorted({t_modules[n].out_features for n in self.names if t_modules[n].out_features % self.heads})
+        if odd:
+            import warnings
+
+            warnings.warn(f"AttentionRelationLoss: heads={self.heads} does not divide the teacher's width {odd}: those layers use "
+                          f"{sorted({self.layer_heads[n] for n in self.names if t_modules[n].out_features in odd})} relation heads; "
+                          f"pick a divisor of {odd[0]}", RelationHeadsWarning, stacklevel=2)
 
     @staticmethod
     def _keep(store: dict[str, torch.Tensor], name: str):  # noqa: ANN205
