@@ -171,6 +171,6 @@ def test_minilm_example_reconstruction_selection(tmp_path, extra):
                            "--criterion", "reconstruction", *extra])  # fmt: skip
     assert figures["relative_error"] < 1e-4
     # 51 sentences of up to 24 tokens are few rows for a 768-column refit (fewer still since padding is left out of
-    # the fit: 0.267 with the global allocation, PruningWarning where a layer has fewer rows than unknowns): a smoke
+    # the fit: 0.267 with the global allocation, the 0.3 of before missed): a smoke
     # test of the path, not of the recovery (the benchmark's figures use 1,200 sentences)
     assert figures["cosine"] > 0.2
