@@ -19,7 +19,9 @@ round-robin in cycling orders, one untimed run per turn (``bench_ort_int8._time_
 load from other processes hits every variant alike; ``--budget`` seconds per shape; ``--threads``
 onnxruntime threads. Peers: onnxruntime's ``quantize_dynamic`` and ``quantize_static`` on the exported
 graph, and ``quantize_dynamic`` on the graph of ``onnxruntime.transformers.optimizer`` with its attention
-fusion (``QAttention``), onnxruntime's own BERT recipe.
+fusion (``QAttention``), onnxruntime's own BERT recipe. ``--int8-only --matched-peers FILE ...`` adds onnxruntime's
+quantizers configured to reach (b)'s accuracy (``tools/matched_peers_transformers.py`` writes FILE) and the paired
+ratio of ours to each of them.
 
     .venv/bin/python tools/bench_transformers.py --out runs/bench_transformers.json
     nice -n 15 .venv/bin/python tools/bench_transformers.py --steps 300 --save-student runs/minilm_student.pt --distill-only
@@ -96,21 +98,11 @@ def nn_agreement(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def ort_quantizers(fp32: onnx.ModelProto, calib, tmp: Path, heads: int, hidden: int) -> dict[str, onnx.ModelProto]:  # noqa: ANN001
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src = tmp / "fp32.onnx"
     onnx.save(fp32, str(src))
-    quantize_dynamic(str(src), str(tmp / "dyn.onnx"), weight_type=QuantType.QInt8)
-
-    class Reader:
-        def __init__(self) -> None:
-            self.it = iter(calib)
-
-        def get_next(self):  # noqa: ANN202
-            return next(self.it, None)
-
-    quantize_static(str(src), str(tmp / "static.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+    peers = {f"ort quantize_{tool}": ort_peer(fp32, calib, {"tool": tool, **PEER_DEFAULTS[tool]}, tmp) for tool in ("dynamic", "static")}
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -119,8 +111,42 @@ def ort_quantizers(fp32: onnx.ModelProto, calib, tmp: Path, heads: int, hidden: 
         fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save(fused, str(tmp / "fused.onnx"))
     quantize_dynamic(str(tmp / "fused.onnx"), str(tmp / "fused_dyn.onnx"), weight_type=QuantType.QInt8)
-    return {"ort quantize_dynamic": onnx.load(str(tmp / "dyn.onnx")), "ort quantize_static": onnx.load(str(tmp / "static.onnx")),
-            "ort optimizer (Attention fused) + quantize_dynamic": onnx.load(str(tmp / "fused_dyn.onnx"))}
+    return {**peers, "ort optimizer (Attention fused) + quantize_dynamic": onnx.load(str(tmp / "fused_dyn.onnx"))}
+
+
+PEER_DEFAULTS = {"dynamic": {}, "static": {"quant_format": "QDQ", "per_channel": True, "activation_type": "QUInt8", "weight_type": "QInt8",
+                                           "calibrate_method": "MinMax"}}  # fmt: skip  (the configurations ort_quantizers times)
+
+
+def ort_peer(fp32: onnx.ModelProto, calib, spec: dict, tmp: Path, cache: "Path | None" = None) -> onnx.ModelProto:  # noqa: ANN001
+    """onnxruntime's own ``quantize_dynamic`` (``spec["tool"] == "dynamic"``) or ``quantize_static`` ("static") on
+    ``fp32`` with the keyword arguments in ``spec`` written as JSON (enum values by name: ``"QInt8"``, ``"QDQ"``,
+    ``"Entropy"``); the keys other than ``tool`` and ``name`` go to the quantizer unchanged (``per_channel``,
+    ``reduce_range``, ``weight_type``, ``activation_type``, ``quant_format``, ``calibrate_method``,
+    ``op_types_to_quantize``, ``nodes_to_exclude``, ``extra_options``). ``calib``: the calibration feeds
+    (``quantize_static`` only); ``cache``: its ``calibration_cache_path`` (a JSON of the calibrated ranges, written on
+    the first call and read on the next: the ranges of the tensors a configuration quantizes do not depend on which
+    nodes it leaves out, so a search over ``nodes_to_exclude`` calibrates once). The configurations ``tools/matched_peers_transformers.py`` searches and
+    ``--int8-only --matched-peers`` times."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    enums = {"weight_type": QuantType, "activation_type": QuantType, "quant_format": QuantFormat, "calibrate_method": CalibrationMethod}
+    kw = {k: enums[k][v] if k in enums else v for k, v in spec.items() if k not in ("tool", "name")}
+    src, dst = tmp / "peer_fp32.onnx", tmp / "peer.onnx"
+    onnx.save(fp32, str(src))
+    if spec["tool"] == "dynamic":
+        quantize_dynamic(str(src), str(dst), **kw)
+    elif spec["tool"] == "static":
+        feeds = iter(calib if calib is not None else ())  # none needed when the cache holds the ranges
+
+        class Reader:
+            def get_next(self):  # noqa: ANN202
+                return next(feeds, None)
+
+        quantize_static(str(src), str(dst), Reader(), calibration_cache_path=cache, **kw)
+    else:
+        raise ValueError(f"peer spec tool {spec['tool']!r}: use 'dynamic' (quantize_dynamic) or 'static' (quantize_static)")
+    return onnx.load(str(dst))
 
 
 def int8_only(args: argparse.Namespace, tok, fp32: onnx.ModelProto, calib, acc_feeds, train, results: dict) -> dict:  # noqa: ANN001
@@ -158,6 +184,15 @@ def int8_only(args: argparse.Namespace, tok, fp32: onnx.ModelProto, calib, acc_f
         for k in args.smooth_drop:
             part, pstats = smooth(fp32, groups, stats, SMOOTH_ALPHA, only=[t for t in kinds if t not in order[:k]])
             variants[f"deploycompress int8 (plain/integer, {n_muls - k} of {n_muls} smoothing Muls)"] = quantize_linears(part, linear_inputs(part, linears), pstats, flavour="integer")
+    if args.matched_peers:  # onnxruntime's quantizers at their defaults and as tools/matched_peers_transformers.py configured them
+        matched = {f"{i}:{t}": spec for i, f in enumerate(args.matched_peers) for t, spec in json.loads(f.read_text())["matched"].items()}
+        if not matched:
+            raise SystemExit(f"--matched-peers {[str(f) for f in args.matched_peers]}: no matched configuration in them (see their 'greedy' paths)")
+        with tempfile.TemporaryDirectory() as tmp:
+            variants["ort quantize_static"] = ort_peer(fp32, calib, {"tool": "static", **PEER_DEFAULTS["static"]}, Path(tmp))
+            for spec in matched.values():
+                variants[f"ort {spec['name']}"] = ort_peer(fp32, calib, spec, Path(tmp))
+        results["matched_peers"] = matched
     sessions = {k: session(v, args.threads) for k, v in variants.items()}
     ref = embed(sessions["fp32"], acc_feeds)
     results["accuracy"] = {"sentences": sum(len(f["input_ids"]) for f in acc_feeds)}
@@ -176,6 +211,9 @@ def int8_only(args: argparse.Namespace, tok, fp32: onnx.ModelProto, calib, acc_f
         for k in lat[shape]:  # the same round's runs side by side: load drift cancels in the ratio
             ratio = np.asarray(times[k]) / peer
             lat[shape][k]["paired_ratio_to_quantize_dynamic"] = [float(np.percentile(ratio, q)) for q in (25, 50, 75)]
+            if args.matched_peers and not k.startswith("ort "):  # ours (and fp32) against every onnxruntime peer, round by round
+                lat[shape][k]["paired_ratio_to"] = {o: [float(np.percentile(np.asarray(times[k]) / np.asarray(times[o]), q)) for q in (25, 50, 75)]
+                                                    for o in times if o.startswith("ort ")}  # fmt: skip
         print("latency", shape, {k: f"{v['ms']:.1f} ms ({v['x_fp32']:.2f}x, IQR {v['iqr_ms'][0]:.1f}-{v['iqr_ms'][1]:.1f}; "
                                     f"paired / quantize_dynamic {v['paired_ratio_to_quantize_dynamic'][1]:.3f})" for k, v in lat[shape].items()}, flush=True)
     return _finish(results, lat, args.out)
@@ -235,6 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smooth-drop", nargs="+", type=int, default=None, metavar="K",
                    help="with --int8-only and --smooth-order: also time ours (integer) with the K cheapest SmoothQuant Muls left off")
     p.add_argument("--smooth-order", type=Path, help="the JSON of tools/smooth_greedy_transformers.py (its 'order': cheapest Mul first)")
+    p.add_argument("--matched-peers", type=Path, nargs="+", metavar="FILE",
+                   help="with --int8-only: also time quantize_static (the default of ort_quantizers) and the peer configurations "
+                        "in each FILE's 'matched' (written by tools/matched_peers_transformers.py)")
     p.add_argument("--accuracy-only", action="store_true", help="with --int8-only: skip the timing")
     p.add_argument("--shapes", nargs="+", default=None, metavar="bBsS",
                    help="with --int8-only: the shapes to time, e.g. b8s128 (default: b1s64 b1s128 b8s64 b8s128)")
@@ -243,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--allocation global needs --selection reconstruction")
     if args.absorb_residual and args.selection != "reconstruction" and not args.refit:
         p.error("--absorb-residual changes the refit: add --refit or --selection reconstruction")
+    for f in args.matched_peers or ():
+        if not f.is_file():
+            p.error(f"--matched-peers {f}: no such file (write it with tools/matched_peers_transformers.py)")
     if args.smooth_drop and not (args.smooth_order and args.smooth_order.is_file()):
         p.error("--smooth-drop needs --smooth-order FILE (written by tools/smooth_greedy_transformers.py)")
     warnings.simplefilter("ignore")
