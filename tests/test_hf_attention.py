@@ -180,7 +180,7 @@ def test_importance_masks_drop_the_heads_and_channels_that_write_least() -> None
             model(ids, mask)
     h.remove()
     w_o = bert.encoder.layer[1].attention.output.dense.weight[:, :HEAD]
-    expected = torch.cat([(c[..., :HEAD] @ w_o.T).norm(dim=-1).reshape(-1) for c in ctx]).mean()
+    expected = torch.cat([(c[..., :HEAD] @ w_o.T).norm(dim=-1)[mask.bool()] for c, (_, mask) in zip(ctx, data)]).mean()  # real tokens
     assert float(scores.heads[1, 0]) == pytest.approx(float(expected.detach()), rel=1e-5)
     masks = importance_masks(model, scores, 0.25, 0.5)
     assert set(masks) == {f"model.encoder.layer.{i}.{m}" for i in range(2) for m in ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense")}
@@ -219,10 +219,11 @@ def test_bias_compensation_keeps_the_mean_output_of_the_first_layer(what: str) -
 
     def mean_out(m: torch.nn.Module) -> torch.Tensor:
         outs = []
-        h = m.get_submodule(name).register_forward_hook(lambda mod, i, o: outs.append(o.reshape(-1, o.shape[-1])))
+        h = m.get_submodule(name).register_forward_hook(lambda mod, i, o: outs.append(o))
         with torch.no_grad():
             for b in data:
                 m(*b)
+                outs[-1] = outs[-1][b[1].bool()]  # the real tokens
         h.remove()
         return torch.cat(outs).mean(0)
 

@@ -29,11 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tokens import attention_mask_of
+
 log = logging.getLogger(__name__)
 
-__all__ = ["RELATIONS", "AttentionRelationLoss", "relation_kl", "relation_log_probs"]
+__all__ = ["RELATIONS", "AttentionRelationLoss", "RelationHeadsWarning", "relation_kl", "relation_log_probs"]
 
 RELATIONS = ("query", "key", "value")
+
+
+class RelationHeadsWarning(UserWarning):
+    """``heads`` does not divide a transferred layer's width in the teacher: that layer uses fewer relation heads
+    (the greatest common divisor) than asked. (A pruned student's narrower layers falling back is expected.)"""
 
 
 def relation_log_probs(x: torch.Tensor, heads: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,15 +83,6 @@ def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, attent
     return (kl * rows).sum() / rows.sum().clamp_min(1.0)
 
 
-def _mask_of(batch: Any) -> torch.Tensor | None:
-    """The attention mask of a batch ``(input_ids, attention_mask)`` or ``{"attention_mask": ...}``; None otherwise."""
-    if isinstance(batch, dict):
-        return batch.get("attention_mask")
-    if isinstance(batch, (tuple, list)) and len(batch) > 1:
-        return batch[1]
-    return None
-
-
 class AttentionRelationLoss:
     """MiniLMv2 relation loss between a head-pruned student and its dense teacher (module docstring).
 
@@ -98,7 +96,7 @@ class AttentionRelationLoss:
     ``loss(batch)`` returns the sum over relation types of the mean over layers of :func:`relation_kl` for the
     latest forward passes of both models (the attention mask is taken from ``batch``: ``(input_ids,
     attention_mask)`` or a dict); call it after running both on ``batch``, as ``distill(..., extra_loss=...)``
-    does. :meth:`remove` takes the hooks off. Raises ``ValueError`` (at construction) for an unknown relation,
+    does: each pass's outputs serve one call (``RuntimeError`` when a hooked model did not run since the last one). :meth:`remove` takes the hooks off. Raises ``ValueError`` (at construction) for an unknown relation,
     a missing module, or ``heads < 1``.
     """
 
@@ -133,6 +131,14 @@ class AttentionRelationLoss:
         for n, a in self.layer_heads.items():
             if a != self.heads:
                 log.info("AttentionRelationLoss: %s uses %d relation heads (%d does not divide both widths)", n, a, self.heads)
+        t_modules = dict(teacher.named_modules())
+        odd = sorted({t_modules[n].out_features for n in self.names if t_modules[n].out_features % self.heads})
+        if odd:
+            import warnings
+
+            warnings.warn(f"AttentionRelationLoss: heads={self.heads} does not divide the teacher's width {odd}: those layers use "
+                          f"{sorted({self.layer_heads[n] for n in self.names if t_modules[n].out_features in odd})} relation heads; "
+                          f"pick a divisor of {odd[0]}", RelationHeadsWarning, stacklevel=2)
 
     @staticmethod
     def _keep(store: dict[str, torch.Tensor], name: str):  # noqa: ANN205
@@ -142,11 +148,19 @@ class AttentionRelationLoss:
         return hook
 
     def loss(self, batch: Any) -> torch.Tensor:
-        mask = _mask_of(batch)
+        mask = attention_mask_of(batch)
+        # each forward pass's outputs are used once: a model the hooks are not on (e.g. the new model refit_encoder
+        # returned, or a copy) used to be compared through the outputs of an earlier pass, a constant without gradient
+        for store, whose in ((self.student_out, "student"), (self.teacher_out, "teacher")):
+            missing = [n for n in self.names if n not in store]
+            if missing:
+                raise RuntimeError(f"AttentionRelationLoss: the {whose}'s {missing[0]!r} did not run since the last loss: run both models on "
+                                   "the batch first, and build the loss on the very modules being trained and distilled from (not a copy)")
+        outs = {n: (self.student_out.pop(n), self.teacher_out.pop(n)) for n in self.names}
         total = 0.0
         for r in self.relations:
             names = [n for n in self.names if n.endswith("." + r)]
-            terms = [relation_kl(self.student_out[n], self.teacher_out[n], self.layer_heads[n], mask) for n in names]
+            terms = [relation_kl(*outs[n], self.layer_heads[n], mask) for n in names]
             total = total + sum(terms) / len(terms)
         return total  # type: ignore[return-value]
 

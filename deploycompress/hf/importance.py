@@ -27,6 +27,7 @@ from torch import nn
 from ..batches import batch_list
 from ..pruning.distill import eval_mode
 from ..pruning.evaluator import _call
+from .tokens import keep_rows, token_rows
 
 __all__ = ["EncoderImportance", "apply_bias_compensation", "bias_compensation", "encoder_importance", "importance_masks", "layer_masks"]
 
@@ -51,6 +52,10 @@ def _layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList):
             for i, layer in enumerate(module):
                 names = dict(layer.named_modules())
+                if type(names.get("attention.self")).__name__ == "NoHeads":  # speedup's whole-attention removal
+                    raise ValueError(f"{name}.{i}: every head of this layer was removed (speedup replaced its self-attention by NoHeads); "
+                                     "these encoder helpers need at least one head per layer: keep one (importance_masks and "
+                                     "reconstruction_masks always do)")
                 missing = [p for p in _LAYOUT if p not in names]
                 if missing or not hasattr(names["attention.self"], "num_attention_heads"):
                     raise ValueError(f"{name}.{i} ({type(layer).__name__}) has no {(missing or ['attention.self.num_attention_heads'])[0]}: "
@@ -61,10 +66,11 @@ def _layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                      "DistilBERT's transformer.layer and MPNet are not supported)")
 
 
-def encoder_importance(model: nn.Module, batches: Iterable[Any]) -> EncoderImportance:
+def encoder_importance(model: nn.Module, batches: Iterable[Any], count_padding: bool = False) -> EncoderImportance:
     """Scores of every head and FFN channel (module docstring) over ``batches`` (inputs as ``model``
     takes them, e.g. ``(input_ids, attention_mask)`` for :class:`~deploycompress.hf.Encoder`).
-    Padding tokens count too (their share is small when batches are padded to the longest).
+    Means over the real tokens (attention mask 1, :func:`deploycompress.hf.tokens.token_rows`): the scores of each
+    sentence run alone, unpadded; ``count_padding=True`` counts the padding tokens too.
     The model is only read (eval mode, no grads; every module's training flag is restored)."""
     prefix, layers = _layers(model)
     batches = batch_list(batches, "batches")  # a single tensor or dict is refused by name
@@ -74,30 +80,32 @@ def encoder_importance(model: nn.Module, batches: Iterable[Any]) -> EncoderImpor
     ffn = torch.zeros(len(layers), max(int(layer.intermediate.dense.out_features) for layer in layers))
     tokens = [0] * len(layers)
     hooks = []
+    rows: dict[str, torch.Tensor | None] = {"keep": None}  # the current batch's real tokens
     for i, layer in enumerate(layers):
         w_o, w_2 = layer.attention.output.dense.weight, layer.output.dense.weight
 
         def on_context(_m: nn.Module, inp: tuple, i: int = i, w_o: torch.Tensor = w_o) -> None:
-            x = inp[0].detach()
+            x = keep_rows(inp[0].detach(), rows["keep"], f"encoder_importance ({prefix}.{i})")
             for h in range(n_heads[i]):
                 cols = slice(h * width[i], (h + 1) * width[i])
                 heads[i, h] += (x[..., cols] @ w_o[:, cols].detach().T).norm(dim=-1).sum()
 
         def on_ffn(_m: nn.Module, inp: tuple, i: int = i, w_2: torch.Tensor = w_2) -> None:
-            x = inp[0].detach()
-            ffn[i, : x.shape[-1]] += x.abs().reshape(-1, x.shape[-1]).sum(0) * w_2.detach().norm(dim=0)
-            tokens[i] += x.shape[:-1].numel()
+            x = keep_rows(inp[0].detach(), rows["keep"], f"encoder_importance ({prefix}.{i})")
+            ffn[i, : x.shape[-1]] += x.abs().sum(0) * w_2.detach().norm(dim=0)
+            tokens[i] += x.shape[0]
 
         hooks += [layer.attention.output.dense.register_forward_pre_hook(on_context), layer.output.dense.register_forward_pre_hook(on_ffn)]
     try:
         with eval_mode(model), torch.no_grad():
             for b in batches:
+                rows["keep"] = None if count_padding else token_rows(b)
                 _call(model, b)
     finally:
         for h in hooks:
             h.remove()
     if not tokens[0]:
-        raise ValueError("batches is empty: give at least one batch of real inputs")
+        raise ValueError("batches is empty (or all padding): give at least one batch of real inputs")
     per_token = torch.tensor(tokens, dtype=torch.float32).view(-1, 1)
     return EncoderImportance(heads / per_token, ffn / per_token, prefix)
 
@@ -143,12 +151,14 @@ def layer_masks(model: nn.Module, prefix: str, i: int, keep_heads: torch.Tensor,
     return masks
 
 
-def bias_compensation(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]], batches: Iterable[Any]) -> dict[str, torch.Tensor]:
+def bias_compensation(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]], batches: Iterable[Any],
+                      count_padding: bool = False) -> dict[str, torch.Tensor]:
     """What the units ``masks`` removes (as :func:`importance_masks` writes them: rows of
     ``attention.self.query``, of ``intermediate.dense``) add to each layer's output on average over
     ``batches``: ``{output Linear name: (hidden,) bias delta}``, for ``attention.output.dense``
     ``W_o[:, removed] @ mean(context[..., removed])`` and for ``output.dense``
-    ``W_2[:, removed] @ mean(GELU(x)[..., removed])`` (means over every token of every batch).
+    ``W_2[:, removed] @ mean(GELU(x)[..., removed])`` (means over the real tokens of every batch, padding left out
+    unless ``count_padding``, as :func:`encoder_importance`).
     ``model`` is the dense model the masks were made for (only read). Adding the deltas to the
     pruned model's biases (:func:`apply_bias_compensation`) replaces each removed unit by its mean
     output instead of zero (FLAP's bias compensation). Raises ``ValueError`` for an empty ``batches``
@@ -164,6 +174,7 @@ def bias_compensation(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]
     sums: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
     hooks = []
+    rows: dict[str, torch.Tensor | None] = {"keep": None}  # the current batch's real tokens
     for i, layer in enumerate(layers):
         for module, rm, name in ((layer.attention.output.dense, removed[i][0], "attention.output.dense"), (layer.output.dense, removed[i][1], "output.dense")):
             if rm is None or not bool(rm.any()):
@@ -171,7 +182,7 @@ def bias_compensation(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]
             key = f"{prefix}.{i}.{name}"
 
             def keep(_m: nn.Module, inp: tuple, key: str = key) -> None:
-                x = inp[0].detach().reshape(-1, inp[0].shape[-1])
+                x = keep_rows(inp[0].detach(), rows["keep"], f"bias_compensation ({key})")
                 sums[key] = sums.get(key, 0) + x.double().sum(0)
                 count[key] = count.get(key, 0) + x.shape[0]
 
@@ -180,6 +191,7 @@ def bias_compensation(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]
     try:
         with eval_mode(model), torch.no_grad():
             for b in batches:
+                rows["keep"] = None if count_padding else token_rows(b)
                 _call(model, b)
                 n_batches += 1
     finally:

@@ -44,6 +44,7 @@ import onnx
 
 from ..errors import StepError
 from ..export.qdq import needs_reduced_range
+from ..similarity import row_cosines
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ NN_MIN_ROWS = 100
 
 __all__ = [
     "NN_AGREEMENT_WARN", "NN_MIN_ROWS", "NN_TIE", "SMOOTH_ALPHA", "Int8Candidate", "Int8Error", "Int8Result", "RetrievalAgreementWarning", "after_gelu", "feed_list", "fused_graph",
-    "linear_matmuls", "mean_cosine", "nn_agreement", "quantize_transformer",
+    "is_classifier_scores", "linear_matmuls", "mean_cosine", "nn_agreement", "quantize_transformer", "retrieval_outputs",
 ]  # fmt: skip
 
 
@@ -94,7 +95,7 @@ class Int8Candidate:
     linears: int  # MatMul/Gemm nodes with constant weights in its fp32 source
     latency_ms: float  # median over the timing batches, one batch at a time
     cosine: float  # mean cosine to the fp32 graph's over the check batches (rows of the last axis), its lowest output's
-    nn_agreement: float = float("nan")  # nn_agreement with the fp32 graph over the check batches, its lowest 2-D output's (NaN: none)
+    nn_agreement: float = float("nan")  # nn_agreement with the fp32 graph over the check batches, its lowest retrieval output's (NaN: none)
     accepted: bool = False
 
 
@@ -226,11 +227,32 @@ def _worst_cosine(reference: list[list[np.ndarray]], actual: list[list[np.ndarra
     return min(mean_cosine(r, a) for r, a in zip(reference, actual))
 
 
-def _worst_nn_agreement(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> float:
-    """The lowest :func:`nn_agreement` over the graph's 2-D outputs (one row per example: a pooled embedding,
-    logits); NaN when there is none (token-level outputs are not a retrieval)."""
-    figures = [nn_agreement(r, a) for r, a in zip(reference, actual) if r and r[0].ndim == 2]
+def _worst_nn_agreement(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]], which: Sequence[int]) -> float:
+    """The lowest :func:`nn_agreement` over the graph outputs ``which`` (indices; the retrieval outputs of
+    :func:`retrieval_outputs`); NaN when there is none (token-level outputs and classifier scores are not a retrieval)."""
+    figures = [nn_agreement(reference[i], actual[i]) for i in which]
     return min(figures) if figures else float("nan")
+
+
+def is_classifier_scores(name: str) -> bool:
+    """Whether a graph output is a classifier's scores by its name (Hugging Face's ``logits``, ``start_logits``,
+    ``seq_relationship_logits``, ...): nearest neighbours among rows of class scores say nothing about retrieval."""
+    return "logits" in name.lower()
+
+
+def retrieval_outputs(names: Sequence[str], reference: list[list[np.ndarray]], nn_outputs: Sequence[str] | None) -> tuple[list[int], list[str]]:
+    """Indices of the outputs whose rows :func:`nn_agreement` compares and the 2-D outputs left out by name:
+    ``nn_outputs`` as given (each must be a 2-D output), or (``None``) every 2-D (batch, features) output except
+    classifier scores (:func:`is_classifier_scores`). ``ValueError`` for a name that is no 2-D graph output."""
+    two_d = [i for i, r in enumerate(reference) if r and r[0].ndim == 2]
+    if nn_outputs is None:
+        return [i for i in two_d if not is_classifier_scores(names[i])], [names[i] for i in two_d if is_classifier_scores(names[i])]
+    if isinstance(nn_outputs, str):
+        nn_outputs = [nn_outputs]
+    bad = [n for n in nn_outputs if n not in names or names.index(n) not in two_d]
+    if bad:
+        raise ValueError(f"nn_outputs names {bad}, not 2-D (batch, features) outputs of this graph (its 2-D outputs: {[names[i] for i in two_d]})")
+    return [names.index(n) for n in nn_outputs], []
 
 
 def _latency_ms(sess, feeds: Sequence[Feeds], repeats: int) -> float:  # noqa: ANN001
@@ -254,15 +276,10 @@ def mean_cosine(reference: Iterable[np.ndarray], actual: Iterable[np.ndarray]) -
             scalars[0].append(float(r))
             scalars[1].append(float(a))
             continue
-        cos.append(_row_cosines(r.reshape(-1, r.shape[-1]), a.reshape(-1, a.shape[-1])))
+        cos.append(row_cosines(r.reshape(-1, r.shape[-1]), a.reshape(-1, a.shape[-1])))
     if scalars[0]:
-        cos.append(_row_cosines(np.asarray([scalars[0]]), np.asarray([scalars[1]])))
+        cos.append(row_cosines(np.asarray([scalars[0]]), np.asarray([scalars[1]])))
     return float(np.concatenate(cos).mean())
-
-
-def _row_cosines(r: np.ndarray, a: np.ndarray) -> np.ndarray:
-    r, a = r.astype(np.float64), a.astype(np.float64)
-    return (r * a).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(a, axis=1), 1e-12)
 
 
 def nn_agreement(reference: Iterable[np.ndarray], actual: Iterable[np.ndarray]) -> float:
@@ -318,6 +335,7 @@ def quantize_transformer(
     attention_int8: bool | str = "auto",
     min_cosine: float = 0.99,
     min_nn_agreement: float | None = None,
+    nn_outputs: Sequence[str] | None = None,
     num_heads: int = 0,
     hidden_size: int = 0,
     threads: int | None = None,
@@ -343,7 +361,10 @@ def quantize_transformer(
     require :func:`nn_agreement` of the check outputs' rows with fp32 >= this (every 2-D output, one row
     per example; ``ValueError`` for a graph without one) (``None``: not required, but a
     kept graph under :data:`NN_AGREEMENT_WARN` raises a :class:`RetrievalAgreementWarning` when the check
-    batches hold >= :data:`NN_MIN_ROWS` rows, a note otherwise). ``num_heads``/``hidden_size`` help the optimizer (0: detected).
+    batches hold >= :data:`NN_MIN_ROWS` rows, a note otherwise). ``nn_outputs``: the graph outputs (names) whose rows
+    are embeddings for :func:`nn_agreement`; ``None``: every 2-D output except classifier scores (outputs named
+    ``*logits*``, left out with a note: a ``BertForSequenceClassification`` graph has no retrieval, and
+    ``min_nn_agreement`` on it is refused before any work). ``num_heads``/``hidden_size`` help the optimizer (0: detected).
     Raises ``ValueError`` for bad arguments (before any work) and :class:`Int8Error` when no
     candidate is accurate enough.
     """
@@ -389,13 +410,21 @@ def quantize_transformer(
     check = list(check or calibration)
     fp32 = _session(model, threads)
     reference = _outputs(fp32, check)
-    if min_nn_agreement is not None and not any(r[0].ndim == 2 for r in reference):
+    out_names = [o.name for o in fp32.get_outputs()]
+    nn_which, scores = retrieval_outputs(out_names, reference, nn_outputs)
+    if min_nn_agreement is not None and scores and not nn_which:
+        raise ValueError(f"min_nn_agreement: the graph's 2-D outputs {scores} are classifier scores, whose nearest neighbours are no retrieval; "
+                         "drop min_nn_agreement (min_cosine bounds them), or name an embedding output with nn_outputs=[...]")
+    if min_nn_agreement is not None and not nn_which:
         raise ValueError(f"min_nn_agreement needs a 2-D graph output (batch, features), e.g. a pooled embedding; the outputs have shapes {[r[0].shape for r in reference]}")
-    rows = min((sum(len(x) for x in r) for r in reference if r and r[0].ndim == 2), default=0)  # examples in the check batches
+    rows = min((sum(len(x) for x in reference[i]) for i in nn_which), default=0)  # examples in the check batches
     if min_nn_agreement is not None and rows < 3:  # nn_agreement is NaN: every candidate would fail, late and unexplained
         raise ValueError(f"min_nn_agreement needs at least 3 rows (examples) in the check batches to find nearest neighbours, got "
                          f"{rows}: pass more check batches (>= {NN_MIN_ROWS} rows give a figure)")
     result_notes: list[str] = []
+    if scores:
+        result_notes.append(f"no nearest-neighbour agreement on {', '.join(scores)}: classifier scores (nn_outputs names outputs to measure)")
+        log.info(result_notes[-1])
     sources = {"plain": model} if fuse == "plain" else {}
     if fuse in ("auto", "fused"):
         try:
@@ -416,7 +445,7 @@ def quantize_transformer(
     def measure(label: str, q: onnx.ModelProto, n_linears: int) -> Int8Candidate:  # time, check, log, keep
         sess = _session(q, threads)
         got = _outputs(sess, check)
-        cand = Int8Candidate(label, q, _count_quantized(q), n_linears, _latency_ms(sess, check, repeats), _worst_cosine(reference, got), _worst_nn_agreement(reference, got))
+        cand = Int8Candidate(label, q, _count_quantized(q), n_linears, _latency_ms(sess, check, repeats), _worst_cosine(reference, got), _worst_nn_agreement(reference, got, nn_which))
         cand.accepted = cand.cosine >= min_cosine and (min_nn_agreement is None or cand.nn_agreement >= min_nn_agreement)
         log.info("int8 %s graph: %d/%d Linears int8, %.2f ms, cosine %.5f, NN agreement %.3f", label, cand.quantized, cand.linears, cand.latency_ms, cand.cosine, cand.nn_agreement)
         candidates.append(cand)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -35,8 +36,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..batches import batch_list
+from ..pruning.channel import PruningWarning
 from ..pruning.reconstruct import ReconstructionResult, _capture, _capture_residual, reconstruct
 from .importance import _layers, layer_masks
+from .tokens import token_rows
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +61,25 @@ def residual_inputs(model: nn.Module) -> dict[str, tuple[str, int]]:
     return {n: (n.rsplit(".", 1)[0], 1) for n in output_linears(model)}
 
 
+def _row_mask(count_padding: bool):  # noqa: ANN202
+    """``reconstruct``'s ``row_mask``: padding left out unless ``count_padding``."""
+    return None if count_padding else token_rows
+
+
 def refit_encoder(dense: nn.Module, pruned: nn.Module, batches: Sequence[Any], ridge: float = 1e-3,
-                  progress: bool | None = None, absorb_residual: bool = False) -> ReconstructionResult:
+                  progress: bool | None = None, absorb_residual: bool = False, count_padding: bool = True) -> ReconstructionResult:
     """Least-squares refit of ``pruned``'s output Linears (:func:`output_linears`) towards ``dense`` (module docstring).
 
     ``dense``: the unpruned model (e.g. :class:`~deploycompress.hf.Encoder` of a ``BertModel``); ``pruned``: the
     same model after head/FFN pruning and ``speedup``, before any fine-tuning (each Linear's kept input columns
     are found by matching them to the dense ones); ``batches``: inputs as the models take them, e.g.
-    ``(input_ids (B, T), attention_mask (B, T))`` tuples; every token is one row of the fit (padding too: batch
-    sentences of similar length). ``ridge``: relative weight pulling each refitted ``W`` (hidden, kept) towards the
+    ``(input_ids (B, T), attention_mask (B, T))`` tuples; every token is one row of the fit, padding too
+    (``count_padding=False``: only the real tokens, where the attention mask is 1,
+    :func:`deploycompress.hf.tokens.token_rows`). Neither is better everywhere: padding rows are further samples
+    of the same layer at other inputs; on tiny random encoders with 2-5 real tokens in 16 they made one refit worse
+    than none (0.951 vs 0.928) where leaving them out gave 0.855, and with 40 batches leaving them out was better in
+    8 of 8 cases (by 0.005-0.04); on the MiniLM example (51 sentences of up to 24 tokens, global allocation) leaving
+    them out dropped the held-out cosine from 0.502 to 0.267 (docs/tried-from-outside.md, sixth pass). ``ridge``: relative weight pulling each refitted ``W`` (hidden, kept) towards the
     sliced weights. Returns a :class:`~deploycompress.pruning.reconstruct.ReconstructionResult` holding a new
     model; ``dense`` and ``pruned`` are not modified. Bias compensation is part of the fit (the intercept).
     ``absorb_residual``: fit each output Linear to the dense pre-LayerNorm sum ``Y_dense + r_dense - r_student``
@@ -80,7 +93,7 @@ def refit_encoder(dense: nn.Module, pruned: nn.Module, batches: Sequence[Any], r
         raise ValueError(f"refit_encoder: the dense model has {len(names) // 2} layers and the pruned one {len(p_names) // 2}; "
                          "pass the model speedup returned for the same dense model")
     return reconstruct(dense, pruned, list(zip(names, p_names)), batches, ridge=ridge, progress=progress,
-                       residuals=residual_inputs(pruned) if absorb_residual else None)
+                       residuals=residual_inputs(pruned) if absorb_residual else None, row_mask=_row_mask(count_padding))
 
 
 def obs_remove(xtx: torch.Tensor, xty: torch.Tensor, groups: Sequence[Sequence[int]], remove: int,
@@ -147,26 +160,41 @@ class SelectionResult:
     kept_ffn: list[list[int]] = field(default_factory=list)
 
 
+def _rows(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """(..., C) -> (M, C) float64, the rows where ``keep`` (None: all)."""
+    t = t.reshape(-1, t.shape[-1]).double()
+    return t if keep is None else t[keep.reshape(-1)]
+
+
 def _moments(student: nn.Module, dense: nn.Module, name: str, batches: Sequence[Any],
-             residual: tuple[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             residual: tuple[str, int] | None = None, row_mask: Any = None,
+             energy_of: tuple[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``[X 1]^T [X 1]`` and ``[X 1]^T Y`` (float64) of module ``name``: inputs X in ``student``, outputs Y in ``dense``
-    (with ``residual``: ``Y + r_dense - r_student``, the residual being that module input, as in ``reconstruct``)."""
+    (with ``residual``: ``Y + r_dense - r_student``, the residual being that module input, as in ``reconstruct``),
+    over the rows ``row_mask(batch)`` keeps (None: all). With ``energy_of`` (the module input holding the residual;
+    ``student`` must be ``dense``): also the energy of the centred dense sum ``Y + r``, from the same pass; else 0."""
     xtx = xty = None
+    energy = 0.0
     with torch.no_grad():
         for b in batches:
-            if residual is None:
+            keep = None if row_mask is None else row_mask(b)
+            if energy_of is not None:
+                x, y, r = _capture_residual(dense, name, b, "dense", energy_of)
+                z = _rows(y + r, keep)
+                energy += float((z - z.mean(-1, keepdim=True)).pow(2).sum())
+            elif residual is None:
                 x, _ = _capture(student, name, b, "pruned")
                 _, y = _capture(dense, name, b, "dense")
             else:
                 x, _, rs = _capture_residual(student, name, b, "pruned", residual)
                 _, y, rd = _capture_residual(dense, name, b, "dense", residual)
                 y = y + rd - rs
-            x = x.reshape(-1, x.shape[-1]).double()
+            x = _rows(x, keep)
             x1 = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
-            y = y.reshape(-1, y.shape[-1]).double()
+            y = _rows(y, keep)
             xtx = x1.T @ x1 if xtx is None else xtx + x1.T @ x1
             xty = x1.T @ y if xty is None else xty + x1.T @ y
-    return xtx, xty
+    return xtx, xty, energy
 
 
 ALLOCATIONS = ("uniform", "global")
@@ -190,7 +218,7 @@ def allocate(curves: Sequence[Sequence[float]], total: int) -> list[int]:
 
 
 def _removal_curves(dense: nn.Module, prefix: str, n_layers: int, batches: Sequence[Any], head_sparsity: float,
-                    ffn_sparsity: float, damp: float, cap: float) -> tuple[list[list[float]], list[list[float]]]:
+                    ffn_sparsity: float, damp: float, cap: float, row_mask: Any = None) -> tuple[list[list[float]], list[list[float]]]:
     """Per layer, the OBS cost of each successive head / FFN-channel removal in the dense model (inputs and targets
     both dense), divided by the energy of that layer's centred pre-LayerNorm sum ``Y + r`` (what the LayerNorm after
     it normalises), up to ``cap`` of the units (at least the uniform share, at most all but one)."""
@@ -202,13 +230,7 @@ def _removal_curves(dense: nn.Module, prefix: str, n_layers: int, batches: Seque
         m = dense.get_submodule(f"{prefix}.{i}.intermediate.dense").out_features
         for name, groups, share, out in ((f"{prefix}.{i}.attention.output.dense", [range(h * d, (h + 1) * d) for h in range(n)], head_sparsity, heads),
                                          (f"{prefix}.{i}.output.dense", [[j] for j in range(m)], ffn_sparsity, ffn)):
-            energy = 0.0
-            with torch.no_grad():
-                for b in batches:
-                    _, y, r = _capture_residual(dense, name, b, "dense", res[name])
-                    z = (y + r).double()
-                    energy += float((z - z.mean(-1, keepdim=True)).pow(2).sum())
-            xtx, xty = _moments(dense, dense, name, batches)
+            xtx, xty, energy = _moments(dense, dense, name, batches, row_mask=row_mask, energy_of=res[name])  # one pass
             most = min(len(groups) - 1, max(int(round(share * len(groups))), int(round(cap * len(groups)))))
             _, costs = obs_remove(xtx, xty, groups, most, damp)
             out.append([c / energy for c in costs])
@@ -217,21 +239,26 @@ def _removal_curves(dense: nn.Module, prefix: str, n_layers: int, batches: Seque
 
 def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity: float, ffn_sparsity: float,
                          ridge: float = 1e-3, damp: float = 1e-6, progress: bool | None = None,
-                         absorb_residual: bool = False, allocation: str = "uniform", cap: float = 0.75) -> SelectionResult:
+                         absorb_residual: bool = False, allocation: str = "uniform", cap: float = 0.75,
+                         count_padding: bool = True) -> SelectionResult:
     """Choose heads and FFN channels by what a least-squares refit can rebuild, layer by layer (module docstring).
 
     ``dense``: a BERT-family model with an ``encoder.layer`` list (e.g. :class:`~deploycompress.hf.Encoder`),
     only read; ``batches``: calibration inputs as it takes them, e.g. ``(input_ids (B, T), attention_mask (B,
-    T))`` (every token is a row of the fit; the first batch is also ``speedup``'s example input);
+    T))`` (every token is a row of the fit, padding too unless ``count_padding=False``: :func:`refit_encoder`;
+    the first batch is also ``speedup``'s example input);
     ``head_sparsity``/``ffn_sparsity``: the share of heads / FFN channels removed in every layer (rounded, at
     least one head and one channel stay); ``ridge``: the refit's ridge (:func:`refit_encoder`); ``damp``: the
     selection's own conditioning (:func:`obs_remove`). Cost: two partial forward passes of both models per output
     Linear and batch for the moments, as many again for the refit. ``absorb_residual``: selection and refit target
     the dense pre-LayerNorm sum (:func:`refit_encoder`). ``allocation``: ``"uniform"`` removes the same share in
-    every layer; ``"global"`` keeps the totals (``round(share * units)`` summed over the layers) but lets each layer
-    give up between none and ``cap`` of its units: a first pass over the dense model records each layer's OBS cost
+    every layer (``round(share * units)`` per layer); ``"global"`` removes ``round(share * all units)`` in total
+    (the nearest total to the share asked) but lets each layer give up between none and ``cap`` of its units: a first pass over the dense model records each layer's OBS cost
     curve (residual increase per removal, divided by the energy of the layer's centred pre-LayerNorm sum) and
     :func:`allocate` spreads the removals where they cost least; the layer-by-layer selection then removes that many.
+
+    At least one head and one FFN channel stay in every layer (no layer is removed whole); where that (or ``cap``)
+    leaves fewer removals than asked, a ``PruningWarning`` gives the counts.
 
     Returns a :class:`SelectionResult` (masks for ``dense``, the pruned and refitted model). Raises ``ValueError``
     for sparsities outside ``[0, 1)``, empty ``batches`` or a model without ``encoder.layer`` (before any work).
@@ -256,10 +283,19 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
         n_ffn.append(dense.get_submodule(f"{prefix}.{i}.intermediate.dense").out_features)
     drop_heads = [min(n - 1, int(round(head_sparsity * n))) for n in n_heads]
     drop_ffn = [min(m - 1, int(round(ffn_sparsity * m))) for m in n_ffn]
+    row_mask = _row_mask(count_padding)
     if allocation == "global":
-        h_curves, f_curves = _removal_curves(dense, prefix, len(layers), batches, head_sparsity, ffn_sparsity, damp, cap)
-        drop_heads, drop_ffn = allocate(h_curves, sum(drop_heads)), allocate(f_curves, sum(drop_ffn))
+        h_curves, f_curves = _removal_curves(dense, prefix, len(layers), batches, head_sparsity, ffn_sparsity, damp, cap, row_mask)
+        # the total nearest the share of all units (per-layer rounding summed removed 4 of 2 x 3 heads at 0.5), within the caps
+        drop_heads = allocate(h_curves, min(int(round(head_sparsity * sum(n_heads))), sum(map(len, h_curves))))
+        drop_ffn = allocate(f_curves, min(int(round(ffn_sparsity * sum(n_ffn))), sum(map(len, f_curves))))
         log.info("global allocation: heads removed per layer %s, FFN channels %s", drop_heads, drop_ffn)
+    for share, units, dropped, what in ((head_sparsity, n_heads, drop_heads, "heads"), (ffn_sparsity, n_ffn, drop_ffn, "FFN channels")):
+        wanted = int(round(share * sum(units))) if allocation == "global" else sum(int(round(share * n)) for n in units)
+        if sum(dropped) < wanted:  # at least one unit stays per layer (global: at most cap of a layer goes)
+            warnings.warn(f"reconstruction_masks: {sum(dropped)} of {sum(units)} {what} removed, {wanted} asked ({what} sparsity {share}): at "
+                          f"least one stays in every layer" + (f" and at most cap={cap} of a layer's go" if allocation == "global" else "")
+                          + f"; per layer {list(dropped)} of {list(units)}", PruningWarning, stacklevel=2)
     res = residual_inputs(dense) if absorb_residual else {}  # {output Linear: its residual input}, the same for every layer
     student = copy.deepcopy(dense)
     result = SelectionResult({}, student)
@@ -268,7 +304,7 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
         att = dense.get_submodule(f"{prefix}.{i}.attention.self")
         n, d = int(att.num_attention_heads), int(att.attention_head_size)
         name = f"{prefix}.{i}.attention.output.dense"
-        xtx, xty = _moments(student, dense, name, batches, res.get(name))
+        xtx, xty, _ = _moments(student, dense, name, batches, res.get(name), row_mask)
         drop, _ = obs_remove(xtx, xty, [range(h * d, (h + 1) * d) for h in range(n)], drop_heads[i], damp)
         keep_h = torch.ones(n, dtype=torch.bool)
         keep_h[drop] = False
@@ -278,17 +314,17 @@ def reconstruction_masks(dense: nn.Module, batches: Sequence[Any], head_sparsity
         att_m = {k: v for k, v in layer_m.items() if ".attention.self." in k}
         if not keep_h.all():
             student = speedup(student, att_m, example)
-        fit = reconstruct(dense, student, [name], batches, ridge=ridge, progress=False, residuals={name: res[name]} if res else None)
+        fit = reconstruct(dense, student, [name], batches, ridge=ridge, progress=False, residuals={name: res[name]} if res else None, row_mask=row_mask)
         student, result.errors[name] = fit.model, fit.layers[0].error_after
         name_f = f"{prefix}.{i}.output.dense"
-        xtx, xty = _moments(student, dense, name_f, batches, res.get(name_f))
+        xtx, xty, _ = _moments(student, dense, name_f, batches, res.get(name_f), row_mask)
         drop, _ = obs_remove(xtx, xty, [[j] for j in range(m)], drop_ffn[i], damp)
         keep_f[drop] = False
         layer_m = layer_masks(dense, prefix, i, keep_h, keep_f)
         ffn_m = {k: v for k, v in layer_m.items() if k.endswith("intermediate.dense")}
         if not keep_f.all():
             student = speedup(student, ffn_m, example)
-        fit = reconstruct(dense, student, [name_f], batches, ridge=ridge, progress=False, residuals={name_f: res[name_f]} if res else None)
+        fit = reconstruct(dense, student, [name_f], batches, ridge=ridge, progress=False, residuals={name_f: res[name_f]} if res else None, row_mask=row_mask)
         student, result.errors[name_f] = fit.model, fit.layers[0].error_after
         result.masks.update(layer_m)
         result.kept_heads.append(keep_h.nonzero().flatten().tolist())

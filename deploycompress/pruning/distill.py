@@ -14,6 +14,7 @@ For :class:`~deploycompress.pruning.MovementPruner` (which trains through a ``To
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 from contextlib import contextmanager
@@ -188,7 +189,14 @@ def distillation_step(
             ]  # fmt: skip
             value = value + hidden_weight * sum(terms) / len(terms)
         if extra_loss is not None and extra_weight:
-            value = value + extra_weight * extra_loss(batch)
+            extra = extra_loss(batch)
+            if not isinstance(extra, torch.Tensor) or extra.numel() != 1:
+                raise ValueError(f"extra_loss must return a one-element tensor (a loss), got {type(extra).__name__} "
+                                 f"{tuple(getattr(extra, 'shape', ()))}: reduce it (e.g. .mean())")
+            if value.requires_grad and not extra.requires_grad:  # a constant: it would train nothing, silently
+                raise ValueError("extra_loss returned a tensor without gradient (computed under no_grad, detached, or from outputs of a "
+                                 "model other than the student being trained): it would add a constant and train nothing")
+            value = value + extra_weight * extra.reshape(())
         return value
 
     step.remove_hooks = lambda: [t.remove() for t in (s_taps, t_taps) if t is not None]  # type: ignore[attr-defined]
@@ -253,6 +261,7 @@ def distill(
     :func:`distillation_step`. ``on_step(i, student)`` is called after optimiser step ``i`` (0-based), e.g. to
     measure the student on held-out data every N steps (wrap such a measurement in :func:`eval_mode`).
     """
+    _check_callables(student, extra_loss, extra_weight, on_step)
     if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
     if loss not in LOSSES:
@@ -278,11 +287,19 @@ def distill(
     step_fn = distillation_step(teacher, loss, hidden=hidden, hidden_weight=hidden_weight, student=student, temperature=temperature,
                                 extra_loss=extra_loss, extra_weight=extra_weight, autocast=autocast)
     result = DistillResult(steps)
+    buffers = {k: v.detach().clone() for k, v in student.named_buffers()}  # put back if the first step fails
     student.train(train_mode)
     try:
         for i in tqdm(range(steps), desc="distill", disable=not progress):
             batch = batches[i % len(batches)]
-            value = step_fn(batch, student)
+            try:
+                value = step_fn(batch, student)
+            except Exception:
+                if i == 0:  # nothing learnt yet: BatchNorm statistics as the caller gave them
+                    with torch.no_grad():
+                        for k, v in student.named_buffers():
+                            v.copy_(buffers[k])
+                raise
             opt.zero_grad(set_to_none=True)
             value.backward()
             if grad_clip is not None:
@@ -297,6 +314,34 @@ def distill(
         student.eval()
     log.info("distill: %d steps, loss %.4g -> %.4g", steps, result.first_loss, result.last_loss)
     return result
+
+
+def _takes(fn: Callable[..., Any], *args: Any) -> bool:
+    """Whether ``fn`` can be called with ``args`` (True when its signature cannot be read)."""
+    try:
+        inspect.signature(fn).bind(*args)
+    except TypeError:
+        return False
+    except ValueError:  # builtins without a readable signature
+        return True
+    return True
+
+
+def _check_callables(student: nn.Module, extra_loss: Any, extra_weight: Any, on_step: Any) -> None:
+    """``distill``'s hooks refused before any work: not callables, callables of another arity, a weight that is no
+    number or is given without its loss (it used to be ignored; a bad ``on_step`` failed after the first step)."""
+    for name, fn, args, form in (("extra_loss", extra_loss, (None,), "extra_loss(batch) -> scalar tensor"),
+                                 ("on_step", on_step, (0, student), "on_step(step, student)")):
+        if fn is None:
+            continue
+        if not callable(fn):
+            raise ValueError(f"{name} must be a callable {form}, got {type(fn).__name__}")
+        if not _takes(fn, *args):
+            raise ValueError(f"{name} must be callable as {form}; {getattr(fn, '__name__', type(fn).__name__)}{inspect.signature(fn)} is not")
+    if isinstance(extra_weight, bool) or not isinstance(extra_weight, (int, float)):
+        raise ValueError(f"extra_weight must be a number, got {extra_weight!r}")
+    if extra_loss is None and extra_weight not in (0, 1.0):  # 0: "no extra term", as a disabled loss passes it
+        raise ValueError(f"extra_weight={extra_weight} given without extra_loss: pass the loss it weighs")
 
 
 def distillation_evaluator(

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -226,7 +227,8 @@ def _capture_residual(model: nn.Module, name: str, batch, want: str, residual: t
 
 def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tuple[str, str]], batches: Sequence,
                 ridge: float = 1e-4, progress: bool | None = None,
-                residuals: Mapping[str, tuple[str, int]] | None = None) -> ReconstructionResult:
+                residuals: Mapping[str, tuple[str, int]] | None = None,
+                row_mask: Callable[[Any], torch.Tensor | None] | None = None) -> ReconstructionResult:
     """Refit ``layers`` of a copy of ``pruned`` so their outputs match ``dense``'s on ``batches``; see the module docstring.
 
     ``layers``: consumer names, each a name present in both models or a pair ``(name in dense, name in pruned)``;
@@ -245,6 +247,11 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
     ``Y_dense + r_dense - r_pruned``, so that the consumer also absorbs the drift the earlier layers left in the
     residual (what the following LayerNorm sees is then matched, not only this consumer's share). Its
     :class:`LayerFit` errors are measured against that target.
+
+    ``row_mask``: ``batch -> (...) bool tensor or None``, one flag per row of the fit (for a Linear on (B, T, C)
+    inputs: (B, T), e.g. a text batch's attention mask, so that padding tokens are left out of the moments and the
+    errors); rows flagged false are not fitted; ``None`` (or the function returning None): every row counts.
+    ``ValueError`` when its size is not the batch's row count.
 
     Raises ``ValueError`` for a consumer that is not a pointwise ``Conv2d``/``Linear`` (or subclasses one with another
     forward: :func:`check_plain_layer`), a name missing from a model, a pair whose pruned weights are not columns of the
@@ -299,6 +306,12 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
                 yd = yd.movedim(1, -1).reshape(-1, yd.shape[1]) if isinstance(m, nn.Conv2d) else yd.reshape(-1, yd.shape[-1])
                 if outs is not None:  # the pruned rows' dense targets; still-masked rows keep their own output
                     yd = torch.where(torch.tensor(outs) >= 0, yd[:, torch.tensor(outs).clamp(min=0)], yp)
+                keep = None if row_mask is None else row_mask(b)
+                if keep is not None:  # e.g. padding tokens left out
+                    if keep.numel() != len(x):
+                        raise ValueError(f"reconstruct: row_mask gave {keep.numel()} flags {tuple(keep.shape)} for the {len(x)} rows of {p_name!r}")
+                    keep = keep.reshape(-1).bool()
+                    x, yp, yd = x[keep], yp[keep], yd[keep]
                 x1 = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
                 xtx += x1.T @ x1
                 xty += x1.T @ yd.double()
@@ -322,6 +335,12 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, layers: Iterable[str | tupl
                 m.bias = nn.Parameter(theta[cin].to(m.weight.dtype))
             else:
                 m.bias.copy_(theta[cin].to(m.bias.dtype))
+        if rows <= cin:  # underdetermined: the reported error (often 0) says nothing about other inputs
+            from .channel import PruningWarning
+
+            warnings.warn(f"reconstruct {p_name}: fitted on {rows} rows for {cin + 1} unknowns per output (its inputs and the bias): "
+                          f"the fit matches these rows exactly and little else (error {after:.3f}); give more calibration inputs/tokens",
+                          PruningWarning, stacklevel=2)
         log.info("reconstruct %s: relative error %.4f -> %.4f (%d of %d inputs kept, %d rows)", p_name, before, after, cin,
                  dense.get_submodule(d_name).weight.shape[1], rows)
         result.layers.append(LayerFit(d_name, p_name, before, after, kept, rows, outs))

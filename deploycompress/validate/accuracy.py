@@ -7,6 +7,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..similarity import row_cosines
+
 __all__ = ["AccuracyStats", "MetricResult", "compare_outputs", "top1_accuracy"]
 
 
@@ -45,8 +47,7 @@ def compare_outputs(outputs: np.ndarray, reference: np.ndarray) -> AccuracyStats
     n = out.shape[0] if out.ndim else 1
     a, b = out.reshape(n, -1), ref.reshape(n, -1)
     diff = np.abs(a - b)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cos = np.where(norms > 0, (a * b).sum(1) / np.where(norms > 0, norms, 1.0), 1.0)
+    cos = row_cosines(a, b)
     agree = float((out.argmax(1) == ref.argmax(1)).mean()) if out.ndim == 2 and out.shape[1] > 1 else None
     return AccuracyStats(n, float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0, float(cos.mean()), agree)
 
