@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ..batches import batch_list, call_with_batch
 from ..pruning.distill import eval_mode
 from .importance import _layers
+from .tokens import attention_mask_of
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,7 @@ def token_mask(batch: Any, shape: torch.Size, names: Sequence[str] = ("input_ids
     ``"attention_mask"``, or in a tuple/list the element at the position of ``"attention_mask"`` in ``names`` (the
     model's forward parameters in order) -- when it has the hidden states' leading ``(batch, tokens)`` shape
     ``shape[:2]``; otherwise every token (ones)."""
-    m = None
-    if isinstance(batch, dict):
-        m = batch.get("attention_mask")
-    elif isinstance(batch, (tuple, list)) and "attention_mask" in names and list(names).index("attention_mask") < len(batch):
-        m = batch[list(names).index("attention_mask")]
+    m = attention_mask_of(batch, names)  # the one rule for where a batch keeps its mask
     if isinstance(m, torch.Tensor) and tuple(m.shape) == tuple(shape[:2]):
         return m.to(torch.float32)
     return torch.ones(tuple(shape[:2]))

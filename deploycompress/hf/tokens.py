@@ -5,6 +5,7 @@ the model computes for a token nobody reads, and in padding-heavy batches they o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,12 +13,15 @@ import torch
 __all__ = ["attention_mask_of", "keep_rows", "token_rows"]
 
 
-def attention_mask_of(batch: Any) -> Any:
-    """The attention mask of a batch ``(input_ids, attention_mask, ...)`` or ``{"attention_mask": ...}``; None otherwise."""
+def attention_mask_of(batch: Any, names: Sequence[str] = ("input_ids", "attention_mask")) -> Any:
+    """The attention mask of a batch: a dict's ``"attention_mask"``, or in a tuple/list the element at the position of
+    ``"attention_mask"`` in ``names`` (the model's forward parameters in order; the default reads
+    ``(input_ids, attention_mask, ...)``); None otherwise (no such name, or the tuple is shorter)."""
     if isinstance(batch, dict):
         return batch.get("attention_mask")
-    if isinstance(batch, (tuple, list)) and len(batch) > 1:
-        return batch[1]
+    names = list(names)
+    if isinstance(batch, (tuple, list)) and "attention_mask" in names and names.index("attention_mask") < len(batch):
+        return batch[names.index("attention_mask")]
     return None
 
 
